@@ -1,0 +1,61 @@
+"""Shared fixtures: model folders the tests create, and one engine per configuration.
+
+Engines run their core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so tests can step
+them and read the scheduler. An in-process engine must live as long as the process (dropping
+one tears down vLLM's process groups), so each configuration is built once and kept.
+"""
+
+import os
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import pytest
+
+from vllm_prepack.models import TINY, TINY_QWEN2, decoder_model, minilm_model
+
+ENGINE_DEFAULTS = dict(
+    dtype="float32",
+    max_model_len=512,
+    num_gpu_blocks_override=1024,
+    enable_prefix_caching=False,
+    seed=0,
+)
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_root):
+    return str(decoder_model(TINY, root=model_root))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(model_root):
+    return str(decoder_model(TINY_QWEN2, root=model_root))
+
+
+@pytest.fixture(scope="session")
+def minilm(model_root):
+    return str(minilm_model(root=model_root))
+
+
+_ENGINES: dict = {}
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """engine(model, prepack, **kwargs): one shared engine per distinct configuration."""
+    from vllm_prepack.engine import build_llm
+
+    def get(model, prepack=False, **kwargs):
+        config = {**ENGINE_DEFAULTS, **kwargs}
+        key = (model, repr(prepack), tuple(sorted(config.items())))
+        if key not in _ENGINES:
+            _ENGINES[key] = build_llm(model, prepack, **config)
+        return _ENGINES[key]
+
+    return get

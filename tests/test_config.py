@@ -1,0 +1,49 @@
+"""PrepackConfig parsing (pure, no vLLM)."""
+
+import pytest
+
+from vllm_prepack.config import PrepackConfig, PrepackConfigError
+
+
+def parse(options):
+    return PrepackConfig.from_additional_config({"prepack": options})
+
+
+def test_defaults_when_absent():
+    assert PrepackConfig.from_additional_config(None) == PrepackConfig()
+    assert PrepackConfig.from_additional_config({"other_plugin": {}}) == PrepackConfig()
+    assert parse(None) == PrepackConfig()
+
+
+def test_values_are_parsed_and_typed():
+    c = parse({"aging_steps": None, "aging_seconds": 2, "max_swaps": 0, "debug_layout": True})
+    assert c.aging_steps is None and c.aging_seconds == 2.0 and isinstance(c.aging_seconds, float)
+    assert c.max_swaps == 0
+    assert c.debug_layout and c.record_layout  # checking the layout needs recording it
+    assert c.aging.steps is None and c.aging.seconds == 2.0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"aging_steps": 0}, r"\['aging_steps'\] must be >= 1, got 0"),
+        ({"aging_steps": 1.5}, r"\['aging_steps'\] must be an integer"),
+        ({"aging_steps": True}, r"\['aging_steps'\] must be an integer"),
+        ({"aging_seconds": 0}, r"\['aging_seconds'\] must be positive"),
+        ({"aging_seconds": -1.0}, r"\['aging_seconds'\] must be positive"),
+        ({"aging_seconds": "1"}, r"\['aging_seconds'\] must be a number"),
+        ({"max_swaps": -1}, r"\['max_swaps'\] must be >= 0"),
+        ({"max_swaps": None}, r"\['max_swaps'\] may not be null"),
+        ({"min_chunk_tokens": -5}, r"\['min_chunk_tokens'\] must be >= 0"),
+        ({"debug_layout": "yes"}, r"\['debug_layout'\] must be true or false"),
+        ({"nope": 1, "aging": 2}, r"unknown option\(s\) 'aging', 'nope'.*known options: aging_seconds"),
+    ],
+)
+def test_bad_values_name_the_key(options, message):
+    with pytest.raises(PrepackConfigError, match=message):
+        parse(options)
+
+
+def test_non_object_is_refused():
+    with pytest.raises(PrepackConfigError, match=r"additional_config\['prepack'\] must be a JSON object"):
+        PrepackConfig.from_additional_config({"prepack": [1, 2]})

@@ -1,0 +1,141 @@
+"""The plugin inside a real vLLM engine (CPU backend), on model folders the tests create."""
+
+import math
+
+import pytest
+from vllm import SamplingParams
+
+from vllm_prepack.config import PrepackConfigError
+from vllm_prepack.engine import engine_scheduler, run_stepwise
+from vllm_prepack.workloads import prompt_lengths, token_ids
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+FIRST_TOKEN = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+MIXED = token_ids(prompt_lengths("bimodal", 24, seed=1, max_len=400), vocab_size=512, seed=1)
+
+
+def generate(llm, prompts, params=GREEDY):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.mark.parametrize(
+    "chunked, budget", [(True, 128), (False, 512)], ids=["chunked-prefill", "whole-prompts"]
+)
+def test_greedy_outputs_identical_to_plain_vllm(engine, tiny_model, chunked, budget):
+    kw = dict(enable_chunked_prefill=chunked, max_num_batched_tokens=budget)
+    plain = generate(engine(tiny_model, False, **kw), MIXED)
+    packed_llm = engine(tiny_model, True, **kw)
+    packed = generate(packed_llm, MIXED)
+    assert packed == plain
+    assert all(len(t) == GREEDY.max_tokens for t in packed)
+    stats = engine_scheduler(packed_llm).prepack_stats
+    assert stats.admitted >= len(MIXED) and stats.steps > 0
+
+
+def test_greedy_identical_on_qwen2(engine, tiny_qwen2):
+    kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=128)
+    assert generate(engine(tiny_qwen2, True, **kw), MIXED) == generate(
+        engine(tiny_qwen2, False, **kw), MIXED
+    )
+
+
+def test_plugin_is_observably_active(engine, tiny_model):
+    """The doc's example: FCFS takes 200+30 and stops at 100; prepack fills the step."""
+    prompts = token_ids([200, 30, 100, 250, 20], vocab_size=512, seed=2)
+    kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=256, max_model_len=256)
+    plain = run_stepwise(engine(tiny_model, False, **kw), prompts, FIRST_TOKEN)
+    packed_llm = engine(tiny_model, True, **kw)
+    packed = run_stepwise(packed_llm, prompts, FIRST_TOKEN)
+    assert [r.first_step for r in plain.results] == [1, 1, 2, 3, 4]  # FCFS, head-of-line
+    assert [r.first_step for r in packed.results] == [1, 1, 3, 2, 1]  # 20+30+200 | 250 | 100
+    assert packed.steps == math.ceil(sum(map(len, prompts)) / 256) == 3
+    stats = engine_scheduler(packed_llm).prepack_stats
+    assert stats.admitted_as_planned == stats.admitted  # vLLM admitted exactly the plan
+
+
+def test_backlog_mean_ttft_drops_and_nothing_is_lost(engine, tiny_model):
+    lengths = prompt_lengths("mmlu", 120, seed=3, max_len=256)
+    prompts = token_ids(lengths, vocab_size=512, seed=3)
+    kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=512)
+    plain = run_stepwise(engine(tiny_model, False, **kw), prompts, FIRST_TOKEN)
+    packed = run_stepwise(engine(tiny_model, True, **kw), prompts, FIRST_TOKEN)
+    assert all(r.finished for r in packed.results)
+    mean = lambda run: sum(r.first_step for r in run.results) / len(run.results)  # noqa: E731
+    assert mean(packed) < 0.8 * mean(plain)
+    assert packed.steps <= plain.steps
+    assert [r.token_ids for r in packed.results] == [r.token_ids for r in plain.results]
+
+
+def test_tiny_kv_cache_preempts_and_still_completes(engine, tiny_model):
+    prompts = token_ids([90, 120, 60, 150, 100, 80, 110, 70], vocab_size=512, seed=4)
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    llm = engine(tiny_model, True, enable_chunked_prefill=True, max_num_batched_tokens=128,
+                 num_gpu_blocks_override=6)  # CPU blocks hold 128 tokens: ~640 usable, ~1200 needed
+    outs = generate(llm, prompts, params)
+    assert all(len(t) == 48 for t in outs)
+    assert engine_scheduler(llm).prepack_stats.preempted > 0
+
+
+def test_aborted_request_leaves_the_rest_intact(engine, tiny_model):
+    llm = engine(tiny_model, True, enable_chunked_prefill=True, max_num_batched_tokens=128)
+    prompts = token_ids([40, 300, 25, 180, 60], vocab_size=512, seed=5)
+    expected = generate(llm, prompts)
+    aborted = {"1", "3"}
+    run = run_stepwise(llm, prompts, GREEDY,
+                       on_step=lambda step: step == 1 and llm.llm_engine.abort_request(list(aborted)))
+    for r in run.results:
+        if str(r.index) in aborted:
+            assert not r.finished  # aborted after one step: 12 tokens cannot be done
+        else:
+            assert r.finished and r.token_ids == expected[r.index]
+    scheduler = engine_scheduler(llm)
+    assert not scheduler.waiting and not scheduler.running and not scheduler.requests
+
+
+def test_priority_policy_packs_inside_each_level(engine, tiny_model):
+    lengths = [200, 30, 100, 250, 20, 40, 220, 10]
+    priorities = [1, 1, 0, 0, 1, 0, 1, 0]
+    prompts = token_ids(lengths, vocab_size=512, seed=6)
+    kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=256, max_model_len=256,
+              scheduling_policy="priority")
+    run = run_stepwise(engine(tiny_model, True, **kw), prompts, FIRST_TOKEN, priorities=priorities)
+    first = {r.index: r.first_step for r in run.results}
+    last_high = max(first[i] for i, p in enumerate(priorities) if p == 0)
+    first_low = min(first[i] for i, p in enumerate(priorities) if p == 1)
+    assert first_low >= last_high  # level 1 only gets what level 0 leaves
+    assert first[7] == first[5] == 1  # inside level 0: shortest first (10, 40 ...)
+    plain = run_stepwise(engine(tiny_model, False, **kw), prompts, FIRST_TOKEN, priorities=priorities)
+    assert [r.token_ids for r in run.results] == [r.token_ids for r in plain.results]
+
+
+def test_embeddings_equal_plain_vllm(engine, minilm):
+    lengths = prompt_lengths("mmlu", 48, seed=7, max_len=250)
+    prompts = token_ids(lengths, vocab_size=30000, seed=7, first_id=1000)
+    kw = dict(runner="pooling", max_model_len=256, max_num_batched_tokens=512)
+    from vllm import PoolingParams
+
+    params = PoolingParams(task="embed")
+    plain = run_stepwise(engine(minilm, False, **kw), prompts, params)
+    packed = run_stepwise(engine(minilm, True, **kw), prompts, params)
+    assert packed.steps <= plain.steps
+    for a, b in zip(plain.results, packed.results):
+        assert a.finished and b.finished
+        assert len(a.embedding) == len(b.embedding) == 384
+        assert max(abs(x - y) for x, y in zip(a.embedding, b.embedding)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"aging_steps": -1}, r"\['aging_steps'\] must be >= 1"),
+        ({"agin_steps": 3}, r"unknown option\(s\) 'agin_steps'"),
+        ({"max_swaps": "4"}, r"\['max_swaps'\] must be an integer"),
+    ],
+)
+def test_bad_options_fail_engine_start_naming_the_key(tiny_model, options, message):
+    from vllm_prepack.engine import build_llm
+
+    with pytest.raises(PrepackConfigError, match=message):
+        build_llm(tiny_model, options, dtype="float32", max_model_len=256,
+                  num_gpu_blocks_override=64)

@@ -1,0 +1,268 @@
+"""``vllm-prepack bench scheduler``: plain vLLM vs the plugin, side by side in one run.
+
+Three parts, each a ratio against plain vLLM measured in the same process:
+1. synthetic backlogs on vLLM's real scheduler, driven without a model (forward steps, the lower
+   bound ceil(prompt tokens / budget), time to first token in steps, scheduler time per step);
+2. scheduler time per step with 1k, 10k and 100k waiting requests;
+3. real engines on CPU: an all-MiniLM-L6-v2 embedding job (chunked prefill off) and generation
+   on a random-weight ~100M-parameter Llama (chunked prefill on), short and long outputs.
+Steps are reported as steps and seconds as seconds; none is converted into the other.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+
+from vllm_prepack.bench.report import header, summary, table
+from vllm_prepack.packing import lower_bound_steps
+from vllm_prepack.workloads import WORKLOADS, prompt_lengths, token_ids
+
+
+@dataclass
+class Outcome:
+    steps: int
+    ttft_steps: list[float]
+    ttft_s: list[float]
+    sched_s: list[float]
+    wall: float = float("nan")
+    tokens: int = 0
+
+
+def comparison_rows(label: str, plain: Outcome, packed: Outcome, lb: int, **extra) -> list[dict]:
+    rows = []
+    for name, o in (("plain vLLM", plain), ("prepack", packed)):
+        ttft = summary(o.ttft_steps)
+        row = {
+            "workload": label,
+            "scheduler": name,
+            "steps": o.steps,
+            "LB": lb,
+            "steps/LB": o.steps / lb,
+            "TTFT mean (steps)": ttft["mean"],
+            "p50": ttft["p50"],
+            "p99": ttft["p99"],
+            "sched ms/step": 1e3 * sum(o.sched_s) / max(1, len(o.sched_s)),
+        }
+        if o.ttft_s:
+            secs = summary(o.ttft_s)
+            row.update({
+                "wall s": o.wall,
+                "tok/s": o.tokens / o.wall,
+                "TTFT mean s": secs["mean"],
+                "TTFT p50 s": secs["p50"],
+                "TTFT p99 s": secs["p99"],
+            })
+        row.update(extra)
+        rows.append(row)
+    ratio = {
+        "workload": label,
+        "scheduler": "ratio prepack/plain",
+        "steps": packed.steps / plain.steps,
+        "TTFT mean (steps)": summary(packed.ttft_steps)["mean"] / summary(plain.ttft_steps)["mean"],
+        "p50": summary(packed.ttft_steps)["p50"] / summary(plain.ttft_steps)["p50"],
+        "p99": summary(packed.ttft_steps)["p99"] / summary(plain.ttft_steps)["p99"],
+    }
+    if packed.ttft_s:
+        ratio.update({
+            "wall s": packed.wall / plain.wall,
+            "tok/s": (packed.tokens / packed.wall) / (plain.tokens / plain.wall),
+            "TTFT mean s": summary(packed.ttft_s)["mean"] / summary(plain.ttft_s)["mean"],
+            "TTFT p50 s": summary(packed.ttft_s)["p50"] / summary(plain.ttft_s)["p50"],
+            "TTFT p99 s": summary(packed.ttft_s)["p99"] / summary(plain.ttft_s)["p99"],
+        })
+    return rows + [ratio]
+
+
+# ---- 1. synthetic backlogs, engine-free ----------------------------------------------------
+
+
+def simulate(model_dir, lengths, prepack: bool, budget: int, chunked: bool) -> Outcome:
+    from vllm_prepack.scheduler import fake_step, make_request, standalone_scheduler
+
+    scheduler = standalone_scheduler(
+        model_dir, prepack=prepack, budget=budget, max_model_len=max(budget, max(lengths)),
+        chunked_prefill=chunked, max_num_seqs=1024, num_blocks=1_000_000,
+    )
+    for i, n in enumerate(lengths):
+        scheduler.add_request(make_request(str(i), n))
+    first, sched_s, step = {}, [], 0
+    while scheduler.has_requests():
+        step += 1
+        t = time.perf_counter()
+        out = scheduler.schedule()
+        sched_s.append(time.perf_counter() - t)
+        for req_id in fake_step(scheduler, out):
+            first[req_id] = step
+    return Outcome(step, list(first.values()), [], sched_s)
+
+
+def synthetic(model_dir, n: int, budget: int, seed: int) -> str:
+    out = []
+    for chunked in (False, True):
+        rows = []
+        for name in WORKLOADS:
+            lengths = prompt_lengths(name, n, seed=seed, max_len=budget)
+            lb = lower_bound_steps(lengths, budget)
+            plain = simulate(model_dir, lengths, False, budget, chunked)
+            packed = simulate(model_dir, lengths, True, budget, chunked)
+            rows += comparison_rows(name, plain, packed, lb)
+        mode = "on" if chunked else "off"
+        out.append(
+            f"**Synthetic backlogs, chunked prefill {mode}** ({n} prompts per workload, all "
+            f"waiting at step 0, budget {budget} tokens, max_tokens=1, prompts capped at the "
+            f"budget; vLLM's real scheduler driven without a model)\n\n"
+            + table(rows, ["workload", "scheduler", "steps", "LB", "steps/LB",
+                           "TTFT mean (steps)", "p50", "p99", "sched ms/step"])
+        )
+    return "\n".join(out)
+
+
+# ---- 2. scheduler time per step at scale ---------------------------------------------------
+
+
+def scale(model_dir, sizes: list[int], budget: int, steps: int = 30) -> str:
+    from vllm_prepack.scheduler import fake_step, make_request, standalone_scheduler
+
+    rows = []
+    for waiting in sizes:
+        lengths = prompt_lengths("mmlu", waiting, seed=0, max_len=budget)
+        per = {}
+        for prepack in (False, True):
+            scheduler = standalone_scheduler(
+                model_dir, prepack=prepack, budget=budget, max_model_len=budget,
+                chunked_prefill=True, max_num_seqs=1024, num_blocks=1_000_000,
+            )
+            for i, n in enumerate(lengths):
+                scheduler.add_request(make_request(str(i), n))
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                out = scheduler.schedule()
+                times.append(time.perf_counter() - t)
+                fake_step(scheduler, out)
+            per[prepack] = 1e3 * summary(times)["p50"]
+            del scheduler
+            gc.collect()
+        rows.append({
+            "waiting requests": waiting,
+            "plain vLLM ms/step (p50)": per[False],
+            "prepack ms/step (p50)": per[True],
+            "added ms/step": per[True] - per[False],
+        })
+    return (
+        f"**Scheduler time per step** (p50 of {steps} steps of `Scheduler.schedule()`, budget "
+        f"{budget}, chunked prefill on, mmlu-shaped backlog)\n\n" + table(rows)
+    )
+
+
+# ---- 3. real engines -------------------------------------------------------------------------
+
+
+def _engine_outcome(run, prompts) -> Outcome:
+    results = run.results
+    tokens = sum(len(p) for p in prompts) + sum(len(r.token_ids or ()) for r in results)
+    return Outcome(
+        steps=run.steps,
+        ttft_steps=[r.first_step for r in results],
+        ttft_s=[r.first_time for r in results],
+        sched_s=run.schedule_seconds,
+        wall=run.wall,
+        tokens=tokens,
+    )
+
+
+def compare_engines(engines, prompts, params, repeats: int) -> tuple[Outcome, Outcome]:
+    """Alternate plain and prepack runs (warm-up first); keep the faster wall of each."""
+    from vllm_prepack.engine import run_stepwise
+
+    warm = prompts[: min(8, len(prompts))]
+    for llm in engines:
+        run_stepwise(llm, warm, params)
+    best = [None, None]
+    for _ in range(repeats):
+        for i, llm in enumerate(engines):
+            outcome = _engine_outcome(run_stepwise(llm, prompts, params), prompts)
+            if best[i] is None or outcome.wall < best[i].wall:
+                best[i] = outcome
+    return best[0], best[1]
+
+
+def embedding_job(n: int, budget: int, repeats: int) -> str:
+    from vllm import PoolingParams
+
+    from vllm_prepack.engine import build_llm
+    from vllm_prepack.models import minilm_model
+
+    model = minilm_model()
+    kw = dict(runner="pooling", max_model_len=256, max_num_batched_tokens=budget, seed=0)
+    engines = [build_llm(model, False, **kw), build_llm(model, True, **kw)]
+    lengths = prompt_lengths("mmlu", n, seed=11, max_len=256)
+    prompts = token_ids(lengths, vocab_size=30000, seed=11, first_id=1000)
+    plain, packed = compare_engines(engines, prompts, PoolingParams(task="embed"), repeats)
+    lb = lower_bound_steps(lengths, budget)
+    return (
+        f"**Embedding job, all-MiniLM-L6-v2 (real weights), chunked prefill off** ({n} prompts, "
+        f"mmlu-shaped synthetic lengths capped at 256, budget {budget}; best wall of {repeats})\n\n"
+        + table(comparison_rows("embed", plain, packed, lb), ENGINE_COLUMNS)
+    )
+
+
+ENGINE_COLUMNS = ["workload", "scheduler", "steps", "LB", "steps/LB", "wall s", "tok/s",
+                   "TTFT mean s", "TTFT p50 s", "TTFT p99 s", "TTFT mean (steps)", "p99",
+                   "sched ms/step"]
+
+
+def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int) -> str:
+    from vllm import SamplingParams
+
+    from vllm_prepack.engine import build_llm
+    from vllm_prepack.models import BENCH_100M, decoder_model
+
+    model = decoder_model(BENCH_100M)
+    kw = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=budget,
+              enable_chunked_prefill=True, enable_prefix_caching=False, seed=0)
+    engines = [build_llm(model, False, **kw), build_llm(model, True, **kw)]
+    lengths = prompt_lengths("bimodal", n, seed=12, max_len=2000)
+    prompts = token_ids(lengths, vocab_size=BENCH_100M.vocab_size, seed=12)
+    rows = []
+    for tokens in max_tokens:
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        plain, packed = compare_engines(engines, prompts, params, repeats)
+        rows += comparison_rows(f"bimodal, {tokens} out", plain, packed, lower_bound_steps(lengths, budget))
+    return (
+        f"**Generation, random-weight Llama ~100M params (fp32), chunked prefill on** ({n} "
+        f"prompts, bimodal synthetic lengths, budget {budget}; best wall of {repeats}; LB "
+        f"counts prefill tokens only)\n\n" + table(rows, ENGINE_COLUMNS)
+    )
+
+
+def main(args) -> str:
+    from vllm_prepack.engine import in_process
+    from vllm_prepack.models import TINY, decoder_model
+
+    in_process()
+    parts = [header("bench scheduler")]
+    if "synthetic" in args.parts:
+        parts.append(synthetic(decoder_model(TINY), args.prompts, args.budget, args.seed))
+    if "scale" in args.parts:
+        parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget))
+    if "embed" in args.parts:
+        parts.append(embedding_job(args.embed_prompts, 1024, args.repeats))
+    if "generate" in args.parts:
+        parts.append(generation_job(args.gen_prompts, 512, args.max_tokens, args.repeats))
+    return "\n".join(parts)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--parts", nargs="+", default=["synthetic", "scale", "embed", "generate"],
+                        choices=["synthetic", "scale", "embed", "generate"])
+    parser.add_argument("--prompts", type=int, default=1000, help="synthetic prompts per workload")
+    parser.add_argument("--budget", type=int, default=1024, help="synthetic/scale token budget")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--embed-prompts", type=int, default=1000)
+    parser.add_argument("--gen-prompts", type=int, default=96)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--repeats", type=int, default=2)

@@ -1,0 +1,42 @@
+"""The ``vllm-prepack`` command: demo, bench {scheduler,hf,ray}, batch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+BENCHES = {
+    "scheduler": "vllm_prepack.bench.scheduler",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-prepack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="plain vLLM vs prepack on an embedded model and batch")
+    importlib.import_module("vllm_prepack.demo").add_arguments(demo)
+
+    bench = sub.add_parser("bench", help="benchmarks; results are markdown for BENCHMARKS.md")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name, module in BENCHES.items():
+        p = bench_sub.add_parser(name, help=importlib.import_module(module).__doc__.splitlines()[0])
+        importlib.import_module(module).add_arguments(p)
+        p.add_argument("--out", type=Path, help="also write the markdown here")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return importlib.import_module("vllm_prepack.demo").main(args)
+    if args.command == "bench":
+        text = importlib.import_module(BENCHES[args.bench]).main(args)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The plugin's one config object, parsed from ``additional_config={"prepack": {...}}``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from vllm_prepack.packing import AgingBound
+
+CONFIG_KEY = "prepack"
+
+
+class PrepackConfigError(ValueError):
+    """A bad ``additional_config["prepack"]`` value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class PrepackConfig:
+    """Options of the packing scheduler and the model-runner hook.
+
+    aging_steps / aging_seconds: a waiting request older than this goes first (FCFS among
+        such requests), whatever its length. None switches that bound off; at least one should
+        stay on under sustained load, or a long prompt can wait behind short ones indefinitely.
+    max_swaps: best-fit exchanges per step (policy step c); 0 gives pure shortest-first.
+    min_chunk_tokens: never start a prefill chunk smaller than this, except to fill a CUDA-graph
+        padding gap (those tokens are computed anyway).
+    cuda_graph_topup: use the padding gap of the step's CUDA-graph size (GPU only).
+    record_layout: the model-runner hook records each forward's packed layout.
+    debug_layout: the hook also checks that layout against the scheduler's plan, and raises.
+    """
+
+    aging_steps: int | None = 64
+    aging_seconds: float | None = None
+    max_swaps: int = 4
+    min_chunk_tokens: int = 0
+    cuda_graph_topup: bool = True
+    record_layout: bool = False
+    debug_layout: bool = False
+
+    @property
+    def aging(self) -> AgingBound:
+        return AgingBound(self.aging_steps, self.aging_seconds)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> PrepackConfig:
+        """Parse and validate; raises PrepackConfigError naming the offending key."""
+        raw = (additional_config or {}).get(CONFIG_KEY, {})
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise PrepackConfigError(
+                f"additional_config[{CONFIG_KEY!r}] must be a JSON object, got {type(raw).__name__}"
+            )
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise PrepackConfigError(
+                f"unknown option(s) {', '.join(map(repr, unknown))} in additional_config"
+                f"[{CONFIG_KEY!r}]; known options: {', '.join(sorted(known))}"
+            )
+        values = {}
+        for name, value in raw.items():
+            values[name] = _check(name, value, _KINDS[name])
+        if values.get("debug_layout"):
+            values["record_layout"] = True
+        return dataclasses.replace(cls(), **values)
+
+
+# option -> (type, lowest allowed value, None allowed)
+_KINDS: dict[str, tuple[type, float | None, bool]] = {
+    "aging_steps": (int, 1, True),
+    "aging_seconds": (float, 0, True),
+    "max_swaps": (int, 0, False),
+    "min_chunk_tokens": (int, 0, False),
+    "cuda_graph_topup": (bool, None, False),
+    "record_layout": (bool, None, False),
+    "debug_layout": (bool, None, False),
+}
+
+
+def _check(name: str, value: Any, kind: tuple[type, float | None, bool]) -> Any:
+    typ, lowest, nullable = kind
+    where = f"additional_config[{CONFIG_KEY!r}][{name!r}]"
+    if value is None:
+        if nullable:
+            return None
+        raise PrepackConfigError(f"{where} may not be null")
+    is_bool = isinstance(value, bool)
+    if typ is bool and not is_bool:
+        raise PrepackConfigError(f"{where} must be true or false, got {value!r}")
+    if typ is int and (is_bool or not isinstance(value, int)):
+        raise PrepackConfigError(f"{where} must be an integer, got {value!r}")
+    if typ is float and (is_bool or not isinstance(value, (int, float))):
+        raise PrepackConfigError(f"{where} must be a number, got {value!r}")
+    if lowest is not None and not value >= lowest:
+        bound = "positive" if (lowest == 0 and typ is float) else f">= {lowest}"
+        raise PrepackConfigError(f"{where} must be {bound}, got {value!r}")
+    if typ is float and value == 0:
+        raise PrepackConfigError(f"{where} must be positive, got {value!r}")
+    return typ(value)
