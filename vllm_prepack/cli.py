@@ -9,6 +9,7 @@ from pathlib import Path
 
 BENCHES = {
     "scheduler": "vllm_prepack.bench.scheduler",
+    "hf": "vllm_prepack.bench.hf",
 }
 
 
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="plain vLLM vs prepack on an embedded model and batch")
     importlib.import_module("vllm_prepack.demo").add_arguments(demo)
 
+    batch = sub.add_parser("batch", help="a token-balanced batch job across vLLM replicas (Ray)")
+    importlib.import_module("vllm_prepack.batch").add_arguments(batch)
+
     bench = sub.add_parser("bench", help="benchmarks; results are markdown for BENCHMARKS.md")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, module in BENCHES.items():
@@ -27,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, help="also write the markdown here")
 
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return importlib.import_module("vllm_prepack.demo").main(args)
+    if args.command in ("demo", "batch"):
+        return importlib.import_module(f"vllm_prepack.{args.command}").main(args)
     if args.command == "bench":
         text = importlib.import_module(BENCHES[args.bench]).main(args)
         print(text)

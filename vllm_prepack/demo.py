@@ -51,3 +51,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--budget", type=int, default=512)
+
+
+def demo_job(engine_kwargs: dict) -> tuple[str, list[str], dict]:
+    """The embedded batch job: the demo model and a bimodal workload as JSONL lines."""
+    import json
+
+    from vllm_prepack.models import decoder_model
+    from vllm_prepack.workloads import prompt_lengths, token_ids
+
+    lengths = prompt_lengths("bimodal", 256, seed=1, max_len=1500)
+    lines = [json.dumps({"id": f"demo-{i}", "prompt_token_ids": p})
+             for i, p in enumerate(token_ids(lengths, vocab_size=DEMO_MODEL.vocab_size, seed=1))]
+    kwargs = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
+                  enable_prefix_caching=False)
+    kwargs.update(engine_kwargs)
+    return str(decoder_model(DEMO_MODEL)), lines, kwargs

@@ -108,10 +108,10 @@ def decoder_model(shape: DecoderShape = TINY, root: Path | None = None) -> Path:
             eos_token_id=1,
             pad_token_id=2,
             tie_word_embeddings=False,
-            torch_dtype="float32",
+            dtype="float32",
         )
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.save_pretrained(tmp)
         byte_tokenizer().save_pretrained(tmp)
 

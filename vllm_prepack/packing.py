@@ -417,3 +417,67 @@ def pack_rows(lengths: Sequence[int], capacity: int | None = None) -> list[list[
         rows[row].append(i)
         gaps.add((gap - lengths[i], row))
     return rows
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each prompt sits in the packed rows: the contract between packing and attention.
+
+    rows[r] lists the prompt indices in row r, in placement order; place[i] = (row, start) of
+    prompt i. Every row is `width` tokens; the tail after a row's prompts is padding, which
+    forms its own sequence so that no real token ever attends to it.
+    """
+
+    lengths: tuple[int, ...]
+    rows: tuple[tuple[int, ...], ...]
+    place: tuple[tuple[int, int], ...]
+    width: int
+
+    @classmethod
+    def build(cls, lengths: Sequence[int], capacity: int | None = None) -> PackedLayout:
+        rows = pack_rows(lengths, capacity)
+        place: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+        width = 0
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                place[i] = (r, start)
+                start += lengths[i]
+            width = max(width, start)
+        return cls(tuple(lengths), tuple(map(tuple, rows)), tuple(place), width)
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens computed by the packed forward (rows x width)."""
+        return len(self.rows) * self.width
+
+    def positions(self) -> list[list[int]]:
+        """Position ids per row: restarting at 0 for each prompt and for the padding tail."""
+        out = []
+        for row in self.rows:
+            pos = [p for i in row for p in range(self.lengths[i])]
+            out.append(pos + list(range(self.width - len(pos))))
+        return out
+
+    def sequence_ids(self) -> list[list[int]]:
+        """Sequence id per token (the prompt index; -1 for padding)."""
+        return [
+            [i for i in row for _ in range(self.lengths[i])]
+            + [-1] * (self.width - sum(self.lengths[i] for i in row))
+            for row in self.rows
+        ]
+
+    def cu_seqlens(self) -> list[int]:
+        """Cumulative sequence boundaries of the rows laid end to end (varlen attention)."""
+        bounds = [0]
+        for row in self.rows:
+            for i in row:
+                bounds.append(bounds[-1] + self.lengths[i])
+            pad = self.width - sum(self.lengths[i] for i in row)
+            if pad:
+                bounds.append(bounds[-1] + pad)
+        return bounds
