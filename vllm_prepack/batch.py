@@ -271,12 +271,13 @@ class _Queues:
     def weight(self, q: int) -> float:
         return sum(it.weight for it in self.queues[q])
 
-    def next_chunk(self, q: int) -> list[Item]:
+    def next_chunk(self, q: int, idle: bool) -> list[Item]:
+        """The next chunk for replica q; an idle replica with an empty shard steals."""
         own = self.queues[q]
         take = own.popleft  # own shard: heaviest first
         peek = lambda: own[0]  # noqa: E731
         source = own
-        if not own and self.steal:
+        if not own and idle and self.steal:
             donors = [d for d in range(len(self.queues)) if self.queues[d]]
             if donors:
                 source = self.queues[max(donors, key=self.weight)]
@@ -321,20 +322,30 @@ def run_job(
     writer.write(errors)
     done |= {e["line"] for e in errors}
     todo = [it for it in items if it.line not in done]
+    # several chunks per replica, so that the tail can be shared out
+    chunk_tokens = min(chunk_tokens, max(1.0, sum(it.weight for it in todo) / (8 * len(replicas))))
     queues = _Queues(shard(todo, len(replicas), policy), chunk_tokens, steal=policy == "tokens")
     alive = list(range(len(replicas)))
     inflight: dict = {}
     retried = 0
     bar = _progress(len(todo), progress)
 
-    def dispatch(r: int) -> None:
-        chunk = queues.next_chunk(r)
-        if chunk:
+    def pending(r: int) -> int:
+        return sum(1 for rr, _ in inflight.values() if rr == r)
+
+    def top_up(r: int) -> None:
+        """Keep one chunk running and one queued on replica r: no idle gap between chunks."""
+        while pending(r) < 2:
+            chunk = queues.next_chunk(r, idle=pending(r) == 0)
+            if not chunk:
+                return
             inflight[replicas[r].run.remote(chunk)] = (r, chunk)
 
+    for r in alive:  # a first chunk everywhere before anyone queues a second
+        if pending(r) == 0 and (chunk := queues.next_chunk(r, idle=False)):
+            inflight[replicas[r].run.remote(chunk)] = (r, chunk)
     for r in alive:
-        for _ in range(2):  # one running, one queued: no idle gap between chunks
-            dispatch(r)
+        top_up(r)
     written, failed = len(errors), len(errors)
     while inflight:
         ready, _ = ray.wait(list(inflight), num_returns=1)
@@ -350,8 +361,7 @@ def run_job(
             queues.requeue(chunk, alive)
             retried += 1
             for other in alive:
-                if sum(1 for rr, _ in inflight.values() if rr == other) < 2:
-                    dispatch(other)
+                top_up(other)
             continue
         fresh = [rec for rec in records if rec["line"] not in done]
         writer.write(fresh)
@@ -363,7 +373,7 @@ def run_job(
         bar.update(len(fresh), sum(len(rec.get("token_ids") or ()) for rec in fresh)
                    + sum(it.weight - it.max_tokens for it in chunk))
         if r in alive:
-            dispatch(r)
+            top_up(r)
     bar.close()
     report = JobReport(
         written=written, skipped=skipped, errors=failed,

@@ -10,6 +10,7 @@ from pathlib import Path
 BENCHES = {
     "scheduler": "vllm_prepack.bench.scheduler",
     "hf": "vllm_prepack.bench.hf",
+    "ray": "vllm_prepack.bench.ray",
 }
 
 
