@@ -127,3 +127,14 @@ def test_parse_lines_defaults():
     assert errors == []
     items, _ = parse_lines(['{"prompt": "hi", "max_tokens": 5}'], 9, "embed")
     assert items[0].max_tokens == 0  # embeddings generate nothing
+
+
+def test_ray_data_interop_adds_generations(cluster, tiny_model):
+    from vllm_prepack.ray_data import map_dataset
+
+    prompts = token_ids(prompt_lengths("mmlu", 12, seed=4, max_len=200), vocab_size=512, seed=4)
+    ds = ray.data.from_items([{"key": i, "prompt_token_ids": p} for i, p in enumerate(prompts)])
+    rows = map_dataset(ds, tiny_model, replicas=1, max_tokens=3, engine_kwargs=ENGINE,
+                       batch_size=5, num_cpus=0.5).take_all()
+    assert sorted(r["key"] for r in rows) == list(range(12))
+    assert all(r["error"] is None and len(r["token_ids"]) == 3 for r in rows)

@@ -109,6 +109,7 @@ class Replica:
             kwargs.setdefault("runner", "pooling")
         self.llm = build_llm(model, prepack, **kwargs)
         self.busy = 0.0
+        self.timeline: list[tuple[float, float]] = []  # wall-clock (start, end) of each chunk
 
     def describe(self) -> dict:
         from vllm_prepack import plugin
@@ -121,12 +122,13 @@ class Replica:
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,
             "plugin_registered": plugin._registered,
             "busy_s": self.busy,
+            "timeline": list(self.timeline),
         }
 
     def run(self, items: list[Item]) -> list[dict]:
         from vllm import PoolingParams, SamplingParams
 
-        start = time.perf_counter()
+        start, wall_start = time.perf_counter(), time.time()
         engine = self.llm.llm_engine
         records: dict[str, dict] = {}
         submitted: dict[str, float] = {}
@@ -156,6 +158,7 @@ class Replica:
                     record["token_ids"] = list(out.outputs[0].token_ids)
                     record["text"] = out.outputs[0].text
         self.busy += time.perf_counter() - start
+        self.timeline.append((wall_start, time.time()))
         return [records[f"{item.line}"] for item in items]
 
 
@@ -224,12 +227,15 @@ class Writer:
 
 @dataclass
 class JobReport:
+    """What one run of a job did; ``replicas`` holds each live replica's describe()."""
+
     written: int  # records written by this run (results and errors)
     skipped: int  # records a previous run had written (resume)
     errors: int  # error records written by this run
     wall_s: float
     replicas: list[dict] = field(default_factory=list)
     retried_chunks: int = 0
+    started_at: float = 0.0  # wall clock, to place replica timelines
 
     @property
     def makespan_s(self) -> float:
@@ -315,7 +321,7 @@ def run_job(
     import ray
     from ray.exceptions import RayActorError
 
-    started = time.perf_counter()
+    started, wall_started = time.perf_counter(), time.time()
     done = writer.done_lines()
     skipped = len(done)
     errors = [e for e in prior_errors if e["line"] not in done]
@@ -378,6 +384,7 @@ def run_job(
     report = JobReport(
         written=written, skipped=skipped, errors=failed,
         wall_s=time.perf_counter() - started, retried_chunks=retried,
+        started_at=wall_started,
     )
     report.replicas = [ray.get(replicas[r].describe.remote()) for r in alive]
     return report

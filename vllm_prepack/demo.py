@@ -34,7 +34,7 @@ def main(args) -> int:
     prompts = token_ids(lengths, vocab_size=DEMO_MODEL.vocab_size, seed=0)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
 
-    plain, packed = compare_engines(engines, prompts, params, repeats=1)
+    plain, packed = compare_engines(engines, prompts, params, repeats=1, budget=args.budget)
     outputs = [[r.token_ids for r in run_stepwise(llm, prompts, params).results] for llm in engines]
     identical = outputs[0] == outputs[1]
     print(header("demo: plain vLLM vs vllm-prepack"))

@@ -61,6 +61,7 @@ class Run:
     steps: int
     wall: float
     schedule_seconds: list[float] = field(default_factory=list)  # the scheduler's own time
+    step_tokens: list[int] = field(default_factory=list)  # tokens scheduled per step
 
 
 def run_stepwise(
@@ -75,8 +76,9 @@ def run_stepwise(
     engine = llm.llm_engine
     scheduler = engine_scheduler(llm)
     timings: list[float] = []
+    tokens: list[int] = []
     if scheduler is not None:
-        timings = _time_schedule(scheduler)
+        _instrument(scheduler, timings, tokens)
     results = [Result(i, len(p)) for i, p in enumerate(prompts)]
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
@@ -99,7 +101,7 @@ def run_stepwise(
     finally:
         if scheduler is not None:
             del scheduler.schedule  # drop the timing wrapper
-    return Run(results, step, time.perf_counter() - start, timings)
+    return Run(results, step, time.perf_counter() - start, timings, tokens)
 
 
 def _record(result: Result, out, step: int, now: float) -> None:
@@ -117,16 +119,16 @@ def _record(result: Result, out, step: int, now: float) -> None:
         result.finished, result.finish_step = True, step
 
 
-def _time_schedule(scheduler) -> list[float]:
-    timings: list[float] = []
+def _instrument(scheduler, timings: list[float], tokens: list[int]) -> None:
+    """Time each schedule() call and keep its token count (an instance attribute, removed
+    after the run)."""
     inner = scheduler.schedule
 
     def timed(*args, **kwargs):
         t = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            timings.append(time.perf_counter() - t)
+        output = inner(*args, **kwargs)
+        timings.append(time.perf_counter() - t)
+        tokens.append(output.total_num_scheduled_tokens)
+        return output
 
     scheduler.schedule = timed
-    return timings

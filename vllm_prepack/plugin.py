@@ -1,8 +1,9 @@
 """The ``vllm.general_plugins`` entry point: vLLM calls it in every process it starts.
 
 It must be cheap and re-entrant (called again in each worker, and possibly twice in one
-process). It checks, once per process, that the installed vLLM is a version whose scheduler
-internals this release was tested against, since that interface is not public.
+process). Once per process it checks that the installed vLLM is a version whose internals this
+release was tested against (that interface is not public), and installs the model-runner layout
+hook (``patches/runner_layout.py``), which stays inert unless ``record_layout`` is set.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    from vllm_prepack._patches import runner_layout
     from vllm_prepack.scheduler import TESTED_VLLM_VERSIONS
+
+    runner_layout.install()
 
     version = installed_vllm_version()
     if version is not None and version.split("+")[0] not in TESTED_VLLM_VERSIONS:

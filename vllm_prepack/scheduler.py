@@ -17,6 +17,7 @@ them. Whatever vLLM decides is final; the plan only decides the order. The touch
 - ``_running_tokens``: mirrors the budget arithmetic of the running phase of ``schedule()``.
 - ``Request`` fields read: request_id, num_tokens, num_computed_tokens, priority, arrival_time,
   lora_request, num_output_placeholders, num_tokens_with_spec, num_prompt_tokens, max_tokens.
+- ``make_stats``: fills ``SchedulerStats.iteration_details`` (vLLM's compute_iteration_details).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from dataclasses import dataclass, field
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.metrics.stats import SchedulerIterationDetails
 from vllm.v1.request import Request
+from vllm.v1.utils import compute_iteration_details
 
 from vllm_prepack.config import PrepackConfig
 from vllm_prepack.packing import Entry, Pick, StepLimits, WaitingSet
@@ -185,7 +188,29 @@ class PrepackScheduler(Scheduler):
         finally:
             self.waiting.end_step()
         self._record(output, limits, planned, waiting, plan_seconds)
+        if self.prepack_config.debug_layout:
+            # the model-runner hook checks the forward against this (same object in-process;
+            # pickled with the SchedulerOutput to workers)
+            output.prepack_plan = {p.key: p.tokens for p in planned}
+        if self.log_stats:
+            self._iteration = compute_iteration_details(output)
         return output
+
+    def make_stats(self, *args, **kwargs):
+        """vLLM's stats, plus this step's context/generation split for the Prometheus logger
+        (vLLM fills it itself only with enable_logging_iteration_details)."""
+        stats = super().make_stats(*args, **kwargs)
+        details = getattr(self, "_iteration", None)
+        if stats is not None and stats.iteration_details is None and details is not None:
+            stats.iteration_details = SchedulerIterationDetails(
+                iteration_index=self.current_step,
+                num_ctx_requests=details.num_ctx_requests,
+                num_ctx_tokens=details.num_ctx_tokens,
+                num_generation_requests=details.num_generation_requests,
+                num_generation_tokens=details.num_generation_tokens,
+                elapsed_ms=0.0,
+            )
+        return stats
 
     # ---- mirrors of vLLM's running-phase arithmetic -----------------------------------------
 

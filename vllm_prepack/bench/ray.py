@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 from vllm_prepack.bench.report import header, table
 from vllm_prepack.models import DecoderShape
@@ -48,9 +49,10 @@ def main(args) -> str:
     model = str(decoder_model(BENCH_MODEL))
     engine = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
                   enable_prefix_caching=False)
-    rows = []
+    rows, figures = [], ""
     for workload in args.workloads:
         for order in args.orders:
+            timelines = {}
             lines = job(workload, args.prompts, order, args.max_tokens)
             items, _ = parse_lines(lines, args.max_tokens, "generate")
             estimate_weights(items)
@@ -63,6 +65,8 @@ def main(args) -> str:
                 for actor in replicas:
                     ray.kill(actor)
                 busy = [r["busy_s"] for r in report.replicas]
+                timelines[policy] = [[(a - report.started_at, b - report.started_at)
+                                      for a, b in r["timeline"]] for r in report.replicas]
                 ideal = sum(busy) / len(busy)
                 results[policy] = report.wall_s
                 rows.append({
@@ -74,15 +78,26 @@ def main(args) -> str:
                 })
             for row in rows[-3:]:
                 row["speedup vs rows"] = results["rows"] / row["makespan s"]
+            if args.report is not None:
+                from vllm_prepack.bench.plots import replica_timelines
+
+                args.report.mkdir(parents=True, exist_ok=True)
+                png = replica_timelines(args.report / f"ray_{workload}_{order}.png", timelines,
+                                        f"{workload}, {order}: busy time per replica")
+                figures += f"\n![{workload} {order} timelines]({png.name})\n"
     ray.shutdown()
-    return (
+    text = (
         header("bench ray") + "\n"
         f"**{args.replicas} replicas on this machine (one core each), random-weight Llama "
         f"{BENCH_MODEL.name} fp32, {args.prompts} prompts per job (synthetic lengths), "
         f"max_tokens={args.max_tokens}, plugin on in every replica**\n\n"
         + table(rows, ["workload", "order", "policy", "makespan s", "busy s per replica",
                        "imbalance max/mean", "makespan / ideal", "speedup vs rows"])
+        + figures
     )
+    if args.report is not None:
+        (args.report / "summary_ray.md").write_text(text)
+    return text
 
 
 def add_arguments(parser) -> None:
@@ -92,3 +107,4 @@ def add_arguments(parser) -> None:
                         choices=["shuffled", "concatenated"])
     parser.add_argument("--prompts", type=int, default=192)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--report", type=Path, help="also write PNG timelines and a summary here")

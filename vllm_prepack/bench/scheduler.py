@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from vllm_prepack.bench.report import header, summary, table
 from vllm_prepack.packing import lower_bound_steps
@@ -28,6 +29,7 @@ class Outcome:
     sched_s: list[float]
     wall: float = float("nan")
     tokens: int = 0
+    fill: list[float] = field(default_factory=list)  # scheduled tokens / budget, per step
 
 
 def comparison_rows(label: str, plain: Outcome, packed: Outcome, lb: int, **extra) -> list[dict]:
@@ -160,7 +162,7 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30) -> str:
 # ---- 3. real engines -------------------------------------------------------------------------
 
 
-def _engine_outcome(run, prompts) -> Outcome:
+def _engine_outcome(run, prompts, budget: int) -> Outcome:
     results = run.results
     tokens = sum(len(p) for p in prompts) + sum(len(r.token_ids or ()) for r in results)
     return Outcome(
@@ -170,10 +172,11 @@ def _engine_outcome(run, prompts) -> Outcome:
         sched_s=run.schedule_seconds,
         wall=run.wall,
         tokens=tokens,
+        fill=[t / budget for t in run.step_tokens],
     )
 
 
-def compare_engines(engines, prompts, params, repeats: int) -> tuple[Outcome, Outcome]:
+def compare_engines(engines, prompts, params, repeats: int, budget: int) -> tuple[Outcome, Outcome]:
     """Alternate plain and prepack runs (warm-up first); keep the faster wall of each."""
     from vllm_prepack.engine import run_stepwise
 
@@ -183,13 +186,28 @@ def compare_engines(engines, prompts, params, repeats: int) -> tuple[Outcome, Ou
     best = [None, None]
     for _ in range(repeats):
         for i, llm in enumerate(engines):
-            outcome = _engine_outcome(run_stepwise(llm, prompts, params), prompts)
+            outcome = _engine_outcome(run_stepwise(llm, prompts, params), prompts, budget)
             if best[i] is None or outcome.wall < best[i].wall:
                 best[i] = outcome
     return best[0], best[1]
 
 
-def embedding_job(n: int, budget: int, repeats: int) -> str:
+def _plots(report: Path | None, name: str, title: str, plain: Outcome, packed: Outcome) -> str:
+    """TTFT distribution and budget fill per step, plain vs prepack; markdown image links."""
+    if report is None:
+        return ""
+    from vllm_prepack.bench import plots
+
+    report.mkdir(parents=True, exist_ok=True)
+    series = {"plain vLLM": plain, "prepack": packed}
+    ttft = plots.ttft_cdf(report / f"{name}_ttft.png", {k: o.ttft_s for k, o in series.items()},
+                          f"{title}: time to first token")
+    fill = plots.budget_fill(report / f"{name}_fill.png", {k: o.fill for k, o in series.items()},
+                             f"{title}: budget fill per step")
+    return f"\n![{title} TTFT]({ttft.name}) ![{title} fill]({fill.name})\n"
+
+
+def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None) -> str:
     from vllm import PoolingParams
 
     from vllm_prepack.engine import build_llm
@@ -200,12 +218,13 @@ def embedding_job(n: int, budget: int, repeats: int) -> str:
     engines = [build_llm(model, False, **kw), build_llm(model, True, **kw)]
     lengths = prompt_lengths("mmlu", n, seed=11, max_len=256)
     prompts = token_ids(lengths, vocab_size=30000, seed=11, first_id=1000)
-    plain, packed = compare_engines(engines, prompts, PoolingParams(task="embed"), repeats)
+    plain, packed = compare_engines(engines, prompts, PoolingParams(task="embed"), repeats, budget)
     lb = lower_bound_steps(lengths, budget)
     return (
         f"**Embedding job, all-MiniLM-L6-v2 (real weights), chunked prefill off** ({n} prompts, "
         f"mmlu-shaped synthetic lengths capped at 256, budget {budget}; best wall of {repeats})\n\n"
         + table(comparison_rows("embed", plain, packed, lb), ENGINE_COLUMNS)
+        + _plots(report, "embed", "embedding job", plain, packed)
     )
 
 
@@ -214,7 +233,8 @@ ENGINE_COLUMNS = ["workload", "scheduler", "steps", "LB", "steps/LB", "wall s", 
                    "sched ms/step"]
 
 
-def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int) -> str:
+def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int,
+                   report: Path | None = None) -> str:
     from vllm import SamplingParams
 
     from vllm_prepack.engine import build_llm
@@ -226,15 +246,58 @@ def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int) -> 
     engines = [build_llm(model, False, **kw), build_llm(model, True, **kw)]
     lengths = prompt_lengths("bimodal", n, seed=12, max_len=2000)
     prompts = token_ids(lengths, vocab_size=BENCH_100M.vocab_size, seed=12)
-    rows = []
+    rows, figures = [], ""
     for tokens in max_tokens:
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-        plain, packed = compare_engines(engines, prompts, params, repeats)
+        plain, packed = compare_engines(engines, prompts, params, repeats, budget)
         rows += comparison_rows(f"bimodal, {tokens} out", plain, packed, lower_bound_steps(lengths, budget))
+        figures += _plots(report, f"generate_{tokens}", f"generation, {tokens} out", plain, packed)
     return (
         f"**Generation, random-weight Llama ~100M params (fp32), chunked prefill on** ({n} "
         f"prompts, bimodal synthetic lengths, budget {budget}; best wall of {repeats}; LB "
-        f"counts prefill tokens only)\n\n" + table(rows, ENGINE_COLUMNS)
+        f"counts prefill tokens only)\n\n" + table(rows, ENGINE_COLUMNS) + figures
+    )
+
+
+def hook_overhead(n: int, repeats: int) -> str:
+    """The model-runner layout hook: step time with it recording vs off, side by side."""
+    import timeit
+
+    from vllm import SamplingParams
+
+    from vllm_prepack._patches.runner_layout import recorder
+    from vllm_prepack.demo import DEMO_MODEL
+    from vllm_prepack.engine import build_llm, run_stepwise
+    from vllm_prepack.models import decoder_model
+
+    model = decoder_model(DEMO_MODEL)
+    kw = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
+              enable_chunked_prefill=True, enable_prefix_caching=False, seed=0)
+    engines = {"hook off": build_llm(model, {}, **kw),
+               "hook recording": build_llm(model, {"record_layout": True}, **kw)}
+    prompts = token_ids(prompt_lengths("bimodal", n, seed=13, max_len=1500), DEMO_MODEL.vocab_size, 13)
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    for llm in engines.values():
+        run_stepwise(llm, prompts[:8], params)
+    best = {}
+    for _ in range(repeats):
+        for name, llm in engines.items():
+            run = run_stepwise(llm, prompts, params)
+            best[name] = min(best.get(name, float("inf")), run.wall / run.steps)
+
+    class Runner:  # the off path: one instance-dict lookup per forward
+        pass
+
+    runner = Runner()
+    runner._prepack_recorder = None
+    off_ns = min(timeit.repeat(lambda: recorder(runner), number=100_000, repeat=5)) / 100_000 * 1e9
+    rows = [{"configuration": name, "ms/step": 1e3 * seconds,
+             "vs hook off": seconds / best["hook off"]} for name, seconds in best.items()]
+    return (
+        f"**Model-runner hook cost** (random-weight Llama {DEMO_MODEL.hidden_size}h x "
+        f"{DEMO_MODEL.num_hidden_layers} layers, fp32 CPU, {n} prompts, 32 tokens out, "
+        f"best of {repeats}). With the hook off, each forward pays one dictionary lookup: "
+        f"{off_ns:.0f} ns measured.\n\n" + table(rows)
     )
 
 
@@ -249,15 +312,23 @@ def main(args) -> str:
     if "scale" in args.parts:
         parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget))
     if "embed" in args.parts:
-        parts.append(embedding_job(args.embed_prompts, 1024, args.repeats))
+        parts.append(embedding_job(args.embed_prompts, 1024, args.repeats, args.report))
     if "generate" in args.parts:
-        parts.append(generation_job(args.gen_prompts, 512, args.max_tokens, args.repeats))
-    return "\n".join(parts)
+        parts.append(generation_job(args.gen_prompts, 512, args.max_tokens, args.repeats,
+                                    args.report))
+    if "hook" in args.parts:
+        parts.append(hook_overhead(args.gen_prompts, args.repeats))
+    text = "\n".join(parts)
+    if args.report is not None:
+        args.report.mkdir(parents=True, exist_ok=True)
+        (args.report / "summary.md").write_text(text)
+    return text
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--parts", nargs="+", default=["synthetic", "scale", "embed", "generate"],
-                        choices=["synthetic", "scale", "embed", "generate"])
+    parser.add_argument("--parts", nargs="+", default=["synthetic", "scale", "embed", "generate", "hook"],
+                        choices=["synthetic", "scale", "embed", "generate", "hook"])
+    parser.add_argument("--report", type=Path, help="also write PNG plots and summary.md here")
     parser.add_argument("--prompts", type=int, default=1000, help="synthetic prompts per workload")
     parser.add_argument("--budget", type=int, default=1024, help="synthetic/scale token budget")
     parser.add_argument("--seed", type=int, default=0)

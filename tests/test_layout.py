@@ -1,0 +1,160 @@
+"""The model-runner layout hook and the metrics: pure checks, a real engine, a real server."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from vllm import SamplingParams
+
+from vllm_prepack._patches.runner_layout import layout_report
+from vllm_prepack.layout import ForwardLayout, LayoutMismatch, check
+from vllm_prepack.workloads import prompt_lengths, token_ids
+
+PARAMS = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+PROMPTS = token_ids(prompt_lengths("bimodal", 16, seed=9, max_len=300), vocab_size=512, seed=9)
+ENGINE = dict(enable_chunked_prefill=True, max_num_batched_tokens=128)
+
+
+def layout(**kw):
+    base = dict(step=3, req_ids=("a", "b"), query_start_loc=(0, 5, 6), start_positions=(0, 9),
+                computed=(0, 9), prompt_lens=(5, 4), padded_tokens=2)
+    return ForwardLayout(**{**base, **kw})
+
+
+def test_layout_properties_and_a_clean_check():
+    x = layout()
+    assert (x.tokens, x.prefill_tokens, x.decode_tokens) == (6, 5, 1)
+    assert x.positions_restart
+    assert check(x, {"a": 5, "b": 1}, {"a": 5}, {}) == []
+    assert check(x, {"a": 5, "b": 1}, {"a": 8}, {"a": 3}) == []  # 3 tokens from the prefix cache
+
+
+@pytest.mark.parametrize(
+    "kw, scheduled, plan, message",
+    [
+        ({}, {"a": 4, "b": 1}, None, "step 3: request a has 5 tokens in the forward, 4 scheduled"),
+        ({"start_positions": (2, 9)}, {"a": 5, "b": 1}, None,
+         "step 3: request a starts at position 2, expected 0"),
+        ({}, {"a": 5, "b": 1}, {"a": 7}, "step 3: request a was planned 7 tokens, vLLM scheduled 5"),
+        ({}, {"a": 5, "b": 1, "c": 2}, None, "scheduled but not in the forward ['c']"),
+    ],
+)
+def test_check_names_the_request_and_step(kw, scheduled, plan, message):
+    problems = check(layout(**kw), scheduled, plan, {})
+    assert any(message in p for p in problems), problems
+
+
+def generate(llm):
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], PARAMS, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def test_recorded_layout_through_collective_rpc(engine, tiny_model):
+    llm = engine(tiny_model, {"record_layout": True}, **ENGINE)
+    assert generate(llm) == generate(engine(tiny_model, False, **ENGINE))  # only observes
+    [report] = llm.collective_rpc(layout_report)
+    assert report["forwards"] > 0 and report["positions_restart_violations"] == 0
+    assert report["prefill_tokens"] == sum(map(len, PROMPTS))  # every prompt token, once
+    assert report["decode_tokens"] == len(PROMPTS) * (PARAMS.max_tokens - 1)
+    assert report["sequences_per_forward"] > 1
+    assert report["padded_tokens"] == 0  # CPU: no CUDA graphs
+    last = report["recent"][-1]
+    assert last["query_start_loc"][0] == 0 and last["seconds"] > 0
+
+
+def test_hook_is_inert_when_off(engine, tiny_model):
+    assert engine(tiny_model, True, **ENGINE).collective_rpc(layout_report) == [None]
+    assert engine(tiny_model, False, **ENGINE).collective_rpc(layout_report) == [None]
+
+
+def test_debug_layout_checks_every_forward(engine, tiny_model):
+    llm = engine(tiny_model, {"debug_layout": True}, **ENGINE)
+    generate(llm)
+    [report] = llm.collective_rpc(layout_report)
+    assert report["checked_forwards"] == report["forwards"] > 0
+
+
+def test_debug_layout_fails_loudly_on_a_corrupted_plan(tiny_model, monkeypatch):
+    from vllm_prepack import packing
+    from vllm_prepack.engine import build_llm
+
+    original = packing.WaitingSet.plan
+
+    def corrupted(self, limits, step=0, now=0.0):
+        picks = original(self, limits, step, now)
+        if picks:  # claim one more token than will be scheduled
+            picks[0] = packing.Pick(picks[0].key, picks[0].tokens + 1, picks[0].reason)
+        return picks
+
+    llm = build_llm(tiny_model, {"debug_layout": True}, dtype="float32", max_model_len=512,
+                    num_gpu_blocks_override=64, enable_prefix_caching=False, **ENGINE)
+    monkeypatch.setattr(packing.WaitingSet, "plan", corrupted)
+    with pytest.raises(Exception) as err:
+        generate(llm)
+    text = "".join(str(e) for e in _chain(err.value))
+    assert "packed layout mismatch" in text and "step 1: request" in text and "was planned" in text
+    assert any(isinstance(e, LayoutMismatch) for e in _chain(err.value)) or "LayoutMismatch" in text
+
+
+def _chain(exc):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prometheus_metrics_from_a_real_server(tiny_model, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "512", "--enforce-eager", "--num-gpu-blocks-override", "64",
+           "--max-num-batched-tokens", "128",
+           "--scheduler-cls", "vllm_prepack.PrepackScheduler",
+           "--additional-config", json.dumps({"prepack": {"aging_steps": 32}})]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(1)
+        for prompt in PROMPTS[:6]:
+            body = json.dumps({"model": tiny_model, "prompt": prompt, "max_tokens": 4,
+                               "temperature": 0}).encode()
+            req = urllib.request.Request(base + "/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+            assert json.load(urllib.request.urlopen(req, timeout=60))["choices"]
+        time.sleep(1)
+        metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    values = {}
+    for line in metrics.splitlines():
+        if line.startswith("vllm_prepack:") and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value)
+    assert values["vllm_prepack:steps_total"] > 0
+    assert values["vllm_prepack:scheduled_tokens_total"] >= sum(map(len, PROMPTS[:6]))
+    assert values["vllm_prepack:budget_fill_ratio_count"] == values["vllm_prepack:steps_total"]
+    assert values["vllm_prepack:time_to_first_token_seconds_count"] == 6
+    assert values["vllm_prepack:queue_wait_seconds_count"] == 6
+    assert values["vllm_prepack:padded_tokens_total"] == 0  # CPU: no CUDA graphs

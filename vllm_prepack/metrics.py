@@ -1,0 +1,81 @@
+"""Prometheus metrics for ``vllm serve``: the ``vllm.stat_logger_plugins`` entry point.
+
+vLLM builds stat loggers in its frontend process (AsyncLLM), which sees ``SchedulerStats`` and
+``IterationStats`` of every step; these metrics appear on the server's ``/metrics`` next to
+vLLM's own. They are recorded only when the engine runs the plugin's scheduler.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from vllm_prepack.engine import SCHEDULER_CLS
+from vllm_prepack.packing import padding_gap
+
+_RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@lru_cache(maxsize=1)
+def _metrics():
+    """One set per process: prometheus_client refuses to register a name twice."""
+    from prometheus_client import Counter, Histogram
+
+    labels = ["model_name", "engine"]
+    return {
+        "fill": Histogram("vllm_prepack:budget_fill_ratio",
+                          "Scheduled tokens per step / max_num_batched_tokens", labels,
+                          buckets=_RATIO_BUCKETS),
+        "seqs": Histogram("vllm_prepack:sequences_per_step", "Requests in each forward step",
+                          labels, buckets=_COUNT_BUCKETS),
+        "padded": Counter("vllm_prepack:padded_tokens",
+                          "Tokens added to reach a CUDA-graph capture size", labels),
+        "tokens": Counter("vllm_prepack:scheduled_tokens", "Tokens scheduled", labels),
+        "steps": Counter("vllm_prepack:steps", "Forward steps with work", labels),
+        "queue": Histogram("vllm_prepack:queue_wait_seconds",
+                           "Time from arrival to first scheduling, finished requests", labels,
+                           buckets=_SECONDS_BUCKETS),
+        "ttft": Histogram("vllm_prepack:time_to_first_token_seconds", "Time to first token",
+                          labels, buckets=_SECONDS_BUCKETS),
+    }
+
+
+class PrepackStatLogger(StatLoggerBase):
+    def __init__(self, vllm_config, engine_index: int = 0):
+        from vllm_prepack.scheduler import _capture_sizes
+
+        cls = vllm_config.scheduler_config.scheduler_cls
+        name = cls if isinstance(cls, str) else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', '')}"
+        self.active = name in (SCHEDULER_CLS, "vllm_prepack.scheduler.PrepackScheduler")
+        if not self.active:
+            return
+        self.budget = vllm_config.scheduler_config.max_num_batched_tokens
+        self.capture_sizes = _capture_sizes(vllm_config)
+        model = vllm_config.model_config.served_model_name or vllm_config.model_config.model
+        model = model[0] if isinstance(model, (list, tuple)) else model
+        self.m = {k: m.labels(model_name=str(model), engine=str(engine_index))
+                  for k, m in _metrics().items()}
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        if not self.active:
+            return
+        details = getattr(scheduler_stats, "iteration_details", None)
+        if details is not None and not details.is_dummy:
+            tokens = details.num_ctx_tokens + details.num_generation_tokens
+            if tokens:
+                self.m["steps"].inc()
+                self.m["tokens"].inc(tokens)
+                self.m["fill"].observe(tokens / self.budget)
+                self.m["seqs"].observe(details.num_ctx_requests + details.num_generation_requests)
+                self.m["padded"].inc(padding_gap(tokens, self.capture_sizes))
+        if iteration_stats is not None:
+            for seconds in iteration_stats.time_to_first_tokens_iter:
+                self.m["ttft"].observe(seconds)
+            for finished in iteration_stats.finished_requests:
+                self.m["queue"].observe(finished.queued_time)
+
+    def log_engine_initialized(self):
+        pass

@@ -1,0 +1,61 @@
+"""Ray Data interop: run a ``ray.data.Dataset`` of prompts through vLLM engines with the plugin.
+
+For users already on Ray Data: ``map_dataset`` adds an actor pool of engines (one ``Replica``
+each, the plugin on) to the dataset's plan. Ray Data hands out rows in blocks, so balancing here
+is by rows; inside each engine the plugin packs every batch it is given. For a job balanced by
+tokens across replicas, use ``vllm-prepack batch`` (vllm_prepack.batch).
+
+Rows: ``prompt`` (text) or ``prompt_token_ids``, optionally ``max_tokens``; other columns pass
+through. Added: ``token_ids`` and ``text`` (or ``embedding``), and ``error``.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class _EngineUDF:
+    def __init__(self, model: str, task: str, engine_kwargs: dict, prepack, max_tokens: int):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm_prepack.batch import Replica
+
+        self.replica = Replica(model, task, engine_kwargs, prepack, index=os.getpid())
+        self.max_tokens = max_tokens
+
+    def __call__(self, batch: dict) -> dict:
+        from vllm_prepack.batch import Item
+
+        n = len(next(iter(batch.values())))
+        items = []
+        for i in range(n):
+            ids = batch.get("prompt_token_ids")
+            prompt = batch.get("prompt")
+            max_tokens = batch.get("max_tokens")
+            items.append(Item(
+                id=i, line=i,
+                prompt=None if prompt is None else str(prompt[i]),
+                prompt_token_ids=None if ids is None else [int(t) for t in ids[i]],
+                max_tokens=self.max_tokens if max_tokens is None else int(max_tokens[i]),
+            ))
+        records = self.replica.run(items)
+        out = dict(batch)
+        keys = ("embedding",) if self.replica.task == "embed" else ("token_ids", "text")
+        for key in (*keys, "error"):
+            out[key] = [r.get(key) for r in records]
+        return out
+
+
+def map_dataset(ds, model: str, *, replicas: int = 2, task: str = "generate", max_tokens: int = 16,
+                engine_kwargs: dict | None = None, prepack: dict | bool = True,
+                batch_size: int = 256, num_cpus: float = 1, num_gpus: float = 0):
+    """The dataset with generations (or embeddings) added, computed by `replicas` engines."""
+    return ds.map_batches(
+        _EngineUDF,
+        fn_constructor_kwargs=dict(model=str(model), task=task, engine_kwargs=engine_kwargs or {},
+                                   prepack=prepack, max_tokens=max_tokens),
+        concurrency=replicas,
+        batch_size=batch_size,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )
