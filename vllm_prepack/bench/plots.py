@@ -14,6 +14,16 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, path: Path, title: str) -> Path:
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def ttft_cdf(path: Path, series: dict[str, list[float]], title: str, unit: str = "s") -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -22,13 +32,7 @@ def ttft_cdf(path: Path, series: dict[str, list[float]], title: str, unit: str =
         ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label)
     ax.set_xlabel(f"time to first token ({unit})")
     ax.set_ylabel("fraction of requests")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, title)
 
 
 def budget_fill(path: Path, series: dict[str, list[float]], title: str) -> Path:
@@ -39,13 +43,7 @@ def budget_fill(path: Path, series: dict[str, list[float]], title: str) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("scheduled tokens / budget")
     ax.set_ylim(0, 1.05)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, title)
 
 
 def replica_timelines(path: Path, runs: dict[str, list[list[tuple[float, float]]]], title: str) -> Path:
