@@ -100,7 +100,12 @@ def install() -> None:
         output = self.__dict__.get("_prepack_output")
         if output is not None and not kwargs.get("for_cudagraph_capture"):
             self._prepack_output = None  # once per forward (drafts build their own metadata)
-            _record(self, recorder(self), output, num_tokens, num_reqs, num_tokens_padded)
+            rec = recorder(self)
+            started = time.perf_counter()
+            try:
+                _record(self, rec, output, num_tokens, num_reqs, num_tokens_padded)
+            finally:
+                rec.hook_seconds += time.perf_counter() - started
         return result
 
     GPUModelRunner.execute_model = patched_execute_model

@@ -138,3 +138,24 @@ def test_ray_data_interop_adds_generations(cluster, tiny_model):
                        batch_size=5, num_cpus=0.5).take_all()
     assert sorted(r["key"] for r in rows) == list(range(12))
     assert all(r["error"] is None and len(r["token_ids"]) == 3 for r in rows)
+
+
+def test_embedding_job_to_parquet_resumes(cluster, minilm, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    from vllm_prepack.batch import run_batch
+
+    prompts = token_ids(prompt_lengths("mmlu", 10, seed=6, max_len=200), vocab_size=30000,
+                        seed=6, first_id=1000)
+    lines = [json.dumps({"id": i, "prompt_token_ids": p}) for i, p in enumerate(prompts)]
+    lines.append(json.dumps({"id": "long", "prompt_token_ids": [1000] * 300}))  # over 256
+    out = tmp_path / "emb.parquet"
+    kw = dict(replicas=1, task="embed", engine_kwargs={"max_model_len": 256}, progress=False)
+    report = run_batch(minilm, lines[:6], out, **kw)
+    assert report.written == 6
+    report = run_batch(minilm, lines, out, **kw)  # the rest only
+    assert (report.skipped, report.written, report.errors) == (6, 5, 1)
+    table = pq.read_table(out).to_pylist()
+    assert sorted(r["line"] for r in table) == list(range(1, 12))
+    by_id = {json.loads(r["id"]): r for r in table}
+    assert all(len(by_id[i]["embedding"]) == 384 for i in range(10))
+    assert "line 11:" in by_id["long"]["error"]

@@ -209,9 +209,15 @@ class Writer:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
+            schema = pa.schema([  # one schema for every part, so the folder reads as one table
+                ("id", pa.string()), ("line", pa.int64()), ("error", pa.string()),
+                ("replica", pa.int64()), ("latency_s", pa.float64()),
+                ("token_ids", pa.list_(pa.int64())), ("text", pa.string()),
+                ("embedding", pa.list_(pa.float64())),
+            ])
             rows = [{**r, "id": json.dumps(r.get("id"), default=str)} for r in records]
             tmp = self.path / f".part-{self._part:06d}.tmp"
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
             tmp.rename(self.path / f"part-{self._part:06d}.parquet")
             self._part += 1
             return
@@ -436,10 +442,41 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
     return actors
 
 
-def main(args) -> int:
+def run_batch(
+    model: str,
+    lines: Iterable[str],
+    output: str | Path,
+    *,
+    replicas: int = 2,
+    task: str = "generate",
+    max_tokens: int = 16,
+    policy: str = "tokens",
+    engine_kwargs: dict | None = None,
+    prepack: dict | bool = True,
+    chunk_tokens: int = 8192,
+    gpus_per_replica: float = 0,
+    progress: bool = True,
+) -> JobReport:
+    """The whole job from Python: parse, weigh, start replicas on the current Ray cluster (or a
+    local one), run, and return the report. Re-running with the same output resumes."""
     import ray
 
-    from vllm_prepack.engine import SCHEDULER_CLS  # noqa: F401  (the plugin is what each replica runs)
+    items, bad = parse_lines(lines, max_tokens, task)
+    estimate_weights(items, _tokenizer(model))
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    actors = start_replicas(model, replicas, task, engine_kwargs or {}, prepack,
+                            num_gpus=gpus_per_replica)
+    try:
+        return run_job(items, Writer(Path(output)), actors, policy=policy,
+                       chunk_tokens=chunk_tokens, prior_errors=bad, progress=progress)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def main(args) -> int:
+    import ray
 
     engine_kwargs = json.loads(args.engine_args) if args.engine_args else {}
     if args.input is None:
@@ -450,18 +487,15 @@ def main(args) -> int:
         model, lines = args.model, Path(args.input).read_text().splitlines()
         if model is None:
             raise SystemExit("--model is required with --input")
-    items, bad = parse_lines(lines, args.max_tokens, args.task)
-    estimate_weights(items, _tokenizer(model))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True)
-    replicas = start_replicas(model, args.replicas, args.task, engine_kwargs,
-                              num_gpus=args.gpus_per_replica)
-    report = run_job(items, Writer(Path(args.output)), replicas, policy=args.policy,
-                     chunk_tokens=args.chunk_tokens, prior_errors=bad)
+    report = run_batch(model, lines, args.output, replicas=args.replicas, task=args.task,
+                       max_tokens=args.max_tokens, policy=args.policy, engine_kwargs=engine_kwargs,
+                       chunk_tokens=args.chunk_tokens, gpus_per_replica=args.gpus_per_replica)
     print(json.dumps({
-        "written": report.written, "skipped (already done)": report.skipped,
-        "errors": report.errors, "wall_s": round(report.wall_s, 2),
-        "retried_chunks": report.retried_chunks,
-        "replicas": report.replicas,
+        "output": str(args.output), "written": report.written,
+        "skipped (already done)": report.skipped, "errors": report.errors,
+        "wall_s": round(report.wall_s, 2), "retried_chunks": report.retried_chunks,
+        "replicas": [{k: v for k, v in r.items() if k != "timeline"} for r in report.replicas],
     }, indent=2))
     return 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 class LayoutMismatch(AssertionError):
@@ -98,13 +98,15 @@ class LayoutRecorder:
         self.padded_tokens = 0
         self.restart_violations = 0
         self.seconds = 0.0
+        self.hook_seconds = 0.0  # the recorder's own time (what the hook costs a forward)
         self.checked = 0
 
     def add(self, layout: ForwardLayout) -> None:
         self.forwards += 1
+        prefill = layout.prefill_tokens
         self.tokens += layout.tokens
-        self.prefill_tokens += layout.prefill_tokens
-        self.decode_tokens += layout.decode_tokens
+        self.prefill_tokens += prefill
+        self.decode_tokens += layout.tokens - prefill
         self.sequences += len(layout.req_ids)
         self.padded_tokens += layout.padded_tokens
         self.restart_violations += not layout.positions_restart
@@ -112,8 +114,7 @@ class LayoutRecorder:
 
     def finish(self, seconds: float) -> None:
         if self.recent:
-            last = self.recent.pop()
-            self.recent.append(ForwardLayout(**{**asdict(last), "seconds": seconds}))
+            self.recent[-1] = replace(self.recent[-1], seconds=seconds)
         self.seconds += seconds
 
     def summary(self, recent: int = 8) -> dict:
@@ -127,6 +128,7 @@ class LayoutRecorder:
             "padded_tokens": self.padded_tokens,
             "positions_restart_violations": self.restart_violations,
             "forward_seconds_mean": self.seconds / n,
+            "hook_seconds_mean": self.hook_seconds / n,
             "checked_forwards": self.checked,
             "recent": [asdict(x) for x in list(self.recent)[-recent:]],
         }

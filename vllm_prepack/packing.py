@@ -121,19 +121,16 @@ class WaitingSet:
     def __contains__(self, key: Key) -> bool:
         return key in self._entries
 
-    def entry(self, key: Key) -> Entry:
-        return self._entries[key]
-
     def add(self, entry: Entry) -> None:
         """Admit a request at the back (new arrivals)."""
-        self._insert(entry, pinned=False, front=False)
+        self._insert(entry, pinned=False)
 
     def pin(self, entries: Sequence[Entry]) -> None:
         """Put requests in front of their level, in the given order (resumed or deferred)."""
         for entry in reversed(entries):
-            self._insert(entry, pinned=True, front=True)
+            self._insert(entry, pinned=True)
 
-    def _insert(self, entry: Entry, pinned: bool, front: bool) -> None:
+    def _insert(self, entry: Entry, pinned: bool) -> None:
         if entry.key in self._entries:
             raise ValueError(f"request {entry.key!r} is already waiting")
         entry.length = max(1, entry.length)
@@ -146,7 +143,7 @@ class WaitingSet:
             level = self._levels[entry.priority] = _Level()
             bisect.insort(self._priorities, entry.priority)
         if pinned:
-            (level.pinned.appendleft if front else level.pinned.append)(entry)
+            level.pinned.appendleft(entry)
         else:
             level.fifo[entry.key] = entry
             level.by_length.add((entry.length, entry.seq, entry.key))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -49,6 +50,8 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])
 
     def fmt(v) -> str:
+        if isinstance(v, float) and math.isnan(v):
+            return "n/a"
         if isinstance(v, float):
             return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
         return str(v)
