@@ -175,6 +175,7 @@ class PrepackScheduler(Scheduler):
         assert not self.waiting, "the waiting queue is swapped before any request arrives"
         self.waiting = PackingRequestQueue(self.prepack_config, self.policy)
         self.prepack_stats = PrepackStats()
+        self._iteration = None  # this step's context/generation split, until make_stats takes it
         self._capture_sizes = _capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
 
     def schedule(self, *args, **kwargs):
@@ -200,7 +201,7 @@ class PrepackScheduler(Scheduler):
         """vLLM's stats, plus this step's context/generation split for the Prometheus logger
         (vLLM fills it itself only with enable_logging_iteration_details)."""
         stats = super().make_stats(*args, **kwargs)
-        details = getattr(self, "_iteration", None)
+        details, self._iteration = self._iteration, None  # once per step: no double counting
         if stats is not None and stats.iteration_details is None and details is not None:
             stats.iteration_details = SchedulerIterationDetails(
                 iteration_index=self.current_step,
