@@ -4,6 +4,7 @@ import math
 
 import pytest
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 
 from vllm_prepack.config import PrepackConfigError
 from vllm_prepack.engine import engine_scheduler, run_stepwise
@@ -139,3 +140,27 @@ def test_bad_options_fail_engine_start_naming_the_key(tiny_model, options, messa
     with pytest.raises(PrepackConfigError, match=message):
         build_llm(tiny_model, options, dtype="float32", max_model_len=256,
                   num_gpu_blocks_override=64)
+
+
+@pytest.mark.parametrize("bad, message", [([5] * 600, "maximum context length is 512"),
+                                          ([], "cannot be empty")], ids=["over-long", "empty"])
+def test_bad_prompt_is_refused_and_accepted_ones_complete(engine, tiny_model, bad, message):
+    llm = engine(tiny_model, True, enable_chunked_prefill=True, max_num_batched_tokens=128)
+    prompts = token_ids([40, 90, 15], vocab_size=512, seed=8)
+    expected = generate(llm, prompts)
+    eng = llm.llm_engine
+    ids = [f"ok{i}" for i in range(len(prompts))]
+    try:
+        for rid, p in zip(ids, prompts):
+            eng.add_request(rid, {"prompt_token_ids": p}, GREEDY)
+        eng.step()  # accepted and already running
+        with pytest.raises(VLLMValidationError, match=message):
+            eng.add_request("bad", {"prompt_token_ids": bad}, GREEDY)
+        done = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    done[out.request_id] = list(out.outputs[0].token_ids)
+        assert done == dict(zip(ids, expected))
+    finally:
+        eng.abort_request(ids)  # a shared engine: leave nothing behind on failure
