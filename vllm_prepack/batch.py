@@ -44,13 +44,15 @@ def parse_lines(lines: Iterable[str], default_max_tokens: int, task: str) -> tup
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
+        obj = None
         try:
             obj = json.loads(raw)
             if not isinstance(obj, dict):
                 raise ValueError("a line must be a JSON object")
             item = _item(obj, number, default_max_tokens, task)
         except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-            errors.append(error_record(obj_id(raw, number), number, f"line {number}: {e}"))
+            item_id = obj.get("id", number) if isinstance(obj, dict) else number
+            errors.append(error_record(item_id, number, f"line {number}: {e}"))
             continue
         key = json.dumps(item.id, sort_keys=True, default=str)
         if key in seen:
@@ -59,14 +61,6 @@ def parse_lines(lines: Iterable[str], default_max_tokens: int, task: str) -> tup
         seen.add(key)
         items.append(item)
     return items, errors
-
-
-def obj_id(raw: str, number: int):
-    try:
-        obj = json.loads(raw)
-        return obj.get("id", number) if isinstance(obj, dict) else number
-    except ValueError:
-        return number
 
 
 def _item(obj: dict, number: int, default_max_tokens: int, task: str) -> Item:
@@ -242,10 +236,6 @@ class JobReport:
     replicas: list[dict] = field(default_factory=list)
     retried_chunks: int = 0
     started_at: float = 0.0  # wall clock, to place replica timelines
-
-    @property
-    def makespan_s(self) -> float:
-        return max((r.get("busy_s", 0.0) for r in self.replicas), default=0.0)
 
 
 def estimate_weights(items: list[Item], tokenizer=None) -> None:

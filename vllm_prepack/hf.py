@@ -118,12 +118,16 @@ def packed_inputs(model, prompts, layout: PackedLayout) -> dict:
     return inputs
 
 
+def _where(layout: PackedLayout, i: int, flat: bool) -> tuple[int, int]:
+    """(row, start) of prompt i in the forward's input: the rows laid end to end when flat."""
+    row, start = layout.place[i]
+    return (0, row * layout.width + start) if flat else (row, start)
+
+
 def _last_positions(layout: PackedLayout, flat: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = [], []
-    for i, (row, start) in enumerate(layout.place):
-        end = start + layout.lengths[i] - 1
-        rows.append(0 if flat else row)
-        cols.append(row * layout.width + end if flat else end)
+    where = [_where(layout, i, flat) for i in range(len(layout.lengths))]
+    rows = [row for row, _ in where]
+    cols = [start + n - 1 for (_, start), n in zip(where, layout.lengths)]
     return torch.tensor(rows), torch.tensor(cols)
 
 
@@ -160,9 +164,8 @@ def _split_cache(model, cache, layout: PackedLayout, flat: bool) -> list:
     from transformers import DynamicCache
 
     out = []
-    for i, (row, start) in enumerate(layout.place):
-        if flat:
-            row, start = 0, row * layout.width + start
+    for i in range(len(layout.lengths)):
+        row, start = _where(layout, i, flat)
         end = start + layout.lengths[i]
         own = DynamicCache(config=model.config)
         for layer_idx, (k, v) in enumerate(_layer_tensors(cache)):
@@ -172,7 +175,7 @@ def _split_cache(model, cache, layout: PackedLayout, flat: bool) -> list:
 
 
 def _batch_cache(model, caches: list, lengths: list[int]):
-    """Left-padded batch cache from per-prompt caches (one gather-copy per layer)."""
+    """Left-padded batch cache from per-prompt caches (a slice copy per prompt and layer)."""
     from transformers import DynamicCache
 
     width = max(lengths)
