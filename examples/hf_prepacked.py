@@ -1,4 +1,8 @@
-"""Prepacked prefill with HF transformers (no vLLM needed). Run: python examples/hf_prepacked.py MODEL_DIR"""
+"""Prepacked prefill with HF transformers (no vLLM needed).
+
+Run: python examples/hf_prepacked.py [MODEL_DIR]   (default: the embedded tiny random model)
+On a GPU without the flash-attn package, prefer attn_implementation=hf.register_varlen_attention().
+"""
 
 import sys
 
@@ -20,4 +24,9 @@ def main(model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 1:
+        main(sys.argv[1])
+    else:
+        from vllm_prepack.models import decoder_model
+
+        main(str(decoder_model()))

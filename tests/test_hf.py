@@ -22,12 +22,14 @@ def arch_dir(request, tiny_model, tiny_qwen2):
 
 
 def load(model_dir, impl):
+    if impl == hf.VARLEN_ATTENTION:
+        hf.register_varlen_attention()
     return AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation=impl
     ).eval()
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=["sdpa", "eager", hf.VARLEN_ATTENTION])
 def model(request, arch_dir):
     return load(arch_dir, request.param)
 
@@ -37,17 +39,75 @@ def reference(model, prompt):
         return model(torch.tensor([prompt]), use_cache=True)
 
 
-def test_logits_and_kv_equal_separate_prefills(model):
-    result = hf.prefill(model, PROMPTS)
-    assert len(result.layout.rows) < len(PROMPTS)  # really packed
-    for i, prompt in enumerate(PROMPTS):
-        ref = reference(model, prompt)
+def assert_equals_separate_prefills(model, prompts, same_weights=None):
+    """Logits and every layer's KV equal per-prompt prefills (by `same_weights`, default the
+    model itself), and each prompt's cache decodes on."""
+    same_weights = same_weights or model
+    result = hf.prefill(model, prompts)
+    assert len(result.layout.rows) < len(prompts)  # really packed
+    if hf.attention_kind(model) == "varlen":
+        assert len(result.layout.rows) == 1 and result.layout.padded_tokens == result.layout.real_tokens
+    for i, prompt in enumerate(prompts):
+        ref = reference(same_weights, prompt)
         torch.testing.assert_close(result.logits[i], ref.logits[0, -1], rtol=1e-4, atol=1e-4)
         assert len(result.caches[i].layers) == len(ref.past_key_values.layers)
+        assert result.caches[i].get_seq_length() == len(prompt)
         for ours, theirs in zip(result.caches[i].layers, ref.past_key_values.layers):
+            assert type(ours) is type(theirs)
             assert ours.keys.shape == theirs.keys.shape == ours.values.shape
             torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(ours.values, theirs.values, rtol=1e-4, atol=1e-5)
+        step = torch.tensor([[prompt[0]]])
+        with torch.no_grad():
+            ours = same_weights(step, past_key_values=result.caches[i], use_cache=True).logits
+            theirs = same_weights(step, past_key_values=ref.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    return result
+
+
+def test_logits_and_kv_equal_separate_prefills(model):
+    assert_equals_separate_prefills(model, PROMPTS)
+
+
+def test_prompt_caches_are_views_of_one_buffer(tiny_model):
+    result = hf.prefill(load(tiny_model, "sdpa"), PROMPTS)
+    storages = {layer.keys.untyped_storage().data_ptr()
+                for cache in result.caches for layer in cache.layers}
+    storages |= {layer.values.untyped_storage().data_ptr()
+                 for cache in result.caches for layer in cache.layers}
+    assert len(storages) == 1
+
+
+def test_flex_attention_prefill_on_cpu(arch_dir):
+    """The BlockMask path end to end against sdpa prefills of the same weights. Only the packed
+    forward runs flex: this CPU torch's inductor miscompiles flex for other shapes (decoding)."""
+    assert_equals_separate_prefills(load(arch_dir, "flex_attention"), PROMPTS,
+                                    same_weights=load(arch_dir, "sdpa"))
+
+
+@pytest.fixture(scope="module")
+def mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128, vocab_size=512,
+                           sliding_window=32, initializer_range=0.2, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    return MistralForCausalLM(config).eval()
+
+
+def test_sliding_window_model(mistral):
+    """Sliding-window caches are cut like the model's own; decoding runs past the window."""
+    result = assert_equals_separate_prefills(mistral, PROMPTS)
+    assert type(result.caches[0].layers[0]).__name__ == "DynamicSlidingWindowLayer"
+    new = hf.generate(mistral, PROMPTS, max_new_tokens=20, eos_token_id=[])
+    for prompt, tokens in zip(PROMPTS, new):
+        ref = mistral.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                               eos_token_id=None)
+        assert tokens == ref[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="prompt 1 has 33 tokens, over the model's sliding window of 32"):
+        hf.prefill(mistral, [[5], [5] * 33])
 
 
 def test_greedy_generation_identical_to_per_prompt_generate(model):
@@ -134,31 +194,41 @@ def test_flex_block_mask_equals_block_diagonal_mask(tiny_model):
     assert torch.equal(block.mask_mod(b, None, q, kv), dense[:, 0])
 
 
-def test_varlen_arguments_describe_every_sequence(tiny_model):
-    model = load(tiny_model, "sdpa")
-    layout = PackedLayout.build([len(p) for p in PROMPTS])
-    model.config._attn_implementation = "flash_attention_2"
-    try:
-        inputs = hf.packed_inputs(model, PROMPTS, layout)
-    finally:
-        model.config._attn_implementation = "sdpa"
+def test_varlen_gets_one_unpadded_row_and_every_boundary(tiny_model):
+    model = load(tiny_model, hf.VARLEN_ATTENTION)
+    lengths = [len(p) for p in PROMPTS]
+    layout = hf.packed_layout(model, lengths, capacity=30)  # rows are for masks: ignored
+    inputs = hf.packed_inputs(model, PROMPTS, layout)
+    assert "attention_mask" not in inputs
+    assert inputs["input_ids"].shape == (1, sum(lengths))
     cu = inputs["cu_seq_lens_q"].tolist()
-    assert inputs["input_ids"].shape == (1, layout.padded_tokens) and cu[-1] == layout.padded_tokens
+    assert [b - a for a, b in zip(cu, cu[1:])] == [lengths[i] for i in layout.rows[0]]
     pos = inputs["position_ids"][0].tolist()
     assert all(pos[start] == 0 for start in cu[:-1])  # positions restart at every boundary
-    assert inputs["max_length_q"] == max(b - a for a, b in zip(cu, cu[1:]))
+    assert inputs["max_length_q"] == max(lengths)
+    with pytest.raises(ValueError, match="varlen attention takes one unpadded row"):
+        hf.packed_inputs(model, PROMPTS, PackedLayout.build(lengths))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex/flash attention kernels need a CUDA GPU")
-@pytest.mark.parametrize("impl", ["flex_attention", "sdpa"])
-def test_gpu_packed_prefill_matches(tiny_model, impl):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex decoding and CUDA kernels need a CUDA GPU")
+@pytest.mark.parametrize("impl, dtype", [("flex_attention", torch.float32), ("sdpa", torch.float32),
+                                         (hf.VARLEN_ATTENTION, torch.bfloat16)])
+def test_gpu_packed_prefill_and_generate(tiny_model, impl, dtype):
+    """On CUDA in bf16, prepack_varlen runs torch's flash varlen kernel (CPU runs the reference)."""
+    if impl == hf.VARLEN_ATTENTION:
+        hf.register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_model, dtype=torch.float32, attn_implementation=impl).cuda().eval()
+        tiny_model, dtype=dtype, attn_implementation=impl).cuda().eval()
+    tolerance = 1e-3 if dtype == torch.float32 else 3e-2
     result = hf.prefill(model, PROMPTS)
+    new = hf.generate(model, PROMPTS, max_new_tokens=5, eos_token_id=[])
     for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([prompt], device="cuda")
         with torch.no_grad():
-            ref = model(torch.tensor([prompt], device="cuda")).logits[0, -1]
-        torch.testing.assert_close(result.logits[i], ref, rtol=1e-3, atol=1e-3)
+            ref = model(ids).logits[0, -1].float()
+        torch.testing.assert_close(result.logits[i], ref, rtol=tolerance, atol=tolerance)
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None)
+        assert new[i] == ref[0, len(prompt):].tolist()
 
 
 @settings(max_examples=100, deadline=None)
@@ -177,8 +247,31 @@ def test_layout_positions_and_boundaries(lengths, extra):
 
 
 def test_hf_path_imports_without_vllm():
+    """The GPU machine has neither vLLM nor Ray: the HF path and `bench hf` must not need them."""
     code = (
-        "import sys, vllm_prepack, vllm_prepack.hf, vllm_prepack.packing; "
-        "assert not [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')], 'vllm imported'"
+        "import sys; sys.modules.update(vllm=None, ray=None); "
+        "import vllm_prepack, vllm_prepack.hf, vllm_prepack.packing, vllm_prepack.bench.hf; "
+        "from vllm_prepack import cli; cli.main(['bench', 'hf', '--help'])"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--attn" in done.stdout
+
+
+def test_bench_hf_on_cpu(tmp_path):
+    """The benchmark GPU sessions run: every variant measured, fp32 first tokens agree."""
+    from vllm_prepack import cli
+    from vllm_prepack.bench.hf import COLUMNS
+
+    out = tmp_path / "hf.md"
+    assert cli.main(["bench", "hf", "--models", "tiny", "--workloads", "mmlu", "--batches", "4", "8",
+                     "--repeats", "1", "--out", str(out)]) == 0
+    lines = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| 8 |")]
+    rows = {cells[1].strip(): dict(zip(COLUMNS, (c.strip() for c in cells))) for cells in lines}
+    assert list(rows) == ["padded", "length-ordered", "prepacked", "one row", "packed forward only",
+                          "FLOP floor"]
+    for name in ["padded", "length-ordered", "prepacked", "one row"]:
+        assert rows[name]["first tokens = padded"] == "8/8"
+        assert float(rows[name]["prefill ms"].replace(",", "")) > 0
+        assert float(rows[name]["TTFT ms"].replace(",", "")) > 0
+    assert float(rows["padded"]["prefill speedup"]) == 1

@@ -2,26 +2,31 @@
 
 Per batch of prompts (seeded synthetic lengths shaped like the paper's datasets), side by side
 in one process on one device:
-- padded: HF's default, one right-padded batch with a 2D attention mask;
+- padded: HF's default, one left-padded batch with a 2D attention mask;
 - length-ordered: the same prompts sorted by length, as 4 padded sub-batches;
-- prepacked: ``vllm_prepack.hf.prefill`` (FFD rows, block-diagonal attention);
-- one row: the same, all prompts in a single unpadded row;
+- prepacked: ``vllm_prepack.hf`` (FFD rows, block-diagonal attention; one row with varlen);
+- one row: the same, all prompts in a single unpadded row (with sdpa: one dense S x S mask);
+- packed forward only: the prepacked forward on prebuilt inputs (its gap to prepacked is the
+  packing + unpacking overhead);
 - FLOP floor: 2 x linear-layer parameters x real tokens / the device's measured GEMM rate.
-Prefill = the forward with a KV cache and last-token logits; TTFT adds building the inputs,
-splitting the caches and picking the first token; memory is the CUDA peak above the weights
-(not reported on CPU). Medians of --repeats runs after a warm-up.
+prefill: token ids in, per-prompt KV caches (padded: the batch cache) and last-token logits out.
+TTFT: token ids in, first new token of every prompt on the host out: HF's ``model.generate(...,
+max_new_tokens=1)`` for padding, ``vllm_prepack.hf.generate(..., max_new_tokens=1)`` for packing.
+Memory is the CUDA peak of the prefill above what was allocated before it (not measured on CPU).
+Medians of --repeats runs after a warm-up; a variant that runs out of memory reads OOM.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from vllm_prepack import hf
 from vllm_prepack.bench.report import header, table
-from vllm_prepack.packing import PackedLayout
 from vllm_prepack.workloads import SHAPES, batch_ratio, prompt_lengths, token_ids
 
 MODEL_SHAPES = {
@@ -30,6 +35,7 @@ MODEL_SHAPES = {
     "sheared-1.3b": (2048, 24, 16, 16, 5504, 32000),
     "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
 }
+LENGTH_GROUPS = 4  # sub-batches of the length-ordered baseline
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype, attn: str):
@@ -39,10 +45,11 @@ def build_model(shape: str, device: str, dtype: torch.dtype, attn: str):
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
                          max_position_embeddings=4096, pad_token_id=0)
-    config._attn_implementation = attn
+    if attn == hf.VARLEN_ATTENTION:
+        hf.register_varlen_attention()
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    with torch.device(device):  # random init in place, in the target dtype
+        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
     return model.eval()
 
 
@@ -51,50 +58,81 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _measure(fn, device: str, repeats: int) -> tuple[float, float]:
-    """Median seconds and peak bytes above the starting allocation."""
-    fn()  # warm-up (and compilation for flex)
-    _sync(device)
-    times, peak = [], float("nan")
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+@dataclass
+class Measured:
+    seconds: float  # median
+    peak: float  # bytes above the starting allocation (nan off CUDA)
+    result: object  # what the last run returned
+
+
+def _measure(fn, device: str, repeats: int) -> Measured | None:
+    """Median time and peak memory of `fn`; None when it runs out of memory."""
+    cuda = device.startswith("cuda")
+    try:
+        fn()  # warm-up (and compilation for flex)
         _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-        if device.startswith("cuda"):
-            peak = torch.cuda.max_memory_allocated() - base
-    return statistics.median(times), peak
+        times, peak = [], float("nan")
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            _sync(device)
+            t = time.perf_counter()
+            result = fn()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+            if cuda:
+                peak = torch.cuda.max_memory_allocated() - base
+        return Measured(statistics.median(times), peak, result)
+    except torch.OutOfMemoryError:
+        if cuda:
+            torch.cuda.empty_cache()
+        return None
+
+
+def _left_padded(model, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask as HF batches prompts for generation (left padding)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), model.config.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids.to(model.device), mask.to(model.device)
 
 
 @torch.inference_mode()
 def padded_prefill(model, prompts) -> torch.Tensor:
-    """HF default: right-padded batch, 2D mask, KV cache, last-token logits only."""
+    """HF padded prefill: batch KV cache and last-token logits (positions as generate sets them)."""
     from transformers import DynamicCache
 
-    width = max(map(len, prompts))
-    pad = model.config.pad_token_id or 0
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-        mask[i, : len(p)] = 1
-    ids, mask = ids.to(model.device), mask.to(model.device)
+    ids, mask = _left_padded(model, prompts)
     hidden = model.base_model(input_ids=ids, attention_mask=mask,
+                              position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                               past_key_values=DynamicCache(config=model.config),
                               use_cache=True).last_hidden_state
-    last = torch.tensor([len(p) - 1 for p in prompts], device=model.device)
-    return model.get_output_embeddings()(hidden[torch.arange(len(prompts)), last]).argmax(-1)
+    return model.get_output_embeddings()(hidden[:, -1]).float()
 
 
-def length_ordered(model, prompts, groups: int = 4) -> list:
+@torch.inference_mode()
+def padded_first_tokens(model, prompts) -> list[int]:
+    """HF's default path: model.generate on the left-padded batch, one new token."""
+    ids, mask = _left_padded(model, prompts)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                         pad_token_id=model.config.pad_token_id or 0)
+    return out[:, -1].tolist()
+
+
+def length_ordered(fn, prompts) -> list:
+    """`fn` over LENGTH_GROUPS sub-batches of the prompts sorted by length, in input order."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    size = -(-len(order) // groups)
-    return [padded_prefill(model, [prompts[i] for i in order[k : k + size]])
-            for k in range(0, len(order), size)]
+    size = -(-len(order) // LENGTH_GROUPS)
+    out = [None] * len(prompts)
+    for k in range(0, len(order), size):
+        group = order[k : k + size]
+        for i, value in zip(group, fn([prompts[i] for i in group])):
+            out[i] = value
+    return out
 
 
 @torch.inference_mode()
@@ -108,48 +146,73 @@ def gemm_rate(device: str, dtype: torch.dtype) -> float:
     """Measured FLOP/s of a large square matmul on this device."""
     n = 8192 if device.startswith("cuda") else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
-    seconds, _ = _measure(lambda: a @ a, device, 5)
-    return 2 * n**3 / seconds
+    return 2 * n**3 / _measure(lambda: a @ a, device, 5).seconds
 
 
 def linear_params(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def first_tokens(model, prompts, capacity: int | None = None) -> list[int]:
+    return [t[0] for t in hf.generate(model, prompts, max_new_tokens=1, eos_token_id=[],
+                                      capacity=capacity)]
+
+
 def run_batch(model, prompts, device: str, repeats: int, rate: float) -> list[dict]:
     lengths = [len(p) for p in prompts]
-    layout = PackedLayout.build(lengths)
-    packed_inputs = hf.packed_inputs(model, prompts, layout)
-    variants = {
-        "padded": lambda: padded_prefill(model, prompts),
-        "length-ordered": lambda: length_ordered(model, prompts),
-        "prepacked": lambda: hf.prefill(model, prompts).logits.argmax(-1),
-        "one row": lambda: hf.prefill(model, prompts, capacity=sum(lengths)).logits.argmax(-1),
+    layout = hf.packed_layout(model, lengths)
+    one_row = sum(lengths)
+    variants = {  # name: (prefill, first tokens on the host)
+        "padded": (lambda: padded_prefill(model, prompts),
+                   lambda: padded_first_tokens(model, prompts)),
+        "length-ordered": (lambda: length_ordered(lambda p: padded_prefill(model, p), prompts),
+                           lambda: length_ordered(lambda p: padded_first_tokens(model, p), prompts)),
+        "prepacked": (lambda: hf.prefill(model, prompts),
+                      lambda: first_tokens(model, prompts)),
+        "one row": (lambda: hf.prefill(model, prompts, capacity=one_row),
+                    lambda: first_tokens(model, prompts, capacity=one_row)),
     }
-    results = {name: _measure(fn, device, repeats) for name, fn in variants.items()}
-    forward, _ = _measure(lambda: packed_forward_only(model, packed_inputs), device, repeats)
-    floor = 2 * linear_params(model) * sum(lengths) / rate
-    padded_time, padded_peak = results["padded"]
+    prefill = {name: _measure(fns[0], device, repeats) for name, fns in variants.items()}
+    ttft = {name: _measure(fns[1], device, repeats) for name, fns in variants.items()}
+    inputs = hf.packed_inputs(model, prompts, layout)
+    prefill["packed forward only"] = _measure(lambda: packed_forward_only(model, inputs), device, repeats)
     padding_ratio = max(lengths) * len(lengths) / sum(lengths)
+
+    def ratio(a: Measured | None, b: Measured | None, field: str = "seconds") -> float:
+        return getattr(a, field) / getattr(b, field) if a and b else float("nan")
+
+    def ms(m: Measured | None) -> float | str:
+        return 1e3 * m.seconds if m else "OOM"
+
+    baseline = ttft["padded"]
     rows = []
-    for name, (seconds, peak) in results.items():
-        rows.append({
+    for name, measured in prefill.items():
+        row = {
             "variant": name,
-            "TTFT ms": 1e3 * seconds,
-            "speedup vs padded": padded_time / seconds,
-            "of padding ratio": padded_time / seconds / padding_ratio,
-            "peak MiB": peak / 2**20,
-            "memory vs padded": peak / padded_peak,
-        })
-    rows.append({"variant": "packed forward only", "TTFT ms": 1e3 * forward,
-                 "speedup vs padded": padded_time / forward,
-                 "of padding ratio": padded_time / forward / padding_ratio})
-    rows.append({"variant": "FLOP floor", "TTFT ms": 1e3 * floor})
-    overhead = (results["prepacked"][0] - forward) / results["prepacked"][0]
+            "prefill ms": ms(measured),
+            "prefill speedup": ratio(prefill["padded"], measured),
+            "of padding ratio": ratio(prefill["padded"], measured) / padding_ratio,
+            "peak MiB": measured.peak / 2**20 if measured else float("nan"),
+            "memory vs padded": ratio(measured, prefill["padded"], "peak"),
+        }
+        if name in ttft:
+            timed = ttft[name]
+            row.update({"TTFT ms": ms(timed), "TTFT speedup": ratio(baseline, timed)})
+            if timed and baseline:  # bf16 may flip near-ties between different kernels
+                same = sum(a == b for a, b in zip(timed.result, baseline.result))
+                row["first tokens = padded"] = f"{same}/{len(prompts)}"
+        rows.append(row)
+    rows.append({"variant": "FLOP floor", "prefill ms": 2e3 * linear_params(model) * one_row / rate})
+    overhead = ratio(prefill["prepacked"], prefill["packed forward only"]) - 1
     for row in rows:
         row.update({"batch": len(prompts), "padding ratio": padding_ratio,
                     "rows": len(layout.rows), "pack+unpack overhead": overhead})
     return rows
+
+
+COLUMNS = ["batch", "variant", "prefill ms", "prefill speedup", "of padding ratio", "TTFT ms",
+           "TTFT speedup", "peak MiB", "memory vs padded", "first tokens = padded",
+           "padding ratio", "rows", "pack+unpack overhead"]
 
 
 def main(args) -> str:
@@ -167,14 +230,15 @@ def main(args) -> str:
                 lengths = prompt_lengths(workload, batch, seed=args.seed, max_len=1024)
                 prompts = token_ids(lengths, vocab_size=model.config.vocab_size, seed=args.seed)
                 rows += run_batch(model, prompts, device, args.repeats, rate)
+                print(f"bench hf: {shape} {workload} batch {batch} done", file=sys.stderr, flush=True)
             parts.append(
                 f"**{shape}, {workload} (synthetic; batch max/mean ratio at "
                 f"{SHAPES[workload].at_batch}: {batch_ratio(prompt_lengths(workload, 6400), SHAPES[workload].at_batch):.2f}), "
                 f"{device} {str(dtype).removeprefix('torch.')}, attention {args.attn}, median of {args.repeats}**\n\n"
-                + table(rows, ["batch", "variant", "TTFT ms", "speedup vs padded", "of padding ratio",
-                               "peak MiB", "memory vs padded", "padding ratio", "rows",
-                               "pack+unpack overhead"])
+                + table(rows, COLUMNS)
             )
+            if args.out:  # what is done so far survives a time limit
+                args.out.write_text("\n".join(parts))
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -186,7 +250,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"])
     parser.add_argument("--models", nargs="+", choices=list(MODEL_SHAPES))
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention", "eager"])
+    parser.add_argument("--attn", default="sdpa",
+                        choices=["sdpa", "flex_attention", hf.VARLEN_ATTENTION, "eager"],
+                        help=f"{hf.VARLEN_ATTENTION}: torch's varlen flash kernel for the packed "
+                             "forward, sdpa for everything else")
     parser.add_argument("--workloads", nargs="+", default=["mmlu", "alpaca"], choices=list(SHAPES))
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--repeats", type=int, default=5)
