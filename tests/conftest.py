@@ -59,3 +59,32 @@ def engine():
         return _ENGINES[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(model_root, tiny_model):
+    """Two random-weight LoRA adapters (PEFT format, rank 8, q/v projections) for TINY."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    def adapter(name, seed, rank=8):
+        path = model_root / name
+        path.mkdir()
+        gen = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for layer in range(TINY.num_hidden_layers):
+            for proj in ("q_proj", "v_proj"):
+                prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, TINY.hidden_size, generator=gen)
+                tensors[f"{prefix}.lora_B.weight"] = torch.randn(TINY.hidden_size, rank, generator=gen)
+        save_file({k: v * 0.5 for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 16,
+            "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "base_model_name_or_path": tiny_model,
+        }))
+        return str(path)
+
+    return [adapter("lora-a", 1), adapter("lora-b", 2)]

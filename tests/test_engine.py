@@ -164,3 +164,37 @@ def test_bad_prompt_is_refused_and_accepted_ones_complete(engine, tiny_model, ba
         assert done == dict(zip(ids, expected))
     finally:
         eng.abort_request(ids)  # a shared engine: leave nothing behind on failure
+
+
+def test_lora_limit_is_planned_and_outputs_match_plain_vllm(engine, tiny_model, lora_adapters):
+    """max_loras=1 with two adapters interleaved: every step's plan holds one adapter, so vLLM
+    admits all of it; outputs equal plain vLLM's. (Requests without an adapter are left out:
+    vLLM 0.32's CPU LoRA path gives them batch-dependent outputs, with or without the plugin.)"""
+    from vllm.lora.request import LoRARequest
+
+    prompts = token_ids(prompt_lengths("bimodal", 16, seed=9, max_len=400), vocab_size=512, seed=9)
+    adapters = [LoRARequest(f"lora-{i}", i + 1, path) for i, path in enumerate(lora_adapters)]
+    per_prompt = [adapters[i % 2] for i in range(len(prompts))]
+    kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=512, enable_lora=True,
+              max_loras=1, max_lora_rank=8)
+
+    def run(llm):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY,
+                            lora_request=per_prompt, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    packed_llm = engine(tiny_model, True, **kw)
+    stats = engine_scheduler(packed_llm).prepack_stats
+    stats.keep_history, stats.history = True, []
+    try:
+        packed = run(packed_llm)
+    finally:
+        stats.keep_history = False
+    assert packed == run(engine(tiny_model, False, **kw))
+    base = generate(engine(tiny_model, False, enable_chunked_prefill=False, max_num_batched_tokens=512),
+                    prompts)
+    assert sum(a != b for a, b in zip(packed, base)) >= len(prompts) // 2  # adapters are applied
+    planned = [record for record in stats.history if record.planned]
+    assert len(planned) > 2
+    for record in planned:  # a plan with two adapters would see vLLM skip one of them
+        assert {p.key for p in record.planned} <= set(record.scheduled_new)
