@@ -16,8 +16,10 @@ def test_defaults_when_absent():
 
 
 def test_values_are_parsed_and_typed():
-    c = parse({"aging_steps": None, "aging_seconds": 2, "max_swaps": 0, "debug_layout": True})
+    c = parse({"aging_steps": None, "aging_seconds": 2, "max_swaps": 0, "debug_layout": True,
+               "aging_drain_factor": None})
     assert c.aging_steps is None and c.aging_seconds == 2.0 and isinstance(c.aging_seconds, float)
+    assert c.aging_drain_factor is None and PrepackConfig().aging.drain_factor == 1.0
     assert c.max_swaps == 0
     assert c.debug_layout and c.record_layout  # checking the layout needs recording it
     assert c.aging.steps is None and c.aging.seconds == 2.0
@@ -32,11 +34,13 @@ def test_values_are_parsed_and_typed():
         ({"aging_seconds": 0}, r"\['aging_seconds'\] must be positive"),
         ({"aging_seconds": -1.0}, r"\['aging_seconds'\] must be positive"),
         ({"aging_seconds": "1"}, r"\['aging_seconds'\] must be a number"),
+        ({"aging_drain_factor": 0}, r"\['aging_drain_factor'\] must be positive"),
+        ({"aging_drain_factor": "1"}, r"\['aging_drain_factor'\] must be a number"),
         ({"max_swaps": -1}, r"\['max_swaps'\] must be >= 0"),
         ({"max_swaps": None}, r"\['max_swaps'\] may not be null"),
         ({"min_chunk_tokens": -5}, r"\['min_chunk_tokens'\] must be >= 0"),
         ({"debug_layout": "yes"}, r"\['debug_layout'\] must be true or false"),
-        ({"nope": 1, "aging": 2}, r"unknown option\(s\) 'aging', 'nope'.*known options: aging_seconds"),
+        ({"nope": 1, "aging": 2}, r"unknown option\(s\) 'aging', 'nope'.*known options: aging_drain_factor, aging_seconds"),
     ],
 )
 def test_bad_values_name_the_key(options, message):

@@ -128,6 +128,27 @@ def test_aged_requests_go_first_oldest_first(lengths, aging, budget, chunked):
             assert key in picked or n > left + 1, f"aged request {key} fitted in young's place"
 
 
+@settings(max_examples=150, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(1, 200), st.integers(0, 30)), min_size=1, max_size=40),
+       factor=st.floats(0.25, 4), budget=st.integers(200, 600), used=st.integers(0, 100),
+       chunked=st.booleans())
+def test_drain_aging_is_relative_to_the_queue(entries, factor, budget, used, chunked):
+    """A request is aged once it has waited factor x (waiting tokens / step budget) steps."""
+    ws = WaitingSet(aging=AgingBound(drain_factor=factor))
+    for key, (n, admitted) in enumerate(sorted(entries, key=lambda e: e[1])):
+        ws.add(Entry(key=key, length=n, step=admitted))
+    step = 31
+    drain = sum(n for n, _ in entries) / (budget + used)
+    aged = {key for key, (_, admitted) in enumerate(sorted(entries, key=lambda e: e[1]))
+            if step - admitted >= factor * drain}
+    picks = ws.plan(StepLimits(budget=budget, seats=1000, chunked_prefill=chunked, used_tokens=used),
+                    step=step)
+    assert {p.key for p in picks if p.reason == "aged"} <= aged
+    if 0 in aged:
+        assert picks[0].key == 0  # the oldest goes first (whole, or as a chunk)
+    assert ws.first(step) == (0 if 0 in aged else min(ws, key=lambda k: (ws._entries[k].length, k)))
+
+
 def test_aged_request_that_does_not_fit_blocks_the_step():
     ws = WaitingSet(aging=AgingBound(steps=2))
     ws.add(Entry(key="old", length=90, step=0))

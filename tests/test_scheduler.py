@@ -30,7 +30,9 @@ def test_picks_the_right_base_and_packs(tiny_model, async_scheduling):
     for i, n in enumerate([200, 30, 100, 250, 20]):
         s.add_request(make_request(f"r{i}", n))
     steps = [step for step in drain(s) if step]
-    assert steps == [{"r4": 20, "r1": 30, "r0": 200}, {"r3": 250}, {"r2": 100}]
+    # step 1 packs 20+30+200 (FCFS: 200+30, then stops at 100); by step 2 the two left have
+    # waited 2 steps, longer than their 350 tokens take to drain (1.4 steps): aged, oldest first
+    assert steps == [{"r4": 20, "r1": 30, "r0": 200}, {"r2": 100}, {"r3": 250}]
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
@@ -91,3 +93,23 @@ def test_plan_follows_running_budget(tiny_model):
     out = s.schedule()
     assert s.prepack_stats.last.budget == 255  # 256 minus one decode token
     assert set(out.num_scheduled_tokens) == {"long-running", "w1", "w2"}  # 200 + 55 = 255
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked-prefill", "whole-prompts"])
+def test_drain_aging_keeps_the_tail_near_fcfs_under_arrivals(tiny_model, chunked):
+    """Poisson arrivals at 0.95 of the budget (steps, not seconds): shortest-first alone
+    stretches p99 TTFT well past FCFS; the default queue-relative aging keeps it near FCFS
+    while mean TTFT still drops."""
+    from vllm_prepack.bench.report import summary
+    from vllm_prepack.bench.scheduler import poisson_arrivals, simulate
+    from vllm_prepack.workloads import prompt_lengths
+
+    lengths = prompt_lengths("mmlu", 600, seed=4, max_len=1023)
+    submit = poisson_arrivals(lengths, 1024, 0.95, seed=4)
+    ttft = {name: summary(simulate(tiny_model, lengths, name != "fcfs", 1024, chunked, submit,
+                                   options).ttft_steps)
+            for name, options in [("fcfs", None), ("default", {}),
+                                  ("fixed bound only", {"aging_drain_factor": None})]}
+    assert ttft["default"]["p99"] <= 1.25 * ttft["fcfs"]["p99"]
+    assert ttft["default"]["mean"] < 0.9 * ttft["fcfs"]["mean"]
+    assert ttft["fixed bound only"]["p99"] > 1.25 * ttft["fcfs"]["p99"]

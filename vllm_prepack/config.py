@@ -22,6 +22,11 @@ class PrepackConfig:
     aging_steps / aging_seconds: a waiting request older than this goes first (FCFS among
         such requests), whatever its length. None switches that bound off; at least one should
         stay on under sustained load, or a long prompt can wait behind short ones indefinitely.
+    aging_drain_factor: a request also ages once it has waited this many times the steps the
+        whole waiting queue needs (waiting tokens / step budget), about what FCFS would make a
+        newcomer wait. Fixed bounds sit far above FCFS waits under steady arrivals, where
+        shortest-first alone would stretch the tail (p99 TTFT up to 3x FCFS measured at load
+        0.95); 1.0 keeps it within about 1.2x at a small cost to mean TTFT. None: off.
     max_swaps: best-fit exchanges per step (policy step c); 0 gives pure shortest-first.
     min_chunk_tokens: never start a prefill chunk smaller than this, except to fill a CUDA-graph
         padding gap (those tokens are computed anyway).
@@ -32,6 +37,7 @@ class PrepackConfig:
 
     aging_steps: int | None = 64
     aging_seconds: float | None = None
+    aging_drain_factor: float | None = 1.0
     max_swaps: int = 4
     min_chunk_tokens: int = 0
     cuda_graph_topup: bool = True
@@ -40,7 +46,7 @@ class PrepackConfig:
 
     @property
     def aging(self) -> AgingBound:
-        return AgingBound(self.aging_steps, self.aging_seconds)
+        return AgingBound(self.aging_steps, self.aging_seconds, self.aging_drain_factor)
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> PrepackConfig:
@@ -71,6 +77,7 @@ class PrepackConfig:
 _KINDS: dict[str, tuple[type, float | None, bool]] = {
     "aging_steps": (int, 1, True),
     "aging_seconds": (float, 0, True),
+    "aging_drain_factor": (float, 0, True),
     "max_swaps": (int, 0, False),
     "min_chunk_tokens": (int, 0, False),
     "cuda_graph_topup": (bool, None, False),

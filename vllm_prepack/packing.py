@@ -8,7 +8,7 @@ The per-step policy (``WaitingSet.plan``), for one priority level at a time:
 
 (a) *pinned* requests (resumed after preemption, or deferred by vLLM) keep their place at the
     front; then the oldest request past the aging bound, then the other aged ones first-fit in
-    age order;
+    age order (the bound: fixed steps or seconds, or relative to the queue's drain time);
 (b) whole prompts, shortest remaining first (SPT: lowest mean time to first token);
 (c) best-fit exchange: where the leftover cannot be chunked (chunked prefill off, or under
     min_chunk_tokens), the last short picks are swapped for the longest whole prompt that fits
@@ -75,12 +75,21 @@ class StepLimits:
 
 @dataclass(frozen=True, slots=True)
 class AgingBound:
+    """When a waiting request has waited long enough to go first. `drain_factor` makes the
+    bound relative to the queue: a wait of drain_factor x the steps the waiting tokens need
+    (what first-come-first-served would roughly make it wait), so it tightens under light
+    load, where a fixed bound is far above any FCFS wait, and loosens under a deep backlog."""
+
     steps: int | None = None
     seconds: float | None = None
+    drain_factor: float | None = None
 
-    def expired(self, entry: Entry, step: int, now: float) -> bool:
-        return (self.steps is not None and step - entry.step >= self.steps) or (
-            self.seconds is not None and now - entry.time >= self.seconds
+    def expired(self, entry: Entry, step: int, now: float, drain_steps: float = 0.0) -> bool:
+        waited = step - entry.step
+        return (
+            (self.steps is not None and waited >= self.steps)
+            or (self.seconds is not None and now - entry.time >= self.seconds)
+            or (self.drain_factor is not None and waited >= self.drain_factor * drain_steps)
         )
 
 
@@ -112,6 +121,8 @@ class WaitingSet:
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
         self._seq = 0
+        self._tokens = 0  # sum of waiting lengths (the queue's drain time)
+        self._drain = 0.0  # the last plan's drain time in steps, for first()
 
     # ---- membership -------------------------------------------------------------------------
 
@@ -148,9 +159,11 @@ class WaitingSet:
             level.fifo[entry.key] = entry
             level.by_length.add((entry.length, entry.seq, entry.key))
         self._entries[entry.key] = entry
+        self._tokens += entry.length
 
     def remove(self, key: Key) -> Entry:
         entry = self._entries.pop(key)
+        self._tokens -= entry.length
         level = self._levels[entry.priority]
         if entry.pinned:
             level.pinned.remove(entry)
@@ -175,7 +188,7 @@ class WaitingSet:
         if level.pinned:
             return level.pinned[0].key
         oldest = next(iter(level.fifo.values()))
-        if self.aging.expired(oldest, step, now):
+        if self.aging.expired(oldest, step, now, self._drain):
             return oldest.key
         return level.by_length[0][2]
 
@@ -191,6 +204,7 @@ class WaitingSet:
     def plan(self, limits: StepLimits, step: int = 0, now: float = 0.0) -> list[Pick]:
         """Choose this step's prefills. Pure: the set is not changed."""
         planner = _Planner(limits)
+        self._drain = self._tokens / max(1, limits.budget + limits.used_tokens)
         for priority in self._priorities:
             level = self._levels[priority]
             before = planner.whole_picks
@@ -229,7 +243,7 @@ class WaitingSet:
         """
         misses = 0
         for index, entry in enumerate(level.fifo.values()):
-            if not self.aging.expired(entry, step, now):
+            if not self.aging.expired(entry, step, now, self._drain):
                 return
             if index == 0 or p.limits.chunked_prefill:  # chunks pack aged FCFS perfectly
                 if not p.take_in_order(entry, "aged"):

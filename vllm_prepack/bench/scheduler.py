@@ -2,7 +2,8 @@
 
 Three parts, each a ratio against plain vLLM measured in the same process:
 1. synthetic backlogs on vLLM's real scheduler, driven without a model (forward steps, the lower
-   bound ceil(prompt tokens / budget), time to first token in steps, scheduler time per step);
+   bound ceil(prompt tokens / budget), time to first token in steps, scheduler time per step),
+   and the same under Poisson arrivals at several offered loads;
 2. scheduler time per step with 1k, 10k and 100k waiting requests;
 3. real engines on CPU: an all-MiniLM-L6-v2 embedding job (chunked prefill off) and generation
    on a random-weight ~100M-parameter Llama (chunked prefill on), short and long outputs.
@@ -12,6 +13,8 @@ Steps are reported as steps and seconds as seconds; none is converted into the o
 from __future__ import annotations
 
 import gc
+import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,25 +83,34 @@ def comparison_rows(label: str, plain: Outcome, packed: Outcome, lb: int, **extr
 # ---- 1. synthetic backlogs, engine-free ----------------------------------------------------
 
 
-def simulate(model_dir, lengths, prepack: bool, budget: int, chunked: bool) -> Outcome:
+def simulate(model_dir, lengths, prepack: bool, budget: int, chunked: bool,
+             arrivals: list[int] | None = None, options: dict | None = None) -> Outcome:
+    """Drive vLLM's scheduler without a model. `arrivals[i]`: the step at which request i is
+    submitted (default: all at step 1, a backlog). TTFT counts steps from submission.
+    `options`: the plugin's options (additional_config["prepack"])."""
     from vllm_prepack.scheduler import fake_step, make_request, standalone_scheduler
 
     scheduler = standalone_scheduler(
         model_dir, prepack=prepack, budget=budget, max_model_len=budget,
         chunked_prefill=chunked, max_num_seqs=1024, num_blocks=1_000_000,
+        additional_config={"prepack": options or {}},
     )
-    for i, n in enumerate(lengths):
-        scheduler.add_request(make_request(str(i), n))
-    first, sched_s, step = {}, [], 0
-    while scheduler.has_requests():
+    arrivals = arrivals or [1] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: arrivals[i])
+    submitted, first, sched_s, step = 0, {}, [], 0
+    while submitted < len(order) or scheduler.has_requests():
         step += 1
-        if step > 20 * len(lengths):
+        if step > 20 * len(lengths) + max(arrivals):
             raise RuntimeError(f"simulation made no progress after {step} steps")
+        while submitted < len(order) and arrivals[order[submitted]] <= step:
+            i = order[submitted]
+            scheduler.add_request(make_request(str(i), lengths[i]))
+            submitted += 1
         t = time.perf_counter()
         out = scheduler.schedule()
         sched_s.append(time.perf_counter() - t)
-        for req_id in fake_step(scheduler, out):
-            first[req_id] = step
+        for req_id in fake_step(scheduler, out):  # max_tokens=1: finishing is the first token
+            first[req_id] = step - arrivals[int(req_id)] + 1
     return Outcome(step, list(first.values()), [], sched_s)
 
 
@@ -122,6 +134,39 @@ def synthetic(model_dir, n: int, budget: int, seed: int) -> str:
                            "TTFT mean (steps)", "p50", "p99", "sched ms/step"])
         )
     return "\n".join(out)
+
+
+def poisson_arrivals(lengths: list[int], budget: int, load: float, seed: int) -> list[int]:
+    """Submission steps of a Poisson process offering `load` x the budget in prompt tokens."""
+    rng = random.Random(f"arrivals:{seed}")
+    rate = load * budget / statistics.fmean(lengths)  # requests per step
+    t, steps = 0.0, []
+    for _ in lengths:
+        t += rng.expovariate(rate)
+        steps.append(int(t) + 1)
+    return steps
+
+
+def arrivals(model_dir, n: int, budget: int, seed: int, loads: list[float]) -> str:
+    rows = []
+    for chunked in (False, True):
+        for name in ("mmlu", "bimodal"):
+            lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
+            for load in loads:
+                submit = poisson_arrivals(lengths, budget, load, seed)
+                plain = simulate(model_dir, lengths, False, budget, chunked, submit)
+                packed = simulate(model_dir, lengths, True, budget, chunked, submit)
+                label = f"{name}, load {load:g}, chunked {'on' if chunked else 'off'}"
+                rows += comparison_rows(label, plain, packed, lower_bound_steps(lengths, budget))
+    return (
+        f"**Arrivals instead of a backlog** ({n} prompts per row arriving as a seeded Poisson "
+        f"process that offers `load` x the budget in prompt tokens per step; budget {budget}, "
+        f"max_tokens=1; TTFT counted in steps from each request's arrival; vLLM's real scheduler "
+        f"driven without a model). Below load 1 the queue is mostly short and there is little "
+        f"to reorder; near and above it a backlog builds and the policy matters.\n\n"
+        + table(rows, ["workload", "scheduler", "steps", "TTFT mean (steps)", "p50", "p99",
+                       "sched ms/step"])
+    )
 
 
 # ---- 2. scheduler time per step at scale ---------------------------------------------------
@@ -335,6 +380,8 @@ def main(args) -> str:
     parts = [header("bench scheduler")]
     if "synthetic" in args.parts:
         parts.append(synthetic(decoder_model(TINY), args.prompts, args.budget, args.seed))
+    if "arrivals" in args.parts:
+        parts.append(arrivals(decoder_model(TINY), args.prompts, args.budget, args.seed, args.loads))
     if "scale" in args.parts:
         parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget))
     if "embed" in args.parts:
@@ -352,12 +399,14 @@ def main(args) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--parts", nargs="+", default=["synthetic", "scale", "embed", "generate", "hook"],
-                        choices=["synthetic", "scale", "embed", "generate", "hook"])
+    parts = ["synthetic", "arrivals", "scale", "embed", "generate", "hook"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--report", type=Path, help="also write PNG plots and summary.md here")
     parser.add_argument("--prompts", type=int, default=1000, help="synthetic prompts per workload")
     parser.add_argument("--budget", type=int, default=1024, help="synthetic/scale token budget")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loads", type=float, nargs="+", default=[0.8, 0.95, 1.05],
+                        help="offered loads for the arrivals part (1 = the budget, in prompt tokens)")
     parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     parser.add_argument("--embed-prompts", type=int, default=1000)
     parser.add_argument("--gen-prompts", type=int, default=96)
