@@ -218,10 +218,10 @@ class WaitingSet:
         for entry in level.pinned:
             if not p.take_in_order(entry, "pinned"):
                 return
-        self._take_aged(level, p, step, now)
+        exchangeable: list[Entry] = []  # aged first-fit and short picks, in plan order
+        self._take_aged(level, p, step, now, exchangeable)
         if p.blocked:
             return
-        shorts: list[Entry] = []
         for _, _, key in level.by_length:
             if not p.has_room():
                 break
@@ -231,11 +231,12 @@ class WaitingSet:
             if entry.length > p.left:
                 break
             p.take(entry, "short")
-            shorts.append(entry)
-        self._exchange(level, p, shorts)
+            exchangeable.append(entry)
+        self._exchange(level, p, exchangeable, step, now)
         p.chunk_next(level)
 
-    def _take_aged(self, level: _Level, p: _Planner, step: int, now: float) -> None:
+    def _take_aged(self, level: _Level, p: _Planner, step: int, now: float,
+                   exchangeable: list[Entry]) -> None:
         """(a) Aged requests go first, oldest first: whole, else a chunk, else the step stops.
         With chunked prefill off, only the oldest may stop the step; the other aged ones follow
         first-fit in age order, so an all-aged backlog still packs.
@@ -252,13 +253,15 @@ class WaitingSet:
                 return
             elif entry.length <= p.left and p.group_ok(entry):
                 p.take(entry, "aged")
+                exchangeable.append(entry)
             else:
                 misses += 1
                 if misses > AGED_PROBES:
                     return
 
-    def _exchange(self, level: _Level, p: _Planner, shorts: list[Entry]) -> None:
-        """(c) best fit: swap the last short picks for longer prompts that fill the step.
+    def _exchange(self, level: _Level, p: _Planner, picks: list[Entry], step: int, now: float) -> None:
+        """(c) best fit: swap the last exchangeable picks for longer prompts that fill the step;
+        an aged pick only for another aged request, so no younger one overtakes it.
 
         Only where the leftover cannot become a chunk: a chunk fills it already, and an exchange
         would just delay a shorter prompt.
@@ -266,20 +269,25 @@ class WaitingSet:
         if p.limits.chunked_prefill and p.left >= max(1, p.limits.min_chunk_tokens):
             return
         for _ in range(self.max_swaps):
-            if not shorts or p.left == 0:
+            if not picks or p.left == 0:
                 return
-            last = shorts[-1]
-            room = p.left + last.length
-            best = self._longest_fitting(level, p, room, above=last.length)
+            last = picks[-1]
+            aged = p.reason(last.key) == "aged"
+            best = self._longest_fitting(
+                level, p, p.left + last.length, above=last.length,
+                accept=(lambda e: self.aging.expired(e, step, now, self._drain)) if aged else None,
+            )
             if best is None:
                 return
-            shorts.pop()
+            picks.pop()
             p.untake(last)
-            p.take(best, "fit")
+            p.take(best, "aged" if aged else "fit")
 
     @staticmethod
-    def _longest_fitting(level: _Level, p: _Planner, room: int, above: int) -> Entry | None:
-        """Longest untaken prompt with above < length <= room, O(log n + skipped)."""
+    def _longest_fitting(level: _Level, p: _Planner, room: int, above: int,
+                         accept=None) -> Entry | None:
+        """Longest untaken prompt with above < length <= room (and `accept`ed),
+        O(log n + skipped)."""
         index = level.by_length.bisect_right((room, float("inf"), None)) - 1
         probes = 0
         while index >= 0 and probes < 64:
@@ -287,7 +295,7 @@ class WaitingSet:
             if length <= above:
                 return None
             entry = level.fifo[key]
-            if not p.taken(key) and p.group_ok(entry):
+            if not p.taken(key) and p.group_ok(entry) and (accept is None or accept(entry)):
                 return entry
             index -= 1
             probes += 1
@@ -315,6 +323,9 @@ class _Planner:
 
     def taken(self, key: Key) -> bool:
         return key in self._picks
+
+    def reason(self, key: Key) -> str:
+        return self._picks[key].reason
 
     @property
     def whole_picks(self) -> int:

@@ -12,7 +12,8 @@ in one process on one device:
 prefill: token ids in, per-prompt KV caches (padded: the batch cache) and last-token logits out.
 TTFT: token ids in, first new token of every prompt on the host out: HF's ``model.generate(...,
 max_new_tokens=1)`` for padding, ``vllm_prepack.hf.generate(..., max_new_tokens=1)`` for packing.
-Memory is the CUDA peak of the prefill above what was allocated before it (not measured on CPU).
+Memory is the CUDA peak of the prefill above what was allocated before it, and the whole peak
+with the weights (not measured on CPU).
 Medians of --repeats runs after a warm-up; a variant that runs out of memory reads OOM.
 """
 
@@ -62,6 +63,7 @@ def _sync(device: str) -> None:
 class Measured:
     seconds: float  # median
     peak: float  # bytes above the starting allocation (nan off CUDA)
+    total: float  # peak bytes allocated, weights included (nan off CUDA)
     result: object  # what the last run returned
 
 
@@ -71,7 +73,7 @@ def _measure(fn, device: str, repeats: int) -> Measured | None:
     try:
         fn()  # warm-up (and compilation for flex)
         _sync(device)
-        times, peak = [], float("nan")
+        times, peak, total = [], float("nan"), float("nan")
         for _ in range(repeats):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -82,8 +84,9 @@ def _measure(fn, device: str, repeats: int) -> Measured | None:
             _sync(device)
             times.append(time.perf_counter() - t)
             if cuda:
-                peak = torch.cuda.max_memory_allocated() - base
-        return Measured(statistics.median(times), peak, result)
+                total = torch.cuda.max_memory_allocated()
+                peak = total - base
+        return Measured(statistics.median(times), peak, total, result)
     except torch.OutOfMemoryError:
         if cuda:
             torch.cuda.empty_cache()
@@ -194,6 +197,7 @@ def run_batch(model, prompts, device: str, repeats: int, rate: float) -> list[di
             "of padding ratio": ratio(prefill["padded"], measured) / padding_ratio,
             "peak MiB": measured.peak / 2**20 if measured else float("nan"),
             "memory vs padded": ratio(measured, prefill["padded"], "peak"),
+            "with weights MiB": measured.total / 2**20 if measured else float("nan"),
         }
         if name in ttft:
             timed = ttft[name]
@@ -211,7 +215,7 @@ def run_batch(model, prompts, device: str, repeats: int, rate: float) -> list[di
 
 
 COLUMNS = ["batch", "variant", "prefill ms", "prefill speedup", "of padding ratio", "TTFT ms",
-           "TTFT speedup", "peak MiB", "memory vs padded", "first tokens = padded",
+           "TTFT speedup", "peak MiB", "memory vs padded", "with weights MiB", "first tokens = padded",
            "padding ratio", "rows", "pack+unpack overhead"]
 
 
