@@ -262,7 +262,8 @@ def shard(items: list[Item], replicas: int, policy: str) -> list[list[Item]]:
 
 
 class _Queues:
-    """Per-replica work queues; a replica with none left steals the tail of the heaviest one."""
+    """Per-replica work queues; a replica with none left steals the tail of the heaviest one.
+    Chunks shrink as a queue drains, so the work still in flight at the end is small."""
 
     def __init__(self, shards: list[list[Item]], chunk_tokens: int, steal: bool):
         # light items first: a replica's last chunks are its lightest, so a thief takes little
@@ -284,8 +285,11 @@ class _Queues:
             if donors:
                 source = self.queues[max(donors, key=self.weight)]
                 take, peek = source.pop, (lambda: source[-1])  # steal the lightest tail
+        # guided self-scheduling: chunks shrink with what is left (half of it, within
+        # [chunk_tokens / 4, chunk_tokens]), so the last ones are small and replicas end together
+        limit = min(self.chunk_tokens, max(self.chunk_tokens / 4, sum(it.weight for it in source) / 2))
         chunk, tokens = [], 0.0
-        while source and (not chunk or tokens + peek().weight <= self.chunk_tokens):
+        while source and (not chunk or tokens + peek().weight <= limit):
             item = take()
             chunk.append(item)
             tokens += item.weight

@@ -11,9 +11,10 @@ The per-step policy (``WaitingSet.plan``), for one priority level at a time:
     age order (the bound: fixed steps or seconds, or relative to the queue's drain time);
 (b) whole prompts, shortest remaining first (SPT: lowest mean time to first token);
 (c) best-fit exchange: where the leftover cannot be chunked (chunked prefill off, or under
-    min_chunk_tokens), the last short picks are swapped for the longest whole prompt that fits
-    the leftover they free, so steps stay full and long prompts are consumed steadily instead of
-    piling up in a badly packed tail;
+    min_chunk_tokens), the last picks (short ones, or aged ones after the oldest) are swapped
+    for the longest whole prompt that fits the leftover they free (an aged pick only for another
+    aged request), so steps stay full and long prompts are consumed steadily instead of piling
+    up in a badly packed tail;
 (d) only then, with chunked prefill on, a chunk of the next prompt (and, where CUDA graphs pad a
     step anyway, a chunk that fills exactly the padding gap).
 

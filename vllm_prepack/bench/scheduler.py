@@ -13,6 +13,7 @@ Steps are reported as steps and seconds as seconds; none is converted into the o
 from __future__ import annotations
 
 import gc
+import json
 import random
 import statistics
 import time
@@ -114,7 +115,7 @@ def simulate(model_dir, lengths, prepack: bool, budget: int, chunked: bool,
     return Outcome(step, list(first.values()), [], sched_s)
 
 
-def synthetic(model_dir, n: int, budget: int, seed: int) -> str:
+def synthetic(model_dir, n: int, budget: int, seed: int, options: dict | None = None) -> str:
     out = []
     for chunked in (False, True):
         rows = []
@@ -123,17 +124,22 @@ def synthetic(model_dir, n: int, budget: int, seed: int) -> str:
             lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
             lb = lower_bound_steps(lengths, budget)
             plain = simulate(model_dir, lengths, False, budget, chunked)
-            packed = simulate(model_dir, lengths, True, budget, chunked)
+            packed = simulate(model_dir, lengths, True, budget, chunked, options=options)
             rows += comparison_rows(name, plain, packed, lb)
         mode = "on" if chunked else "off"
         out.append(
             f"**Synthetic backlogs, chunked prefill {mode}** ({n} prompts per workload, all "
             f"waiting at step 0, budget {budget} tokens = max_model_len, max_tokens=1, prompts "
-            f"capped at {budget - 1}; vLLM's real scheduler driven without a model)\n\n"
+            f"capped at {budget - 1}; vLLM's real scheduler driven without a model"
+            f"{_with(options)})\n\n"
             + table(rows, ["workload", "scheduler", "steps", "LB", "steps/LB",
                            "TTFT mean (steps)", "p50", "p99", "sched ms/step"])
         )
     return "\n".join(out)
+
+
+def _with(options: dict | None) -> str:
+    return f"; plugin options {json.dumps(options)}" if options else ""
 
 
 def poisson_arrivals(lengths: list[int], budget: int, load: float, seed: int) -> list[int]:
@@ -147,7 +153,8 @@ def poisson_arrivals(lengths: list[int], budget: int, load: float, seed: int) ->
     return steps
 
 
-def arrivals(model_dir, n: int, budget: int, seed: int, loads: list[float]) -> str:
+def arrivals(model_dir, n: int, budget: int, seed: int, loads: list[float],
+             options: dict | None = None) -> str:
     rows = []
     for chunked in (False, True):
         for name in ("mmlu", "bimodal"):
@@ -155,14 +162,14 @@ def arrivals(model_dir, n: int, budget: int, seed: int, loads: list[float]) -> s
             for load in loads:
                 submit = poisson_arrivals(lengths, budget, load, seed)
                 plain = simulate(model_dir, lengths, False, budget, chunked, submit)
-                packed = simulate(model_dir, lengths, True, budget, chunked, submit)
+                packed = simulate(model_dir, lengths, True, budget, chunked, submit, options)
                 label = f"{name}, load {load:g}, chunked {'on' if chunked else 'off'}"
                 rows += comparison_rows(label, plain, packed, lower_bound_steps(lengths, budget))
     return (
         f"**Arrivals instead of a backlog** ({n} prompts per row arriving as a seeded Poisson "
         f"process that offers `load` x the budget in prompt tokens per step; budget {budget}, "
         f"max_tokens=1; TTFT counted in steps from each request's arrival; vLLM's real scheduler "
-        f"driven without a model). Below load 1 the queue is mostly short and there is little "
+        f"driven without a model{_with(options)}). Below load 1 the queue is mostly short and there is little "
         f"to reorder; near and above it a backlog builds and the policy matters.\n\n"
         + table(rows, ["workload", "scheduler", "steps", "TTFT mean (steps)", "p50", "p99",
                        "sched ms/step"])
@@ -379,9 +386,11 @@ def main(args) -> str:
     in_process()
     parts = [header("bench scheduler")]
     if "synthetic" in args.parts:
-        parts.append(synthetic(decoder_model(TINY), args.prompts, args.budget, args.seed))
+        parts.append(synthetic(decoder_model(TINY), args.prompts, args.budget, args.seed,
+                               args.prepack_options))
     if "arrivals" in args.parts:
-        parts.append(arrivals(decoder_model(TINY), args.prompts, args.budget, args.seed, args.loads))
+        parts.append(arrivals(decoder_model(TINY), args.prompts, args.budget, args.seed, args.loads,
+                              args.prepack_options))
     if "scale" in args.parts:
         parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget))
     if "embed" in args.parts:
@@ -405,6 +414,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts", type=int, default=1000, help="synthetic prompts per workload")
     parser.add_argument("--budget", type=int, default=1024, help="synthetic/scale token budget")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prepack-options", type=json.loads, default=None, metavar="JSON",
+                        help="the plugin's options for the synthetic and arrivals parts, e.g. "
+                             "'{\"aging_drain_factor\": null}' (default: the plugin's defaults)")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.8, 0.95, 1.05],
                         help="offered loads for the arrivals part (1 = the budget, in prompt tokens)")
     parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
