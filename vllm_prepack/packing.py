@@ -122,8 +122,8 @@ class WaitingSet:
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
         self._seq = 0
-        self._tokens = 0  # sum of waiting lengths (the queue's drain time)
-        self._drain = 0.0  # the last plan's drain time in steps, for first()
+        self._tokens = 0  # sum of waiting lengths
+        self._step_tokens = 1  # the last plan's whole step budget (drain time = tokens / this)
 
     # ---- membership -------------------------------------------------------------------------
 
@@ -189,7 +189,7 @@ class WaitingSet:
         if level.pinned:
             return level.pinned[0].key
         oldest = next(iter(level.fifo.values()))
-        if self.aging.expired(oldest, step, now, self._drain):
+        if self.aging.expired(oldest, step, now, self.drain_steps()):
             return oldest.key
         return level.by_length[0][2]
 
@@ -202,10 +202,15 @@ class WaitingSet:
 
     # ---- the per-step policy ----------------------------------------------------------------
 
+    def drain_steps(self) -> float:
+        """Steps the waiting tokens need at the last planned step budget."""
+        return self._tokens / self._step_tokens
+
     def plan(self, limits: StepLimits, step: int = 0, now: float = 0.0) -> list[Pick]:
-        """Choose this step's prefills. Pure: the set is not changed."""
+        """Choose this step's prefills. The waiting requests are not changed (the step budget
+        is kept, for drain_steps)."""
         planner = _Planner(limits)
-        self._drain = self._tokens / max(1, limits.budget + limits.used_tokens)
+        self._step_tokens = max(1, limits.budget + limits.used_tokens)
         for priority in self._priorities:
             level = self._levels[priority]
             before = planner.whole_picks
@@ -243,9 +248,9 @@ class WaitingSet:
         first-fit in age order, so an all-aged backlog still packs.
         The head starts every step, so no wait exceeds the bound plus the requests older than it.
         """
-        misses = 0
+        misses, drain = 0, self.drain_steps()
         for index, entry in enumerate(level.fifo.values()):
-            if not self.aging.expired(entry, step, now, self._drain):
+            if not self.aging.expired(entry, step, now, drain):
                 return
             if index == 0 or p.limits.chunked_prefill:  # chunks pack aged FCFS perfectly
                 if not p.take_in_order(entry, "aged"):
@@ -276,7 +281,7 @@ class WaitingSet:
             aged = p.reason(last.key) == "aged"
             best = self._longest_fitting(
                 level, p, p.left + last.length, above=last.length,
-                accept=(lambda e: self.aging.expired(e, step, now, self._drain)) if aged else None,
+                accept=(lambda e: self.aging.expired(e, step, now, self.drain_steps())) if aged else None,
             )
             if best is None:
                 return
