@@ -71,10 +71,8 @@ def test_logits_and_kv_equal_separate_prefills(model):
 
 def test_prompt_caches_are_views_of_one_buffer(tiny_model):
     result = hf.prefill(load(tiny_model, "sdpa"), PROMPTS)
-    storages = {layer.keys.untyped_storage().data_ptr()
-                for cache in result.caches for layer in cache.layers}
-    storages |= {layer.values.untyped_storage().data_ptr()
-                 for cache in result.caches for layer in cache.layers}
+    storages = {tensor.untyped_storage().data_ptr() for cache in result.caches
+                for layer in cache.layers for tensor in (layer.keys, layer.values)}
     assert len(storages) == 1
 
 

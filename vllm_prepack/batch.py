@@ -271,8 +271,12 @@ class _Queues:
         self.chunk_tokens = chunk_tokens
         self.steal = steal
 
+    @staticmethod
+    def _tokens(queue) -> float:
+        return sum(it.weight for it in queue)
+
     def weight(self, q: int) -> float:
-        return sum(it.weight for it in self.queues[q])
+        return self._tokens(self.queues[q])
 
     def next_chunk(self, q: int, idle: bool) -> list[Item]:
         """The next chunk for replica q; an idle replica with an empty shard steals."""
@@ -287,7 +291,7 @@ class _Queues:
                 take, peek = source.pop, (lambda: source[-1])  # steal the lightest tail
         # guided self-scheduling: chunks shrink with what is left (half of it, within
         # [chunk_tokens / 4, chunk_tokens]), so the last ones are small and replicas end together
-        limit = min(self.chunk_tokens, max(self.chunk_tokens / 4, sum(it.weight for it in source) / 2))
+        limit = min(self.chunk_tokens, max(self.chunk_tokens / 4, self._tokens(source) / 2))
         chunk, tokens = [], 0.0
         while source and (not chunk or tokens + peek().weight <= limit):
             item = take()

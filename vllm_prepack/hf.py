@@ -164,7 +164,8 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
 @lru_cache(maxsize=1)
 def _varlen_kernel():
-    """torch's varlen flash attention and its causal/GQA keywords (they changed in torch 2.11)."""
+    """torch's varlen flash attention and its causal/GQA keywords, which differ between torch
+    versions (``is_causal`` in older ones, ``window_size`` later)."""
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
@@ -195,10 +196,10 @@ def _varlen(q, k, v, cu: torch.Tensor, longest: int, scale: float | None) -> tor
     return out
 
 
-def _last_positions(layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [row for row, _ in layout.place]
-    cols = [start + n - 1 for (_, start), n in zip(layout.place, layout.lengths)]
-    return torch.tensor(rows), torch.tensor(cols)
+def _placement(layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per prompt, as tensors: its row, its first column in that row, and its length."""
+    rows, starts = zip(*layout.place)
+    return torch.tensor(rows), torch.tensor(starts), torch.tensor(layout.lengths)
 
 
 class _KVBuffer:
@@ -323,8 +324,8 @@ def _packed_prefill(model, prompts, capacity: int | None) -> _Packed | None:
     cache = DynamicCache()
     cache.layers = [layer_class(buffer, i) for i in range(template.num_layers)]
     hidden = model.base_model(**inputs, past_key_values=cache, use_cache=True).last_hidden_state
-    rows, cols = _last_positions(layout)
-    last_hidden = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+    rows, starts, lengths = _placement(layout)
+    last_hidden = hidden[rows.to(hidden.device), (starts + lengths - 1).to(hidden.device)]
     logits = model.get_output_embeddings()(last_hidden).float()
     return _Packed(layout, buffer.kv, logits, template)
 
@@ -334,7 +335,7 @@ def prefill(model, prompts: Sequence[Sequence[int]], capacity: int | None = None
     """One packed forward over all prompts: per-prompt KV caches and last-token logits.
 
     capacity: tokens per packed row (default: the longest prompt, as in the paper). Ignored by
-    flash-attention implementations, which pack everything into one unpadded row.
+    varlen implementations (flash-attention, prepack_varlen): one unpadded row holds everything.
     Each prompt's cache holds views into the packed forward's one KV buffer (no copy).
     """
     packed = _packed_prefill(model, prompts, capacity)
@@ -353,11 +354,12 @@ def _batch_cache(packed: _Packed):
     """The left-padded batch cache decoding needs, gathered from the packed KV in one indexing.
 
     Pad slots repeat a prompt's first entry: they are masked out, and finite."""
-    layout, kv = packed.layout, packed.kv
-    width = max(layout.lengths)
-    index = torch.arange(width)[None, :] - width + torch.tensor(layout.lengths)[:, None]
-    rows = torch.tensor([row for row, _ in layout.place])[:, None].expand(-1, width)
-    cols = torch.tensor([start for _, start in layout.place])[:, None] + index.clamp(min=0)
+    kv = packed.kv
+    rows, starts, lengths = _placement(packed.layout)
+    width = int(lengths.max())
+    index = (torch.arange(width)[None, :] - width + lengths[:, None]).clamp(min=0)
+    rows = rows[:, None].expand(-1, width)
+    cols = starts[:, None] + index
     batch = kv[:, :, rows.to(kv.device), :, cols.to(kv.device)]  # (prompts, width, 2, layers, heads, dim)
     batch = batch.permute(2, 3, 0, 4, 1, 5)  # (2, layers, prompts, heads, width, dim)
     return packed.template.build(batch[0].unbind(0), batch[1].unbind(0), width)
