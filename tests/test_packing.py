@@ -6,16 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_prepack.packing import (
-    AGED_PROBES,
-    AgingBound,
-    Entry,
-    StepLimits,
-    WaitingSet,
-    lower_bound_steps,
-    pack_rows,
-    padding_gap,
-)
+from vllm_prepack.packing import lower_bound_steps, pack_rows, padding_gap
+from vllm_prepack.policy import AGED_PROBES, AgingBound, Entry, Reason, StepLimits, WaitingSet
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
 
@@ -132,21 +124,102 @@ def test_aged_requests_go_first_oldest_first(lengths, aging, budget, chunked):
 @given(entries=st.lists(st.tuples(st.integers(1, 200), st.integers(0, 30)), min_size=1, max_size=40),
        factor=st.floats(0.25, 4), budget=st.integers(200, 600), used=st.integers(0, 100),
        chunked=st.booleans())
-def test_drain_aging_is_relative_to_the_queue(entries, factor, budget, used, chunked):
-    """A request is aged once it has waited factor x (waiting tokens / step budget) steps."""
+def test_deadlines_are_fixed_at_arrival_from_the_queue_joined(entries, factor, budget, used, chunked):
+    """A request's deadline is its admission step + factor x (tokens waiting when it was first
+    planned / step budget); overdue requests go first, earliest deadline first."""
     ws = WaitingSet(aging=AgingBound(drain_factor=factor))
-    for key, (n, admitted) in enumerate(sorted(entries, key=lambda e: e[1])):
+    ordered = sorted(entries, key=lambda e: e[1])
+    limits = StepLimits(budget=budget, seats=1000, chunked_prefill=chunked, used_tokens=used)
+    for key, (n, admitted) in enumerate(ordered):
         ws.add(Entry(key=key, length=n, step=admitted))
-    step = 31
+    ws.plan(limits, step=0)  # dates every arrival from the queue as it is now
     drain = sum(n for n, _ in entries) / (budget + used)
-    aged = {key for key, (_, admitted) in enumerate(sorted(entries, key=lambda e: e[1]))
-            if step - admitted >= factor * drain}
-    picks = ws.plan(StepLimits(budget=budget, seats=1000, chunked_prefill=chunked, used_tokens=used),
-                    step=step)
-    assert {p.key for p in picks if p.reason == "aged"} <= aged
-    if 0 in aged:
-        assert picks[0].key == 0  # the oldest goes first (whole, or as a chunk)
-    assert ws.first(step) == (0 if 0 in aged else min(ws, key=lambda k: (ws._entries[k].length, k)))
+    due = {key: admitted + factor * drain for key, (_, admitted) in enumerate(ordered)}
+    ws.add(Entry(key="late", length=1, step=30))  # dated at the next plan, from that queue
+    due["late"] = 30 + factor * (sum(n for n, _ in entries) + 1) / (budget + used)
+    step = 31
+    picks = ws.plan(limits, step=step)
+    overdue = {key for key, d in due.items() if step >= d}
+    assert {p.key for p in picks if p.reason == Reason.AGED} <= overdue
+    if overdue:
+        assert picks[0].key == min(overdue, key=lambda k: (due[k], str(k)))  # EDF (whole, or a chunk)
+        assert ws.first(step) == picks[0].key
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(1, 300)), max_size=80))
+def test_token_total_follows_adds_and_removals(ops):
+    """The drain time behind every deadline is the waiting tokens: removals must count."""
+    ws, alive = WaitingSet(), {}
+    for key, (add, n) in enumerate(ops):
+        if add or not alive:
+            ws.add(Entry(key=key, length=n))
+            alive[key] = n
+        else:
+            victim = sorted(alive)[n % len(alive)]
+            ws.remove(victim)
+            del alive[victim]
+        ws.plan(StepLimits(budget=400, seats=100, chunked_prefill=False), step=key)
+    assert ws.tokens == sum(alive.values())
+    assert sorted(ws, key=str) == sorted(alive, key=str)
+
+
+def test_an_overdue_pick_is_exchanged_only_for_another_overdue_request():
+    ws = WaitingSet(aging=AgingBound(steps=5))
+    ws.add(Entry(key="oldest", length=60, step=0))
+    ws.add(Entry(key="old", length=30, step=1))
+    ws.add(Entry(key="young", length=40, step=9))  # fits better, but is not overdue
+    ws.plan(StepLimits(budget=100, seats=10, chunked_prefill=False), step=9)
+    picks = ws.plan(StepLimits(budget=100, seats=10, chunked_prefill=False), step=10)
+    assert [(p.key, p.reason) for p in picks] == [("oldest", Reason.AGED), ("old", Reason.AGED)]
+
+
+def test_an_exchange_gives_the_seat_back():
+    """50 is exchanged for 70; the seat it gives back lets a chunk of it fill the padding gap
+    (80 tokens pad to the 128 graph; 20 are left in the budget)."""
+    ws = fill([10, 50, 70, 200])
+    limits = StepLimits(budget=100, seats=3, chunked_prefill=True, min_chunk_tokens=50,
+                        capture_sizes=(64, 128))
+    picks = ws.plan(limits)
+    assert [(p.key, p.tokens, p.reason) for p in picks] == [
+        (0, 10, Reason.SHORT), (2, 70, Reason.FIT), (1, 20, Reason.TOPUP)]
+
+
+def trimodal(n, seed):
+    """The issue's MiniLM mix: 50% of 6-30 tokens, 30% of 90-130, 20% of 200-252."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randint(6, 30) if u < 0.5 else rng.randint(90, 130) if u < 0.8 else rng.randint(200, 252)
+            for u in (rng.random() for _ in range(n))]
+
+
+def fcfs_first_steps(lengths, budget):
+    """vLLM's FCFS with whole prompts: each step takes the queue's head while it fits."""
+    step, used, first = 0, budget, []
+    for n in lengths:
+        if used + n > budget:
+            step, used = step + 1, 0
+        used += n
+        first.append(step)
+    return first
+
+
+@pytest.mark.parametrize("lengths", [trimodal(1200, 0), ([700] + [50] * 10) * 40], ids=["trimodal", "bimodal"])
+def test_a_backlog_packs_to_the_bound_with_short_prompts_first(lengths):
+    """Whole prompts: the filler reserve keeps shortest-first from leaving the long prompts
+    without fillers (plain shortest-first: 104 steps on trimodal, bound 100), and a backlog that
+    arrived together is not turned into FCFS by its deadlines."""
+    from vllm_prepack.packing import ffd_steps
+
+    ws = fill(lengths, aging=AgingBound(drain_factor=1.0))
+    done, plans = run_to_empty(ws, StepLimits(budget=1024, seats=10_000, chunked_prefill=False))
+    bound = max(lower_bound_steps(lengths, 1024), ffd_steps(lengths, 1024))
+    assert len(plans) <= 1.01 * bound
+    mean_first = sum(parts[0][0] for parts in done.values()) / len(done)
+    fcfs = fcfs_first_steps(lengths, 1024)
+    assert mean_first <= 0.65 * sum(fcfs) / len(fcfs)
+    assert all(p.reason != Reason.AGED for plan in plans[:-2] for p in plan)
 
 
 def test_aged_request_that_does_not_fit_blocks_the_step():
@@ -164,7 +237,9 @@ def test_doc_example_uses_whole_budget():
     ws = fill([200, 30, 100, 250, 20])
     picks = ws.plan(StepLimits(budget=256, seats=10, chunked_prefill=False))
     assert sorted(p.key for p in picks) == [0, 1, 4]  # 20 + 30 + 200 = 250
-    assert [p.reason for p in picks] == ["short", "short", "fit"]
+    # a reserved bin of three (200 opens it, 30 and 20 fill it) starts more requests than
+    # shortest-first's 20, 30, 100: Smith's rule serves it first
+    assert [p.reason for p in picks] == [Reason.BIN] * 3
 
 
 @settings(max_examples=150, deadline=None)

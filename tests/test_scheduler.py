@@ -2,14 +2,8 @@
 
 import pytest
 
-from vllm_prepack.scheduler import (
-    PackingRequestQueue,
-    PrepackAsyncScheduler,
-    PrepackScheduler,
-    fake_step,
-    make_request,
-    standalone_scheduler,
-)
+from vllm_prepack.bench.harness import fake_step, make_request, standalone_scheduler
+from vllm_prepack.scheduler import PackingRequestQueue, PrepackAsyncScheduler, PrepackScheduler
 
 
 def drain(scheduler, max_steps=500):

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from vllm_prepack.packing import AgingBound
+from vllm_prepack.policy import AgingBound
 
 CONFIG_KEY = "prepack"
 
@@ -19,14 +19,17 @@ class PrepackConfigError(ValueError):
 class PrepackConfig:
     """Options of the packing scheduler and the model-runner hook.
 
-    aging_steps / aging_seconds: a waiting request older than this goes first (FCFS among
-        such requests), whatever its length. None switches that bound off; at least one should
-        stay on under sustained load, or a long prompt can wait behind short ones indefinitely.
-    aging_drain_factor: a request also ages once it has waited this many times the steps the
-        whole waiting queue needs (waiting tokens / step budget), about what FCFS would make a
-        newcomer wait. Fixed bounds sit far above FCFS waits under steady arrivals, where
-        shortest-first alone would stretch the tail (p99 TTFT up to 3x FCFS measured at load
-        0.95); 1.0 keeps it within about 1.2x at a small cost to mean TTFT. None: off.
+    Every request gets a deadline when it arrives; past it, it goes first (earliest deadline
+    first), whatever its length. The deadline is the earliest of:
+    aging_drain_factor: this many times the steps the waiting queue it joined needs to drain
+        (waiting tokens / step budget, itself included): about what FCFS would make it wait.
+        Fixed at arrival, it keeps p99 TTFT near FCFS's under steady arrivals (shortest-first
+        alone stretched it to 3x FCFS at load 0.95), while a backlog that arrived together
+        keeps its packing (its deadlines fall where the backlog would have drained).
+    aging_steps: a fixed number of steps. Off by default: a fixed bound shorter than a deep
+        backlog would turn the rest of that backlog into FCFS.
+    aging_seconds: a wall-time bound (checked oldest first).
+    At least one should stay on, or a long prompt can wait behind short ones indefinitely.
     max_swaps: best-fit exchanges per step (policy step c); 0 gives pure shortest-first.
     min_chunk_tokens: never start a prefill chunk smaller than this, except to fill a CUDA-graph
         padding gap (those tokens are computed anyway).
@@ -35,7 +38,7 @@ class PrepackConfig:
     debug_layout: the hook also checks that layout against the scheduler's plan, and raises.
     """
 
-    aging_steps: int | None = 64
+    aging_steps: int | None = None
     aging_seconds: float | None = None
     aging_drain_factor: float | None = 1.0
     max_swaps: int = 4

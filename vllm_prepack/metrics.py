@@ -45,7 +45,7 @@ def _metrics():
 
 class PrepackStatLogger(StatLoggerBase):
     def __init__(self, vllm_config, engine_index: int = 0):
-        from vllm_prepack.scheduler import _capture_sizes
+        from vllm_prepack.scheduler import capture_sizes
 
         cls = vllm_config.scheduler_config.scheduler_cls
         name = cls if isinstance(cls, str) else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', '')}"
@@ -53,7 +53,7 @@ class PrepackStatLogger(StatLoggerBase):
         if not self.active:
             return
         self.budget = vllm_config.scheduler_config.max_num_batched_tokens
-        self.capture_sizes = _capture_sizes(vllm_config)
+        self.capture_sizes = capture_sizes(vllm_config)
         model = vllm_config.model_config.served_model_name or vllm_config.model_config.model
         model = model[0] if isinstance(model, (list, tuple)) else model
         self.m = {k: m.labels(model_name=str(model), engine=str(engine_index))

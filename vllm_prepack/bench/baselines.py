@@ -1,0 +1,112 @@
+"""Orderings from the field, re-implemented as vLLM schedulers for side-by-side benchmarks.
+
+SGLang's ``schedule_policy.py`` orders its waiting queue by shortest prefill first ("lpm"'s
+cache-aware cousin without the radix tree: the uncached prompt length) or by highest response
+ratio next (HRRN: (wait + service) / service). Here each is a ``RequestQueue`` sorted once per
+step, swapped into vLLM's own ``Scheduler``, so every ordering is admitted by the same mechanism
+(budget, KV allocation, head-of-line stop with chunked prefill off) as FCFS and the plugin.
+Wait and service are counted in steps (service = remaining prompt tokens / step budget), so the
+engine-free benchmarks, whose steps take microseconds, rank requests as a GPU engine would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from vllm.v1.core.sched.request_queue import RequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+
+class _SortedQueue(RequestQueue):
+    """A waiting queue re-sorted by `key` at the start of every step; prepended requests
+    (preempted or skipped) go to the front, as in vLLM's FCFS queue."""
+
+    def __init__(self, key) -> None:
+        self._key = key
+        self._front: list[Request] = []
+        self._rest: list[Request] = []
+        self.arrival_step: dict[str, int] = {}
+        self.step = 0
+
+    def sort(self, step: int) -> None:
+        self.step = step
+        self._rest.sort(key=self._key)
+
+    def add_request(self, request: Request) -> None:
+        self.arrival_step.setdefault(request.request_id, self.step)
+        self._rest.append(request)
+
+    def prepend_request(self, request: Request) -> None:
+        self._front.insert(0, request)
+
+    def prepend_requests(self, requests: Iterable[Request]) -> None:
+        self._front[:0] = list(requests)
+
+    def _head(self) -> list[Request]:
+        if self._front:
+            return self._front
+        if self._rest:
+            return self._rest
+        raise IndexError("empty queue")
+
+    def peek_request(self) -> Request:
+        return self._head()[0]
+
+    def pop_request(self) -> Request:
+        request = self._head().pop(0)
+        self.arrival_step.pop(request.request_id, None)
+        return request
+
+    def remove_request(self, request: Request) -> None:
+        self.remove_requests((request,))
+
+    def remove_requests(self, requests: Iterable[Request]) -> None:
+        gone = {r.request_id for r in requests}
+        self._front = [r for r in self._front if r.request_id not in gone]
+        self._rest = [r for r in self._rest if r.request_id not in gone]
+        for rid in gone:
+            self.arrival_step.pop(rid, None)
+
+    def __bool__(self) -> bool:
+        return bool(self._front or self._rest)
+
+    def __len__(self) -> int:
+        return len(self._front) + len(self._rest)
+
+    def __iter__(self) -> Iterator[Request]:
+        yield from self._front
+        yield from self._rest
+
+
+def _remaining(request: Request) -> int:
+    return max(1, request.num_tokens - request.num_computed_tokens)
+
+
+class _OrderedScheduler(Scheduler):
+    def _order_key(self, request: Request):
+        raise NotImplementedError
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting = _SortedQueue(self._order_key)
+
+    def schedule(self, *args, **kwargs):
+        self.waiting.sort(self.current_step + 1)
+        return super().schedule(*args, **kwargs)
+
+
+class SPFScheduler(_OrderedScheduler):
+    """Shortest (remaining) prefill first, ties by arrival."""
+
+    def _order_key(self, request: Request):
+        return (_remaining(request), request.arrival_time)
+
+
+class HRRNScheduler(_OrderedScheduler):
+    """Highest response ratio next: (wait + service) / service, in steps."""
+
+    def _order_key(self, request: Request):
+        service = _remaining(request) / self.max_num_scheduled_tokens
+        wait = self.waiting.step - self.waiting.arrival_step.get(request.request_id, self.waiting.step)
+        return (-(wait + service) / service, request.arrival_time)

@@ -1,0 +1,218 @@
+"""The engine-free harness: vLLM's real scheduler driven without a model, and run comparisons.
+
+Tests and benchmarks build a real ``Scheduler`` (plain, a baseline ordering, or the plugin),
+feed it requests and what a model runner would return, and count forward steps and time to
+first token in steps. Production code never imports this module.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+# vLLM's FCFS, two baselines from the field (bench/baselines.py), and the plugin
+SCHEDULERS = {
+    "fcfs": None,
+    "spf": "vllm_prepack.bench.baselines.SPFScheduler",
+    "hrrn": "vllm_prepack.bench.baselines.HRRNScheduler",
+    "prepack": "vllm_prepack.scheduler.PrepackScheduler",
+}
+
+
+def _load(path: str):
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def standalone_scheduler(
+    model_dir: str,
+    *,
+    scheduler: str = "prepack",
+    async_scheduling: bool = False,
+    budget: int = 256,
+    max_model_len: int = 256,
+    chunked_prefill: bool = False,
+    policy: str = "fcfs",
+    max_num_seqs: int = 256,
+    num_blocks: int = 10_000,
+    block_size: int = 16,
+    additional_config: dict | None = None,
+    verify: bool = True,
+):
+    """A real vLLM scheduler (one of SCHEDULERS) built without an engine or a model. `verify`:
+    the plugin checks its mirror of vLLM's running budget every step (debug_layout)."""
+    import torch
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    config = {"prepack": {**({"debug_layout": True} if verify else {}),
+                          **(additional_config or {}).get("prepack", {})}}
+    vllm_config = EngineArgs(
+        model=str(model_dir),
+        skip_tokenizer_init=True,
+        max_num_batched_tokens=budget,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        enable_chunked_prefill=chunked_prefill,
+        enable_prefix_caching=False,
+        scheduling_policy=policy,
+        additional_config=config,
+    ).create_engine_config()
+    vllm_config.scheduler_config.async_scheduling = async_scheduling
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=16, dtype=torch.float32)
+    kv_cache_config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)],
+    )
+    if SCHEDULERS[scheduler] is None:
+        cls = AsyncScheduler if async_scheduling else Scheduler
+    else:
+        cls = _load(SCHEDULERS[scheduler])
+    return cls(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=block_size,
+        log_stats=False,
+    )
+
+
+def make_request(request_id: str, prompt_len: int, max_tokens: int = 1, priority: int = 0,
+                 arrival_time: float | None = None):
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=[(i % 97) + 3 for i in range(prompt_len)],
+        sampling_params=params,
+        pooling_params=None,
+        arrival_time=arrival_time,
+        priority=priority,
+    )
+
+
+def fake_step(scheduler, output, token: int = 5) -> list[str]:
+    """Feed the scheduler what a model runner would return; returns the finished request ids."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    req_ids = list(output.num_scheduled_tokens)
+    sampled = []
+    for req_id in req_ids:
+        request = scheduler.requests[req_id]
+        # schedule() has already advanced num_computed_tokens past this step's tokens
+        sampled.append([token] if request.num_computed_tokens >= request.num_tokens else [])
+    runner_output = ModelRunnerOutput(
+        req_ids=req_ids,
+        req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        sampled_token_ids=sampled,
+    )
+    engine_outputs = scheduler.update_from_output(output, runner_output)
+    return [
+        o.request_id
+        for outs in engine_outputs.values()
+        for o in outs.outputs
+        if o.finish_reason is not None
+    ]
+
+
+@dataclass
+class Outcome:
+    steps: int
+    ttft_steps: list[float]
+    ttft_s: list[float]
+    sched_s: list[float]
+    wall: float = float("nan")
+    tokens: int = 0
+    fill: list[float] = field(default_factory=list)  # scheduled tokens / budget, per step
+
+
+def simulate(model_dir, lengths, scheduler: str, budget: int, chunked: bool,
+             arrivals: list[int] | None = None, options: dict | None = None) -> Outcome:
+    """Drive one of SCHEDULERS without a model. `arrivals[i]`: the step at which request i is
+    submitted (default: all at step 1, a backlog). TTFT counts steps from submission.
+    `options`: the plugin's options (additional_config["prepack"])."""
+    sched = standalone_scheduler(
+        model_dir, scheduler=scheduler, budget=budget, max_model_len=budget,
+        chunked_prefill=chunked, max_num_seqs=1024, num_blocks=1_000_000,
+        additional_config={"prepack": options or {}},
+    )
+    arrivals = arrivals or [1] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: arrivals[i])
+    submitted, first, sched_s, fill, step = 0, {}, [], [], 0
+    while submitted < len(order) or sched.has_requests():
+        step += 1
+        if step > 20 * len(lengths) + max(arrivals):
+            raise RuntimeError(f"simulation made no progress after {step} steps")
+        while submitted < len(order) and arrivals[order[submitted]] <= step:
+            i = order[submitted]
+            sched.add_request(make_request(str(i), lengths[i]))
+            submitted += 1
+        t = time.perf_counter()
+        out = sched.schedule()
+        sched_s.append(time.perf_counter() - t)
+        fill.append(out.total_num_scheduled_tokens / budget)
+        for req_id in fake_step(sched, out):  # max_tokens=1: finishing is the first token
+            first[req_id] = step - arrivals[int(req_id)] + 1
+    return Outcome(step, list(first.values()), [], sched_s, fill=fill)
+
+
+def poisson_arrivals(lengths: list[int], budget: int, load: float, seed: int) -> list[int]:
+    """Submission steps of a Poisson process offering `load` x the budget in prompt tokens."""
+    rng = random.Random(f"arrivals:{seed}")
+    rate = load * budget / statistics.fmean(lengths)  # requests per step
+    t, steps = 0.0, []
+    for _ in lengths:
+        t += rng.expovariate(rate)
+        steps.append(int(t) + 1)
+    return steps
+
+
+def engine_outcome(run, prompts, budget: int) -> Outcome:
+    results = run.results
+    tokens = sum(len(p) for p in prompts) + sum(len(r.token_ids or ()) for r in results)
+    return Outcome(
+        steps=run.steps,
+        ttft_steps=[r.first_step for r in results],
+        ttft_s=[r.first_time for r in results],
+        sched_s=run.schedule_seconds,
+        wall=run.wall,
+        tokens=tokens,
+        fill=[t / budget for t in run.step_tokens],
+    )
+
+
+def compare_engines(engines, prompts, params, repeats: int, budget: int) -> list[list[Outcome]]:
+    """Every engine's runs, alternating which goes first (one warm-up each before): one list of
+    `repeats` outcomes per engine."""
+    from vllm_prepack.engine import run_stepwise
+
+    warm = prompts[: min(8, len(prompts))]
+    for llm in engines:
+        run_stepwise(llm, warm, params)
+    runs: list[list[Outcome]] = [[] for _ in engines]
+    for repeat in range(repeats):
+        for i in alternating(len(engines), repeat):
+            runs[i].append(engine_outcome(run_stepwise(engines[i], prompts, params), prompts, budget))
+    return runs
+
+
+def median_run(outcomes: list[Outcome]) -> Outcome:
+    """The run with the median wall time (the lower middle one for an even count)."""
+    ranked = sorted(outcomes, key=lambda o: o.wall)
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def alternating(n: int, repeat: int) -> list[int]:
+    """Run order for one repeat: forwards, then backwards, so neither side always goes first."""
+    return list(range(n)) if repeat % 2 == 0 else list(range(n))[::-1]

@@ -1,0 +1,584 @@
+"""The per-step packing policy over vLLM's waiting requests: pure Python, no vLLM, no torch.
+
+The scheduler adapter (``scheduler.py``) translates vLLM requests into ``Entry``s and asks
+``WaitingSet.plan`` which of them the coming step should start. Per priority level:
+
+(a) *pinned* requests (resumed after preemption, or deferred by vLLM) keep their place at the
+    front; then requests past their *deadline*, earliest deadline first (EDF). A deadline is
+    fixed when a request arrives: a fixed number of steps, and/or `drain_factor` x the steps
+    the queue it joined needs to drain (about what FCFS would make it wait). Fixed at arrival,
+    it protects a request from later arrivals without turning a backlog that arrived together
+    into FCFS once it has waited "long";
+(b) whole prompts, shortest first (SPT: lowest mean time to first token);
+(c) best-fit exchange: where the leftover cannot be chunked, the last picks are swapped for the
+    longest whole prompt that fits the room they free (an aged pick only for another aged one);
+(d) with chunked prefill, a chunk of the next prompt (and, where CUDA graphs pad a step anyway,
+    a chunk that fills exactly the padding gap).
+
+Whole prompts only (chunked prefill off) adds a *filler reserve*. Shortest-first alone spends
+every short prompt early, so a backlog ends with long prompts that pack badly (four 250-token
+prompts in a 1024-token step, and nothing left to fill the rest). So while a backlog is deep, a
+builder packs bins from the longest prompts down, filling each with the longest prompts that
+fit (so the shortest stay free), and reserves their members. Shortest-first serves the free
+prompts; once none is left, the reserved bins go, those that finish the most requests first
+(Smith's rule). The builder works a few bins per step from the long end while shortest-first
+eats from the short end, so the per-step cost stays O((k + bins) log n).
+
+A request that must go first but does not fit (chunked prefill off) stops the plan: letting
+others overtake it would starve it, which is exactly what its deadline forbids.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import math
+from collections import Counter, OrderedDict, deque
+from collections.abc import Hashable, Iterator, Sequence
+from itertools import islice
+from dataclasses import dataclass
+
+from sortedcontainers import SortedList
+
+from vllm_prepack.packing import padding_gap
+
+Key = Hashable
+AGED_PROBES = 16  # aged requests skipped per step before the first-fit scan gives up: O(1)
+FIT_PROBES = 64  # entries a best-fit search looks at before giving up: O(1)
+BINS_PER_STEP = 32  # filler-reserve bins built per step (the builder outruns shortest-first)
+BUILD_MIN_STEPS = 1  # build bins only while the free prompts would not fit this many steps
+BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
+
+
+class Reason(str, enum.Enum):
+    """Why a request is in a step's plan."""
+
+    PINNED = "pinned"  # resumed or deferred: keeps its place
+    AGED = "aged"  # past its deadline
+    SHORT = "short"  # shortest first
+    FIT = "fit"  # best-fit exchange for a short pick
+    BIN = "bin"  # a reserved bin, served whole
+    CHUNK = "chunk"  # part of a prompt (chunked prefill)
+    TOPUP = "topup"  # a chunk that fills CUDA-graph padding
+
+
+@dataclass(slots=True)
+class Entry:
+    """One waiting request as the policy sees it."""
+
+    key: Key
+    length: int  # tokens left to prefill
+    priority: int = 0
+    seq: int = 0  # admission order, assigned by WaitingSet
+    step: int = 0  # scheduler step at admission (aging in steps)
+    time: float = 0.0  # monotonic seconds at admission (aging in seconds)
+    group: Hashable | None = None  # LoRA adapter (None: no adapter)
+    pinned: bool = False
+    due: float = math.inf  # the step from which it goes first (set by the first plan after admission)
+    bin: int | None = None  # the reserved bin holding it (whole prompts only)
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    key: Key
+    tokens: int  # tokens planned this step (== entry.length unless chunked)
+    reason: Reason
+
+    @property
+    def chunked(self) -> bool:
+        return self.reason in (Reason.CHUNK, Reason.TOPUP)
+
+
+@dataclass(frozen=True, slots=True)
+class StepLimits:
+    """What one step may still take from the waiting set."""
+
+    budget: int  # tokens left after running requests
+    seats: int  # requests that may still start
+    chunked_prefill: bool = True
+    min_chunk_tokens: int = 0  # never start a chunk smaller than this (but see capture_sizes)
+    capture_sizes: tuple[int, ...] = ()  # sorted CUDA-graph sizes; () when graphs are off
+    used_tokens: int = 0  # tokens already scheduled this step (running requests)
+    groups: frozenset = frozenset()  # LoRA ids already active this step
+    max_groups: int | None = None  # max_loras; None: no limit
+
+
+@dataclass(frozen=True, slots=True)
+class AgingBound:
+    """When a waiting request has waited long enough to go first.
+
+    steps: a fixed wait in steps; seconds: the same in wall time; drain_factor: drain_factor x
+    the steps the waiting queue needed to drain when the request arrived (itself included), so
+    the bound tracks what FCFS would make it wait: tight under light load, where a fixed bound
+    sits far above any FCFS wait, and loose under a deep backlog."""
+
+    steps: int | None = None
+    seconds: float | None = None
+    drain_factor: float | None = None
+
+    def due(self, admitted_step: int, drain_steps: float) -> float:
+        """The step from which a request admitted at `admitted_step` goes first."""
+        waits = [math.inf]
+        if self.steps is not None:
+            waits.append(self.steps)
+        if self.drain_factor is not None:
+            waits.append(self.drain_factor * drain_steps)
+        return admitted_step + min(waits)
+
+    def overdue(self, entry: Entry, step: int, now: float) -> bool:
+        return step >= entry.due or (self.seconds is not None and now - entry.time >= self.seconds)
+
+
+class _Bin:
+    __slots__ = ("keys", "tokens")
+
+    def __init__(self) -> None:
+        self.keys: set[Key] = set()
+        self.tokens = 0
+
+    def order(self, bin_id: int) -> tuple:
+        """Most requests first (Smith's rule: each bin takes one step), then the lighter."""
+        return (-len(self.keys), self.tokens, bin_id)
+
+
+class _Level:
+    """The waiting requests of one priority level, indexed by length, deadline and age."""
+
+    __slots__ = ("free", "fifo", "pinned", "by_due", "bins", "bin_order", "free_tokens")
+
+    def __init__(self) -> None:
+        self.free: SortedList = SortedList()  # (length, seq, key) of unpinned, unreserved entries
+        self.free_tokens = 0
+        self.fifo: OrderedDict[Key, Entry] = OrderedDict()  # admission order, unpinned only
+        self.pinned: deque[Entry] = deque()
+        self.by_due: SortedList = SortedList()  # (due, seq, key) of unpinned entries with a deadline
+        self.bins: dict[int, _Bin] = {}
+        self.bin_order: SortedList = SortedList()  # _Bin.order(id)
+
+    def __len__(self) -> int:
+        return len(self.fifo) + len(self.pinned)
+
+    # -- reserved bins --
+
+    def reserve(self, entry: Entry, bin_id: int) -> None:
+        self.free.remove((entry.length, entry.seq, entry.key))
+        self.free_tokens -= entry.length
+        self._bin_update(bin_id, entry, +1)
+
+    def release(self, entry: Entry) -> None:
+        """Out of its bin (admitted, removed, or the bin served only in part)."""
+        self._bin_update(entry.bin, entry, -1)
+
+    def _bin_update(self, bin_id: int, entry: Entry, sign: int) -> None:
+        b = self.bins.get(bin_id)
+        if b is None:
+            b = self.bins[bin_id] = _Bin()
+        else:
+            self.bin_order.remove(b.order(bin_id))
+        if sign > 0:
+            b.keys.add(entry.key)
+            entry.bin = bin_id
+        else:
+            b.keys.discard(entry.key)
+            entry.bin = None
+        b.tokens += sign * entry.length
+        if b.keys:
+            self.bin_order.add(b.order(bin_id))
+        else:
+            del self.bins[bin_id]
+
+
+class WaitingSet:
+    """Waiting requests indexed by priority, remaining length, deadline and age.
+
+    Adds and removals cost O(log n); ``plan`` costs O((k + swaps + bins) log n) for k picks,
+    so the policy scales to 100k waiting requests without re-sorting the queue every step.
+    """
+
+    def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4) -> None:
+        self.aging = aging
+        self.max_swaps = max_swaps
+        self._entries: dict[Key, Entry] = {}
+        self._levels: dict[int, _Level] = {}
+        self._priorities: list[int] = []  # sorted keys of _levels
+        self._seq = 0
+        self._bin_ids = 0
+        self._tokens = 0  # sum of waiting lengths
+        self._undated: list[Entry] = []  # admitted since the last plan: no deadline yet
+
+    # ---- membership -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._entries
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+    def add(self, entry: Entry, due: float = math.inf) -> None:
+        """Admit a request at the back. A new arrival's deadline is set by the next plan; a
+        request coming back (vLLM's priority queue re-inserts a preempted one by arrival)
+        passes the deadline it had, which keeps it ahead of newer ones."""
+        self._insert(entry, pinned=False, due=due)
+
+    def pin(self, entries: Sequence[Entry]) -> None:
+        """Put requests in front of their level, in the given order (resumed or deferred)."""
+        for entry in reversed(entries):
+            self._insert(entry, pinned=True)
+
+    def _insert(self, entry: Entry, pinned: bool, due: float = math.inf) -> None:
+        if entry.key in self._entries:
+            raise ValueError(f"request {entry.key!r} is already waiting")
+        entry.length = max(1, entry.length)
+        entry.pinned = pinned
+        entry.bin = None
+        entry.due = math.inf
+        level = self._levels.get(entry.priority)
+        if level is None:
+            level = self._levels[entry.priority] = _Level()
+            bisect.insort(self._priorities, entry.priority)
+        if pinned:
+            level.pinned.appendleft(entry)
+        else:
+            entry.seq = self._seq
+            self._seq += 1
+            level.fifo[entry.key] = entry
+            level.free.add((entry.length, entry.seq, entry.key))
+            level.free_tokens += entry.length
+        self._entries[entry.key] = entry
+        self._tokens += entry.length
+        if not pinned:
+            if due == math.inf:
+                self._undated.append(entry)
+            else:
+                self._date(entry, due)
+
+    def remove(self, key: Key) -> Entry:
+        entry = self._entries.pop(key)
+        self._tokens -= entry.length
+        level = self._levels[entry.priority]
+        if entry.pinned:
+            level.pinned.remove(entry)
+        else:
+            del level.fifo[key]
+            if entry.bin is not None:
+                level.release(entry)
+            else:
+                level.free.remove((entry.length, entry.seq, key))
+                level.free_tokens -= entry.length
+            if entry.due != math.inf:
+                level.by_due.remove((entry.due, entry.seq, key))
+        if not level:
+            del self._levels[entry.priority]
+            self._priorities.remove(entry.priority)
+        return entry
+
+    def discard(self, key: Key) -> Entry | None:
+        return self.remove(key) if key in self._entries else None
+
+    # ---- deadlines --------------------------------------------------------------------------
+
+    def _date(self, entry: Entry, due: float) -> None:
+        entry.due = due
+        if due != math.inf:
+            self._levels[entry.priority].by_due.add((due, entry.seq, entry.key))
+
+    def _date_arrivals(self, step_tokens: int) -> None:
+        """Deadlines of the requests admitted since the last plan, from the queue they joined."""
+        drain = self._tokens / max(1, step_tokens)
+        for entry in self._undated:
+            if entry.key in self._entries and not entry.pinned and entry.due == math.inf:
+                self._date(entry, self.aging.due(entry.step, drain))
+        self._undated.clear()
+
+    def _overdue(self, level: _Level, step: int, now: float) -> Iterator[Entry]:
+        """Requests past their deadline, earliest deadline first; then those past the seconds
+        bound, oldest first."""
+        for due, _, key in level.by_due:
+            if due > step:
+                break
+            yield level.fifo[key]
+        if self.aging.seconds is not None:
+            for entry in level.fifo.values():
+                if now - entry.time < self.aging.seconds:
+                    break
+                if entry.due > step:
+                    yield entry
+
+    # ---- order ------------------------------------------------------------------------------
+
+    def first(self, step: int = 0, now: float = 0.0) -> Key:
+        """The request the policy would start next with an unlimited budget."""
+        if not self._entries:
+            raise IndexError("no waiting requests")
+        level = self._levels[self._priorities[0]]
+        if level.pinned:
+            return level.pinned[0].key
+        for entry in self._overdue(level, step, now):
+            return entry.key
+        if level.free:
+            return level.free[0][2]
+        _, _, bin_id = level.bin_order[0]
+        return min(level.bins[bin_id].keys, key=lambda k: level.fifo[k].seq)
+
+    def __iter__(self) -> Iterator[Key]:
+        """All waiting keys: by level, pinned first, then free shortest first, then bins."""
+        for priority in self._priorities:
+            level = self._levels[priority]
+            yield from (e.key for e in level.pinned)
+            yield from (key for _, _, key in level.free)
+            for _, _, bin_id in level.bin_order:
+                yield from level.bins[bin_id].keys
+
+    # ---- the per-step policy ----------------------------------------------------------------
+
+    def plan(self, limits: StepLimits, step: int = 0, now: float = 0.0) -> list[Pick]:
+        """Choose this step's prefills. Requests stay waiting; planning dates new arrivals and
+        may reserve bins (whole prompts only), which changes no request's membership."""
+        self._date_arrivals(limits.budget + limits.used_tokens)
+        planner = _Planner(limits)
+        for priority in self._priorities:
+            level = self._levels[priority]
+            before = planner.whole_picks
+            self._plan_level(level, planner, step, now)
+            if planner.whole_picks - before < len(level):
+                break  # strict priority: a lower level only gets what a level leaves whole
+        planner.top_up()
+        return planner.picks
+
+    def _plan_level(self, level: _Level, p: _Planner, step: int, now: float) -> None:
+        for entry in level.pinned:
+            if not p.take_in_order(entry, Reason.PINNED):
+                return
+        exchangeable: list[Entry] = []  # aged first-fit and short picks, in plan order
+        self._take_aged(level, p, step, now, exchangeable)
+        if p.blocked:
+            return
+        if not p.limits.chunked_prefill:
+            self._build_bins(level, p.limits.budget)
+            if level.bins and self._bin_first(level, p):
+                self._serve_bins(level, p)
+        for _, _, key in level.free:
+            if not p.has_room():
+                break
+            entry = level.fifo[key]
+            if p.taken(key) or not p.group_ok(entry):
+                continue
+            if entry.length > p.left:
+                break
+            p.take(entry, Reason.SHORT)
+            exchangeable.append(entry)
+        self._exchange(level, p, exchangeable, step, now)
+        if level.bins and all(p.taken(key) for _, _, key in level.free):
+            self._serve_bins(level, p)
+        p.chunk_next(level)
+
+    def _take_aged(self, level: _Level, p: _Planner, step: int, now: float,
+                   exchangeable: list[Entry]) -> None:
+        """(a) Overdue requests go first, earliest deadline first: whole, else a chunk, else the
+        step stops. With chunked prefill off, only the first may stop the step; the others
+        follow first-fit, so an all-overdue queue still packs."""
+        misses = 0
+        for index, entry in enumerate(self._overdue(level, step, now)):
+            if p.taken(entry.key):
+                continue
+            if index == 0 or p.limits.chunked_prefill:  # chunks pack in deadline order perfectly
+                if not p.take_in_order(entry, Reason.AGED):
+                    return
+            elif not p.has_room():
+                return
+            elif entry.length <= p.left and p.group_ok(entry):
+                p.take(entry, Reason.AGED)
+                exchangeable.append(entry)
+            else:
+                misses += 1
+                if misses > AGED_PROBES:
+                    return
+
+    def _build_bins(self, level: _Level, capacity: int) -> None:
+        """The filler reserve: pack bins from the longest free prompts down, each filled with
+        the longest free prompts that fit, while the free prompts hold more than
+        BUILD_MIN_STEPS steps. The shortest prompts stay free for shortest-first. Prompts over
+        half the budget need a bin each, and fillers before shortest-first eats them: all of
+        them are binned at once (each once in its life: O(log n) a prompt); the rest at
+        BINS_PER_STEP bins a step."""
+        slack = capacity * (1 - BIN_FILL)
+        built = 0
+        while level.free_tokens > BUILD_MIN_STEPS * capacity:
+            at = level.free.bisect_right((capacity, math.inf, None))
+            if at == 0 or (built >= BINS_PER_STEP and level.free[at - 1][0] <= capacity // 2):
+                return
+            built += 1
+            bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
+            gap = capacity
+            while gap > slack:
+                at = level.free.bisect_right((gap, math.inf, None))
+                if at == 0:
+                    break
+                length, _, key = level.free[at - 1]
+                level.reserve(level.fifo[key], bin_id)
+                gap -= length
+
+    @staticmethod
+    def _bin_first(level: _Level, p: _Planner) -> bool:
+        """Smith's rule between the best reserved bin and a shortest-first step: whichever
+        starts more requests goes first (O(k) for the k free prompts a step would take)."""
+        best = -level.bin_order[0][0]
+        left, count = p.left, 0
+        for length, _, key in level.free:
+            if length > left or count >= best:
+                break
+            if not p.taken(key):
+                left -= length
+                count += 1
+        return count < best
+
+    def _serve_bins(self, level: _Level, p: _Planner) -> None:
+        """Reserved bins, most requests first: whole where a bin fits, else its members
+        longest first where they fit (the rest stay reserved)."""
+        for _, _, bin_id in islice(level.bin_order, FIT_PROBES):
+            if not p.has_room():
+                return
+            members = sorted((level.fifo[k] for k in level.bins[bin_id].keys),
+                             key=lambda e: (-e.length, e.seq))
+            for entry in members:
+                if (p.has_room() and not p.taken(entry.key) and entry.length <= p.left
+                        and p.group_ok(entry)):
+                    p.take(entry, Reason.BIN)
+
+    def _exchange(self, level: _Level, p: _Planner, picks: list[Entry], step: int, now: float) -> None:
+        """(c) best fit: swap the last exchangeable picks for longer free prompts that fill the
+        step; an overdue pick only for another overdue request, so no younger one overtakes it.
+
+        Only where the leftover cannot become a chunk: a chunk fills it already, and an exchange
+        would just delay a shorter prompt.
+        """
+        if p.limits.chunked_prefill and p.left >= max(1, p.limits.min_chunk_tokens):
+            return
+        for _ in range(self.max_swaps):
+            if not picks or p.left == 0:
+                return
+            last = picks[-1]
+            aged = p.reason(last.key) == Reason.AGED
+            best = self._longest_fitting(
+                level, p, p.left + last.length, above=last.length,
+                accept=(lambda e: self.aging.overdue(e, step, now)) if aged else None,
+            )
+            if best is None:
+                return
+            picks.pop()
+            p.untake(last)
+            p.take(best, Reason.AGED if aged else Reason.FIT)
+
+    @staticmethod
+    def _longest_fitting(level: _Level, p: _Planner, room: int, above: int,
+                         accept=None) -> Entry | None:
+        """Longest untaken free prompt with above < length <= room (and `accept`ed),
+        O(log n + FIT_PROBES)."""
+        index = level.free.bisect_right((room, math.inf, None)) - 1
+        probes = 0
+        while index >= 0 and probes < FIT_PROBES:
+            length, _, key = level.free[index]
+            if length <= above:
+                return None
+            entry = level.fifo[key]
+            if not p.taken(key) and p.group_ok(entry) and (accept is None or accept(entry)):
+                return entry
+            index -= 1
+            probes += 1
+        return None
+
+
+class _Planner:
+    """Mutable state of one step's plan: the picks and what is left."""
+
+    def __init__(self, limits: StepLimits) -> None:
+        self.limits = limits
+        self.left = max(0, limits.budget)
+        self.seats = max(0, limits.seats)
+        self._picks: dict[Key, Pick] = {}  # in plan order
+        self._group_counts: Counter = Counter()
+        self._chunk_candidate: Entry | None = None
+        self.blocked = False  # a must-go-first request did not fit: nothing may overtake it
+
+    @property
+    def picks(self) -> list[Pick]:
+        return list(self._picks.values())
+
+    def has_room(self) -> bool:
+        return self.left > 0 and self.seats > 0
+
+    def taken(self, key: Key) -> bool:
+        return key in self._picks
+
+    def reason(self, key: Key) -> Reason:
+        return self._picks[key].reason
+
+    @property
+    def whole_picks(self) -> int:
+        return sum(1 for pick in self._picks.values() if not pick.chunked)
+
+    def group_ok(self, entry: Entry) -> bool:
+        max_groups = self.limits.max_groups
+        return (
+            entry.group is None
+            or max_groups is None
+            or entry.group in self.limits.groups
+            or self._group_counts[entry.group] > 0
+            or len(self.limits.groups | {g for g, n in self._group_counts.items() if n}) < max_groups
+        )
+
+    def take(self, entry: Entry, reason: Reason, tokens: int | None = None) -> None:
+        tokens = entry.length if tokens is None else tokens
+        self._picks[entry.key] = Pick(entry.key, tokens, reason)
+        self.left -= tokens
+        self.seats -= 1
+        if entry.group is not None:
+            self._group_counts[entry.group] += 1
+
+    def untake(self, entry: Entry) -> None:
+        self.left += self._picks.pop(entry.key).tokens
+        self.seats += 1
+        if entry.group is not None:
+            self._group_counts[entry.group] -= 1
+
+    def take_in_order(self, entry: Entry, reason: Reason) -> bool:
+        """A must-go-first request: whole, else a chunk, else the plan stops here."""
+        if self.taken(entry.key):
+            return True
+        if not self.has_room() or not self.group_ok(entry):
+            self.blocked = True
+            return False
+        if entry.length <= self.left:
+            self.take(entry, reason)
+            return True
+        if self.limits.chunked_prefill and self.left >= self.limits.min_chunk_tokens:
+            self.take(entry, Reason.CHUNK, self.left)
+        self.blocked = True
+        return False
+
+    def chunk_next(self, level: _Level) -> None:
+        """(d) the shortest prompt that did not fit whole gets a chunk of what is left."""
+        if not self.limits.chunked_prefill or not self.has_room():
+            return
+        for _, _, key in level.free:
+            entry = level.fifo[key]
+            if not self.taken(key) and self.group_ok(entry):
+                if self.left >= max(1, self.limits.min_chunk_tokens):
+                    self.take(entry, Reason.CHUNK, self.left)
+                else:
+                    self._chunk_candidate = entry
+                return
+
+    def top_up(self) -> None:
+        """Fill the gap up to the next CUDA-graph size: vLLM pads to it anyway."""
+        entry = self._chunk_candidate
+        if entry is None or not self.limits.capture_sizes or self.seats <= 0:
+            return
+        total = self.limits.used_tokens + (self.limits.budget - self.left)
+        gap = min(padding_gap(total, self.limits.capture_sizes), self.left, entry.length)
+        if gap > 0:
+            self.take(entry, Reason.TOPUP, gap)
