@@ -328,9 +328,9 @@ def test_pack_rows_first_fit_decreasing(lengths, capacity):
     assert flat == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
     if lengths:
-        optimum_lb = lower_bound_steps(lengths, capacity)
-        assert len(rows) <= math.floor(11 / 9 * optimum_lb + 6 / 9) + 1  # FFD's bound
-        # decreasing: no later row could have taken an item of an earlier one's... simpler:
+        # any first fit leaves at most one row half empty (FFD's 11/9 OPT bound needs OPT,
+        # which the volume bound underestimates: [85, 116 x 6] in rows of 200 needs 7)
+        assert len(rows) <= 2 * sum(lengths) / capacity + 1
         # two rows whose sums together fit one row are never both left open
         sums = sorted(sum(lengths[i] for i in row) for row in rows)
         assert len(sums) < 2 or sums[0] + sums[1] > capacity
