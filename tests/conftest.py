@@ -49,13 +49,16 @@ _ENGINES: dict = {}
 @pytest.fixture(scope="session")
 def engine():
     """engine(model, prepack, **kwargs): one shared engine per distinct configuration."""
-    from vllm_prepack.engine import build_llm
+    from vllm_prepack.engine import build_llm, engine_scheduler
 
     def get(model, prepack=False, **kwargs):
         config = {**ENGINE_DEFAULTS, **kwargs}
         key = (model, repr(prepack), tuple(sorted(config.items())))
         if key not in _ENGINES:
-            _ENGINES[key] = build_llm(model, prepack, **config)
+            llm = _ENGINES[key] = build_llm(model, prepack, **config)
+            scheduler = engine_scheduler(llm)
+            if prepack is not False:  # every step of every test checks the budget mirror
+                scheduler.verify_budget = True
         return _ENGINES[key]
 
     return get

@@ -199,3 +199,23 @@ def test_lora_limit_is_planned_and_outputs_match_plain_vllm(engine, tiny_model, 
     assert len(planned) > 2
     for record in planned:  # a plan with two adapters would see vLLM skip one of them
         assert {p.key for p in record.planned} <= set(record.scheduled_new)
+
+
+def test_prefix_caching_on_outputs_match_and_cached_siblings_go_early(engine, tiny_model):
+    """Prefix caching on (vLLM's default). Eight prompts share a 300-token system prompt and
+    arrive after six 350-token ones; once one of them has run, the others cost ~20 uncached
+    tokens and follow at once. Outputs equal plain vLLM's with prefix caching on."""
+    system = token_ids([300], vocab_size=512, seed=20)[0]
+    tails = token_ids([1] + [10 + i for i in range(7)], vocab_size=512, seed=21)
+    shared = [system + t for t in tails]
+    prompts = token_ids([350] * 6, vocab_size=512, seed=22) + shared  # FCFS: the 350s first
+    kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=512, enable_prefix_caching=True)
+    packed = run_stepwise(engine(tiny_model, True, **kw), prompts, FIRST_TOKEN)
+    plain = run_stepwise(engine(tiny_model, False, **kw), prompts, FIRST_TOKEN)
+    first = [r.first_step for r in packed.results]
+    primer = min(first[6:])
+    assert max(first[6:]) == primer + 1  # the siblings, cached once one has run, right after it
+    assert max(first[6:]) < max(first[:6])
+    mean = lambda run: sum(r.first_step for r in run.results) / len(run.results)  # noqa: E731
+    assert mean(packed) < 0.8 * mean(plain)
+    assert [r.token_ids for r in packed.results] == [r.token_ids for r in plain.results]

@@ -80,20 +80,20 @@ def test_debug_layout_checks_every_forward(engine, tiny_model):
 
 
 def test_debug_layout_fails_loudly_on_a_corrupted_plan(tiny_model, monkeypatch):
-    from vllm_prepack import packing
+    from vllm_prepack import policy
     from vllm_prepack.engine import build_llm
 
-    original = packing.WaitingSet.plan
+    original = policy.WaitingSet.plan
 
     def corrupted(self, limits, step=0, now=0.0):
         picks = original(self, limits, step, now)
         if picks:  # claim one more token than will be scheduled
-            picks[0] = packing.Pick(picks[0].key, picks[0].tokens + 1, picks[0].reason)
+            picks[0] = policy.Pick(picks[0].key, picks[0].tokens + 1, picks[0].reason)
         return picks
 
     llm = build_llm(tiny_model, {"debug_layout": True}, dtype="float32", max_model_len=512,
                     num_gpu_blocks_override=64, enable_prefix_caching=False, **ENGINE)
-    monkeypatch.setattr(packing.WaitingSet, "plan", corrupted)
+    monkeypatch.setattr(policy.WaitingSet, "plan", corrupted)
     with pytest.raises(Exception) as err:
         generate(llm)
     text = "".join(str(e) for e in _chain(err.value))

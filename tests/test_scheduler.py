@@ -31,7 +31,7 @@ def test_picks_the_right_base_and_packs(tiny_model, async_scheduling):
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_plain_vllm_head_of_line_blocks_on_the_same_input(tiny_model, async_scheduling):
-    s = standalone_scheduler(tiny_model, prepack=False, async_scheduling=async_scheduling)
+    s = standalone_scheduler(tiny_model, scheduler="fcfs", async_scheduling=async_scheduling)
     for i, n in enumerate([200, 30, 100, 250, 20]):
         s.add_request(make_request(f"r{i}", n))
     assert len([step for step in drain(s) if step]) == 4
@@ -94,16 +94,109 @@ def test_drain_aging_keeps_the_tail_near_fcfs_under_arrivals(tiny_model, chunked
     """Poisson arrivals at 0.95 of the budget (steps, not seconds): shortest-first alone
     stretches p99 TTFT well past FCFS; the default queue-relative aging keeps it near FCFS
     while mean TTFT still drops."""
+    from vllm_prepack.bench.harness import poisson_arrivals, simulate
     from vllm_prepack.bench.report import summary
-    from vllm_prepack.bench.scheduler import poisson_arrivals, simulate
     from vllm_prepack.workloads import prompt_lengths
 
     lengths = prompt_lengths("mmlu", 600, seed=4, max_len=1023)
     submit = poisson_arrivals(lengths, 1024, 0.95, seed=4)
-    ttft = {name: summary(simulate(tiny_model, lengths, name != "fcfs", 1024, chunked, submit,
-                                   options).ttft_steps)
+    ttft = {name: summary(simulate(tiny_model, lengths, "fcfs" if name == "fcfs" else "prepack",
+                                   1024, chunked, submit, options).ttft_steps)
             for name, options in [("fcfs", None), ("default", {}),
-                                  ("fixed bound only", {"aging_drain_factor": None})]}
+                                  ("fixed bound only", {"aging_drain_factor": None, "aging_steps": 64})]}
     assert ttft["default"]["p99"] <= 1.25 * ttft["fcfs"]["p99"]
     assert ttft["default"]["mean"] < 0.9 * ttft["fcfs"]["mean"]
     assert ttft["fixed bound only"]["p99"] > 1.25 * ttft["fcfs"]["p99"]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_budget_mirror_is_checked_every_step_and_catches_a_wrong_one(tiny_model, async_scheduling,
+                                                                     monkeypatch):
+    """Decodes, chunked prefills and (async) output placeholders: every step's mirror of vLLM's
+    running phase equals what vLLM then gave the running requests; a mirror off by one token
+    fails the step naming the request."""
+    from vllm_prepack.scheduler import BudgetMismatch
+
+    s = standalone_scheduler(tiny_model, budget=128, chunked_prefill=True, max_num_seqs=16,
+                             async_scheduling=async_scheduling)
+    for i, n in enumerate([250, 40, 90, 10, 200, 60]):
+        s.add_request(make_request(f"r{i}", n, max_tokens=20))
+    steps = drain(s, max_steps=2000)
+    assert not s.has_requests()
+    assert s.prepack_stats.budget_checks == len(steps) > 20
+
+    s = standalone_scheduler(tiny_model, budget=128, chunked_prefill=True, max_num_seqs=16)
+    for i, n in enumerate([250, 40]):
+        s.add_request(make_request(f"r{i}", n, max_tokens=20))
+    fake_step(s, s.schedule())
+    original = PrepackScheduler._running_phase
+    monkeypatch.setattr(PrepackScheduler, "_running_phase",
+                        lambda self, *a: {k: v + 1 for k, v in original(self, *a).items()})
+    with pytest.raises(BudgetMismatch, match="running requests got other tokens"):
+        s.schedule()
+
+
+def test_requests_holding_kv_blocks_come_off_the_budget(tiny_model):
+    """vLLM drains kv_holding_waiting before the waiting queue: the plan gets what is left."""
+    s = standalone_scheduler(tiny_model, budget=256, chunked_prefill=False)
+    holder = make_request("holder", 100)
+    holder.num_computed_tokens = 32  # holds blocks (e.g. an async KV load landed)
+    s.kv_holding_waiting.add_request(holder)
+    assert s._step_limits(0).budget == 256 - 68
+
+
+def test_priority_policy_requeues_by_deadline_like_vllms_priority_queue(tiny_model):
+    """vLLM's priority queue has no front: a preempted request goes back by (priority,
+    arrival). Here it becomes overdue within its level, not pinned ahead of a higher level."""
+    from vllm.v1.core.sched.request_queue import PriorityRequestQueue, SchedulingPolicy
+
+    from vllm_prepack.config import PrepackConfig
+    from vllm_prepack.policy import Reason, StepLimits
+
+    ours, theirs = PackingRequestQueue(PrepackConfig(), SchedulingPolicy.PRIORITY), PriorityRequestQueue()
+    high = [make_request(f"h{i}", 30 + i, priority=0, arrival_time=10.0 + i) for i in range(2)]
+    low = [make_request(f"l{i}", 5 + i, priority=1, arrival_time=20.0 + i) for i in range(2)]
+    preempted = make_request("p", 80, priority=1, arrival_time=1.0)
+    for q in (ours, theirs):
+        for r in high + low:
+            q.add_request(r)
+        q.prepend_request(preempted)
+    picks = ours.begin_step(StepLimits(budget=1000, seats=10, chunked_prefill=False), step=5)
+    assert [p.key for p in picks][:2] == ["h0", "h1"]  # the higher level first, as in vLLM
+    assert (picks[2].key, picks[2].reason) == ("p", Reason.AGED)  # then it, ahead of l0, l1
+    assert [r.request_id for r in theirs][2] == "p"
+
+
+def test_siblings_of_an_admitted_request_are_looked_up_again(tiny_model):
+    """Prefix caching: requests sharing a first block with one vLLM just admitted get their
+    uncached length again at the next plan, and shortest-first moves them ahead."""
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+    from vllm.v1.request import Request
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_prepack.config import PrepackConfig
+    from vllm_prepack.policy import StepLimits
+
+    def request(rid, tokens):
+        def hasher(r):  # one "hash" per full 16-token block not hashed yet
+            done = len(r.block_hashes)
+            return [bytes(str(r.all_token_ids[:16 * (b + 1)]), "ascii")
+                    for b in range(done, len(r.all_token_ids) // 16)]
+        return Request(request_id=rid, prompt_token_ids=tokens, sampling_params=SamplingParams(max_tokens=1),
+                       pooling_params=None, block_hasher=hasher)
+
+    system = list(range(3, 403))  # 400 tokens: 25 blocks
+    cached: set[str] = set()  # the system prompt is cached once "first" has run
+    queue = PackingRequestQueue(PrepackConfig(aging_drain_factor=None), SchedulingPolicy.FCFS,
+                                cached_tokens=lambda r: 400 if cached and r.all_token_ids[:400] == system else 0)
+    siblings = [request(f"s{i}", system + [8] * (60 + i)) for i in range(3)]  # 460-462 tokens
+    others = [request(f"o{i}", [9] * 450) for i in range(3)]
+    for r in [request("first", system + [7])] + siblings + others:
+        queue.add_request(r)
+    plan = queue.begin_step(StepLimits(budget=401, seats=100, chunked_prefill=True), 1)
+    assert [p.key for p in plan] == ["first"]
+    assert queue.pop_request().request_id == "first"  # vLLM admits it; its blocks get cached
+    queue.end_step()
+    cached.add("system")
+    plan = queue.begin_step(StepLimits(budget=10_000, seats=100, chunked_prefill=True), 2)
+    assert [p.key for p in plan] == ["s0", "s1", "s2", "o0", "o1", "o2"]  # 60-62 uncached first

@@ -7,10 +7,7 @@ outputs are identical.
 
 from __future__ import annotations
 
-from vllm_prepack.models import DecoderShape
-
-DEMO_MODEL = DecoderShape(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                          num_key_value_heads=4, intermediate_size=768, vocab_size=512)
+from vllm_prepack.models import DEMO_MODEL
 
 
 def main(args) -> int:

@@ -51,6 +51,15 @@ BENCH_100M = DecoderShape(
     vocab_size=8192,
     initializer_range=0.02,
 )
+# The demo's and the hook benchmark's model: big enough that a forward is not all overhead.
+DEMO_MODEL = DecoderShape(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=4, intermediate_size=768, vocab_size=512)
+# `bench hf` shapes, name: (hidden, layers, heads, kv_heads, intermediate, vocab)
+HF_BENCH_SHAPES = {
+    "tiny": (256, 4, 4, 4, 768, 512),
+    "sheared-1.3b": (2048, 24, 16, 16, 5504, 32000),
+    "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
+}
 
 
 def cache_dir() -> Path:

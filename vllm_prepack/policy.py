@@ -276,6 +276,23 @@ class WaitingSet:
             self._priorities.remove(entry.priority)
         return entry
 
+    def resize(self, key: Key, length: int) -> None:
+        """A request's remaining length changed (a prefix-cache hit found after it arrived);
+        it keeps its arrival order and deadline, and leaves its reserved bin."""
+        entry = self._entries[key]
+        length = max(1, length)
+        self._tokens += length - entry.length
+        if not entry.pinned:
+            level = self._levels[entry.priority]
+            if entry.bin is not None:
+                level.release(entry)
+            else:
+                level.free.remove((entry.length, entry.seq, key))
+                level.free_tokens -= entry.length
+            level.free.add((length, entry.seq, key))
+            level.free_tokens += length
+        entry.length = length
+
     def discard(self, key: Key) -> Entry | None:
         return self.remove(key) if key in self._entries else None
 

@@ -76,6 +76,10 @@ class PackingRequestQueue(RequestQueue):
         self._requests: dict[str, Request] = {}
         self._by_priority = policy == SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
+        # prefix caching: waiting requests by their first block, and the blocks of requests
+        # admitted last step (their siblings may hit the cache now)
+        self._groups: dict[object, set[str]] = {}
+        self._admitted_groups: set = set()
         self._plan: list[Pick] = []
         self._cursor = 0
         self._step = 0
@@ -85,6 +89,7 @@ class PackingRequestQueue(RequestQueue):
 
     def begin_step(self, limits: StepLimits, step: int) -> list[Pick]:
         self._step, self._now = step, time.time()
+        self._refresh_cached()
         self._plan = self._set.plan(limits, step, self._now)
         self._cursor = 0
         return self._plan
@@ -100,6 +105,33 @@ class PackingRequestQueue(RequestQueue):
             self._cursor += 1
         # Past the plan (vLLM found more room than estimated): the policy's next choice.
         return self._set.first(self._step, self._now)
+
+    def _refresh_cached(self) -> None:
+        """A request admitted last step cached its prompt's blocks: the waiting requests that
+        share its first block are looked up again (once per admission of a group, O(group))."""
+        for group in self._admitted_groups:
+            for request_id in self._groups.get(group, ()):
+                request = self._requests[request_id]
+                if request.num_computed_tokens == 0:
+                    self._set.resize(request_id, request.num_tokens - self._cached_tokens(request))
+        self._admitted_groups.clear()
+
+    def _group(self, request: Request):
+        if self._cached_tokens is None or not request.block_hashes:
+            return None
+        return request.block_hashes[0]
+
+    def _leave_group(self, request: Request, admitted: bool) -> None:
+        group = self._group(request)
+        if group is None:
+            return
+        members = self._groups.get(group)
+        if members is not None:
+            members.discard(request.request_id)
+            if not members:
+                del self._groups[group]
+            elif admitted:
+                self._admitted_groups.add(group)
 
     # ---- RequestQueue -----------------------------------------------------------------------
 
@@ -120,6 +152,12 @@ class PackingRequestQueue(RequestQueue):
     def add_request(self, request: Request) -> None:
         self._set.add(self._entry(request))
         self._requests[request.request_id] = request
+        self._join_group(request)
+
+    def _join_group(self, request: Request) -> None:
+        group = self._group(request)
+        if group is not None:
+            self._groups.setdefault(group, set()).add(request.request_id)
 
     def prepend_request(self, request: Request) -> None:
         self.prepend_requests((request,))
@@ -127,6 +165,8 @@ class PackingRequestQueue(RequestQueue):
     def prepend_requests(self, requests: Iterable[Request]) -> None:
         requests = list(requests)
         self._requests.update((r.request_id, r) for r in requests)
+        for request in requests:
+            self._join_group(request)
         if self._by_priority:
             # vLLM's priority queue has no front: it re-inserts by (priority, arrival). These
             # requests (preempted, or skipped this step) are overdue at once, so they go first
@@ -147,17 +187,21 @@ class PackingRequestQueue(RequestQueue):
             raise IndexError("pop from an empty queue")
         key = self._next_key()
         self._set.remove(key)
-        return self._requests.pop(key)
+        request = self._requests.pop(key)
+        self._leave_group(request, admitted=True)
+        return request
 
     def remove_request(self, request: Request) -> None:
         self._set.remove(request.request_id)
         del self._requests[request.request_id]
+        self._leave_group(request, admitted=False)
 
     def remove_requests(self, requests: Iterable[Request]) -> None:
         # vLLM removes aborted requests from every waiting queue: absent ones are fine.
         for request in requests:
             if self._set.discard(request.request_id) is not None:
                 del self._requests[request.request_id]
+                self._leave_group(request, admitted=False)
 
     def __bool__(self) -> bool:
         return len(self._set) > 0
@@ -225,6 +269,8 @@ class PrepackScheduler(Scheduler):
         spec = vllm_config.speculative_config
         self._draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
         self.prepack_stats = PrepackStats()
+        # check the running-budget mirror against vLLM every step (tests turn it on everywhere)
+        self.verify_budget = self.prepack_config.debug_layout
         self._iteration = None  # this step's context/generation split, until make_stats takes it
         self._capture_sizes = capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
 
@@ -241,8 +287,9 @@ class PrepackScheduler(Scheduler):
         finally:
             self.waiting.end_step()
         self._record(output, limits, planned, waiting, plan_seconds)
-        if self.prepack_config.debug_layout:
+        if self.verify_budget:
             self._check_running(running, output)
+        if self.prepack_config.debug_layout:
             # the model-runner hook checks the forward against this (same object in-process;
             # pickled with the SchedulerOutput to workers)
             output.prepack_plan = {p.key: p.tokens for p in planned}

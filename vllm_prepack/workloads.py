@@ -31,9 +31,17 @@ SHAPES: dict[str, Shape] = {
     "wikitext256": Shape(4.5, 0.35, 256, 2.2, 64),
     "samsum": Shape(4.8, 0.55, 1024, 2.8, 32),
     "hh-rlhf": Shape(4.3, 0.6, 1024, 2.9, 32),
+    "heavytail": Shape(3.5, 1.3, 2048, math.nan, 64),  # a log-normal heavy tail nobody tuned for
+}
+# Mixtures of uniform length ranges: (share, shortest, longest)
+MIXES: dict[str, tuple[tuple[float, int, int], ...]] = {
+    # the MiniLM job: short queries, passages, long passages
+    "trimodal": ((0.5, 6, 30), (0.3, 90, 130), (0.2, 200, 252)),
+    # every prompt a large part of a 1024 budget: no schedule reaches ceil(tokens / budget)
+    "narrow": ((1.0, 300, 340),),
 }
 BIMODAL_LONG_SHARE = 0.15
-WORKLOADS = (*SHAPES, "bimodal")
+WORKLOADS = (*SHAPES, "bimodal", *MIXES)
 
 
 def prompt_lengths(name: str, n: int, seed: int = 0, max_len: int | None = None) -> list[int]:
@@ -49,6 +57,8 @@ def prompt_lengths(name: str, n: int, seed: int = 0, max_len: int | None = None)
         ]
     elif name in SHAPES:
         out = [SHAPES[name].sample(rng) for _ in range(n)]
+    elif name in MIXES:
+        out = [_mix_sample(MIXES[name], rng) for _ in range(n)]
     else:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     if max_len is not None:
@@ -56,6 +66,15 @@ def prompt_lengths(name: str, n: int, seed: int = 0, max_len: int | None = None)
             raise ValueError("max_len must be >= 1")
         out = [min(x, max_len) for x in out]
     return out
+
+
+def _mix_sample(mix: tuple[tuple[float, int, int], ...], rng: random.Random) -> int:
+    u = rng.random()
+    for share, lo, hi in mix:
+        if u < share:
+            break
+        u -= share
+    return rng.randint(lo, hi)
 
 
 def batch_ratio(lengths: list[int], batch: int) -> float:

@@ -44,7 +44,7 @@ def standalone_scheduler(
     verify: bool = True,
 ):
     """A real vLLM scheduler (one of SCHEDULERS) built without an engine or a model. `verify`:
-    the plugin checks its mirror of vLLM's running budget every step (debug_layout)."""
+    the plugin checks its mirror of vLLM's running budget every step (as with debug_layout)."""
     import torch
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -52,8 +52,6 @@ def standalone_scheduler(
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
-    config = {"prepack": {**({"debug_layout": True} if verify else {}),
-                          **(additional_config or {}).get("prepack", {})}}
     vllm_config = EngineArgs(
         model=str(model_dir),
         skip_tokenizer_init=True,
@@ -63,7 +61,7 @@ def standalone_scheduler(
         enable_chunked_prefill=chunked_prefill,
         enable_prefix_caching=False,
         scheduling_policy=policy,
-        additional_config=config,
+        additional_config=additional_config or {},
     ).create_engine_config()
     vllm_config.scheduler_config.async_scheduling = async_scheduling
     vllm_config.cache_config.num_gpu_blocks = num_blocks
@@ -77,13 +75,16 @@ def standalone_scheduler(
         cls = AsyncScheduler if async_scheduling else Scheduler
     else:
         cls = _load(SCHEDULERS[scheduler])
-    return cls(
+    scheduler = cls(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
         structured_output_manager=StructuredOutputManager(vllm_config),
         block_size=block_size,
         log_stats=False,
     )
+    if hasattr(scheduler, "verify_budget"):
+        scheduler.verify_budget = verify
+    return scheduler
 
 
 def make_request(request_id: str, prompt_len: int, max_tokens: int = 1, priority: int = 0,

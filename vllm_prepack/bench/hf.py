@@ -28,21 +28,16 @@ import torch
 
 from vllm_prepack import hf
 from vllm_prepack.bench.report import header, table
+from vllm_prepack.models import HF_BENCH_SHAPES
 from vllm_prepack.workloads import SHAPES, batch_ratio, prompt_lengths, token_ids
 
-MODEL_SHAPES = {
-    # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
-    "tiny": (256, 4, 4, 4, 768, 512),
-    "sheared-1.3b": (2048, 24, 16, 16, 5504, 32000),
-    "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
-}
 LENGTH_GROUPS = 4  # sub-batches of the length-ordered baseline
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype, attn: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, layers, heads, kv, inter, vocab = MODEL_SHAPES[shape]
+    hidden, layers, heads, kv, inter, vocab = HF_BENCH_SHAPES[shape]
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
                          max_position_embeddings=4096, pad_token_id=0)
@@ -253,7 +248,7 @@ def main(args) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"])
-    parser.add_argument("--models", nargs="+", choices=list(MODEL_SHAPES))
+    parser.add_argument("--models", nargs="+", choices=list(HF_BENCH_SHAPES))
     parser.add_argument("--attn", default="sdpa",
                         choices=["sdpa", "flex_attention", hf.VARLEN_ATTENTION, "eager"],
                         help=f"{hf.VARLEN_ATTENTION}: torch's varlen flash kernel for the packed "

@@ -1,118 +1,77 @@
-"""``vllm-prepack bench scheduler``: plain vLLM vs the plugin, side by side in one run.
+"""``vllm-prepack bench scheduler``: FCFS vLLM, SGLang's orderings and the plugin, side by side.
 
-Three parts, each a ratio against plain vLLM measured in the same process:
-1. synthetic backlogs on vLLM's real scheduler, driven without a model (forward steps, the lower
-   bound ceil(prompt tokens / budget), time to first token in steps, scheduler time per step),
-   and the same under Poisson arrivals at several offered loads;
+Every part runs each scheduler in the same process, on the same requests:
+1. synthetic backlogs on vLLM's real scheduler, driven without a model (forward steps against
+   the bounds ceil(prompt tokens / budget) and offline first-fit decreasing, time to first token
+   in steps), and the same under Poisson arrivals at several offered loads;
 2. scheduler time per step with 1k, 10k and 100k waiting requests;
-3. real engines on CPU: an all-MiniLM-L6-v2 embedding job (chunked prefill off) and generation
-   on a random-weight ~100M-parameter Llama (chunked prefill on), short and long outputs.
-Steps are reported as steps and seconds as seconds; none is converted into the other.
+3. real engines on CPU: all-MiniLM-L6-v2 embedding jobs (chunked prefill off), generation on a
+   random-weight ~100M-parameter Llama (chunked prefill on), and generation with prefix caching
+   on over shared system prompts.
+Schedulers: ``fcfs`` (plain vLLM), ``spf`` and ``hrrn`` (SGLang's shortest-prefill-first and
+highest-response-ratio-next, bench/baselines.py) and ``prepack``. Steps are reported as steps and
+seconds as seconds; none is converted into the other.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import random
-import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_prepack.bench.harness import (
+    SCHEDULERS,
+    Outcome,
+    alternating,
+    compare_engines,
+    fake_step,
+    make_request,
+    median_run,
+    poisson_arrivals,
+    simulate,
+    standalone_scheduler,
+)
 from vllm_prepack.bench.report import header, summary, table
-from vllm_prepack.packing import lower_bound_steps
+from vllm_prepack.packing import ffd_steps, lower_bound_steps
 from vllm_prepack.workloads import WORKLOADS, prompt_lengths, token_ids
 
-
-@dataclass
-class Outcome:
-    steps: int
-    ttft_steps: list[float]
-    ttft_s: list[float]
-    sched_s: list[float]
-    wall: float = float("nan")
-    tokens: int = 0
-    fill: list[float] = field(default_factory=list)  # scheduled tokens / budget, per step
+STEP_COLUMNS = ["workload", "scheduler", "steps", "LB", "FFD", "steps/bound", "TTFT mean (steps)",
+                "p50", "p99", "mean vs FCFS", "p99 vs FCFS"]
+ENGINE_COLUMNS = ["workload", "scheduler", "steps", "steps/bound", "wall s", "tok/s vs FCFS",
+                  "TTFT mean s", "TTFT p99 s", "mean vs FCFS", "p99 vs FCFS", "outputs = FCFS"]
 
 
-def comparison_rows(label: str, plain: Outcome, packed: Outcome, lb: int, **extra) -> list[dict]:
+def rows_for(label: str, outcomes: dict[str, Outcome], lengths: list[int] | None, budget: int,
+             **extra) -> list[dict]:
+    """One row per scheduler; ratios against FCFS (plain vLLM) measured in the same run."""
+    base = outcomes["fcfs"]
+    base_ttft = summary(base.ttft_s or base.ttft_steps)
+    lb = lower_bound_steps(lengths, budget) if lengths else None
+    ffd = ffd_steps(lengths, budget) if lengths and max(lengths) <= budget else None
     rows = []
-    for name, o in (("plain vLLM", plain), ("prepack", packed)):
-        ttft = summary(o.ttft_steps)
-        row = {
-            "workload": label,
-            "scheduler": name,
-            "steps": o.steps,
-            "LB": lb,
-            "steps/LB": o.steps / lb,
-            "TTFT mean (steps)": ttft["mean"],
-            "p50": ttft["p50"],
-            "p99": ttft["p99"],
+    for name, o in outcomes.items():
+        steps_ttft = summary(o.ttft_steps)
+        ttft = summary(o.ttft_s or o.ttft_steps)
+        row = {"workload": label, "scheduler": name, "steps": o.steps}
+        if lb is not None:
+            row.update({"LB": lb, "FFD": ffd if ffd is not None else "n/a",
+                        "steps/bound": o.steps / max(lb, ffd or 0)})
+        row.update({
+            "TTFT mean (steps)": steps_ttft["mean"], "p50": steps_ttft["p50"], "p99": steps_ttft["p99"],
+            "mean vs FCFS": ttft["mean"] / base_ttft["mean"],
+            "p99 vs FCFS": ttft["p99"] / base_ttft["p99"],
             "sched ms/step": 1e3 * sum(o.sched_s) / max(1, len(o.sched_s)),
-        }
-        if o.ttft_s:
-            secs = summary(o.ttft_s)
-            row.update({
-                "wall s": o.wall,
-                "tok/s": o.tokens / o.wall,
-                "TTFT mean s": secs["mean"],
-                "TTFT p50 s": secs["p50"],
-                "TTFT p99 s": secs["p99"],
-            })
-        row.update(extra)
-        rows.append(row)
-    ratio = {
-        "workload": label,
-        "scheduler": "ratio prepack/plain",
-        "steps": packed.steps / plain.steps,
-        "TTFT mean (steps)": summary(packed.ttft_steps)["mean"] / summary(plain.ttft_steps)["mean"],
-        "p50": summary(packed.ttft_steps)["p50"] / summary(plain.ttft_steps)["p50"],
-        "p99": summary(packed.ttft_steps)["p99"] / summary(plain.ttft_steps)["p99"],
-    }
-    if packed.ttft_s:
-        ratio.update({
-            "wall s": packed.wall / plain.wall,
-            "tok/s": (packed.tokens / packed.wall) / (plain.tokens / plain.wall),
-            "TTFT mean s": summary(packed.ttft_s)["mean"] / summary(plain.ttft_s)["mean"],
-            "TTFT p50 s": summary(packed.ttft_s)["p50"] / summary(plain.ttft_s)["p50"],
-            "TTFT p99 s": summary(packed.ttft_s)["p99"] / summary(plain.ttft_s)["p99"],
         })
-    return rows + [ratio]
+        if o.ttft_s:
+            row.update({"wall s": o.wall, "tok/s vs FCFS": (o.tokens / o.wall) / (base.tokens / base.wall),
+                        "TTFT mean s": ttft["mean"], "TTFT p99 s": ttft["p99"]})
+        row.update(extra.get(name, {}))
+        rows.append(row)
+    return rows
 
 
-# ---- 1. synthetic backlogs, engine-free ----------------------------------------------------
-
-
-def simulate(model_dir, lengths, prepack: bool, budget: int, chunked: bool,
-             arrivals: list[int] | None = None, options: dict | None = None) -> Outcome:
-    """Drive vLLM's scheduler without a model. `arrivals[i]`: the step at which request i is
-    submitted (default: all at step 1, a backlog). TTFT counts steps from submission.
-    `options`: the plugin's options (additional_config["prepack"])."""
-    from vllm_prepack.scheduler import fake_step, make_request, standalone_scheduler
-
-    scheduler = standalone_scheduler(
-        model_dir, prepack=prepack, budget=budget, max_model_len=budget,
-        chunked_prefill=chunked, max_num_seqs=1024, num_blocks=1_000_000,
-        additional_config={"prepack": options or {}},
-    )
-    arrivals = arrivals or [1] * len(lengths)
-    order = sorted(range(len(lengths)), key=lambda i: arrivals[i])
-    submitted, first, sched_s, step = 0, {}, [], 0
-    while submitted < len(order) or scheduler.has_requests():
-        step += 1
-        if step > 20 * len(lengths) + max(arrivals):
-            raise RuntimeError(f"simulation made no progress after {step} steps")
-        while submitted < len(order) and arrivals[order[submitted]] <= step:
-            i = order[submitted]
-            scheduler.add_request(make_request(str(i), lengths[i]))
-            submitted += 1
-        t = time.perf_counter()
-        out = scheduler.schedule()
-        sched_s.append(time.perf_counter() - t)
-        for req_id in fake_step(scheduler, out):  # max_tokens=1: finishing is the first token
-            first[req_id] = step - arrivals[int(req_id)] + 1
-    return Outcome(step, list(first.values()), [], sched_s)
+# ---- 1. synthetic backlogs and arrivals, engine-free -----------------------------------------
 
 
 def synthetic(model_dir, n: int, budget: int, seed: int, options: dict | None = None) -> str:
@@ -122,18 +81,18 @@ def synthetic(model_dir, n: int, budget: int, seed: int, options: dict | None = 
         for name in WORKLOADS:
             # a prompt needs room for its output token inside max_model_len (= the budget)
             lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
-            lb = lower_bound_steps(lengths, budget)
-            plain = simulate(model_dir, lengths, False, budget, chunked)
-            packed = simulate(model_dir, lengths, True, budget, chunked, options=options)
-            rows += comparison_rows(name, plain, packed, lb)
+            outcomes = {s: simulate(model_dir, lengths, s, budget, chunked,
+                                    options=options if s == "prepack" else None)
+                        for s in SCHEDULERS}
+            rows += rows_for(name, outcomes, lengths, budget)
         mode = "on" if chunked else "off"
         out.append(
             f"**Synthetic backlogs, chunked prefill {mode}** ({n} prompts per workload, all "
             f"waiting at step 0, budget {budget} tokens = max_model_len, max_tokens=1, prompts "
-            f"capped at {budget - 1}; vLLM's real scheduler driven without a model"
-            f"{_with(options)})\n\n"
-            + table(rows, ["workload", "scheduler", "steps", "LB", "steps/LB",
-                           "TTFT mean (steps)", "p50", "p99", "sched ms/step"])
+            f"capped at {budget - 1}; vLLM's real scheduler driven without a model{_with(options)}). "
+            f"LB = ceil(prompt tokens / budget); FFD = the steps offline first-fit decreasing "
+            f"needs for whole prompts; steps/bound divides by the larger.\n\n"
+            + table(rows, STEP_COLUMNS + ["sched ms/step"])
         )
     return "\n".join(out)
 
@@ -142,37 +101,26 @@ def _with(options: dict | None) -> str:
     return f"; plugin options {json.dumps(options)}" if options else ""
 
 
-def poisson_arrivals(lengths: list[int], budget: int, load: float, seed: int) -> list[int]:
-    """Submission steps of a Poisson process offering `load` x the budget in prompt tokens."""
-    rng = random.Random(f"arrivals:{seed}")
-    rate = load * budget / statistics.fmean(lengths)  # requests per step
-    t, steps = 0.0, []
-    for _ in lengths:
-        t += rng.expovariate(rate)
-        steps.append(int(t) + 1)
-    return steps
-
-
 def arrivals(model_dir, n: int, budget: int, seed: int, loads: list[float],
              options: dict | None = None) -> str:
     rows = []
     for chunked in (False, True):
-        for name in ("mmlu", "bimodal"):
+        for name in ("mmlu", "bimodal", "trimodal"):
             lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
             for load in loads:
                 submit = poisson_arrivals(lengths, budget, load, seed)
-                plain = simulate(model_dir, lengths, False, budget, chunked, submit)
-                packed = simulate(model_dir, lengths, True, budget, chunked, submit, options)
+                outcomes = {s: simulate(model_dir, lengths, s, budget, chunked, submit,
+                                        options if s == "prepack" else None)
+                            for s in SCHEDULERS}
                 label = f"{name}, load {load:g}, chunked {'on' if chunked else 'off'}"
-                rows += comparison_rows(label, plain, packed, lower_bound_steps(lengths, budget))
+                rows += rows_for(label, outcomes, None, budget)
     return (
         f"**Arrivals instead of a backlog** ({n} prompts per row arriving as a seeded Poisson "
         f"process that offers `load` x the budget in prompt tokens per step; budget {budget}, "
         f"max_tokens=1; TTFT counted in steps from each request's arrival; vLLM's real scheduler "
-        f"driven without a model{_with(options)}). Below load 1 the queue is mostly short and there is little "
-        f"to reorder; near and above it a backlog builds and the policy matters.\n\n"
+        f"driven without a model{_with(options)}).\n\n"
         + table(rows, ["workload", "scheduler", "steps", "TTFT mean (steps)", "p50", "p99",
-                       "sched ms/step"])
+                       "mean vs FCFS", "p99 vs FCFS"])
     )
 
 
@@ -180,101 +128,103 @@ def arrivals(model_dir, n: int, budget: int, seed: int, loads: list[float],
 
 
 def scale(model_dir, sizes: list[int], budget: int, steps: int = 30) -> str:
-    from vllm_prepack.scheduler import fake_step, make_request, standalone_scheduler
-
     rows = []
-    for waiting in sizes:
-        lengths = prompt_lengths("mmlu", waiting, seed=0, max_len=budget - 1)
-        per = {}
-        for prepack in (False, True):
-            scheduler = standalone_scheduler(
-                model_dir, prepack=prepack, budget=budget, max_model_len=budget,
-                chunked_prefill=True, max_num_seqs=1024, num_blocks=1_000_000,
-            )
-            for i, n in enumerate(lengths):
-                scheduler.add_request(make_request(str(i), n))
-            times, admitted = [], 0
-            for _ in range(steps):
-                t = time.perf_counter()
-                out = scheduler.schedule()
-                times.append(time.perf_counter() - t)
-                admitted += len(out.scheduled_new_reqs)
-                fake_step(scheduler, out)
-            stats = getattr(scheduler, "prepack_stats", None)
-            per[prepack] = (1e3 * summary(times)["p50"], admitted / steps,
-                            1e3 * stats.plan_seconds / stats.steps if stats else 0.0)
-            del scheduler
-            gc.collect()
-        (plain_ms, plain_adm, _), (pack_ms, pack_adm, plan_ms) = per[False], per[True]
-        rows.append({
-            "waiting requests": waiting,
-            "plain vLLM ms/step (p50)": plain_ms,
-            "prepack ms/step (p50)": pack_ms,
-            "added ms/step": pack_ms - plain_ms,
-            "of which planning": plan_ms,
-            "admitted/step plain": plain_adm,
-            "admitted/step prepack": pack_adm,
-            "µs per admitted, plain": 1e3 * plain_ms / plain_adm,
-            "µs per admitted, prepack": 1e3 * pack_ms / pack_adm,
-        })
+    for chunked in (True, False):
+        for waiting in sizes:
+            lengths = prompt_lengths("mmlu", waiting, seed=0, max_len=budget - 1)
+            per = {}
+            for name in ("fcfs", "prepack"):
+                scheduler = standalone_scheduler(
+                    model_dir, scheduler=name, budget=budget, max_model_len=budget,
+                    chunked_prefill=chunked, max_num_seqs=1024, num_blocks=1_000_000, verify=False,
+                )
+                for i, n in enumerate(lengths):
+                    scheduler.add_request(make_request(str(i), n))
+                times, admitted = [], 0
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    out = scheduler.schedule()
+                    times.append(time.perf_counter() - t)
+                    admitted += len(out.scheduled_new_reqs)
+                    fake_step(scheduler, out)
+                stats = getattr(scheduler, "prepack_stats", None)
+                per[name] = (1e3 * summary(times)["p50"], admitted / steps,
+                             1e3 * stats.plan_seconds / stats.steps if stats else 0.0,
+                             1e3 * max(r for r in times) if stats else 0.0)
+                del scheduler
+                gc.collect()
+            (plain_ms, plain_adm, _, _), (pack_ms, pack_adm, plan_ms, pack_max) = per["fcfs"], per["prepack"]
+            rows.append({
+                "chunked prefill": "on" if chunked else "off",
+                "waiting requests": waiting,
+                "FCFS ms/step (p50)": plain_ms,
+                "prepack ms/step (p50)": pack_ms,
+                "prepack max ms": pack_max,
+                "of which planning (mean)": plan_ms,
+                "admitted/step FCFS": plain_adm,
+                "admitted/step prepack": pack_adm,
+                "µs per admitted, FCFS": 1e3 * plain_ms / plain_adm,
+                "µs per admitted, prepack": 1e3 * pack_ms / pack_adm,
+            })
     return (
-        f"**Scheduler time per step** (p50 of {steps} steps of `Scheduler.schedule()`, budget "
-        f"{budget}, chunked prefill on, mmlu-shaped backlog). Shortest-first admits more (shorter) "
+        f"**Scheduler time per step** ({steps} steps of `Scheduler.schedule()` from a full "
+        f"backlog, budget {budget}, mmlu-shaped lengths). Shortest-first admits more (shorter) "
         f"requests per step, and vLLM's own work per admitted request is most of the added time; "
-        f"'of which planning' is the plugin's policy alone (mean).\n\n" + table(rows)
+        f"'planning' is the plugin's policy alone. With chunked prefill off the first step also "
+        f"reserves a bin for every prompt over half the budget (the max column).\n\n" + table(rows)
     )
 
 
 # ---- 3. real engines -------------------------------------------------------------------------
 
 
-def _engine_outcome(run, prompts, budget: int) -> Outcome:
-    results = run.results
-    tokens = sum(len(p) for p in prompts) + sum(len(r.token_ids or ()) for r in results)
-    return Outcome(
-        steps=run.steps,
-        ttft_steps=[r.first_step for r in results],
-        ttft_s=[r.first_time for r in results],
-        sched_s=run.schedule_seconds,
-        wall=run.wall,
-        tokens=tokens,
-        fill=[t / budget for t in run.step_tokens],
-    )
+def _engines(model, budget: int, names, **kw) -> dict:
+    from vllm_prepack.engine import build_llm
+
+    engines = {}
+    for name in names:
+        cls = SCHEDULERS[name]
+        if name == "prepack":
+            engines[name] = build_llm(model, True, max_num_batched_tokens=budget, **kw)
+        else:
+            extra = {"scheduler_cls": cls} if cls else {}
+            engines[name] = build_llm(model, False, max_num_batched_tokens=budget, **kw, **extra)
+    return engines
 
 
-def compare_engines(engines, prompts, params, repeats: int, budget: int) -> tuple[Outcome, Outcome]:
-    """Plain and prepack runs, alternating which goes first (warm-up before); the faster wall of
-    each is kept."""
+def engine_table(label: str, engines: dict, prompts, params, repeats: int, budget: int,
+                 lengths: list[int] | None) -> tuple[list[dict], dict[str, Outcome]]:
+    """Median-wall run of each engine (alternating order), and whether its outputs equal FCFS's."""
+    runs = compare_engines(list(engines.values()), prompts, params, repeats, budget)
+    outcomes = {name: median_run(r) for name, r in zip(engines, runs)}
+    same = {name: {"outputs = FCFS": _same_outputs(engines["fcfs"], llm, prompts, params)}
+            for name, llm in engines.items()}
+    return rows_for(label, outcomes, lengths, budget, **same), outcomes
+
+
+def _same_outputs(reference, llm, prompts, params) -> str:
     from vllm_prepack.engine import run_stepwise
 
-    warm = prompts[: min(8, len(prompts))]
-    for llm in engines:
-        run_stepwise(llm, warm, params)
-    best = [None, None]
-    for repeat in range(repeats):
-        for i in alternating(len(engines), repeat):
-            outcome = _engine_outcome(run_stepwise(engines[i], prompts, params), prompts, budget)
-            if best[i] is None or outcome.wall < best[i].wall:
-                best[i] = outcome
-    return best[0], best[1]
+    if llm is reference:
+        return "-"
+    a = run_stepwise(reference, prompts, params).results
+    b = run_stepwise(llm, prompts, params).results
+    if a[0].embedding is not None:
+        worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra.embedding, rb.embedding))
+        return f"max |diff| {worst:.1e}"
+    return "yes" if [r.token_ids for r in a] == [r.token_ids for r in b] else "NO"
 
 
-def alternating(n: int, repeat: int) -> list[int]:
-    """Run order for one repeat: forwards, then backwards, so neither side always goes first."""
-    return list(range(n)) if repeat % 2 == 0 else list(range(n))[::-1]
-
-
-def _plots(report: Path | None, name: str, title: str, plain: Outcome, packed: Outcome) -> str:
-    """TTFT distribution and budget fill per step, plain vs prepack; markdown image links."""
+def _plots(report: Path | None, name: str, title: str, outcomes: dict[str, Outcome]) -> str:
+    """TTFT distribution and budget fill per step; markdown image links."""
     if report is None:
         return ""
     from vllm_prepack.bench import plots
 
     report.mkdir(parents=True, exist_ok=True)
-    series = {"plain vLLM": plain, "prepack": packed}
-    ttft = plots.ttft_cdf(report / f"{name}_ttft.png", {k: o.ttft_s for k, o in series.items()},
+    ttft = plots.ttft_cdf(report / f"{name}_ttft.png", {k: o.ttft_s for k, o in outcomes.items()},
                           f"{title}: time to first token")
-    fill = plots.budget_fill(report / f"{name}_fill.png", {k: o.fill for k, o in series.items()},
+    fill = plots.budget_fill(report / f"{name}_fill.png", {k: o.fill for k, o in outcomes.items()},
                              f"{title}: budget fill per step")
     return f"\n![{title} TTFT]({ttft.name}) ![{title} fill]({fill.name})\n"
 
@@ -282,52 +232,78 @@ def _plots(report: Path | None, name: str, title: str, plain: Outcome, packed: O
 def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None) -> str:
     from vllm import PoolingParams
 
-    from vllm_prepack.engine import build_llm
     from vllm_prepack.models import minilm_model
 
-    model = minilm_model()
-    kw = dict(runner="pooling", max_model_len=256, max_num_batched_tokens=budget, seed=0)
-    engines = [build_llm(model, False, **kw), build_llm(model, True, **kw)]
-    lengths = prompt_lengths("mmlu", n, seed=11, max_len=256)
-    prompts = token_ids(lengths, vocab_size=30000, seed=11, first_id=1000)
-    plain, packed = compare_engines(engines, prompts, PoolingParams(task="embed"), repeats, budget)
-    lb = lower_bound_steps(lengths, budget)
+    engines = _engines(minilm_model(), budget, SCHEDULERS, runner="pooling", max_model_len=256, seed=0)
+    rows, figures = [], ""
+    for workload, seed in (("mmlu", 11), ("trimodal", 12)):
+        lengths = prompt_lengths(workload, n, seed=seed, max_len=256)
+        prompts = token_ids(lengths, vocab_size=30000, seed=seed, first_id=1000)
+        part, outcomes = engine_table(workload, engines, prompts, PoolingParams(task="embed"),
+                                      repeats, budget, lengths)
+        rows += part
+        figures += _plots(report, f"embed_{workload}", f"embedding job, {workload}", outcomes)
     return (
-        f"**Embedding job, all-MiniLM-L6-v2 (real weights), chunked prefill off** ({n} prompts, "
-        f"mmlu-shaped synthetic lengths capped at 256, budget {budget}; best wall of {repeats})\n\n"
-        + table(comparison_rows("embed", plain, packed, lb), ENGINE_COLUMNS)
-        + _plots(report, "embed", "embedding job", plain, packed)
+        f"**Embedding jobs, all-MiniLM-L6-v2 (real weights), chunked prefill off** ({n} prompts "
+        f"each, synthetic lengths capped at 256: mmlu-shaped, and the trimodal mix 50% 6-30 / 30% "
+        f"90-130 / 20% 200-252 tokens; budget {budget}; median wall of {repeats}, run order "
+        f"alternating)\n\n" + table(rows, ENGINE_COLUMNS) + figures
     )
-
-
-ENGINE_COLUMNS = ["workload", "scheduler", "steps", "LB", "steps/LB", "wall s", "tok/s",
-                   "TTFT mean s", "TTFT p50 s", "TTFT p99 s", "TTFT mean (steps)", "p99",
-                   "sched ms/step"]
 
 
 def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int,
                    report: Path | None = None) -> str:
     from vllm import SamplingParams
 
-    from vllm_prepack.engine import build_llm
     from vllm_prepack.models import BENCH_100M, decoder_model
 
-    model = decoder_model(BENCH_100M)
-    kw = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=budget,
-              enable_chunked_prefill=True, enable_prefix_caching=False, seed=0)
-    engines = [build_llm(model, False, **kw), build_llm(model, True, **kw)]
+    engines = _engines(decoder_model(BENCH_100M), budget, SCHEDULERS, dtype="float32",
+                       max_model_len=2048, enable_chunked_prefill=True,
+                       enable_prefix_caching=False, seed=0)
     lengths = prompt_lengths("bimodal", n, seed=12, max_len=2000)
     prompts = token_ids(lengths, vocab_size=BENCH_100M.vocab_size, seed=12)
     rows, figures = [], ""
     for tokens in max_tokens:
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-        plain, packed = compare_engines(engines, prompts, params, repeats, budget)
-        rows += comparison_rows(f"bimodal, {tokens} out", plain, packed, lower_bound_steps(lengths, budget))
-        figures += _plots(report, f"generate_{tokens}", f"generation, {tokens} out", plain, packed)
+        part, outcomes = engine_table(f"bimodal, {tokens} out", engines, prompts, params, repeats,
+                                      budget, lengths)
+        rows += part
+        figures += _plots(report, f"generate_{tokens}", f"generation, {tokens} out", outcomes)
     return (
         f"**Generation, random-weight Llama ~100M params (fp32), chunked prefill on** ({n} "
-        f"prompts, bimodal synthetic lengths, budget {budget}; best wall of {repeats}; LB "
-        f"counts prefill tokens only)\n\n" + table(rows, ENGINE_COLUMNS) + figures
+        f"prompts, bimodal synthetic lengths, budget {budget}; median wall of {repeats}; bounds "
+        f"count prefill tokens only)\n\n" + table(rows, ENGINE_COLUMNS) + figures
+    )
+
+
+def prefix_job(n: int, budget: int, repeats: int) -> str:
+    """Prefix caching on (vLLM's default): prompts that share a few long system prompts, and
+    documents asked about more than once."""
+    import random
+
+    from vllm import SamplingParams
+
+    from vllm_prepack.models import DEMO_MODEL, decoder_model
+
+    engines = _engines(decoder_model(DEMO_MODEL), budget, ("fcfs", "spf", "prepack"),
+                       dtype="float32", max_model_len=2048, enable_chunked_prefill=False,
+                       enable_prefix_caching=True, seed=0)
+    rng = random.Random(14)
+    systems = token_ids([rng.randint(200, 400) for _ in range(4)], DEMO_MODEL.vocab_size, seed=15)
+    docs = token_ids([rng.randint(300, 900) for _ in range(n // 8)], DEMO_MODEL.vocab_size, seed=16)
+    prompts = []
+    for i in range(n):
+        tail = token_ids([rng.randint(5, 60)], DEMO_MODEL.vocab_size, seed=100 + i)[0]
+        prompts.append(systems[i % len(systems)] + tail if i % 2 else rng.choice(docs) + tail)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    rows, _ = engine_table("shared prefixes", engines, prompts, params, repeats, budget, None)
+    return (
+        f"**Prefix caching on, chunked prefill off** (random-weight Llama {DEMO_MODEL.hidden_size}h x "
+        f"{DEMO_MODEL.num_hidden_layers} layers, fp32; {n} prompts: half one of 4 system prompts "
+        f"of 200-400 tokens + a 5-60 token question, half one of {n // 8} documents of 300-900 tokens "
+        f"+ a question; 8 tokens out; budget {budget}; median wall of {repeats}). The plugin "
+        f"orders by uncached length (vLLM's own prefix lookup, refreshed as requests arrive).\n\n"
+        + table(rows, [c for c in ENGINE_COLUMNS if c != "steps/bound"])
     )
 
 
@@ -338,9 +314,8 @@ def hook_overhead(n: int, repeats: int) -> str:
     from vllm import SamplingParams
 
     from vllm_prepack._patches.runner_layout import layout_report, recorder
-    from vllm_prepack.demo import DEMO_MODEL
     from vllm_prepack.engine import build_llm, run_stepwise
-    from vllm_prepack.models import decoder_model
+    from vllm_prepack.models import DEMO_MODEL, decoder_model
 
     model = decoder_model(DEMO_MODEL)
     kw = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
@@ -398,6 +373,8 @@ def main(args) -> str:
     if "generate" in args.parts:
         parts.append(generation_job(args.gen_prompts, 512, args.max_tokens, args.repeats,
                                     args.report))
+    if "prefix" in args.parts:
+        parts.append(prefix_job(args.gen_prompts, 1024, args.repeats))
     if "hook" in args.parts:
         parts.append(hook_overhead(args.gen_prompts, args.repeats))
     text = "\n".join(parts)
@@ -408,7 +385,7 @@ def main(args) -> str:
 
 
 def add_arguments(parser) -> None:
-    parts = ["synthetic", "arrivals", "scale", "embed", "generate", "hook"]
+    parts = ["synthetic", "arrivals", "scale", "embed", "generate", "prefix", "hook"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--report", type=Path, help="also write PNG plots and summary.md here")
     parser.add_argument("--prompts", type=int, default=1000, help="synthetic prompts per workload")
@@ -423,4 +400,4 @@ def add_arguments(parser) -> None:
     parser.add_argument("--embed-prompts", type=int, default=1000)
     parser.add_argument("--gen-prompts", type=int, default=96)
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[8, 64])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
