@@ -1,6 +1,5 @@
 """Property-based tests of the pure packing core (no vLLM)."""
 
-import math
 
 import pytest
 from hypothesis import given, settings

@@ -1,46 +1,57 @@
 """``vllm-prepack demo``: plain vLLM vs vLLM with the plugin, on an embedded model and batch.
 
 No arguments, no downloads: builds (and caches) a small random-weight Llama, submits a built-in
-backlog of mixed-length prompts to both engines, and prints the comparison and whether greedy
-outputs are identical.
+backlog of mixed-length prompts to both engines, runs each side several times in alternating
+order, and prints the medians on one screen, with whether greedy outputs are identical. vLLM's
+logs stay quiet unless ``-v``.
 """
 
 from __future__ import annotations
+
+import os
 
 from vllm_prepack.models import DEMO_MODEL
 
 
 def main(args) -> int:
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from vllm_prepack.engine import in_process
 
     in_process()
     from vllm import SamplingParams
 
-    from vllm_prepack.bench.report import header, table
-    from vllm_prepack.bench.scheduler import ENGINE_COLUMNS, compare_engines, comparison_rows
-    from vllm_prepack.engine import build_llm, run_stepwise
+    from vllm_prepack.bench.harness import build_engines, engine_table
+    from vllm_prepack.bench.report import header, summary, table
     from vllm_prepack.models import decoder_model
-    from vllm_prepack.packing import lower_bound_steps
     from vllm_prepack.workloads import prompt_lengths, token_ids
 
     model = decoder_model(DEMO_MODEL)
-    kw = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=args.budget,
-              enable_chunked_prefill=True, enable_prefix_caching=False, seed=0)
-    engines = [build_llm(model, False, **kw), build_llm(model, True, **kw)]
+    print(f"building plain vLLM and vLLM + prepack engines on a random-weight Llama "
+          f"({DEMO_MODEL.hidden_size}h x {DEMO_MODEL.num_hidden_layers} layers) ...", flush=True)
+    engines = build_engines(model, args.budget, ("fcfs", "prepack"), dtype="float32",
+                            max_model_len=2048, enable_chunked_prefill=not args.whole_prompts,
+                            enable_prefix_caching=False, seed=0)
     lengths = prompt_lengths("bimodal", args.prompts, seed=0, max_len=1500)
     prompts = token_ids(lengths, vocab_size=DEMO_MODEL.vocab_size, seed=0)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-
-    plain, packed = compare_engines(engines, prompts, params, repeats=1, budget=args.budget)
-    outputs = [[r.token_ids for r in run_stepwise(llm, prompts, params).results] for llm in engines]
-    identical = outputs[0] == outputs[1]
+    print(f"running each {args.repeats} times, alternating ...", flush=True)
+    rows, outcomes = engine_table("demo", engines, prompts, params, args.repeats, args.budget, lengths)
+    for row in rows:
+        row["scheduler"] = {"fcfs": "plain vLLM", "prepack": "vllm-prepack"}[row["scheduler"]]
     print(header("demo: plain vLLM vs vllm-prepack"))
-    print(f"model: random-weight Llama {model.name} (fp32, CPU); {len(prompts)} prompts "
-          f"(synthetic bimodal lengths, {sum(lengths)} prompt tokens), max_tokens={args.max_tokens}, "
-          f"budget {args.budget}, chunked prefill on, all submitted at once\n")
-    print(table(comparison_rows("demo", plain, packed, lower_bound_steps(lengths, args.budget)),
-                ENGINE_COLUMNS))
-    print(f"greedy outputs identical to plain vLLM: {'yes' if identical else 'NO'}")
+    print(f"{len(prompts)} prompts (synthetic bimodal lengths, {sum(lengths)} prompt tokens), all "
+          f"submitted at once; max_tokens={args.max_tokens}, budget {args.budget}, chunked prefill "
+          f"{'off' if args.whole_prompts else 'on'}; median wall of {args.repeats} runs per side\n")
+    print(table(rows, ["scheduler", "steps", "wall s", "tok/s vs FCFS", "TTFT mean s", "TTFT p99 s",
+                       "mean vs FCFS", "p99 vs FCFS", "outputs = FCFS"]))
+    plain, packed = outcomes["fcfs"], outcomes["prepack"]
+    identical = rows[1]["outputs = FCFS"] == "yes"
+    print(f"\nmean time to first token: {summary(packed.ttft_s)['mean']:.2f} s vs "
+          f"{summary(plain.ttft_s)['mean']:.2f} s; greedy outputs identical to plain vLLM: "
+          f"{'yes' if identical else 'NO'}")
     return 0 if identical else 1
 
 
@@ -48,6 +59,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--budget", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--whole-prompts", action="store_true", help="chunked prefill off")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs")
 
 
 def demo_job(engine_kwargs: dict) -> tuple[str, list[str], dict]:

@@ -12,6 +12,9 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from vllm_prepack.bench.report import summary
+from vllm_prepack.packing import ffd_steps, lower_bound_steps
+
 # vLLM's FCFS, two baselines from the field (bench/baselines.py), and the plugin
 SCHEDULERS = {
     "fcfs": None,
@@ -26,6 +29,10 @@ def _load(path: str):
 
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+ENGINE_COLUMNS = ["workload", "scheduler", "steps", "steps/bound", "wall s", "tok/s vs FCFS",
+                  "TTFT mean s", "TTFT p99 s", "mean vs FCFS", "p99 vs FCFS", "outputs = FCFS"]
 
 
 def standalone_scheduler(
@@ -217,3 +224,70 @@ def median_run(outcomes: list[Outcome]) -> Outcome:
 def alternating(n: int, repeat: int) -> list[int]:
     """Run order for one repeat: forwards, then backwards, so neither side always goes first."""
     return list(range(n)) if repeat % 2 == 0 else list(range(n))[::-1]
+
+
+def rows_for(label: str, outcomes: dict[str, Outcome], lengths: list[int] | None, budget: int,
+             **extra) -> list[dict]:
+    """One row per scheduler; ratios against FCFS (plain vLLM) measured in the same run."""
+    base = outcomes["fcfs"]
+    base_ttft = summary(base.ttft_s or base.ttft_steps)
+    lb = lower_bound_steps(lengths, budget) if lengths else None
+    ffd = ffd_steps(lengths, budget) if lengths and max(lengths) <= budget else None
+    rows = []
+    for name, o in outcomes.items():
+        steps_ttft = summary(o.ttft_steps)
+        ttft = summary(o.ttft_s or o.ttft_steps)
+        row = {"workload": label, "scheduler": name, "steps": o.steps}
+        if lb is not None:
+            row.update({"LB": lb, "FFD": ffd if ffd is not None else "n/a",
+                        "steps/bound": o.steps / max(lb, ffd or 0)})
+        row.update({
+            "TTFT mean (steps)": steps_ttft["mean"], "p50": steps_ttft["p50"], "p99": steps_ttft["p99"],
+            "mean vs FCFS": ttft["mean"] / base_ttft["mean"],
+            "p99 vs FCFS": ttft["p99"] / base_ttft["p99"],
+            "sched ms/step": 1e3 * sum(o.sched_s) / max(1, len(o.sched_s)),
+        })
+        if o.ttft_s:
+            row.update({"wall s": o.wall, "tok/s vs FCFS": (o.tokens / o.wall) / (base.tokens / base.wall),
+                        "TTFT mean s": ttft["mean"], "TTFT p99 s": ttft["p99"]})
+        row.update(extra.get(name, {}))
+        rows.append(row)
+    return rows
+
+
+def build_engines(model, budget: int, names, **kw) -> dict:
+    """One engine per scheduler name (SCHEDULERS), the same engine arguments for all."""
+    from vllm_prepack.engine import build_llm
+
+    engines = {}
+    for name in names:
+        cls = SCHEDULERS[name]
+        if name == "prepack":
+            engines[name] = build_llm(model, True, max_num_batched_tokens=budget, **kw)
+        else:
+            extra = {"scheduler_cls": cls} if cls else {}
+            engines[name] = build_llm(model, False, max_num_batched_tokens=budget, **kw, **extra)
+    return engines
+
+
+def engine_table(label: str, engines: dict, prompts, params, repeats: int, budget: int,
+                 lengths: list[int] | None) -> tuple[list[dict], dict[str, Outcome]]:
+    """Median-wall run of each engine (alternating order), and whether its outputs equal FCFS's."""
+    runs = compare_engines(list(engines.values()), prompts, params, repeats, budget)
+    outcomes = {name: median_run(r) for name, r in zip(engines, runs)}
+    same = {name: {"outputs = FCFS": _same_outputs(engines["fcfs"], llm, prompts, params)}
+            for name, llm in engines.items()}
+    return rows_for(label, outcomes, lengths, budget, **same), outcomes
+
+
+def _same_outputs(reference, llm, prompts, params) -> str:
+    from vllm_prepack.engine import run_stepwise
+
+    if llm is reference:
+        return "-"
+    a = run_stepwise(reference, prompts, params).results
+    b = run_stepwise(llm, prompts, params).results
+    if a[0].embedding is not None:
+        worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra.embedding, rb.embedding))
+        return f"max |diff| {worst:.1e}"
+    return "yes" if [r.token_ids for r in a] == [r.token_ids for r in b] else "NO"

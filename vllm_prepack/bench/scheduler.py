@@ -21,54 +21,24 @@ import time
 from pathlib import Path
 
 from vllm_prepack.bench.harness import (
+    ENGINE_COLUMNS,
     SCHEDULERS,
     Outcome,
     alternating,
-    compare_engines,
+    build_engines,
+    engine_table,
     fake_step,
     make_request,
-    median_run,
     poisson_arrivals,
+    rows_for,
     simulate,
     standalone_scheduler,
 )
 from vllm_prepack.bench.report import header, summary, table
-from vllm_prepack.packing import ffd_steps, lower_bound_steps
 from vllm_prepack.workloads import WORKLOADS, prompt_lengths, token_ids
 
 STEP_COLUMNS = ["workload", "scheduler", "steps", "LB", "FFD", "steps/bound", "TTFT mean (steps)",
                 "p50", "p99", "mean vs FCFS", "p99 vs FCFS"]
-ENGINE_COLUMNS = ["workload", "scheduler", "steps", "steps/bound", "wall s", "tok/s vs FCFS",
-                  "TTFT mean s", "TTFT p99 s", "mean vs FCFS", "p99 vs FCFS", "outputs = FCFS"]
-
-
-def rows_for(label: str, outcomes: dict[str, Outcome], lengths: list[int] | None, budget: int,
-             **extra) -> list[dict]:
-    """One row per scheduler; ratios against FCFS (plain vLLM) measured in the same run."""
-    base = outcomes["fcfs"]
-    base_ttft = summary(base.ttft_s or base.ttft_steps)
-    lb = lower_bound_steps(lengths, budget) if lengths else None
-    ffd = ffd_steps(lengths, budget) if lengths and max(lengths) <= budget else None
-    rows = []
-    for name, o in outcomes.items():
-        steps_ttft = summary(o.ttft_steps)
-        ttft = summary(o.ttft_s or o.ttft_steps)
-        row = {"workload": label, "scheduler": name, "steps": o.steps}
-        if lb is not None:
-            row.update({"LB": lb, "FFD": ffd if ffd is not None else "n/a",
-                        "steps/bound": o.steps / max(lb, ffd or 0)})
-        row.update({
-            "TTFT mean (steps)": steps_ttft["mean"], "p50": steps_ttft["p50"], "p99": steps_ttft["p99"],
-            "mean vs FCFS": ttft["mean"] / base_ttft["mean"],
-            "p99 vs FCFS": ttft["p99"] / base_ttft["p99"],
-            "sched ms/step": 1e3 * sum(o.sched_s) / max(1, len(o.sched_s)),
-        })
-        if o.ttft_s:
-            row.update({"wall s": o.wall, "tok/s vs FCFS": (o.tokens / o.wall) / (base.tokens / base.wall),
-                        "TTFT mean s": ttft["mean"], "TTFT p99 s": ttft["p99"]})
-        row.update(extra.get(name, {}))
-        rows.append(row)
-    return rows
 
 
 # ---- 1. synthetic backlogs and arrivals, engine-free -----------------------------------------
@@ -178,43 +148,6 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30) -> str:
 # ---- 3. real engines -------------------------------------------------------------------------
 
 
-def _engines(model, budget: int, names, **kw) -> dict:
-    from vllm_prepack.engine import build_llm
-
-    engines = {}
-    for name in names:
-        cls = SCHEDULERS[name]
-        if name == "prepack":
-            engines[name] = build_llm(model, True, max_num_batched_tokens=budget, **kw)
-        else:
-            extra = {"scheduler_cls": cls} if cls else {}
-            engines[name] = build_llm(model, False, max_num_batched_tokens=budget, **kw, **extra)
-    return engines
-
-
-def engine_table(label: str, engines: dict, prompts, params, repeats: int, budget: int,
-                 lengths: list[int] | None) -> tuple[list[dict], dict[str, Outcome]]:
-    """Median-wall run of each engine (alternating order), and whether its outputs equal FCFS's."""
-    runs = compare_engines(list(engines.values()), prompts, params, repeats, budget)
-    outcomes = {name: median_run(r) for name, r in zip(engines, runs)}
-    same = {name: {"outputs = FCFS": _same_outputs(engines["fcfs"], llm, prompts, params)}
-            for name, llm in engines.items()}
-    return rows_for(label, outcomes, lengths, budget, **same), outcomes
-
-
-def _same_outputs(reference, llm, prompts, params) -> str:
-    from vllm_prepack.engine import run_stepwise
-
-    if llm is reference:
-        return "-"
-    a = run_stepwise(reference, prompts, params).results
-    b = run_stepwise(llm, prompts, params).results
-    if a[0].embedding is not None:
-        worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra.embedding, rb.embedding))
-        return f"max |diff| {worst:.1e}"
-    return "yes" if [r.token_ids for r in a] == [r.token_ids for r in b] else "NO"
-
-
 def _plots(report: Path | None, name: str, title: str, outcomes: dict[str, Outcome]) -> str:
     """TTFT distribution and budget fill per step; markdown image links."""
     if report is None:
@@ -234,7 +167,7 @@ def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None)
 
     from vllm_prepack.models import minilm_model
 
-    engines = _engines(minilm_model(), budget, SCHEDULERS, runner="pooling", max_model_len=256, seed=0)
+    engines = build_engines(minilm_model(), budget, SCHEDULERS, runner="pooling", max_model_len=256, seed=0)
     rows, figures = [], ""
     for workload, seed in (("mmlu", 11), ("trimodal", 12)):
         lengths = prompt_lengths(workload, n, seed=seed, max_len=256)
@@ -257,7 +190,7 @@ def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int,
 
     from vllm_prepack.models import BENCH_100M, decoder_model
 
-    engines = _engines(decoder_model(BENCH_100M), budget, SCHEDULERS, dtype="float32",
+    engines = build_engines(decoder_model(BENCH_100M), budget, SCHEDULERS, dtype="float32",
                        max_model_len=2048, enable_chunked_prefill=True,
                        enable_prefix_caching=False, seed=0)
     lengths = prompt_lengths("bimodal", n, seed=12, max_len=2000)
@@ -285,7 +218,7 @@ def prefix_job(n: int, budget: int, repeats: int) -> str:
 
     from vllm_prepack.models import DEMO_MODEL, decoder_model
 
-    engines = _engines(decoder_model(DEMO_MODEL), budget, ("fcfs", "spf", "prepack"),
+    engines = build_engines(decoder_model(DEMO_MODEL), budget, ("fcfs", "spf", "prepack"),
                        dtype="float32", max_model_len=2048, enable_chunked_prefill=False,
                        enable_prefix_caching=True, seed=0)
     rng = random.Random(14)
