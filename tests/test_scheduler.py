@@ -200,3 +200,25 @@ def test_siblings_of_an_admitted_request_are_looked_up_again(tiny_model):
     cached.add("system")
     plan = queue.begin_step(StepLimits(budget=10_000, seats=100, chunked_prefill=True), 2)
     assert [p.key for p in plan] == ["s0", "s1", "s2", "o0", "o1", "o2"]  # 60-62 uncached first
+
+
+def test_budget_mirror_holds_with_speculative_decoding(tiny_model):
+    """n-gram speculative decoding: running requests carry draft tokens (num_tokens_with_spec);
+    every step's mirror still equals what vLLM scheduled (all drafts rejected here)."""
+    s = standalone_scheduler(tiny_model, budget=128, chunked_prefill=True, max_num_seqs=16,
+                             speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                 "prompt_lookup_max": 3, "prompt_lookup_min": 2})
+    for i, n in enumerate([120, 40, 90, 10, 60]):
+        s.add_request(make_request(f"r{i}", n, max_tokens=12))
+    steps = drafted = 0
+    while s.has_requests() and steps < 500:
+        out = s.schedule()
+        drafted += sum(map(len, out.scheduled_spec_decode_tokens.values()))
+        fake_step(s, out)
+        for request in s.running:  # what the drafter would propose for the next step
+            if request.num_computed_tokens >= request.num_prompt_tokens:
+                request.spec_token_ids = [7, 7, 7]
+        steps += 1
+    assert not s.has_requests()
+    assert s.prepack_stats.budget_checks == steps
+    assert drafted > 20  # draft tokens did take budget

@@ -49,6 +49,7 @@ def standalone_scheduler(
     block_size: int = 16,
     additional_config: dict | None = None,
     verify: bool = True,
+    speculative_config: dict | None = None,
 ):
     """A real vLLM scheduler (one of SCHEDULERS) built without an engine or a model. `verify`:
     the plugin checks its mirror of vLLM's running budget every step (as with debug_layout)."""
@@ -69,6 +70,7 @@ def standalone_scheduler(
         enable_prefix_caching=False,
         scheduling_policy=policy,
         additional_config=additional_config or {},
+        speculative_config=speculative_config,
     ).create_engine_config()
     vllm_config.scheduler_config.async_scheduling = async_scheduling
     vllm_config.cache_config.num_gpu_blocks = num_blocks
