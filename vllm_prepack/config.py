@@ -35,7 +35,9 @@ class PrepackConfig:
         padding gap (those tokens are computed anyway).
     cuda_graph_topup: use the padding gap of the step's CUDA-graph size (GPU only).
     record_layout: the model-runner hook records each forward's packed layout.
-    debug_layout: the hook also checks that layout against the scheduler's plan, and raises.
+    debug_layout: the hook also checks that layout against the scheduler's plan, and the
+        scheduler checks its mirror of vLLM's running-request budget against what vLLM then
+        scheduled; either raises on a mismatch (the tests run the budget check on every step).
     """
 
     aging_steps: int | None = None

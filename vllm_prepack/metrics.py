@@ -62,7 +62,7 @@ class PrepackStatLogger(StatLoggerBase):
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         if not self.active:
             return
-        details = getattr(scheduler_stats, "iteration_details", None)
+        details = scheduler_stats.iteration_details if scheduler_stats is not None else None
         if details is not None and not details.is_dummy:
             tokens = details.num_ctx_tokens + details.num_generation_tokens
             if tokens:
