@@ -236,9 +236,15 @@ def test_doc_example_uses_whole_budget():
     ws = fill([200, 30, 100, 250, 20])
     picks = ws.plan(StepLimits(budget=256, seats=10, chunked_prefill=False))
     assert sorted(p.key for p in picks) == [0, 1, 4]  # 20 + 30 + 200 = 250
-    # a reserved bin of three (200 opens it, 30 and 20 fill it) starts more requests than
-    # shortest-first's 20, 30, 100: Smith's rule serves it first
-    assert [p.reason for p in picks] == [Reason.BIN] * 3
+    assert [p.reason for p in picks] == [Reason.SHORT, Reason.SHORT, Reason.FIT]
+
+
+def test_a_reserved_bin_goes_first_when_it_starts_more_requests():
+    """Smith's rule: the bin of three (560 filled with 50 and 40) starts more requests than a
+    shortest-first step of the free 300 and 310."""
+    ws = fill([560, 50, 40, 500, 500, 500, 500, 500, 300, 310])
+    picks = ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False))
+    assert [(p.key, p.reason) for p in picks] == [(0, Reason.BIN), (1, Reason.BIN), (2, Reason.BIN)]
 
 
 @settings(max_examples=150, deadline=None)

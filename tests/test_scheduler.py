@@ -24,9 +24,10 @@ def test_picks_the_right_base_and_packs(tiny_model, async_scheduling):
     for i, n in enumerate([200, 30, 100, 250, 20]):
         s.add_request(make_request(f"r{i}", n))
     steps = [step for step in drain(s) if step]
-    # step 1 packs 20+30+200 (FCFS: 200+30, then stops at 100); by step 2 the two left have
-    # waited 2 steps, longer than their 350 tokens take to drain (1.4 steps): aged, oldest first
-    assert steps == [{"r4": 20, "r1": 30, "r0": 200}, {"r2": 100}, {"r3": 250}]
+    # step 1 packs 20+30+200 (FCFS: 200+30, then stops at 100). Step 2: the deadlines, from
+    # the 600 tokens queued at arrival (2.3 steps), have not passed; best fit swaps 100 for
+    # 250, which fills the step better; step 3 takes 100
+    assert steps == [{"r4": 20, "r1": 30, "r0": 200}, {"r3": 250}, {"r2": 100}]
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])

@@ -46,7 +46,7 @@ Key = Hashable
 AGED_PROBES = 16  # aged requests skipped per step before the first-fit scan gives up: O(1)
 FIT_PROBES = 64  # entries a best-fit search looks at before giving up: O(1)
 BINS_PER_STEP = 32  # filler-reserve bins built per step (the builder outruns shortest-first)
-BUILD_MIN_STEPS = 1  # build bins only while the free prompts would not fit this many steps
+BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
 
 
