@@ -49,8 +49,8 @@ def test_plugin_is_observably_active(engine, tiny_model):
     packed_llm = engine(tiny_model, True, **kw)
     packed = run_stepwise(packed_llm, prompts, FIRST_TOKEN)
     assert [r.first_step for r in plain.results] == [1, 1, 2, 3, 4]  # FCFS, head-of-line
-    # 20+30+200 | 100 | 250: the last two have then waited longer than the queue's drain time
-    assert [r.first_step for r in packed.results] == [1, 1, 2, 3, 1]
+    # 20+30+200 | 250 (best fit for 100) | 100
+    assert [r.first_step for r in packed.results] == [1, 1, 3, 2, 1]
     assert packed.steps == math.ceil(sum(map(len, prompts)) / 256) == 3
     stats = engine_scheduler(packed_llm).prepack_stats
     assert stats.admitted_as_planned == stats.admitted  # vLLM admitted exactly the plan
