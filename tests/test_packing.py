@@ -110,8 +110,8 @@ def test_aged_requests_go_first_oldest_first(lengths, aging, budget, chunked):
     step = aging + 3  # everything else is aged
     picks = ws.plan(StepLimits(budget=budget, seats=1000, chunked_prefill=chunked), step=step)
     assert picks[0].key == 0  # the oldest starts first (whole or as a chunk)
-    aged = [p.key for p in picks if p.reason == "aged"]
-    assert aged == sorted(aged)  # first fit in age order
+    # first fit in age order, then best-fit exchanges among overdue requests only
+    assert all(p.key != "young" for p in picks if p.reason == Reason.AGED)
     if any(p.key == "young" for p in picks):
         left = budget - sum(p.tokens for p in picks)
         picked = {p.key for p in picks}
@@ -161,6 +161,58 @@ def test_token_total_follows_adds_and_removals(ops):
         ws.plan(StepLimits(budget=400, seats=100, chunked_prefill=False), step=key)
     assert ws.tokens == sum(alive.values())
     assert sorted(ws, key=str) == sorted(alive, key=str)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "readd", "pin", "remove", "resize", "plan"]),
+                              st.integers(0, 12), st.integers(1, 400), st.integers(0, 2)),
+                    max_size=120),
+       chunked=st.booleans())
+def test_indexes_stay_consistent_under_any_operations(ops, chunked):
+    """add / re-add (a new object for a key that left) / pin / remove / resize / plan in any
+    order: every index agrees with the waiting entries, and plans only name waiting keys."""
+    ws, step = WaitingSet(aging=AgingBound(drain_factor=0.5)), 0
+    for op, key, n, prio in ops:
+        if op in ("add", "readd") and key not in ws:
+            ws.add(Entry(key=key, length=n, priority=prio, step=step))
+        elif op == "pin" and key not in ws:
+            ws.pin([Entry(key=key, length=n, priority=prio)])
+        elif op == "remove" and key in ws:
+            ws.remove(key)
+        elif op == "resize" and key in ws:
+            ws.resize(key, n)
+        elif op == "plan":
+            step += 1
+            for p in ws.plan(StepLimits(budget=n * 3, seats=8, chunked_prefill=chunked), step=step):
+                assert p.key in ws
+    entries = ws._entries
+    assert ws.tokens == sum(e.length for e in entries.values())
+    assert sorted(ws, key=str) == sorted(entries, key=str)
+    for level in ws._levels.values():
+        free = {k for _, _, k in level.free}
+        binned = {k for b in level.bins.values() for k in b.keys}
+        assert free.isdisjoint(binned) and free | binned == set(level.fifo)
+        assert level.free_tokens == sum(level.fifo[k].length for k in free)
+        assert all(level.fifo[k].due == due for due, _, k in level.by_due)
+        assert len(level.bin_order) == len(level.bins)
+
+
+def test_a_request_whose_adapter_cannot_load_is_passed_over_not_blocking():
+    """vLLM skips a request whose LoRA adapter would exceed max_loras; so does the plan, even
+    for one that must go first."""
+    ws = fill([10, 20, 30])
+    ws.pin([Entry(key="lora", length=5, group=7)])
+    picks = ws.plan(StepLimits(budget=100, seats=10, chunked_prefill=False, groups=frozenset({1}),
+                               max_groups=1))
+    assert sorted(p.key for p in picks) == [0, 1, 2]
+
+
+def test_arrivals_first_planned_on_an_empty_step_get_deadlines_from_the_step_capacity():
+    ws = WaitingSet(aging=AgingBound(drain_factor=1.0))
+    for i in range(4):
+        ws.add(Entry(key=i, length=512, step=3))
+    ws.plan(StepLimits(budget=0, seats=10, chunked_prefill=False, capacity=1024), step=3)
+    assert {e.due for e in ws._entries.values()} == {3 + 2048 / 1024}
 
 
 def test_an_overdue_pick_is_exchanged_only_for_another_overdue_request():

@@ -131,19 +131,33 @@ def test_budget_mirror_is_checked_every_step_and_catches_a_wrong_one(tiny_model,
         s.add_request(make_request(f"r{i}", n, max_tokens=20))
     fake_step(s, s.schedule())
     original = PrepackScheduler._running_phase
-    monkeypatch.setattr(PrepackScheduler, "_running_phase",
-                        lambda self, *a: {k: v + 1 for k, v in original(self, *a).items()})
+
+    def off_by_one(self, *args):
+        phase = original(self, *args)
+        phase.tokens = {k: v + 1 for k, v in phase.tokens.items()}
+        return phase
+
+    monkeypatch.setattr(PrepackScheduler, "_running_phase", off_by_one)
     with pytest.raises(BudgetMismatch, match="running requests got other tokens"):
         s.schedule()
 
 
-def test_requests_holding_kv_blocks_come_off_the_budget(tiny_model):
-    """vLLM drains kv_holding_waiting before the waiting queue: the plan gets what is left."""
-    s = standalone_scheduler(tiny_model, budget=256, chunked_prefill=False)
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole-prompts", "chunked-prefill"])
+def test_requests_holding_kv_blocks_come_off_the_budget(tiny_model, chunked):
+    """vLLM drains kv_holding_waiting before the waiting queue, passing over blocked requests;
+    one that does not fit takes the rest (chunked) or stops the step (whole prompts)."""
+    from vllm.v1.request import RequestStatus
+
+    s = standalone_scheduler(tiny_model, budget=256, chunked_prefill=chunked)
     holder = make_request("holder", 100)
     holder.num_computed_tokens = 32  # holds blocks (e.g. an async KV load landed)
     s.kv_holding_waiting.add_request(holder)
-    assert s._step_limits(0).budget == 256 - 68
+    blocked = make_request("blocked", 200)
+    blocked.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+    s.kv_holding_waiting.add_request(blocked)
+    assert s._step_limits(s._running_phase()).budget == 256 - 68
+    s.kv_holding_waiting.add_request(make_request("big", 250))
+    assert s._step_limits(s._running_phase()).budget == 0
 
 
 def test_priority_policy_requeues_by_deadline_like_vllms_priority_queue(tiny_model):
@@ -166,6 +180,31 @@ def test_priority_policy_requeues_by_deadline_like_vllms_priority_queue(tiny_mod
     assert [p.key for p in picks][:2] == ["h0", "h1"]  # the higher level first, as in vLLM
     assert (picks[2].key, picks[2].reason) == ("p", Reason.AGED)  # then it, ahead of l0, l1
     assert [r.request_id for r in theirs][2] == "p"
+
+
+def test_a_requeued_request_keeps_its_deadline_under_the_priority_policy(tiny_model):
+    """Taken by vLLM, then put back (preempted or skipped): it returns with the deadline it had,
+    ahead of a request that arrived later and went overdue meanwhile."""
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+
+    from vllm_prepack.config import PrepackConfig
+    from vllm_prepack.policy import StepLimits
+
+    queue = PackingRequestQueue(PrepackConfig(aging_steps=2, aging_drain_factor=None),
+                                SchedulingPolicy.PRIORITY)
+    old = make_request("old", 50)
+    queue.add_request(old)
+    limits = StepLimits(budget=1000, seats=10, chunked_prefill=False)
+    queue.begin_step(limits, 1)  # old: due at step 0 + 2
+    assert queue.pop_request() is old  # admitted ...
+    queue.end_step()
+    queue.begin_step(limits, 2)
+    queue.add_request(make_request("later", 10))  # due at step 2 + 2
+    queue.begin_step(limits, 3)
+    queue.end_step()
+    queue.prepend_request(old)  # ... and preempted
+    picks = queue.begin_step(limits, 6)  # both overdue: old (due 2) before later (due 4)
+    assert [p.key for p in picks] == ["old", "later"]
 
 
 def test_siblings_of_an_admitted_request_are_looked_up_again(tiny_model):
@@ -203,9 +242,16 @@ def test_siblings_of_an_admitted_request_are_looked_up_again(tiny_model):
     assert [p.key for p in plan] == ["s0", "s1", "s2", "o0", "o1", "o2"]  # 60-62 uncached first
 
 
-def test_budget_mirror_holds_with_speculative_decoding(tiny_model):
+@pytest.mark.parametrize("draft_slots", [0, 2], ids=["ngram", "2-draft-slots"])
+def test_budget_mirror_holds_with_speculative_decoding(tiny_model, draft_slots, monkeypatch):
     """n-gram speculative decoding: running requests carry draft tokens (num_tokens_with_spec);
-    every step's mirror still equals what vLLM scheduled (all drafts rejected here)."""
+    every step's mirror still equals what vLLM scheduled (all drafts rejected here). With draft
+    slots (EAGLE/MTP reserve them per request against the input budget; forced here) too."""
+    from vllm.config import SpeculativeConfig
+
+    if draft_slots:
+        monkeypatch.setattr(SpeculativeConfig, "max_num_new_slots_for_drafting",
+                            property(lambda self: draft_slots))
     s = standalone_scheduler(tiny_model, budget=128, chunked_prefill=True, max_num_seqs=16,
                              speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                                  "prompt_lookup_max": 3, "prompt_lookup_min": 2})
@@ -223,3 +269,4 @@ def test_budget_mirror_holds_with_speculative_decoding(tiny_model):
     assert not s.has_requests()
     assert s.prepack_stats.budget_checks == steps
     assert drafted > 20  # draft tokens did take budget
+    assert s._draft_slots == draft_slots

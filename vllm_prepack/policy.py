@@ -45,7 +45,8 @@ from vllm_prepack.packing import padding_gap
 Key = Hashable
 AGED_PROBES = 16  # aged requests skipped per step before the first-fit scan gives up: O(1)
 FIT_PROBES = 64  # entries a best-fit search looks at before giving up: O(1)
-BINS_PER_STEP = 32  # filler-reserve bins built per step (the builder outruns shortest-first)
+BINS_PER_STEP = 8  # filler-reserve bins built per step (the builder outruns shortest-first)
+BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
 
@@ -101,6 +102,15 @@ class StepLimits:
     used_tokens: int = 0  # tokens already scheduled this step (running requests)
     groups: frozenset = frozenset()  # LoRA ids already active this step
     max_groups: int | None = None  # max_loras; None: no limit
+    # vLLM's second budget: input tokens left, of which every started request also takes
+    # `overhead` (draft slots of speculative decoding); None: only `budget` applies
+    input_budget: int | None = None
+    overhead: int = 0
+    capacity: int = 0  # the whole step's token budget (drain time); 0: budget + used_tokens
+
+    @property
+    def step_tokens(self) -> int:
+        return self.capacity or self.budget + self.used_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,14 +126,14 @@ class AgingBound:
     seconds: float | None = None
     drain_factor: float | None = None
 
-    def due(self, admitted_step: int, drain_steps: float) -> float:
-        """The step from which a request admitted at `admitted_step` goes first."""
+    def wait(self, drain_steps: float) -> float:
+        """Steps a request that joins a queue of `drain_steps` may wait before it goes first."""
         waits = [math.inf]
         if self.steps is not None:
             waits.append(self.steps)
         if self.drain_factor is not None:
             waits.append(self.drain_factor * drain_steps)
-        return admitted_step + min(waits)
+        return min(waits)
 
     def overdue(self, entry: Entry, step: int, now: float) -> bool:
         return step >= entry.due or (self.seconds is not None and now - entry.time >= self.seconds)
@@ -160,28 +170,23 @@ class _Level:
 
     # -- reserved bins --
 
-    def reserve(self, entry: Entry, bin_id: int) -> None:
-        self.free.remove((entry.length, entry.seq, entry.key))
-        self.free_tokens -= entry.length
-        self._bin_update(bin_id, entry, +1)
+    def reserve(self, members: list[Entry], bin_id: int) -> None:
+        """A new bin of free entries, already popped from `free`."""
+        b = self.bins[bin_id] = _Bin()
+        for entry in members:
+            b.keys.add(entry.key)
+            b.tokens += entry.length
+            entry.bin = bin_id
+        self.free_tokens -= b.tokens
+        self.bin_order.add(b.order(bin_id))
 
     def release(self, entry: Entry) -> None:
-        """Out of its bin (admitted, removed, or the bin served only in part)."""
-        self._bin_update(entry.bin, entry, -1)
-
-    def _bin_update(self, bin_id: int, entry: Entry, sign: int) -> None:
-        b = self.bins.get(bin_id)
-        if b is None:
-            b = self.bins[bin_id] = _Bin()
-        else:
-            self.bin_order.remove(b.order(bin_id))
-        if sign > 0:
-            b.keys.add(entry.key)
-            entry.bin = bin_id
-        else:
-            b.keys.discard(entry.key)
-            entry.bin = None
-        b.tokens += sign * entry.length
+        """Out of its bin (admitted, removed, or resized)."""
+        bin_id, b = entry.bin, self.bins[entry.bin]
+        self.bin_order.remove(b.order(bin_id))
+        b.keys.discard(entry.key)
+        b.tokens -= entry.length
+        entry.bin = None
         if b.keys:
             self.bin_order.add(b.order(bin_id))
         else:
@@ -281,6 +286,8 @@ class WaitingSet:
         it keeps its arrival order and deadline, and leaves its reserved bin."""
         entry = self._entries[key]
         length = max(1, length)
+        if length == entry.length:
+            return
         self._tokens += length - entry.length
         if not entry.pinned:
             level = self._levels[entry.priority]
@@ -305,10 +312,15 @@ class WaitingSet:
 
     def _date_arrivals(self, step_tokens: int) -> None:
         """Deadlines of the requests admitted since the last plan, from the queue they joined."""
-        drain = self._tokens / max(1, step_tokens)
-        for entry in self._undated:
-            if entry.key in self._entries and not entry.pinned and entry.due == math.inf:
-                self._date(entry, self.aging.due(entry.step, drain))
+        wait = self.aging.wait(self._tokens / max(1, step_tokens))
+        dated: dict[int, list[tuple]] = {}
+        if wait != math.inf:
+            for entry in self._undated:
+                if self._entries.get(entry.key) is entry and not entry.pinned and entry.due == math.inf:
+                    entry.due = entry.step + wait
+                    dated.setdefault(entry.priority, []).append((entry.due, entry.seq, entry.key))
+        for priority, rows in dated.items():
+            self._levels[priority].by_due.update(rows)  # one sorted merge, not n inserts
         self._undated.clear()
 
     def _overdue(self, level: _Level, step: int, now: float) -> Iterator[Entry]:
@@ -355,7 +367,7 @@ class WaitingSet:
     def plan(self, limits: StepLimits, step: int = 0, now: float = 0.0) -> list[Pick]:
         """Choose this step's prefills. Requests stay waiting; planning dates new arrivals and
         may reserve bins (whole prompts only), which changes no request's membership."""
-        self._date_arrivals(limits.budget + limits.used_tokens)
+        self._date_arrivals(limits.step_tokens)
         planner = _Planner(limits)
         for priority in self._priorities:
             level = self._levels[priority]
@@ -419,31 +431,31 @@ class WaitingSet:
         """The filler reserve: pack bins from the longest free prompts down, each filled with
         the longest free prompts that fit, while the free prompts hold more than
         BUILD_MIN_STEPS steps. The shortest prompts stay free for shortest-first. Prompts over
-        half the budget need a bin each, and fillers before shortest-first eats them: all of
-        them are binned at once (each once in its life: O(log n) a prompt); the rest at
-        BINS_PER_STEP bins a step."""
+        half the budget need a bin each and their fillers before shortest-first eats them: up
+        to BIG_BINS_PER_STEP of those a step (a 1000-prompt backlog: all at once; a 100k one:
+        far ahead of the small prompts shortest-first spends meanwhile), else BINS_PER_STEP."""
         slack = capacity * (1 - BIN_FILL)
         built = 0
-        while level.free_tokens > BUILD_MIN_STEPS * capacity:
+        while level.free_tokens > BUILD_MIN_STEPS * capacity and built < BIG_BINS_PER_STEP:
             at = level.free.bisect_right((capacity, math.inf, None))
             if at == 0 or (built >= BINS_PER_STEP and level.free[at - 1][0] <= capacity // 2):
                 return
             built += 1
             bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
-            gap = capacity
-            while gap > slack:
-                at = level.free.bisect_right((gap, math.inf, None))
-                if at == 0:
-                    break
-                length, _, key = level.free[at - 1]
-                level.reserve(level.fifo[key], bin_id)
+            members, gap = [], capacity
+            while gap > slack and at > 0:
+                length, _, key = level.free.pop(at - 1)
+                members.append(level.fifo[key])
                 gap -= length
+                at = level.free.bisect_right((gap, math.inf, None))
+            level.reserve(members, bin_id)
 
     @staticmethod
     def _bin_first(level: _Level, p: _Planner) -> bool:
         """Smith's rule between the best reserved bin and a shortest-first step: whichever
         starts more requests goes first (O(k) for the k free prompts a step would take)."""
-        best = -level.bin_order[0][0]
+        _, _, bin_id = level.bin_order[0]
+        best = sum(1 for key in level.bins[bin_id].keys if not p.taken(key))
         left, count = p.left, 0
         for length, _, key in level.free:
             if length > left or count >= best:
@@ -514,7 +526,9 @@ class _Planner:
 
     def __init__(self, limits: StepLimits) -> None:
         self.limits = limits
-        self.left = max(0, limits.budget)
+        self.token_left = max(0, limits.budget)
+        self.input_left = limits.input_budget
+        self.planned_tokens = 0
         self.seats = max(0, limits.seats)
         self._picks: dict[Key, Pick] = {}  # in plan order
         self._group_counts: Counter = Counter()
@@ -524,6 +538,13 @@ class _Planner:
     @property
     def picks(self) -> list[Pick]:
         return list(self._picks.values())
+
+    @property
+    def left(self) -> int:
+        """Tokens the next request may take (vLLM's min(token_budget, input_budget - slots))."""
+        if self.input_left is None:
+            return self.token_left
+        return max(0, min(self.token_left, self.input_left - self.limits.overhead))
 
     def has_room(self) -> bool:
         return self.left > 0 and self.seats > 0
@@ -551,22 +572,28 @@ class _Planner:
     def take(self, entry: Entry, reason: Reason, tokens: int | None = None) -> None:
         tokens = entry.length if tokens is None else tokens
         self._picks[entry.key] = Pick(entry.key, tokens, reason)
-        self.left -= tokens
-        self.seats -= 1
+        self._charge(tokens, +1)
         if entry.group is not None:
             self._group_counts[entry.group] += 1
 
     def untake(self, entry: Entry) -> None:
-        self.left += self._picks.pop(entry.key).tokens
-        self.seats += 1
+        self._charge(self._picks.pop(entry.key).tokens, -1)
         if entry.group is not None:
             self._group_counts[entry.group] -= 1
 
+    def _charge(self, tokens: int, sign: int) -> None:
+        self.token_left -= sign * tokens
+        if self.input_left is not None:
+            self.input_left -= sign * (tokens + self.limits.overhead)
+        self.planned_tokens += sign * tokens
+        self.seats -= sign
+
     def take_in_order(self, entry: Entry, reason: Reason) -> bool:
-        """A must-go-first request: whole, else a chunk, else the plan stops here."""
-        if self.taken(entry.key):
+        """A must-go-first request: whole, else a chunk, else the plan stops here. One whose
+        LoRA adapter cannot load this step is passed over, as vLLM skips it."""
+        if self.taken(entry.key) or not self.group_ok(entry):
             return True
-        if not self.has_room() or not self.group_ok(entry):
+        if not self.has_room():
             self.blocked = True
             return False
         if entry.length <= self.left:
@@ -595,7 +622,7 @@ class _Planner:
         entry = self._chunk_candidate
         if entry is None or not self.limits.capture_sizes or self.seats <= 0:
             return
-        total = self.limits.used_tokens + (self.limits.budget - self.left)
+        total = self.limits.used_tokens + self.planned_tokens
         gap = min(padding_gap(total, self.limits.capture_sizes), self.left, entry.length)
         if gap > 0:
             self.take(entry, Reason.TOPUP, gap)

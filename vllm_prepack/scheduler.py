@@ -16,7 +16,7 @@ Every touch point of vLLM internals in this project (``REQUIRED_ATTRIBUTES`` is 
 engine start, so a vLLM that renamed one fails there, naming it, instead of planning wrong):
 - ``Scheduler.__init__``: ``self.waiting`` is swapped after vLLM builds it (it is empty then);
   ``kv_holding_waiting`` (drained before ``waiting``) is left alone and its tokens are taken
-  off the plan's budget.
+  off the plan's budget (``_is_blocked_waiting_status`` tells which it passes over).
 - ``RequestQueue``: the interface of vllm/v1/core/sched/request_queue.py; ``prepend_request``
   means "front" for FCFS and "by arrival" for the priority policy, as in vLLM's queues.
 - ``_running_phase``: mirrors the budget arithmetic of the running phase of ``schedule()``
@@ -24,7 +24,7 @@ engine start, so a vLLM that renamed one fails there, naming it, instead of plan
   ``debug_layout`` it is checked against what vLLM then scheduled, every step.
 - ``Request`` fields read: request_id, num_tokens, num_computed_tokens, priority, arrival_time,
   lora_request, num_output_placeholders, num_tokens_with_spec, num_prompt_tokens, max_tokens,
-  next_decode_eligible_step, block_hashes.
+  next_decode_eligible_step, is_prefill_chunk, status, block_hashes.
 - Prefix caching: ``kv_cache_manager.prefix_cache_lookup_enabled`` and
   ``coordinator.find_longest_cache_hit`` (a lookup without vLLM's hit statistics) give the
   uncached length the policy orders by.
@@ -39,6 +39,7 @@ engine start, so a vLLM that renamed one fails there, naming it, instead of plan
 from __future__ import annotations
 
 import time
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -54,6 +55,8 @@ from vllm_prepack.config import PrepackConfig
 from vllm_prepack.policy import Entry, Pick, StepLimits, WaitingSet
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
+REFRESH_PER_STEP = 256  # prefix-cache lookups of waiting requests per step
+MAX_REMEMBERED_DEADLINES = 65_536  # deadlines kept for re-entry (priority policy), newest
 REQUIRED_ATTRIBUTES = (
     "waiting", "kv_holding_waiting", "running", "policy", "current_step", "max_num_scheduled_tokens",
     "max_num_active_reqs", "max_model_len", "num_waiting_for_streaming_input",
@@ -61,6 +64,15 @@ REQUIRED_ATTRIBUTES = (
     "prefill_capacity_bound",
     "kv_cache_manager", "lora_config", "scheduler_config", "vllm_config",
 )
+
+
+@dataclass
+class _RunningPhase:
+    """The mirror's prediction of vLLM's running phase for the coming step."""
+
+    tokens: dict[str, int]  # request id -> tokens vLLM will give it
+    input_left: int  # vLLM's input budget after them (draft slots included)
+    defer_prefills: bool  # DP prefill balancing holds new prefills back this step
 
 
 class BudgetMismatch(AssertionError):
@@ -79,7 +91,10 @@ class PackingRequestQueue(RequestQueue):
         # prefix caching: waiting requests by their first block, and the blocks of requests
         # admitted last step (their siblings may hit the cache now)
         self._groups: dict[object, set[str]] = {}
-        self._admitted_groups: set = set()
+        self._refreshed: set = set()  # groups looked up again already (once per group)
+        self._to_refresh: deque[str] = deque()  # request ids to look up, REFRESH_PER_STEP a step
+        # deadlines of requests vLLM took from this queue, for their re-entry (priority policy)
+        self._dues: OrderedDict[str, float] = OrderedDict()
         self._plan: list[Pick] = []
         self._cursor = 0
         self._step = 0
@@ -107,14 +122,13 @@ class PackingRequestQueue(RequestQueue):
         return self._set.first(self._step, self._now)
 
     def _refresh_cached(self) -> None:
-        """A request admitted last step cached its prompt's blocks: the waiting requests that
-        share its first block are looked up again (once per admission of a group, O(group))."""
-        for group in self._admitted_groups:
-            for request_id in self._groups.get(group, ()):
-                request = self._requests[request_id]
-                if request.num_computed_tokens == 0:
-                    self._set.resize(request_id, request.num_tokens - self._cached_tokens(request))
-        self._admitted_groups.clear()
+        """The first admission from a group of requests that share a first block cached that
+        prefix: the others are looked up again, REFRESH_PER_STEP a step (O(1) per request)."""
+        for _ in range(min(REFRESH_PER_STEP, len(self._to_refresh))):
+            request = self._requests.get(self._to_refresh.popleft())
+            if request is not None and request.num_computed_tokens == 0:
+                self._set.resize(request.request_id,
+                                 request.num_tokens - self._cached_tokens(request))
 
     def _group(self, request: Request):
         if self._cached_tokens is None or not request.block_hashes:
@@ -130,8 +144,10 @@ class PackingRequestQueue(RequestQueue):
             members.discard(request.request_id)
             if not members:
                 del self._groups[group]
-            elif admitted:
-                self._admitted_groups.add(group)
+                self._refreshed.discard(group)
+            elif admitted and group not in self._refreshed:
+                self._refreshed.add(group)
+                self._to_refresh.extend(members)
 
     # ---- RequestQueue -----------------------------------------------------------------------
 
@@ -169,10 +185,11 @@ class PackingRequestQueue(RequestQueue):
             self._join_group(request)
         if self._by_priority:
             # vLLM's priority queue has no front: it re-inserts by (priority, arrival). These
-            # requests (preempted, or skipped this step) are overdue at once, so they go first
-            # within their level, behind requests that were overdue before them.
+            # requests (preempted, or skipped this step) come back overdue with the deadline
+            # they had, so they go first within their level, in deadline order.
             for request in requests:
-                self._set.add(self._entry(request), due=self._step)
+                due = self._dues.pop(request.request_id, self._step)
+                self._set.add(self._entry(request), due=min(due, self._step))
         else:
             # Same front order as FCFSRequestQueue.prepend_requests (deque.extendleft).
             self._set.pin([self._entry(r) for r in requests[::-1]])
@@ -186,7 +203,11 @@ class PackingRequestQueue(RequestQueue):
         if not self._set:
             raise IndexError("pop from an empty queue")
         key = self._next_key()
-        self._set.remove(key)
+        entry = self._set.remove(key)
+        if self._by_priority and not entry.pinned:
+            self._dues[key] = entry.due
+            if len(self._dues) > MAX_REMEMBERED_DEADLINES:
+                self._dues.popitem(last=False)
         request = self._requests.pop(key)
         self._leave_group(request, admitted=True)
         return request
@@ -264,7 +285,8 @@ class PrepackScheduler(Scheduler):
                 f"Scheduler has no {', '.join(missing)} (see vllm_prepack/scheduler.py's touch points)"
             )
         assert not self.waiting, "the waiting queue is swapped before any request arrives"
-        cached = self._cached_tokens if vllm_config.cache_config.enable_prefix_caching else None
+        cached = ((lambda request: cached_prefix_tokens(self, request))
+                  if vllm_config.cache_config.enable_prefix_caching else None)
         self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached)
         spec = vllm_config.speculative_config
         self._draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
@@ -278,8 +300,8 @@ class PrepackScheduler(Scheduler):
         started = time.perf_counter()
         waiting = len(self.waiting)
         throttle = kwargs.get("throttle_prefills", args[0] if args else False)
-        running = self._running_phase(throttle)
-        limits = self._step_limits(sum(running.values()))
+        phase = self._running_phase(throttle)
+        limits = self._step_limits(phase)
         planned = self.waiting.begin_step(limits, self.current_step + 1)
         plan_seconds = time.perf_counter() - started
         try:
@@ -288,7 +310,7 @@ class PrepackScheduler(Scheduler):
             self.waiting.end_step()
         self._record(output, limits, planned, waiting, plan_seconds)
         if self.verify_budget:
-            self._check_running(running, output)
+            self._check_running(phase.tokens, output)
         if self.prepack_config.debug_layout:
             # the model-runner hook checks the forward against this (same object in-process;
             # pickled with the SchedulerOutput to workers)
@@ -315,21 +337,14 @@ class PrepackScheduler(Scheduler):
 
     # ---- mirrors of vLLM's arithmetic -------------------------------------------------------
 
-    def _cached_tokens(self, request: Request) -> int:
-        """Prompt tokens a prefix-cache hit would skip now (vLLM's own lookup, no statistics)."""
-        manager = self.kv_cache_manager
-        if not request.block_hashes or not manager.prefix_cache_lookup_enabled(request):
-            return 0
-        _, hit, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes,
-                                                                request.num_tokens - 1)
-        return hit
-
-    def _step_limits(self, used: int) -> StepLimits:
+    def _step_limits(self, phase: _RunningPhase) -> StepLimits:
+        """What vLLM's waiting phase will have, after running requests and the requests
+        already holding KV blocks (drained first)."""
+        used = sum(phase.tokens.values())
         budget = self.max_num_scheduled_tokens - used
-        if self._pause_state != PauseState.UNPAUSED:
-            budget = 0  # PAUSED_NEW admits only requests holding KV blocks; PAUSED_ALL nothing
-        budget -= self._kv_holding_tokens(budget)
-        seats = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
+        if self._pause_state != PauseState.UNPAUSED or phase.defer_prefills:
+            budget = 0  # PAUSED_NEW admits only requests holding KV blocks; deferred: none
+        budget -= self._kv_holding_tokens(min(budget, phase.input_left - self._draft_slots))
         groups: frozenset = frozenset()
         max_groups = None
         if self.lora_config:
@@ -337,40 +352,42 @@ class PrepackScheduler(Scheduler):
             groups = frozenset(
                 r.lora_request.lora_int_id
                 for r in self.running
-                if r.lora_request and r.lora_request.lora_int_id > 0
+                if r.request_id in phase.tokens and r.lora_request and r.lora_request.lora_int_id > 0
             )
         return StepLimits(
             budget=budget,
-            seats=seats,
+            seats=self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input,
             chunked_prefill=bool(self.scheduler_config.enable_chunked_prefill),
             min_chunk_tokens=self.prepack_config.min_chunk_tokens,
             capture_sizes=self._capture_sizes,
             used_tokens=used,
             groups=groups,
             max_groups=max_groups,
+            input_budget=phase.input_left,
+            overhead=self._draft_slots,
+            capacity=self.max_num_scheduled_tokens,
         )
 
     def _kv_holding_tokens(self, budget: int) -> int:
         """vLLM drains ``kv_holding_waiting`` (requests that hold KV blocks) before ``waiting``,
-        first come first served: the tokens it will take from the budget."""
+        first come first served, passing over blocked ones: the tokens it will take. One that
+        does not fit takes the rest (chunked prefill) or stops the step (whole prompts)."""
         taken = 0
-        chunked = self.scheduler_config.enable_chunked_prefill
         for request in self.kv_holding_waiting:
+            if self._is_blocked_waiting_status(request.status):
+                continue
             tokens = request.num_tokens - request.num_computed_tokens
             if tokens > budget - taken:
-                if chunked:
-                    taken = budget
-                break
+                return budget  # chunked: it takes the rest; whole prompts: vLLM stops there
             taken += tokens
         return taken
 
-    def _running_phase(self, throttle_prefills: bool = False) -> dict[str, int]:
-        """Tokens the running phase of the coming schedule() gives each running request
-        (vLLM 0.32.0, vllm/v1/core/sched/scheduler.py; checked with debug_layout)."""
-        if self._pause_state == PauseState.PAUSED_ALL:
-            return {}
+    def _running_phase(self, throttle_prefills: bool = False) -> _RunningPhase:
+        """Tokens the running phase of the coming schedule() gives each running request, and
+        the input budget it leaves (vLLM 0.32.0, vllm/v1/core/sched/scheduler.py; checked
+        against vLLM every step with debug_layout)."""
         budget = self.max_num_scheduled_tokens
-        input_budget = self.scheduler_config.max_num_batched_tokens
+        input_left = self.scheduler_config.max_num_batched_tokens
         draft_slots = self._draft_slots
         num_running, num_waiting = self.get_request_counts()
         threshold = (
@@ -379,14 +396,17 @@ class PrepackScheduler(Scheduler):
             else 0
         )
         if threshold > 0 and self.adaptive_long_prefill_threshold:
-            threshold = max(threshold, input_budget // (num_running + num_waiting))
+            threshold = max(threshold, input_left // (num_running + num_waiting))
         defer_prefills = (throttle_prefills and not self.prefill_capacity_bound) and any(
             not r.is_prefill_chunk for r in self.running
         )
+        phase = _RunningPhase({}, input_left, defer_prefills)
+        if self._pause_state == PauseState.PAUSED_ALL:
+            return phase
         step = self.current_step + 1
-        used, tokens_of = 0, {}
+        used = 0
         for request in self.running:
-            if used >= budget or input_budget <= draft_slots:
+            if used >= budget or phase.input_left <= draft_slots:
                 break
             placeholders = request.num_output_placeholders
             if (
@@ -405,13 +425,14 @@ class PrepackScheduler(Scheduler):
             tokens = min(
                 tokens,
                 budget - used,
-                input_budget - draft_slots,
+                phase.input_left - draft_slots,
                 self.max_model_len - request.num_computed_tokens - self.num_sampled_tokens_per_step,
             )
             if tokens > 0:
-                tokens_of[request.request_id] = tokens
+                phase.tokens[request.request_id] = tokens
                 used += tokens
-        return tokens_of
+                phase.input_left -= tokens + draft_slots
+        return phase
 
     def _check_running(self, predicted: dict[str, int], output) -> None:
         """Fail loudly where vLLM gave running requests other tokens than the plan assumed.
@@ -457,6 +478,16 @@ class PrepackScheduler(Scheduler):
 
 class PrepackAsyncScheduler(PrepackScheduler, AsyncScheduler):
     """The packing policy over vLLM's ``AsyncScheduler`` (the GPU default)."""
+
+
+def cached_prefix_tokens(scheduler: Scheduler, request: Request) -> int:
+    """Prompt tokens a prefix-cache hit would skip now (vLLM's own lookup, no statistics)."""
+    manager = scheduler.kv_cache_manager
+    if not request.block_hashes or not manager.prefix_cache_lookup_enabled(request):
+        return 0
+    _, hit, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes,
+                                                            request.num_tokens - 1)
+    return hit
 
 
 def capture_sizes(vllm_config) -> tuple[int, ...]:

@@ -1,12 +1,13 @@
 """Orderings from the field, re-implemented as vLLM schedulers for side-by-side benchmarks.
 
-SGLang's ``schedule_policy.py`` orders its waiting queue by shortest prefill first ("lpm"'s
-cache-aware cousin without the radix tree: the uncached prompt length) or by highest response
-ratio next (HRRN: (wait + service) / service). Here each is a ``RequestQueue`` sorted once per
+SGLang's ``schedule_policy.py`` orders its waiting queue by shortest prefill first (the prompt
+length its radix cache does not hold; here vLLM's own prefix lookup, as the plugin uses) or by
+highest response ratio next (HRRN: (wait + service) / service). Here each is a ``RequestQueue`` sorted once per
 step, swapped into vLLM's own ``Scheduler``, so every ordering is admitted by the same mechanism
 (budget, KV allocation, head-of-line stop with chunked prefill off) as FCFS and the plugin.
-Wait and service are counted in steps (service = remaining prompt tokens / step budget), so the
+Wait and service are counted in steps (service = uncached prompt tokens / step budget), so the
 engine-free benchmarks, whose steps take microseconds, rank requests as a GPU engine would.
+They extend the sync ``Scheduler``: compare them with async scheduling off.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from vllm_prepack.scheduler import cached_prefix_tokens
+
 
 class _SortedQueue(RequestQueue):
-    """A waiting queue re-sorted by `key` at the start of every step; prepended requests
-    (preempted or skipped) go to the front, as in vLLM's FCFS queue."""
+    """A waiting queue re-sorted by `key` at the start of every step (kept reversed, so the
+    next request pops off the end); prepended requests (preempted or skipped) go to the
+    front, as in vLLM's FCFS queue."""
 
     def __init__(self, key) -> None:
         self._key = key
@@ -31,7 +35,7 @@ class _SortedQueue(RequestQueue):
 
     def sort(self, step: int) -> None:
         self.step = step
-        self._rest.sort(key=self._key)
+        self._rest.sort(key=self._key, reverse=True)
 
     def add_request(self, request: Request) -> None:
         self.arrival_step.setdefault(request.request_id, self.step)
@@ -43,18 +47,15 @@ class _SortedQueue(RequestQueue):
     def prepend_requests(self, requests: Iterable[Request]) -> None:
         self._front[:0] = list(requests)
 
-    def _head(self) -> list[Request]:
+    def peek_request(self) -> Request:
         if self._front:
-            return self._front
+            return self._front[0]
         if self._rest:
-            return self._rest
+            return self._rest[-1]
         raise IndexError("empty queue")
 
-    def peek_request(self) -> Request:
-        return self._head()[0]
-
     def pop_request(self) -> Request:
-        request = self._head().pop(0)
+        request = self._front.pop(0) if self._front else self._rest.pop()
         self.arrival_step.pop(request.request_id, None)
         return request
 
@@ -76,16 +77,19 @@ class _SortedQueue(RequestQueue):
 
     def __iter__(self) -> Iterator[Request]:
         yield from self._front
-        yield from self._rest
-
-
-def _remaining(request: Request) -> int:
-    return max(1, request.num_tokens - request.num_computed_tokens)
+        yield from reversed(self._rest)
 
 
 class _OrderedScheduler(Scheduler):
     def _order_key(self, request: Request):
         raise NotImplementedError
+
+    def _remaining(self, request: Request) -> int:
+        """Prompt tokens still to compute, less a prefix-cache hit (vLLM's lookup)."""
+        tokens = request.num_tokens - request.num_computed_tokens
+        if request.num_computed_tokens == 0 and self.cache_config.enable_prefix_caching:
+            tokens -= cached_prefix_tokens(self, request)
+        return max(1, tokens)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -100,13 +104,13 @@ class SPFScheduler(_OrderedScheduler):
     """Shortest (remaining) prefill first, ties by arrival."""
 
     def _order_key(self, request: Request):
-        return (_remaining(request), request.arrival_time)
+        return (self._remaining(request), request.arrival_time)
 
 
 class HRRNScheduler(_OrderedScheduler):
     """Highest response ratio next: (wait + service) / service, in steps."""
 
     def _order_key(self, request: Request):
-        service = _remaining(request) / self.max_num_scheduled_tokens
+        service = self._remaining(request) / self.max_num_scheduled_tokens
         wait = self.waiting.step - self.waiting.arrival_step.get(request.request_id, self.waiting.step)
         return (-(wait + service) / service, request.arrival_time)
