@@ -11,6 +11,7 @@ through. Added: ``token_ids`` and ``text`` (or ``embedding``), and ``error``.
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -18,32 +19,29 @@ class _EngineUDF:
     def __init__(self, model: str, task: str, engine_kwargs: dict, prepack, max_tokens: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm_prepack.batch import Replica
+        from vllm_prepack.replica import Replica
 
-        self.replica = Replica(model, task, engine_kwargs, prepack, index=os.getpid())
-        self.max_tokens = max_tokens
+        self.replica = Replica(model, task, engine_kwargs, prepack, index=os.getpid(),
+                               default_max_tokens=max_tokens)
 
     def __call__(self, batch: dict) -> dict:
-        from vllm_prepack.batch import Item
-
         n = len(next(iter(batch.values())))
-        items = []
+        unit = []
         for i in range(n):
-            ids = batch.get("prompt_token_ids")
-            prompt = batch.get("prompt")
-            max_tokens = batch.get("max_tokens")
-            items.append(Item(
-                id=i, line=i,
-                prompt=None if prompt is None else str(prompt[i]),
-                prompt_token_ids=None if ids is None else [int(t) for t in ids[i]],
-                max_tokens=self.max_tokens if max_tokens is None else int(max_tokens[i]),
-            ))
-        records = self.replica.run(items)
+            row = {key: _plain(batch[key][i]) for key in ("prompt", "prompt_token_ids", "max_tokens")
+                   if key in batch and batch[key][i] is not None}
+            unit.append((i + 1, json.dumps(row)))
+        by_line = {r["line"]: r for r in self.replica.records(unit)}
         out = dict(batch)
         keys = ("embedding",) if self.replica.task == "embed" else ("token_ids", "text")
         for key in (*keys, "error"):
-            out[key] = [r.get(key) for r in records]
+            out[key] = [by_line[i + 1].get(key) for i in range(n)]
         return out
+
+
+def _plain(value):
+    """numpy scalars and arrays (Ray Data's batch format) as JSON values."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def map_dataset(ds, model: str, *, replicas: int = 2, task: str = "generate", max_tokens: int = 16,
