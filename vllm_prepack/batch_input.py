@@ -88,14 +88,16 @@ class Source:
 
 
 _MAX_TOKENS = re.compile(r'"(?:max_tokens|max_completion_tokens)"\s*:\s*(\d+)')
+_IDS = re.compile(r'"(?:prompt_token_ids|prompt|input)"\s*:\s*\[')
 _N = re.compile(r'"n"\s*:\s*(\d+)')
 
 
 def estimate_tokens(raw: str, default_max_tokens: int) -> float:
     """Expected tokens of a raw line (prompt + output), from its text alone: token-id prompts
-    count their commas, text counts 4 characters a token. Only dispatch uses it."""
-    if '"prompt_token_ids"' in raw or '"prompt": [' in raw:
-        prompt = raw.count(",") + 1
+    count the commas of their list, text counts 4 characters a token. Only dispatch uses it."""
+    ids = _IDS.search(raw)
+    if ids is not None:
+        prompt = raw.count(",", ids.end(), raw.find("]", ids.end())) + 1
     else:
         prompt = len(raw) / 4
     if default_max_tokens == 0:  # embeddings generate nothing
