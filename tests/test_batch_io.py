@@ -67,8 +67,8 @@ def test_sources_are_lazy_and_number_lines_from_one(tmp_path):
     path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
     source = Source(path)
     it = iter(source)
-    assert next(it) == (1, '{"prompt": "a"}\n') and 0 < source.fraction < 1
-    assert list(it) == [(3, '{"prompt": "b"}\n')] and source.fraction == 1
+    assert next(it) == (1, '{"prompt": "a"}') and 0 < source.fraction < 1
+    assert list(it) == [(3, '{"prompt": "b"}')] and source.fraction == 1
     assert list(Source(['{"a": 1}', " "])) == [(1, '{"a": 1}')]
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

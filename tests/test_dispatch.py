@@ -167,3 +167,17 @@ def test_bad_arguments():
     d = Dispatcher(1, 10)
     with pytest.raises(RuntimeError, match="every replica died"):
         d.lost(0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(weights=st.lists(st.integers(1, 5000), max_size=200), batch_size=st.integers(1, 40))
+def test_balanced_batches_are_full_and_close(weights, batch_size):
+    from vllm_prepack.dispatch import balanced_batches
+
+    batches = balanced_batches(weights, batch_size)
+    assert sorted(i for b in batches for i in b) == list(range(len(weights)))
+    assert all(len(b) == batch_size for b in batches[:-1])
+    assert not batches or 1 <= len(batches[-1]) <= batch_size
+    full = [sum(weights[i] for i in b) for b in batches if len(b) == batch_size]
+    if len(full) > 1:  # LPT bound: full batches differ by at most the heaviest item
+        assert max(full) - min(full) <= max(weights)

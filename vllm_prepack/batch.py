@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_prepack.batch_input import Source, estimate_tokens
-from vllm_prepack.batch_output import open_writer, output_format
+from vllm_prepack.batch_output import open_writer
 from vllm_prepack.dispatch import ORDERS, Dispatcher
 
 IN_FLIGHT = 2  # units per replica: one running, one queued behind it
@@ -63,7 +63,7 @@ def run_job(
     ``Source``); write every line's record exactly once. ``max_tokens``: the default per line,
     0 for embeddings. ``window``: most requests read ahead."""
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
 
     started, wall_started = time.perf_counter(), time.time()
     done = writer.committed()
@@ -74,13 +74,13 @@ def run_job(
     first_dispatch = None
 
     def fill() -> None:
-        limit = 4 * len(dispatcher.alive) * unit_tokens
+        limit, add = 4 * len(dispatcher.alive) * unit_tokens, dispatcher.add
         while not dispatcher.exhausted and dispatcher.size < window and dispatcher.tokens < limit:
             line, raw = next(lines, (None, None))
             if line is None:
                 dispatcher.exhausted = True
-            elif line not in done:
-                dispatcher.add(line, estimate_tokens(raw, max_tokens), raw)
+            elif not done or line not in done:
+                add(line, estimate_tokens(raw, max_tokens), raw)
 
     def top_up(r: int, limit: int = IN_FLIGHT) -> None:
         nonlocal first_dispatch
@@ -89,7 +89,10 @@ def run_job(
             unit = dispatcher.take(r)
             if unit is None:
                 return
-            refs[replicas[r].run.remote([(line, raw) for line, _, raw in unit.requests])] = unit.id
+            requests = unit.requests  # one string per unit: Ray serializes it in one piece
+            refs[replicas[r].run.remote([line for line, _, _ in requests],
+                                        "\n".join(raw for _, _, raw in requests),
+                                        writer.format)] = unit.id
             if first_dispatch is None:
                 first_dispatch = time.perf_counter() - started
 
@@ -112,6 +115,11 @@ def run_job(
                 for r in sorted(dispatcher.alive):
                     top_up(r)
                 continue
+            except RayTaskError as e:  # the engine itself failed: stop, resumable
+                lines = [line for line, _, _ in unit.requests]
+                raise RuntimeError(f"replica {unit.replica} failed on a unit of lines "
+                                   f"{min(lines)}..{max(lines)}: {e.cause!r}; the output holds "
+                                   "every finished record, and a re-run resumes") from e
             writer.write(payload)
             dispatcher.done(unit.id)
             bar.update(stats)
@@ -195,8 +203,8 @@ def run_batch(
         ray.init(include_dashboard=False)
     default = max_tokens if task == "generate" else 0
     actors = start_replicas(model, replicas, task, engine_kwargs, prepack,
-                            gpus_per_replica=gpus_per_replica, output=output_format(output),
-                            default_max_tokens=default, chat_template=chat_template)
+                            gpus_per_replica=gpus_per_replica, default_max_tokens=default,
+                            chat_template=chat_template)
     try:
         return run_job(Source(source), writer, actors, max_tokens=default, order=order,
                        unit_tokens=unit_tokens, progress=progress)

@@ -53,38 +53,46 @@ class Request:
 
 
 class Source:
-    """(line number from 1, raw JSON text) read lazily from a JSONL file, a Parquet file or
-    folder (rows as JSON), or an in-memory list of lines; ``fraction`` is how much was read."""
+    """(line number from 1, raw JSON text without its newline) read lazily from a JSONL file, a
+    Parquet file or folder (rows as JSON), or an in-memory list of lines; ``fraction`` is how
+    much was read."""
 
     def __init__(self, source: str | Path | list[str]):
-        self.source, self.fraction = source, 0.0
+        self.source = source
+        self._read, self._total = 0, 1  # what `fraction` divides: items or bytes
+
+    @property
+    def fraction(self) -> float:
+        read = self._read.tell() if hasattr(self._read, "tell") else self._read
+        return read / self._total
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         if isinstance(self.source, list):
+            self._total = max(1, len(self.source))
             for number, raw in enumerate(self.source, start=1):
-                self.fraction = number / len(self.source)
+                self._read = number
                 if raw.strip():
-                    yield number, raw
+                    yield number, raw.rstrip("\r\n")
             return
         path = Path(self.source)
         if path.suffix == ".parquet" or path.is_dir():
             import pyarrow.dataset as ds
 
             data = ds.dataset(path, format="parquet")
-            total, number = max(1, data.count_rows()), 0
+            self._total, number = max(1, data.count_rows()), 0
             for batch in data.to_batches(batch_size=4096):
                 for row in batch.to_pylist():
                     number += 1
-                    self.fraction = number / total
+                    self._read = number
                     yield number, json.dumps({k: v for k, v in row.items() if v is not None})
             return
-        size, read = max(1, path.stat().st_size), 0
+        self._total = max(1, path.stat().st_size)
         with path.open("rb") as f:
+            self._read = f  # its offset: no per-line bookkeeping
             for number, raw in enumerate(f, start=1):
-                read += len(raw)
-                self.fraction = read / size
                 if raw.strip():
-                    yield number, raw.decode("utf-8", errors="replace")
+                    yield number, raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            self._read = self._total
 
 
 _MAX_TOKENS = re.compile(r'"(?:max_tokens|max_completion_tokens)"\s*:\s*(\d+)')

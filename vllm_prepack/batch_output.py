@@ -44,6 +44,9 @@ class LineSet:
     def __len__(self) -> int:
         return self.count
 
+    def __bool__(self) -> bool:
+        return self.count > 0
+
 
 def jsonl_text(records: list[dict]) -> str:
     return "".join(json.dumps(r, default=str) + "\n" for r in records)
@@ -84,11 +87,9 @@ def encode(records: list[dict], fmt: str):
     return jsonl_text(records)
 
 
-def output_format(path: str | Path) -> str:
-    return "parquet" if Path(path).suffix == ".parquet" else "jsonl"
-
-
 class JsonlWriter:
+    format = "jsonl"
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +132,8 @@ class JsonlWriter:
 
 class ParquetWriter:
     """Parts of about `rows_per_part` rows; a part is committed by its rename."""
+
+    format = "parquet"
 
     def __init__(self, path: Path, rows_per_part: int = 4096):
         import pyarrow  # noqa: F401  (fail early with a clear ImportError)
@@ -177,4 +180,4 @@ class ParquetWriter:
 
 
 def open_writer(path: str | Path):
-    return ParquetWriter(Path(path)) if output_format(path) == "parquet" else JsonlWriter(Path(path))
+    return ParquetWriter(Path(path)) if Path(path).suffix == ".parquet" else JsonlWriter(Path(path))

@@ -136,3 +136,25 @@ class Dispatcher:
     @property
     def finished(self) -> bool:
         return self.exhausted and self.size == 0 and not self.inflight
+
+
+def balanced_batches(weights: list[float], batch_size: int) -> list[list[int]]:
+    """Indices of `weights` in row batches of exactly `batch_size` (the last may be short) whose
+    weight sums are close: heaviest first to the lightest batch with room (LPT with a row cap),
+    O(n log n). This turns an engine's row batching into token batching."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    n = len(weights)
+    count = -(-n // batch_size)
+    room = [batch_size] * count
+    if count:
+        room[-1] = n - (count - 1) * batch_size
+    batches: list[list[int]] = [[] for _ in range(count)]
+    heap = [(0.0, b) for b in range(count)]
+    for i in sorted(range(n), key=lambda i: -weights[i]):
+        load, b = heapq.heappop(heap)
+        batches[b].append(i)
+        room[b] -= 1
+        if room[b]:
+            heapq.heappush(heap, (load + weights[i], b))
+    return batches

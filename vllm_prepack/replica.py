@@ -33,10 +33,10 @@ def check_tokenizer(model: str, engine_kwargs: dict) -> None:
 
 
 class Replica:
-    """``ray.remote(Replica)``; ``run`` takes [(line, raw)] and returns (payload, stats)."""
+    """``ray.remote(Replica)``; ``run`` takes a unit of raw lines and returns (payload, stats)."""
 
     def __init__(self, model: str, task: str, engine_kwargs: dict, prepack: dict | bool, index: int,
-                 *, output: str = "jsonl", default_max_tokens: int = 16,
+                 *, default_max_tokens: int = 16,
                  chat_template: str | None = None):
         from vllm import LLM
 
@@ -50,7 +50,7 @@ class Replica:
         self.llm = LLM(model=str(model), **kwargs)
         self.model_name = str(kwargs.get("served_model_name") or model)
         self.tokenizer = None if kwargs.get("skip_tokenizer_init") else self.llm.get_tokenizer()
-        self.index, self.task, self.output = index, task, output
+        self.index, self.task = index, task
         self.default_max_tokens = default_max_tokens if task == "generate" else 0
         self.chat_template = chat_template
         self.busy = 0.0
@@ -70,18 +70,19 @@ class Replica:
             "timeline": list(self.timeline),
         }
 
-    def run(self, unit: list[tuple[int, str]]):
-        """Records for every line of the unit (errors included), encoded, and counts."""
-        records = self.records(unit)
+    def run(self, lines: list[int], text: str, output: str = "jsonl"):
+        """Records for every line of a unit (its raw lines joined by newlines), encoded for the
+        `output` format, and counts."""
+        records = self.records(zip(lines, text.split("\n")))
         stats = {
             "requests": len(records),
             "errors": sum(1 for r in records if r.get("error")),
             "tokens": sum(r.pop("_tokens", 0) for r in records),
         }
-        return encode(records, self.output), stats
+        return encode(records, output), stats
 
-    def records(self, unit: list[tuple[int, str]]) -> list[dict]:
-        """One record per line, in the order requests finish."""
+    def records(self, unit) -> list[dict]:
+        """One record per (line, raw) of `unit`, in the order requests finish."""
         start, wall_start = time.perf_counter(), time.time()
         engine = self.llm.llm_engine
         records, waiting = [], {}  # line -> [request, submitted, outputs]
@@ -126,8 +127,11 @@ class Replica:
             raise InputError(f"line {request.line}: {request.endpoint} needs a job run with {need}")
         if embeds:
             return PoolingParams(task="embed")
+        from vllm.sampling_params import RequestOutputKind
+
         extra = {} if self.tokenizer is not None else {"detokenize": False}
-        return SamplingParams(max_tokens=request.max_tokens, **request.sampling, **extra)
+        return SamplingParams(max_tokens=request.max_tokens, **request.sampling, **extra,
+                              output_kind=RequestOutputKind.FINAL_ONLY)  # all n choices at once
 
     def _prompts(self, request: Request) -> list:
         if request.messages is not None:
@@ -226,19 +230,20 @@ def _logprobs(choice, chat: bool):
 
 def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: dict | bool = True,
                    *, num_cpus: float | None = None, gpus_per_replica: int = 0,
-                   replica_cls=Replica, **options):
+                   env: dict | None = None, replica_cls=Replica, **options):
     """N Ray actors, one engine each, started in parallel. On CPU each engine gets its own core
     (threads bound to it). With GPUs each replica reserves `gpus_per_replica` GPUs; above one it
-    runs tensor-parallel (vLLM's Ray executor) inside a placement group of that many GPUs."""
+    runs tensor-parallel (vLLM's Ray executor) inside a placement group of that many GPUs.
+    `env`: environment variables for every replica, over these defaults."""
     import ray
 
     cores = os.cpu_count() or 1
     actors = []
     for i in range(n):
         kwargs, opts = dict(engine_kwargs), {}
-        env = {}
+        defaults = {}
         if gpus_per_replica == 0:
-            env = {
+            defaults = {
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                 "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                 "VLLM_CPU_OMP_THREADS_BIND": str(i % cores),
@@ -256,7 +261,7 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
                 group, placement_group_capture_child_tasks=True)
         actor = ray.remote(replica_cls).options(
             num_cpus=num_cpus if num_cpus is not None else min(1.0, cores / n),
-            max_restarts=0, runtime_env={"env_vars": env}, **opts,
+            max_restarts=0, runtime_env={"env_vars": {**defaults, **(env or {})}}, **opts,
         ).remote(model, task, kwargs, prepack, i, **options)
         actors.append(actor)
     ray.get([a.describe.remote() for a in actors])  # engines are up
