@@ -1,29 +1,17 @@
-"""The Ray batch job over real vLLM replicas on a local Ray cluster (4 logical CPUs on this
-2-core machine: each replica binds its threads to one core)."""
+"""The Ray batch job over real vLLM replicas on a local Ray cluster."""
 
 import json
 import shutil
 
 import pytest
 import ray
+from ray_cluster import ENGINE, cluster  # noqa: F401  (a fixture)
 
 from vllm_prepack.batch import run_job
 from vllm_prepack.batch_input import Source
 from vllm_prepack.batch_output import JsonlWriter
 from vllm_prepack.replica import start_replicas
 from vllm_prepack.workloads import prompt_lengths, token_ids
-
-# tests pass enforce_eager themselves: replicas run the user's engine arguments unchanged
-ENGINE = dict(dtype="float32", max_model_len=512, max_num_batched_tokens=256,
-              enable_prefix_caching=False, num_gpu_blocks_override=64, enforce_eager=True)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -120,3 +120,18 @@ def test_parquet_parts_commit_by_rename(tmp_path):
     assert (1 in done, 2 in done, len(done)) == (True, True, 2)
     assert not list((tmp_path / "out.parquet").glob(".part-*"))
     assert resumed._part == 1
+
+
+def test_progress_line_shows_rates_errors_and_eta(capsys):
+    from vllm_prepack.batch import _Progress
+
+    class Half:
+        fraction = 0.5
+
+    bar = _Progress(True, Half())
+    bar.shown -= 2  # a second has passed since the last line
+    bar.update({"requests": 10, "errors": 2, "tokens": 500})
+    bar.close()
+    line = capsys.readouterr().err.strip().split("\r")[-1]
+    assert line.startswith("batch: 10 done, ") and "req/s" in line and "tok/s" in line
+    assert "2 errors" in line and "ETA " in line and "ETA -" not in line

@@ -1,20 +1,10 @@
 """Ray Data interop on real engines: Ray Data LLM with the plugin and the token-batching stage,
 and map_dataset (this project's replicas as a Ray Data actor pool)."""
 
-import pytest
 import ray
+from ray_cluster import ENGINE, cluster  # noqa: F401  (a fixture)
 
 from vllm_prepack.workloads import prompt_lengths, token_ids
-
-ENGINE = dict(dtype="float32", max_model_len=512, max_num_batched_tokens=256,
-              enable_prefix_caching=False, num_gpu_blocks_override=64, enforce_eager=True)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def prompts(n, seed):

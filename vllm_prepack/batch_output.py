@@ -1,6 +1,9 @@
 """Batch job output: records encoded in the replicas, written by the driver exactly once.
 
-Committed output is never rewritten. JSONL is append-only and fsynced per unit; on resume the
+Committed output is never rewritten. JSONL is append-only: each unit's records reach the OS in
+one write (a killed driver loses none of them) and are fsynced at most once a second (a lost
+machine can lose the last second, which a resume then redoes; it cannot tear a record into
+another, since only bytes after the last newline are cut). On resume the
 only repair is truncating a torn final line (bytes after the last newline, which no complete
 record owns), so a crash during resume, even during that repair, cannot lose a complete record.
 Parquet output is a folder of parts, each written to a temporary name and renamed into place.
@@ -15,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 _JSONL_LINE = re.compile(rb'\{"(?:line": |id": "vllm-batch-)(\d+)')
-PARQUET_COLUMNS = ("line", "id", "error", "replica", "latency_s", "token_ids", "text",
-                   "embedding", "openai")
+SYNC_EVERY_S = 1.0
 
 
 class LineSet:
@@ -94,6 +97,7 @@ class JsonlWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
+        self._synced = 0.0
 
     def committed(self) -> LineSet:
         """Lines with a complete record; a torn final line is cut off (a truncation only)."""
@@ -122,10 +126,16 @@ class JsonlWriter:
             self._file = self.path.open("a", encoding="utf-8")
         self._file.write(payload)
         self._file.flush()
+        if time.monotonic() - self._synced >= SYNC_EVERY_S:
+            self._sync()
+
+    def _sync(self) -> None:
         os.fsync(self._file.fileno())
+        self._synced = time.monotonic()
 
     def close(self) -> None:
         if self._file is not None:
+            self._sync()
             self._file.close()
             self._file = None
 

@@ -92,19 +92,19 @@ class Dispatcher:
         """The next unit for a free replica: its pinned requests first, then the shared pool."""
         if replica not in self.alive:
             raise ValueError(f"replica {replica} is not alive")
-        budget, picked, tokens = self.budget(), [], 0.0
+        budget, picked, tokens, pop = self.budget(), [], 0.0, heapq.heappop
         for heap in (self.heaps.get(replica), self.heaps[None]):
             while heap and (not picked or tokens + heap[0][3] <= budget):
-                entry = heapq.heappop(heap)
-                self.ops += 1
-                self.size -= 1
-                self.tokens -= entry[3]
+                entry = pop(heap)
                 picked.append(entry)
                 tokens += entry[3]
             if picked:
                 break
         if not picked:
             return None
+        self.ops += len(picked)
+        self.size -= len(picked)
+        self.tokens -= tokens
         unit = Unit(self._units, replica, picked)
         self._units += 1
         self.inflight[unit.id] = unit

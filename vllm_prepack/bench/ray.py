@@ -101,47 +101,74 @@ RAY_DATA_LLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1
 
 
 def ray_data_llm_rows(args, model: str) -> list[dict]:
-    """A skewed bimodal job (concatenated) end to end, engine start included: Ray Data LLM with
-    its default row batching, with the plugin inside it, with the plugin behind token_batches,
-    and vllm-prepack batch. Every engine gets the same settings and environment (one thread,
-    not pinned: Ray Data LLM has no per-replica core binding)."""
+    """A skewed bimodal job (concatenated) through Ray Data LLM with its default row batching,
+    with the plugin inside it, with the plugin behind token_batches, and through vllm-prepack
+    batch. Each on a fresh Ray cluster; every engine gets the same settings and environment (one
+    thread, not pinned: Ray Data LLM has no per-replica core binding). Ray Data LLM starts its
+    engines inside the run, so each system also runs a 2-prompt job, and the difference is the
+    job's own time."""
     import time
 
     import ray
+
+    engine = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
+                  enable_prefix_caching=False, enforce_eager=True)
+    lines = job("bimodal", args.ray_data_llm, "concatenated", args.max_tokens)
+    results = []
+    for system in ("Ray Data LLM, row batches", "Ray Data LLM + plugin",
+                   "Ray Data LLM + plugin + token_batches", "vllm-prepack batch"):
+        walls = []
+        for subset in (lines[:1] + lines[-1:], lines):
+            ray.init(num_cpus=2 * args.replicas, include_dashboard=False, log_to_driver=False)
+            t = time.perf_counter()
+            if system == "vllm-prepack batch":
+                done = _prepack_batch(args, model, engine, subset)
+            else:
+                done = _ray_data_llm(args, model, engine, subset, plugin="plugin" in system,
+                                     balance="token_batches" in system)
+            walls.append(time.perf_counter() - t)
+            ray.shutdown()
+        results.append({"system": system, "rows": done, "wall s": walls[1],
+                        "2-prompt wall s": walls[0], "job s (difference)": walls[1] - walls[0]})
+    base = results[0]["job s (difference)"]
+    for row in results:
+        row["job speedup vs Ray Data LLM"] = base / row["job s (difference)"]
+    return results
+
+
+def _ray_data_llm(args, model: str, engine: dict, lines: list[str], plugin: bool, balance: bool) -> int:
+    import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from vllm_prepack.ray_data import plugin_engine_kwargs, token_batches
+
+    params = dict(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    config = vLLMEngineProcessorConfig(
+        model_source=model, engine_kwargs=plugin_engine_kwargs(engine) if plugin else engine,
+        concurrency=args.replicas, log_engine_metrics=False,
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        runtime_env={"env_vars": RAY_DATA_LLM_ENV},
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
+    processor = build_processor(
+        config, preprocess=lambda row: dict(key=row["key"], tokenized_prompt=row["ids"],
+                                            sampling_params=params),
+        postprocess=lambda row: dict(key=row["key"]))
+    ds = ray.data.from_items([{"key": i, "ids": json.loads(line)["prompt_token_ids"]}
+                              for i, line in enumerate(lines)])
+    if balance:
+        ds = token_batches(ds, config.batch_size,
+                           tokens=lambda row: len(row["ids"]) + args.max_tokens)
+    return processor(ds).count()
+
+
+def _prepack_batch(args, model: str, engine: dict, lines: list[str]) -> int:
+    import ray
 
     from vllm_prepack.batch import run_job
     from vllm_prepack.batch_input import Source
     from vllm_prepack.batch_output import JsonlWriter
-    from vllm_prepack.ray_data import plugin_engine_kwargs, token_batches
     from vllm_prepack.replica import start_replicas
 
-    engine = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
-                  enable_prefix_caching=False, enforce_eager=True)
-    lines = job("bimodal", args.prompts, "concatenated", args.max_tokens)
-    rows_in = [{"key": i, "ids": json.loads(line)["prompt_token_ids"]} for i, line in enumerate(lines)]
-    params = dict(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-    results = []
-    for name, plugin, balance in (("Ray Data LLM, row batches", False, False),
-                                  ("Ray Data LLM + plugin", True, False),
-                                  ("Ray Data LLM + plugin + token_batches", True, True)):
-        config = vLLMEngineProcessorConfig(
-            model_source=model, engine_kwargs=plugin_engine_kwargs(engine) if plugin else engine,
-            concurrency=args.replicas, log_engine_metrics=False,
-            placement_group_config={"bundles": [{"CPU": 1}]}, runtime_env={"env_vars": RAY_DATA_LLM_ENV},
-            chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
-        processor = build_processor(
-            config, preprocess=lambda row: dict(key=row["key"], tokenized_prompt=row["ids"],
-                                                sampling_params=params),
-            postprocess=lambda row: dict(key=row["key"]))
-        t = time.perf_counter()
-        ds = ray.data.from_items(rows_in)
-        if balance:
-            ds = token_batches(ds, config.batch_size, tokens=lambda row: len(row["ids"]) + args.max_tokens)
-        done = processor(ds).count()
-        results.append({"system": name, "batch": f"{config.batch_size} rows", "rows": done,
-                        "wall s (engine start included)": time.perf_counter() - t})
-    t = time.perf_counter()
     replicas = start_replicas(model, args.replicas, "generate", engine, num_cpus=1,
                               default_max_tokens=args.max_tokens, env=RAY_DATA_LLM_ENV)
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,12 +176,7 @@ def ray_data_llm_rows(args, model: str) -> list[dict]:
                          max_tokens=args.max_tokens, progress=False)
     for actor in replicas:
         ray.kill(actor)
-    results.append({"system": "vllm-prepack batch", "batch": "8192-token units", "rows": report.written,
-                    "wall s (engine start included)": time.perf_counter() - t})
-    base = results[0]["wall s (engine start included)"]
-    for row in results:
-        row["speedup vs Ray Data LLM"] = base / row["wall s (engine start included)"]
-    return results
+    return report.written
 
 
 class InstantReplica:
@@ -213,17 +235,40 @@ def driver_alone(path: str, replicas: int, unit_tokens: int) -> dict:
             "driver peak RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def ray_data_first_batch(path: str) -> dict:
+    """The alternative data path, in a fresh process: Ray Data reading the same JSONL, seconds
+    to its first batch of rows and to the whole file."""
+    import time
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    t = time.perf_counter()
+    batches = iter(ray.data.read_json(path).iter_batches(batch_size=256))
+    next(batches)
+    first = time.perf_counter() - t
+    for _ in batches:
+        pass
+    result = {"Ray Data read_json: first batch s": first,
+              "Ray Data read_json: all rows s": time.perf_counter() - t}
+    ray.shutdown()
+    return result
+
+
+def _fresh_process(call: str) -> dict:
+    code = f"import json; from vllm_prepack.bench.ray import *; print(json.dumps({call}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def driver_rows(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.scale_lines:
             path = Path(tmp) / f"corpus-{n}.jsonl"
             corpus(path, n)
-            code = ("import json, sys; from vllm_prepack.bench.ray import driver_alone; "
-                    f"print(json.dumps(driver_alone({str(path)!r}, {args.replicas}, {args.unit_tokens})))")
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 check=True).stdout
-            row = json.loads(out.strip().splitlines()[-1])
+            row = _fresh_process(f"driver_alone({str(path)!r}, {args.replicas}, {args.unit_tokens})")
+            row.update(_fresh_process(f"ray_data_first_batch({str(path)!r})"))
             rows.append({"input lines": n, "input MiB": path.stat().st_size / 2**20, **row})
             path.unlink()
     return rows
@@ -242,20 +287,18 @@ def main(args) -> str:
                  f"{args.unit_tokens}; each size in a fresh process**\n\n"
                  + table(rows, ["input lines", "input MiB", "replica start s", "first unit sent s",
                                 "wall s", "driver CPU us/request", "wall us/request",
-                                "driver peak RSS MiB"]) + "\n")
+                                "driver peak RSS MiB", "Ray Data read_json: first batch s",
+                                "Ray Data read_json: all rows s"]) + "\n")
     model = str(decoder_model(BENCH_MODEL))
     if args.ray_data_llm:
-        ray.init(num_cpus=2 * args.replicas, include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=False)
         rows = ray_data_llm_rows(args, model)
-        ray.shutdown()
         text += (f"**vs Ray Data LLM: {args.replicas} replicas, bimodal job concatenated (chats, "
-                 f"then documents), {args.prompts} prompts, max_tokens={args.max_tokens}, "
-                 f"random-weight Llama {BENCH_MODEL.name} fp32, same engine settings and "
-                 f"environment everywhere ({', '.join(f'{k}={v}' for k, v in RAY_DATA_LLM_ENV.items())}); "
-                 "wall time includes engine start**\n\n"
-                 + table(rows, ["system", "batch", "rows", "wall s (engine start included)",
-                                "speedup vs Ray Data LLM"]) + "\n")
+                 f"then documents), {args.ray_data_llm} prompts, max_tokens={args.max_tokens}, "
+                 f"random-weight Llama {BENCH_MODEL.name} fp32, Ray Data LLM's default batch of "
+                 "32 rows, this project's default units; same engine settings and environment "
+                 f"everywhere ({', '.join(f'{k}={v}' for k, v in RAY_DATA_LLM_ENV.items())})**\n\n"
+                 + table(rows, ["system", "rows", "wall s", "2-prompt wall s", "job s (difference)",
+                                "job speedup vs Ray Data LLM"]) + "\n")
     if args.prompts:
         ray.init(num_cpus=args.replicas, include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=False)
@@ -293,6 +336,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scale-lines", type=int, nargs="*", default=[],
                         help="driver-alone corpus sizes, e.g. 10000 100000 1000000")
     parser.add_argument("--unit-tokens", type=int, default=8192)
-    parser.add_argument("--ray-data-llm", action="store_true",
-                        help="also the skewed bimodal job through Ray Data LLM (with/without the plugin)")
+    parser.add_argument("--ray-data-llm", type=int, default=0, metavar="PROMPTS",
+                        help="a skewed bimodal job of PROMPTS through Ray Data LLM (with and "
+                             "without the plugin) and vllm-prepack batch; 0 skips it")
     parser.add_argument("--report", type=Path, help="also write PNG timelines and a summary here")
