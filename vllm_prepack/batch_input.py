@@ -173,7 +173,7 @@ def _openai(obj: dict, line: int, default_max_tokens: int) -> Request:
         raise ValueError("'stream' is not supported in a batch job")
     request = Request(line, obj["custom_id"], url)
     if url == "/v1/embeddings":
-        _known(body, {"input", "dimensions"})
+        _known(body, {"input"})
         request.prompts = _prompts(body.get("input"), "'input'", many=True)
         request.max_tokens = 0
         return request

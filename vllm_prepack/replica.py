@@ -120,7 +120,7 @@ class Replica:
     def _params(self, request: Request):
         from vllm import PoolingParams, SamplingParams
 
-        embeds = request.endpoint in ("/v1/embeddings",) or (
+        embeds = request.endpoint == "/v1/embeddings" or (
             request.endpoint == "native" and self.task == "embed")
         if embeds != (self.task == "embed"):
             need = "--task embed" if embeds else "--task generate"

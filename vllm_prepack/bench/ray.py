@@ -144,7 +144,7 @@ def _ray_data_llm(args, model: str, engine: dict, lines: list[str], plugin: bool
 
     params = dict(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     config = vLLMEngineProcessorConfig(
-        model_source=model, engine_kwargs=plugin_engine_kwargs(engine) if plugin else engine,
+        model_source=model, engine_kwargs=plugin_engine_kwargs(engine) if plugin else dict(engine),
         concurrency=args.replicas, log_engine_metrics=False,
         placement_group_config={"bundles": [{"CPU": 1}]},
         runtime_env={"env_vars": RAY_DATA_LLM_ENV},
