@@ -13,6 +13,7 @@ vllm serve "$MODEL" --tensor-parallel-size 4 --distributed-executor-backend ray 
 # vllm serve "$MODEL" --data-parallel-size 4 --tensor-parallel-size 2 --data-parallel-backend ray \
 #   --scheduler-cls vllm_prepack.PrepackScheduler --additional-config '{"prepack": {}}'
 
-# A token-balanced batch job over 8 single-GPU replicas (this project's driver):
+# A token-balanced batch job over 8 single-GPU replicas (this project's driver); with
+# --gpus-per-replica 2, 4 tensor-parallel replicas of 2 GPUs each:
 # vllm-prepack batch --model "$MODEL" --input prompts.jsonl --output results.jsonl \
 #   --replicas 8 --gpus-per-replica 1 --engine-args '{"max_model_len": 8192}'

@@ -32,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, help="also write the markdown here")
 
     args = parser.parse_args(argv)
-    if args.command in ("demo", "batch"):
-        return importlib.import_module(f"vllm_prepack.{args.command}").main(args)
+    if args.command == "demo":
+        return importlib.import_module("vllm_prepack.demo").main(args)
+    if args.command == "batch":  # without --input: the demo's embedded job
+        demo_job = importlib.import_module("vllm_prepack.demo").demo_job
+        return importlib.import_module("vllm_prepack.batch").main(args, demo_job)
     if args.command == "bench":
         text = importlib.import_module(BENCHES[args.bench]).main(args)
         print(text)

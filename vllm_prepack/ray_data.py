@@ -1,49 +1,87 @@
-"""Ray Data interop: run a ``ray.data.Dataset`` of prompts through vLLM engines with the plugin.
+"""Ray Data interop: the plugin inside Ray Data LLM, a token-batching stage in front of it, and
+an actor pool of this project's replicas.
 
-For users already on Ray Data: ``map_dataset`` adds an actor pool of engines (one ``Replica``
-each, the plugin on) to the dataset's plan. Ray Data hands out rows in blocks, so balancing here
-is by rows; inside each engine the plugin packs every batch it is given. For a job balanced by
-tokens across replicas, use ``vllm-prepack batch`` (vllm_prepack.batch).
+The plugin inside Ray Data LLM is one engine argument (``plugin_engine_kwargs``)::
 
-Rows: ``prompt`` (text) or ``prompt_token_ids``, optionally ``max_tokens``; other columns pass
-through. Added: ``token_ids`` and ``text`` (or ``embedding``), and ``error``.
+    vLLMEngineProcessorConfig(model_source=..., engine_kwargs=plugin_engine_kwargs({...}), ...)
+
+Ray Data LLM batches by rows (``batch_size``): a batch of long documents and a batch of short
+chats weigh very differently, and the replica that draws the heavy one at the end finishes last.
+``token_batches(ds, batch_size)`` reorders rows, a window of batches at a time, so that every
+``batch_size`` consecutive rows carry about the same tokens; put it in front of the processor
+(``processor(token_batches(ds, cfg.batch_size))``) and its row batches become token batches.
+
+``map_dataset`` runs a dataset through actors hosting ``replica.Replica`` (the plugin on), for
+users on Ray Data without Ray Data LLM. Rows: ``prompt`` (text) or ``prompt_token_ids``,
+optionally ``max_tokens``; other columns pass through. Added: ``token_ids`` and ``text`` (or
+``embedding``), and ``error``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+
+from vllm_prepack.dispatch import balanced_batches
+from vllm_prepack.engine import plugin_kwargs
+
+
+def plugin_engine_kwargs(engine_kwargs: dict | None = None, options: dict | None = None) -> dict:
+    """Ray Data LLM's ``engine_kwargs`` with the plugin on (its scheduler and options)."""
+    return {**(engine_kwargs or {}), **plugin_kwargs(options)}
+
+
+def row_tokens(row: dict) -> float:
+    """Expected tokens of a Ray Data LLM row: prompt (token ids, or text at 4 characters a
+    token) plus ``sampling_params.max_tokens``."""
+    ids = row.get("tokenized_prompt")
+    if ids is None:
+        ids = row.get("prompt_token_ids")
+    prompt = len(ids) if ids is not None else len(row.get("prompt") or "") / 4
+    params = row.get("sampling_params") or {}
+    return float(prompt + (params.get("max_tokens") or 0))
+
+
+def _reorder(table, batch_size: int, tokens):
+    weights = [tokens(row) for row in table.to_pylist()]
+    return table.take([i for batch in balanced_batches(weights, batch_size) for i in batch])
+
+
+def token_batches(ds, batch_size: int, *, window_batches: int = 64, tokens=row_tokens):
+    """`ds` with rows reordered so each run of `batch_size` rows carries about the same tokens
+    (a window of `window_batches` batches at a time; blocks stay multiples of batch_size, so a
+    downstream ``map_batches(batch_size=...)`` cuts exactly there)."""
+    return ds.map_batches(_reorder, fn_kwargs={"batch_size": batch_size, "tokens": tokens},
+                          batch_size=batch_size * window_batches, batch_format="pyarrow")
 
 
 class _EngineUDF:
     def __init__(self, model: str, task: str, engine_kwargs: dict, prepack, max_tokens: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm_prepack.batch import Replica
+        from vllm_prepack.replica import Replica
 
-        self.replica = Replica(model, task, engine_kwargs, prepack, index=os.getpid())
-        self.max_tokens = max_tokens
+        self.replica = Replica(model, task, engine_kwargs, prepack, index=os.getpid(),
+                               default_max_tokens=max_tokens)
 
     def __call__(self, batch: dict) -> dict:
-        from vllm_prepack.batch import Item
-
         n = len(next(iter(batch.values())))
-        items = []
+        unit = []
         for i in range(n):
-            ids = batch.get("prompt_token_ids")
-            prompt = batch.get("prompt")
-            max_tokens = batch.get("max_tokens")
-            items.append(Item(
-                id=i, line=i,
-                prompt=None if prompt is None else str(prompt[i]),
-                prompt_token_ids=None if ids is None else [int(t) for t in ids[i]],
-                max_tokens=self.max_tokens if max_tokens is None else int(max_tokens[i]),
-            ))
-        records = self.replica.run(items)
+            row = {key: _plain(batch[key][i]) for key in ("prompt", "prompt_token_ids", "max_tokens")
+                   if key in batch and batch[key][i] is not None}
+            unit.append((i + 1, json.dumps(row)))
+        by_line = {r["line"]: r for r in self.replica.records(unit)}
         out = dict(batch)
         keys = ("embedding",) if self.replica.task == "embed" else ("token_ids", "text")
         for key in (*keys, "error"):
-            out[key] = [r.get(key) for r in records]
+            out[key] = [by_line[i + 1].get(key) for i in range(n)]
         return out
+
+
+def _plain(value):
+    """numpy scalars and arrays (Ray Data's batch format) as JSON values."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def map_dataset(ds, model: str, *, replicas: int = 2, task: str = "generate", max_tokens: int = 16,

@@ -1,0 +1,137 @@
+"""Batch input parsing and output files (pure: no engine, no Ray)."""
+
+import json
+
+import pytest
+
+from vllm_prepack.batch_input import InputError, Source, estimate_tokens, parse
+from vllm_prepack.batch_output import JsonlWriter, LineSet, ParquetWriter, encode, parquet_table
+
+
+def test_native_lines_default_to_greedy_and_take_sampling_keys():
+    r = parse('{"prompt": "hi"}', 1, 9)
+    assert (r.id, r.endpoint, r.prompts, r.max_tokens, r.sampling) == (1, "native", ["hi"], 9,
+                                                                     {"temperature": 0.0})
+    r = parse('{"id": 7, "prompt_token_ids": [3], "temperature": 0.7, "seed": 1, "n": 2}', 3, 9)
+    assert (r.id, r.prompts, r.sampling) == (7, [[3]], {"temperature": 0.7, "seed": 1, "n": 2})
+    assert parse('{"prompt": "hi", "max_tokens": 5}', 1, 0).max_tokens == 0  # embeddings
+
+
+@pytest.mark.parametrize("raw, cause", [
+    ("{not json", "line 4: Expecting property name"),
+    ("[1]", "line 4: a line must be a JSON object"),
+    ('{"prompt": "x", "colour": 1}', "line 4: unknown field(s) colour"),
+    ('{"prompt_token_ids": [1, -2]}', "non-negative ints"),
+    ('{"prompt": "x", "max_tokens": 0}', "'max_tokens' must be a positive integer"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/audio", "body": {}}', "not supported"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions"}', "without body"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", '
+     '"stream": true}}', "'stream' is not supported"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", '
+     '"best_of": 2}}', "unsupported body field(s) best_of"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}',
+     "'messages' must be a non-empty list"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": ["a", "b"]}}',
+     "'prompt' must be"),
+])
+def test_bad_lines_name_line_and_cause(raw, cause):
+    with pytest.raises(InputError, match="^line 4: ") as e:
+        parse(raw, 4, 16)
+    assert cause in str(e.value)
+
+
+def test_openai_lines():
+    base = {"custom_id": "c1", "method": "POST", "model": "ignored"}
+    r = parse(json.dumps({**base, "url": "/v1/completions",
+                          "body": {"model": "m", "prompt": "hi", "seed": 3, "logprobs": 2}}), 1, 99)
+    assert (r.id, r.endpoint, r.prompts, r.max_tokens) == ("c1", "/v1/completions", ["hi"], 16)
+    assert r.sampling == {"seed": 3, "logprobs": 2}  # OpenAI's defaults: vLLM's, not greedy
+    r = parse(json.dumps({**base, "url": "/v1/chat/completions", "body": {
+        "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5,
+        "logprobs": True, "top_logprobs": 3}}), 1, 99)
+    assert (r.messages[0]["content"], r.max_tokens, r.sampling, r.top_logprobs) == ("x", 5, {"logprobs": 3}, True)
+    r = parse(json.dumps({**base, "url": "/v1/embeddings", "body": {"input": ["a", [5, 6]]}}), 1, 99)
+    assert (r.prompts, r.max_tokens) == (["a", [5, 6]], 0)
+
+
+def test_weights_come_from_the_raw_text():
+    assert estimate_tokens(json.dumps({"prompt_token_ids": [1] * 100}), 16) == 116
+    assert estimate_tokens(json.dumps({"prompt_token_ids": [1] * 100, "max_tokens": 4}), 16) == 104
+    assert estimate_tokens(json.dumps({"prompt_token_ids": [1] * 100}), 0) == 100
+    body = {"prompt": "x" * 400, "max_tokens": 10, "n": 3}
+    assert 130 < estimate_tokens(json.dumps({"custom_id": "a", "body": body}), 16) < 150
+
+
+def test_sources_are_lazy_and_number_lines_from_one(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    source = Source(path)
+    it = iter(source)
+    assert next(it) == (1, '{"prompt": "a"}') and 0 < source.fraction < 1
+    assert list(it) == [(3, '{"prompt": "b"}')] and source.fraction == 1
+    assert list(Source(['{"a": 1}', " "])) == [(1, '{"a": 1}')]
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "id": None}, {"prompt": "b", "id": 2}]),
+                   tmp_path / "in.parquet")
+    assert [json.loads(raw) for _, raw in Source(tmp_path / "in.parquet")] == [
+        {"prompt": "a"}, {"prompt": "b", "id": 2}]
+
+
+def test_line_set():
+    s = LineSet()
+    for line in (5, 1_000_000, 5, 0):
+        s.add(line)
+    assert len(s) == 3 and 5 in s and 1_000_000 in s and 6 not in s and 10**9 not in s
+    assert len(s.bits) < 200_000  # a bitmap: 1M lines in 125 KB (+ growth slack)
+
+
+def test_jsonl_resume_cuts_only_a_torn_tail(tmp_path):
+    path = tmp_path / "out.jsonl"
+    writer = JsonlWriter(path)
+    writer.write(encode([{"line": 1, "id": "a"}, {"id": "vllm-batch-2", "custom_id": "b", "line": 2}],
+                        "jsonl"))
+    writer.close()
+    complete = path.read_bytes()
+    assert b'"line": 2' not in complete  # OpenAI lines carry their line in their id only
+    with path.open("ab") as f:
+        f.write(b'{"line": 3, "id": "c", "te')
+    done = JsonlWriter(path).committed()
+    assert (sorted(n for n in range(5) if n in done), path.read_bytes()) == ([1, 2], complete)
+    assert JsonlWriter(path).committed().count == 2  # nothing to repair: nothing changes
+    assert path.read_bytes() == complete
+    with path.open("ab") as f:
+        f.write(b'{"something": "else"}\n')
+    with pytest.raises(ValueError, match="out.jsonl:3: not a record"):
+        JsonlWriter(path).committed()
+
+
+def test_parquet_parts_commit_by_rename(tmp_path):
+    pytest.importorskip("pyarrow")
+    writer = ParquetWriter(tmp_path / "out.parquet", rows_per_part=2)
+    writer.write(parquet_table([{"line": 1, "id": "a", "error": None}]))
+    assert writer.committed().count == 0  # buffered, not committed
+    writer.write(parquet_table([{"line": 2, "id": "vllm-batch-2", "custom_id": "b", "error": None,
+                                 "response": {"status_code": 200}}]))
+    (tmp_path / "out.parquet" / ".part-000009.tmp").write_text("torn")
+    resumed = ParquetWriter(tmp_path / "out.parquet")
+    done = resumed.committed()
+    assert (1 in done, 2 in done, len(done)) == (True, True, 2)
+    assert not list((tmp_path / "out.parquet").glob(".part-*"))
+    assert resumed._part == 1
+
+
+def test_progress_line_shows_rates_errors_and_eta(capsys):
+    from vllm_prepack.batch import _Progress
+
+    class Half:
+        fraction = 0.5
+
+    bar = _Progress(True, Half())
+    bar.shown -= 2  # a second has passed since the last line
+    bar.update({"requests": 10, "errors": 2, "tokens": 500})
+    bar.close()
+    line = capsys.readouterr().err.strip().split("\r")[-1]
+    assert line.startswith("batch: 10 done, ") and "req/s" in line and "tok/s" in line
+    assert "2 errors" in line and "ETA " in line and "ETA -" not in line

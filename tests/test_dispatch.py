@@ -1,0 +1,183 @@
+"""Token-aware dispatch (pure): hypothesis properties and the planner's cost, counted."""
+
+import heapq
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_prepack import dispatch
+from vllm_prepack.dispatch import ORDERS, Dispatcher
+
+
+def simulate(tokens, replicas, unit_tokens, order, window, choices, owner=None, kills=()):
+    """The driver's loop with replicas that finish (or die) in an order the test picks.
+    Returns the lines completed, in order, and every unit handed out with its budget."""
+    d = Dispatcher(replicas, unit_tokens, order, owner)
+    source = iter(enumerate(tokens, start=1))
+    completed, units, kills = [], [], list(kills)
+
+    def fill():
+        while not d.exhausted and d.size < window:
+            nxt = next(source, None)
+            if nxt is None:
+                d.exhausted = True
+            else:
+                d.add(nxt[0], nxt[1], payload=nxt[0])
+
+    def top_up(r):
+        while r in d.alive and d.pending(r) < 2:
+            fill()
+            budget = d.budget()
+            unit = d.take(r)
+            if unit is None:
+                return
+            units.append((unit, budget))
+
+    for r in range(replicas):
+        top_up(r)
+    step = 0
+    while d.inflight:
+        inflight = sorted(d.inflight)
+        pick = inflight[choices[step % len(choices)] % len(inflight)] if choices else inflight[0]
+        step += 1
+        unit = d.inflight[pick]
+        if kills and kills[0] <= step and len(d.alive) > 1:
+            kills.pop(0)
+            d.lost(unit.replica)
+        else:
+            d.done(pick)
+            completed.extend(line for line, _, _ in unit.requests)
+        for r in sorted(d.alive):
+            top_up(r)
+    assert d.finished
+    return completed, units, d
+
+
+jobs = dict(
+    tokens=st.lists(st.integers(1, 3000), max_size=150),
+    replicas=st.integers(1, 5),
+    unit_tokens=st.integers(1, 6000),
+    order=st.sampled_from(ORDERS),
+    window=st.integers(1, 40),
+    choices=st.lists(st.integers(0, 1000), max_size=30),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(**jobs, kills=st.lists(st.integers(1, 60), max_size=4).map(sorted))
+def test_every_request_exactly_once_and_budgets_honoured(tokens, replicas, unit_tokens, order,
+                                                        window, choices, kills):
+    completed, units, _ = simulate(tokens, replicas, unit_tokens, order, window, choices, kills=kills)
+    assert sorted(completed) == list(range(1, len(tokens) + 1))
+    for unit, budget in units:
+        assert budget <= unit_tokens
+        assert len(unit.requests) == 1 or unit.tokens <= budget
+        assert all(payload == line for line, _, payload in unit.requests)
+
+
+@settings(max_examples=150, deadline=None)
+@given(**jobs)
+def test_pinned_requests_go_to_their_replica(tokens, replicas, unit_tokens, order, window, choices):
+    owner = lambda line: line % replicas  # noqa: E731  (round-robin rows)
+    completed, units, _ = simulate(tokens, replicas, unit_tokens, order, len(tokens) + 1, choices,
+                                   owner=owner)
+    assert sorted(completed) == list(range(1, len(tokens) + 1))
+    assert all(owner(line) == unit.replica for unit, _ in units for line, _, _ in unit.requests)
+
+
+def test_units_shrink_at_the_end_so_replicas_finish_together():
+    _, units, _ = simulate([100] * 400, 2, 4000, "arrival", 1000, [0])
+    sizes = [unit.tokens for unit, _ in units]
+    assert sizes[0] == 4000 and sizes[-1] <= 4000 / 8 + 100
+
+
+def test_longest_first_within_the_window():
+    _, units, _ = simulate([5, 50, 500, 10, 1000], 1, 1, "longest", 10, [0])
+    assert [u.tokens for u, _ in units] == [1000, 500, 50, 10, 5]
+    _, units, _ = simulate([5, 50, 500, 10, 1000], 1, 1, "arrival", 10, [0])
+    assert [u.tokens for u, _ in units] == [5, 50, 500, 10, 1000]
+
+
+class CountingHeap:
+    """heapq's push and pop, counting comparisons (the C heapq cannot be counted)."""
+
+    def __init__(self):
+        self.comparisons = 0
+
+    def less(self, a, b):
+        self.comparisons += 1
+        return a < b
+
+    def heappush(self, heap, item):
+        heap.append(item)
+        i = len(heap) - 1
+        while i > 0 and self.less(item, heap[(i - 1) // 2]):
+            heap[i] = heap[(i - 1) // 2]
+            i = (i - 1) // 2
+        heap[i] = item
+
+    def heappop(self, heap):
+        last = heap.pop()
+        if not heap:
+            return last
+        top, heap[0] = heap[0], last
+        i, n = 0, len(heap)
+        while 2 * i + 1 < n:
+            c = 2 * i + 1
+            if c + 1 < n and self.less(heap[c + 1], heap[c]):
+                c += 1
+            if not self.less(heap[c], last):
+                break
+            heap[i] = heap[c]
+            i = c
+        heap[i] = last
+        return top
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_planning_cost_is_n_log_window(monkeypatch, order):
+    """Comparisons grow linearly with the job for a fixed window (O(n log W)), where the static
+    planner this replaced grew quadratically."""
+    import random
+
+    counts = {}
+    window = 1024
+    for n in (10_000, 100_000):
+        counter = CountingHeap()
+        monkeypatch.setattr(dispatch, "heapq", counter)
+        rng = random.Random(0)
+        tokens = [rng.randint(600, 1500) if rng.random() < 0.15 else rng.randint(10, 80)
+                  for _ in range(n)]
+        _, _, d = simulate(tokens, 4, 8192, order, window, [0, 1, 2, 3])
+        assert d.ops == 2 * n  # one push and one pop a request
+        counts[n] = counter.comparisons
+        assert counter.comparisons <= 3 * n * math.log2(window)  # push log W, pop 2 log W
+    assert counts[100_000] <= 11 * counts[10_000]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="at least one replica"):
+        Dispatcher(0, 10)
+    with pytest.raises(ValueError, match="positive"):
+        Dispatcher(1, 0)
+    with pytest.raises(ValueError, match="unknown order"):
+        Dispatcher(1, 10, "random")
+    d = Dispatcher(1, 10)
+    with pytest.raises(RuntimeError, match="every replica died"):
+        d.lost(0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(weights=st.lists(st.integers(1, 5000), max_size=200), batch_size=st.integers(1, 40))
+def test_balanced_batches_are_full_and_close(weights, batch_size):
+    from vllm_prepack.dispatch import balanced_batches
+
+    batches = balanced_batches(weights, batch_size)
+    assert sorted(i for b in batches for i in b) == list(range(len(weights)))
+    assert all(len(b) == batch_size for b in batches[:-1])
+    assert not batches or 1 <= len(batches[-1]) <= batch_size
+    full = [sum(weights[i] for i in b) for b in batches if len(b) == batch_size]
+    if len(full) > 1:  # LPT bound: full batches differ by at most the heaviest item
+        assert max(full) - min(full) <= max(weights)

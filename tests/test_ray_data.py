@@ -1,0 +1,56 @@
+"""Ray Data interop on real engines: Ray Data LLM with the plugin and the token-batching stage,
+and map_dataset (this project's replicas as a Ray Data actor pool)."""
+
+import ray
+from ray_cluster import ENGINE, cluster  # noqa: F401  (a fixture)
+
+from vllm_prepack.workloads import prompt_lengths, token_ids
+
+
+def prompts(n, seed):
+    return token_ids(prompt_lengths("bimodal", n, seed=seed, max_len=300), vocab_size=512, seed=seed)
+
+
+def test_ray_data_llm_with_the_plugin_behind_token_batches(cluster, tiny_model, engine):
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from vllm_prepack.ray_data import plugin_engine_kwargs, token_batches
+
+    config = vLLMEngineProcessorConfig(
+        model_source=tiny_model, engine_kwargs=plugin_engine_kwargs(ENGINE), concurrency=1,
+        batch_size=4, log_engine_metrics=False, placement_group_config={"bundles": [{"CPU": 1}]},
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
+    processor = build_processor(
+        config,
+        preprocess=lambda row: dict(key=row["key"], tokenized_prompt=row["ids"],
+                                    sampling_params=dict(max_tokens=3, temperature=0, ignore_eos=True)),
+        postprocess=lambda row: dict(key=row["key"], tokens=list(row["generated_tokens"])))
+    ids = prompts(14, seed=4)
+    ds = ray.data.from_items([{"key": i, "ids": p} for i, p in enumerate(ids)])
+    balanced = token_batches(ds, 4, tokens=lambda row: len(row["ids"]) + 3)
+    keys = [r["key"] for r in balanced.take_all()]
+    assert sorted(keys) == list(range(14))
+    weights = [len(ids[k]) for k in keys]
+    sums = [sum(weights[i:i + 4]) for i in range(0, 12, 4)]
+    assert max(sums) - min(sums) <= max(weights)  # each full batch of 4 rows: about equal tokens
+    rows = processor(balanced).take_all()
+    assert sorted(r["key"] for r in rows) == list(range(14))
+    # greedy outputs are plain vLLM's (the plugin changes the schedule, not the tokens)
+    from vllm import SamplingParams
+
+    plain = engine(tiny_model, False, **ENGINE).generate(
+        [{"prompt_token_ids": p} for p in ids], SamplingParams(max_tokens=3, temperature=0,
+                                                               ignore_eos=True))
+    assert {r["key"]: r["tokens"] for r in rows} == {
+        i: list(o.outputs[0].token_ids) for i, o in enumerate(plain)}
+
+
+def test_map_dataset_adds_generations(cluster, tiny_model):
+    from vllm_prepack.ray_data import map_dataset
+
+    ids = token_ids(prompt_lengths("mmlu", 12, seed=4, max_len=200), vocab_size=512, seed=4)
+    ds = ray.data.from_items([{"key": i, "prompt_token_ids": p} for i, p in enumerate(ids)])
+    rows = map_dataset(ds, tiny_model, replicas=1, max_tokens=3, engine_kwargs=ENGINE,
+                       batch_size=5, num_cpus=0.5).take_all()
+    assert sorted(r["key"] for r in rows) == list(range(12))
+    assert all(r["error"] is None and len(r["token_ids"]) == 3 for r in rows)

@@ -1,0 +1,268 @@
+"""A batch replica: one vLLM engine with the plugin, run by Ray as an actor.
+
+A replica gets raw input lines, and does the per-request work the driver must not: parsing,
+chat templates, tokenization (inside vLLM's ``add_request``), generation or embedding, and
+encoding the records, which go back as JSONL text or an Arrow table ready to append. Engine
+arguments are the user's, unchanged: no test defaults (CUDA graphs stay on where vLLM turns them
+on); only the plugin's two arguments are added.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from vllm_prepack.batch_input import InputError, Request, line_id, parse
+from vllm_prepack.batch_output import encode
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model", "tekken.json")
+
+
+def check_tokenizer(model: str, engine_kwargs: dict) -> None:
+    """Fail before any replica starts, in one line, when a local model folder has no tokenizer
+    and the engine would try to load one."""
+    if engine_kwargs.get("skip_tokenizer_init"):
+        return
+    folder = Path(engine_kwargs.get("tokenizer") or model)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise SystemExit(
+            f"{folder} has no tokenizer files: add them, or run token-id prompts only with "
+            "--engine-args '{\"skip_tokenizer_init\": true}'")
+
+
+class Replica:
+    """``ray.remote(Replica)``; ``run`` takes a unit of raw lines and returns (payload, stats)."""
+
+    def __init__(self, model: str, task: str, engine_kwargs: dict, prepack: dict | bool, index: int,
+                 *, default_max_tokens: int = 16,
+                 chat_template: str | None = None):
+        from vllm import LLM
+
+        from vllm_prepack.engine import plugin_kwargs
+
+        kwargs = dict(engine_kwargs)
+        if task == "embed":
+            kwargs.setdefault("runner", "pooling")
+        if prepack is not False:
+            kwargs.update(plugin_kwargs(prepack if isinstance(prepack, dict) else None))
+        self.llm = LLM(model=str(model), **kwargs)
+        self.model_name = str(kwargs.get("served_model_name") or model)
+        self.tokenizer = None if kwargs.get("skip_tokenizer_init") else self.llm.get_tokenizer()
+        self.index, self.task = index, task
+        self.default_max_tokens = default_max_tokens if task == "generate" else 0
+        self.chat_template = chat_template
+        self.busy = 0.0
+        self.timeline: list[tuple[float, float]] = []  # wall-clock (start, end) of each unit
+
+    def describe(self) -> dict:
+        from vllm_prepack import plugin
+        from vllm_prepack.engine import engine_scheduler
+
+        scheduler = engine_scheduler(self.llm)
+        return {
+            "replica": self.index,
+            "pid": os.getpid(),
+            "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+            "plugin_registered": plugin._registered,
+            "busy_s": self.busy,
+            "timeline": list(self.timeline),
+        }
+
+    def run(self, lines: list[int], text: str, output: str = "jsonl"):
+        """Records for every line of a unit (its raw lines joined by newlines), encoded for the
+        `output` format, and counts."""
+        records = self.records(zip(lines, text.split("\n")))
+        stats = {
+            "requests": len(records),
+            "errors": sum(1 for r in records if r.get("error")),
+            "tokens": sum(r.pop("_tokens", 0) for r in records),
+        }
+        return encode(records, output), stats
+
+    def records(self, unit) -> list[dict]:
+        """One record per (line, raw) of `unit`, in the order requests finish."""
+        start, wall_start = time.perf_counter(), time.time()
+        engine = self.llm.llm_engine
+        records, waiting = [], {}  # line -> [request, submitted, outputs]
+        for line, raw in unit:
+            try:
+                request = parse(raw, line, self.default_max_tokens)
+                params, prompts = self._params(request), self._prompts(request)
+                ids = [f"{line}.{k}" for k in range(len(prompts))]
+                try:
+                    for rid, prompt in zip(ids, prompts):
+                        engine.add_request(rid, prompt, params)
+                except Exception:
+                    engine.abort_request(ids)
+                    raise
+                waiting[line] = [request, time.perf_counter(), [None] * len(prompts)]
+            except Exception as e:  # vLLM names the cause (too long, bad token id, ...)
+                cause = str(e) if isinstance(e, InputError) else f"line {line}: {type(e).__name__}: {e}"
+                records.append(self._error(line, line_id(raw, line), '"custom_id"' in raw, cause))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                line, k = map(int, out.request_id.split("."))
+                entry = waiting[line]
+                entry[2][k] = out
+                if all(o is not None for o in entry[2]):
+                    del waiting[line]
+                    records.append(self._record(entry[0], entry[2], time.perf_counter() - entry[1]))
+        self.busy += time.perf_counter() - start
+        self.timeline.append((wall_start, time.time()))
+        return records
+
+    # ---- one request ------------------------------------------------------------------------
+
+    def _params(self, request: Request):
+        from vllm import PoolingParams, SamplingParams
+
+        embeds = request.endpoint == "/v1/embeddings" or (
+            request.endpoint == "native" and self.task == "embed")
+        if embeds != (self.task == "embed"):
+            need = "--task embed" if embeds else "--task generate"
+            raise InputError(f"line {request.line}: {request.endpoint} needs a job run with {need}")
+        if embeds:
+            return PoolingParams(task="embed")
+        from vllm.sampling_params import RequestOutputKind
+
+        extra = {} if self.tokenizer is not None else {"detokenize": False}
+        return SamplingParams(max_tokens=request.max_tokens, **request.sampling, **extra,
+                              output_kind=RequestOutputKind.FINAL_ONLY)  # all n choices at once
+
+    def _prompts(self, request: Request) -> list:
+        if request.messages is not None:
+            if self.tokenizer is None:
+                raise InputError(f"line {request.line}: chat needs the model's tokenizer")
+            ids = self.tokenizer.apply_chat_template(
+                [_text_message(m) for m in request.messages], tokenize=True,
+                add_generation_prompt=True, chat_template=self.chat_template)
+            return [{"prompt_token_ids": list(ids["input_ids"] if hasattr(ids, "keys") else ids)}]
+        prompts = []
+        for p in request.prompts:
+            if isinstance(p, str) and self.tokenizer is None:
+                raise InputError(f"line {request.line}: a text prompt, but the model has no tokenizer "
+                                 "(skip_tokenizer_init): give token ids")
+            prompts.append(p if isinstance(p, str) else {"prompt_token_ids": p})
+        return prompts
+
+    def _error(self, line: int, rid, openai: bool, message: str) -> dict:
+        if openai:
+            return {"id": f"vllm-batch-{line}", "custom_id": rid, "line": line,
+                    "response": {"status_code": 400, "request_id": f"vllm-batch-{line}", "body": None},
+                    "error": message}
+        return {"line": line, "id": rid, "error": message, "replica": self.index}
+
+    def _record(self, request: Request, outs: list, latency: float) -> dict:
+        prompt_tokens = sum(len(o.prompt_token_ids or ()) for o in outs)
+        if request.endpoint == "native":
+            record = {"line": request.line, "id": request.id, "error": None, "replica": self.index,
+                      "latency_s": latency}
+            if self.task == "embed":
+                record["embedding"] = outs[0].outputs.data.tolist()
+            else:
+                choices = outs[0].outputs
+                record.update(token_ids=list(choices[0].token_ids), text=choices[0].text)
+                if request.sampling.get("logprobs") is not None:
+                    record["logprobs"] = [d[t].logprob for t, d in zip(choices[0].token_ids,
+                                                                         choices[0].logprobs)]
+                if len(choices) > 1:
+                    record["choices"] = [{"token_ids": list(c.token_ids), "text": c.text}
+                                         for c in choices]
+            record["_tokens"] = prompt_tokens + len(record.get("token_ids") or ())
+            return record
+        body, completion = self._openai_body(request, outs, prompt_tokens)
+        return {"id": f"vllm-batch-{request.line}", "custom_id": request.id, "line": request.line,
+                "response": {"status_code": 200, "request_id": f"vllm-batch-{request.line}",
+                             "body": body},
+                "error": None, "_tokens": prompt_tokens + completion}
+
+    def _openai_body(self, request: Request, outs: list, prompt_tokens: int) -> tuple[dict, int]:
+        created = int(time.time())
+        if request.endpoint == "/v1/embeddings":
+            return {"object": "list", "model": self.model_name,
+                    "data": [{"object": "embedding", "index": k, "embedding": o.outputs.data.tolist()}
+                             for k, o in enumerate(outs)],
+                    "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}, 0
+        chat = request.endpoint == "/v1/chat/completions"
+        choices, completion = [], 0
+        for c in outs[0].outputs:
+            completion += len(c.token_ids)
+            logprobs = None if c.logprobs is None else _logprobs(c, chat)
+            if chat:
+                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                "logprobs": logprobs, "finish_reason": c.finish_reason})
+            else:
+                choices.append({"index": c.index, "text": c.text, "logprobs": logprobs,
+                                "finish_reason": c.finish_reason})
+        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request.line}",
+                "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": self.model_name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                          "total_tokens": prompt_tokens + completion}}, completion
+
+
+def _text_message(message: dict) -> dict:
+    """Content given as a list of parts becomes its text (a text-only job)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return {**message, "content": content}
+
+
+def _logprobs(choice, chat: bool):
+    """OpenAI's logprobs shapes: per chosen token, its logprob and the top alternatives."""
+    tokens = []
+    for token_id, alternatives in zip(choice.token_ids, choice.logprobs):
+        chosen = alternatives[token_id]
+        top = [(lp.decoded_token or str(t), lp.logprob) for t, lp in alternatives.items() if t != token_id]
+        tokens.append((chosen.decoded_token or str(token_id), chosen.logprob, top))
+    if chat:
+        return {"content": [{"token": tok, "logprob": lp, "bytes": None,
+                             "top_logprobs": [{"token": t, "logprob": v} for t, v in top]}
+                            for tok, lp, top in tokens]}
+    return {"tokens": [t for t, _, _ in tokens], "token_logprobs": [lp for _, lp, _ in tokens],
+            "top_logprobs": [{t: v for t, v in top} for _, _, top in tokens], "text_offset": None}
+
+
+def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: dict | bool = True,
+                   *, num_cpus: float | None = None, gpus_per_replica: int = 0,
+                   env: dict | None = None, replica_cls=Replica, **options):
+    """N Ray actors, one engine each, started in parallel. On CPU each engine gets its own core
+    (threads bound to it). With GPUs each replica reserves `gpus_per_replica` GPUs; above one it
+    runs tensor-parallel (vLLM's Ray executor) inside a placement group of that many GPUs.
+    `env`: environment variables for every replica, over these defaults."""
+    import ray
+
+    cores = os.cpu_count() or 1
+    actors = []
+    for i in range(n):
+        kwargs, opts = dict(engine_kwargs), {}
+        defaults = {}
+        if gpus_per_replica == 0:
+            defaults = {
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                "VLLM_CPU_OMP_THREADS_BIND": str(i % cores),
+            }
+        elif gpus_per_replica == 1:
+            opts["num_gpus"] = 1
+        else:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            kwargs.setdefault("tensor_parallel_size", gpus_per_replica)
+            kwargs.setdefault("distributed_executor_backend", "ray")
+            group = placement_group([{"GPU": 1, "CPU": 1}] * gpus_per_replica, strategy="STRICT_PACK")
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                group, placement_group_capture_child_tasks=True)
+        actor = ray.remote(replica_cls).options(
+            num_cpus=num_cpus if num_cpus is not None else min(1.0, cores / n),
+            max_restarts=0, runtime_env={"env_vars": {**defaults, **(env or {})}}, **opts,
+        ).remote(model, task, kwargs, prepack, i, **options)
+        actors.append(actor)
+    ray.get([a.describe.remote() for a in actors])  # engines are up
+    return actors
