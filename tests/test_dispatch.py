@@ -1,6 +1,5 @@
 """Token-aware dispatch (pure): hypothesis properties and the planner's cost, counted."""
 
-import heapq
 import math
 
 import pytest
