@@ -26,7 +26,9 @@ def plugin_kwargs(options: dict | None = None) -> dict:
 
 
 def build_llm(model: str, prepack: bool | dict = False, **engine_kwargs):
-    """An ``LLM``; ``prepack`` is False (plain vLLM), True, or the plugin's options."""
+    """An ``LLM`` for tests, benchmarks and the demo; ``prepack`` is False (plain vLLM), True,
+    or the plugin's options. Defaults to eager mode (a short start on CPU); production paths
+    (the batch replicas, Ray Data) take the user's engine arguments unchanged instead."""
     from vllm import LLM
 
     kwargs = dict(enforce_eager=True, disable_log_stats=True)
