@@ -82,6 +82,7 @@ def test_every_input_exactly_once_and_plugin_active_in_each_replica(replicas, tm
     assert [i["scheduler"] for i in info] == ["PrepackScheduler"] * 2
     assert all(i["plugin_registered"] for i in info)  # the entry point ran in each actor
     assert len({i["pid"] for i in info}) == 2
+    assert max(i["peak_units"] for i in info) == 2  # the engine batched across units
 
 
 def test_bad_lines_become_error_records_and_the_rest_completes(replicas, tmp_path):
@@ -147,7 +148,7 @@ def test_a_crash_during_resume_loses_nothing(replicas, tmp_path, monkeypatch):
     assert out.read_bytes().startswith(committed)
 
     def torn_write(self, payload):  # half a unit reaches the disk, then the process dies
-        with open(self.path, "a") as f:
+        with open(self.path, "ab") as f:
             f.write(payload[: len(payload) // 2])
         raise Interrupt
 
@@ -202,6 +203,7 @@ def test_openai_batch_file_embeddings(embedder, tmp_path):
         openai("e1", "/v1/embeddings", {"model": "m", "input": ["a first text", [1000, 1001, 1002]]}),
         openai("e2", "/v1/embeddings", {"input": "another"}),
         openai("c", "/v1/completions", {"prompt": "x"}),  # this job embeds
+        openai("d", "/v1/embeddings", {"input": "x", "dimensions": 8}),  # vLLM checks it
     ]
     run_job(Source(lines), JsonlWriter(tmp_path / "out.jsonl"), embedder, max_tokens=0,
             progress=False)
@@ -213,6 +215,7 @@ def test_openai_batch_file_embeddings(embedder, tmp_path):
     assert body["usage"]["prompt_tokens"] >= 3 + 3
     assert len(by["e2"]["response"]["body"]["data"]) == 1
     assert by["c"]["response"]["status_code"] == 400 and "--task generate" in by["c"]["error"]
+    assert "line 4:" in by["d"]["error"] and "Matryoshka" in by["d"]["error"]
 
 
 def test_openai_batch_file_completions_and_chat(replicas, tiny_model, tmp_path):

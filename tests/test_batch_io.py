@@ -3,8 +3,10 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from vllm_prepack.batch_input import InputError, Source, estimate_tokens, parse
+from vllm_prepack.batch_input import Feed, InputError, Source, estimate_tokens, parse, weigh
 from vllm_prepack.batch_output import JsonlWriter, LineSet, ParquetWriter, encode, parquet_table
 
 
@@ -52,31 +54,62 @@ def test_openai_lines():
     assert (r.messages[0]["content"], r.max_tokens, r.sampling, r.top_logprobs) == ("x", 5, {"logprobs": 3}, True)
     r = parse(json.dumps({**base, "url": "/v1/embeddings", "body": {"input": ["a", [5, 6]]}}), 1, 99)
     assert (r.prompts, r.max_tokens) == (["a", [5, 6]], 0)
+    r = parse(json.dumps({**base, "url": "/v1/embeddings", "body": {"input": "a", "dimensions": 64}}), 1, 0)
+    assert r.dimensions == 64
+    with pytest.raises(InputError, match="dimensions"):
+        parse(json.dumps({**base, "url": "/v1/embeddings", "body": {"input": "a", "dimensions": 0}}), 1, 0)
 
 
 def test_weights_come_from_the_raw_text():
-    assert estimate_tokens(json.dumps({"prompt_token_ids": [1] * 100}), 16) == 116
-    assert estimate_tokens(json.dumps({"prompt_token_ids": [1] * 100, "max_tokens": 4}), 16) == 104
-    assert estimate_tokens(json.dumps({"prompt_token_ids": [1] * 100}), 0) == 100
+    def weight(obj, default):
+        return estimate_tokens(json.dumps(obj).encode(), default)
+
+    assert weight({"prompt_token_ids": [1] * 100}, 16) == 116
+    assert weight({"prompt_token_ids": [1] * 100, "max_tokens": 4}, 16) == 104
+    assert weight({"prompt_token_ids": [1] * 100}, 0) == 100
     body = {"prompt": "x" * 400, "max_tokens": 10, "n": 3}
-    assert 130 < estimate_tokens(json.dumps({"custom_id": "a", "body": body}), 16) < 150
+    assert 130 < weight({"custom_id": "a", "body": body}, 16) < 150
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.fixed_dictionaries({"prompt": st.text(min_size=1)}, optional={
+    "max_tokens": st.integers(1, 99), "n": st.integers(1, 4),
+    "prompt_token_ids": st.lists(st.integers(0, 9), min_size=1)}), max_size=20))
+def test_a_block_weighs_as_its_lines(objs):
+    """The whole-block shortcut agrees with weighing line by line."""
+    raws = [json.dumps(obj).encode() for obj in objs]
+    assert weigh(raws, 16) == [estimate_tokens(raw, 16) for raw in raws]
+    assert weigh(raws, 0) == [estimate_tokens(raw, 0) for raw in raws]
 
 
 def test_sources_are_lazy_and_number_lines_from_one(tmp_path):
     path = tmp_path / "in.jsonl"
-    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
-    source = Source(path)
-    it = iter(source)
-    assert next(it) == (1, '{"prompt": "a"}') and 0 < source.fraction < 1
-    assert list(it) == [(3, '{"prompt": "b"}')] and source.fraction == 1
-    assert list(Source(['{"a": 1}', " "])) == [(1, '{"a": 1}')]
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n \n{"prompt": "c"}')
+    source = Source(path, block_bytes=18)
+    blocks = source.blocks()
+    assert next(blocks) == ([1], [b'{"prompt": "a"}']) and 0 < source.fraction < 1
+    assert list(blocks) == [([3], [b'{"prompt": "b"}']), ([5], [b'{"prompt": "c"}'])]
+    assert source.fraction == 1
+    assert list(Source(path).blocks()) == [([1, 3], [b'{"prompt": "a"}', b'{"prompt": "b"}']),
+                                           ([5], [b'{"prompt": "c"}'])]  # the unterminated last line
+    assert list(Source(['{"a": 1}', " "]).blocks()) == [([1], [b'{"a": 1}'])]
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([{"prompt": "a", "id": None}, {"prompt": "b", "id": 2}]),
                    tmp_path / "in.parquet")
-    assert [json.loads(raw) for _, raw in Source(tmp_path / "in.parquet")] == [
-        {"prompt": "a"}, {"prompt": "b", "id": 2}]
+    assert [[json.loads(raw) for raw in raws] for _, raws in Source(tmp_path / "in.parquet").blocks()] == [
+        [{"prompt": "a"}, {"prompt": "b", "id": 2}]]
+
+
+def test_the_feed_hands_out_token_budgets_and_skips_committed_lines():
+    lines = [json.dumps({"prompt_token_ids": [1] * k}) for k in (10, 20, 30, 40)]
+    skip = LineSet()
+    skip.add(2)
+    feed = Feed(Source(lines), 0, skip=skip)
+    assert feed.take(5, 10) == ([1], [10.0], [lines[0].encode()])  # at least one line
+    assert feed.take(75, 10) == ([3, 4], [30.0, 40.0], [lines[2].encode(), lines[3].encode()])
+    assert feed.take(100, 10) is None
 
 
 def test_line_set():

@@ -23,7 +23,7 @@ def simulate(tokens, replicas, unit_tokens, order, window, choices, owner=None, 
             if nxt is None:
                 d.exhausted = True
             else:
-                d.add(nxt[0], nxt[1], payload=nxt[0])
+                d.add([nxt[0]], [nxt[1]], [nxt[0]])
 
     def top_up(r):
         while r in d.alive and d.pending(r) < 2:
@@ -47,7 +47,7 @@ def simulate(tokens, replicas, unit_tokens, order, window, choices, owner=None, 
             d.lost(unit.replica)
         else:
             d.done(pick)
-            completed.extend(line for line, _, _ in unit.requests)
+            completed.extend(unit.lines)
         for r in sorted(d.alive):
             top_up(r)
     assert d.finished
@@ -72,8 +72,8 @@ def test_every_request_exactly_once_and_budgets_honoured(tokens, replicas, unit_
     assert sorted(completed) == list(range(1, len(tokens) + 1))
     for unit, budget in units:
         assert budget <= unit_tokens
-        assert len(unit.requests) == 1 or unit.tokens <= budget
-        assert all(payload == line for line, _, payload in unit.requests)
+        assert len(unit.entries) == 1 or unit.tokens <= budget
+        assert unit.payloads == unit.lines
 
 
 @settings(max_examples=150, deadline=None)
@@ -83,7 +83,7 @@ def test_pinned_requests_go_to_their_replica(tokens, replicas, unit_tokens, orde
     completed, units, _ = simulate(tokens, replicas, unit_tokens, order, len(tokens) + 1, choices,
                                    owner=owner)
     assert sorted(completed) == list(range(1, len(tokens) + 1))
-    assert all(owner(line) == unit.replica for unit, _ in units for line, _, _ in unit.requests)
+    assert all(owner(line) == unit.replica for unit, _ in units for line in unit.lines)
 
 
 def test_units_shrink_at_the_end_so_replicas_finish_together():

@@ -1,9 +1,9 @@
 """``vllm-prepack batch``: one batch job over N vLLM replicas (Ray actors), dispatched by tokens.
 
-The driver is a loop over a bounded window: it reads the input lazily (``batch_input.Source``),
-weighs each line from its raw text, and hands a unit of about ``unit_tokens`` tokens to whichever
-replica is free (``dispatch.Dispatcher``), keeping two units per replica in flight so an engine
-never waits for the driver. Replicas parse, tokenize, run and encode; the driver appends what
+The driver is a loop over a bounded window: it reads the input lazily in blocks
+(``batch_input.Feed``), weighs each line from its raw bytes, and hands a unit of about
+``unit_tokens`` tokens to whichever replica is free (``dispatch.Dispatcher``), keeping two units
+per replica in flight: the engine batches across them and never waits for the driver. Replicas parse, tokenize, run and encode; the driver appends what
 comes back (``batch_output``). Its memory is the window plus a bitmap of committed lines, not
 the job. A re-run with the same output resumes; a dead replica's units go to the others.
 
@@ -24,12 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_prepack.batch_input import Source, estimate_tokens
+from vllm_prepack.batch_input import Feed, Source
 from vllm_prepack.batch_output import open_writer
 from vllm_prepack.dispatch import ORDERS, Dispatcher
-
-IN_FLIGHT = 2  # units per replica: one running, one queued behind it
-
+from vllm_prepack.replica import UNITS_IN_FLIGHT
 
 @dataclass
 class JobReport:
@@ -44,6 +42,7 @@ class JobReport:
     started_at: float = 0.0  # wall clock, to place replica timelines
     first_dispatch_s: float = 0.0  # start of run_job to the first unit sent
     dispatch_ops: int = 0  # heap operations of the dispatcher
+    dispatch_cpu_s: float = 0.0  # the driver's own work: read, weigh, window, units (not Ray)
 
 
 def run_job(
@@ -59,8 +58,7 @@ def run_job(
     progress: bool = True,
     on_write: Callable[[dict], None] | None = None,
 ) -> JobReport:
-    """Drive Ray actor handles of ``Replica`` over `source` ((line, raw) pairs, or a
-    ``Source``); write every line's record exactly once. ``max_tokens``: the default per line,
+    """Drive Ray actor handles of ``Replica`` over a ``Source``; write every line's record exactly once. ``max_tokens``: the default per line,
     0 for embeddings. ``window``: most requests read ahead."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -68,31 +66,32 @@ def run_job(
     started, wall_started = time.perf_counter(), time.time()
     done = writer.committed()
     dispatcher = Dispatcher(len(replicas), unit_tokens, order, owner)
-    lines = iter(source)
+    feed = Feed(source, max_tokens, skip=done)
     bar = _Progress(progress, source)
     refs: dict = {}  # ObjectRef -> unit id
-    first_dispatch = None
+    first_dispatch, dispatch_cpu = None, 0.0
 
     def fill() -> None:
-        limit, add = 4 * len(dispatcher.alive) * unit_tokens, dispatcher.add
+        limit = 4 * len(dispatcher.alive) * unit_tokens
         while not dispatcher.exhausted and dispatcher.size < window and dispatcher.tokens < limit:
-            line, raw = next(lines, (None, None))
-            if line is None:
+            block = feed.take(limit - dispatcher.tokens, window - dispatcher.size)
+            if block is None:
                 dispatcher.exhausted = True
-            elif not done or line not in done:
-                add(line, estimate_tokens(raw, max_tokens), raw)
+            else:
+                dispatcher.add(*block)
 
-    def top_up(r: int, limit: int = IN_FLIGHT) -> None:
-        nonlocal first_dispatch
+    def top_up(r: int, limit: int = UNITS_IN_FLIGHT) -> None:
+        nonlocal first_dispatch, dispatch_cpu
         while r in dispatcher.alive and dispatcher.pending(r) < limit:
+            cpu = time.thread_time()
             fill()
             unit = dispatcher.take(r)
             if unit is None:
                 return
-            requests = unit.requests  # one string per unit: Ray serializes it in one piece
-            refs[replicas[r].run.remote([line for line, _, _ in requests],
-                                        "\n".join(raw for _, _, raw in requests),
-                                        writer.format)] = unit.id
+            # one bytes object per unit: Ray ships it in one piece, without pickling each line
+            lines, payload = unit.lines, b"\n".join(unit.payloads)
+            dispatch_cpu += time.thread_time() - cpu
+            refs[replicas[r].run.remote(lines, payload, writer.format)] = unit.id
             if first_dispatch is None:
                 first_dispatch = time.perf_counter() - started
 
@@ -116,7 +115,7 @@ def run_job(
                     top_up(r)
                 continue
             except RayTaskError as e:  # the engine itself failed: stop, resumable
-                lines = [line for line, _, _ in unit.requests]
+                lines = unit.lines
                 raise RuntimeError(f"replica {unit.replica} failed on a unit of lines "
                                    f"{min(lines)}..{max(lines)}: {e.cause!r}; the output holds "
                                    "every finished record, and a re-run resumes") from e
@@ -136,6 +135,7 @@ def run_job(
         written=bar.requests, skipped=len(done), errors=bar.errors,
         wall_s=time.perf_counter() - started, retried_units=retried, started_at=wall_started,
         first_dispatch_s=first_dispatch or 0.0, dispatch_ops=dispatcher.ops,
+        dispatch_cpu_s=dispatch_cpu,
     )
     report.replicas = ray.get([replicas[r].describe.remote() for r in sorted(dispatcher.alive)])
     return report

@@ -51,10 +51,6 @@ class LineSet:
         return self.count > 0
 
 
-def jsonl_text(records: list[dict]) -> str:
-    return "".join(json.dumps(r, default=str) + "\n" for r in records)
-
-
 def parquet_table(records: list[dict]):
     """Records as one Arrow table with the fixed schema (OpenAI-format records keep their line,
     custom_id and error, and the whole output line in the ``openai`` column)."""
@@ -81,13 +77,13 @@ def _schema():
 
 
 def encode(records: list[dict], fmt: str):
-    """What a replica sends back: JSONL text, or an Arrow table for Parquet output."""
+    """What a replica sends back: JSONL bytes, or an Arrow table for Parquet output."""
     if fmt == "parquet":
         return parquet_table(records)
     for r in records:  # OpenAI output lines carry their line number in their id only
         if "custom_id" in r:
             r.pop("line", None)
-    return jsonl_text(records)
+    return "".join(json.dumps(r, default=str) + "\n" for r in records).encode()
 
 
 class JsonlWriter:
@@ -119,11 +115,11 @@ class JsonlWriter:
             os.truncate(self.path, end)
         return done
 
-    def write(self, payload: str) -> None:
+    def write(self, payload: bytes) -> None:
         if not payload:
             return
         if self._file is None:
-            self._file = self.path.open("a", encoding="utf-8")
+            self._file = self.path.open("ab")
         self._file.write(payload)
         self._file.flush()
         if time.monotonic() - self._synced >= SYNC_EVERY_S:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 ORDERS = ("longest", "arrival")
 
@@ -37,9 +36,12 @@ class Unit:
     entries: list[tuple]  # heap entries: (key, seq, line, tokens, payload)
 
     @property
-    def requests(self) -> list[tuple[int, float, Any]]:
-        """(line, tokens, payload) of each request in the unit."""
-        return [(e[2], e[3], e[4]) for e in self.entries]
+    def lines(self) -> list[int]:
+        return [e[2] for e in self.entries]
+
+    @property
+    def payloads(self) -> list:
+        return [e[4] for e in self.entries]
 
     @property
     def tokens(self) -> float:
@@ -68,11 +70,22 @@ class Dispatcher:
         self._seq = 0
         self._units = 0
 
-    def add(self, line: int, tokens: float, payload: Any = None) -> None:
-        """One request from the reader."""
-        key = -tokens if self.order == "longest" else self._seq
-        self._push(self.owner(line) if self.owner else None, (key, self._seq, line, tokens, payload))
-        self._seq += 1
+    def add(self, lines: list[int], tokens: list[float], payloads: list) -> None:
+        """A block of requests from the reader (parallel lists)."""
+        seqs = range(self._seq, self._seq + len(lines))
+        self._seq += len(lines)
+        keys = [-t for t in tokens] if self.order == "longest" else seqs
+        entries = zip(keys, seqs, lines, tokens, payloads)
+        if self.owner is not None:
+            for entry in entries:
+                self._push(self.owner(entry[2]), entry)
+            return
+        heap, push = self.heaps[None], heapq.heappush
+        for entry in entries:
+            push(heap, entry)
+        self.size += len(lines)
+        self.tokens += sum(tokens)
+        self.ops += len(lines)
 
     def _push(self, where: int | None, entry: tuple) -> None:
         if where is not None and where not in self.alive:

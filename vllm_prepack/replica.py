@@ -10,6 +10,7 @@ on); only the plugin's two arguments are added.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,18 @@ def check_tokenizer(model: str, engine_kwargs: dict) -> None:
         raise SystemExit(
             f"{folder} has no tokenizer files: add them, or run token-id prompts only with "
             "--engine-args '{\"skip_tokenizer_init\": true}'")
+
+
+UNITS_IN_FLIGHT = 2  # per replica: the engine batches across them (see Replica.records)
+
+
+class _Unit:
+    """The records of one call to ``records``, and its requests still in the engine."""
+
+    def __init__(self, tag: int):
+        self.tag = tag  # request ids are tag.line.k: a line may come again (a resumed driver)
+        self.records: list[dict] = []
+        self.waiting: dict[int, list] = {}  # line -> [request, submitted at, outputs]
 
 
 class Replica:
@@ -54,7 +67,12 @@ class Replica:
         self.default_max_tokens = default_max_tokens if task == "generate" else 0
         self.chat_template = chat_template
         self.busy = 0.0
-        self.timeline: list[tuple[float, float]] = []  # wall-clock (start, end) of each unit
+        self.timeline: list[tuple[float, float]] = []  # wall-clock (start, end) of busy spans
+        self._lock = threading.Lock()  # one engine, units from several threads
+        self._units: dict[int, _Unit] = {}  # tag -> a unit in the engine
+        self._tags = 0
+        self.peak_units = 0  # most units in the engine at once
+        self._since = (0.0, 0.0)
 
     def describe(self) -> dict:
         from vllm_prepack import plugin
@@ -67,13 +85,14 @@ class Replica:
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,
             "plugin_registered": plugin._registered,
             "busy_s": self.busy,
+            "peak_units": self.peak_units,
             "timeline": list(self.timeline),
         }
 
-    def run(self, lines: list[int], text: str, output: str = "jsonl"):
+    def run(self, lines: list[int], raw: bytes, output: str = "jsonl"):
         """Records for every line of a unit (its raw lines joined by newlines), encoded for the
         `output` format, and counts."""
-        records = self.records(zip(lines, text.split("\n")))
+        records = self.records(zip(lines, raw.decode("utf-8", errors="replace").split("\n")))
         stats = {
             "requests": len(records),
             "errors": sum(1 for r in records if r.get("error")),
@@ -82,38 +101,71 @@ class Replica:
         return encode(records, output), stats
 
     def records(self, unit) -> list[dict]:
-        """One record per (line, raw) of `unit`, in the order requests finish."""
-        start, wall_start = time.perf_counter(), time.time()
+        """One record per (line, raw) of `unit`, in the order requests finish. Calls overlap (a
+        threaded actor, UNITS_IN_FLIGHT of them): each adds its requests to the one engine, and
+        whichever holds the lock steps it for all, so the engine batches across units and never
+        drains to a unit's last request while the next waits."""
+        with self._lock:
+            mine = self._start_unit()
+        try:
+            with self._lock:
+                for line, raw in unit:
+                    try:
+                        self._submit(line, raw, mine)
+                    except Exception as e:  # vLLM names the cause (too long, bad token id, ...)
+                        cause = (str(e) if isinstance(e, InputError)
+                                 else f"line {line}: {type(e).__name__}: {e}")
+                        mine.records.append(
+                            self._error(line, line_id(raw, line), '"custom_id"' in raw, cause))
+            while mine.waiting:
+                with self._lock:
+                    if mine.waiting:
+                        self._step()
+        finally:
+            with self._lock:
+                self._end_unit(mine)
+        return mine.records
+
+    def _submit(self, line: int, raw: str, unit: _Unit) -> None:
         engine = self.llm.llm_engine
-        records, waiting = [], {}  # line -> [request, submitted, outputs]
-        for line, raw in unit:
-            try:
-                request = parse(raw, line, self.default_max_tokens)
-                params, prompts = self._params(request), self._prompts(request)
-                ids = [f"{line}.{k}" for k in range(len(prompts))]
-                try:
-                    for rid, prompt in zip(ids, prompts):
-                        engine.add_request(rid, prompt, params)
-                except Exception:
-                    engine.abort_request(ids)
-                    raise
-                waiting[line] = [request, time.perf_counter(), [None] * len(prompts)]
-            except Exception as e:  # vLLM names the cause (too long, bad token id, ...)
-                cause = str(e) if isinstance(e, InputError) else f"line {line}: {type(e).__name__}: {e}"
-                records.append(self._error(line, line_id(raw, line), '"custom_id"' in raw, cause))
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if not out.finished:
-                    continue
-                line, k = map(int, out.request_id.split("."))
-                entry = waiting[line]
-                entry[2][k] = out
-                if all(o is not None for o in entry[2]):
-                    del waiting[line]
-                    records.append(self._record(entry[0], entry[2], time.perf_counter() - entry[1]))
-        self.busy += time.perf_counter() - start
-        self.timeline.append((wall_start, time.time()))
-        return records
+        request = parse(raw, line, self.default_max_tokens)
+        params, prompts = self._params(request), self._prompts(request)
+        ids = [f"{unit.tag}.{line}.{k}" for k in range(len(prompts))]
+        try:
+            for rid, prompt in zip(ids, prompts):
+                engine.add_request(rid, prompt, params)
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        unit.waiting[line] = [request, time.perf_counter(), [None] * len(prompts)]
+
+    def _step(self) -> None:
+        """One engine step; each finished request goes to the unit that submitted it."""
+        for out in self.llm.llm_engine.step():
+            if not out.finished:
+                continue
+            tag, line, k = map(int, out.request_id.split("."))
+            unit = self._units[tag]
+            entry = unit.waiting[line]
+            entry[2][k] = out
+            if all(o is not None for o in entry[2]):
+                del unit.waiting[line]
+                unit.records.append(self._record(entry[0], entry[2], time.perf_counter() - entry[1]))
+
+    def _start_unit(self) -> _Unit:
+        if not self._units:
+            self._since = (time.perf_counter(), time.time())
+        self._tags += 1
+        self._units[self._tags] = unit = _Unit(self._tags)
+        self.peak_units = max(self.peak_units, len(self._units))
+        return unit
+
+    def _end_unit(self, unit: _Unit) -> None:
+        """Busy time is the union of the units' spans: time with at least one unit in."""
+        del self._units[unit.tag]
+        if not self._units:
+            self.busy += time.perf_counter() - self._since[0]
+            self.timeline.append((self._since[1], time.time()))
 
     # ---- one request ------------------------------------------------------------------------
 
@@ -126,7 +178,7 @@ class Replica:
             need = "--task embed" if embeds else "--task generate"
             raise InputError(f"line {request.line}: {request.endpoint} needs a job run with {need}")
         if embeds:
-            return PoolingParams(task="embed")
+            return PoolingParams(task="embed", dimensions=request.dimensions)
         from vllm.sampling_params import RequestOutputKind
 
         extra = {} if self.tokenizer is not None else {"detokenize": False}
@@ -261,7 +313,8 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
                 group, placement_group_capture_child_tasks=True)
         actor = ray.remote(replica_cls).options(
             num_cpus=num_cpus if num_cpus is not None else min(1.0, cores / n),
-            max_restarts=0, runtime_env={"env_vars": {**defaults, **(env or {})}}, **opts,
+            max_restarts=0, max_concurrency=UNITS_IN_FLIGHT + 1,  # + describe()
+            runtime_env={"env_vars": {**defaults, **(env or {})}}, **opts,
         ).remote(model, task, kwargs, prepack, i, **options)
         actors.append(actor)
     ray.get([a.describe.remote() for a in actors])  # engines are up

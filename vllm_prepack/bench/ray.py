@@ -11,7 +11,9 @@ replicas, from the same run).
 
 Driver alone: an embedding-shaped JSONL corpus (text prompts) run through replicas that return at
 once (no engine), so every second and byte measured is the driver's: start to first unit sent,
-driver CPU per request, driver peak RSS. Each size runs in a fresh process.
+dispatch CPU per request (the driver's own work: read, weigh, window, units), driver CPU per
+request (the whole process, Ray's calls and threads included), driver peak RSS. Each size runs
+in a fresh process.
 """
 
 from __future__ import annotations
@@ -188,9 +190,9 @@ class InstantReplica:
     def describe(self) -> dict:
         return {"busy_s": 0.0, "timeline": []}
 
-    def run(self, lines: list[int], text: str, output: str):
+    def run(self, lines: list[int], raw: bytes, output: str):
         out = "".join(f'{{"line": {line}, "id": null, "error": null}}\n' for line in lines)
-        return out, {"requests": len(lines), "errors": 0, "tokens": 0}
+        return out.encode(), {"requests": len(lines), "errors": 0, "tokens": 0}
 
 
 def corpus(path: Path, n: int) -> None:
@@ -230,6 +232,7 @@ def driver_alone(path: str, replicas: int, unit_tokens: int) -> dict:
     ray.shutdown()
     return {"replica start s": start_s, "first unit sent s": report.first_dispatch_s,
             "wall s": report.wall_s, "requests": report.written,
+            "dispatch CPU us/request": 1e6 * report.dispatch_cpu_s / report.written,
             "driver CPU us/request": 1e6 * cpu / report.written,
             "wall us/request": 1e6 * report.wall_s / report.written,
             "driver peak RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -286,7 +289,8 @@ def main(args) -> str:
                  f"engine, no parsing), an embedding corpus of text lines, unit_tokens="
                  f"{args.unit_tokens}; each size in a fresh process**\n\n"
                  + table(rows, ["input lines", "input MiB", "replica start s", "first unit sent s",
-                                "wall s", "driver CPU us/request", "wall us/request",
+                                "wall s", "dispatch CPU us/request", "driver CPU us/request",
+                                "wall us/request",
                                 "driver peak RSS MiB", "Ray Data read_json: first batch s",
                                 "Ray Data read_json: all rows s"]) + "\n")
     model = str(decoder_model(BENCH_MODEL))
