@@ -55,7 +55,8 @@ class Request:
         return self.endpoint != "native"
 
 
-BLOCK_BYTES = 1 << 20  # input read per block: a few thousand lines
+BLOCK_BYTES = 1 << 20  # JSONL read per block: a few thousand lines
+BLOCK_LINES = 4096  # rows per block of an in-memory list or a Parquet file
 
 
 class Source:
@@ -77,8 +78,8 @@ class Source:
     def blocks(self) -> Iterator[tuple[list[int], list[bytes]]]:
         if isinstance(self.source, list):
             self._total = max(1, len(self.source))
-            for start in range(0, len(self.source), 4096):
-                raws = [line.encode() for line in self.source[start:start + 4096]]
+            for start in range(0, len(self.source), BLOCK_LINES):
+                raws = [line.encode() for line in self.source[start:start + BLOCK_LINES]]
                 self._read = start + len(raws)
                 yield _nonblank(start + 1, raws)
             return
@@ -88,7 +89,7 @@ class Source:
 
             data = ds.dataset(path, format="parquet")
             self._total, number = max(1, data.count_rows()), 1
-            for batch in data.to_batches(batch_size=4096):
+            for batch in data.to_batches(batch_size=BLOCK_LINES):
                 raws = [json.dumps({k: v for k, v in row.items() if v is not None}).encode()
                         for row in batch.to_pylist()]
                 yield list(range(number, number + len(raws))), raws

@@ -118,13 +118,14 @@ def ray_data_llm_rows(args, model: str) -> list[dict]:
     lines = job("bimodal", args.ray_data_llm, "concatenated", args.max_tokens)
     results = []
     for system in ("Ray Data LLM, row batches", "Ray Data LLM + plugin",
-                   "Ray Data LLM + plugin + token_batches", "vllm-prepack batch"):
+                   "Ray Data LLM + plugin + token_batches", "vllm-prepack batch",
+                   "vllm-prepack batch, engine core in its own process"):
         walls = []
         for subset in (lines[:1] + lines[-1:], lines):
             ray.init(num_cpus=2 * args.replicas, include_dashboard=False, log_to_driver=False)
             t = time.perf_counter()
-            if system == "vllm-prepack batch":
-                done = _prepack_batch(args, model, engine, subset)
+            if system.startswith("vllm-prepack batch"):
+                done = _prepack_batch(args, model, engine, subset, own_process="own" in system)
             else:
                 done = _ray_data_llm(args, model, engine, subset, plugin="plugin" in system,
                                      balance="token_batches" in system)
@@ -163,7 +164,9 @@ def _ray_data_llm(args, model: str, engine: dict, lines: list[str], plugin: bool
     return processor(ds).count()
 
 
-def _prepack_batch(args, model: str, engine: dict, lines: list[str]) -> int:
+def _prepack_batch(args, model: str, engine: dict, lines: list[str], own_process: bool) -> int:
+    """``own_process``: vLLM's engine core in a process of its own, as Ray Data LLM's AsyncLLM
+    runs it (replicas here default to an in-process core on CPU)."""
     import ray
 
     from vllm_prepack.batch import run_job
@@ -172,7 +175,9 @@ def _prepack_batch(args, model: str, engine: dict, lines: list[str]) -> int:
     from vllm_prepack.replica import start_replicas
 
     replicas = start_replicas(model, args.replicas, "generate", engine, num_cpus=1,
-                              default_max_tokens=args.max_tokens, env=RAY_DATA_LLM_ENV)
+                              default_max_tokens=args.max_tokens,
+                              env={**RAY_DATA_LLM_ENV,
+                                   "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if own_process else "0"})
     with tempfile.TemporaryDirectory() as tmp:
         report = run_job(Source(lines), JsonlWriter(Path(tmp) / "out.jsonl"), replicas,
                          max_tokens=args.max_tokens, progress=False)
