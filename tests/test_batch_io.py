@@ -92,7 +92,8 @@ def test_sources_are_lazy_and_number_lines_from_one(tmp_path):
     assert source.fraction == 1
     assert list(Source(path).blocks()) == [([1, 3], [b'{"prompt": "a"}', b'{"prompt": "b"}']),
                                            ([5], [b'{"prompt": "c"}'])]  # the unterminated last line
-    assert list(Source(['{"a": 1}', " "]).blocks()) == [([1], [b'{"a": 1}'])]
+    assert list(Source(['{"a": 1}\n', " ", '{\n "b": 2}']).blocks()) == [
+        ([1, 3], [b'{"a": 1}', b'{  "b": 2}'])]  # read lines keep no newline; JSON may span lines
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 

@@ -5,22 +5,26 @@ CPU; the engine inside a tensor-parallel replica needs real GPUs (issue 11's mac
 import pytest
 import ray
 
-from vllm_prepack.replica import start_replicas
+from vllm_prepack.replica import start_replicas, stop_replicas
 
 
-class Probe:
-    """A stand-in replica: reports the engine arguments it got and where Ray placed it."""
+def probe_class():
+    """A stand-in replica that reports the engine arguments it got and where Ray placed it
+    (defined in a function so that Ray ships the class itself: workers cannot import tests)."""
 
-    def __init__(self, model, task, engine_kwargs, prepack, index, **options):
-        self.engine_kwargs = engine_kwargs
+    class Probe:
+        def __init__(self, model, task, engine_kwargs, prepack, index, **options):
+            self.engine_kwargs = engine_kwargs
 
-    def describe(self) -> dict:
-        from ray.util import get_current_placement_group
+        def describe(self) -> dict:
+            from ray.util import get_current_placement_group
 
-        group = get_current_placement_group()
-        return {"engine_kwargs": self.engine_kwargs, "gpus": ray.get_gpu_ids(),
-                "group": group.id.hex() if group else None,
-                "bundles": group.bundle_specs if group else None}
+            group = get_current_placement_group()
+            return {"engine_kwargs": self.engine_kwargs, "gpus": ray.get_gpu_ids(),
+                    "group": group.id.hex() if group else None,
+                    "bundles": group.bundle_specs if group else None}
+
+    return Probe
 
 
 @pytest.fixture(scope="module")
@@ -30,29 +34,33 @@ def gpu_cluster():
     ray.shutdown()
 
 
-def describe(actors):
+def describe_and_stop(actors):
     info = ray.get([a.describe.remote() for a in actors])
-    for actor in actors:
-        ray.kill(actor)
+    stop_replicas(actors)
     return info
 
 
 def test_tensor_parallel_replicas_get_a_placement_group_each(gpu_cluster):
-    info = describe(start_replicas("m", 2, "generate", {"max_model_len": 128},
-                                   gpus_per_replica=2, replica_cls=Probe))
+    from ray.util import placement_group_table
+
+    info = describe_and_stop(start_replicas("m", 2, "generate", {"max_model_len": 128},
+                                            gpus_per_replica=2, replica_cls=probe_class()))
     for replica in info:
         assert replica["engine_kwargs"] == {"max_model_len": 128, "tensor_parallel_size": 2,
                                             "distributed_executor_backend": "ray"}
         assert replica["bundles"] == [{"GPU": 1.0, "CPU": 1.0}] * 2  # vLLM's workers take these
         assert replica["gpus"] == []  # the replica itself holds no GPU
     assert info[0]["group"] != info[1]["group"]
+    states = {gid: g["state"] for gid, g in placement_group_table().items()}
+    assert all(states[r["group"]] == "REMOVED" for r in info)  # stopping gave the GPUs back
 
 
 def test_one_gpu_replicas_and_user_arguments_win(gpu_cluster):
-    info = describe(start_replicas("m", 2, "generate", {}, gpus_per_replica=1, replica_cls=Probe))
+    info = describe_and_stop(start_replicas("m", 2, "generate", {}, gpus_per_replica=1,
+                                            replica_cls=probe_class()))
     assert [len(r["gpus"]) for r in info] == [1, 1] and info[0]["gpus"] != info[1]["gpus"]
     assert all(r["group"] is None and r["engine_kwargs"] == {} for r in info)
     mine = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
-    info = describe(start_replicas("m", 1, "generate", mine, gpus_per_replica=2, replica_cls=Probe))
+    info = describe_and_stop(start_replicas("m", 1, "generate", mine, gpus_per_replica=2,
+                                            replica_cls=probe_class()))
     assert info[0]["engine_kwargs"] == mine  # passed through unchanged
-

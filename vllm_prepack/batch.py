@@ -3,9 +3,10 @@
 The driver is a loop over a bounded window: it reads the input lazily in blocks
 (``batch_input.Feed``), weighs each line from its raw bytes, and hands a unit of about
 ``unit_tokens`` tokens to whichever replica is free (``dispatch.Dispatcher``), keeping two units
-per replica in flight: the engine batches across them and never waits for the driver. Replicas parse, tokenize, run and encode; the driver appends what
-comes back (``batch_output``). Its memory is the window plus a bitmap of committed lines, not
-the job. A re-run with the same output resumes; a dead replica's units go to the others.
+per replica in flight: the engine batches across them and never waits for the driver. Replicas
+parse, tokenize, run and encode; the driver appends what comes back (``batch_output``). Its
+memory is the window, one input block and a bitmap of committed lines, not the job. A re-run
+with the same output resumes; a dead replica's units go to the others.
 
 Why not Ray Data for this path: its streaming executor would give the same bounded memory, but a
 dataset's start-up (planning, launching read tasks and an actor pool) costs seconds before the
@@ -28,6 +29,7 @@ from vllm_prepack.batch_input import Feed, Source
 from vllm_prepack.batch_output import open_writer
 from vllm_prepack.dispatch import ORDERS, Dispatcher
 from vllm_prepack.replica import UNITS_IN_FLIGHT
+
 
 @dataclass
 class JobReport:
@@ -58,8 +60,9 @@ def run_job(
     progress: bool = True,
     on_write: Callable[[dict], None] | None = None,
 ) -> JobReport:
-    """Drive Ray actor handles of ``Replica`` over a ``Source``; write every line's record exactly once. ``max_tokens``: the default per line,
-    0 for embeddings. ``window``: most requests read ahead."""
+    """Drive Ray actor handles of ``Replica`` over a ``Source``; write every line's record
+    exactly once. ``max_tokens``: the default per line, 0 for embeddings. ``window``: most
+    requests read ahead."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -194,7 +197,7 @@ def run_batch(
     Re-running with the same output resumes."""
     import ray
 
-    from vllm_prepack.replica import check_tokenizer, start_replicas
+    from vllm_prepack.replica import check_tokenizer, start_replicas, stop_replicas
 
     engine_kwargs = dict(engine_kwargs or {})
     check_tokenizer(model, engine_kwargs)
@@ -209,8 +212,7 @@ def run_batch(
         return run_job(Source(source), writer, actors, max_tokens=default, order=order,
                        unit_tokens=unit_tokens, progress=progress)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        stop_replicas(actors)
 
 
 def main(args, demo_job: Callable[[dict], tuple[str, list[str], dict]] | None = None) -> int:

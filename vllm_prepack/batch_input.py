@@ -62,8 +62,8 @@ BLOCK_LINES = 4096  # rows per block of an in-memory list or a Parquet file
 class Source:
     """Input lines read lazily in blocks: (line numbers from 1, raw JSON lines as bytes), blank
     lines dropped, from a JSONL file, a Parquet file or folder (rows as JSON), or an in-memory
-    list of lines; ``fraction`` is how much was read. Blocks keep the driver's cost per line to
-    a few C-level scans."""
+    list of lines; ``fraction`` is how much was read. Blocks (``block_bytes`` of a JSONL file,
+    BLOCK_LINES rows otherwise) keep the driver's cost per line to a few C-level scans."""
 
     def __init__(self, source: str | Path | list[str], block_bytes: int = BLOCK_BYTES):
         self.source = source
@@ -79,7 +79,9 @@ class Source:
         if isinstance(self.source, list):
             self._total = max(1, len(self.source))
             for start in range(0, len(self.source), BLOCK_LINES):
-                raws = [line.encode() for line in self.source[start:start + BLOCK_LINES]]
+                # a raw newline in a JSON text is whitespace; lines travel newline-separated
+                raws = [line.strip().replace("\n", " ").encode()
+                        for line in self.source[start:start + BLOCK_LINES]]
                 self._read = start + len(raws)
                 yield _nonblank(start + 1, raws)
             return
@@ -92,9 +94,9 @@ class Source:
             for batch in data.to_batches(batch_size=BLOCK_LINES):
                 raws = [json.dumps({k: v for k, v in row.items() if v is not None}).encode()
                         for row in batch.to_pylist()]
+                self._read = number + len(raws) - 1
                 yield list(range(number, number + len(raws))), raws
                 number += len(raws)
-                self._read = number - 1
             return
         self._total = max(1, path.stat().st_size)
         with path.open("rb") as f:

@@ -2,7 +2,7 @@
 
 A replica gets raw input lines, and does the per-request work the driver must not: parsing,
 chat templates, tokenization (inside vLLM's ``add_request``), generation or embedding, and
-encoding the records, which go back as JSONL text or an Arrow table ready to append. Engine
+encoding the records, which go back as JSONL bytes or an Arrow table ready to append. Engine
 arguments are the user's, unchanged: no test defaults (CUDA graphs stay on where vLLM turns them
 on); only the plugin's two arguments are added.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from vllm_prepack.batch_input import InputError, Request, line_id, parse
@@ -37,10 +38,12 @@ UNITS_IN_FLIGHT = 2  # per replica: the engine batches across them (see Replica.
 
 
 class _Unit:
-    """The records of one call to ``records``, and its requests still in the engine."""
+    """One call to ``records``: its lines until admitted, its records, its requests still in
+    the engine."""
 
-    def __init__(self, tag: int):
-        self.tag = tag  # request ids are tag.line.k: a line may come again (a resumed driver)
+    def __init__(self, lines: list):
+        self.lines = lines  # (line, raw) pairs
+        self.tag = 0  # set on admission; request ids are tag.line.k (a line may come again)
         self.records: list[dict] = []
         self.waiting: dict[int, list] = {}  # line -> [request, submitted at, outputs]
 
@@ -69,6 +72,7 @@ class Replica:
         self.busy = 0.0
         self.timeline: list[tuple[float, float]] = []  # wall-clock (start, end) of busy spans
         self._lock = threading.Lock()  # one engine, units from several threads
+        self._inbox: deque[_Unit] = deque()  # units not yet in the engine
         self._units: dict[int, _Unit] = {}  # tag -> a unit in the engine
         self._tags = 0
         self.peak_units = 0  # most units in the engine at once
@@ -102,29 +106,44 @@ class Replica:
 
     def records(self, unit) -> list[dict]:
         """One record per (line, raw) of `unit`, in the order requests finish. Calls overlap (a
-        threaded actor, UNITS_IN_FLIGHT of them): each adds its requests to the one engine, and
-        whichever holds the lock steps it for all, so the engine batches across units and never
-        drains to a unit's last request while the next waits."""
-        with self._lock:
-            mine = self._start_unit()
+        threaded actor, UNITS_IN_FLIGHT of them) over the one engine: a call leaves its unit in
+        an inbox, and whichever call holds the lock admits every unit waiting there, then steps
+        the engine for all. So the engine batches across units, never drains to a unit's last
+        request while the next waits, and a new unit goes in at the next step."""
+        mine = _Unit(list(unit))
+        self._inbox.append(mine)
         try:
-            with self._lock:
-                for line, raw in unit:
-                    try:
-                        self._submit(line, raw, mine)
-                    except Exception as e:  # vLLM names the cause (too long, bad token id, ...)
-                        cause = (str(e) if isinstance(e, InputError)
-                                 else f"line {line}: {type(e).__name__}: {e}")
-                        mine.records.append(
-                            self._error(line, line_id(raw, line), '"custom_id"' in raw, cause))
-            while mine.waiting:
+            while True:
                 with self._lock:
-                    if mine.waiting:
-                        self._step()
+                    self._admit()
+                    if not mine.waiting:
+                        return mine.records
+                    if not self.llm.llm_engine.has_unfinished_requests():
+                        raise RuntimeError(f"the engine lost {len(mine.waiting)} requests")
+                    self._step()
         finally:
             with self._lock:
                 self._end_unit(mine)
-        return mine.records
+
+    def _admit(self) -> None:
+        """Every unit in the inbox into the engine; a line vLLM refuses becomes its error record."""
+        while self._inbox:
+            unit = self._inbox.popleft()
+            if not self._units:
+                self._since = (time.perf_counter(), time.time())
+            self._tags += 1
+            unit.tag = self._tags
+            self._units[unit.tag] = unit
+            self.peak_units = max(self.peak_units, len(self._units))
+            for line, raw in unit.lines:
+                try:
+                    self._submit(line, raw, unit)
+                except Exception as e:  # vLLM names the cause (too long, bad token id, ...)
+                    cause = (str(e) if isinstance(e, InputError)
+                             else f"line {line}: {type(e).__name__}: {e}")
+                    unit.records.append(
+                        self._error(line, line_id(raw, line), '"custom_id"' in raw, cause))
+            unit.lines = []
 
     def _submit(self, line: int, raw: str, unit: _Unit) -> None:
         engine = self.llm.llm_engine
@@ -145,24 +164,27 @@ class Replica:
             if not out.finished:
                 continue
             tag, line, k = map(int, out.request_id.split("."))
-            unit = self._units[tag]
+            unit = self._units.get(tag)
+            if unit is None:  # its call failed and left (its requests were aborted)
+                continue
             entry = unit.waiting[line]
             entry[2][k] = out
             if all(o is not None for o in entry[2]):
                 del unit.waiting[line]
-                unit.records.append(self._record(entry[0], entry[2], time.perf_counter() - entry[1]))
-
-    def _start_unit(self) -> _Unit:
-        if not self._units:
-            self._since = (time.perf_counter(), time.time())
-        self._tags += 1
-        self._units[self._tags] = unit = _Unit(self._tags)
-        self.peak_units = max(self.peak_units, len(self._units))
-        return unit
+                latency = time.perf_counter() - entry[1]
+                unit.records.append(self._record(entry[0], entry[2], latency))
 
     def _end_unit(self, unit: _Unit) -> None:
-        """Busy time is the union of the units' spans: time with at least one unit in."""
-        del self._units[unit.tag]
+        """A call leaves: its requests still in the engine (a failure) are aborted. Busy time is
+        the union of the units' spans: time with at least one unit in."""
+        if unit in self._inbox:
+            self._inbox.remove(unit)
+        if self._units.pop(unit.tag, None) is None:
+            return
+        if unit.waiting:
+            self.llm.llm_engine.abort_request(
+                [f"{unit.tag}.{line}.{k}" for line, entry in unit.waiting.items()
+                 for k, out in enumerate(entry[2]) if out is None])
         if not self._units:
             self.busy += time.perf_counter() - self._since[0]
             self.timeline.append((self._since[1], time.time()))
@@ -290,7 +312,7 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
     import ray
 
     cores = os.cpu_count() or 1
-    actors = []
+    actors, groups = [], []
     for i in range(n):
         kwargs, opts = dict(engine_kwargs), {}
         defaults = {}
@@ -309,6 +331,7 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
             kwargs.setdefault("tensor_parallel_size", gpus_per_replica)
             kwargs.setdefault("distributed_executor_backend", "ray")
             group = placement_group([{"GPU": 1, "CPU": 1}] * gpus_per_replica, strategy="STRICT_PACK")
+            groups.append(group)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 group, placement_group_capture_child_tasks=True)
         actor = ray.remote(replica_cls).options(
@@ -317,5 +340,23 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
             runtime_env={"env_vars": {**defaults, **(env or {})}}, **opts,
         ).remote(model, task, kwargs, prepack, i, **options)
         actors.append(actor)
+        if groups:
+            _GROUPS[actor._actor_id.hex()] = groups[-1]
     ray.get([a.describe.remote() for a in actors])  # engines are up
     return actors
+
+
+_GROUPS: dict = {}  # actor id -> the placement group it was started in
+
+
+def stop_replicas(actors) -> None:
+    """Kill replicas and give back their placement groups (a killed actor's group stays
+    reserved otherwise, and the next job on the cluster would wait for its GPUs)."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for actor in actors:
+        ray.kill(actor)
+        group = _GROUPS.pop(actor._actor_id.hex(), None)
+        if group is not None:
+            remove_placement_group(group)

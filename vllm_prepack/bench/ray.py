@@ -58,12 +58,11 @@ def policy_options(policy: str, n: int, replicas: int) -> dict:
 
 
 def engine_rows(args, model: str, timelines: dict) -> list[dict]:
-    import ray
 
     from vllm_prepack.batch import run_job
     from vllm_prepack.batch_input import Source
     from vllm_prepack.batch_output import JsonlWriter
-    from vllm_prepack.replica import start_replicas
+    from vllm_prepack.replica import start_replicas, stop_replicas
 
     engine = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
                   enable_prefix_caching=False, enforce_eager=True)
@@ -79,8 +78,7 @@ def engine_rows(args, model: str, timelines: dict) -> list[dict]:
                     report = run_job(Source(lines), JsonlWriter(Path(tmp) / "out.jsonl"), replicas,
                                      max_tokens=args.max_tokens, progress=False,
                                      **policy_options(policy, len(lines), args.replicas))
-                for actor in replicas:
-                    ray.kill(actor)
+                stop_replicas(replicas)
                 busy = [r["busy_s"] for r in report.replicas]
                 timelines[(workload, order, policy)] = [
                     [(a - report.started_at, b - report.started_at) for a, b in r["timeline"]]
@@ -167,12 +165,10 @@ def _ray_data_llm(args, model: str, engine: dict, lines: list[str], plugin: bool
 def _prepack_batch(args, model: str, engine: dict, lines: list[str], own_process: bool) -> int:
     """``own_process``: vLLM's engine core in a process of its own, as Ray Data LLM's AsyncLLM
     runs it (replicas here default to an in-process core on CPU)."""
-    import ray
-
     from vllm_prepack.batch import run_job
     from vllm_prepack.batch_input import Source
     from vllm_prepack.batch_output import JsonlWriter
-    from vllm_prepack.replica import start_replicas
+    from vllm_prepack.replica import start_replicas, stop_replicas
 
     replicas = start_replicas(model, args.replicas, "generate", engine, num_cpus=1,
                               default_max_tokens=args.max_tokens,
@@ -181,8 +177,7 @@ def _prepack_batch(args, model: str, engine: dict, lines: list[str], own_process
     with tempfile.TemporaryDirectory() as tmp:
         report = run_job(Source(lines), JsonlWriter(Path(tmp) / "out.jsonl"), replicas,
                          max_tokens=args.max_tokens, progress=False)
-    for actor in replicas:
-        ray.kill(actor)
+    stop_replicas(replicas)
     return report.written
 
 
