@@ -37,6 +37,11 @@ def check_tokenizer(model: str, engine_kwargs: dict) -> None:
 UNITS_IN_FLIGHT = 2  # per replica: the engine batches across them (see Replica.records)
 
 
+def _request_id(tag: int, line: int, k: int) -> str:
+    """The engine request id of a line's k-th prompt in the unit admitted as `tag`."""
+    return f"{tag}.{line}.{k}"
+
+
 class _Unit:
     """One call to ``records``: its lines until admitted, its records, its requests still in
     the engine."""
@@ -149,7 +154,7 @@ class Replica:
         engine = self.llm.llm_engine
         request = parse(raw, line, self.default_max_tokens)
         params, prompts = self._params(request), self._prompts(request)
-        ids = [f"{unit.tag}.{line}.{k}" for k in range(len(prompts))]
+        ids = [_request_id(unit.tag, line, k) for k in range(len(prompts))]
         try:
             for rid, prompt in zip(ids, prompts):
                 engine.add_request(rid, prompt, params)
@@ -163,7 +168,7 @@ class Replica:
         for out in self.llm.llm_engine.step():
             if not out.finished:
                 continue
-            tag, line, k = map(int, out.request_id.split("."))
+            tag, line, k = map(int, out.request_id.split("."))  # _request_id's parts
             unit = self._units.get(tag)
             if unit is None:  # its call failed and left (its requests were aborted)
                 continue
@@ -183,7 +188,7 @@ class Replica:
             return
         if unit.waiting:
             self.llm.llm_engine.abort_request(
-                [f"{unit.tag}.{line}.{k}" for line, entry in unit.waiting.items()
+                [_request_id(unit.tag, line, k) for line, entry in unit.waiting.items()
                  for k, out in enumerate(entry[2]) if out is None])
         if not self._units:
             self.busy += time.perf_counter() - self._since[0]

@@ -57,28 +57,37 @@ def policy_options(policy: str, n: int, replicas: int) -> dict:
     return dict(order=policy.split("/")[1])
 
 
-def engine_rows(args, model: str, timelines: dict) -> list[dict]:
+ENGINE = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
+              enable_prefix_caching=False, enforce_eager=True)
 
+
+def engine_job(args, model: str, lines: list[str], env: dict | None = None, **options):
+    """`lines` through fresh replicas (one core each, the plugin on), stopped afterwards; the
+    JobReport. `options` go to run_job."""
     from vllm_prepack.batch import run_job
     from vllm_prepack.batch_input import Source
     from vllm_prepack.batch_output import JsonlWriter
     from vllm_prepack.replica import start_replicas, stop_replicas
 
-    engine = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
-                  enable_prefix_caching=False, enforce_eager=True)
+    replicas = start_replicas(model, args.replicas, "generate", ENGINE, num_cpus=1,
+                              default_max_tokens=args.max_tokens, env=env)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_job(Source(lines), JsonlWriter(Path(tmp) / "out.jsonl"), replicas,
+                           max_tokens=args.max_tokens, progress=False, **options)
+    finally:
+        stop_replicas(replicas)
+
+
+def engine_rows(args, model: str, timelines: dict) -> list[dict]:
     rows = []
     for workload in args.workloads:
         for order in args.orders:
             lines = job(workload, args.prompts, order, args.max_tokens)
             results = {}
             for policy in POLICIES:
-                replicas = start_replicas(model, args.replicas, "generate", engine, num_cpus=1,
-                                          default_max_tokens=args.max_tokens)
-                with tempfile.TemporaryDirectory() as tmp:
-                    report = run_job(Source(lines), JsonlWriter(Path(tmp) / "out.jsonl"), replicas,
-                                     max_tokens=args.max_tokens, progress=False,
-                                     **policy_options(policy, len(lines), args.replicas))
-                stop_replicas(replicas)
+                report = engine_job(args, model, lines,
+                                    **policy_options(policy, len(lines), args.replicas))
                 busy = [r["busy_s"] for r in report.replicas]
                 timelines[(workload, order, policy)] = [
                     [(a - report.started_at, b - report.started_at) for a, b in r["timeline"]]
@@ -111,8 +120,6 @@ def ray_data_llm_rows(args, model: str) -> list[dict]:
 
     import ray
 
-    engine = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
-                  enable_prefix_caching=False, enforce_eager=True)
     lines = job("bimodal", args.ray_data_llm, "concatenated", args.max_tokens)
     results = []
     for system in ("Ray Data LLM, row batches", "Ray Data LLM + plugin",
@@ -123,9 +130,9 @@ def ray_data_llm_rows(args, model: str) -> list[dict]:
             ray.init(num_cpus=2 * args.replicas, include_dashboard=False, log_to_driver=False)
             t = time.perf_counter()
             if system.startswith("vllm-prepack batch"):
-                done = _prepack_batch(args, model, engine, subset, own_process="own" in system)
+                done = _prepack_batch(args, model, subset, own_process="own" in system)
             else:
-                done = _ray_data_llm(args, model, engine, subset, plugin="plugin" in system,
+                done = _ray_data_llm(args, model, subset, plugin="plugin" in system,
                                      balance="token_batches" in system)
             walls.append(time.perf_counter() - t)
             ray.shutdown()
@@ -137,7 +144,7 @@ def ray_data_llm_rows(args, model: str) -> list[dict]:
     return results
 
 
-def _ray_data_llm(args, model: str, engine: dict, lines: list[str], plugin: bool, balance: bool) -> int:
+def _ray_data_llm(args, model: str, lines: list[str], plugin: bool, balance: bool) -> int:
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -145,7 +152,7 @@ def _ray_data_llm(args, model: str, engine: dict, lines: list[str], plugin: bool
 
     params = dict(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     config = vLLMEngineProcessorConfig(
-        model_source=model, engine_kwargs=plugin_engine_kwargs(engine) if plugin else dict(engine),
+        model_source=model, engine_kwargs=plugin_engine_kwargs(ENGINE) if plugin else dict(ENGINE),
         concurrency=args.replicas, log_engine_metrics=False,
         placement_group_config={"bundles": [{"CPU": 1}]},
         runtime_env={"env_vars": RAY_DATA_LLM_ENV},
@@ -162,23 +169,11 @@ def _ray_data_llm(args, model: str, engine: dict, lines: list[str], plugin: bool
     return processor(ds).count()
 
 
-def _prepack_batch(args, model: str, engine: dict, lines: list[str], own_process: bool) -> int:
+def _prepack_batch(args, model: str, lines: list[str], own_process: bool) -> int:
     """``own_process``: vLLM's engine core in a process of its own, as Ray Data LLM's AsyncLLM
     runs it (replicas here default to an in-process core on CPU)."""
-    from vllm_prepack.batch import run_job
-    from vllm_prepack.batch_input import Source
-    from vllm_prepack.batch_output import JsonlWriter
-    from vllm_prepack.replica import start_replicas, stop_replicas
-
-    replicas = start_replicas(model, args.replicas, "generate", engine, num_cpus=1,
-                              default_max_tokens=args.max_tokens,
-                              env={**RAY_DATA_LLM_ENV,
-                                   "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if own_process else "0"})
-    with tempfile.TemporaryDirectory() as tmp:
-        report = run_job(Source(lines), JsonlWriter(Path(tmp) / "out.jsonl"), replicas,
-                         max_tokens=args.max_tokens, progress=False)
-    stop_replicas(replicas)
-    return report.written
+    env = {**RAY_DATA_LLM_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if own_process else "0"}
+    return engine_job(args, model, lines, env=env).written
 
 
 class InstantReplica:
