@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from vllm_prepack.policy import AgingBound
 
 CONFIG_KEY = "prepack"
+SCHEDULER_CLS = "vllm_prepack.PrepackScheduler"
 
 
 class PrepackConfigError(ValueError):
@@ -111,3 +112,25 @@ def _check(name: str, value: Any, kind: tuple[type, float | None, bool]) -> Any:
     if typ is float and value == 0:
         raise PrepackConfigError(f"{where} must be positive, got {value!r}")
     return typ(value)
+
+
+def plugin_engine_kwargs(engine_kwargs: Mapping[str, Any] | None = None,
+                         options: Mapping[str, Any] | bool = True) -> dict:
+    """vLLM engine arguments with the plugin switched on: what ``--scheduler-cls`` and
+    ``--additional-config`` say on the command line, for ``LLM(**kwargs)``, ``AsyncEngineArgs``
+    and the ``engine_kwargs`` of Ray Data LLM and Ray Serve LLM.
+
+    `options`: the plugin's options, True for its defaults (or those already in
+    ``engine_kwargs["additional_config"]["prepack"]``), False for plain vLLM (the arguments
+    returned unchanged). Other ``additional_config`` keys are kept. The options are validated
+    here, so a bad one fails before any engine or cluster starts."""
+    kwargs = dict(engine_kwargs or {})
+    if options is False:
+        return kwargs
+    extra = dict(kwargs.get("additional_config") or {})
+    if options is not True:
+        extra[CONFIG_KEY] = dict(options)
+    extra.setdefault(CONFIG_KEY, {})
+    PrepackConfig.from_additional_config(extra)
+    kwargs.update(scheduler_cls=SCHEDULER_CLS, additional_config=extra)
+    return kwargs

@@ -12,17 +12,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-SCHEDULER_CLS = "vllm_prepack.PrepackScheduler"
+from vllm_prepack.config import plugin_engine_kwargs
 
 
 def in_process() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
-def plugin_kwargs(options: dict | None = None) -> dict:
-    """Engine arguments that switch the plugin on (same keys as --scheduler-cls/--additional-config)."""
-    return {"scheduler_cls": SCHEDULER_CLS, "additional_config": {"prepack": dict(options or {})}}
 
 
 def build_llm(model: str, prepack: bool | dict = False, **engine_kwargs):
@@ -33,9 +28,7 @@ def build_llm(model: str, prepack: bool | dict = False, **engine_kwargs):
 
     kwargs = dict(enforce_eager=True, disable_log_stats=True)
     kwargs.update(engine_kwargs)
-    if prepack is not False:
-        kwargs.update(plugin_kwargs(prepack if isinstance(prepack, dict) else None))
-    return LLM(model=str(model), **kwargs)
+    return LLM(model=str(model), **plugin_engine_kwargs(kwargs, prepack))
 
 
 def engine_scheduler(llm):

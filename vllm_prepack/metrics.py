@@ -11,7 +11,7 @@ from functools import lru_cache
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from vllm_prepack.engine import SCHEDULER_CLS
+from vllm_prepack.config import SCHEDULER_CLS
 from vllm_prepack.packing import padding_gap
 
 _RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)

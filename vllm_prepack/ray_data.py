@@ -22,13 +22,10 @@ from __future__ import annotations
 import json
 import os
 
+from vllm_prepack.config import plugin_engine_kwargs
 from vllm_prepack.dispatch import balanced_batches
-from vllm_prepack.engine import plugin_kwargs
 
-
-def plugin_engine_kwargs(engine_kwargs: dict | None = None, options: dict | None = None) -> dict:
-    """Ray Data LLM's ``engine_kwargs`` with the plugin on (its scheduler and options)."""
-    return {**(engine_kwargs or {}), **plugin_kwargs(options)}
+__all__ = ["plugin_engine_kwargs", "token_batches", "map_dataset", "row_tokens"]
 
 
 def row_tokens(row: dict) -> float:

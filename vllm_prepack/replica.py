@@ -61,13 +61,11 @@ class Replica:
                  chat_template: str | None = None):
         from vllm import LLM
 
-        from vllm_prepack.engine import plugin_kwargs
+        from vllm_prepack.config import plugin_engine_kwargs
 
-        kwargs = dict(engine_kwargs)
+        kwargs = plugin_engine_kwargs(engine_kwargs, prepack)
         if task == "embed":
             kwargs.setdefault("runner", "pooling")
-        if prepack is not False:
-            kwargs.update(plugin_kwargs(prepack if isinstance(prepack, dict) else None))
         self.llm = LLM(model=str(model), **kwargs)
         self.model_name = str(kwargs.get("served_model_name") or model)
         self.tokenizer = None if kwargs.get("skip_tokenizer_init") else self.llm.get_tokenizer()
