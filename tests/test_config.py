@@ -40,6 +40,7 @@ def test_values_are_parsed_and_typed():
         ({"max_swaps": None}, r"\['max_swaps'\] may not be null"),
         ({"min_chunk_tokens": -5}, r"\['min_chunk_tokens'\] must be >= 0"),
         ({"debug_layout": "yes"}, r"\['debug_layout'\] must be true or false"),
+        ({"load_endpoint": 5601}, r"\['load_endpoint'\] must be a string"),
         ({"nope": 1, "aging": 2}, r"unknown option\(s\) 'aging', 'nope'.*known options: aging_drain_factor, aging_seconds"),
     ],
 )

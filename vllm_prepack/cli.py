@@ -1,4 +1,4 @@
-"""The ``vllm-prepack`` command: demo, bench {scheduler,hf,ray}, batch."""
+"""The ``vllm-prepack`` command: demo, bench {scheduler,hf,ray,serve}, batch, serve."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ BENCHES = {
     "scheduler": "vllm_prepack.bench.scheduler",
     "hf": "vllm_prepack.bench.hf",
     "ray": "vllm_prepack.bench.ray",
+    "serve": "vllm_prepack.bench.serve",
 }
 
 
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
     batch = sub.add_parser("batch", help="a token-balanced batch job across vLLM replicas (Ray)")
     importlib.import_module("vllm_prepack.batch").add_arguments(batch)
+
+    serve = sub.add_parser("serve", help="an OpenAI server on Ray Serve: the plugin in every "
+                           "replica, routed by tokens")
+    importlib.import_module("vllm_prepack.serve").add_arguments(serve)
 
     bench = sub.add_parser("bench", help="benchmarks; results are markdown for BENCHMARKS.md")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -37,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "batch":  # without --input: the demo's embedded job
         demo_job = importlib.import_module("vllm_prepack.demo").demo_job
         return importlib.import_module("vllm_prepack.batch").main(args, demo_job)
+    if args.command == "serve":
+        return importlib.import_module("vllm_prepack.serve").main(args)
     if args.command == "bench":
         text = importlib.import_module(BENCHES[args.bench]).main(args)
         print(text)

@@ -39,6 +39,9 @@ class PrepackConfig:
     debug_layout: the hook also checks that layout against the scheduler's plan, and the
         scheduler checks its mirror of vLLM's running-request budget against what vLLM then
         scheduled; either raises on a mismatch (the tests run the budget check on every step).
+    load_endpoint: a ZMQ endpoint (``tcp://*:5601``) where the scheduler publishes its load
+        every step (``load_channel.py``): what the token router reads. The serve builder sets
+        it per replica.
     """
 
     aging_steps: int | None = None
@@ -49,6 +52,7 @@ class PrepackConfig:
     cuda_graph_topup: bool = True
     record_layout: bool = False
     debug_layout: bool = False
+    load_endpoint: str | None = None
 
     @property
     def aging(self) -> AgingBound:
@@ -89,6 +93,7 @@ _KINDS: dict[str, tuple[type, float | None, bool]] = {
     "cuda_graph_topup": (bool, None, False),
     "record_layout": (bool, None, False),
     "debug_layout": (bool, None, False),
+    "load_endpoint": (str, None, True),
 }
 
 
@@ -100,6 +105,8 @@ def _check(name: str, value: Any, kind: tuple[type, float | None, bool]) -> Any:
             return None
         raise PrepackConfigError(f"{where} may not be null")
     is_bool = isinstance(value, bool)
+    if typ is str and not isinstance(value, str):
+        raise PrepackConfigError(f"{where} must be a string, got {value!r}")
     if typ is bool and not is_bool:
         raise PrepackConfigError(f"{where} must be true or false, got {value!r}")
     if typ is int and (is_bool or not isinstance(value, int)):

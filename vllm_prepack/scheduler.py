@@ -34,6 +34,8 @@ engine start, so a vLLM that renamed one fails there, naming it, instead of plan
 - ``capture_sizes``: ``compilation_config.cudagraph_mode`` / ``cudagraph_capture_sizes``
   (also read by metrics.py).
 - ``patches/runner_layout.py``: the model-runner side (its own header lists its touch points).
+- ``serve_touchpoints.py``: the load report's view of running requests, and Ray Serve's
+  internals the token router and the serve builder use (its header lists them).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from vllm.v1.utils import compute_iteration_details
 
 from vllm_prepack.config import PrepackConfig
 from vllm_prepack.policy import Entry, Pick, StepLimits, WaitingSet
+from vllm_prepack.routing import LoadReport
+from vllm_prepack.serve_touchpoints import running_load
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 REFRESH_PER_STEP = 256  # prefix-cache lookups of waiting requests per step
@@ -99,6 +103,7 @@ class PackingRequestQueue(RequestQueue):
         self._cursor = 0
         self._step = 0
         self._now = time.time()
+        self.newest_arrival = 0.0  # of the requests added so far (the load report says it)
 
     # ---- the per-step plan ------------------------------------------------------------------
 
@@ -169,6 +174,12 @@ class PackingRequestQueue(RequestQueue):
         self._set.add(self._entry(request))
         self._requests[request.request_id] = request
         self._join_group(request)
+        self.newest_arrival = max(self.newest_arrival, request.arrival_time)
+
+    @property
+    def tokens(self) -> int:
+        """Prompt tokens waiting (less what the prefix cache holds, as ordered by)."""
+        return self._set.tokens
 
     def _join_group(self, request: Request) -> None:
         group = self._group(request)
@@ -295,6 +306,12 @@ class PrepackScheduler(Scheduler):
         self.verify_budget = self.prepack_config.debug_layout
         self._iteration = None  # this step's context/generation split, until make_stats takes it
         self._capture_sizes = capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
+        self._publisher = None
+        if self.prepack_config.load_endpoint:
+            from vllm_prepack.load_channel import LoadPublisher
+
+            self._publisher = LoadPublisher(self.prepack_config.load_endpoint)
+        self._reports = 0
 
     def schedule(self, *args, **kwargs):
         started = time.perf_counter()
@@ -309,6 +326,8 @@ class PrepackScheduler(Scheduler):
         finally:
             self.waiting.end_step()
         self._record(output, limits, planned, waiting, plan_seconds)
+        if self._publisher is not None:
+            self._publisher.publish(self.load_report())
         if self.verify_budget:
             self._check_running(phase.tokens, output)
         if self.prepack_config.debug_layout:
@@ -334,6 +353,16 @@ class PrepackScheduler(Scheduler):
                 elapsed_ms=0.0,
             )
         return stats
+
+    def load_report(self) -> LoadReport:
+        """This replica's load once the step just scheduled has run, for the token router."""
+        prefill, decoding = running_load(self)
+        self._reports += 1
+        return LoadReport(
+            seq=self._reports, time=time.time(), waiting_tokens=self.waiting.tokens,
+            prefill_tokens=prefill, decoding=decoding, budget=self.max_num_scheduled_tokens,
+            newest_arrival=self.waiting.newest_arrival,
+            requests=len(self.waiting) + len(self.running))
 
     # ---- mirrors of vLLM's arithmetic -------------------------------------------------------
 

@@ -1,0 +1,249 @@
+"""The token router's policy (pure, hypothesis) and the load channel from a real vLLM scheduler
+(engine-free) over ZMQ on loopback."""
+
+import math
+import random
+import time
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_prepack.routing import (
+    LoadReport,
+    LoadTable,
+    PrefixIndex,
+    prompt_key,
+    prompt_tokens,
+)
+
+
+def report(waiting=0, prefill=0, decoding=0, budget=256, newest=0.0, at=0.0, seq=1):
+    return LoadReport(seq, at, waiting, prefill, decoding, budget, newest, 0)
+
+
+@given(st.tuples(st.integers(0, 2**40), st.floats(0, 2e9), st.integers(0, 2**40),
+                 st.integers(0, 2**40), st.integers(0, 2**20), st.integers(1, 2**20),
+                 st.floats(0, 2e9), st.integers(0, 2**20)))
+def test_report_round_trips(fields):
+    r = LoadReport(*fields)
+    assert LoadReport.decode(r.encode()) == r and len(r.encode()) == 64
+
+
+# a history: each event sends a request to a replica, finishes one, or reports
+events = st.lists(st.one_of(
+    st.tuples(st.just("send"), st.integers(0, 3), st.integers(0, 30), st.integers(1, 500)),
+    st.tuples(st.just("done"), st.integers(0, 30)),
+    st.tuples(st.just("report"), st.integers(0, 3), st.integers(0, 2000)),
+), max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events)
+def test_unreported_tokens_are_the_live_sends_no_report_covers(history):
+    """A model of the bookkeeping: each request counts at the replica it was last sent to,
+    from its send until it finishes or a report from that replica covers its send time."""
+    table, clock = LoadTable(), 0.0
+    model = {}  # key -> (replica, sent_at, tokens)
+    for event in history:
+        clock += 1.0
+        if event[0] == "send":
+            _, replica, key, tokens = event
+            table.sent(replica, key, tokens, clock)
+            model[key] = (replica, clock, tokens)
+        elif event[0] == "done":
+            table.done(event[1])
+            model.pop(event[1], None)
+        else:
+            _, replica, waiting = event
+            covered = clock - 2.5  # the replica saw the sends up to here
+            table.report(replica, report(waiting=waiting, newest=covered), clock)
+            model = {k: v for k, v in model.items() if not (v[0] == replica and v[1] <= covered)}
+        for replica in range(4):
+            assert table.unreported(replica) == sum(t for r, _, t in model.values() if r == replica)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 5000), st.integers(0, 5000), st.integers(0, 300), st.integers(1, 2000),
+       st.integers(16, 4096), st.floats(0, 1000))
+def test_expected_wait_grows_with_the_work_ahead(waiting, more, decoding, tokens, budget, overhead):
+    table = LoadTable(step_overhead=overhead)
+    table.report("a", report(waiting=waiting, decoding=decoding, budget=budget), 0.0)
+    table.report("b", report(waiting=waiting + more, decoding=decoding, budget=budget), 0.0)
+    wait = table.expected_wait("a", tokens)
+    assert wait >= waiting + tokens
+    assert table.expected_wait("b", tokens) >= wait
+    assert table.expected_wait("a", tokens + more) >= wait
+    table.sent("a", "k", more, 0.0)  # tokens sent since the report count as waiting
+    assert table.expected_wait("a", tokens) == table.expected_wait("b", tokens)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=64), st.integers(1, 1000),
+       st.integers(0, 2**32))
+def test_choosing_among_all_takes_the_least_expected_wait(waiting, tokens, seed):
+    table = LoadTable(rng=random.Random(seed))
+    for i, w in enumerate(waiting):
+        table.report(i, report(waiting=w), 0.0)
+    ranked = table.choose(range(len(waiting)), tokens, 0.0, choices=0)
+    assert sorted(ranked) == list(range(len(waiting)))
+    waits = [table.expected_wait(r, tokens) for r in ranked]
+    assert waits == sorted(waits)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=2, max_size=64), st.integers(0, 2**32))
+def test_power_of_two_takes_the_better_of_two_random_replicas(waiting, seed):
+    table = LoadTable(rng=random.Random(seed))
+    for i, w in enumerate(waiting):
+        table.report(i, report(waiting=w), 0.0)
+    ranked = table.choose(range(len(waiting)), 10, 0.0, choices=2)
+    assert len(ranked) == 2 and ranked[0] != ranked[1]
+    assert waiting[ranked[0]] <= waiting[ranked[1]]
+
+
+def test_power_of_two_spreads_over_every_replica():
+    table = LoadTable(rng=random.Random(0))
+    seen = {table.choose(range(8), 10, 0.0)[0] for _ in range(200)}
+    assert seen == set(range(8))
+
+
+def test_a_silent_replica_is_passed_over_until_it_reports_again():
+    table = LoadTable(stale_after=0.5, rng=random.Random(1))
+    table.report("a", report(waiting=0), 0.0)
+    table.report("b", report(waiting=10_000), 0.0)
+    assert table.choose(["a", "b"], 10, 0.4)[0] == "a"
+    table.report("b", report(waiting=10_000), 0.9)  # a's reports stopped; b's heartbeat goes on
+    assert table.choose(["a", "b"], 10, 1.0) == ["b"]
+    table.report("a", report(waiting=0), 1.1)
+    assert table.choose(["a", "b"], 10, 1.2)[0] == "a"
+    # a replica that never reported is not stale (its publisher may not be connected yet), and
+    # when every replica is silent they all stay candidates
+    assert table.choose(["a", "b", "new"], 10, 5.0) == ["new"]
+    assert set(table.choose(["a", "b"], 10, 5.0)) == {"a", "b"}
+
+
+def test_a_retried_request_moves_its_charge_and_a_forgotten_replica_keeps_none():
+    table = LoadTable()
+    table.sent("a", "k", 100, 1.0)
+    table.sent("b", "k", 100, 2.0)
+    assert (table.unreported("a"), table.unreported("b")) == (0, 100)
+    table.forget("b")
+    table.done("k")
+    assert table.unreported("b") == 0 and table.choose(["a"], 1, 3.0) == ["a"]
+
+
+def test_decoding_requests_take_from_each_steps_prefill():
+    table = LoadTable()
+    table.report("idle", report(waiting=1000, decoding=0, budget=256), 0.0)
+    table.report("busy", report(waiting=1000, decoding=200, budget=256), 0.0)
+    # 'busy' prefills at most 64 tokens a step (a quarter of the budget) while 200 decode
+    assert table.expected_wait("idle", 24) == 1024
+    assert table.expected_wait("busy", 24) == 1024 + math.ceil(1024 / 64) * 200
+
+
+def test_a_cached_prefix_is_left_out_of_the_cost_where_it_is_cached():
+    table = LoadTable(rng=random.Random(0))
+    table.report("a", report(waiting=300), 0.0)
+    table.report("b", report(waiting=0), 0.0)
+    assert table.choose(["a", "b"], 1000, 0.0)[0] == "b"
+    assert table.choose(["a", "b"], 1000, 0.0, hits={"a": 900})[0] == "a"
+    assert table.choose(["a", "b"], 1000, 0.0, hits={"a": 100})[0] == "b"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=0, max_size=600), st.text(min_size=0, max_size=300), st.integers(1, 32))
+def test_prefix_index_hits_the_shared_leading_blocks(shared, tail, block):
+    index = PrefixIndex(block=block, chars_per_token=1.0)
+    first = index.hashes(shared + tail)
+    index.insert(first, "a")
+    hits = index.match(index.hashes(shared + "\x00" + tail))
+    full = len(shared) // block
+    assert hits.get("a", 0) >= full
+    assert set(hits) <= {"a"}
+
+
+def test_prefix_index_is_bounded_and_forgets_replicas():
+    index = PrefixIndex(block=2, chars_per_token=1.0, capacity=10, owners=2)
+    index.insert(index.hashes("abcdefgh" * 10), "a")
+    assert len(index._blocks) == 10
+    assert index.match(index.hashes("xbcdefgh" * 10)) == {}
+    ids = index.hashes((1, 2, 3, 4, 5, 6))
+    for replica in ("a", "b", "c"):
+        index.insert(ids, replica)
+    assert index.match(ids) == {"b": 3, "c": 3}  # two owners a block, the latest
+    index.forget("c")
+    assert index.match(ids) == {"b": 3}
+
+
+def test_prompt_tokens_count_ids_and_estimate_text():
+    body = SimpleNamespace
+    assert prompt_tokens(body(prompt=[5, 6, 7]), 4.0) == 3
+    assert prompt_tokens(body(prompt=[[5, 6], [7]]), 4.0) == 3
+    assert prompt_tokens(body(prompt="x" * 10), 4.0) == 3
+    assert prompt_tokens(body(prompt=["x" * 8, "y" * 4]), 4.0) == 3
+    assert prompt_tokens(body(input="abcd"), 1.0) == 4
+    chat = [{"role": "system", "content": "x" * 8},
+            {"role": "user", "content": [{"type": "text", "text": "y" * 8}]}]
+    assert prompt_tokens(body(messages=chat), 4.0) == 2 * 4 + 4
+    assert prompt_tokens(body(), 4.0) == 0
+    assert prompt_key(body(prompt=["first", "second"])) == "first"
+    assert prompt_key(body(prompt=[3, 4])) == (3, 4)
+    assert prompt_key(body(messages=chat)) == "x" * 8 + "\x00" + "y" * 8
+
+
+def test_a_scheduler_publishes_its_load_every_step_and_while_idle(tiny_model):
+    """The plugin in a real vLLM scheduler (no model) publishes over ZMQ; a subscriber reads
+    what the scheduler holds once the step has run, and heartbeats while nothing runs."""
+    from vllm_prepack.bench.harness import fake_step, make_request, standalone_scheduler
+    from vllm_prepack.load_channel import HEARTBEAT_S, LoadSubscriber, free_port
+
+    port = free_port("127.0.0.1")
+    reports = []
+    subscriber = LoadSubscriber(lambda replica, r, now: reports.append((replica, r)))
+    subscriber.watch({"r0": f"tcp://127.0.0.1:{port}"})
+    scheduler = standalone_scheduler(
+        tiny_model, budget=256, max_model_len=512, chunked_prefill=True,
+        additional_config={"prepack": {"load_endpoint": f"tcp://127.0.0.1:{port}"}})
+    try:
+        before = time.time()
+        for i, n in enumerate([200, 30, 100, 250, 20]):
+            scheduler.add_request(make_request(str(i), n, max_tokens=3))
+        deadline = time.time() + 10
+        while not reports and time.time() < deadline:  # the subscriber connects
+            fake_step(scheduler, scheduler.schedule())
+            time.sleep(0.05)
+        assert reports and reports[-1][0] == "r0"
+        while scheduler.has_requests():
+            fake_step(scheduler, scheduler.schedule())
+        last = scheduler.load_report()
+        assert (last.waiting_tokens, last.prefill_tokens, last.requests) == (0, 0, 0)
+        assert last.budget == 256 and last.newest_arrival >= before
+        seen = len(reports)
+        time.sleep(4 * HEARTBEAT_S)
+        assert len(reports) >= seen + 2  # idle: the last report again, as a heartbeat
+    finally:
+        subscriber.close()
+        scheduler._publisher.close()
+
+
+def test_load_report_counts_what_waits_and_what_runs(tiny_model):
+    from vllm_prepack.bench.harness import make_request, standalone_scheduler
+
+    scheduler = standalone_scheduler(tiny_model, budget=256, max_model_len=512,
+                                     chunked_prefill=True)
+    for i, n in enumerate([200, 30, 100, 250, 20]):
+        scheduler.add_request(make_request(str(i), n, max_tokens=3))
+    scheduler.schedule()  # shortest first: 20, 30, 100 whole, 106 of the 200 as a chunk
+    r = scheduler.load_report()
+    assert (r.waiting_tokens, r.prefill_tokens, r.decoding, r.requests) == (250, 94, 3, 5)
+
+
+@pytest.mark.parametrize("rank, slices, cores, expected", [
+    (0, 2, 2, "0"), (1, 2, 2, "1"), (2, 2, 2, "0"), (1, 2, 8, "4-7"), (0, 1, 4, "0-3"),
+    (5, 3, 2, "1")])
+def test_each_cpu_replica_gets_its_own_cores(rank, slices, cores, expected):
+    from vllm_prepack.serve_replica import core_slice
+
+    assert core_slice(rank, slices, cores) == expected

@@ -1,0 +1,297 @@
+"""Pure: the token router's policy. No Ray, no vLLM, no sockets.
+
+A replica with the plugin reports, every step, the prompt tokens still to prefill (waiting and
+running) and its decoding requests (``LoadReport``). Between two reports the router adds what it
+has sent there itself (``LoadTable.sent``), counted from token ids or estimated from text; a
+report drops the requests it already covers: those sent before the newest arrival it has seen.
+A new request goes, of two replicas picked at random (or all), to the one where it expects the
+shortest wait: the prefill work ahead of it, plus what rides along each step until it is through
+(decode tokens and a fixed per-step overhead). Counting tokens instead of requests is the point:
+ten long prompts and ten short ones are not the same queue.
+
+``PrefixIndex`` remembers which replicas were sent which prompt prefixes, so that a replica
+likely to hold a prompt's prefix in its cache is a candidate too, with the cached part taken off
+its cost there: affinity where it pays, load balance where it does not.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+Replica = Hashable
+
+# seq, time, waiting, prefill, decoding, budget, newest arrival, requests
+_FORMAT = struct.Struct("<qdqqqqdq")
+MIN_PREFILL_SHARE = 0.25  # decode never leaves prefill less than this share of a step (estimate)
+MESSAGE_TOKENS = 4  # chat template tokens around each message (estimate)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """One replica's load after a scheduler step, as its plugin sees it."""
+
+    seq: int  # the publisher's count; a restarted engine starts again
+    time: float  # wall clock of the report
+    waiting_tokens: int  # prompt tokens of waiting requests, less what the prefix cache holds
+    prefill_tokens: int  # prompt tokens running requests have still to prefill
+    decoding: int  # running requests past their prompt: one token each per step
+    budget: int  # tokens a step may schedule
+    newest_arrival: float  # wall-clock arrival of the newest request the scheduler has taken
+    requests: int  # waiting + running
+
+    def encode(self) -> bytes:
+        return _FORMAT.pack(self.seq, self.time, self.waiting_tokens, self.prefill_tokens,
+                            self.decoding, self.budget, self.newest_arrival, self.requests)
+
+    @classmethod
+    def decode(cls, data: bytes) -> LoadReport:
+        return cls(*_FORMAT.unpack(data))
+
+
+class _Charge:
+    """A request sent to a replica and not yet covered by one of its reports."""
+
+    __slots__ = ("replica", "sent_at", "tokens", "live")
+
+    def __init__(self, replica: Replica, sent_at: float, tokens: int) -> None:
+        self.replica, self.sent_at, self.tokens, self.live = replica, sent_at, tokens, True
+
+
+class _View:
+    __slots__ = ("report", "heard", "charges", "unreported")
+
+    def __init__(self) -> None:
+        self.report: LoadReport | None = None
+        self.heard = -math.inf  # when the last report (or heartbeat) came
+        self.charges: deque[_Charge] = deque()  # in send order
+        self.unreported = 0  # tokens of live charges
+
+
+class LoadTable:
+    """The router's view of every replica: its last report plus the tokens sent since.
+
+    `stale_after`: seconds without a report (publishers repeat theirs while idle) after which a
+    replica that did report once is passed over: it died, or its engine did.
+    `step_overhead`: a step's fixed cost in tokens' worth of compute (a/b for a step costing
+    a + b x tokens): 0 where a step costs about its tokens (CPU), hundreds on GPUs.
+    `default_budget`: the step budget assumed for a replica that has not reported yet.
+    """
+
+    def __init__(self, stale_after: float = 0.5, step_overhead: float = 0.0,
+                 default_budget: int = 2048, rng: random.Random | None = None) -> None:
+        self.stale_after = stale_after
+        self.step_overhead = step_overhead
+        self.default_budget = default_budget
+        self.rng = rng or random.Random()
+        self._views: dict[Replica, _View] = {}
+        self._charges: dict[Hashable, _Charge] = {}  # request key -> its live charge
+
+    def _view(self, replica: Replica) -> _View:
+        view = self._views.get(replica)
+        if view is None:
+            view = self._views[replica] = _View()
+        return view
+
+    # ---- bookkeeping --------------------------------------------------------------------
+
+    def report(self, replica: Replica, report: LoadReport, now: float) -> None:
+        """A replica's report (a repeated one only says it is alive). It covers every request
+        sent before the newest arrival it counts (sends reach a replica in order), so those
+        stop being counted here."""
+        view = self._view(replica)
+        view.heard = now
+        view.report = report
+        charges = view.charges
+        while charges and charges[0].sent_at <= report.newest_arrival:
+            self._drop(charges.popleft())
+
+    def sent(self, replica: Replica, key: Hashable, tokens: int, now: float) -> None:
+        """Count `tokens` at `replica` until a report covers them; a request routed again (a
+        retry) moves its charge."""
+        self.done(key)
+        charge = _Charge(replica, now, tokens)
+        view = self._view(replica)
+        if view.charges and now < view.charges[-1].sent_at:
+            charge.sent_at = view.charges[-1].sent_at  # keep send order under a clock step back
+        view.charges.append(charge)
+        view.unreported += tokens
+        self._charges[key] = charge
+
+    def done(self, key: Hashable) -> None:
+        """The request finished (or failed) before a report covered it."""
+        charge = self._charges.pop(key, None)
+        if charge is not None and charge.live:
+            charge.live = False
+            self._views[charge.replica].unreported -= charge.tokens
+
+    def _drop(self, charge: _Charge) -> None:
+        if charge.live:
+            charge.live = False
+            self._views[charge.replica].unreported -= charge.tokens
+        # its key stays in _charges until done(); a dead charge there costs nothing
+
+    def forget(self, replica: Replica) -> None:
+        """A replica left (died, or was scaled down)."""
+        view = self._views.pop(replica, None)
+        if view is not None:
+            for charge in view.charges:
+                charge.live = False
+
+    def unreported(self, replica: Replica) -> int:
+        view = self._views.get(replica)
+        return view.unreported if view is not None else 0
+
+    def stale(self, replica: Replica, now: float) -> bool:
+        view = self._views.get(replica)
+        return view is not None and view.report is not None and now - view.heard > self.stale_after
+
+    # ---- the policy ---------------------------------------------------------------------
+
+    def expected_wait(self, replica: Replica, tokens: int) -> float:
+        """Compute (in tokens) a replica does before a new request of `tokens` prompt tokens is
+        through prefill: the prompt tokens ahead of it and its own, plus, every step until
+        then, its decoding requests' tokens and the step overhead."""
+        view = self._views.get(replica)
+        report = view.report if view is not None else None
+        ahead = tokens + (view.unreported if view is not None else 0)
+        decoding, budget = 0, self.default_budget
+        if report is not None:
+            ahead += report.waiting_tokens + report.prefill_tokens
+            decoding, budget = report.decoding, report.budget
+        per_step = max(budget - decoding, budget * MIN_PREFILL_SHARE, 1)
+        steps = math.ceil(ahead / per_step)
+        return ahead + steps * (decoding + self.step_overhead)
+
+    def choose(self, candidates: Sequence[Replica], tokens: int, now: float, choices: int = 2,
+               hits: Mapping[Replica, int] | None = None) -> list[Replica]:
+        """Candidates ranked by expected wait, best first: `choices` picked at random from the
+        live ones (all when `choices` <= 0 or >= their number), plus those in `hits` (replica ->
+        prompt tokens it likely has cached, which its cost there leaves out)."""
+        live = [c for c in candidates if not self.stale(c, now)] or list(candidates)
+        if 0 < choices < len(live):
+            pool = self.rng.sample(live, choices)
+        else:
+            pool = list(live)
+            self.rng.shuffle(pool)  # equal waits: a random one
+        if hits:
+            allowed = set(live)
+            pool += [r for r in hits if r in allowed and r not in pool]
+        hits = hits or {}
+        scored = sorted(pool, key=lambda r: self.expected_wait(r, max(1, tokens - hits.get(r, 0))))
+        return scored
+
+
+def prompt_tokens(body, chars_per_token: float) -> int:
+    """Prompt tokens of an OpenAI request body (completions ``prompt``, embeddings ``input``,
+    chat ``messages``): token ids counted, text estimated at `chars_per_token`."""
+    for name in ("prompt", "input", "messages"):
+        value = getattr(body, name, None)
+        if value is not None:
+            return _count(value, chars_per_token)
+    return 0
+
+
+def _count(value, chars_per_token: float) -> int:
+    if isinstance(value, str):
+        return math.ceil(len(value) / chars_per_token)
+    if isinstance(value, Mapping):  # a chat message or a content part
+        if "content" in value:
+            return MESSAGE_TOKENS + _count(value["content"] or "", chars_per_token)
+        text = value.get("text")
+        return _count(text, chars_per_token) if isinstance(text, str) else 0
+    if isinstance(value, Sequence):
+        if value and isinstance(value[0], int):
+            return len(value)
+        return sum(_count(item, chars_per_token) for item in value)
+    return 0
+
+
+def prompt_key(body) -> str | tuple[int, ...] | None:
+    """The first prompt of a request as text or token ids, for prefix matching."""
+    for name in ("prompt", "input", "messages"):
+        value = getattr(body, name, None)
+        if value is not None:
+            return _first(value)
+    return None
+
+
+def _first(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and value:
+        if isinstance(value[0], int):
+            return tuple(value)
+        if isinstance(value[0], Mapping):  # chat messages: their contents in order
+            return "\x00".join(_content_text(m.get("content")) for m in value)
+        return _first(value[0])
+    return None
+
+
+def _content_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    return ""
+
+
+class PrefixIndex:
+    """Which replicas were recently sent which prompt prefixes, in blocks of `block` tokens
+    (token ids; text in blocks of `block` x `chars_per_token` characters), chained so that a
+    block's hash stands for the whole prefix up to it. Each block keeps its `owners` most recent
+    replicas; the `capacity` most recently used blocks are kept. A replica's hit for a prompt is
+    the leading blocks it was sent, all of them: what its prefix cache most likely still holds
+    (the engine may have evicted some)."""
+
+    def __init__(self, block: int = 64, chars_per_token: float = 4.0, capacity: int = 65_536,
+                 owners: int = 4) -> None:
+        self.block, self.capacity, self.owners = block, capacity, owners
+        self._chars = max(1, round(block * chars_per_token))
+        self._blocks: OrderedDict[int, list[Replica]] = OrderedDict()
+
+    def hashes(self, prompt: str | tuple[int, ...]) -> list[int]:
+        size = self._chars if isinstance(prompt, str) else self.block
+        out, h = [], 0
+        for start in range(0, len(prompt) - size + 1, size):
+            h = hash((h, prompt[start:start + size]))
+            out.append(h)
+        return out
+
+    def match(self, hashes: Sequence[int]) -> dict[Replica, int]:
+        """Replica -> leading blocks of these it was sent (only replicas with at least one)."""
+        hits: dict[Replica, int] = {}
+        holders: set | None = None
+        for n, h in enumerate(hashes, 1):
+            owners = self._blocks.get(h)
+            if not owners:
+                break
+            holders = set(owners) if holders is None else holders & set(owners)
+            if not holders:
+                break
+            for replica in holders:
+                hits[replica] = n
+        return hits
+
+    def insert(self, hashes: Iterable[int], replica: Replica) -> None:
+        for h in hashes:
+            owners = self._blocks.get(h)
+            if owners is None:
+                owners = self._blocks[h] = []
+            else:
+                self._blocks.move_to_end(h)
+            if replica in owners:
+                owners.remove(replica)
+            owners.append(replica)
+            del owners[:-self.owners]
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+
+    def forget(self, replica: Replica) -> None:
+        for owners in self._blocks.values():
+            if replica in owners:
+                owners.remove(replica)

@@ -1,0 +1,188 @@
+"""Serving on Ray: Ray Serve LLM with the plugin in every replica, routed by tokens.
+
+``vllm-prepack serve`` and its Python builder (``prepack_llm_config`` + Ray Serve LLM's own
+``build_openai_app``) run Ray Serve LLM as it is: its OpenAI ingress (``/v1/completions``,
+``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/models``), its vLLM server per replica, its
+proxy (``/-/healthz``). This project adds three things: the plugin in every engine, the token
+router (``token_router.py``), and ``PrepackLLMServer`` (``serve_replica.py``), which gives each
+replica's scheduler an address to publish its load on and, on CPU, its own cores. Ray is
+imported only when a command runs, so the CLI stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from vllm_prepack.config import plugin_engine_kwargs
+
+ROUTERS = {
+    "tokens": "vllm_prepack.token_router.TokenRouter",
+    "requests": None,  # Ray Serve's default: power of two choices on requests in flight
+    "prefix": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
+}
+SERVER_CLS = "vllm_prepack.serve_replica.PrepackLLMServer"
+APP_NAME = "vllm-prepack"
+PREFIX_BLOCK_TOKENS = 64  # the token router's prefix-affinity granularity
+SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. Prefill packing fills each step of "
+               "the engine with whole prompts, shortest first, and a router that counts tokens "
+               "sends each request where the least work waits ahead of it. 0123456789, (x+y)^2.")
+
+
+def chars_per_token(model: str, engine_kwargs: dict) -> float:
+    """The model tokenizer's characters per token on a sample of English text and code: the
+    router's estimate for text prompts until replicas report the real counts. 4.0 (a typical
+    BPE) when there is no tokenizer to ask."""
+    if engine_kwargs.get("skip_tokenizer_init"):
+        return 4.0
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(engine_kwargs.get("tokenizer") or model)
+        return len(SAMPLE_TEXT) / max(1, len(tokenizer.encode(SAMPLE_TEXT, add_special_tokens=False)))
+    except (OSError, ValueError):
+        return 4.0
+
+
+def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int = 2,
+                       engine_kwargs: dict | None = None, prepack: dict | bool = True,
+                       router: str = "tokens", router_options: dict | None = None,
+                       gpus_per_replica: int = 0, deployment_config: dict | None = None,
+                       runtime_env: dict | None = None, **options):
+    """A Ray Serve LLM ``LLMConfig`` with the plugin in every replica's engine and the chosen
+    router: pass it to ``ray.serve.llm.build_openai_app({"llm_configs": [...]})`` or
+    ``build_llm_deployment``, alone or beside other models.
+
+    `prepack`: the plugin's options, True for its defaults, False for plain vLLM. `router`:
+    "tokens" (needs the plugin), "requests" (Ray Serve's default) or "prefix" (Ray's
+    PrefixCacheAffinityRouter); `router_options` go to it. `gpus_per_replica`: 0 runs on CPU
+    (each replica a share of the cores, one logical CPU bundle); 1 or more reserves that many
+    GPUs per replica, tensor-parallel above one. Other keyword arguments go to ``LLMConfig``."""
+    from ray.serve.llm import LLMConfig
+
+    from vllm_prepack.serve_replica import CPU_SLICES_ENV
+
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
+    if router == "tokens" and prepack is False:
+        raise ValueError("the token router reads the plugin's load reports: it needs the plugin")
+    kwargs = plugin_engine_kwargs(engine_kwargs, prepack)
+    if gpus_per_replica > 1:
+        kwargs.setdefault("tensor_parallel_size", gpus_per_replica)
+    deployment = {"num_replicas": replicas, **(deployment_config or {})}
+    if ROUTERS[router] is not None:
+        router_kwargs = dict(router_options or {})
+        if router == "tokens":
+            router_kwargs.setdefault("chars_per_token", chars_per_token(model, kwargs))
+            pooling = kwargs.get("runner") == "pooling"
+            if not pooling and kwargs.get("enable_prefix_caching", True):
+                router_kwargs.setdefault("prefix_block", PREFIX_BLOCK_TOKENS)
+        deployment["request_router_config"] = {
+            "request_router_class": ROUTERS[router], "request_router_kwargs": router_kwargs}
+    env = dict((runtime_env or {}).get("env_vars") or {})
+    if gpus_per_replica == 0:
+        env.setdefault(CPU_SLICES_ENV, str(replicas))
+        options.setdefault("placement_group_config", {"bundles": [{"CPU": 1}]})
+        if "VLLM_CPU_KVCACHE_SPACE" not in env and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            # vLLM's CPU default reserves 92% of the node's memory per engine: share half
+            kwargs.setdefault("gpu_memory_utilization", round(0.5 / replicas, 3))
+    return LLMConfig(
+        model_loading_config={"model_id": model_id or Path(model).name, "model_source": str(model)},
+        engine_kwargs=kwargs, deployment_config=deployment, server_cls=SERVER_CLS,
+        runtime_env={**(runtime_env or {}), "env_vars": env}, **options)
+
+
+def build_app(*configs):
+    """Ray Serve LLM's OpenAI app over these models."""
+    from ray.serve.llm import build_openai_app
+
+    return build_openai_app({"llm_configs": list(configs)})
+
+
+def start(app, *, port: int = 8000, host: str = "127.0.0.1", address: str | None = None,
+          num_cpus: int | None = None, name: str = APP_NAME) -> None:
+    """Start (or join, with `address`) a Ray cluster and run `app` on it; returns once every
+    replica is up. On a machine without GPUs, a local cluster gets enough logical CPUs for
+    Ray Serve LLM's placement (a replica takes two), whatever the cores."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+
+
+def stop(name: str = APP_NAME, *, joined: bool = False) -> None:
+    """Take the app down; a cluster this process started goes with it."""
+    import ray
+    from ray import serve
+
+    if joined:
+        serve.delete(name)
+    else:
+        serve.shutdown()
+        ray.shutdown()
+
+
+DEMO_ENGINE = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
+                   enforce_eager=True)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", help="a model folder or hub name (default: the embedded demo model)")
+    parser.add_argument("--model-id", help="the name clients ask for (default: the folder's name)")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--engine-args", type=json.loads, default={},
+                        help='vLLM engine arguments as JSON, e.g. \'{"runner": "pooling"}\'')
+    parser.add_argument("--prepack-options", type=json.loads, default=None,
+                        help="the plugin's options as JSON (default: its defaults)")
+    parser.add_argument("--plain", action="store_true", help="plain vLLM, without the plugin")
+    parser.add_argument("--router", choices=tuple(ROUTERS), default="tokens")
+    parser.add_argument("--gpus-per-replica", type=int, default=0,
+                        help="0: CPU; 1: one GPU each; more: tensor-parallel replicas")
+    parser.add_argument("--address", help="join this Ray cluster instead of starting one")
+
+
+def main(args) -> int:
+    from vllm_prepack.replica import check_tokenizer
+
+    engine_kwargs = dict(args.engine_args)
+    model = args.model
+    if model is None:
+        from vllm_prepack.models import DEMO_MODEL, decoder_model
+
+        model = str(decoder_model(DEMO_MODEL))
+        engine_kwargs = {**DEMO_ENGINE, **engine_kwargs}
+        args.model_id = args.model_id or "demo"
+    check_tokenizer(model, engine_kwargs)
+    prepack = False if args.plain else (args.prepack_options or True)
+    config = prepack_llm_config(model, model_id=args.model_id, replicas=args.replicas,
+                                engine_kwargs=engine_kwargs, prepack=prepack, router=args.router,
+                                gpus_per_replica=args.gpus_per_replica)
+    cpus = None if args.address or args.gpus_per_replica else max(os.cpu_count() or 1,
+                                                                   2 * args.replicas + 4)
+    print(f"starting {args.replicas} replica(s) of {config.model_id} "
+          f"({'plain vLLM' if args.plain else 'vLLM + prepack'}, router: {args.router}) ...",
+          flush=True)
+    start(build_app(config), port=args.port, host=args.host, address=args.address, num_cpus=cpus)
+    base = f"http://{args.host}:{args.port}"
+    print(f"serving {config.model_id} at {base}/v1 (health: {base}/-/healthz); Ctrl-C stops\n"
+          f"  from openai import OpenAI\n"
+          f"  OpenAI(base_url='{base}/v1', api_key='none').completions.create("
+          f"model='{config.model_id}', prompt='Hello', max_tokens=16)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+    finally:
+        stop(joined=bool(args.address))
+    return 0

@@ -1,0 +1,54 @@
+"""A Ray Serve LLM replica with the load channel: ``PrepackLLMServer``.
+
+Imported by Ray Serve in every replica process (``LLMConfig.server_cls`` names it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray.serve.llm import LLMConfig, LLMServer
+
+from vllm_prepack import serve_touchpoints as touch
+from vllm_prepack.config import CONFIG_KEY, SCHEDULER_CLS
+from vllm_prepack.load_channel import METADATA_KEY, free_port
+
+CPU_SLICES_ENV = "VLLM_PREPACK_CPU_SLICES"  # replicas that share this node's cores (CPU only)
+
+
+class PrepackLLMServer(LLMServer):
+    """Ray Serve LLM's server, plus: before its engine starts, a replica with the plugin picks a
+    port for its scheduler to publish its load on and advertises it in its replica metadata
+    (read by the token router); on CPU, with ``VLLM_PREPACK_CPU_SLICES`` set, its engine's
+    threads are bound to its share of the node's cores (vLLM's default binds every replica to
+    the same cores)."""
+
+    async def __init__(self, llm_config: LLMConfig, **kwargs):
+        self._load_endpoint = None
+        kwargs_now = llm_config.engine_kwargs
+        if kwargs_now.get("scheduler_cls") == SCHEDULER_CLS:
+            host = ray.util.get_node_ip_address()
+            port = free_port(host)
+            extra = dict(kwargs_now.get("additional_config") or {})
+            extra[CONFIG_KEY] = {**extra.get(CONFIG_KEY, {}), "load_endpoint": f"tcp://{host}:{port}"}
+            llm_config.update_engine_kwargs(additional_config=extra)
+            self._load_endpoint = f"tcp://{host}:{port}"
+        slices = int(os.environ.get(CPU_SLICES_ENV, "0"))
+        if slices and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core_slice(
+                touch.replica_local_rank(), slices, os.cpu_count() or 1)
+        await super().__init__(llm_config, **kwargs)
+
+    async def record_replica_metadata(self) -> dict:
+        """Ray Serve publishes this once the replica is up; routers read it."""
+        return {METADATA_KEY: self._load_endpoint} if self._load_endpoint else {}
+
+
+def core_slice(rank: int, slices: int, cores: int) -> str:
+    """The cores (vLLM's VLLM_CPU_OMP_THREADS_BIND syntax) of the `rank`-th of `slices` replicas
+    sharing `cores`; replicas beyond the cores share them round robin."""
+    per = max(1, cores // slices)
+    first = (rank * per) % cores
+    last = min(first + per, cores) - 1
+    return str(first) if first == last else f"{first}-{last}"

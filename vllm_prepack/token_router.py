@@ -1,0 +1,149 @@
+"""The token router: a Ray Serve ``RequestRouter`` that balances prompt tokens, not requests.
+
+Ray Serve's default router picks the replica with fewer requests in flight (power of two
+choices), so one replica can hold ten long prompts while another holds ten short ones. Here each
+replica's plugin publishes its exact load every step over the load channel (``load_channel.py``,
+endpoints advertised in the replica's metadata), the router adds the prompt tokens it has sent
+since, and picks by expected wait (``routing.py``). Everything the router does per request is
+local: no RPC, no lock held across an await.
+
+Deliberate differences from the default router: no same-node preference (it would pin an
+ingress to its node's replicas whatever their load), and no FIFO matching across pending
+requests (each routing task routes its own request, so the tokens charged are its tokens).
+LoRA requests are routed among the replicas holding their adapter, as by default.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import List, Optional
+
+from ray.serve.request_router import (
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
+
+from vllm_prepack import serve_touchpoints as touch
+from vllm_prepack.load_channel import METADATA_KEY, LoadSubscriber
+from vllm_prepack.routing import LoadTable, PrefixIndex, prompt_key, prompt_tokens
+
+METRICS_FLUSH_S = 1.0
+
+
+class TokenRouter(MultiplexMixin, RequestRouter):
+    """Power of two choices on expected wait in tokens; see the module docstring."""
+
+    def initialize_state(self, choices: int = 2, chars_per_token: float = 4.0,
+                         stale_after_s: float = 0.5, step_overhead: float = 0.0,
+                         prefix_block: int = 0) -> None:
+        """`choices`: replicas sampled per request (0: all). `chars_per_token`: the text
+        estimate until a report counts the real tokens. `stale_after_s`: a replica silent this
+        long is passed over. `step_overhead`: a step's fixed cost in tokens (0 on CPU).
+        `prefix_block`: > 0 turns prefix affinity on, in blocks of this many tokens."""
+        self._choices = choices
+        self._chars_per_token = chars_per_token
+        self._lock = threading.Lock()  # the subscriber thread reports, the router's loop routes
+        self._table = LoadTable(stale_after=stale_after_s, step_overhead=step_overhead)
+        self._prefix = PrefixIndex(prefix_block, chars_per_token) if prefix_block > 0 else None
+        self._subscriber = LoadSubscriber(self._on_report)
+        self._endpoints: dict[ReplicaID, str] = {}
+        self._cost = _RouteCost(touch.deployment_tags(self))
+
+    def _on_report(self, replica, report, now: float) -> None:
+        with self._lock:
+            self._table.report(replica, report, now)
+
+    # ---- replicas come and go -------------------------------------------------------------
+
+    def update_replicas(self, replicas: List[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        endpoints = {r.replica_id: r.replica_metadata.get(METADATA_KEY) for r in replicas}
+        endpoints = {k: v for k, v in endpoints.items() if v}
+        with self._lock:
+            for gone in set(self._endpoints) - set(endpoints):
+                self._forget(gone)
+        self._endpoints = endpoints
+        self._subscriber.watch(endpoints)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        with self._lock:
+            self._forget(replica_id)
+
+    def _forget(self, replica_id: ReplicaID) -> None:
+        self._table.forget(replica_id)
+        if self._prefix is not None:
+            self._prefix.forget(replica_id)
+
+    # ---- routing --------------------------------------------------------------------------
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: List[RunningReplica],
+        pending_request: Optional[PendingRequest] = None,
+    ) -> List[List[RunningReplica]]:
+        """Ranks of one replica each: the best expected wait first, the runner-up next (Ray
+        tries the next rank only if the first cannot take the request)."""
+        started, cpu = time.perf_counter(), time.thread_time()
+        if pending_request is None:
+            return [[r] for r in candidate_replicas[:2]]
+        touch.allow_backoff(pending_request)
+        replicas = {r.replica_id: r for r in candidate_replicas}
+        if touch.multiplexed_model_id(pending_request):
+            allowed = self.apply_multiplex_routing(pending_request)
+            replicas = {k: r for k, r in replicas.items() if k in allowed} or replicas
+        body = touch.request_body(pending_request)
+        tokens = prompt_tokens(body, self._chars_per_token) if body is not None else 0
+        key = prompt_key(body) if self._prefix is not None and body is not None else None
+        hashes = self._prefix.hashes(key) if key is not None else []
+        now = time.time()
+        with self._lock:
+            hits = {}
+            if hashes:
+                hits = {r: n * self._prefix.block for r, n in self._prefix.match(hashes).items()}
+            ranked = self._table.choose(list(replicas), tokens, now, self._choices, hits)
+            best = ranked[0]
+            self._table.sent(best, touch.request_key(pending_request),
+                             max(1, tokens - hits.get(best, 0)), now)
+            if hashes:
+                self._prefix.insert(hashes, best)
+        self._cost.add(time.perf_counter() - started, time.thread_time() - cpu)
+        return [[replicas[r]] for r in ranked[:2]]
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        with self._lock:
+            self._table.done(internal_request_id)
+
+
+class _RouteCost:
+    """The router's own time per request, wall and CPU (wall includes waiting for the GIL and
+    the cores), exported as Ray metrics about once a second (a metric update per request would
+    cost more than the routing)."""
+
+    def __init__(self, tags: dict) -> None:
+        from ray.util.metrics import Counter
+
+        def counter(name: str, description: str):
+            return Counter(name, description, tag_keys=tuple(tags)).set_default_tags(tags)
+
+        self._metrics = (
+            counter("vllm_prepack_routes", "Requests the token router routed"),
+            counter("vllm_prepack_route_seconds", "Wall time the token router spent routing"),
+            counter("vllm_prepack_route_cpu_seconds", "CPU time the token router spent routing"),
+        )
+        self._pending = [0, 0.0, 0.0]
+        self._flushed = time.monotonic()
+
+    def add(self, wall: float, cpu: float) -> None:
+        pending = self._pending
+        pending[0] += 1
+        pending[1] += wall
+        pending[2] += cpu
+        if time.monotonic() - self._flushed >= METRICS_FLUSH_S:
+            self._pending, self._flushed = [0, 0.0, 0.0], time.monotonic()
+            for metric, value in zip(self._metrics, pending):
+                metric.inc(value)
