@@ -1,8 +1,11 @@
-"""Shared by the Ray test modules: a local cluster per module and the replicas' engine arguments."""
+"""Shared by the Ray test modules: a local cluster per module, the replicas' engine arguments,
+a chat template for the byte-level test tokenizer (it has none)."""
 
 import pytest
 import ray
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # tests pass enforce_eager themselves: replicas run the user's engine arguments unchanged
 ENGINE = dict(dtype="float32", max_model_len=512, max_num_batched_tokens=256,
               enable_prefix_caching=False, num_gpu_blocks_override=64, enforce_eager=True)

@@ -5,16 +5,13 @@ import shutil
 
 import pytest
 import ray
-from ray_cluster import ENGINE, cluster  # noqa: F401  (a fixture)
+from ray_cluster import CHAT_TEMPLATE, ENGINE, cluster  # noqa: F401  (a fixture)
 
 from vllm_prepack.batch import run_job
 from vllm_prepack.batch_input import Source
 from vllm_prepack.batch_output import JsonlWriter
 from vllm_prepack.replica import start_replicas
 from vllm_prepack.workloads import prompt_lengths, token_ids
-
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,7 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
     from ray.serve.llm import LLMConfig
 
     from vllm_prepack.serve_replica import CPU_SLICES_ENV
+    from vllm_prepack.serve_touchpoints import LOCAL_MODEL_CALLBACK
 
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
@@ -88,6 +89,7 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
         if "VLLM_CPU_KVCACHE_SPACE" not in env and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             # vLLM's CPU default reserves 92% of the node's memory per engine: share half
             kwargs.setdefault("gpu_memory_utilization", round(0.5 / replicas, 3))
+    options.setdefault("callback_config", {"callback_class": LOCAL_MODEL_CALLBACK})
     return LLMConfig(
         model_loading_config={"model_id": model_id or Path(model).name, "model_source": str(model)},
         engine_kwargs=kwargs, deployment_config=deployment, server_cls=SERVER_CLS,

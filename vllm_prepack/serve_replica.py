@@ -40,9 +40,17 @@ class PrepackLLMServer(LLMServer):
                 touch.replica_local_rank(), slices, os.cpu_count() or 1)
         await super().__init__(llm_config, **kwargs)
 
-    async def record_replica_metadata(self) -> dict:
-        """Ray Serve publishes this once the replica is up; routers read it."""
+    def _advertised(self) -> dict:
         return {METADATA_KEY: self._load_endpoint} if self._load_endpoint else {}
+
+    async def record_replica_metadata(self) -> dict:
+        """Ray Serve publishes this to routers once the replica is up."""
+        return self._advertised()
+
+    async def record_routing_stats(self) -> dict:
+        """Ray Serve LLM's routing stats, plus the load endpoint (what a replica's actor answers
+        when asked directly: ``serve_touchpoints.llm_replicas``)."""
+        return {**await super().record_routing_stats(), **self._advertised()}
 
 
 def core_slice(rank: int, slices: int, cores: int) -> str:

@@ -7,6 +7,8 @@ engine process imports this module for ``running_load``.
 
 from __future__ import annotations
 
+import os
+
 
 def running_load(scheduler) -> tuple[int, int]:
     """(prompt tokens running requests have still to prefill, running requests that decode).
@@ -72,3 +74,60 @@ def replica_local_rank() -> int:
     from ray import serve
 
     return serve.get_replica_context().rank.local_rank
+
+
+def llm_replicas(app_name: str, model_id: str) -> list[dict]:
+    """The live replicas of a model served by Ray Serve LLM with ``PrepackLLMServer``: each
+    one's actor handle (``ray.kill`` it to kill the replica) and the load endpoint it advertises
+    (tests and the bench watch loads).
+
+    Finds the replica actors among the named actors (public ``ray.util.list_named_actors``) by
+    Ray Serve's naming, ``SERVE_REPLICA::<app>#<deployment>#<id>`` in namespace "serve", with
+    Ray Serve LLM's deployment name ``<server class>:<model id, escaped>``; then calls each
+    replica actor's ``record_routing_stats`` (the method Ray Serve's controller polls, which runs
+    the server's hook of that name; ray/serve/_private/replica.py, Ray 2.60). Ray has no public
+    way to read a replica's metadata outside a request router."""
+    import ray
+
+    from vllm_prepack.load_channel import METADATA_KEY
+
+    deployment = "PrepackLLMServer:" + model_id.replace("/", "--").replace(".", "_")
+    prefix = f"SERVE_REPLICA::{app_name}#{deployment}#"
+    out = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == "serve" and actor["name"].startswith(prefix):
+            handle = ray.get_actor(actor["name"], namespace="serve")
+            try:
+                stats = ray.get(handle.record_routing_stats.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue  # dead, or not up yet
+            out.append({"name": actor["name"], "actor": handle,
+                        "endpoint": stats.get(METADATA_KEY)})
+    return out
+
+
+LOCAL_MODEL_CALLBACK = "vllm_prepack.serve_touchpoints.LocalModelCallback"
+
+
+def __getattr__(name: str):
+    """``LocalModelCallback``, built on first use: Ray Serve LLM's callback base class is in
+    ``ray.llm._internal.common.callbacks.base`` (``LLMConfig.callback_config`` is public, the
+    class it takes is not), and this module must import without Ray (the engine process)."""
+    if name != "LocalModelCallback":
+        raise AttributeError(name)
+    from ray.llm._internal.common.callbacks.base import CallbackBase
+
+    class LocalModelCallback(CallbackBase):
+        """Skips Ray Serve LLM's model download tasks for a model that is a folder already:
+        each is a fresh Ray worker process per replica (importing Ray Serve LLM and vLLM) that
+        finds nothing to download; ``CallbackCtx.run_init_node = False`` is Ray's documented
+        switch. On a cluster of several nodes the folder must be on every node (shared
+        storage), as vLLM needs it there anyway."""
+
+        async def on_before_node_init(self) -> None:
+            source = self.llm_config.model_loading_config.model_source
+            if isinstance(source, str) and os.path.isdir(source):
+                self.ctx.run_init_node = False
+
+    globals()[name] = LocalModelCallback
+    return LocalModelCallback

@@ -1,0 +1,195 @@
+"""Serving on Ray Serve, end to end over HTTP on loopback: one Ray Serve LLM app for the module
+(two replicas of a small generation model and one of an embedding model, the plugin and the
+token router in each), driven with the openai client and raw HTTP. The replica kill runs last:
+it leaves one generation replica while Ray restarts the other."""
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import ray
+from ray_cluster import CHAT_TEMPLATE
+
+from vllm_prepack.load_channel import LoadSubscriber, free_port
+from vllm_prepack.serve import APP_NAME, build_app, prepack_llm_config, start, stop
+from vllm_prepack.serve_touchpoints import llm_replicas
+
+# the conftest's engine arguments (outputs compare with its plain in-process engine), with a
+# longer context so that a long generation outlasts any abort
+ENGINE = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=256, seed=0,
+              enforce_eager=True, chat_template=CHAT_TEMPLATE)
+EMBED = dict(runner="pooling", max_model_len=256, max_num_batched_tokens=512, enforce_eager=True)
+ENV = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, minilm):
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    port = free_port("127.0.0.1")
+    tiny = prepack_llm_config(tiny_model, model_id="tiny", replicas=2, engine_kwargs=ENGINE,
+                              runtime_env=ENV)
+    embed = prepack_llm_config(minilm, model_id="minilm", replicas=1, engine_kwargs=EMBED,
+                               runtime_env=ENV)
+    start(build_app(tiny, embed), port=port)
+    yield f"http://127.0.0.1:{port}"
+    stop()
+
+
+class Loads:
+    """Every tiny replica's load reports, read the way the token router reads them."""
+
+    def __init__(self):
+        self.replicas = {r["name"]: r for r in llm_replicas(APP_NAME, "tiny")}
+        self.last, self.peak = {}, {}
+        self._lock = threading.Lock()
+        self._sub = LoadSubscriber(self._on)
+        self._sub.watch({name: r["endpoint"] for name, r in self.replicas.items()})
+
+    def _on(self, replica, report, now):
+        with self._lock:
+            self.last[replica] = report
+            self.peak[replica] = max(self.peak.get(replica, 0), report.requests)
+
+    def wait(self, predicate, what, timeout=60.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self._lock:
+                if predicate(dict(self.last)):
+                    return dict(self.last)
+            time.sleep(0.02)
+        raise AssertionError(f"never saw {what}; last reports: {self.last}")
+
+    def close(self):
+        self._sub.close()
+
+
+def completion(base, prompt, max_tokens=8, timeout=120.0, **extra):
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    return httpx.post(f"{base}/v1/completions", json=body, timeout=timeout)
+
+
+def test_openai_endpoints_models_and_health(served, engine, tiny_model, minilm):
+    from openai import OpenAI
+    from vllm import SamplingParams
+
+    client = OpenAI(base_url=f"{served}/v1", api_key="none")
+    assert {m.id for m in client.models.list()} == {"tiny", "minilm"}
+    assert httpx.get(f"{served}/-/healthz").status_code == 200
+
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(20 + 30 * i)] for i in range(4)]
+    plain = engine(tiny_model, False).generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=6, temperature=0))
+    for prompt, expected in zip(prompts, plain):
+        served_ids = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+            extra_body={"return_token_ids": True}).choices[0].token_ids
+        assert served_ids == list(expected.outputs[0].token_ids)  # plain vLLM's greedy tokens
+
+    whole = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12,
+                                      temperature=0).choices[0].text
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+        model="tiny", prompt="Hello there", max_tokens=12, temperature=0, stream=True))
+    assert streamed == whole
+
+    chat = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].finish_reason == "length"
+
+    texts = ["a short sentence", "a longer sentence about packing prompts into steps"]
+    vectors = [d.embedding for d in client.embeddings.create(model="minilm", input=texts).data]
+    expected = engine(minilm, False, **{k: v for k, v in EMBED.items() if k != "enforce_eager"}
+                      ).embed(texts)
+    for got, want in zip(vectors, expected):
+        assert len(got) == 384
+        assert max(abs(a - b) for a, b in zip(got, want.outputs.embedding)) < 1e-3
+
+
+def test_bad_requests_get_4xx_and_nothing_else_fails(served):
+    url = f"{served}/v1/completions"
+    bad = [
+        ("too long", lambda: completion(served, [5] * 2100)),
+        ("empty", lambda: completion(served, "")),
+        ("bad json", lambda: httpx.post(url, content=b'{"model": "tiny", "prompt": ',
+                                        headers={"content-type": "application/json"})),
+        ("unknown model", lambda: httpx.post(url, json={"model": "nope", "prompt": "x"})),
+        ("embedding too long", lambda: httpx.post(
+            f"{served}/v1/embeddings", json={"model": "minilm", "input": "word " * 400})),
+    ]
+    good = [lambda i=i: completion(served, f"request {i}") for i in range(6)]
+    with ThreadPoolExecutor(len(bad) + len(good)) as pool:
+        bad_f = {name: pool.submit(call) for name, call in bad}
+        good_f = [pool.submit(call) for call in good]
+        statuses = {name: f.result().status_code for name, f in bad_f.items()}
+        assert [f.result().status_code for f in good_f] == [200] * len(good)
+    assert statuses == {"too long": 400, "empty": 400, "bad json": 400, "unknown model": 404,
+                        "embedding too long": 400}
+    assert "maximum context length" in completion(served, [5] * 2100).json()["error"]["message"]
+    assert completion(served, "still serving").status_code == 200
+
+
+def test_every_replica_reports_its_load_and_a_burst_spreads_over_both(served):
+    loads = Loads()
+    try:
+        assert len(loads.replicas) == 2 and all(r["endpoint"] for r in loads.replicas.values())
+        started = time.time()
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: completion(served, "x" * (10 + 37 * i), 24),
+                                    range(16)))
+        assert [r.status_code for r in results] == [200] * 16
+        idle = loads.wait(lambda last: len(last) == 2 and all(
+            r.requests == 0 and r.newest_arrival >= started for r in last.values()),
+            "both replicas idle after serving requests")
+        assert set(idle) == set(loads.replicas)
+        assert all(loads.peak[name] >= 1 for name in loads.replicas)  # both got some
+    finally:
+        loads.close()
+
+
+def test_a_client_disconnect_aborts_its_request_in_the_engine(served):
+    loads = Loads()
+    try:
+        loads.wait(lambda last: len(last) == 2, "a report from each replica")
+        with httpx.Client(timeout=60) as client:
+            body = {"model": "tiny", "prompt": "go", "max_tokens": 2000, "temperature": 0,
+                    "ignore_eos": True, "stream": True}
+            with client.stream("POST", f"{served}/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                for _ in range(3):
+                    next(lines)  # it runs
+                busy = loads.wait(lambda last: any(r.requests for r in last.values()),
+                                  "the request running")
+            # the connection is closed here, some 2000 decode steps early
+        name = next(n for n, r in busy.items() if r.requests)
+        steps = busy[name].seq
+        idle = loads.wait(lambda last: last[name].requests == 0, "the request aborted")
+        assert idle[name].seq - steps < 1000  # it stopped long before its 2000 tokens
+    finally:
+        loads.close()
+
+
+def test_a_killed_replica_fails_its_requests_clearly_and_routing_moves_on(served):
+    loads = Loads()
+    try:
+        loads.wait(lambda last: len(last) == 2, "a report from each replica")
+        with ThreadPoolExecutor(24) as pool:
+            long_runs = [pool.submit(completion, served, f"long {i}", 1500, 120.0,
+                                     ignore_eos=True) for i in range(8)]
+            loads.wait(lambda last: len(last) == 2 and all(r.requests for r in last.values()),
+                       "both replicas running requests")
+            victim = next(iter(loads.replicas.values()))
+            ray.kill(victim["actor"])  # the replica's process is killed; Ray starts another
+            time.sleep(1.0)  # within a second the router has stopped sending there
+            after = [pool.submit(completion, served, f"after {i}", 4) for i in range(8)]
+            assert [f.result().status_code for f in after] == [200] * 8
+            results = [f.result() for f in long_runs]  # none hangs: each answers or fails
+        failed = [r for r in results if r.status_code != 200]
+        assert failed and len(failed) < len(results)  # the victim's failed, the others ran
+        for r in failed:
+            assert r.status_code >= 500
+            message = json.dumps(r.json())
+            assert "died" in message or "unavailable" in message.lower(), message
+    finally:
+        loads.close()
