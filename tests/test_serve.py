@@ -71,6 +71,45 @@ def completion(base, prompt, max_tokens=8, timeout=120.0, **extra):
     return httpx.post(f"{base}/v1/completions", json=body, timeout=timeout)
 
 
+def test_the_builder_wires_the_plugin_the_router_and_the_placement(tiny_model, monkeypatch):
+    from vllm_prepack.config import SCHEDULER_CLS
+    from vllm_prepack.serve import ROUTERS
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    config = prepack_llm_config(tiny_model, replicas=3, engine_kwargs={"max_model_len": 512})
+    assert config.engine_kwargs["scheduler_cls"] == SCHEDULER_CLS
+    assert config.engine_kwargs["gpu_memory_utilization"] == round(0.5 / 3, 3)  # of the node
+    router = config.deployment_config["request_router_config"]
+    assert router["request_router_class"] == ROUTERS["tokens"]
+    # the byte-level test tokenizer: a character a token; prefix caching on: affinity on
+    assert router["request_router_kwargs"] == {"chars_per_token": 1.0, "prefix_block": 64}
+    assert config.placement_group_config == {"bundles": [{"CPU": 1}]}
+    assert config.runtime_env["env_vars"]["VLLM_PREPACK_CPU_SLICES"] == "3"
+
+    plain = prepack_llm_config(tiny_model, prepack=False, router="prefix")
+    assert "scheduler_cls" not in plain.engine_kwargs
+    assert plain.deployment_config["request_router_config"]["request_router_class"] == ROUTERS["prefix"]
+    assert "request_router_config" not in prepack_llm_config(tiny_model, router="requests").deployment_config
+    embed = prepack_llm_config(tiny_model, engine_kwargs={"runner": "pooling"})
+    assert "prefix_block" not in embed.deployment_config["request_router_config"]["request_router_kwargs"]
+
+    gpu = prepack_llm_config(tiny_model, gpus_per_replica=2)
+    assert gpu.engine_kwargs["tensor_parallel_size"] == 2 and gpu.placement_group_config is None
+    assert "VLLM_PREPACK_CPU_SLICES" not in gpu.runtime_env["env_vars"]
+    with pytest.raises(ValueError, match="needs the plugin"):
+        prepack_llm_config(tiny_model, prepack=False, router="tokens")
+    with pytest.raises(ValueError, match="router must be one of"):
+        prepack_llm_config(tiny_model, router="random")
+
+
+def test_the_command_line_parses():
+    from vllm_prepack.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+
+
 def test_openai_endpoints_models_and_health(served, engine, tiny_model, minilm):
     from openai import OpenAI
     from vllm import SamplingParams

@@ -1,0 +1,379 @@
+"""``vllm-prepack bench serve``: serving on Ray Serve, Ray's routers vs the token router, plain
+vLLM vs the plugin; then the routers at 8-64 replicas, engine-free.
+
+Live (``--parts live``): Ray Serve LLM on this machine, 2 replicas of each model (one core
+each), an embedding model (all-MiniLM-L6-v2, real weights) and a small random-weight Llama
+(synthetic prompt lengths: no dataset can be downloaded here). Configurations: plain vLLM or
+the plugin, behind Ray Serve's default router (power of two choices on requests in flight),
+Ray Serve LLM's PrefixCacheAffinityRouter or the token router. A CPU replica is three processes
+of about 2.5 GB together, so two configurations are deployed at a time, as pairs that each hold
+their ratio's baseline: (plain + default, plugin + tokens), (plugin + default, plugin + tokens),
+(plain + default, plain + prefix). Each run is open-loop Poisson arrivals over HTTP on loopback
+(vLLM's own ``bench serve`` request functions: streaming completions, time to the first token;
+embeddings, time to the answer), bounded in count and time, of a skewed length mix, at fractions
+of the capacity measured first (a backlog on plain + default). Runs alternate between the two
+configurations of a pair, the same seeded requests and arrival times for both; medians of the
+repeats. Routing cost: the token router's own time per request (its Ray metrics), and Ray
+Serve's time from a request's arrival at the router to its replica being chosen, for every
+router (``serve_request_router_fulfillment_time_ms``).
+
+Simulation (``--parts sim``): ``serve_sim.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import statistics
+import time
+from dataclasses import dataclass
+
+from vllm_prepack.bench.report import header, pct, table
+from vllm_prepack.models import DecoderShape
+
+CONFIGS = {  # name: (the plugin, router)
+    "plain+requests": (False, "requests"),
+    "plain+prefix": (False, "prefix"),
+    "prepack+requests": (True, "requests"),
+    "prepack+tokens": (True, "tokens"),
+}
+PAIRS = (("plain+requests", "prepack+tokens"), ("prepack+requests", "prepack+tokens"),
+         ("plain+requests", "plain+prefix"))
+GEN_MODEL = DecoderShape(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=8, intermediate_size=1408, vocab_size=8192,
+                         initializer_range=0.02)
+ENGINES = {
+    "embed": dict(runner="pooling", max_model_len=256, max_num_batched_tokens=1024,
+                  enforce_eager=True),
+    "generate": dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
+                     enforce_eager=True),
+}
+GEN_MAX_TOKENS = 16
+WARM = 8  # the first prompts warm each app up
+METRICS_PORT = 9779
+ENV = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+
+
+@dataclass
+class Workload:
+    kind: str  # "embed" | "generate"
+    model: str  # folder
+    prompts: list[str]
+    lengths: list[int]  # prompt tokens
+
+
+def embed_workload(model: str, n: int, seed: int) -> Workload:
+    """The MiniLM mix (trimodal: queries, passages, long passages; 6-252 tokens) as text of
+    whole-word tokens of the model's own vocabulary, so each prompt has its intended length."""
+    from transformers import AutoTokenizer
+
+    from vllm_prepack.workloads import prompt_lengths
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    words = [w for w, i in tokenizer.get_vocab().items() if 2000 <= i < 20000 and w.isalpha()]
+    rng = random.Random(f"embed:{seed}")
+    lengths = prompt_lengths("trimodal", n, seed=seed)
+    prompts = []
+    for length in lengths:
+        text = " ".join(rng.choice(words) for _ in range(length - 2))  # [CLS] ... [SEP]
+        prompts.append(text)
+    return Workload("embed", model, prompts, [len(tokenizer(p)["input_ids"]) for p in prompts])
+
+
+def generate_workload(model: str, n: int, seed: int) -> Workload:
+    """Bimodal chat + documents (up to 1500 tokens) as text for the byte-level tokenizer."""
+    from vllm_prepack.workloads import prompt_lengths
+
+    rng = random.Random(f"generate:{seed}")
+    lengths = prompt_lengths("bimodal", n, seed=seed, max_len=1500)
+    letters = "abcdefghijklmnopqrstuvwxyz     "
+    return Workload("generate", model,
+                    ["".join(rng.choice(letters) for _ in range(length)) for length in lengths],
+                    lengths)
+
+
+# ---- the client ----------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    ttft: list[float]  # seconds, successful requests
+    errors: int
+    seconds: float  # first send to last answer
+    prompt_tokens: int
+
+    @property
+    def throughput(self) -> float:
+        return len(self.ttft) / self.seconds if self.seconds > 0 else float("nan")
+
+
+async def _drive(url: str, model_id: str, workload: Workload, indices: list[int],
+                 offsets: list[float], timeout_s: float) -> RunResult:
+    """Send request i at offsets[i] seconds (open loop), with vLLM's bench request functions."""
+    import aiohttp
+    from vllm.benchmarks.lib.endpoint_request_func import ASYNC_REQUEST_FUNCS, RequestFuncInput
+
+    generate = workload.kind == "generate"
+    func = ASYNC_REQUEST_FUNCS["openai" if generate else "openai-embeddings"]
+    api = f"{url}/v1/{'completions' if generate else 'embeddings'}"
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        start = time.perf_counter()
+
+        async def one(i: int, at: float):
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+            request = RequestFuncInput(prompt=workload.prompts[i], api_url=api, model=model_id,
+                                       prompt_len=workload.lengths[i], ignore_eos=True,
+                                       output_len=GEN_MAX_TOKENS if generate else 0)
+            try:
+                out = await func(request, session)
+            except asyncio.TimeoutError:
+                return None, time.perf_counter() - start
+            return out, time.perf_counter() - start
+
+        done = await asyncio.gather(*(one(i, at) for i, at in zip(indices, offsets)))
+    ok = [out for out, _ in done if out is not None and out.success]
+    ttft = [out.ttft if generate else out.latency for out in ok]
+    return RunResult(ttft, len(done) - len(ok), max(t for _, t in done) - offsets[0],
+                     sum(workload.lengths[i] for i in indices))
+
+
+def poisson_offsets(n: int, rate: float, max_seconds: float, seed: int) -> list[float]:
+    """Arrival times of a Poisson process at `rate`, at most `n` and within `max_seconds`."""
+    rng, t, out = random.Random(f"poisson:{seed}"), 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        if t > max_seconds:
+            break
+        out.append(t)
+    return out
+
+
+def run(url: str, model_id: str, workload: Workload, indices: list[int], offsets: list[float],
+        timeout_s: float = 300.0) -> RunResult:
+    return asyncio.run(_drive(url, model_id, workload, indices, offsets, timeout_s))
+
+
+# ---- deployments ---------------------------------------------------------------------------
+
+
+def deploy(names, workload: Workload, model_id: str, replicas: int) -> None:
+    """Each configuration as its own Ray Serve app at /<name>, started together."""
+    from ray import serve
+
+    from vllm_prepack.serve import build_app, prepack_llm_config
+
+    targets = []
+    for name in names:
+        plugin, router = CONFIGS[name]
+        config = prepack_llm_config(workload.model, model_id=model_id, replicas=replicas,
+                                    engine_kwargs=ENGINES[workload.kind], prepack=plugin,
+                                    router=router, runtime_env=ENV)
+        targets.append(serve.RunTarget(build_app(config), name=name, route_prefix=f"/{name}"))
+    if targets:
+        serve.run_many(targets)
+
+
+def app_url(name: str) -> str:
+    return f"http://127.0.0.1:8000/{name}"
+
+
+def undeploy(names) -> None:
+    from ray import serve
+
+    for name in names:
+        serve.delete(name)
+
+
+def metrics() -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_sum(text: str, name: str, **tags) -> float:
+    """Sum of a Prometheus metric's samples whose labels include `tags`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            if all(found.get(k) == v for k, v in tags.items()):
+                total += float(value)
+    return total
+
+
+def routing_costs(app: str, model_id: str) -> dict:
+    """Ray Serve's mean time to a chosen replica (ms) for the app's LLM deployment; the token
+    router's own wall and CPU time per request (us), where it runs."""
+    text = metrics()
+    tags = dict(application=app, deployment=f"PrepackLLMServer:{model_id}", handle_source="REPLICA")
+    count = metric_sum(text, "ray_serve_request_router_fulfillment_time_ms_count", **tags)
+    total = metric_sum(text, "ray_serve_request_router_fulfillment_time_ms_sum", **tags)
+    routes = metric_sum(text, "ray_vllm_prepack_routes_total", application=app)
+    out = {"route ms (Ray)": total / count if count else float("nan")}
+    if routes:
+        out["token router us"] = 1e6 * metric_sum(
+            text, "ray_vllm_prepack_route_seconds_total", application=app) / routes
+        out["token router CPU us"] = 1e6 * metric_sum(
+            text, "ray_vllm_prepack_route_cpu_seconds_total", application=app) / routes
+    return out
+
+
+# ---- the live part -------------------------------------------------------------------------
+
+
+def live_model(args, kind: str) -> tuple[list[dict], list[str]]:
+    """Every pair on fresh prompts (a prompt served twice by one app would hit its prefix
+    cache); within a pair both configurations get the same prompts and arrival times."""
+    from vllm_prepack.models import decoder_model, minilm_model
+
+    n = WARM + args.capacity_requests + len(PAIRS) * len(args.loads) * args.repeats * args.requests
+    workload = (embed_workload(str(minilm_model()), n, 0) if kind == "embed"
+                else generate_workload(str(decoder_model(GEN_MODEL)), n, 0))
+    fresh = iter(range(WARM, n))
+    rows, notes, rate, deployed = [], [], None, set()
+    for pair in PAIRS:
+        undeploy(deployed - set(pair))
+        deploy([c for c in pair if c not in deployed], workload, kind, args.replicas)
+        deployed = set(pair)
+        failing = {c: warm(app_url(c), kind, workload) for c in pair}
+        notes += [f"{c}: {error}" for c, error in failing.items() if error]
+        if rate is None:
+            backlog = [next(fresh) for _ in range(args.capacity_requests)]
+            rate = run(app_url(pair[0]), kind, workload, backlog, [0.0] * len(backlog)).throughput
+            notes.append(f"capacity (a backlog of {len(backlog)} on {pair[0]}): "
+                         f"{rate:.2f} requests/s")
+        configs = [c for c in pair if not failing[c]]
+        for load in args.loads:
+            results = {c: [] for c in configs}
+            for repeat in range(args.repeats):
+                offsets = poisson_offsets(args.requests, load * rate, args.max_seconds, repeat)
+                indices = [next(fresh) for _ in range(args.requests)][:len(offsets)]
+                for c in (configs if repeat % 2 == 0 else configs[::-1]):
+                    results[c].append(run(app_url(c), kind, workload, indices, offsets))
+            rows += pair_rows(kind, pair, load, results)
+        time.sleep(15)  # Ray exports metrics every few seconds
+        costs = {c: routing_costs(c, kind) for c in configs}
+        for row in rows:
+            if row["pair"] == pair_label(pair):
+                row.update(costs.get(row["config"], {}))
+    undeploy(deployed)
+    return rows, notes
+
+
+def pair_label(pair) -> str:
+    return f"{pair[0]} | {pair[1]}"
+
+
+def warm(url: str, model_id: str, workload: Workload) -> str | None:
+    """A few requests before measuring; the error if the configuration cannot serve them."""
+    result = run(url, model_id, workload, list(range(WARM)), [0.05 * i for i in range(WARM)],
+                 timeout_s=60.0)
+    if result.errors:
+        return f"{result.errors} of {WARM} warm-up requests failed or hung (60 s)"
+    return None
+
+
+def pair_rows(kind: str, pair, load: float, results: dict[str, list[RunResult]]) -> list[dict]:
+    """Medians over the repeats; ratios against the pair's first configuration."""
+    def med(runs, f):
+        return statistics.median(f(r) for r in runs)
+
+    base = results.get(pair[0])
+    rows = []
+    for c, runs in results.items():
+        row = {"model": kind, "pair": pair_label(pair), "load": load, "config": c,
+               "requests": sum(len(r.ttft) + r.errors for r in runs), "errors": sum(r.errors for r in runs),
+               "TTFT mean s": med(runs, lambda r: statistics.fmean(r.ttft)),
+               "TTFT p99 s": med(runs, lambda r: pct(r.ttft, 99)),
+               "req/s": med(runs, lambda r: r.throughput)}
+        if base:
+            row["mean vs base"] = row["TTFT mean s"] / med(base, lambda r: statistics.fmean(r.ttft))
+            row["p99 vs base"] = row["TTFT p99 s"] / med(base, lambda r: pct(r.ttft, 99))
+            row["req/s vs base"] = row["req/s"] / med(base, lambda r: r.throughput)
+        rows.append(row)
+    return rows
+
+
+LIVE_COLUMNS = ["model", "pair", "load", "config", "requests", "errors", "TTFT mean s",
+                "TTFT p99 s", "req/s", "mean vs base", "p99 vs base", "req/s vs base",
+                "route ms (Ray)", "token router us", "token router CPU us"]
+
+
+def live(args) -> str:
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    try:
+        rows, notes = [], []
+        for kind in args.models:
+            r, n = live_model(args, kind)
+            rows += r
+            notes += [f"{kind}: {x}" for x in n]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return (f"**Live: Ray Serve LLM, {args.replicas} replicas per configuration** "
+            f"({args.requests} requests a run at most, {args.max_seconds:.0f} s of arrivals at "
+            f"most, {args.repeats} repeats alternating, medians; loads are fractions of the "
+            f"measured capacity; ratios against the pair's first configuration)\n\n"
+            + table(rows, LIVE_COLUMNS) + "\n" + "".join(f"- {n}\n" for n in notes))
+
+
+# ---- the simulation ------------------------------------------------------------------------
+
+SIM_COLUMNS = ["cost", "workload", "replicas", "routers", "load", "router", "TTFT mean ms",
+               "TTFT p99 ms", "mean vs oracle", "p99 vs oracle", "prompt tokens computed vs oracle"]
+
+
+def sim(args) -> str:
+    from vllm_prepack.bench.serve_sim import Cost, sim_table
+    from vllm_prepack.models import TINY, decoder_model
+
+    costs = [Cost("cpu", 0.0, args.cpu_token_us * 1e-6, 512),
+             Cost("gpu", args.gpu_step_ms * 1e-3, args.gpu_token_us * 1e-6, 2048)]
+    routers_at = {n: args.sim_routers for n in args.sim_sizes if n >= 32}
+    rows = sim_table(str(decoder_model(TINY)), args.sim_sizes, args.sim_loads, costs,
+                     args.sim_per_replica, routers_at, seed=0)
+    return (f"**Simulation: routers at {', '.join(map(str, args.sim_sizes))} replicas** "
+            f"(vLLM's scheduler with the plugin in each replica, no model; a step of T tokens "
+            f"costs a + b x T: cpu a = 0, b = {args.cpu_token_us} us; gpu a = "
+            f"{args.gpu_step_ms} ms, b = {args.gpu_token_us} us; {args.sim_per_replica} requests "
+            f"per replica, Poisson, loads as fractions of full-step capacity; ratios against the "
+            f"oracle on the same requests and arrivals)\n\n" + table(rows, SIM_COLUMNS))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--parts", nargs="+", default=["live", "sim"], choices=["live", "sim"])
+    parser.add_argument("--models", nargs="+", default=["embed", "generate"],
+                        choices=["embed", "generate"])
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--loads", type=float, nargs="+", default=[0.7, 1.0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=120, help="requests per run, at most")
+    parser.add_argument("--max-seconds", type=float, default=40.0,
+                        help="seconds of arrivals per run, at most")
+    parser.add_argument("--capacity-requests", type=int, default=96)
+    parser.add_argument("--sim-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--sim-loads", type=float, nargs="+", default=[0.7, 0.9])
+    parser.add_argument("--sim-per-replica", type=int, default=60)
+    parser.add_argument("--sim-routers", type=int, default=8,
+                        help="also run with this many routers at 32 replicas and more")
+    parser.add_argument("--cpu-token-us", type=float, default=50.0)
+    parser.add_argument("--gpu-step-ms", type=float, default=3.0)
+    parser.add_argument("--gpu-token-us", type=float, default=8.5)
+
+
+def main(args) -> str:
+    parts = [header("bench serve: Ray Serve, routers and the plugin")]
+    if "live" in args.parts:
+        parts.append(live(args))
+    if "sim" in args.parts:
+        parts.append(sim(args))
+    return "\n".join(parts)

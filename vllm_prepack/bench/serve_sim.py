@@ -1,0 +1,388 @@
+"""Engine-free routing at 8-64 replicas, for ``bench serve``.
+
+Each replica is vLLM's real scheduler with the plugin (the harness's, no model), stepping on a
+cost model: a step of T tokens takes a + b x T seconds. Requests arrive as a Poisson process and
+a router places each; it reaches its replica `transit` later, and each replica's load report (the
+plugin's own, ``PrepackScheduler.load_report``) reaches the routers `report_delay` after the
+step that made it. Routers:
+- ``requests``: Ray Serve's default, power of two choices on requests in flight (each router
+  counts its own sends and completions, as Ray's queue-length cache does);
+- ``prefix``: Ray Serve LLM's PrefixCacheAffinityRouter as configured by default: the replicas
+  holding the longest prefix of the prompt when it matches at least 10% of it, else the
+  replicas holding the fewest characters, then the fewest requests in flight among those;
+- ``tokens``: this project's token router (``routing.LoadTable``, the production code), power
+  of two choices; ``tokens/all``: the same over every replica; ``tokens+prefix``: with its
+  prefix affinity (``routing.PrefixIndex``);
+- ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
+  on their way to it, cached prefixes known), least expected wait over all replicas.
+With several routers (``--sim-routers``), each request goes through one of them at random and
+each keeps its own counts; reports reach all.
+
+Prefix caching is modelled outside vLLM: a replica holds the prompts prefixes of its last
+`cache_groups` groups (LRU) and a request whose group it holds is submitted without them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import statistics
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from vllm_prepack.bench.harness import fake_step, make_request, standalone_scheduler
+from vllm_prepack.bench.report import pct
+from vllm_prepack.routing import LoadTable, PrefixIndex
+from vllm_prepack.workloads import prompt_lengths
+
+TRANSIT_S = 0.002  # router to engine: HTTP hop, Ray call, tokenization
+REPORT_DELAY_S = 0.001  # engine to router over the load channel
+PREFIX_TOKENS = 1024  # a prefix group's shared prompt (system prompt, few-shot examples)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A step of T tokens takes a + b x T seconds."""
+
+    name: str
+    a: float
+    b: float
+    budget: int
+
+    def step(self, tokens: int) -> float:
+        return self.a + self.b * tokens
+
+
+@dataclass
+class SimRequest:
+    key: int
+    length: int
+    decode: int
+    group: int | None = None  # prefix group (its first PREFIX_TOKENS tokens are shared)
+
+
+def workload(name: str, n: int, seed: int) -> list[SimRequest]:
+    """Seeded synthetic requests: 'embed' (the MiniLM mix, no decode), 'generate' (bimodal chat
+    and documents, 8-64 tokens out), 'prefix' (one of 2 x replicas shared prefixes + a
+    lognormal suffix). Synthetic: no dataset can be downloaded here."""
+    rng = random.Random(f"sim:{name}:{seed}")
+    if name == "embed":
+        return [SimRequest(i, n_, 1) for i, n_ in enumerate(prompt_lengths("trimodal", n, seed))]
+    if name == "generate":
+        return [SimRequest(i, n_, rng.randint(8, 64))
+                for i, n_ in enumerate(prompt_lengths("bimodal", n, seed, max_len=1500))]
+    raise ValueError(name)
+
+
+def prefix_workload(n: int, groups: int, seed: int) -> list[SimRequest]:
+    rng = random.Random(f"sim:prefix:{seed}")
+    return [SimRequest(i, PREFIX_TOKENS + max(8, round(rng.lognormvariate(4.3, 0.6))),
+                       rng.randint(8, 64), group=rng.randrange(groups)) for i in range(n)]
+
+
+# ---- replicas -------------------------------------------------------------------------------
+
+
+class SimReplica:
+    def __init__(self, index: int, scheduler, cache_groups: int) -> None:
+        self.index = index
+        self.scheduler = scheduler
+        self.stepping = False
+        self.cache: OrderedDict[int, None] = OrderedDict()
+        self.cache_groups = cache_groups
+        self.transit: dict[int, int] = {}  # request key -> uncached tokens, on its way here
+        self.requests: dict[str, tuple[SimRequest, float]] = {}  # engine id -> (request, t0)
+
+    def uncached(self, request: SimRequest) -> int:
+        if request.group is not None and request.group in self.cache:
+            return request.length - PREFIX_TOKENS
+        return request.length
+
+    def deliver(self, request: SimRequest, sent: float, now: float, run: int) -> None:
+        self.transit.pop(request.key, None)
+        length = self.uncached(request)
+        if request.group is not None:
+            self.cache[request.group] = None
+            self.cache.move_to_end(request.group)
+            while len(self.cache) > self.cache_groups:
+                self.cache.popitem(last=False)
+        engine_id = f"{run}.{request.key}"
+        self.requests[engine_id] = (request, sent)
+        self.scheduler.add_request(make_request(engine_id, length, max_tokens=request.decode,
+                                                arrival_time=now))
+
+
+# ---- routers ----------------------------------------------------------------------------------
+
+
+class RequestsRouter:
+    """Ray Serve's default: power of two choices on this router's requests in flight."""
+
+    def __init__(self, n: int, rng: random.Random) -> None:
+        self.inflight = [0] * n
+        self.rng = rng
+
+    def choose(self, request, now, replicas) -> int:
+        a, b = self.rng.sample(range(len(self.inflight)), 2)
+        return a if self.inflight[a] <= self.inflight[b] else b
+
+    def sent(self, replica, request, now, replicas) -> None:
+        self.inflight[replica] += 1
+
+    def done(self, replica, request) -> None:
+        self.inflight[replica] -= 1
+
+    def report(self, replica, report, now) -> None:
+        pass
+
+
+class PrefixRouter(RequestsRouter):
+    """Ray Serve LLM's PrefixCacheAffinityRouter with its defaults (imbalanced_threshold inf:
+    load never overrides a match; match_rate_threshold 0.1; no eviction)."""
+
+    def __init__(self, n: int, rng: random.Random) -> None:
+        super().__init__(n, rng)
+        self.chars = [0] * n  # characters each replica holds in the prefix tree
+        self.holders: dict[int, set[int]] = {}  # group -> replicas whose tree has its prefix
+
+    def choose(self, request, now, replicas) -> int:
+        holders = self.holders.get(request.group, set()) if request.group is not None else set()
+        if holders and PREFIX_TOKENS / request.length >= 0.1:
+            pool = list(holders)
+        else:
+            least = min(self.chars)
+            pool = [r for r, c in enumerate(self.chars) if c == least]
+        self.rng.shuffle(pool)
+        return min(pool, key=lambda r: self.inflight[r])
+
+    def sent(self, replica, request, now, replicas) -> None:
+        super().sent(replica, request, now, replicas)
+        shared = PREFIX_TOKENS if replica in self.holders.get(request.group, ()) else 0
+        self.chars[replica] += request.length - shared  # the tree stores a prefix once
+        if request.group is not None:
+            self.holders.setdefault(request.group, set()).add(replica)
+
+
+class TokensRouter:
+    """This project's router policy, as in token_router.py (the same LoadTable/PrefixIndex)."""
+
+    def __init__(self, n: int, rng: random.Random, choices: int, affinity: bool,
+                 step_overhead: float) -> None:
+        self.table = LoadTable(step_overhead=step_overhead, rng=rng)
+        self.choices = choices
+        self.index = PrefixIndex(block=64, chars_per_token=1.0) if affinity else None
+        self.n = n
+
+    def _hashes(self, request):
+        if self.index is None or request.group is None:
+            return []
+        return self.index.hashes(tuple([request.group] * PREFIX_TOKENS))
+
+    def choose(self, request, now, replicas) -> int:
+        hashes = self._hashes(request)
+        hits = {r: k * self.index.block for r, k in self.index.match(hashes).items()} if hashes else {}
+        return self.table.choose(range(self.n), request.length, now, self.choices, hits)[0]
+
+    def sent(self, replica, request, now, replicas) -> None:
+        hashes = self._hashes(request)
+        hit = self.index.match(hashes).get(replica, 0) * self.index.block if hashes else 0
+        self.table.sent(replica, request.key, max(1, request.length - hit), now)
+        if hashes:
+            self.index.insert(hashes, replica)
+
+    def done(self, replica, request) -> None:
+        self.table.done(request.key)
+
+    def report(self, replica, report, now) -> None:
+        self.table.report(replica, report, now)
+
+
+class OracleRouter:
+    """Exact state: each scheduler's queue now, the requests on their way, what each caches."""
+
+    def __init__(self, n: int, rng: random.Random, step_overhead: float) -> None:
+        self.table = LoadTable(step_overhead=step_overhead, rng=rng)
+
+    def choose(self, request, now, replicas) -> int:
+        best, best_wait = 0, math.inf
+        for r in replicas:
+            self.table.report(r.index, r.scheduler.load_report(), now)
+            wait = self.table.expected_wait(r.index, sum(r.transit.values()) + r.uncached(request))
+            if wait < best_wait:
+                best, best_wait = r.index, wait
+        return best
+
+    def sent(self, replica, request, now, replicas) -> None:
+        replicas[replica].transit[request.key] = replicas[replica].uncached(request)
+
+    def done(self, replica, request) -> None:
+        pass
+
+    def report(self, replica, report, now) -> None:
+        pass
+
+
+ROUTERS = ("requests", "prefix", "tokens", "tokens/all", "tokens+prefix", "oracle")
+
+
+def make_router(name: str, n: int, rng: random.Random, step_overhead: float):
+    if name == "requests":
+        return RequestsRouter(n, rng)
+    if name == "prefix":
+        return PrefixRouter(n, rng)
+    if name == "oracle":
+        return OracleRouter(n, rng, step_overhead)
+    choices = 0 if name == "tokens/all" else 2
+    return TokensRouter(n, rng, choices, name == "tokens+prefix", step_overhead)
+
+
+# ---- the event loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    ttft: list[float] = field(default_factory=list)
+    makespan: float = 0.0
+    computed: int = 0  # prompt tokens the replicas computed (a cache hit saves its prefix)
+
+
+class Pool:
+    """Schedulers built once per shape and reused across runs (a build costs ~0.4 s). Runs
+    follow each other on one simulated clock (``start``): a scheduler's newest arrival, which
+    its load report carries, must never be later than the next run's sends."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir = model_dir
+        self._pools: dict[tuple, list] = {}
+        self.start = 0.0
+
+    def get(self, n: int, budget: int, chunked: bool) -> list:
+        pool = self._pools.setdefault((budget, chunked), [])
+        while len(pool) < n:
+            pool.append(standalone_scheduler(
+                self.model_dir, budget=budget, max_model_len=4096 if chunked else budget,
+                chunked_prefill=chunked, max_num_seqs=512, num_blocks=400_000, verify=False))
+        return pool[:n]
+
+
+def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name: str,
+                     cost: Cost, rate: float, routers: int, seed: int, run: int,
+                     chunked: bool, cache_groups: int = 4) -> SimResult:
+    """One run on `n` of the pool's replicas: `requests` arriving at `rate` per second through
+    `routers` router instances."""
+    schedulers = pool.get(n, cost.budget, chunked)
+    rng = random.Random(f"route:{seed}:{router_name}")
+    arrivals_rng = random.Random(f"arrivals:{seed}")
+    n = len(schedulers)
+    replicas = [SimReplica(i, s, cache_groups) for i, s in enumerate(schedulers)]
+    instances = [make_router(router_name, n, random.Random(rng.random()), cost.a / cost.b)
+                 for _ in range(routers)]
+    events: list = []  # (time, order, kind, payload)
+    order = 0
+
+    def push(t, kind, payload):
+        nonlocal order
+        order += 1
+        heapq.heappush(events, (t, order, kind, payload))
+
+    t = start = pool.start
+    for request in requests:
+        t += arrivals_rng.expovariate(rate)
+        push(t, "arrive", request)
+    result = SimResult()
+    owner: dict[int, tuple] = {}  # request key -> (router, replica)
+    first_token: set[str] = set()
+    steps: dict[int, object] = {}
+
+    def start_step(replica: SimReplica, now: float) -> None:
+        out = replica.scheduler.schedule()
+        if out.total_num_scheduled_tokens == 0:
+            replica.stepping = False
+            return
+        replica.stepping = True
+        report = replica.scheduler.load_report()
+        for instance in instances:
+            push(now + REPORT_DELAY_S, "report", (instance, replica.index, report))
+        steps[replica.index] = out
+        push(now + cost.step(out.total_num_scheduled_tokens), "step", replica)
+
+    while events:
+        now, _, kind, payload = heapq.heappop(events)
+        if kind == "arrive":
+            instance = instances[rng.randrange(routers)]
+            r = instance.choose(payload, now, replicas)
+            instance.sent(r, payload, now, replicas)
+            owner[payload.key] = (instance, r)
+            push(now + TRANSIT_S, "deliver", (replicas[r], payload, now))
+        elif kind == "deliver":
+            replica, request, sent = payload
+            result.computed += replica.uncached(request)
+            replica.deliver(request, sent, now, run)
+            if not replica.stepping:
+                start_step(replica, now)
+        elif kind == "report":
+            instance, r, report = payload
+            instance.report(r, report, now)
+        else:  # a step ends
+            replica = payload
+            out = steps.pop(replica.index)
+            scheduler = replica.scheduler
+            for engine_id in out.num_scheduled_tokens:
+                state = scheduler.requests[engine_id]
+                if engine_id not in first_token and state.num_computed_tokens >= state.num_prompt_tokens:
+                    first_token.add(engine_id)
+                    result.ttft.append(now - replica.requests[engine_id][1])
+            for engine_id in fake_step(scheduler, out):
+                request, _ = replica.requests.pop(engine_id)
+                instance, r = owner.pop(request.key)
+                instance.done(r, request)
+                result.makespan = max(result.makespan, now)
+            start_step(replica, now)
+    pool.start = result.makespan + 1.0
+    result.makespan -= start
+    return result
+
+
+def capacity(requests: list[SimRequest], cost: Cost, n: int) -> float:
+    """Requests per second `n` replicas serve with every step full: each step computes `budget`
+    tokens, prompt and decode alike, in a + b x budget seconds."""
+    per_request = statistics.fmean(r.length + r.decode for r in requests)
+    return n * cost.budget / cost.step(cost.budget) / per_request
+
+
+def sim_table(model_dir: str, sizes: list[int], loads: list[float], costs: list[Cost],
+              per_replica: int, routers_at: dict[int, int], seed: int) -> list[dict]:
+    """Every router on the same requests and arrivals; ratios against the oracle of the run."""
+    pool = Pool(model_dir)
+    rows, run = [], 0
+    for cost in costs:
+        for name in ("embed", "generate", "prefix"):
+            for n in sizes:
+                count = per_replica * n
+                requests = (prefix_workload(count, 2 * n, seed) if name == "prefix"
+                            else workload(name, count, seed))
+                chunked = name != "embed"
+                names = [r for r in ROUTERS if name == "prefix" or "prefix" not in r]
+                for load in loads:
+                    rate = load * capacity(requests, cost, n)
+                    for k in sorted({1, routers_at.get(n, 1)}):
+                        results = {}
+                        for router in names:
+                            run += 1
+                            results[router] = simulate_routing(
+                                pool, n, requests, router, cost, rate, k, seed, run, chunked)
+                        oracle = results["oracle"]
+                        base_mean = statistics.fmean(oracle.ttft)
+                        base_p99 = pct(oracle.ttft, 99)
+                        for router, res in results.items():
+                            rows.append({
+                                "cost": cost.name, "workload": name, "replicas": n,
+                                "routers": k, "load": load, "router": router,
+                                "TTFT mean ms": 1e3 * statistics.fmean(res.ttft),
+                                "TTFT p99 ms": 1e3 * pct(res.ttft, 99),
+                                "mean vs oracle": statistics.fmean(res.ttft) / base_mean,
+                                "p99 vs oracle": pct(res.ttft, 99) / base_p99,
+                                "prompt tokens computed vs oracle": res.computed / oracle.computed,
+                            })
+    return rows
