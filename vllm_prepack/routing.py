@@ -4,10 +4,15 @@ A replica with the plugin reports, every step, the prompt tokens still to prefil
 running) and its decoding requests (``LoadReport``). Between two reports the router adds what it
 has sent there itself (``LoadTable.sent``), counted from token ids or estimated from text; a
 report drops the requests it already covers: those sent before the newest arrival it has seen.
-A new request goes, of two replicas picked at random (or all), to the one where it expects the
-shortest wait: the prefill work ahead of it, plus what rides along each step until it is through
-(decode tokens and a fixed per-step overhead). Counting tokens instead of requests is the point:
-ten long prompts and ten short ones are not the same queue.
+A new request goes where it expects the shortest wait: the prompt tokens ahead of it and its
+own, plus the decode tokens that ride along each step until it is through. Counting tokens
+instead of requests is the point: ten long prompts and ten short ones are not the same queue.
+
+The router holds every replica's load, so it scans them all (power of two choices is an option:
+``choices=2``). Alone, it takes the least expected wait. Beside other routers (several ingress
+replicas), which it tells from its share of the replicas' arrivals, it picks at random among as
+many of the best replicas as there are routers, so that routers that see the same loads do not
+all send to the same replica before the next report.
 
 ``PrefixIndex`` remembers which replicas were sent which prompt prefixes, so that a replica
 likely to hold a prompt's prefix in its cache is a candidate too, with the cached part taken off
@@ -16,6 +21,7 @@ its cost there: affinity where it pays, load balance where it does not.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 import struct
@@ -25,10 +31,11 @@ from dataclasses import dataclass
 
 Replica = Hashable
 
-# seq, time, waiting, prefill, decoding, budget, newest arrival, requests
-_FORMAT = struct.Struct("<qdqqqqdq")
+# seq, time, waiting, prefill, decoding, budget, newest arrival, requests, arrived
+_FORMAT = struct.Struct("<qdqqqqdqq")
 MIN_PREFILL_SHARE = 0.25  # decode never leaves prefill less than this share of a step (estimate)
 MESSAGE_TOKENS = 4  # chat template tokens around each message (estimate)
+SHARE_WINDOW = 50  # arrivals over which a router measures its share of them
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,12 @@ class LoadReport:
     budget: int  # tokens a step may schedule
     newest_arrival: float  # wall-clock arrival of the newest request the scheduler has taken
     requests: int  # waiting + running
+    arrived: int  # requests the scheduler has taken since it started
 
     def encode(self) -> bytes:
         return _FORMAT.pack(self.seq, self.time, self.waiting_tokens, self.prefill_tokens,
-                            self.decoding, self.budget, self.newest_arrival, self.requests)
+                            self.decoding, self.budget, self.newest_arrival, self.requests,
+                            self.arrived)
 
     @classmethod
     def decode(cls, data: bytes) -> LoadReport:
@@ -63,13 +72,14 @@ class _Charge:
 
 
 class _View:
-    __slots__ = ("report", "heard", "charges", "unreported")
+    __slots__ = ("report", "heard", "charges", "unreported", "arrived")
 
     def __init__(self) -> None:
         self.report: LoadReport | None = None
         self.heard = -math.inf  # when the last report (or heartbeat) came
         self.charges: deque[_Charge] = deque()  # in send order
         self.unreported = 0  # tokens of live charges
+        self.arrived = -1  # the last report's count of arrivals
 
 
 class LoadTable:
@@ -77,19 +87,18 @@ class LoadTable:
 
     `stale_after`: seconds without a report (publishers repeat theirs while idle) after which a
     replica that did report once is passed over: it died, or its engine did.
-    `step_overhead`: a step's fixed cost in tokens' worth of compute (a/b for a step costing
-    a + b x tokens): 0 where a step costs about its tokens (CPU), hundreds on GPUs.
     `default_budget`: the step budget assumed for a replica that has not reported yet.
     """
 
-    def __init__(self, stale_after: float = 0.5, step_overhead: float = 0.0,
-                 default_budget: int = 2048, rng: random.Random | None = None) -> None:
+    def __init__(self, stale_after: float = 0.5, default_budget: int = 2048,
+                 rng: random.Random | None = None) -> None:
         self.stale_after = stale_after
-        self.step_overhead = step_overhead
         self.default_budget = default_budget
         self.rng = rng or random.Random()
         self._views: dict[Replica, _View] = {}
         self._charges: dict[Hashable, _Charge] = {}  # request key -> its live charge
+        self.spread = 1  # routers this one shares the replicas with, as far as it can tell
+        self._window = [0, 0]  # [own sends, arrivals at the replicas] since the last estimate
 
     def _view(self, replica: Replica) -> _View:
         view = self._views.get(replica)
@@ -106,6 +115,9 @@ class LoadTable:
         view = self._view(replica)
         view.heard = now
         view.report = report
+        if view.arrived >= 0 and report.arrived >= view.arrived:  # not a restarted engine
+            self._count_arrivals(report.arrived - view.arrived)
+        view.arrived = report.arrived
         charges = view.charges
         while charges and charges[0].sent_at <= report.newest_arrival:
             self._drop(charges.popleft())
@@ -121,6 +133,17 @@ class LoadTable:
         view.charges.append(charge)
         view.unreported += tokens
         self._charges[key] = charge
+        self._window[0] += 1
+
+    def _count_arrivals(self, n: int) -> None:
+        """Every SHARE_WINDOW arrivals, the share of them this router sent: alone, about all;
+        one of k routers, about 1/k."""
+        window = self._window
+        window[1] += n
+        if window[1] >= SHARE_WINDOW:
+            share = min(1.0, max(window[0], 1) / window[1])
+            self.spread = max(1, round(1 / share))
+            window[0] = window[1] = 0
 
     def done(self, key: Hashable) -> None:
         """The request finished (or failed) before a report covered it."""
@@ -154,36 +177,46 @@ class LoadTable:
 
     def expected_wait(self, replica: Replica, tokens: int) -> float:
         """Compute (in tokens) a replica does before a new request of `tokens` prompt tokens is
-        through prefill: the prompt tokens ahead of it and its own, plus, every step until
-        then, its decoding requests' tokens and the step overhead."""
+        through prefill: the prompt tokens ahead of it and its own, plus its decoding requests'
+        tokens in every step until then."""
         view = self._views.get(replica)
-        report = view.report if view is not None else None
-        ahead = tokens + (view.unreported if view is not None else 0)
-        decoding, budget = 0, self.default_budget
-        if report is not None:
-            ahead += report.waiting_tokens + report.prefill_tokens
-            decoding, budget = report.decoding, report.budget
+        if view is None:
+            return tokens
+        ahead = tokens + view.unreported
+        report = view.report
+        if report is None:
+            return ahead
+        ahead += report.waiting_tokens + report.prefill_tokens
+        decoding, budget = report.decoding, report.budget
         per_step = max(budget - decoding, budget * MIN_PREFILL_SHARE, 1)
-        steps = math.ceil(ahead / per_step)
-        return ahead + steps * (decoding + self.step_overhead)
+        return ahead + math.ceil(ahead / per_step) * decoding
 
-    def choose(self, candidates: Sequence[Replica], tokens: int, now: float, choices: int = 2,
+    def choose(self, candidates: Sequence[Replica], tokens: int, now: float, choices: int = 0,
                hits: Mapping[Replica, int] | None = None) -> list[Replica]:
-        """Candidates ranked by expected wait, best first: `choices` picked at random from the
-        live ones (all when `choices` <= 0 or >= their number), plus those in `hits` (replica ->
-        prompt tokens it likely has cached, which its cost there leaves out)."""
+        """The replica to send a request of `tokens` prompt tokens to, then a runner-up.
+
+        Candidates are the live ones (all when none is), or `choices` of them at random
+        (0: all), plus those in `hits` (replica -> prompt tokens it likely has cached, which its
+        cost there leaves out). The pick is the least expected wait; scanning all while other
+        routers share the replicas, a random one of the `spread` best."""
         live = [c for c in candidates if not self.stale(c, now)] or list(candidates)
+        spread = self.spread
         if 0 < choices < len(live):
             pool = self.rng.sample(live, choices)
+            spread = 1  # the sample is the randomness
         else:
-            pool = list(live)
-            self.rng.shuffle(pool)  # equal waits: a random one
+            start = self.rng.randrange(len(live)) if live else 0
+            pool = live[start:] + live[:start]  # equal waits: a random one
+        hits = hits or {}
         if hits:
             allowed = set(live)
             pool += [r for r in hits if r in allowed and r not in pool]
-        hits = hits or {}
-        scored = sorted(pool, key=lambda r: self.expected_wait(r, max(1, tokens - hits.get(r, 0))))
-        return scored
+        wait = self.expected_wait
+        scored = [(wait(r, max(1, tokens - hits.get(r, 0))), i, r) for i, r in enumerate(pool)]
+        spread = min(spread, len(scored))
+        best = heapq.nsmallest(max(2, spread), scored)
+        first = self.rng.randrange(spread) if spread > 1 else 0
+        return [best[first][2]] + [b[2] for i, b in enumerate(best[:2]) if i != first][:1]
 
 
 def prompt_tokens(body, chars_per_token: float) -> int:

@@ -104,6 +104,7 @@ class PackingRequestQueue(RequestQueue):
         self._step = 0
         self._now = time.time()
         self.newest_arrival = 0.0  # of the requests added so far (the load report says it)
+        self.arrived = 0  # requests added so far
 
     # ---- the per-step plan ------------------------------------------------------------------
 
@@ -175,6 +176,7 @@ class PackingRequestQueue(RequestQueue):
         self._requests[request.request_id] = request
         self._join_group(request)
         self.newest_arrival = max(self.newest_arrival, request.arrival_time)
+        self.arrived += 1
 
     @property
     def tokens(self) -> int:
@@ -362,7 +364,7 @@ class PrepackScheduler(Scheduler):
             seq=self._reports, time=time.time(), waiting_tokens=self.waiting.tokens,
             prefill_tokens=prefill, decoding=decoding, budget=self.max_num_scheduled_tokens,
             newest_arrival=self.waiting.newest_arrival,
-            requests=len(self.waiting) + len(self.running))
+            requests=len(self.waiting) + len(self.running), arrived=self.waiting.arrived)
 
     # ---- mirrors of vLLM's arithmetic -------------------------------------------------------
 

@@ -35,19 +35,18 @@ METRICS_FLUSH_S = 1.0
 
 
 class TokenRouter(MultiplexMixin, RequestRouter):
-    """Power of two choices on expected wait in tokens; see the module docstring."""
+    """The least expected wait in tokens; see the module docstring and routing.py."""
 
-    def initialize_state(self, choices: int = 2, chars_per_token: float = 4.0,
-                         stale_after_s: float = 0.5, step_overhead: float = 0.0,
-                         prefix_block: int = 0) -> None:
-        """`choices`: replicas sampled per request (0: all). `chars_per_token`: the text
-        estimate until a report counts the real tokens. `stale_after_s`: a replica silent this
-        long is passed over. `step_overhead`: a step's fixed cost in tokens (0 on CPU).
-        `prefix_block`: > 0 turns prefix affinity on, in blocks of this many tokens."""
+    def initialize_state(self, choices: int = 0, chars_per_token: float = 4.0,
+                         stale_after_s: float = 0.5, prefix_block: int = 0) -> None:
+        """`choices`: replicas sampled per request, 0 for all (2: power of two choices).
+        `chars_per_token`: the text estimate until a report counts the real tokens.
+        `stale_after_s`: a replica silent this long is passed over. `prefix_block`: > 0 turns
+        prefix affinity on, in blocks of this many tokens."""
         self._choices = choices
         self._chars_per_token = chars_per_token
         self._lock = threading.Lock()  # the subscriber thread reports, the router's loop routes
-        self._table = LoadTable(stale_after=stale_after_s, step_overhead=step_overhead)
+        self._table = LoadTable(stale_after=stale_after_s)
         self._prefix = PrefixIndex(prefix_block, chars_per_token) if prefix_block > 0 else None
         self._subscriber = LoadSubscriber(self._on_report)
         self._endpoints: dict[ReplicaID, str] = {}

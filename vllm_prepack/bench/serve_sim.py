@@ -10,9 +10,9 @@ step that made it. Routers:
 - ``prefix``: Ray Serve LLM's PrefixCacheAffinityRouter as configured by default: the replicas
   holding the longest prefix of the prompt when it matches at least 10% of it, else the
   replicas holding the fewest characters, then the fewest requests in flight among those;
-- ``tokens``: this project's token router (``routing.LoadTable``, the production code), power
-  of two choices; ``tokens/all``: the same over every replica; ``tokens+prefix``: with its
-  prefix affinity (``routing.PrefixIndex``);
+- ``tokens``: this project's token router (``routing.LoadTable``, the production code) as it
+  ships: every replica scanned; ``tokens/2``: the same on power of two choices;
+  ``tokens+prefix``: with its prefix affinity (``routing.PrefixIndex``);
 - ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
   on their way to it, cached prefixes known), least expected wait over all replicas.
 With several routers (``--sim-routers``), each request goes through one of them at random and
@@ -167,9 +167,8 @@ class PrefixRouter(RequestsRouter):
 class TokensRouter:
     """This project's router policy, as in token_router.py (the same LoadTable/PrefixIndex)."""
 
-    def __init__(self, n: int, rng: random.Random, choices: int, affinity: bool,
-                 step_overhead: float) -> None:
-        self.table = LoadTable(step_overhead=step_overhead, rng=rng)
+    def __init__(self, n: int, rng: random.Random, choices: int, affinity: bool) -> None:
+        self.table = LoadTable(rng=rng)
         self.choices = choices
         self.index = PrefixIndex(block=64, chars_per_token=1.0) if affinity else None
         self.n = n
@@ -182,7 +181,7 @@ class TokensRouter:
     def choose(self, request, now, replicas) -> int:
         hashes = self._hashes(request)
         hits = {r: k * self.index.block for r, k in self.index.match(hashes).items()} if hashes else {}
-        return self.table.choose(range(self.n), request.length, now, self.choices, hits)[0]
+        return self.table.choose(list(range(self.n)), request.length, now, self.choices, hits)[0]
 
     def sent(self, replica, request, now, replicas) -> None:
         hashes = self._hashes(request)
@@ -201,8 +200,8 @@ class TokensRouter:
 class OracleRouter:
     """Exact state: each scheduler's queue now, the requests on their way, what each caches."""
 
-    def __init__(self, n: int, rng: random.Random, step_overhead: float) -> None:
-        self.table = LoadTable(step_overhead=step_overhead, rng=rng)
+    def __init__(self, n: int, rng: random.Random) -> None:
+        self.table = LoadTable(rng=rng)
 
     def choose(self, request, now, replicas) -> int:
         best, best_wait = 0, math.inf
@@ -223,18 +222,18 @@ class OracleRouter:
         pass
 
 
-ROUTERS = ("requests", "prefix", "tokens", "tokens/all", "tokens+prefix", "oracle")
+ROUTERS = ("requests", "prefix", "tokens/2", "tokens", "tokens+prefix", "oracle")
 
 
-def make_router(name: str, n: int, rng: random.Random, step_overhead: float):
+def make_router(name: str, n: int, rng: random.Random):
     if name == "requests":
         return RequestsRouter(n, rng)
     if name == "prefix":
         return PrefixRouter(n, rng)
     if name == "oracle":
-        return OracleRouter(n, rng, step_overhead)
-    choices = 0 if name == "tokens/all" else 2
-    return TokensRouter(n, rng, choices, name == "tokens+prefix", step_overhead)
+        return OracleRouter(n, rng)
+    choices = 2 if name == "tokens/2" else 0
+    return TokensRouter(n, rng, choices, name == "tokens+prefix")
 
 
 # ---- the event loop ---------------------------------------------------------------------------
@@ -276,8 +275,7 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
     arrivals_rng = random.Random(f"arrivals:{seed}")
     n = len(schedulers)
     replicas = [SimReplica(i, s, cache_groups) for i, s in enumerate(schedulers)]
-    instances = [make_router(router_name, n, random.Random(rng.random()), cost.a / cost.b)
-                 for _ in range(routers)]
+    instances = [make_router(router_name, n, random.Random(rng.random())) for _ in range(routers)]
     events: list = []  # (time, order, kind, payload)
     order = 0
 
