@@ -7,12 +7,13 @@ one tears down vLLM's process groups), so each configuration is built once and k
 
 import os
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from vllm_prepack.replica import in_process_env
 
-import pytest
+os.environ.update(in_process_env())
 
-from vllm_prepack.models import TINY, TINY_QWEN2, decoder_model, minilm_model
+import pytest  # noqa: E402
+
+from vllm_prepack.models import TINY, TINY_QWEN2, decoder_model, minilm_model  # noqa: E402
 
 ENGINE_DEFAULTS = dict(
     dtype="float32",
@@ -49,7 +50,8 @@ _ENGINES: dict = {}
 @pytest.fixture(scope="session")
 def engine():
     """engine(model, prepack, **kwargs): one shared engine per distinct configuration."""
-    from vllm_prepack.engine import build_llm, engine_scheduler
+    from vllm_prepack.bench.engines import build_llm
+    from vllm_prepack.touchpoints import engine_scheduler
 
     def get(model, prepack=False, **kwargs):
         config = {**ENGINE_DEFAULTS, **kwargs}

@@ -286,7 +286,7 @@ def test_a_model_without_tokenizer_files(cluster, tiny_model, tmp_path):
     for name in (*TOKENIZER_FILES, "special_tokens_map.json"):
         (bare / name).unlink(missing_ok=True)
     lines = job_lines(6, seed=7) + [json.dumps({"id": "text", "prompt": "hello"})]
-    with pytest.raises(SystemExit, match="skip_tokenizer_init"):
+    with pytest.raises(ValueError, match="skip_tokenizer_init"):
         run_batch(str(bare), lines, tmp_path / "out.jsonl", replicas=1, engine_kwargs=ENGINE)
     report = run_batch(str(bare), lines, tmp_path / "out.jsonl", replicas=1, progress=False,
                        engine_kwargs={**ENGINE, "skip_tokenizer_init": True}, max_tokens=4)

@@ -7,7 +7,8 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from vllm_prepack.config import PrepackConfigError
-from vllm_prepack.engine import engine_scheduler, run_stepwise
+from vllm_prepack.bench.engines import run_stepwise
+from vllm_prepack.touchpoints import engine_scheduler
 from vllm_prepack.workloads import prompt_lengths, token_ids
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -136,7 +137,7 @@ def test_embeddings_equal_plain_vllm(engine, minilm):
     ],
 )
 def test_bad_options_fail_engine_start_naming_the_key(tiny_model, options, message):
-    from vllm_prepack.engine import build_llm
+    from vllm_prepack.bench.engines import build_llm
 
     with pytest.raises(PrepackConfigError, match=message):
         build_llm(tiny_model, options, dtype="float32", max_model_len=256,

@@ -81,7 +81,7 @@ def test_debug_layout_checks_every_forward(engine, tiny_model):
 
 def test_debug_layout_fails_loudly_on_a_corrupted_plan(tiny_model, monkeypatch):
     from vllm_prepack import policy
-    from vllm_prepack.engine import build_llm
+    from vllm_prepack.bench.engines import build_llm
 
     original = policy.WaitingSet.plan
 

@@ -5,7 +5,7 @@ CPU; the engine inside a tensor-parallel replica needs real GPUs (issue 11's mac
 import pytest
 import ray
 
-from vllm_prepack.replica import start_replicas, stop_replicas
+from vllm_prepack.replica import start_replicas
 
 
 def probe_class():
@@ -36,7 +36,7 @@ def gpu_cluster():
 
 def describe_and_stop(actors):
     info = ray.get([a.describe.remote() for a in actors])
-    stop_replicas(actors)
+    actors.stop()
     return info
 
 

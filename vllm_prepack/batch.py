@@ -197,10 +197,10 @@ def run_batch(
     Re-running with the same output resumes."""
     import ray
 
-    from vllm_prepack.replica import check_tokenizer, start_replicas, stop_replicas
+    from vllm_prepack.replica import check_model, start_replicas
 
     engine_kwargs = dict(engine_kwargs or {})
-    check_tokenizer(model, engine_kwargs)
+    check_model(model, engine_kwargs)
     writer = open_writer(output)
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
@@ -212,20 +212,20 @@ def run_batch(
         return run_job(Source(source), writer, actors, max_tokens=default, order=order,
                        unit_tokens=unit_tokens, progress=progress)
     finally:
-        stop_replicas(actors)
+        actors.stop()
 
 
-def main(args, demo_job: Callable[[dict], tuple[str, list[str], dict]] | None = None) -> int:
-    """The CLI; without --input, ``demo_job`` supplies the model, lines and engine arguments."""
+def main(args) -> int:
+    """``vllm-prepack batch`` (the CLI gives the embedded demo job when --input is absent)."""
     import ray
 
     engine_kwargs = json.loads(args.engine_args) if args.engine_args else {}
-    if args.input is None:
-        model, source, engine_kwargs = demo_job(engine_kwargs)
-    else:
-        model, source = args.model, args.input
-        if model is None:
-            raise SystemExit("--model is required with --input")
+    model, source = args.model, args.input
+    if model is None:
+        raise ValueError("--model is required with --input")
+    from vllm_prepack.replica import check_model
+
+    check_model(model, engine_kwargs)
     template = args.chat_template
     if template is not None and Path(template).is_file():
         template = Path(template).read_text()

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="plain vLLM vs prepack on an embedded model and batch")
-    importlib.import_module("vllm_prepack.demo").add_arguments(demo)
+    importlib.import_module("vllm_prepack.bench.demo").add_arguments(demo)
 
     batch = sub.add_parser("batch", help="a token-balanced batch job across vLLM replicas (Ray)")
     importlib.import_module("vllm_prepack.batch").add_arguments(batch)
@@ -32,11 +32,22 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, help="also write the markdown here")
 
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input or configuration: its message
+        print(f"vllm-prepack {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    """Commands load their modules on demand; this is the one production module that imports
+    ``bench`` (for ``demo`` and ``bench``)."""
     if args.command == "demo":
-        return importlib.import_module("vllm_prepack.demo").main(args)
-    if args.command == "batch":  # without --input: the demo's embedded job
-        demo_job = importlib.import_module("vllm_prepack.demo").demo_job
-        return importlib.import_module("vllm_prepack.batch").main(args, demo_job)
+        return importlib.import_module("vllm_prepack.bench.demo").main(args)
+    if args.command == "batch":
+        if args.input is None:  # the embedded demo job
+            importlib.import_module("vllm_prepack.bench.demo").use_demo_job(args)
+        return importlib.import_module("vllm_prepack.batch").main(args)
     if args.command == "bench":
         text = importlib.import_module(BENCHES[args.bench]).main(args)
         print(text)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from vllm.v1.metrics.loggers import StatLoggerBase
-
 from vllm_prepack.config import SCHEDULER_CLS
-from vllm_prepack.packing import padding_gap
+from vllm_prepack.policy import padding_gap
+from vllm_prepack.touchpoints import capture_sizes, internal
 
 _RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -43,10 +42,8 @@ def _metrics():
     }
 
 
-class PrepackStatLogger(StatLoggerBase):
+class PrepackStatLogger(internal.StatLoggerBase):
     def __init__(self, vllm_config, engine_index: int = 0):
-        from vllm_prepack.scheduler import capture_sizes
-
         cls = vllm_config.scheduler_config.scheduler_cls
         name = cls if isinstance(cls, str) else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', '')}"
         self.active = name in (SCHEDULER_CLS, "vllm_prepack.scheduler.PrepackScheduler")

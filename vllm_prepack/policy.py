@@ -40,8 +40,6 @@ from dataclasses import dataclass
 
 from sortedcontainers import SortedList
 
-from vllm_prepack.packing import padding_gap
-
 Key = Hashable
 AGED_PROBES = 16  # aged requests skipped per step before the first-fit scan gives up: O(1)
 FIT_PROBES = 64  # entries a best-fit search looks at before giving up: O(1)
@@ -49,6 +47,12 @@ BINS_PER_STEP = 8  # filler-reserve bins built per step (the builder outruns sho
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
+
+
+def padding_gap(tokens: int, capture_sizes: Sequence[int]) -> int:
+    """Tokens a CUDA-graph replay pads a step of `tokens` with (0 when no graph fits)."""
+    index = bisect.bisect_left(capture_sizes, tokens)
+    return capture_sizes[index] - tokens if tokens > 0 and index < len(capture_sizes) else 0
 
 
 class Reason(str, enum.Enum):

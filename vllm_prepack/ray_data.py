@@ -54,9 +54,10 @@ def token_batches(ds, batch_size: int, *, window_batches: int = 64, tokens=row_t
 
 class _EngineUDF:
     def __init__(self, model: str, task: str, engine_kwargs: dict, prepack, max_tokens: int):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm_prepack.replica import Replica
+        from vllm_prepack.replica import Replica, in_process_env
+
+        for key, value in in_process_env().items():
+            os.environ.setdefault(key, value)
 
         self.replica = Replica(model, task, engine_kwargs, prepack, index=os.getpid(),
                                default_max_tokens=max_tokens)

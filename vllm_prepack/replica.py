@@ -22,19 +22,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.txt", "spiece.model", "tekken.json")
 
 
-def check_tokenizer(model: str, engine_kwargs: dict) -> None:
-    """Fail before any replica starts, in one line, when a local model folder has no tokenizer
-    and the engine would try to load one."""
+def check_model(model: str, engine_kwargs: dict) -> None:
+    """Raise ValueError, in one line, before Ray or any replica starts: a model path that does
+    not exist, or a local model folder without tokenizer files when the engine would load one."""
+    path = Path(model)
+    if not path.exists() and (path.is_absolute() or model.startswith(".") or model.count("/") > 1):
+        raise ValueError(f"model folder {model} does not exist")
     if engine_kwargs.get("skip_tokenizer_init"):
         return
     folder = Path(engine_kwargs.get("tokenizer") or model)
     if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
-        raise SystemExit(
+        raise ValueError(
             f"{folder} has no tokenizer files: add them, or run token-id prompts only with "
             "--engine-args '{\"skip_tokenizer_init\": true}'")
 
 
 UNITS_IN_FLIGHT = 2  # per replica: the engine batches across them (see Replica.records)
+
+
+def in_process_env(core: int | None = None) -> dict[str, str]:
+    """Environment for a CPU engine whose core runs in the calling process (a replica steps
+    it itself), with a KV cache of VLLM_CPU_KVCACHE_SPACE GiB (1 unless set: vLLM's CPU default
+    sizes it from a whole NUMA node) and, with `core`, its threads bound to that core."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    if core is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
+    return env
 
 
 def _request_id(tag: int, line: int, k: int) -> str:
@@ -83,7 +97,7 @@ class Replica:
 
     def describe(self) -> dict:
         from vllm_prepack import plugin
-        from vllm_prepack.engine import engine_scheduler
+        from vllm_prepack.touchpoints import engine_scheduler
 
         scheduler = engine_scheduler(self.llm)
         return {
@@ -305,9 +319,31 @@ def _logprobs(choice, chat: bool):
             "top_logprobs": [{t: v for t, v in top} for _, _, top in tokens], "text_offset": None}
 
 
+class ReplicaSet(list):
+    """The actor handles of started replicas (indexable like a list), owning the placement
+    groups of tensor-parallel ones: ``stop()`` kills the actors and gives the groups back (a
+    killed actor's group stays reserved otherwise, and the next job on the cluster would wait
+    for its GPUs)."""
+
+    def __init__(self, actors=(), groups=()):
+        super().__init__(actors)
+        self.groups = list(groups)
+
+    def stop(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self:
+            ray.kill(actor)
+        for group in self.groups:
+            remove_placement_group(group)
+        self.clear()
+        self.groups.clear()
+
+
 def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: dict | bool = True,
                    *, num_cpus: float | None = None, gpus_per_replica: int = 0,
-                   env: dict | None = None, replica_cls=Replica, **options):
+                   env: dict | None = None, replica_cls=Replica, **options) -> ReplicaSet:
     """N Ray actors, one engine each, started in parallel. On CPU each engine gets its own core
     (threads bound to it). With GPUs each replica reserves `gpus_per_replica` GPUs; above one it
     runs tensor-parallel (vLLM's Ray executor) inside a placement group of that many GPUs.
@@ -315,16 +351,12 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
     import ray
 
     cores = os.cpu_count() or 1
-    actors, groups = [], []
+    replicas = ReplicaSet()
     for i in range(n):
         kwargs, opts = dict(engine_kwargs), {}
         defaults = {}
         if gpus_per_replica == 0:
-            defaults = {
-                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                "VLLM_CPU_OMP_THREADS_BIND": str(i % cores),
-            }
+            defaults = in_process_env(core=i % cores)
         elif gpus_per_replica == 1:
             opts["num_gpus"] = 1
         else:
@@ -334,32 +366,13 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
             kwargs.setdefault("tensor_parallel_size", gpus_per_replica)
             kwargs.setdefault("distributed_executor_backend", "ray")
             group = placement_group([{"GPU": 1, "CPU": 1}] * gpus_per_replica, strategy="STRICT_PACK")
-            groups.append(group)
+            replicas.groups.append(group)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 group, placement_group_capture_child_tasks=True)
-        actor = ray.remote(replica_cls).options(
+        replicas.append(ray.remote(replica_cls).options(
             num_cpus=num_cpus if num_cpus is not None else min(1.0, cores / n),
             max_restarts=0, max_concurrency=UNITS_IN_FLIGHT + 1,  # + describe()
             runtime_env={"env_vars": {**defaults, **(env or {})}}, **opts,
-        ).remote(model, task, kwargs, prepack, i, **options)
-        actors.append(actor)
-        if groups:
-            _GROUPS[actor._actor_id.hex()] = groups[-1]
-    ray.get([a.describe.remote() for a in actors])  # engines are up
-    return actors
-
-
-_GROUPS: dict = {}  # actor id -> the placement group it was started in
-
-
-def stop_replicas(actors) -> None:
-    """Kill replicas and give back their placement groups (a killed actor's group stays
-    reserved otherwise, and the next job on the cluster would wait for its GPUs)."""
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    for actor in actors:
-        ray.kill(actor)
-        group = _GROUPS.pop(actor._actor_id.hex(), None)
-        if group is not None:
-            remove_placement_group(group)
+        ).remote(model, task, kwargs, prepack, i, **options))
+    ray.get([a.describe.remote() for a in replicas])  # engines are up
+    return replicas

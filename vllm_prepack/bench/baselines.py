@@ -13,15 +13,15 @@ They extend the sync ``Scheduler``: compare them with async scheduling off.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from vllm.v1.core.sched.request_queue import RequestQueue
-from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request
+from vllm_prepack.touchpoints import cached_prefix_tokens, internal
 
-from vllm_prepack.scheduler import cached_prefix_tokens
+if TYPE_CHECKING:  # annotations only
+    from vllm.v1.request import Request
 
 
-class _SortedQueue(RequestQueue):
+class _SortedQueue(internal.RequestQueue):
     """A waiting queue re-sorted by `key` at the start of every step (kept reversed, so the
     next request pops off the end); prepended requests (preempted or skipped) go to the
     front, as in vLLM's FCFS queue."""
@@ -80,7 +80,7 @@ class _SortedQueue(RequestQueue):
         yield from reversed(self._rest)
 
 
-class _OrderedScheduler(Scheduler):
+class _OrderedScheduler(internal.Scheduler):
     def _order_key(self, request: Request):
         raise NotImplementedError
 

@@ -1,8 +1,9 @@
-"""The engine-free harness: vLLM's real scheduler driven without a model, and run comparisons.
+"""The engine-free harness: vLLM's real scheduler driven without a model.
 
 Tests and benchmarks build a real ``Scheduler`` (plain, a baseline ordering, or the plugin),
 feed it requests and what a model runner would return, and count forward steps and time to
-first token in steps. Production code never imports this module.
+first token in steps; ``rows_for`` turns outcomes into table rows against FCFS. Real engines
+are in ``bench/engines.py``. Production code never imports this module.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from vllm_prepack.bench.report import summary
-from vllm_prepack.packing import ffd_steps, lower_bound_steps
+from vllm_prepack.packing import pack_rows
 
 # vLLM's FCFS, two baselines from the field (bench/baselines.py), and the plugin
 SCHEDULERS = {
@@ -24,15 +25,25 @@ SCHEDULERS = {
 }
 
 
+def lower_bound_steps(lengths, budget: int) -> int:
+    """No schedule finishes the prefills of `lengths` in fewer steps of `budget` tokens."""
+    if budget <= 0:
+        raise ValueError("budget must be positive")
+    return -(-sum(lengths) // budget)
+
+
+def ffd_steps(lengths, budget: int) -> int:
+    """Steps offline first-fit decreasing needs for whole prompts of `lengths`: where prompts
+    are a large part of the budget, no schedule reaches ceil(tokens / budget), and this is the
+    practical bound to report beside it."""
+    return len(pack_rows(lengths, budget))
+
+
 def _load(path: str):
     import importlib
 
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
-
-
-ENGINE_COLUMNS = ["workload", "scheduler", "steps", "steps/bound", "wall s", "tok/s vs FCFS",
-                  "TTFT mean s", "TTFT p99 s", "mean vs FCFS", "p99 vs FCFS", "outputs = FCFS"]
 
 
 def standalone_scheduler(
@@ -54,13 +65,10 @@ def standalone_scheduler(
     """A real vLLM scheduler (one of SCHEDULERS) built without an engine or a model. `verify`:
     the plugin checks its mirror of vLLM's running budget every step (as with debug_layout)."""
     import torch
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.structured_output import StructuredOutputManager
 
-    vllm_config = EngineArgs(
+    from vllm_prepack.touchpoints import internal
+
+    vllm_config = internal.EngineArgs(
         model=str(model_dir),
         skip_tokenizer_init=True,
         max_num_batched_tokens=budget,
@@ -74,20 +82,21 @@ def standalone_scheduler(
     ).create_engine_config()
     vllm_config.scheduler_config.async_scheduling = async_scheduling
     vllm_config.cache_config.num_gpu_blocks = num_blocks
-    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=16, dtype=torch.float32)
-    kv_cache_config = KVCacheConfig(
+    spec = internal.FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=16,
+                                      dtype=torch.float32)
+    kv_cache_config = internal.KVCacheConfig(
         num_blocks=num_blocks,
         kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)],
+        kv_cache_groups=[internal.KVCacheGroupSpec(["layer"], spec)],
     )
     if SCHEDULERS[scheduler] is None:
-        cls = AsyncScheduler if async_scheduling else Scheduler
+        cls = internal.AsyncScheduler if async_scheduling else internal.Scheduler
     else:
         cls = _load(SCHEDULERS[scheduler])
     scheduler = cls(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
-        structured_output_manager=StructuredOutputManager(vllm_config),
+        structured_output_manager=internal.StructuredOutputManager(vllm_config),
         block_size=block_size,
         log_stats=False,
     )
@@ -98,11 +107,12 @@ def standalone_scheduler(
 
 def make_request(request_id: str, prompt_len: int, max_tokens: int = 1, priority: int = 0,
                  arrival_time: float | None = None):
-    from vllm.sampling_params import SamplingParams
-    from vllm.v1.request import Request
+    from vllm import SamplingParams
+
+    from vllm_prepack.touchpoints import internal
 
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return Request(
+    return internal.Request(
         request_id=request_id,
         prompt_token_ids=[(i % 97) + 3 for i in range(prompt_len)],
         sampling_params=params,
@@ -114,7 +124,7 @@ def make_request(request_id: str, prompt_len: int, max_tokens: int = 1, priority
 
 def fake_step(scheduler, output, token: int = 5) -> list[str]:
     """Feed the scheduler what a model runner would return; returns the finished request ids."""
-    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm_prepack.touchpoints import internal
 
     req_ids = list(output.num_scheduled_tokens)
     sampled = []
@@ -122,7 +132,7 @@ def fake_step(scheduler, output, token: int = 5) -> list[str]:
         request = scheduler.requests[req_id]
         # schedule() has already advanced num_computed_tokens past this step's tokens
         sampled.append([token] if request.num_computed_tokens >= request.num_tokens else [])
-    runner_output = ModelRunnerOutput(
+    runner_output = internal.ModelRunnerOutput(
         req_ids=req_ids,
         req_id_to_index={r: i for i, r in enumerate(req_ids)},
         sampled_token_ids=sampled,
@@ -188,46 +198,6 @@ def poisson_arrivals(lengths: list[int], budget: int, load: float, seed: int) ->
     return steps
 
 
-def engine_outcome(run, prompts, budget: int) -> Outcome:
-    results = run.results
-    tokens = sum(len(p) for p in prompts) + sum(len(r.token_ids or ()) for r in results)
-    return Outcome(
-        steps=run.steps,
-        ttft_steps=[r.first_step for r in results],
-        ttft_s=[r.first_time for r in results],
-        sched_s=run.schedule_seconds,
-        wall=run.wall,
-        tokens=tokens,
-        fill=[t / budget for t in run.step_tokens],
-    )
-
-
-def compare_engines(engines, prompts, params, repeats: int, budget: int) -> list[list[Outcome]]:
-    """Every engine's runs, alternating which goes first (one warm-up each before): one list of
-    `repeats` outcomes per engine."""
-    from vllm_prepack.engine import run_stepwise
-
-    warm = prompts[: min(8, len(prompts))]
-    for llm in engines:
-        run_stepwise(llm, warm, params)
-    runs: list[list[Outcome]] = [[] for _ in engines]
-    for repeat in range(repeats):
-        for i in alternating(len(engines), repeat):
-            runs[i].append(engine_outcome(run_stepwise(engines[i], prompts, params), prompts, budget))
-    return runs
-
-
-def median_run(outcomes: list[Outcome]) -> Outcome:
-    """The run with the median wall time (the lower middle one for an even count)."""
-    ranked = sorted(outcomes, key=lambda o: o.wall)
-    return ranked[(len(ranked) - 1) // 2]
-
-
-def alternating(n: int, repeat: int) -> list[int]:
-    """Run order for one repeat: forwards, then backwards, so neither side always goes first."""
-    return list(range(n)) if repeat % 2 == 0 else list(range(n))[::-1]
-
-
 def rows_for(label: str, outcomes: dict[str, Outcome], lengths: list[int] | None, budget: int,
              **extra) -> list[dict]:
     """One row per scheduler; ratios against FCFS (plain vLLM) measured in the same run."""
@@ -257,39 +227,3 @@ def rows_for(label: str, outcomes: dict[str, Outcome], lengths: list[int] | None
     return rows
 
 
-def build_engines(model, budget: int, names, **kw) -> dict:
-    """One engine per scheduler name (SCHEDULERS), the same engine arguments for all."""
-    from vllm_prepack.engine import build_llm
-
-    engines = {}
-    for name in names:
-        cls = SCHEDULERS[name]
-        if name == "prepack":
-            engines[name] = build_llm(model, True, max_num_batched_tokens=budget, **kw)
-        else:
-            extra = {"scheduler_cls": cls} if cls else {}
-            engines[name] = build_llm(model, False, max_num_batched_tokens=budget, **kw, **extra)
-    return engines
-
-
-def engine_table(label: str, engines: dict, prompts, params, repeats: int, budget: int,
-                 lengths: list[int] | None) -> tuple[list[dict], dict[str, Outcome]]:
-    """Median-wall run of each engine (alternating order), and whether its outputs equal FCFS's."""
-    runs = compare_engines(list(engines.values()), prompts, params, repeats, budget)
-    outcomes = {name: median_run(r) for name, r in zip(engines, runs)}
-    same = {name: {"outputs = FCFS": _same_outputs(engines["fcfs"], llm, prompts, params)}
-            for name, llm in engines.items()}
-    return rows_for(label, outcomes, lengths, budget, **same), outcomes
-
-
-def _same_outputs(reference, llm, prompts, params) -> str:
-    from vllm_prepack.engine import run_stepwise
-
-    if llm is reference:
-        return "-"
-    a = run_stepwise(reference, prompts, params).results
-    b = run_stepwise(llm, prompts, params).results
-    if a[0].embedding is not None:
-        worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra.embedding, rb.embedding))
-        return f"max |diff| {worst:.1e}"
-    return "yes" if [r.token_ids for r in a] == [r.token_ids for r in b] else "NO"

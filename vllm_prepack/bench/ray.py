@@ -67,7 +67,7 @@ def engine_job(args, model: str, lines: list[str], env: dict | None = None, **op
     from vllm_prepack.batch import run_job
     from vllm_prepack.batch_input import Source
     from vllm_prepack.batch_output import JsonlWriter
-    from vllm_prepack.replica import start_replicas, stop_replicas
+    from vllm_prepack.replica import start_replicas
 
     replicas = start_replicas(model, args.replicas, "generate", ENGINE, num_cpus=1,
                               default_max_tokens=args.max_tokens, env=env)
@@ -76,7 +76,7 @@ def engine_job(args, model: str, lines: list[str], env: dict | None = None, **op
             return run_job(Source(lines), JsonlWriter(Path(tmp) / "out.jsonl"), replicas,
                            max_tokens=args.max_tokens, progress=False, **options)
     finally:
-        stop_replicas(replicas)
+        replicas.stop()
 
 
 def engine_rows(args, model: str, timelines: dict) -> list[dict]:

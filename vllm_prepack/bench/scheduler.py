@@ -20,13 +20,10 @@ import json
 import time
 from pathlib import Path
 
+from vllm_prepack.bench.engines import ENGINE_COLUMNS, alternating, build_engines, engine_table
 from vllm_prepack.bench.harness import (
-    ENGINE_COLUMNS,
     SCHEDULERS,
     Outcome,
-    alternating,
-    build_engines,
-    engine_table,
     fake_step,
     make_request,
     poisson_arrivals,
@@ -251,7 +248,7 @@ def hook_overhead(n: int, repeats: int) -> str:
     from vllm import SamplingParams
 
     from vllm_prepack._patches.runner_layout import layout_report, recorder
-    from vllm_prepack.engine import build_llm, run_stepwise
+    from vllm_prepack.bench.engines import build_llm, run_stepwise
     from vllm_prepack.models import DEMO_MODEL, decoder_model
 
     model = decoder_model(DEMO_MODEL)
@@ -292,7 +289,7 @@ def hook_overhead(n: int, repeats: int) -> str:
 
 
 def main(args) -> str:
-    from vllm_prepack.engine import in_process
+    from vllm_prepack.bench.engines import in_process
     from vllm_prepack.models import TINY, decoder_model
 
     in_process()
