@@ -35,17 +35,14 @@ LENGTH_GROUPS = 4  # sub-batches of the length-ordered baseline
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype, attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hidden, layers, heads, kv, inter, vocab = HF_BENCH_SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
-                         max_position_embeddings=4096, pad_token_id=0)
+    config = HF_BENCH_SHAPES[shape].hf_config(pad_token_id=0)
     if attn == hf.VARLEN_ATTENTION:
         hf.register_varlen_attention()
     torch.manual_seed(0)
     with torch.device(device):  # random init in place, in the target dtype
-        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model.eval()
 
 
