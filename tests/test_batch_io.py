@@ -215,3 +215,11 @@ def test_progress_line_shows_rates_errors_and_eta(capsys):
     line = capsys.readouterr().err.strip().split("\r")[-1]
     assert line.startswith("batch: 10 done, ") and "req/s" in line and "tok/s" in line
     assert "2 errors" in line and "ETA " in line and "ETA -" not in line
+
+
+def test_ray_data_rows_weigh_like_batch_lines():
+    from vllm_prepack.ray_data import row_tokens
+
+    assert row_tokens({"tokenized_prompt": [1] * 10, "sampling_params": {"max_tokens": 5, "n": 2}}) == 20
+    assert row_tokens({"prompt_token_ids": [1, 2], "sampling_params": None}) == 2
+    assert row_tokens({"prompt": "x" * 400, "sampling_params": {"max_tokens": 10, "n": 3}}) == 130

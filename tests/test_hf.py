@@ -257,7 +257,7 @@ def test_hf_path_imports_without_vllm():
 
 
 def test_bench_hf_on_cpu(tmp_path):
-    """The benchmark GPU sessions run: every variant measured, fp32 first tokens agree."""
+    """The benchmark as a GPU machine runs it: every variant measured, fp32 first tokens agree."""
     from vllm_prepack import cli
     from vllm_prepack.bench.hf import COLUMNS
 

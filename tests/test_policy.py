@@ -374,3 +374,12 @@ def test_padding_gap(tokens, sizes):
     gap = padding_gap(tokens, sizes)
     fitting = [s for s in sizes if s >= tokens]
     assert gap == (fitting[0] - tokens if fitting and tokens > 0 else 0)
+
+
+def test_the_seconds_bound_puts_a_request_first_once_it_has_waited_that_long():
+    ws = WaitingSet(AgingBound(seconds=10.0, drain_factor=None), max_swaps=0)
+    ws.add(Entry(key="old", length=300, time=0.0))
+    ws.add(Entry(key="new", length=10, time=5.0))
+    limits = StepLimits(budget=300, seats=10, chunked_prefill=False)
+    assert [(p.key, p.reason) for p in ws.plan(limits, step=1, now=9.0)] == [("new", Reason.SHORT)]
+    assert [(p.key, p.reason) for p in ws.plan(limits, step=2, now=10.0)] == [("old", Reason.AGED)]

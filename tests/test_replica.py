@@ -9,6 +9,8 @@ from ray_cluster import ENGINE
 
 from vllm_prepack.replica import Replica
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(scope="module")
 def replica(tiny_model):

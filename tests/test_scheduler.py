@@ -270,3 +270,32 @@ def test_budget_mirror_holds_with_speculative_decoding(tiny_model, draft_slots, 
     assert s.prepack_stats.budget_checks == steps
     assert drafted > 20  # draft tokens did take budget
     assert s._draft_slots == draft_slots
+
+
+def first_admitted(tiny_model, scheduler, rid, steps=12):
+    """Step a scheduler (budget 256, whole prompts) holding a 250-token prompt while two
+    100-token prompts arrive every step: the step at which `rid` is first scheduled, or None."""
+    s = standalone_scheduler(tiny_model, scheduler=scheduler, budget=256, verify=False)
+    s.add_request(make_request("long", 250))
+    for step in range(steps):
+        for k in range(2):
+            s.add_request(make_request(f"s{step}.{k}", 100))
+        out = s.schedule()
+        if rid in out.num_scheduled_tokens:
+            return step
+        fake_step(s, out)
+    return None
+
+
+def test_baselines_order_as_sglang_does(tiny_model):
+    """SPF serves the shortest prefill first, so a long prompt starves under steady short
+    arrivals; HRRN's response ratio (wait + service) / service lets it through within a few
+    steps; FCFS takes it first."""
+    assert first_admitted(tiny_model, "spf", "long") is None
+    assert 1 <= first_admitted(tiny_model, "hrrn", "long") <= 4
+    assert first_admitted(tiny_model, "fcfs", "long") == 0
+    spf = standalone_scheduler(tiny_model, scheduler="spf", verify=False)
+    for i, n in enumerate([200, 30, 100, 250, 20]):
+        spf.add_request(make_request(f"r{i}", n))
+    assert [step for step in drain(spf) if step] == [{"r4": 20, "r1": 30, "r2": 100},
+                                                     {"r0": 200}, {"r3": 250}]

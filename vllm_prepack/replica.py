@@ -13,28 +13,8 @@ import os
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
 from vllm_prepack.batch_record import InputError, Request, encode, error_record, parse, result_record
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "vocab.txt", "spiece.model", "tekken.json")
-
-
-def check_model(model: str, engine_kwargs: dict) -> None:
-    """Raise ValueError, in one line, before Ray or any replica starts: a model path that does
-    not exist, or a local model folder without tokenizer files when the engine would load one."""
-    path = Path(model)
-    if not path.exists() and (path.is_absolute() or model.startswith(".") or model.count("/") > 1):
-        raise ValueError(f"model folder {model} does not exist")
-    if engine_kwargs.get("skip_tokenizer_init"):
-        return
-    folder = Path(engine_kwargs.get("tokenizer") or model)
-    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
-        raise ValueError(
-            f"{folder} has no tokenizer files: add them, or run token-id prompts only with "
-            "--engine-args '{\"skip_tokenizer_init\": true}'")
-
 
 UNITS_IN_FLIGHT = 2  # per replica: the engine batches across them (see Replica.records)
 
