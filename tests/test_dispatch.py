@@ -99,9 +99,22 @@ def test_pinned_requests_go_to_their_replica_or_to_all_once_it_dies(tokens, repl
     assert sorted(completed) == list(range(1, len(tokens) + 1))
     if not kills:
         assert all(owner(line) == unit.replica for unit, _ in units for line in unit.lines)
+        assert d.ops == 2 * len(tokens)  # one push and one pop a request, pinned or not
     dead = set(range(replicas)) - d.alive
     assert all(owner(line) == unit.replica or owner(line) in dead
                for unit, _ in units for line in unit.lines)
+
+
+def test_lines_read_after_their_replica_died_go_to_the_others():
+    d = Dispatcher(2, 10, owner=lambda line: 1)
+    d.add([1], [5.0], ["a"])
+    d.lost(1)
+    d.add([2], [5.0], ["b"])
+    unit = d.take(0)
+    assert unit.lines == [1, 2]
+    d.exhausted = True
+    d.done(unit.id)
+    assert d.finished
 
 
 def test_units_shrink_at_the_end_so_replicas_finish_together():
