@@ -299,3 +299,28 @@ def test_baselines_order_as_sglang_does(tiny_model):
         spf.add_request(make_request(f"r{i}", n))
     assert [step for step in drain(spf) if step] == [{"r4": 20, "r1": 30, "r2": 100},
                                                      {"r0": 200}, {"r3": 250}]
+
+
+def test_budget_mirror_holds_when_prefills_are_held_back(tiny_model):
+    """Decodes running, prefills held back: by data-parallel throttling (every release, the
+    engine core's throttle_prefills) and, from vLLM 0.33, by the local prefill cadence
+    (prefill_schedule_interval without data parallelism). The mirror matches vLLM on every step,
+    and the plan admits nothing while vLLM holds prefills back."""
+    from vllm_prepack.touchpoints import vllm_version
+
+    s = standalone_scheduler(tiny_model, budget=256, chunked_prefill=True, max_num_seqs=16,
+                             prefill_schedule_interval=3)
+    s.add_request(make_request("decoding", 20, max_tokens=40))
+    fake_step(s, s.schedule())
+    held = 0
+    for step in range(12):
+        s.add_request(make_request(f"new{step}", 30, max_tokens=2))
+        out = s.schedule(step % 4 == 0)  # the DP engine core's throttle, every fourth step
+        admitted = [r.req_id for r in out.scheduled_new_reqs]
+        if s.prepack_stats.last.budget == 0:
+            held += 1
+            assert admitted == []
+        fake_step(s, out)
+    assert s.prepack_stats.budget_checks == s.prepack_stats.steps
+    local_cadence = vllm_version() >= (0, 33)
+    assert held == (9 if local_cadence else 3)  # 0.33: 6 more, two of every three steps

@@ -61,10 +61,11 @@ def standalone_scheduler(
     additional_config: dict | None = None,
     verify: bool | None = True,
     speculative_config: dict | None = None,
+    **engine_args,
 ):
     """A real vLLM scheduler (one of SCHEDULERS) built without an engine or a model. `verify`:
     the plugin checks its mirror of vLLM's running budget every step (as with debug_layout);
-    None leaves the plugin's own setting."""
+    None leaves the plugin's own setting. `engine_args`: more of vLLM's engine arguments."""
     import torch
 
     from vllm_prepack.touchpoints import internal
@@ -80,6 +81,7 @@ def standalone_scheduler(
         scheduling_policy=policy,
         additional_config=additional_config or {},
         speculative_config=speculative_config,
+        **engine_args,
     ).create_engine_config()
     vllm_config.scheduler_config.async_scheduling = async_scheduling
     vllm_config.cache_config.num_gpu_blocks = num_blocks
