@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 from sortedcontainers import SortedList
 
+from vllm_prepack.cost import StepCost
+
 Key = Hashable
 AGED_PROBES = 16  # aged requests skipped per step before the first-fit scan gives up: O(1)
 FIT_PROBES = 64  # entries a best-fit search looks at before giving up: O(1)
@@ -47,6 +49,10 @@ BINS_PER_STEP = 8  # filler-reserve bins built per step (the builder outruns sho
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
+# pack (filler reserve, best-fit exchange) only where a step's fixed cost is at least this share
+# of a full step's (a / (a + b x budget)): below it a saved step is worth less than the wait the
+# packing adds to the prompts it moves
+PACK_SHARE = 0.4
 
 
 def padding_gap(tokens: int, capture_sizes: Sequence[int]) -> int:
@@ -111,10 +117,23 @@ class StepLimits:
     input_budget: int | None = None
     overhead: int = 0
     capacity: int = 0  # the whole step's token budget (drain time); 0: budget + used_tokens
+    cost: StepCost | None = None  # what a step costs; None: every step the same (steps count)
 
     @property
     def step_tokens(self) -> int:
         return self.capacity or self.budget + self.used_tokens
+
+    def step_seconds(self, tokens: int, seqs: int) -> float:
+        """The cost of a step that adds `tokens` over `seqs` requests to the running ones."""
+        return 1.0 if self.cost is None else self.cost.seconds(self.used_tokens + tokens, seqs)
+
+    def packs(self, share: float) -> bool:
+        """Whether saving steps is worth moving prompts: the fixed cost is at least `share`
+        of a full step's cost."""
+        if self.cost is None:
+            return True
+        fixed = self.cost.fixed_tokens
+        return fixed >= share * (fixed + self.step_tokens) if fixed != math.inf else True
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +223,11 @@ class WaitingSet:
     so the policy scales to 100k waiting requests without re-sorting the queue every step.
     """
 
-    def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4) -> None:
+    def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4,
+                 pack_share: float = PACK_SHARE) -> None:
         self.aging = aging
         self.max_swaps = max_swaps
+        self.pack_share = pack_share
         self._entries: dict[Key, Entry] = {}
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
@@ -390,9 +411,10 @@ class WaitingSet:
         self._take_aged(level, p, step, now, exchangeable)
         if p.blocked:
             return
-        if not p.limits.chunked_prefill:
+        packing = p.limits.packs(self.pack_share)
+        if packing and not p.limits.chunked_prefill:
             self._build_bins(level, p.limits.budget)
-            if level.bins and self._bin_first(level, p):
+        if level.bins and self._bin_first(level, p):
                 self._serve_bins(level, p)
         for _, _, key in level.free:
             if not p.has_room():
@@ -404,7 +426,8 @@ class WaitingSet:
                 break
             p.take(entry, Reason.SHORT)
             exchangeable.append(entry)
-        self._exchange(level, p, exchangeable, step, now)
+        if packing:
+            self._exchange(level, p, exchangeable, step, now)
         if level.bins and all(p.taken(key) for _, _, key in level.free):
             self._serve_bins(level, p)
         p.chunk_next(level)
@@ -456,18 +479,24 @@ class WaitingSet:
 
     @staticmethod
     def _bin_first(level: _Level, p: _Planner) -> bool:
-        """Smith's rule between the best reserved bin and a shortest-first step: whichever
-        starts more requests goes first (O(k) for the k free prompts a step would take)."""
+        """Smith's rule in seconds between the best reserved bin and a shortest-first step:
+        whichever starts more requests per second of step goes first (with every step the
+        same cost: whichever starts more). O(k) for the k free prompts a step would take."""
         _, _, bin_id = level.bin_order[0]
-        best = sum(1 for key in level.bins[bin_id].keys if not p.taken(key))
+        members = [level.fifo[key] for key in level.bins[bin_id].keys if not p.taken(key)]
+        bin_tokens = sum(e.length for e in members)
+        if not members or bin_tokens > p.left:
+            return False
         left, count = p.left, 0
         for length, _, key in level.free:
-            if length > left or count >= best:
+            if length > left:
                 break
             if not p.taken(key):
                 left -= length
                 count += 1
-        return count < best
+        limits = p.limits
+        return (len(members) * limits.step_seconds(p.left - left, count)
+                > count * limits.step_seconds(bin_tokens, len(members)))
 
     def _serve_bins(self, level: _Level, p: _Planner) -> None:
         """Reserved bins, most requests first: whole where a bin fits, else its members

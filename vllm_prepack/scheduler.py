@@ -21,6 +21,7 @@ is checked at engine start, so a vLLM that renamed one fails there, naming it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ from vllm_prepack.touchpoints import (
     TESTED_VLLM,
     active_adapters,
     attach_plan,
+    attach_step_cost,
     cached_prefix_tokens,
     capture_sizes,
     check_vllm_version,
@@ -44,7 +46,10 @@ from vllm_prepack.touchpoints import (
 if TYPE_CHECKING:  # annotations only: nothing is imported from vLLM but through touchpoints
     from vllm.v1.request import Request
 
+logger = logging.getLogger("vllm_prepack")
+
 REFRESH_PER_STEP = 256  # prefix-cache lookups of waiting requests per step
+LOG_COST_EVERY = 1024  # steps between debug log lines of the fitted step cost
 MAX_REMEMBERED_DEADLINES = 65_536  # deadlines kept for re-entry (priority policy), newest
 
 
@@ -66,7 +71,7 @@ class PackingRequestQueue(internal.RequestQueue):
     """vLLM's waiting queue, ordered by the packing policy instead of arrival."""
 
     def __init__(self, config: PrepackConfig, policy, cached_tokens=None) -> None:
-        self._set = WaitingSet(config.aging, config.max_swaps)
+        self._set = WaitingSet(config.aging, config.max_swaps, config.pack_fixed_share)
         self._requests: dict[str, Request] = {}
         self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
@@ -251,6 +256,8 @@ class PrepackScheduler(internal.Scheduler):
     for it: with ``async_scheduling`` on, instances are ``PrepackAsyncScheduler``.
     """
 
+    prepack_clock = staticmethod(time.perf_counter)  # step times (the engine-free bench: its clock)
+
     def __new__(cls, vllm_config, *args, **kwargs):
         if cls is PrepackScheduler and vllm_config.scheduler_config.async_scheduling:
             cls = PrepackAsyncScheduler
@@ -278,6 +285,8 @@ class PrepackScheduler(internal.Scheduler):
         self.verify_budget = self.prepack_config.debug_layout or not supported
         self._iteration = None  # this step's context/generation split, until make_stats takes it
         self._capture_sizes = capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
+        self.step_cost_model = self.prepack_config.step_cost_model(self.max_num_scheduled_tokens)
+        self._last_step_end: float | None = None  # when the last busy step ended
 
     def schedule(self, *args, **kwargs):
         started = time.perf_counter()
@@ -298,9 +307,27 @@ class PrepackScheduler(internal.Scheduler):
             # the model-runner hook checks the forward against this (same object in-process;
             # pickled with the SchedulerOutput to workers)
             attach_plan(output, {p.key: p.tokens for p in planned})
+        if self.prepack_config.record_layout:  # layout_report shows the step cost in force
+            attach_step_cost(output, self.step_cost_model.report())
         if self.log_stats:
             self._iteration = internal.compute_iteration_details(output)
         return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        """vLLM's update, then the step's time for the step-cost model: from the end of the
+        previous busy step to the end of this one, the whole iteration as the engine runs it
+        (scheduling, the forward, this update, the engine loop). A step that began after the
+        engine idled (no requests) is not measured."""
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        now = self.prepack_clock()
+        tokens = scheduler_output.total_num_scheduled_tokens
+        if self._last_step_end is not None and tokens > 0:
+            model = self.step_cost_model
+            model.observe(tokens, len(scheduler_output.num_scheduled_tokens), now - self._last_step_end)
+            if model.steps % LOG_COST_EVERY == 0:
+                logger.debug("step cost: %s", model.report())
+        self._last_step_end = now if self.has_requests() else None
+        return outputs
 
     def make_stats(self, *args, **kwargs):
         """vLLM's stats, plus this step's context/generation split for the Prometheus logger
@@ -314,9 +341,16 @@ class PrepackScheduler(internal.Scheduler):
                 num_ctx_tokens=details.num_ctx_tokens,
                 num_generation_requests=details.num_generation_requests,
                 num_generation_tokens=details.num_generation_tokens,
-                elapsed_ms=0.0,
+                elapsed_ms=self._step_ms(),
             )
         return stats
+
+    def _step_ms(self) -> float:
+        """This step's time so far (the stats of a step are made at its end), 0 when unmeasured:
+        the Prometheus logger fits the same step-cost model to it."""
+        if self._last_step_end is None:
+            return 0.0
+        return 1e3 * (self.prepack_clock() - self._last_step_end)
 
     # ---- mirrors of vLLM's arithmetic -------------------------------------------------------
 
@@ -345,6 +379,7 @@ class PrepackScheduler(internal.Scheduler):
             input_budget=phase.input_left,
             overhead=self._draft_slots,
             capacity=self.max_num_scheduled_tokens,
+            cost=self.step_cost_model.current,
         )
 
     def _kv_holding_tokens(self, budget: int) -> int:

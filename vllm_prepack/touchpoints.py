@@ -158,6 +158,13 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("DynamicLayer.lazy_initialization", _V.CALL, "hf.py", checked=TESTED_TRANSFORMERS),
     TouchPoint("DynamicCache.layers", _V.REPLACE, "hf.py", checked=TESTED_TRANSFORMERS),
     TouchPoint("PretrainedConfig._attn_implementation", _V.READ, "hf.py", checked=TESTED_TRANSFORMERS),
+    # ---- the step-cost model (issue 17) ------------------------------------------------------
+    TouchPoint("Scheduler.update_from_output", _V.OVERRIDE, _SCHED),
+    TouchPoint("Scheduler.has_requests", _V.CALL, _SCHED),
+    TouchPoint("SchedulerOutput.prepack_step_cost", _V.SET, "touchpoints.attach_step_cost / step_cost_of",
+               differs="rides like prepack_plan, with record_layout"),
+    TouchPoint("SchedulerIterationDetails.elapsed_ms", _V.SET, _SCHED,
+               differs="vLLM's own details time the forward alone; the plugin's, the whole step"),
 )
 
 REQUIRED_ATTRIBUTES: tuple[str, ...] = tuple(
@@ -291,6 +298,15 @@ def attach_plan(output, plan: dict[str, int]) -> None:
 
 def plan_of(output) -> dict[str, int] | None:
     return getattr(output, "prepack_plan", None)
+
+
+def attach_step_cost(output, report: dict) -> None:
+    """The step cost in force rides to the model runner for ``layout_report`` (record_layout)."""
+    output.prepack_step_cost = report
+
+
+def step_cost_of(output) -> dict | None:
+    return getattr(output, "prepack_step_cost", None)
 
 
 # ---- the model runner (patches/runner_layout.py) ---------------------------------------------
