@@ -65,6 +65,8 @@ def test_recorded_layout_through_collective_rpc(engine, tiny_model):
     assert report["padded_tokens"] == 0  # CPU: no CUDA graphs
     last = report["recent"][-1]
     assert last["query_start_loc"][0] == 0 and last["seconds"] > 0
+    cost = report["step_cost"]  # the scheduler's step-cost model, as last planned
+    assert cost["per_token_s"] > 0 and cost["steps"] > 0 and cost["source"] in ("prior", "fit")
 
 
 def test_hook_is_inert_when_off(engine, tiny_model):
@@ -158,3 +160,6 @@ def test_prometheus_metrics_from_a_real_server(tiny_model, tmp_path):
     assert values["vllm_prepack:time_to_first_token_seconds_count"] == 6
     assert values["vllm_prepack:queue_wait_seconds_count"] == 6
     assert values["vllm_prepack:padded_tokens_total"] == 0  # CPU: no CUDA graphs
+    # the step-cost model, fitted from the whole steps' times the iteration details carry
+    assert values["vllm_prepack:step_cost_per_token_seconds"] > 0
+    assert values["vllm_prepack:step_cost_fixed_seconds"] >= 0

@@ -6,7 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
-from vllm_prepack.policy import AGED_PROBES, AgingBound, Entry, Reason, StepLimits, WaitingSet, padding_gap
+from dataclasses import replace
+
+from vllm_prepack.policy import (AGED_PROBES, PACK_SHARE, AgingBound, Entry, Reason, StepLimits, WaitingSet,
+                                  padding_gap)
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
 
@@ -377,3 +380,102 @@ def test_padding_gap(tokens, sizes):
     gap = padding_gap(tokens, sizes)
     fitting = [s for s in sizes if s >= tokens]
     assert gap == (fitting[0] - tokens if fitting and tokens > 0 else 0)
+
+
+# ---- the step cost (issue 17) ------------------------------------------------------------------
+
+from vllm_prepack.cost import StepCost  # noqa: E402
+
+
+def test_a_bin_goes_first_by_requests_per_second_of_step():
+    """Smith's rule in seconds: the bin [560, 50, 40] starts 3 requests in 650 tokens, the
+    shortest-first step only [200] (no 500 fits beside it). Where a step costs its tokens
+    (a = 0), 1 request in 200 tokens beats 3 in 650; where a dominates, 3 beat 1."""
+    lengths = [560, 50, 40, 500, 500, 500, 500, 500, 150, 200]
+
+    def first(cost):
+        ws = fill(lengths, pack_share=0.0, max_swaps=0)  # always a reserve; the rule alone decides
+        return [(p.key, p.reason) for p in ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False,
+                                                                  cost=cost), step=0)]
+
+    assert first(StepCost(0.0, 1.0))[0] == (9, Reason.SHORT)
+    assert first(StepCost(10_000.0, 1.0))[:3] == [(0, Reason.BIN), (1, Reason.BIN), (2, Reason.BIN)]
+    assert first(None) == first(StepCost(10_000.0, 1.0))  # no cost: every step the same
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=60), budget=st.integers(300, 800),
+       share=st.floats(0, 0.999))
+def test_where_steps_cost_their_tokens_the_plan_is_shortest_first(lengths, budget, share):
+    """A fixed cost below pack_fixed_share of a full step: no reserve, no exchange; each step
+    takes the shortest prompts while they fit, as shortest-prefill-first does."""
+    fixed = share * PACK_SHARE / (1 - PACK_SHARE) * budget  # a / (a + budget) < PACK_SHARE
+    ws = fill(lengths, aging=AgingBound())
+    picks = ws.plan(StepLimits(budget=budget, seats=10_000, chunked_prefill=False,
+                               cost=StepCost(fixed, 1.0)))
+    spf, used = [], 0
+    for key in sorted(range(len(lengths)), key=lambda k: (lengths[k], k)):
+        if used + lengths[key] > budget:
+            break
+        spf.append(key)
+        used += lengths[key]
+    assert [p.key for p in picks] == spf and all(p.reason == Reason.SHORT for p in picks)
+
+
+def test_the_doc_example_packs_only_where_the_fixed_cost_is_large():
+    """[200, 30, 100, 250, 20] in 256 tokens: at a = 0, shortest first (20 + 30 + 100, then
+    200 does not fit); at a = a full step, the best-fit exchange fills the step (20 + 30 + 200)."""
+    limits = lambda a: StepLimits(budget=256, seats=10, chunked_prefill=False,  # noqa: E731
+                                  cost=StepCost(a, 1.0))
+    assert sorted(p.key for p in fill([200, 30, 100, 250, 20]).plan(limits(0.0))) == [1, 2, 4]
+    assert sorted(p.key for p in fill([200, 30, 100, 250, 20]).plan(limits(256.0))) == [0, 1, 4]
+
+
+# ---- KV blocks (issue 17) ------------------------------------------------------------------------
+
+
+def kv_fill(items, **kw):
+    ws = WaitingSet(**kw)
+    for i, (n, blocks) in enumerate(items):
+        ws.add(Entry(key=i, length=n, blocks=blocks, step=0))
+    return ws
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(st.tuples(st.integers(1, 300), st.integers(0, 40)), min_size=1, max_size=40),
+       free=st.integers(0, 200), watermark=st.integers(0, 5), running=st.booleans(),
+       chunked=st.booleans(), fixed=st.sampled_from([0.0, 1e5]))
+def test_a_plan_offers_only_requests_whose_blocks_are_free(items, free, watermark, running, chunked, fixed):
+    """Every planned request's blocks fit the free pool, less the watermark once anything
+    runs in the step, so vLLM never stops at an allocation the plan made; and a request left
+    out while its tokens fit is one whose blocks do not (or a longer one, behind it)."""
+    ws = kv_fill(items, pack_share=0.0 if fixed else 1.0)
+    limits = StepLimits(budget=600, seats=100, chunked_prefill=chunked, free_blocks=free,
+                        watermark_blocks=watermark, running=running, cost=StepCost(fixed, 1.0))
+    left = free
+    for index, pick in enumerate(ws.plan(limits)):
+        need = items[pick.key][1] + (watermark if running or index else 0)
+        assert need <= left
+        left -= items[pick.key][1]
+
+
+def test_short_prompts_flow_past_a_long_one_whose_blocks_are_not_free():
+    ws = kv_fill([(200, 13), (10, 1), (20, 2), (30, 2)], pack_share=0.0)
+    picks = ws.plan(StepLimits(budget=512, seats=10, chunked_prefill=False, free_blocks=8))
+    assert sorted(p.key for p in picks) == [1, 2, 3]  # the exchange may not bring 0 in
+
+
+def test_an_overdue_request_whose_blocks_are_not_free_keeps_its_place():
+    """Nothing overtakes it: it waits for blocks as vLLM would, so it cannot starve."""
+    ws = WaitingSet(aging=AgingBound(steps=2))
+    ws.add(Entry(key="old", length=200, blocks=13, step=0))
+    ws.add(Entry(key="new", length=10, blocks=1, step=5))
+    limits = StepLimits(budget=512, seats=10, chunked_prefill=False, free_blocks=8)
+    assert ws.plan(limits, step=6) == []
+    assert [p.key for p in ws.plan(replace(limits, free_blocks=20), step=7)] == ["old", "new"]
+
+
+def test_a_bin_whose_blocks_are_not_free_does_not_go_first():
+    ws = kv_fill([(560, 40), (50, 4), (40, 3), *[(500, 32)] * 5, (300, 19), (310, 20)], pack_share=0.0)
+    picks = ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False, free_blocks=45))
+    assert all(p.reason != Reason.BIN for p in picks) and picks

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 HALF_LIFE_STEPS = 512  # a step's weight halves after this many newer steps (drift)
 PRIOR_SPREAD = 0.5  # the prior's line is known to +-this x a full step's time
+SEQ_SPREAD = 0.05  # share of the steps' variance in sequences apart from tokens before c is fitted
+PRIOR_FLOOR = 1e-6  # the prior's least weight, in steps: it settles what the steps cannot tell apart
 MIN_STEPS = 16  # steps seen before the fit replaces the prior (and before outliers are clipped)
 REFIT_EVERY = 16  # steps between refits: two 3x3 solves, microseconds, kept off most steps
 OUTLIER_FACTOR = 4.0  # a step over this x the prediction (a GC pause, a stall) counts as this
@@ -102,8 +104,10 @@ class StepCostModel:
 
     def fit(self) -> StepCost:
         """The weighted steps plus the prior's line at four pseudo-steps (0 and capacity tokens,
-        one and capacity/64 sequences), each weighted noise variance / prior variance: the
-        noise variance from the residuals of a fit with a negligible prior."""
+        one and capacity/64 sequences), each weighted noise variance / prior variance (at least
+        PRIOR_FLOOR): the noise variance from the residuals of a fit with a negligible prior.
+        c is fitted only where the steps vary their sequences apart from their tokens
+        (SEQ_SPREAD); elsewhere it keeps the prior's ratio to b."""
         shape, scale = self.prior, self._scale()
         if scale is None:
             return self.prior
@@ -112,25 +116,50 @@ class StepCostModel:
         seqs = max(1.0, self.capacity / 64)
         pseudo = [((1.0, t, n), scale * (shape.fixed_tokens + t + shape.seq_tokens * n))
                   for t, n in ((0.0, 1.0), (self.capacity, 1.0), (self.capacity, seqs), (0.0, seqs))]
+        basis = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+        if not self._seqs_vary_apart():
+            basis = ((1.0, 0.0, 0.0), (0.0, 1.0, shape.seq_tokens))  # c = prior ratio x b
         spread = PRIOR_SPREAD * scale * (shape.fixed_tokens + self.capacity)
-        first = self._solve(pseudo, 1e-9 * self._xx[0][0])
-        if first is None:
-            return StepCost.in_tokens(shape.fixed_tokens, shape.seq_tokens, scale)
-        solved = self._solve(pseudo, self._noise(first) / spread ** 2)
+        first = self._solve(basis, pseudo, 1e-9 * self._xx[0][0])
+        solved = first and self._solve(basis, pseudo, max(PRIOR_FLOOR, self._noise(first) / spread ** 2))
         if solved is None or solved[1] <= 0:  # no spread in tokens: the prior's shape
             return StepCost.in_tokens(shape.fixed_tokens, shape.seq_tokens, scale)
         a, b, c = solved
         return StepCost(max(0.0, a), b, max(0.0, c))
 
-    def _solve(self, pseudo, weight: float):
-        xx = [row[:] for row in self._xx]
-        xy = self._xy[:]
+    def _seqs_vary_apart(self) -> bool:
+        """Whether at least SEQ_SPREAD of the steps' variance in sequences is not explained by
+        their tokens (1 - the weighted R^2 of sequences on tokens)."""
+        xx = self._xx
+        w = xx[0][0]
+        var_t = xx[1][1] / w - (xx[0][1] / w) ** 2
+        var_n = xx[2][2] / w - (xx[0][2] / w) ** 2
+        cov = xx[1][2] / w - xx[0][1] * xx[0][2] / w ** 2
+        if var_n <= 1e-12 * max(1.0, xx[2][2] / w) or var_t <= 0:
+            return False
+        return 1 - cov * cov / (var_t * var_n) >= SEQ_SPREAD
+
+    def _solve(self, basis, pseudo, weight: float) -> tuple[float, float, float] | None:
+        """Weighted least squares over the steps and the pseudo-steps, in the coordinates of
+        `basis` (rows: combinations of a, b, c); the solution back in (a, b, c)."""
+        k = len(basis)
+
+        def project(x):
+            return [sum(row[i] * x[i] for i in range(3)) for row in basis]
+
+        xx = [[sum(basis[r][i] * self._xx[i][j] * basis[q][j] for i in range(3) for j in range(3))
+               for q in range(k)] for r in range(k)]
+        xy = project(self._xy)
         for x, y in pseudo:
-            for i in range(3):
-                for j in range(3):
-                    xx[i][j] += weight * x[i] * x[j]
-                xy[i] += weight * x[i] * y
-        return _solve3(xx, xy)
+            px = project(x)
+            for r in range(k):
+                for q in range(k):
+                    xx[r][q] += weight * px[r] * px[q]
+                xy[r] += weight * px[r] * y
+        theta = _solve(xx, xy)
+        if theta is None:
+            return None
+        return tuple(sum(basis[r][i] * theta[r] for r in range(k)) for i in range(3))
 
     def _noise(self, theta) -> float:
         """Weighted residual variance of the steps around `theta` (from the running sums)."""
@@ -154,19 +183,20 @@ class StepCostModel:
                 "source": "fixed" if not self.learn else "fit" if self.steps >= MIN_STEPS else "prior"}
 
 
-def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] | None:
+def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
     """Gaussian elimination with partial pivoting; None when singular."""
+    n = len(v)
     a = [row[:] + [v[i]] for i, row in enumerate(m)]
-    for col in range(3):
-        pivot = max(range(col, 3), key=lambda r: abs(a[r][col]))
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
         if abs(a[pivot][col]) < 1e-300:
             return None
         a[col], a[pivot] = a[pivot], a[col]
-        for r in range(col + 1, 3):
+        for r in range(col + 1, n):
             f = a[r][col] / a[col][col]
-            for k in range(col, 4):
+            for k in range(col, n + 1):
                 a[r][k] -= f * a[col][k]
-    x = [0.0, 0.0, 0.0]
-    for r in (2, 1, 0):
-        x[r] = (a[r][3] - sum(a[r][k] * x[k] for k in range(r + 1, 3))) / a[r][r]
-    return x[0], x[1], x[2]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (a[r][n] - sum(a[r][k] * x[k] for k in range(r + 1, n))) / a[r][r]
+    return x

@@ -85,6 +85,7 @@ class Entry:
     time: float = 0.0  # monotonic seconds at admission (aging in seconds)
     group: Hashable | None = None  # LoRA adapter (None: no adapter)
     pinned: bool = False
+    blocks: int = 0  # KV blocks vLLM must find free to admit it (0: not tracked)
     due: float = math.inf  # the step from which it goes first (set by the first plan after admission)
     bin: int | None = None  # the reserved bin holding it (whole prompts only)
 
@@ -118,6 +119,11 @@ class StepLimits:
     overhead: int = 0
     capacity: int = 0  # the whole step's token budget (drain time); 0: budget + used_tokens
     cost: StepCost | None = None  # what a step costs; None: every step the same (steps count)
+    # KV blocks free for waiting requests after running ones took theirs (None: not tracked),
+    # and the watermark vLLM keeps free once any request is scheduled in the step
+    free_blocks: int | None = None
+    watermark_blocks: int = 0
+    running: bool = False  # requests already run this step (the watermark applies from the first)
 
     @property
     def step_tokens(self) -> int:
@@ -306,10 +312,12 @@ class WaitingSet:
             self._priorities.remove(entry.priority)
         return entry
 
-    def resize(self, key: Key, length: int) -> None:
+    def resize(self, key: Key, length: int, blocks: int | None = None) -> None:
         """A request's remaining length changed (a prefix-cache hit found after it arrived);
         it keeps its arrival order and deadline, and leaves its reserved bin."""
         entry = self._entries[key]
+        if blocks is not None:
+            entry.blocks = blocks
         length = max(1, length)
         if length == entry.length:
             return
@@ -422,8 +430,8 @@ class WaitingSet:
             entry = level.fifo[key]
             if p.taken(key) or not p.group_ok(entry):
                 continue
-            if entry.length > p.left:
-                break
+            if entry.length > p.left or not p.kv_fits(entry):
+                break  # blocks grow with length: no longer prompt fits either
             p.take(entry, Reason.SHORT)
             exchangeable.append(entry)
         if packing:
@@ -446,7 +454,7 @@ class WaitingSet:
                     return
             elif not p.has_room():
                 return
-            elif entry.length <= p.left and p.group_ok(entry):
+            elif entry.length <= p.left and p.group_ok(entry) and p.kv_fits(entry):
                 p.take(entry, Reason.AGED)
                 exchangeable.append(entry)
             else:
@@ -485,13 +493,13 @@ class WaitingSet:
         _, _, bin_id = level.bin_order[0]
         members = [level.fifo[key] for key in level.bins[bin_id].keys if not p.taken(key)]
         bin_tokens = sum(e.length for e in members)
-        if not members or bin_tokens > p.left:
+        if not members or bin_tokens > p.left or not p.kv_fits_all(members):
             return False
         left, count = p.left, 0
         for length, _, key in level.free:
             if length > left:
                 break
-            if not p.taken(key):
+            if not p.taken(key) and p.kv_fits(level.fifo[key]):
                 left -= length
                 count += 1
         limits = p.limits
@@ -508,7 +516,7 @@ class WaitingSet:
                              key=lambda e: (-e.length, e.seq))
             for entry in members:
                 if (p.has_room() and not p.taken(entry.key) and entry.length <= p.left
-                        and p.group_ok(entry)):
+                        and p.group_ok(entry) and p.kv_fits(entry)):
                     p.take(entry, Reason.BIN)
 
     def _exchange(self, level: _Level, p: _Planner, picks: list[Entry], step: int, now: float) -> None:
@@ -525,9 +533,10 @@ class WaitingSet:
                 return
             last = picks[-1]
             aged = p.reason(last.key) == Reason.AGED
+            overdue = (lambda e: self.aging.overdue(e, step, now)) if aged else (lambda e: True)
             best = self._longest_fitting(
                 level, p, p.left + last.length, above=last.length,
-                accept=(lambda e: self.aging.overdue(e, step, now)) if aged else None,
+                accept=lambda e: overdue(e) and p.kv_fits(e, freed=last.blocks),
             )
             if best is None:
                 return
@@ -567,6 +576,7 @@ class _Planner:
         self._group_counts: Counter = Counter()
         self._chunk_candidate: Entry | None = None
         self.blocked = False  # a must-go-first request did not fit: nothing may overtake it
+        self.kv_left = limits.free_blocks  # None: KV blocks not tracked
 
     @property
     def picks(self) -> list[Pick]:
@@ -602,15 +612,32 @@ class _Planner:
             or len(self.limits.groups | {g for g, n in self._group_counts.items() if n}) < max_groups
         )
 
+    def kv_fits(self, entry: Entry, freed: int = 0) -> bool:
+        """vLLM would find `entry`'s KV blocks free (after `freed` blocks come back), keeping
+        its watermark free once anything runs this step."""
+        if self.kv_left is None:
+            return True
+        watermark = self.limits.watermark_blocks if (self.limits.running or self._picks) else 0
+        return entry.blocks + watermark <= self.kv_left + freed
+
+    def kv_fits_all(self, entries: Sequence[Entry]) -> bool:
+        if self.kv_left is None:
+            return True
+        return sum(e.blocks for e in entries) + self.limits.watermark_blocks <= self.kv_left
+
     def take(self, entry: Entry, reason: Reason, tokens: int | None = None) -> None:
         tokens = entry.length if tokens is None else tokens
         self._picks[entry.key] = Pick(entry.key, tokens, reason)
         self._charge(tokens, +1)
+        if self.kv_left is not None:
+            self.kv_left -= entry.blocks
         if entry.group is not None:
             self._group_counts[entry.group] += 1
 
     def untake(self, entry: Entry) -> None:
         self._charge(self._picks.pop(entry.key).tokens, -1)
+        if self.kv_left is not None:
+            self.kv_left += entry.blocks
         if entry.group is not None:
             self._group_counts[entry.group] -= 1
 
@@ -626,8 +653,8 @@ class _Planner:
         LoRA adapter cannot load this step is passed over, as vLLM skips it."""
         if self.taken(entry.key) or not self.group_ok(entry):
             return True
-        if not self.has_room():
-            self.blocked = True
+        if not self.has_room() or not self.kv_fits(entry):
+            self.blocked = True  # it keeps its place: it waits for blocks as vLLM would
             return False
         if entry.length <= self.left:
             self.take(entry, reason)
@@ -641,13 +668,19 @@ class _Planner:
         """(d) the shortest prompt that did not fit whole gets a chunk of what is left."""
         if not self.limits.chunked_prefill or not self.has_room():
             return
+        misses = 0
         for _, _, key in level.free:
+            if self.taken(key):
+                continue
             entry = level.fifo[key]
-            if not self.taken(key) and self.group_ok(entry):
+            if self.group_ok(entry) and self.kv_fits(entry):
                 if self.left >= max(1, self.limits.min_chunk_tokens):
                     self.take(entry, Reason.CHUNK, self.left)
                 else:
                     self._chunk_candidate = entry
+                return
+            misses += 1
+            if misses >= FIT_PROBES:
                 return
 
     def top_up(self) -> None:

@@ -39,7 +39,9 @@ from vllm_prepack.touchpoints import (
     cached_prefix_tokens,
     capture_sizes,
     check_vllm_version,
+    free_kv_blocks,
     internal,
+    kv_block_accounting,
     prefills_deferred,
 )
 
@@ -70,11 +72,12 @@ class BudgetMismatch(AssertionError):
 class PackingRequestQueue(internal.RequestQueue):
     """vLLM's waiting queue, ordered by the packing policy instead of arrival."""
 
-    def __init__(self, config: PrepackConfig, policy, cached_tokens=None) -> None:
+    def __init__(self, config: PrepackConfig, policy, cached_tokens=None, kv_blocks=None) -> None:
         self._set = WaitingSet(config.aging, config.max_swaps, config.pack_fixed_share)
         self._requests: dict[str, Request] = {}
         self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
+        self._kv_blocks = kv_blocks  # touchpoints.KVBlocks, None: KV blocks not tracked
         # prefix caching: waiting requests by their first block, and the blocks of requests
         # admitted last step (their siblings may hit the cache now)
         self._groups: dict[object, set[str]] = {}
@@ -114,8 +117,8 @@ class PackingRequestQueue(internal.RequestQueue):
         for _ in range(min(REFRESH_PER_STEP, len(self._to_refresh))):
             request = self._requests.get(self._to_refresh.popleft())
             if request is not None and request.num_computed_tokens == 0:
-                self._set.resize(request.request_id,
-                                 request.num_tokens - self._cached_tokens(request))
+                uncached = request.num_tokens - self._cached_tokens(request)
+                self._set.resize(request.request_id, uncached, self._blocks(request, uncached))
 
     def _group(self, request: Request):
         if self._cached_tokens is None or not request.block_hashes:
@@ -138,6 +141,9 @@ class PackingRequestQueue(internal.RequestQueue):
 
     # ---- RequestQueue -----------------------------------------------------------------------
 
+    def _blocks(self, request: Request, uncached: int) -> int:
+        return 0 if self._kv_blocks is None else self._kv_blocks.to_admit(request.num_tokens, uncached)
+
     def _entry(self, request: Request) -> Entry:
         lora = request.lora_request
         length = request.num_tokens - request.num_computed_tokens
@@ -146,6 +152,7 @@ class PackingRequestQueue(internal.RequestQueue):
         return Entry(
             key=request.request_id,
             length=length,
+            blocks=self._blocks(request, length),
             priority=request.priority if self._by_priority else 0,
             step=self._step,
             time=request.arrival_time,
@@ -277,7 +284,8 @@ class PrepackScheduler(internal.Scheduler):
         assert not self.waiting, "the waiting queue is swapped before any request arrives"
         cached = ((lambda request: cached_prefix_tokens(self, request))
                   if vllm_config.cache_config.enable_prefix_caching else None)
-        self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached)
+        self._kv_blocks = kv_block_accounting(self)
+        self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached, self._kv_blocks)
         spec = vllm_config.speculative_config
         self._draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
         self.prepack_stats = PrepackStats()
@@ -362,6 +370,11 @@ class PrepackScheduler(internal.Scheduler):
         if self._pause_state != internal.PauseState.UNPAUSED or phase.defer_prefills:
             budget = 0  # PAUSED_NEW admits only requests holding KV blocks; deferred: none
         budget -= self._kv_holding_tokens(min(budget, phase.input_left - self._draft_slots))
+        free_blocks, watermark = None, 0
+        if self._kv_blocks is not None:
+            free_blocks, watermark = free_kv_blocks(self)
+            free_blocks -= sum(self._kv_blocks.to_extend(self.requests[rid].num_computed_tokens, n)
+                               for rid, n in phase.tokens.items())
         groups: frozenset = frozenset()
         max_groups = None
         if self.lora_config:
@@ -380,6 +393,9 @@ class PrepackScheduler(internal.Scheduler):
             overhead=self._draft_slots,
             capacity=self.max_num_scheduled_tokens,
             cost=self.step_cost_model.current,
+            free_blocks=free_blocks,
+            watermark_blocks=watermark,
+            running=bool(self.running),
         )
 
     def _kv_holding_tokens(self, budget: int) -> int:

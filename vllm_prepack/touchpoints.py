@@ -165,6 +165,19 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                differs="rides like prepack_plan, with record_layout"),
     TouchPoint("SchedulerIterationDetails.elapsed_ms", _V.SET, _SCHED,
                differs="vLLM's own details time the forward alone; the plugin's, the whole step"),
+    # ---- KV fit: offer vLLM only requests whose blocks are free (issue 17) -------------------
+    *(TouchPoint(f"Scheduler.{name}", _V.READ, "touchpoints.kv_block_accounting",
+                 checked=("0.32.0", "0.33.0"))
+      for name in ("kv_cache_config", "block_size", "num_lookahead_tokens", "requests")),
+    TouchPoint("KVCacheConfig.kv_cache_groups", _V.READ, "touchpoints.kv_block_accounting",
+               checked=("0.32.0", "0.33.0")),
+    TouchPoint("vllm.v1.kv_cache_interface:SlidingWindowSpec", _V.IMPORT,
+               "touchpoints.kv_block_accounting", checked=("0.32.0", "0.33.0")),
+    TouchPoint("KVCacheManager.block_pool.get_num_free_blocks", _V.CALL, "touchpoints.free_kv_blocks",
+               checked=("0.32.0", "0.33.0"),
+               differs="counts evictable prefix-cache blocks as free, as allocate_slots does"),
+    TouchPoint("KVCacheManager.watermark_blocks", _V.READ, "touchpoints.free_kv_blocks",
+               checked=("0.32.0", "0.33.0"), differs="absent before the watermark: read as 0"),
 )
 
 REQUIRED_ATTRIBUTES: tuple[str, ...] = tuple(
@@ -269,6 +282,45 @@ def cached_prefix_tokens(scheduler, request) -> int:
     _, hit, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes,
                                                             request.num_tokens - 1)
     return hit
+
+
+@dataclass(frozen=True)
+class KVBlocks:
+    """How vLLM counts a request's KV blocks where one full-attention group holds every layer."""
+
+    block_size: int
+    lookahead: int  # slots allocate_slots adds for speculative tokens
+
+    def to_admit(self, num_tokens: int, uncached: int) -> int:
+        """Blocks vLLM must find free to admit a waiting request of `num_tokens` tokens whose
+        last `uncached` are not computed or cached (vLLM checks the whole sequence fits at
+        admission, scheduler_reserve_full_isl; cached blocks are taken as held by others)."""
+        reused = (num_tokens - uncached) // self.block_size
+        return max(0, -(-(num_tokens + self.lookahead) // self.block_size) - reused)
+
+    def to_extend(self, computed: int, tokens: int) -> int:
+        """Blocks a running request with `computed` tokens allocates for `tokens` more."""
+        size, ahead = self.block_size, self.lookahead
+        return max(0, -(-(computed + tokens + ahead) // size) - -(-(computed + ahead) // size))
+
+
+def kv_block_accounting(scheduler) -> KVBlocks | None:
+    """The block arithmetic of a plain full-attention KV cache; None where the estimate would
+    not hold (several KV groups: hybrid, sliding-window or Mamba models; no KV cache): there
+    the plugin does not track KV blocks and vLLM alone finds out what fits."""
+    groups = getattr(scheduler.kv_cache_config, "kv_cache_groups", ())
+    if len(groups) != 1:
+        return None
+    spec = groups[0].kv_cache_spec
+    if not isinstance(spec, internal.FullAttentionSpec) or isinstance(spec, internal.SlidingWindowSpec):
+        return None
+    return KVBlocks(scheduler.block_size, scheduler.num_lookahead_tokens)
+
+
+def free_kv_blocks(scheduler) -> tuple[int, int]:
+    """Free KV blocks now, and the watermark vLLM keeps free when admitting waiting requests."""
+    manager = scheduler.kv_cache_manager
+    return manager.block_pool.get_num_free_blocks(), getattr(manager, "watermark_blocks", 0)
 
 
 def capture_sizes(vllm_config) -> tuple[int, ...]:
