@@ -1,14 +1,14 @@
 """Property-based tests of the pure per-step policy (no vLLM)."""
 
+import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
-from dataclasses import replace
-
-from vllm_prepack.policy import (AGED_PROBES, PACK_SHARE, AgingBound, Entry, Reason, StepLimits, WaitingSet,
+from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, PACK_SHARE, AgingBound, Entry, Reason, StepLimits, WaitingSet,
                                   padding_gap)
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
@@ -199,7 +199,11 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked):
         binned = {k for b in level.bins.values() for k in b.keys}
         assert free.isdisjoint(binned) and free | binned == set(level.fifo)
         assert level.free_tokens == sum(level.fifo[k].length for k in free)
-        assert all(level.fifo[k].due == due for due, _, k in level.by_due)
+        dated = {k: cohort.due for cohort in level.cohorts.values() for k in cohort.members}
+        assert len(level.cohorts) == len(level.by_due)
+        assert all(level.cohorts[c].due == due and level.cohorts[c].members for due, _, c in level.by_due)
+        assert all(level.fifo[k].due == due for k, due in dated.items())
+        assert {k for k, e in level.fifo.items() if e.due != math.inf} == set(dated)
         assert len(level.bin_order) == len(level.bins)
 
 
@@ -479,3 +483,23 @@ def test_a_bin_whose_blocks_are_not_free_does_not_go_first():
     ws = kv_fill([(560, 40), (50, 4), (40, 3), *[(500, 32)] * 5, (300, 19), (310, 20)], pack_share=0.0)
     picks = ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False, free_blocks=45))
     assert all(p.reason != Reason.BIN for p in picks) and picks
+
+
+def test_a_burst_is_dated_and_binned_a_bounded_amount_per_step():
+    """Counted operations, not time: a 20k burst admitted in one step gets one deadline row
+    (its cohort), however large; the filler reserve builds at most BIG_BINS_PER_STEP bins a
+    plan; later arrivals add one row per step they arrive in."""
+    ws = WaitingSet(aging=AgingBound(drain_factor=1.0), pack_share=0.0)
+    for i in range(20_000):
+        ws.add(Entry(key=i, length=[900, 700, 40, 10][i % 4], step=0))
+    limits = StepLimits(budget=1024, seats=1024, chunked_prefill=False)
+    ws.plan(limits, step=0)
+    [level] = ws._levels.values()
+    assert len(level.by_due) == 1 and len(level.cohorts) == 1
+    assert 0 < len(level.bins) <= BIG_BINS_PER_STEP
+    for step in (1, 2):
+        for i in range(3):
+            ws.add(Entry(key=(step, i), length=5, step=step))
+        ws.plan(limits, step=step)
+        assert len(level.bins) <= (step + 1) * BIG_BINS_PER_STEP
+    assert len(level.by_due) == 3

@@ -36,7 +36,8 @@ import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
 from itertools import islice
-from dataclasses import dataclass
+from typing import NamedTuple
+from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
@@ -86,12 +87,31 @@ class Entry:
     group: Hashable | None = None  # LoRA adapter (None: no adapter)
     pinned: bool = False
     blocks: int = 0  # KV blocks vLLM must find free to admit it (0: not tracked)
-    due: float = math.inf  # the step from which it goes first (set by the first plan after admission)
     bin: int | None = None  # the reserved bin holding it (whole prompts only)
+    cohort: _Cohort | None = field(default=None, repr=False, compare=False)  # its deadline's
+
+    @property
+    def due(self) -> float:
+        """The step from which it goes first (set by the first plan after admission)."""
+        return math.inf if self.cohort is None else self.cohort.due
 
 
-@dataclass(frozen=True, slots=True)
-class Pick:
+class _Cohort:
+    """The requests of one priority level admitted in one step, and their one deadline: a
+    burst of any size is dated in O(log n) (one row of ``by_due``), not one row each."""
+
+    __slots__ = ("members", "due", "seq", "id")
+
+    def __init__(self, cohort_id: int) -> None:
+        self.members: dict[Key, Entry] = {}  # in admission order
+        self.due = math.inf
+        self.seq = 0  # the first member's admission order (EDF ties)
+        self.id = cohort_id
+
+
+class Pick(NamedTuple):
+    """One request in a step's plan (a tuple: cheap to make, a hundred a step)."""
+
     key: Key
     tokens: int  # tokens planned this step (== entry.length unless chunked)
     reason: Reason
@@ -183,14 +203,15 @@ class _Bin:
 class _Level:
     """The waiting requests of one priority level, indexed by length, deadline and age."""
 
-    __slots__ = ("free", "fifo", "pinned", "by_due", "bins", "bin_order", "free_tokens")
+    __slots__ = ("free", "fifo", "pinned", "by_due", "cohorts", "bins", "bin_order", "free_tokens")
 
     def __init__(self) -> None:
         self.free: SortedList = SortedList()  # (length, seq, key) of unpinned, unreserved entries
         self.free_tokens = 0
         self.fifo: OrderedDict[Key, Entry] = OrderedDict()  # admission order, unpinned only
         self.pinned: deque[Entry] = deque()
-        self.by_due: SortedList = SortedList()  # (due, seq, key) of unpinned entries with a deadline
+        self.by_due: SortedList = SortedList()  # (due, seq, cohort id) of dated cohorts
+        self.cohorts: dict[int, _Cohort] = {}  # the dated cohorts, by id
         self.bins: dict[int, _Bin] = {}
         self.bin_order: SortedList = SortedList()  # _Bin.order(id)
 
@@ -240,7 +261,8 @@ class WaitingSet:
         self._seq = 0
         self._bin_ids = 0
         self._tokens = 0  # sum of waiting lengths
-        self._undated: list[Entry] = []  # admitted since the last plan: no deadline yet
+        self._cohort_ids = 0
+        self._undated: dict[tuple[int, int], _Cohort] = {}  # (priority, step) -> admitted since the last plan
 
     # ---- membership -------------------------------------------------------------------------
 
@@ -271,7 +293,7 @@ class WaitingSet:
         entry.length = max(1, entry.length)
         entry.pinned = pinned
         entry.bin = None
-        entry.due = math.inf
+        entry.cohort = None
         level = self._levels.get(entry.priority)
         if level is None:
             level = self._levels[entry.priority] = _Level()
@@ -286,11 +308,17 @@ class WaitingSet:
             level.free_tokens += entry.length
         self._entries[entry.key] = entry
         self._tokens += entry.length
-        if not pinned:
-            if due == math.inf:
-                self._undated.append(entry)
-            else:
-                self._date(entry, due)
+        if pinned:
+            return
+        if due == math.inf:
+            cohort = self._undated.get((entry.priority, entry.step))
+            if cohort is None:
+                cohort = self._undated[(entry.priority, entry.step)] = self._new_cohort()
+        else:
+            cohort = self._new_cohort()
+            self._date(level, cohort, due, entry.seq)
+        cohort.members[entry.key] = entry
+        entry.cohort = cohort
 
     def remove(self, key: Key) -> Entry:
         entry = self._entries.pop(key)
@@ -305,8 +333,12 @@ class WaitingSet:
             else:
                 level.free.remove((entry.length, entry.seq, key))
                 level.free_tokens -= entry.length
-            if entry.due != math.inf:
-                level.by_due.remove((entry.due, entry.seq, key))
+            cohort = entry.cohort
+            del cohort.members[key]
+            entry.cohort = None
+            if not cohort.members and cohort.id in level.cohorts:
+                level.by_due.remove((cohort.due, cohort.seq, cohort.id))
+                del level.cohorts[cohort.id]
         if not level:
             del self._levels[entry.priority]
             self._priorities.remove(entry.priority)
@@ -338,31 +370,35 @@ class WaitingSet:
 
     # ---- deadlines --------------------------------------------------------------------------
 
-    def _date(self, entry: Entry, due: float) -> None:
-        entry.due = due
-        if due != math.inf:
-            self._levels[entry.priority].by_due.add((due, entry.seq, entry.key))
+    def _new_cohort(self) -> _Cohort:
+        self._cohort_ids += 1
+        return _Cohort(self._cohort_ids)
+
+    @staticmethod
+    def _date(level: _Level, cohort: _Cohort, due: float, seq: int) -> None:
+        cohort.due, cohort.seq = due, seq
+        level.by_due.add((due, seq, cohort.id))
+        level.cohorts[cohort.id] = cohort
 
     def _date_arrivals(self, step_tokens: int) -> None:
-        """Deadlines of the requests admitted since the last plan, from the queue they joined."""
+        """Deadlines of the requests admitted since the last plan, from the queue they joined:
+        one per cohort (a priority level's arrivals of one step), O(log n) whatever its size.
+        Without a drain or step bound they stay undated (never overdue by steps)."""
         wait = self.aging.wait(self._tokens / max(1, step_tokens))
-        dated: dict[int, list[tuple]] = {}
         if wait != math.inf:
-            for entry in self._undated:
-                if self._entries.get(entry.key) is entry and not entry.pinned and entry.due == math.inf:
-                    entry.due = entry.step + wait
-                    dated.setdefault(entry.priority, []).append((entry.due, entry.seq, entry.key))
-        for priority, rows in dated.items():
-            self._levels[priority].by_due.update(rows)  # one sorted merge, not n inserts
+            for (priority, step), cohort in self._undated.items():
+                if cohort.members:
+                    first = next(iter(cohort.members.values()))
+                    self._date(self._levels[priority], cohort, step + wait, first.seq)
         self._undated.clear()
 
     def _overdue(self, level: _Level, step: int, now: float) -> Iterator[Entry]:
         """Requests past their deadline, earliest deadline first; then those past the seconds
         bound, oldest first."""
-        for due, _, key in level.by_due:
+        for due, _, cohort_id in level.by_due:
             if due > step:
                 break
-            yield level.fifo[key]
+            yield from level.cohorts[cohort_id].members.values()
         if self.aging.seconds is not None:
             for entry in level.fifo.values():
                 if now - entry.time < self.aging.seconds:
@@ -424,16 +460,7 @@ class WaitingSet:
             self._build_bins(level, p.limits.budget)
         if level.bins and self._bin_first(level, p):
                 self._serve_bins(level, p)
-        for _, _, key in level.free:
-            if not p.has_room():
-                break
-            entry = level.fifo[key]
-            if p.taken(key) or not p.group_ok(entry):
-                continue
-            if entry.length > p.left or not p.kv_fits(entry):
-                break  # blocks grow with length: no longer prompt fits either
-            p.take(entry, Reason.SHORT)
-            exchangeable.append(entry)
+        p.take_shortest(level, exchangeable)
         if packing:
             self._exchange(level, p, exchangeable, step, now)
         if level.bins and all(p.taken(key) for _, _, key in level.free):
@@ -577,6 +604,7 @@ class _Planner:
         self._chunk_candidate: Entry | None = None
         self.blocked = False  # a must-go-first request did not fit: nothing may overtake it
         self.kv_left = limits.free_blocks  # None: KV blocks not tracked
+        self._chunks = 0  # picks that are chunks
 
     @property
     def picks(self) -> list[Pick]:
@@ -600,7 +628,7 @@ class _Planner:
 
     @property
     def whole_picks(self) -> int:
-        return sum(1 for pick in self._picks.values() if not pick.chunked)
+        return len(self._picks) - self._chunks
 
     def group_ok(self, entry: Entry) -> bool:
         max_groups = self.limits.max_groups
@@ -627,7 +655,8 @@ class _Planner:
 
     def take(self, entry: Entry, reason: Reason, tokens: int | None = None) -> None:
         tokens = entry.length if tokens is None else tokens
-        self._picks[entry.key] = Pick(entry.key, tokens, reason)
+        pick = self._picks[entry.key] = Pick(entry.key, tokens, reason)
+        self._chunks += pick.chunked
         self._charge(tokens, +1)
         if self.kv_left is not None:
             self.kv_left -= entry.blocks
@@ -635,7 +664,9 @@ class _Planner:
             self._group_counts[entry.group] += 1
 
     def untake(self, entry: Entry) -> None:
-        self._charge(self._picks.pop(entry.key).tokens, -1)
+        pick = self._picks.pop(entry.key)
+        self._chunks -= pick.chunked
+        self._charge(pick.tokens, -1)
         if self.kv_left is not None:
             self.kv_left += entry.blocks
         if entry.group is not None:
@@ -647,6 +678,48 @@ class _Planner:
             self.input_left -= sign * (tokens + self.limits.overhead)
         self.planned_tokens += sign * tokens
         self.seats -= sign
+
+    def take_shortest(self, level: _Level, taken: list[Entry]) -> None:
+        """(b) free prompts shortest first while they fit (appended to `taken`). The hot loop
+        of a plan (a hundred picks a step): the budget's arithmetic is inlined where no LoRA
+        limit applies."""
+        if self.limits.max_groups is not None:
+            for _, _, key in level.free:
+                if not self.has_room():
+                    return
+                entry = level.fifo[key]
+                if self.taken(key) or not self.group_ok(entry):
+                    continue
+                if entry.length > self.left or not self.kv_fits(entry):
+                    return  # blocks grow with length: no longer prompt fits either
+                self.take(entry, Reason.SHORT)
+                taken.append(entry)
+            return
+        limits, picks, fifo = self.limits, self._picks, level.fifo
+        token_left, input_left, seats, kv_left = self.token_left, self.input_left, self.seats, self.kv_left
+        overhead, planned = limits.overhead, 0
+        watermark = limits.watermark_blocks if (limits.running or picks) else 0
+        for length, _, key in level.free:
+            left = token_left if input_left is None else min(token_left, input_left - overhead)
+            if seats <= 0 or left <= 0 or length > left:
+                break
+            if key in picks:
+                continue
+            entry = fifo[key]
+            if kv_left is not None:
+                if entry.blocks + watermark > kv_left:
+                    break  # blocks grow with length: no longer prompt fits either
+                kv_left -= entry.blocks
+                watermark = limits.watermark_blocks
+            picks[key] = Pick(key, length, Reason.SHORT)
+            taken.append(entry)
+            token_left -= length
+            planned += length
+            seats -= 1
+            if input_left is not None:
+                input_left -= length + overhead
+        self.token_left, self.input_left, self.seats, self.kv_left = token_left, input_left, seats, kv_left
+        self.planned_tokens += planned
 
     def take_in_order(self, entry: Entry, reason: Reason) -> bool:
         """A must-go-first request: whole, else a chunk, else the plan stops here. One whose
