@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
-from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, PACK_SHARE, AgingBound, Entry, Reason, StepLimits, WaitingSet,
+from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, KV_PATIENCE_STEPS, PACK_SHARE, AgingBound, Entry, Reason, StepLimits, WaitingSet,
                                   padding_gap)
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
@@ -469,14 +469,18 @@ def test_short_prompts_flow_past_a_long_one_whose_blocks_are_not_free():
     assert sorted(p.key for p in picks) == [1, 2, 3]  # the exchange may not bring 0 in
 
 
-def test_an_overdue_request_whose_blocks_are_not_free_keeps_its_place():
-    """Nothing overtakes it: it waits for blocks as vLLM would, so it cannot starve."""
+def test_an_overdue_request_whose_blocks_are_not_free_lets_others_by_then_keeps_its_place():
+    """Past its deadline it goes first where its blocks are free; where they are not, shorter
+    ones go for KV_PATIENCE_STEPS (or its own wait, if longer); then nothing overtakes it: it
+    waits for blocks as vLLM would, so it cannot starve."""
     ws = WaitingSet(aging=AgingBound(steps=2))
     ws.add(Entry(key="old", length=200, blocks=13, step=0))
     ws.add(Entry(key="new", length=10, blocks=1, step=5))
     limits = StepLimits(budget=512, seats=10, chunked_prefill=False, free_blocks=8)
-    assert ws.plan(limits, step=6) == []
-    assert [p.key for p in ws.plan(replace(limits, free_blocks=20), step=7)] == ["old", "new"]
+    assert [p.key for p in ws.plan(limits, step=6)] == ["new"]
+    assert [p.key for p in ws.plan(limits, step=2 + KV_PATIENCE_STEPS - 1)] == ["new"]
+    assert ws.plan(limits, step=2 + KV_PATIENCE_STEPS) == []
+    assert [p.key for p in ws.plan(replace(limits, free_blocks=20), step=300)] == ["old", "new"]
 
 
 def test_a_bin_whose_blocks_are_not_free_does_not_go_first():

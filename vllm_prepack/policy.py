@@ -54,6 +54,9 @@ BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts s
 # of a full step's (a / (a + b x budget)): below it a saved step is worth less than the wait the
 # packing adds to the prompts it moves
 PACK_SHARE = 0.4
+# an overdue request whose KV blocks are not free lets others by for this many steps past its
+# deadline (or its own wait, if longer), then holds its place until its blocks are free
+KV_PATIENCE_STEPS = 256
 
 
 def padding_gap(tokens: int, capture_sizes: Sequence[int]) -> int:
@@ -471,10 +474,18 @@ class WaitingSet:
                    exchangeable: list[Entry]) -> None:
         """(a) Overdue requests go first, earliest deadline first: whole, else a chunk, else the
         step stops. With chunked prefill off, only the first may stop the step; the others
-        follow first-fit, so an all-overdue queue still packs."""
+        follow first-fit, so an all-overdue queue still packs. One whose KV blocks are not
+        free is passed over for KV_PATIENCE_STEPS past its deadline (or its own wait, if
+        longer); then it keeps its place and waits for blocks as vLLM would, so it cannot
+        starve."""
         misses = 0
         for index, entry in enumerate(self._overdue(level, step, now)):
             if p.taken(entry.key):
+                continue
+            if not p.kv_fits(entry) and step - entry.due < max(KV_PATIENCE_STEPS, entry.due - entry.step):
+                misses += 1  # its blocks are not free: shorter ones go meanwhile
+                if misses > AGED_PROBES:
+                    return
                 continue
             if index == 0 or p.limits.chunked_prefill:  # chunks pack in deadline order perfectly
                 if not p.take_in_order(entry, Reason.AGED):
