@@ -178,6 +178,9 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                differs="counts evictable prefix-cache blocks as free, as allocate_slots does"),
     TouchPoint("KVCacheManager.watermark_blocks", _V.READ, "touchpoints.free_kv_blocks",
                checked=("0.32.0", "0.33.0"), differs="absent before the watermark: read as 0"),
+    TouchPoint("LLM.llm_engine.engine_core.engine_core.model_executor.execute_model", _V.PATCH,
+               "touchpoints.delay_model_execution (bench/engines.py only: a GPU's fixed step cost)",
+               checked=("0.32.0",)),
 )
 
 REQUIRED_ATTRIBUTES: tuple[str, ...] = tuple(
@@ -332,6 +335,19 @@ def capture_sizes(vllm_config) -> tuple[int, ...]:
     if compilation.cudagraph_mode.name == "NONE":
         return ()
     return tuple(sorted(compilation.cudagraph_capture_sizes or ()))
+
+
+def delay_model_execution(llm, seconds: float) -> None:
+    """Benchmarks only: every model execution of an in-process engine first sleeps `seconds`,
+    standing in for a GPU's fixed cost per step (launches, graph replay) on a CPU engine."""
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    inner = executor.execute_model
+
+    def delayed(*args, **kwargs):
+        time.sleep(seconds)
+        return inner(*args, **kwargs)
+
+    executor.execute_model = delayed
 
 
 def engine_scheduler(llm):
