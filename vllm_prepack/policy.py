@@ -24,8 +24,20 @@ prompts; once none is left, the reserved bins go, those that finish the most req
 (Smith's rule). The builder works a few bins per step from the long end while shortest-first
 eats from the short end, so the per-step cost stays O((k + bins) log n).
 
+Packing (the reserve and the exchange) saves steps, and a step saved is worth its fixed cost
+a for every request still waiting; it costs the prompts it moves a longer wait. So the plan
+packs only where a step's fixed cost is at least ``PACK_SHARE`` of a full step's (the step
+cost, ``cost.py``, learned from the engine's own step times), and weighs a reserved bin
+against a shortest-first step by requests started per second of step (Smith's rule in
+seconds): with a near 0 it orders like shortest-prefill-first, with a large a it packs to the
+bound.
+
 A request that must go first but does not fit (chunked prefill off) stops the plan: letting
-others overtake it would starve it, which is exactly what its deadline forbids.
+others overtake it would starve it, which is exactly what its deadline forbids. KV blocks
+(where the adapter tracks them): the plan offers only requests whose blocks are free, so vLLM
+never stops at an allocation while a smaller request would fit (vLLM's head-of-line blocking
+on KV); an overdue request whose blocks are not free lets others by for KV_PATIENCE_STEPS,
+then keeps its place and waits for its blocks, as vLLM would.
 """
 
 from __future__ import annotations

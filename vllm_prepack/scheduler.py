@@ -12,6 +12,10 @@ budget the running requests leave. The queue then presents the planned requests 
 own mechanism (KV allocation, LoRA limits, prefix caching, encoder budget, preemption) admits
 them. Whatever vLLM decides is final; the plan only decides the order.
 
+The plan also gets the step cost (``cost.py``: a + b x tokens + c x sequences, fitted online
+from the whole steps this scheduler times between one ``update_from_output`` and the next) and,
+for a plain full-attention KV cache, the blocks free after the running requests take theirs.
+
 The budget the plan needs is a mirror of vLLM's running phase (``_running_phase``); with
 ``debug_layout`` (and in every test) it is checked against what vLLM then scheduled, every step.
 Every vLLM internal read or overridden here is listed in ``touchpoints.py`` (the registry), which
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vllm_prepack.config import PrepackConfig
+from vllm_prepack.cost import MIN_STEPS
 from vllm_prepack.policy import Entry, Pick, StepLimits, WaitingSet
 from vllm_prepack.touchpoints import (
     REQUIRED_ATTRIBUTES,
@@ -51,7 +56,7 @@ if TYPE_CHECKING:  # annotations only: nothing is imported from vLLM but through
 logger = logging.getLogger("vllm_prepack")
 
 REFRESH_PER_STEP = 256  # prefix-cache lookups of waiting requests per step
-LOG_COST_EVERY = 1024  # steps between debug log lines of the fitted step cost
+LOG_COST_EVERY = 1024  # steps between debug log lines of the fitted step cost (-v)
 MAX_REMEMBERED_DEADLINES = 65_536  # deadlines kept for re-entry (priority policy), newest
 
 
@@ -332,7 +337,7 @@ class PrepackScheduler(internal.Scheduler):
         if self._last_step_end is not None and tokens > 0:
             model = self.step_cost_model
             model.observe(tokens, len(scheduler_output.num_scheduled_tokens), now - self._last_step_end)
-            if model.steps % LOG_COST_EVERY == 0:
+            if model.steps == MIN_STEPS or model.steps % LOG_COST_EVERY == 0:
                 logger.debug("step cost: %s", model.report())
         self._last_step_end = now if self.has_requests() else None
         return outputs
