@@ -311,13 +311,14 @@ def kv_block_accounting(scheduler) -> KVBlocks | None:
     """The block arithmetic of a plain full-attention KV cache; None where the estimate would
     not hold (several KV groups: hybrid, sliding-window or Mamba models; no KV cache): there
     the plugin does not track KV blocks and vLLM alone finds out what fits."""
-    groups = getattr(scheduler.kv_cache_config, "kv_cache_groups", ())
-    if len(groups) != 1:
+    groups = getattr(getattr(scheduler, "kv_cache_config", None), "kv_cache_groups", ())
+    block_size = getattr(scheduler, "block_size", None)  # read on 0.32 and 0.33 only
+    if len(groups) != 1 or not block_size:
         return None
     spec = groups[0].kv_cache_spec
     if not isinstance(spec, internal.FullAttentionSpec) or isinstance(spec, internal.SlidingWindowSpec):
         return None
-    return KVBlocks(scheduler.block_size, scheduler.num_lookahead_tokens)
+    return KVBlocks(block_size, getattr(scheduler, "num_lookahead_tokens", 0))
 
 
 def free_kv_blocks(scheduler) -> tuple[int, int]:
