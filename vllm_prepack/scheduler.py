@@ -268,8 +268,6 @@ class PrepackScheduler(internal.Scheduler):
     for it: with ``async_scheduling`` on, instances are ``PrepackAsyncScheduler``.
     """
 
-    prepack_clock = staticmethod(time.perf_counter)  # step times (the engine-free bench: its clock)
-
     def __new__(cls, vllm_config, *args, **kwargs):
         if cls is PrepackScheduler and vllm_config.scheduler_config.async_scheduling:
             cls = PrepackAsyncScheduler
@@ -299,6 +297,7 @@ class PrepackScheduler(internal.Scheduler):
         self._iteration = None  # this step's context/generation split, until make_stats takes it
         self._capture_sizes = capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
         self.step_cost_model = self.prepack_config.step_cost_model(self.max_num_scheduled_tokens)
+        self.prepack_clock = time.perf_counter  # step times (the engine-free bench sets its clock)
         self._last_step_end: float | None = None  # when the last busy step ended
 
     def schedule(self, *args, **kwargs):

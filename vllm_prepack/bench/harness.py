@@ -62,11 +62,12 @@ def standalone_scheduler(
     num_blocks: int = 10_000,
     block_size: int = 16,
     additional_config: dict | None = None,
-    verify: bool = True,
+    verify: bool | None = True,
     speculative_config: dict | None = None,
 ):
     """A real vLLM scheduler (one of SCHEDULERS) built without an engine or a model. `verify`:
-    the plugin checks its mirror of vLLM's running budget every step (as with debug_layout)."""
+    the plugin checks its mirror of vLLM's running budget every step (as with debug_layout);
+    None leaves the plugin's own setting."""
     import torch
 
     from vllm_prepack.touchpoints import internal
@@ -103,7 +104,7 @@ def standalone_scheduler(
         block_size=block_size,
         log_stats=False,
     )
-    if hasattr(scheduler, "verify_budget"):
+    if verify is not None and hasattr(scheduler, "verify_budget"):
         scheduler.verify_budget = verify
     return scheduler
 
