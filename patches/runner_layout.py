@@ -36,6 +36,7 @@ from vllm_prepack.touchpoints import (
     runner_output,
     runner_recorder,
     scheduled_plan_inputs,
+    step_cost_of,
 )
 
 
@@ -56,6 +57,7 @@ def _record(runner, rec: LayoutRecorder, output, num_tokens: int, num_reqs: int,
         **runner_layout_inputs(runner, num_reqs),
     )
     rec.add(layout)
+    rec.step_cost = step_cost_of(output) or rec.step_cost
     if rec.debug:
         rec.checked += 1
         scheduled, cached = scheduled_plan_inputs(output)

@@ -66,6 +66,8 @@ def test_recorded_layout_through_collective_rpc(engine, tiny_model):
     assert report["padded_tokens"] == 0  # CPU: no CUDA graphs
     last = report["recent"][-1]
     assert last["query_start_loc"][0] == 0 and last["seconds"] > 0
+    cost = report["step_cost"]  # the scheduler's step-cost model, as last planned
+    assert cost["per_token_s"] > 0 and cost["steps"] > 0 and cost["source"] in ("prior", "fit")
 
 
 @pytest.mark.engine
@@ -155,6 +157,9 @@ def test_prometheus_metrics_from_a_real_server(tiny_model, tmp_path):
     assert values["vllm_prepack:time_to_first_token_seconds_count"] == 6
     assert values["vllm_prepack:queue_wait_seconds_count"] == 6
     assert values["vllm_prepack:padded_tokens_total"] == 0  # CPU: no CUDA graphs
+    # the step-cost model, fitted from the whole steps' times the iteration details carry
+    assert values["vllm_prepack:step_cost_per_token_seconds"] > 0
+    assert values["vllm_prepack:step_cost_fixed_seconds"] >= 0
 
 
 def test_metrics_record_each_step_and_finished_request():
@@ -173,7 +178,8 @@ def test_metrics_record_each_step_and_finished_request():
             scheduler_config=SimpleNamespace(scheduler_cls=scheduler_cls, max_num_batched_tokens=100),
             model_config=SimpleNamespace(served_model_name="metrics-test", model="m", enforce_eager=False),
             compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name="FULL"),
-                                               cudagraph_capture_sizes=[8, 16, 64, 128]))
+                                               cudagraph_capture_sizes=[8, 16, 64, 128]),
+            additional_config={"prepack": {"step_cost_fixed_tokens": 50}})
 
     logger = PrepackStatLogger(config("vllm_prepack.PrepackScheduler"))
     step = internal.SchedulerIterationDetails(iteration_index=1, num_ctx_requests=2, num_ctx_tokens=40,
@@ -190,6 +196,15 @@ def test_metrics_record_each_step_and_finished_request():
     assert value("budget_fill_ratio_sum") == pytest.approx(0.43)
     assert value("sequences_per_step_sum") == 5
     assert (value("time_to_first_token_seconds_count"), value("queue_wait_seconds_count")) == (2, 1)
+    # the step-cost gauges: the prior's shape until steps carry their time, then the fit
+    assert value("step_cost_per_sequence_seconds") == 0 and value("step_cost_fixed_seconds") > 0
+    for tokens in range(5, 100, 5):  # 0.5 ms fixed + 10 us a token, the whole step's time
+        timed = internal.SchedulerIterationDetails(
+            iteration_index=2, num_ctx_requests=1, num_ctx_tokens=tokens, num_generation_requests=0,
+            num_generation_tokens=0, elapsed_ms=0.5 + 0.01 * tokens)
+        logger.record(SimpleNamespace(iteration_details=timed), None)
+    assert value("step_cost_fixed_seconds") == pytest.approx(5e-4, rel=1e-3)
+    assert value("step_cost_per_token_seconds") == pytest.approx(1e-5, rel=1e-3)
     plain = PrepackStatLogger(config(None))
     plain.record(SimpleNamespace(iteration_details=step), iteration)
-    assert not plain.active and value("steps_total") == 1
+    assert not plain.active and value("steps_total") == 1 + 19  # the step above and the timed ones

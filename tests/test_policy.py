@@ -1,12 +1,15 @@
 """Property-based tests of the pure per-step policy (no vLLM)."""
 
+import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
-from vllm_prepack.policy import AGED_PROBES, AgingBound, Entry, Reason, StepLimits, WaitingSet, padding_gap
+from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, KV_PATIENCE_STEPS, PACK_SHARE, AgingBound, Entry, Reason, StepLimits, WaitingSet,
+                                  padding_gap)
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
 
@@ -69,10 +72,13 @@ def test_every_request_scheduled_once_within_budget(lengths, budget, seats, chun
 @settings(max_examples=200, deadline=None)
 @given(lengths=lengths_st, budget=st.integers(1, 600), chunked=st.booleans())
 def test_plan_is_deterministic_and_pure(lengths, budget, chunked):
+    """The same waiting set plans the same step; planning admits nothing (it may reserve
+    more bins on a second call, so a repeated plan may differ)."""
     a, b = fill(lengths), fill(lengths)
     limits = StepLimits(budget=budget, seats=64, chunked_prefill=chunked)
-    assert a.plan(limits) == b.plan(limits) == a.plan(limits)
-    assert len(a) == len(lengths)  # planning changes nothing
+    assert a.plan(limits) == b.plan(limits)
+    assert a.plan(limits, step=1) == b.plan(limits, step=1)
+    assert len(a) == len(lengths) and sorted(a) == sorted(range(len(lengths)))
 
 
 @settings(max_examples=300, deadline=None)
@@ -193,7 +199,11 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked):
         binned = {k for b in level.bins.values() for k in b.keys}
         assert free.isdisjoint(binned) and free | binned == set(level.fifo)
         assert level.free_tokens == sum(level.fifo[k].length for k in free)
-        assert all(level.fifo[k].due == due for due, _, k in level.by_due)
+        dated = {k: cohort.due for cohort in level.cohorts.values() for k in cohort.members}
+        assert len(level.cohorts) == len(level.by_due)
+        assert all(level.cohorts[c].due == due and level.cohorts[c].members for due, _, c in level.by_due)
+        assert all(level.fifo[k].due == due for k, due in dated.items())
+        assert {k for k, e in level.fifo.items() if e.due != math.inf} == set(dated)
         assert len(level.bin_order) == len(level.bins)
 
 
@@ -376,6 +386,127 @@ def test_padding_gap(tokens, sizes):
     assert gap == (fitting[0] - tokens if fitting and tokens > 0 else 0)
 
 
+# ---- the step cost (issue 17) ------------------------------------------------------------------
+
+from vllm_prepack.cost import StepCost  # noqa: E402
+
+
+def test_a_bin_goes_first_by_requests_per_second_of_step():
+    """Smith's rule in seconds: the bin [560, 50, 40] starts 3 requests in 650 tokens, the
+    shortest-first step only [200] (no 500 fits beside it). Where a step costs its tokens
+    (a = 0), 1 request in 200 tokens beats 3 in 650; where a dominates, 3 beat 1."""
+    lengths = [560, 50, 40, 500, 500, 500, 500, 500, 150, 200]
+
+    def first(cost):
+        ws = fill(lengths, pack_share=0.0, max_swaps=0)  # always a reserve; the rule alone decides
+        return [(p.key, p.reason) for p in ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False,
+                                                                  cost=cost), step=0)]
+
+    assert first(StepCost(0.0, 1.0))[0] == (9, Reason.SHORT)
+    assert first(StepCost(10_000.0, 1.0))[:3] == [(0, Reason.BIN), (1, Reason.BIN), (2, Reason.BIN)]
+    assert first(None) == first(StepCost(10_000.0, 1.0))  # no cost: every step the same
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=60), budget=st.integers(300, 800),
+       share=st.floats(0, 0.999))
+def test_where_steps_cost_their_tokens_the_plan_is_shortest_first(lengths, budget, share):
+    """A fixed cost below pack_fixed_share of a full step: no reserve, no exchange; each step
+    takes the shortest prompts while they fit, as shortest-prefill-first does."""
+    fixed = share * PACK_SHARE / (1 - PACK_SHARE) * budget  # a / (a + budget) < PACK_SHARE
+    ws = fill(lengths, aging=AgingBound())
+    picks = ws.plan(StepLimits(budget=budget, seats=10_000, chunked_prefill=False,
+                               cost=StepCost(fixed, 1.0)))
+    spf, used = [], 0
+    for key in sorted(range(len(lengths)), key=lambda k: (lengths[k], k)):
+        if used + lengths[key] > budget:
+            break
+        spf.append(key)
+        used += lengths[key]
+    assert [p.key for p in picks] == spf and all(p.reason == Reason.SHORT for p in picks)
+
+
+def test_the_doc_example_packs_only_where_the_fixed_cost_is_large():
+    """[200, 30, 100, 250, 20] in 256 tokens: at a = 0, shortest first (20 + 30 + 100, then
+    200 does not fit); at a = a full step, the best-fit exchange fills the step (20 + 30 + 200)."""
+    limits = lambda a: StepLimits(budget=256, seats=10, chunked_prefill=False,  # noqa: E731
+                                  cost=StepCost(a, 1.0))
+    assert sorted(p.key for p in fill([200, 30, 100, 250, 20]).plan(limits(0.0))) == [1, 2, 4]
+    assert sorted(p.key for p in fill([200, 30, 100, 250, 20]).plan(limits(256.0))) == [0, 1, 4]
+
+
+# ---- KV blocks (issue 17) ------------------------------------------------------------------------
+
+
+def kv_fill(items, **kw):
+    ws = WaitingSet(**kw)
+    for i, (n, blocks) in enumerate(items):
+        ws.add(Entry(key=i, length=n, blocks=blocks, step=0))
+    return ws
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(st.tuples(st.integers(1, 300), st.integers(0, 40)), min_size=1, max_size=40),
+       free=st.integers(0, 200), watermark=st.integers(0, 5), running=st.booleans(),
+       chunked=st.booleans(), fixed=st.sampled_from([0.0, 1e5]))
+def test_a_plan_offers_only_requests_whose_blocks_are_free(items, free, watermark, running, chunked, fixed):
+    """Every planned request's blocks fit the free pool, less the watermark once anything
+    runs in the step, so vLLM never stops at an allocation the plan made; and a request left
+    out while its tokens fit is one whose blocks do not (or a longer one, behind it)."""
+    ws = kv_fill(items, pack_share=0.0 if fixed else 1.0)
+    limits = StepLimits(budget=600, seats=100, chunked_prefill=chunked, free_blocks=free,
+                        watermark_blocks=watermark, running=running, cost=StepCost(fixed, 1.0))
+    left = free
+    for index, pick in enumerate(ws.plan(limits)):
+        need = items[pick.key][1] + (watermark if running or index else 0)
+        assert need <= left
+        left -= items[pick.key][1]
+
+
+def test_short_prompts_flow_past_a_long_one_whose_blocks_are_not_free():
+    ws = kv_fill([(200, 13), (10, 1), (20, 2), (30, 2)], pack_share=0.0)
+    picks = ws.plan(StepLimits(budget=512, seats=10, chunked_prefill=False, free_blocks=8))
+    assert sorted(p.key for p in picks) == [1, 2, 3]  # the exchange may not bring 0 in
+
+
+def test_an_overdue_request_whose_blocks_are_not_free_lets_others_by_then_keeps_its_place():
+    """Past its deadline it goes first where its blocks are free; where they are not, shorter
+    ones go for KV_PATIENCE_STEPS (or its own wait, if longer); then nothing overtakes it: it
+    waits for blocks as vLLM would, so it cannot starve."""
+    ws = WaitingSet(aging=AgingBound(steps=2))
+    ws.add(Entry(key="old", length=200, blocks=13, step=0))
+    ws.add(Entry(key="new", length=10, blocks=1, step=5))
+    limits = StepLimits(budget=512, seats=10, chunked_prefill=False, free_blocks=8)
+    assert [p.key for p in ws.plan(limits, step=6)] == ["new"]
+    assert [p.key for p in ws.plan(limits, step=2 + KV_PATIENCE_STEPS - 1)] == ["new"]
+    assert ws.plan(limits, step=2 + KV_PATIENCE_STEPS) == []
+    assert [p.key for p in ws.plan(replace(limits, free_blocks=20), step=300)] == ["old", "new"]
+
+
+def test_a_bin_whose_blocks_are_not_free_does_not_go_first():
+    ws = kv_fill([(560, 40), (50, 4), (40, 3), *[(500, 32)] * 5, (300, 19), (310, 20)], pack_share=0.0)
+    picks = ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False, free_blocks=45))
+    assert all(p.reason != Reason.BIN for p in picks) and picks
+
+
+def test_a_burst_is_dated_and_binned_a_bounded_amount_per_step():
+    """Counted operations, not time: a 20k burst admitted in one step gets one deadline row
+    (its cohort), however large; the filler reserve builds at most BIG_BINS_PER_STEP bins a
+    plan; later arrivals add one row per step they arrive in."""
+    ws = WaitingSet(aging=AgingBound(drain_factor=1.0), pack_share=0.0)
+    for i in range(20_000):
+        ws.add(Entry(key=i, length=[900, 700, 40, 10][i % 4], step=0))
+    limits = StepLimits(budget=1024, seats=1024, chunked_prefill=False)
+    ws.plan(limits, step=0)
+    [level] = ws._levels.values()
+    assert len(level.by_due) == 1 and len(level.cohorts) == 1
+    assert 0 < len(level.bins) <= BIG_BINS_PER_STEP
+    for step in (1, 2):
+        for i in range(3):
+            ws.add(Entry(key=(step, i), length=5, step=step))
+        ws.plan(limits, step=step)
+        assert len(level.bins) <= (step + 1) * BIG_BINS_PER_STEP
+    assert len(level.by_due) == 3
 def test_the_seconds_bound_puts_a_request_first_once_it_has_waited_that_long():
     ws = WaitingSet(AgingBound(seconds=10.0, drain_factor=None), max_swaps=0)
     ws.add(Entry(key="old", length=300, time=0.0))

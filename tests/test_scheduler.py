@@ -272,6 +272,50 @@ def test_budget_mirror_holds_with_speculative_decoding(tiny_model, draft_slots, 
     assert s._draft_slots == draft_slots
 
 
+# ---- the step cost and the KV fit (issue 17) ---------------------------------------------------
+
+
+def test_the_plugin_learns_the_step_cost_from_the_steps_it_times(tiny_model):
+    """Engine-free, in seconds: every step takes a + b x tokens on the harness's clock; the
+    plugin times whole steps (update_from_output to update_from_output) and fits a and b.
+    With a = the time of a full step it packs (fewer steps than shortest-first); with a = 0
+    it orders like shortest-first."""
+    from vllm_prepack.bench.harness import simulate
+    from vllm_prepack.bench.report import summary
+    from vllm_prepack.cost import StepCost
+    from vllm_prepack.workloads import prompt_lengths
+
+    lengths = prompt_lengths("heavytail", 400, seed=2, max_len=1023)
+    for fixed_tokens in (0, 1024):
+        truth = StepCost(fixed_tokens * 1e-5, 1e-5)
+        runs = {s: simulate(tiny_model, lengths, s, 1024, False, cost=truth) for s in ("spf", "prepack")}
+        fitted = runs["prepack"].cost.current
+        assert fitted.seconds(1000) == pytest.approx(truth.seconds(1000), rel=1e-3)
+        assert fitted.fixed_tokens == pytest.approx(fixed_tokens, abs=1)
+        spf, pack = (summary(runs[s].ttft_s)["mean"] for s in ("spf", "prepack"))
+        if fixed_tokens:
+            assert runs["prepack"].steps < runs["spf"].steps and runs["prepack"].wall < runs["spf"].wall
+        else:
+            # the deadlines of the backlog's tail may reorder its last steps
+            assert runs["prepack"].steps == runs["spf"].steps and pack <= 1.01 * spf
+
+
+def test_short_prompts_are_admitted_past_a_long_one_whose_blocks_are_not_free(tiny_model):
+    """A long generation holds most of a small KV pool; a long prompt that would need more
+    blocks than are free waits, and the short ones behind it go (plain vLLM stops at it)."""
+    def run(scheduler):
+        s = standalone_scheduler(tiny_model, scheduler=scheduler, budget=512, max_model_len=512,
+                                 chunked_prefill=False, num_blocks=40, block_size=16)
+        s.add_request(make_request("holder", 400, max_tokens=40))  # 25+ blocks while it decodes
+        fake_step(s, s.schedule())
+        s.add_request(make_request("long", 300))  # 19 blocks: not free until holder ends
+        for i in range(4):
+            s.add_request(make_request(f"short{i}", 20))
+        out = s.schedule()
+        return set(out.num_scheduled_tokens) - {"holder"}
+
+    assert run("fcfs") == set()  # head-of-line: vLLM stops at the long prompt
+    assert run("prepack") == {f"short{i}" for i in range(4)}
 def first_admitted(tiny_model, scheduler, rid, steps=12):
     """Step a scheduler (budget 256, whole prompts) holding a 250-token prompt while two
     100-token prompts arrive every step: the step at which `rid` is first scheduled, or None."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ BENCHES = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-prepack", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log the plugin's decisions (e.g. the fitted step cost) at debug level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="plain vLLM vs prepack on an embedded model and batch")
@@ -32,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, help="also write the markdown here")
 
     args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig()
+        logging.getLogger("vllm_prepack").setLevel(logging.DEBUG)
     from vllm_prepack.batch import JobError
     from vllm_prepack.config import PrepackConfigError
 

@@ -12,6 +12,10 @@ budget the running requests leave. The queue then presents the planned requests 
 own mechanism (KV allocation, LoRA limits, prefix caching, encoder budget, preemption) admits
 them. Whatever vLLM decides is final; the plan only decides the order.
 
+The plan also gets the step cost (``cost.py``: a + b x tokens + c x sequences, fitted online
+from the whole steps this scheduler times between one ``update_from_output`` and the next) and,
+for a plain full-attention KV cache, the blocks free after the running requests take theirs.
+
 The budget the plan needs is a mirror of vLLM's running phase (``_running_phase``); with
 ``debug_layout`` (and in every test) it is checked against what vLLM then scheduled, every step.
 Every vLLM internal read or overridden here is listed in ``touchpoints.py`` (the registry), which
@@ -21,6 +25,7 @@ is checked at engine start, so a vLLM that renamed one fails there, naming it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
@@ -28,23 +33,30 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vllm_prepack.config import PrepackConfig
+from vllm_prepack.cost import MIN_STEPS
 from vllm_prepack.policy import Entry, Pick, StepLimits, WaitingSet
 from vllm_prepack.touchpoints import (
     REQUIRED_ATTRIBUTES,
     TESTED_VLLM,
     active_adapters,
     attach_plan,
+    attach_step_cost,
     cached_prefix_tokens,
     capture_sizes,
     check_vllm_version,
+    free_kv_blocks,
     internal,
+    kv_block_accounting,
     prefills_deferred,
 )
 
 if TYPE_CHECKING:  # annotations only: nothing is imported from vLLM but through touchpoints
     from vllm.v1.request import Request
 
+logger = logging.getLogger("vllm_prepack")
+
 REFRESH_PER_STEP = 256  # prefix-cache lookups of waiting requests per step
+LOG_COST_EVERY = 1024  # steps between debug log lines of the fitted step cost (-v)
 MAX_REMEMBERED_DEADLINES = 65_536  # deadlines kept for re-entry (priority policy), newest
 
 
@@ -65,11 +77,12 @@ class BudgetMismatch(AssertionError):
 class PackingRequestQueue(internal.RequestQueue):
     """vLLM's waiting queue, ordered by the packing policy instead of arrival."""
 
-    def __init__(self, config: PrepackConfig, policy, cached_tokens=None) -> None:
-        self._set = WaitingSet(config.aging, config.max_swaps)
+    def __init__(self, config: PrepackConfig, policy, cached_tokens=None, kv_blocks=None) -> None:
+        self._set = WaitingSet(config.aging, config.max_swaps, config.pack_fixed_share)
         self._requests: dict[str, Request] = {}
         self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
+        self._kv_blocks = kv_blocks  # touchpoints.KVBlocks, None: KV blocks not tracked
         # prefix caching: waiting requests by their first block, and the blocks of requests
         # admitted last step (their siblings may hit the cache now)
         self._groups: dict[object, set[str]] = {}
@@ -109,8 +122,8 @@ class PackingRequestQueue(internal.RequestQueue):
         for _ in range(min(REFRESH_PER_STEP, len(self._to_refresh))):
             request = self._requests.get(self._to_refresh.popleft())
             if request is not None and request.num_computed_tokens == 0:
-                self._set.resize(request.request_id,
-                                 request.num_tokens - self._cached_tokens(request))
+                uncached = request.num_tokens - self._cached_tokens(request)
+                self._set.resize(request.request_id, uncached, self._blocks(request, uncached))
 
     def _group(self, request: Request):
         if self._cached_tokens is None or not request.block_hashes:
@@ -133,6 +146,9 @@ class PackingRequestQueue(internal.RequestQueue):
 
     # ---- RequestQueue -----------------------------------------------------------------------
 
+    def _blocks(self, request: Request, uncached: int) -> int:
+        return 0 if self._kv_blocks is None else self._kv_blocks.to_admit(request.num_tokens, uncached)
+
     def _entry(self, request: Request) -> Entry:
         lora = request.lora_request
         length = request.num_tokens - request.num_computed_tokens
@@ -141,6 +157,7 @@ class PackingRequestQueue(internal.RequestQueue):
         return Entry(
             key=request.request_id,
             length=length,
+            blocks=self._blocks(request, length),
             priority=request.priority if self._by_priority else 0,
             step=self._step,
             time=request.arrival_time,
@@ -270,7 +287,8 @@ class PrepackScheduler(internal.Scheduler):
         assert not self.waiting, "the waiting queue is swapped before any request arrives"
         cached = ((lambda request: cached_prefix_tokens(self, request))
                   if vllm_config.cache_config.enable_prefix_caching else None)
-        self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached)
+        self._kv_blocks = kv_block_accounting(self)
+        self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached, self._kv_blocks)
         spec = vllm_config.speculative_config
         self._draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
         self.prepack_stats = PrepackStats()
@@ -278,6 +296,9 @@ class PrepackScheduler(internal.Scheduler):
         self.verify_budget = self.prepack_config.debug_layout or not supported
         self._iteration = None  # this step's context/generation split, until make_stats takes it
         self._capture_sizes = capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
+        self.step_cost_model = self.prepack_config.step_cost_model(self.max_num_scheduled_tokens)
+        self.prepack_clock = time.perf_counter  # step times (the engine-free bench sets its clock)
+        self._last_step_end: float | None = None  # when the last busy step ended
 
     def schedule(self, *args, **kwargs):
         started = time.perf_counter()
@@ -298,9 +319,27 @@ class PrepackScheduler(internal.Scheduler):
             # the model-runner hook checks the forward against this (same object in-process;
             # pickled with the SchedulerOutput to workers)
             attach_plan(output, {p.key: p.tokens for p in planned})
+        if self.prepack_config.record_layout:  # layout_report shows the step cost in force
+            attach_step_cost(output, self.step_cost_model.report())
         if self.log_stats:
             self._iteration = internal.compute_iteration_details(output)
         return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        """vLLM's update, then the step's time for the step-cost model: from the end of the
+        previous busy step to the end of this one, the whole iteration as the engine runs it
+        (scheduling, the forward, this update, the engine loop). A step that began after the
+        engine idled (no requests) is not measured."""
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        now = self.prepack_clock()
+        tokens = scheduler_output.total_num_scheduled_tokens
+        if self._last_step_end is not None and tokens > 0:
+            model = self.step_cost_model
+            model.observe(tokens, len(scheduler_output.num_scheduled_tokens), now - self._last_step_end)
+            if model.steps == MIN_STEPS or model.steps % LOG_COST_EVERY == 0:
+                logger.debug("step cost: %s", model.report())
+        self._last_step_end = now if self.has_requests() else None
+        return outputs
 
     def make_stats(self, *args, **kwargs):
         """vLLM's stats, plus this step's context/generation split for the Prometheus logger
@@ -314,9 +353,16 @@ class PrepackScheduler(internal.Scheduler):
                 num_ctx_tokens=details.num_ctx_tokens,
                 num_generation_requests=details.num_generation_requests,
                 num_generation_tokens=details.num_generation_tokens,
-                elapsed_ms=0.0,
+                elapsed_ms=self._step_ms(),
             )
         return stats
+
+    def _step_ms(self) -> float:
+        """This step's time so far (the stats of a step are made at its end), 0 when unmeasured:
+        the Prometheus logger fits the same step-cost model to it."""
+        if self._last_step_end is None:
+            return 0.0
+        return 1e3 * (self.prepack_clock() - self._last_step_end)
 
     # ---- mirrors of vLLM's arithmetic -------------------------------------------------------
 
@@ -328,6 +374,11 @@ class PrepackScheduler(internal.Scheduler):
         if self._pause_state != internal.PauseState.UNPAUSED or phase.defer_prefills:
             budget = 0  # PAUSED_NEW admits only requests holding KV blocks; deferred: none
         budget -= self._kv_holding_tokens(min(budget, phase.input_left - self._draft_slots))
+        free_blocks, watermark = None, 0
+        if self._kv_blocks is not None:
+            free_blocks, watermark = free_kv_blocks(self)
+            free_blocks -= sum(self._kv_blocks.to_extend(self.requests[rid].num_computed_tokens, n)
+                               for rid, n in phase.tokens.items())
         groups: frozenset = frozenset()
         max_groups = None
         if self.lora_config:
@@ -345,6 +396,10 @@ class PrepackScheduler(internal.Scheduler):
             input_budget=phase.input_left,
             overhead=self._draft_slots,
             capacity=self.max_num_scheduled_tokens,
+            cost=self.step_cost_model.current,
+            free_blocks=free_blocks,
+            watermark_blocks=watermark,
+            running=bool(self.running),
         )
 
     def _kv_holding_tokens(self, budget: int) -> int:

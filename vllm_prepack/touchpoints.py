@@ -158,6 +158,29 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("DynamicLayer.lazy_initialization", _V.CALL, "hf.py", checked=TESTED_TRANSFORMERS),
     TouchPoint("DynamicCache.layers", _V.REPLACE, "hf.py", checked=TESTED_TRANSFORMERS),
     TouchPoint("PretrainedConfig._attn_implementation", _V.READ, "hf.py", checked=TESTED_TRANSFORMERS),
+    # ---- the step-cost model (issue 17) ------------------------------------------------------
+    TouchPoint("Scheduler.update_from_output", _V.OVERRIDE, _SCHED),
+    TouchPoint("Scheduler.has_requests", _V.CALL, _SCHED),
+    TouchPoint("SchedulerOutput.prepack_step_cost", _V.SET, "touchpoints.attach_step_cost / step_cost_of",
+               differs="rides like prepack_plan, with record_layout"),
+    TouchPoint("SchedulerIterationDetails.elapsed_ms", _V.SET, _SCHED,
+               differs="vLLM's own details time the forward alone; the plugin's, the whole step"),
+    # ---- KV fit: offer vLLM only requests whose blocks are free (issue 17) -------------------
+    *(TouchPoint(f"Scheduler.{name}", _V.READ, "touchpoints.kv_block_accounting",
+                 checked=("0.32.0", "0.33.0"))
+      for name in ("kv_cache_config", "block_size", "num_lookahead_tokens", "requests")),
+    TouchPoint("KVCacheConfig.kv_cache_groups", _V.READ, "touchpoints.kv_block_accounting",
+               checked=("0.32.0", "0.33.0")),
+    TouchPoint("vllm.v1.kv_cache_interface:SlidingWindowSpec", _V.IMPORT,
+               "touchpoints.kv_block_accounting", checked=("0.32.0", "0.33.0")),
+    TouchPoint("KVCacheManager.block_pool.get_num_free_blocks", _V.CALL, "touchpoints.free_kv_blocks",
+               checked=("0.32.0", "0.33.0"),
+               differs="counts evictable prefix-cache blocks as free, as allocate_slots does"),
+    TouchPoint("KVCacheManager.watermark_blocks", _V.READ, "touchpoints.free_kv_blocks",
+               checked=("0.32.0", "0.33.0"), differs="absent before the watermark: read as 0"),
+    TouchPoint("LLM.llm_engine.engine_core.engine_core.model_executor.execute_model", _V.PATCH,
+               "touchpoints.delay_model_execution (bench/engines.py only: a GPU's fixed step cost)",
+               checked=("0.32.0",)),
 )
 
 REQUIRED_ATTRIBUTES: tuple[str, ...] = tuple(
@@ -264,6 +287,46 @@ def cached_prefix_tokens(scheduler, request) -> int:
     return hit
 
 
+@dataclass(frozen=True)
+class KVBlocks:
+    """How vLLM counts a request's KV blocks where one full-attention group holds every layer."""
+
+    block_size: int
+    lookahead: int  # slots allocate_slots adds for speculative tokens
+
+    def to_admit(self, num_tokens: int, uncached: int) -> int:
+        """Blocks vLLM must find free to admit a waiting request of `num_tokens` tokens whose
+        last `uncached` are not computed or cached (vLLM checks the whole sequence fits at
+        admission, scheduler_reserve_full_isl; cached blocks are taken as held by others)."""
+        reused = (num_tokens - uncached) // self.block_size
+        return max(0, -(-(num_tokens + self.lookahead) // self.block_size) - reused)
+
+    def to_extend(self, computed: int, tokens: int) -> int:
+        """Blocks a running request with `computed` tokens allocates for `tokens` more."""
+        size, ahead = self.block_size, self.lookahead
+        return max(0, -(-(computed + tokens + ahead) // size) - -(-(computed + ahead) // size))
+
+
+def kv_block_accounting(scheduler) -> KVBlocks | None:
+    """The block arithmetic of a plain full-attention KV cache; None where the estimate would
+    not hold (several KV groups: hybrid, sliding-window or Mamba models; no KV cache): there
+    the plugin does not track KV blocks and vLLM alone finds out what fits."""
+    groups = getattr(getattr(scheduler, "kv_cache_config", None), "kv_cache_groups", ())
+    block_size = getattr(scheduler, "block_size", None)  # read on 0.32 and 0.33 only
+    if len(groups) != 1 or not block_size:
+        return None
+    spec = groups[0].kv_cache_spec
+    if not isinstance(spec, internal.FullAttentionSpec) or isinstance(spec, internal.SlidingWindowSpec):
+        return None
+    return KVBlocks(block_size, getattr(scheduler, "num_lookahead_tokens", 0))
+
+
+def free_kv_blocks(scheduler) -> tuple[int, int]:
+    """Free KV blocks now, and the watermark vLLM keeps free when admitting waiting requests."""
+    manager = scheduler.kv_cache_manager
+    return manager.block_pool.get_num_free_blocks(), getattr(manager, "watermark_blocks", 0)
+
+
 def capture_sizes(vllm_config) -> tuple[int, ...]:
     """CUDA-graph capture sizes in force, () when the engine runs eager (CPU, enforce_eager)."""
     model_config = vllm_config.model_config
@@ -273,6 +336,19 @@ def capture_sizes(vllm_config) -> tuple[int, ...]:
     if compilation.cudagraph_mode.name == "NONE":
         return ()
     return tuple(sorted(compilation.cudagraph_capture_sizes or ()))
+
+
+def delay_model_execution(llm, seconds: float) -> None:
+    """Benchmarks only: every model execution of an in-process engine first sleeps `seconds`,
+    standing in for a GPU's fixed cost per step (launches, graph replay) on a CPU engine."""
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    inner = executor.execute_model
+
+    def delayed(*args, **kwargs):
+        time.sleep(seconds)
+        return inner(*args, **kwargs)
+
+    executor.execute_model = delayed
 
 
 def engine_scheduler(llm):
@@ -291,6 +367,15 @@ def attach_plan(output, plan: dict[str, int]) -> None:
 
 def plan_of(output) -> dict[str, int] | None:
     return getattr(output, "prepack_plan", None)
+
+
+def attach_step_cost(output, report: dict) -> None:
+    """The step cost in force rides to the model runner for ``layout_report`` (record_layout)."""
+    output.prepack_step_cost = report
+
+
+def step_cost_of(output) -> dict | None:
+    return getattr(output, "prepack_step_cost", None)
 
 
 # ---- the model runner (patches/runner_layout.py) ---------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from vllm_prepack.bench.harness import SCHEDULERS, Outcome, rows_for
 from vllm_prepack.config import plugin_engine_kwargs
 from vllm_prepack.replica import in_process_env
-from vllm_prepack.touchpoints import engine_scheduler, observe_schedule
+from vllm_prepack.touchpoints import delay_model_execution, engine_scheduler, observe_schedule
 
 
 def in_process() -> None:
@@ -159,8 +159,9 @@ def alternating(n: int, repeat: int) -> list[int]:
     return list(range(n)) if repeat % 2 == 0 else list(range(n))[::-1]
 
 
-def build_engines(model, budget: int, names, **kw) -> dict:
-    """One engine per scheduler name (SCHEDULERS), the same engine arguments for all."""
+def build_engines(model, budget: int, names, step_delay: float = 0.0, **kw) -> dict:
+    """One engine per scheduler name (SCHEDULERS), the same engine arguments for all;
+    `step_delay` seconds of sleep in every model execution (a GPU's fixed step cost)."""
     engines = {}
     for name in names:
         cls = SCHEDULERS[name]
@@ -169,6 +170,9 @@ def build_engines(model, budget: int, names, **kw) -> dict:
         else:
             extra = {"scheduler_cls": cls} if cls else {}
             engines[name] = build_llm(model, False, max_num_batched_tokens=budget, **kw, **extra)
+    if step_delay:
+        for llm in engines.values():
+            delay_model_execution(llm, step_delay)
     return engines
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from vllm_prepack.bench.report import summary
+from vllm_prepack.cost import StepCost
 from vllm_prepack.packing import pack_rows
 
 # vLLM's FCFS, two baselines from the field (bench/baselines.py), and the plugin
@@ -21,8 +22,10 @@ SCHEDULERS = {
     "fcfs": None,
     "spf": "vllm_prepack.bench.baselines.SPFScheduler",
     "hrrn": "vllm_prepack.bench.baselines.HRRNScheduler",
+    "ffd": "vllm_prepack.bench.baselines.FFDScheduler",
     "prepack": "vllm_prepack.scheduler.PrepackScheduler",
 }
+ONLINE = ("fcfs", "spf", "hrrn", "prepack")  # the schedulers engines run (ffd needs the cost)
 
 
 def lower_bound_steps(lengths, budget: int) -> int:
@@ -155,39 +158,77 @@ class Outcome:
     ttft_steps: list[float]
     ttft_s: list[float]
     sched_s: list[float]
-    wall: float = float("nan")
+    wall: float = float("nan")  # seconds: an engine's wall time, or a simulated makespan
     tokens: int = 0
     fill: list[float] = field(default_factory=list)  # scheduled tokens / budget, per step
+    cost: object = None  # the plugin's step-cost model at the end (simulated clock)
 
 
 def simulate(model_dir, lengths, scheduler: str, budget: int, chunked: bool,
-             arrivals: list[int] | None = None, options: dict | None = None) -> Outcome:
-    """Drive one of SCHEDULERS without a model. `arrivals[i]`: the step at which request i is
-    submitted (default: all at step 1, a backlog). TTFT counts steps from submission.
-    `options`: the plugin's options (additional_config["prepack"])."""
+             arrivals: list[float] | None = None, options: dict | None = None,
+             cost: StepCost | None = None) -> Outcome:
+    """Drive one of SCHEDULERS without a model. `options`: the plugin's options
+    (additional_config["prepack"]).
+
+    Without `cost`, time is steps: `arrivals[i]` is the step at which request i is submitted
+    (default: all at step 1, a backlog) and TTFT counts steps from submission. With `cost`,
+    each step takes cost.seconds(tokens, sequences) on a simulated clock, which the plugin's
+    step-cost model learns from as it would from an engine's (and the ffd baseline is told);
+    `arrivals` are then seconds, and the outcome carries TTFT in seconds and the makespan."""
     sched = standalone_scheduler(
         model_dir, scheduler=scheduler, budget=budget, max_model_len=budget,
         chunked_prefill=chunked, max_num_seqs=1024, num_blocks=1_000_000,
         additional_config={"prepack": options or {}},
     )
-    arrivals = arrivals or [1] * len(lengths)
+    clock = [0.0]
+    if cost is not None and scheduler == "prepack":
+        sched.prepack_clock = lambda: clock[0]
+    if cost is not None and scheduler == "ffd":
+        sched.step_cost = cost
+    arrivals = arrivals or [1 if cost is None else 0.0] * len(lengths)
     order = sorted(range(len(lengths)), key=lambda i: arrivals[i])
-    submitted, first, sched_s, fill, step = 0, {}, [], [], 0
+    submitted, first, first_s, sched_s, fill, step = 0, {}, {}, [], [], 0
+    joined: dict[str, int] = {}  # request id -> the step it was submitted at
     while submitted < len(order) or sched.has_requests():
         step += 1
-        if step > 20 * len(lengths) + max(arrivals):
+        if step > 20 * len(lengths) + (max(arrivals) if cost is None else 0):
             raise RuntimeError(f"simulation made no progress after {step} steps")
-        while submitted < len(order) and arrivals[order[submitted]] <= step:
+        now = step if cost is None else clock[0]
+        if cost is not None and not sched.has_requests() and arrivals[order[submitted]] > now:
+            clock[0] = now = arrivals[order[submitted]]  # idle until the next arrival
+        while submitted < len(order) and arrivals[order[submitted]] <= now:
             i = order[submitted]
             sched.add_request(make_request(str(i), lengths[i]))
+            joined[str(i)] = step
             submitted += 1
         t = time.perf_counter()
         out = sched.schedule()
         sched_s.append(time.perf_counter() - t)
         fill.append(out.total_num_scheduled_tokens / budget)
+        if cost is not None:
+            clock[0] += cost.seconds(out.total_num_scheduled_tokens, len(out.num_scheduled_tokens))
         for req_id in fake_step(sched, out):  # max_tokens=1: finishing is the first token
-            first[req_id] = step - arrivals[int(req_id)] + 1
-    return Outcome(step, list(first.values()), [], sched_s, fill=fill)
+            first[req_id] = step - joined[req_id] + 1
+            if cost is not None:
+                first_s[req_id] = clock[0] - arrivals[int(req_id)]
+    outcome = Outcome(step, list(first.values()), list(first_s.values()), sched_s, fill=fill)
+    if cost is not None:
+        outcome.wall = clock[0]
+        outcome.cost = getattr(sched, "step_cost_model", None)
+    return outcome
+
+
+def poisson_seconds(lengths: list[int], budget: int, load: float, cost: StepCost, seed: int) -> list[float]:
+    """Arrival times (seconds) of a Poisson process offering `load` x what full steps of
+    `budget` tokens process per second under `cost`."""
+    rng = random.Random(f"arrivals:{seed}")
+    tokens_per_s = budget / cost.seconds(budget, 0)
+    rate = load * tokens_per_s / statistics.fmean(lengths)
+    t, out = 0.0, []
+    for _ in lengths:
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
 
 
 def poisson_arrivals(lengths: list[int], budget: int, load: float, seed: int) -> list[int]:
