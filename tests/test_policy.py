@@ -247,7 +247,7 @@ def test_an_exchange_gives_the_seat_back():
 
 
 def trimodal(n, seed):
-    """The issue's MiniLM mix: 50% of 6-30 tokens, 30% of 90-130, 20% of 200-252."""
+    """The MiniLM job's mix: 50% of 6-30 tokens, 30% of 90-130, 20% of 200-252."""
     import random
 
     rng = random.Random(seed)
@@ -386,7 +386,7 @@ def test_padding_gap(tokens, sizes):
     assert gap == (fitting[0] - tokens if fitting and tokens > 0 else 0)
 
 
-# ---- the step cost (issue 17) ------------------------------------------------------------------
+# ---- the step cost ------------------------------------------------------------------------------
 
 from vllm_prepack.cost import StepCost  # noqa: E402
 
@@ -435,7 +435,7 @@ def test_the_doc_example_packs_only_where_the_fixed_cost_is_large():
     assert sorted(p.key for p in fill([200, 30, 100, 250, 20]).plan(limits(256.0))) == [0, 1, 4]
 
 
-# ---- KV blocks (issue 17) ------------------------------------------------------------------------
+# ---- KV blocks ----------------------------------------------------------------------------------
 
 
 def kv_fill(items, **kw):

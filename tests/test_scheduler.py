@@ -272,7 +272,7 @@ def test_budget_mirror_holds_with_speculative_decoding(tiny_model, draft_slots, 
     assert s._draft_slots == draft_slots
 
 
-# ---- the step cost and the KV fit (issue 17) ---------------------------------------------------
+# ---- the step cost and the KV fit ---------------------------------------------------------------
 
 
 def test_the_plugin_learns_the_step_cost_from_the_steps_it_times(tiny_model):

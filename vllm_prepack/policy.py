@@ -474,7 +474,7 @@ class WaitingSet:
         if packing and not p.limits.chunked_prefill:
             self._build_bins(level, p.limits.budget)
         if level.bins and self._bin_first(level, p):
-                self._serve_bins(level, p)
+            self._serve_bins(level, p)
         p.take_shortest(level, exchangeable)
         if packing:
             self._exchange(level, p, exchangeable, step, now)

@@ -158,14 +158,14 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("DynamicLayer.lazy_initialization", _V.CALL, "hf.py", checked=TESTED_TRANSFORMERS),
     TouchPoint("DynamicCache.layers", _V.REPLACE, "hf.py", checked=TESTED_TRANSFORMERS),
     TouchPoint("PretrainedConfig._attn_implementation", _V.READ, "hf.py", checked=TESTED_TRANSFORMERS),
-    # ---- the step-cost model (issue 17) ------------------------------------------------------
+    # ---- the step-cost model ------------------------------------------------------------------
     TouchPoint("Scheduler.update_from_output", _V.OVERRIDE, _SCHED),
     TouchPoint("Scheduler.has_requests", _V.CALL, _SCHED),
     TouchPoint("SchedulerOutput.prepack_step_cost", _V.SET, "touchpoints.attach_step_cost / step_cost_of",
                differs="rides like prepack_plan, with record_layout"),
     TouchPoint("SchedulerIterationDetails.elapsed_ms", _V.SET, _SCHED,
                differs="vLLM's own details time the forward alone; the plugin's, the whole step"),
-    # ---- KV fit: offer vLLM only requests whose blocks are free (issue 17) -------------------
+    # ---- KV fit: offer vLLM only requests whose blocks are free -------------------------------
     *(TouchPoint(f"Scheduler.{name}", _V.READ, "touchpoints.kv_block_accounting",
                  checked=("0.32.0", "0.33.0"))
       for name in ("kv_cache_config", "block_size", "num_lookahead_tokens", "requests")),
