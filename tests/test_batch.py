@@ -296,3 +296,22 @@ def test_a_model_without_tokenizer_files(cluster, tiny_model, tmp_path):
     assert all(len(records[f"q{i}"]["token_ids"]) == 4 for i in range(6))
     assert "no tokenizer" in records["text"]["error"]
 
+
+def test_batch_runs_a_job_from_the_command_line(cluster, tiny_model, tmp_path, capsys):
+    """`vllm-prepack batch` on the module's cluster (the CLI joins a running one)."""
+    from vllm_prepack import cli
+
+    lines = tmp_path / "in.jsonl"
+    lines.write_text("".join(json.dumps({"id": i, "prompt_token_ids": [5 + i] * 20}) + "\n"
+                             for i in range(6)))
+    engine = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
+              "num_gpu_blocks_override": 32}
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["batch", "--model", tiny_model, "--input", str(lines), "--output", str(out),
+                     "--replicas", "1", "--max-tokens", "3", "--num-cpus", "2",
+                     "--engine-args", json.dumps(engine)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["written"], summary["errors"]) == (6, 0)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == list(range(6))
+    assert all(len(r["token_ids"]) == 3 for r in records)

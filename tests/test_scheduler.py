@@ -99,7 +99,7 @@ def test_drain_aging_keeps_the_tail_near_fcfs_under_arrivals(tiny_model, chunked
     from vllm_prepack.bench.report import summary
     from vllm_prepack.workloads import prompt_lengths
 
-    lengths = prompt_lengths("mmlu", 600, seed=4, max_len=1023)
+    lengths = prompt_lengths("mmlu", 250, seed=4, max_len=1023)
     submit = poisson_arrivals(lengths, 1024, 0.95, seed=4)
     ttft = {name: summary(simulate(tiny_model, lengths, "fcfs" if name == "fcfs" else "prepack",
                                    1024, chunked, submit, options).ttft_steps)
