@@ -21,6 +21,7 @@ Medians of --repeats runs after a warm-up; a variant that runs out of memory rea
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import sys
 import time
@@ -160,8 +161,12 @@ def continuous_batching_first_tokens(model, prompts) -> list[int]:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     page = 256
+    # The page size is `block_size` up to transformers 5.18 and `page_size` from 5.19 (the old name
+    # kept there as a deprecated alias).
+    page_arg = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters \
+        else "block_size"
     sizing = ContinuousBatchingConfig(
-        page_size=page, num_blocks=sum(-(-(len(p) + 1) // page) for p in prompts) + len(prompts),
+        **{page_arg: page}, num_blocks=sum(-(-(len(p) + 1) // page) for p in prompts) + len(prompts),
         max_batch_tokens=sum(map(len, prompts)), max_requests_per_batch=len(prompts))
     config = GenerationConfig(max_new_tokens=1, do_sample=False, eos_token_id=-1,
                               pad_token_id=model.config.pad_token_id or 0)
