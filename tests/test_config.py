@@ -40,6 +40,11 @@ def test_values_are_parsed_and_typed():
         ({"max_swaps": None}, r"\['max_swaps'\] may not be null"),
         ({"min_chunk_tokens": -5}, r"\['min_chunk_tokens'\] must be >= 0"),
         ({"debug_layout": "yes"}, r"\['debug_layout'\] must be true or false"),
+        ({"pack_fixed_share": 1.5}, r"\['pack_fixed_share'\] must be <= 1, got 1.5"),
+        ({"pack_fixed_share": -0.1}, r"\['pack_fixed_share'\] must be >= 0"),
+        ({"step_cost_fixed_tokens": -1}, r"\['step_cost_fixed_tokens'\] must be >= 0"),
+        ({"step_cost_seq_tokens": float("nan")}, r"\['step_cost_seq_tokens'\] must be >= 0"),
+        ({"learn_step_cost": 1}, r"\['learn_step_cost'\] must be true or false"),
         ({"load_endpoint": 5601}, r"\['load_endpoint'\] must be a string"),
         ({"nope": 1, "aging": 2}, r"unknown option\(s\) 'aging', 'nope'.*known options: aging_drain_factor, aging_seconds"),
     ],
@@ -47,6 +52,14 @@ def test_values_are_parsed_and_typed():
 def test_bad_values_name_the_key(options, message):
     with pytest.raises(PrepackConfigError, match=message):
         parse(options)
+
+
+def test_step_cost_options_reach_the_model():
+    config = parse({"step_cost_fixed_tokens": 0, "step_cost_seq_tokens": 8, "learn_step_cost": False,
+                    "pack_fixed_share": 0})
+    model = config.step_cost_model(2048)
+    assert model.prior.fixed_tokens == 0 and model.prior.seq_tokens == pytest.approx(8)
+    assert not model.learn and model.capacity == 2048 and config.pack_fixed_share == 0.0
 
 
 def test_non_object_is_refused():

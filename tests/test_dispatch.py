@@ -33,6 +33,16 @@ def simulate(tokens, replicas, unit_tokens, order, window, choices, owner=None, 
             if unit is None:
                 return
             units.append((unit, budget))
+        mine = sum(1 for u in d.inflight.values() if u.replica == r)
+        assert mine == 2 or r not in d.alive or not (d.heaps.get(r) or d.heaps[None])
+
+    def check():
+        """The window's books: what waits is counted, weighed, and owned by a live replica."""
+        waiting = [e for heap in d.heaps.values() for e in heap]
+        assert d.size == len(waiting)
+        assert d.tokens == pytest.approx(sum(e[3] for e in waiting), abs=1e-6)
+        assert all(r is None or r in d.alive for r, heap in d.heaps.items() if heap)
+        assert all(u.replica in d.alive for u in d.inflight.values())
 
     for r in range(replicas):
         top_up(r)
@@ -48,8 +58,10 @@ def simulate(tokens, replicas, unit_tokens, order, window, choices, owner=None, 
         else:
             d.done(pick)
             completed.extend(unit.lines)
+        check()
         for r in sorted(d.alive):
             top_up(r)
+        check()
     assert d.finished
     return completed, units, d
 
@@ -77,13 +89,32 @@ def test_every_request_exactly_once_and_budgets_honoured(tokens, replicas, unit_
 
 
 @settings(max_examples=150, deadline=None)
-@given(**jobs)
-def test_pinned_requests_go_to_their_replica(tokens, replicas, unit_tokens, order, window, choices):
+@given(**{name: strategy for name, strategy in jobs.items() if name != "window"},
+       kills=st.lists(st.integers(1, 60), max_size=3).map(sorted))
+def test_pinned_requests_go_to_their_replica_or_to_all_once_it_dies(tokens, replicas, unit_tokens,
+                                                                     order, choices, kills):
     owner = lambda line: line % replicas  # noqa: E731  (round-robin rows)
-    completed, units, _ = simulate(tokens, replicas, unit_tokens, order, len(tokens) + 1, choices,
-                                   owner=owner)
+    completed, units, d = simulate(tokens, replicas, unit_tokens, order, len(tokens) + 1, choices,
+                                   owner=owner, kills=kills)
     assert sorted(completed) == list(range(1, len(tokens) + 1))
-    assert all(owner(line) == unit.replica for unit, _ in units for line in unit.lines)
+    if not kills:
+        assert all(owner(line) == unit.replica for unit, _ in units for line in unit.lines)
+        assert d.ops == 2 * len(tokens)  # one push and one pop a request, pinned or not
+    dead = set(range(replicas)) - d.alive
+    assert all(owner(line) == unit.replica or owner(line) in dead
+               for unit, _ in units for line in unit.lines)
+
+
+def test_lines_read_after_their_replica_died_go_to_the_others():
+    d = Dispatcher(2, 10, owner=lambda line: 1)
+    d.add([1], [5.0], ["a"])
+    d.lost(1)
+    d.add([2], [5.0], ["b"])
+    unit = d.take(0)
+    assert unit.lines == [1, 2]
+    d.exhausted = True
+    d.done(unit.id)
+    assert d.finished
 
 
 def test_units_shrink_at_the_end_so_replicas_finish_together():
@@ -157,14 +188,17 @@ def test_planning_cost_is_n_log_window(monkeypatch, order):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="at least one replica"):
+    with pytest.raises(ValueError, match="^need at least one replica$"):
         Dispatcher(0, 10)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="^unit_tokens must be positive$"):
         Dispatcher(1, 0)
-    with pytest.raises(ValueError, match="unknown order"):
+    with pytest.raises(ValueError, match="^unknown order 'random'; choose from longest, arrival$"):
         Dispatcher(1, 10, "random")
-    d = Dispatcher(1, 10)
-    with pytest.raises(RuntimeError, match="every replica died"):
+    d = Dispatcher(2, 10)
+    d.lost(1)
+    with pytest.raises(ValueError, match="^replica 1 is not alive$"):
+        d.take(1)
+    with pytest.raises(RuntimeError, match="^every replica died$"):
         d.lost(0)
 
 
@@ -180,3 +214,14 @@ def test_balanced_batches_are_full_and_close(weights, batch_size):
     full = [sum(weights[i] for i in b) for b in batches if len(b) == batch_size]
     if len(full) > 1:  # LPT bound: full batches differ by at most the heaviest item
         assert max(full) - min(full) <= max(weights)
+
+
+def test_balanced_batches_place_the_heaviest_first():
+    """Heaviest first: [5, 4, 3, 3, 3, 2] in batches of 3 balance exactly (10 and 10), where
+    lightest first would give 9 and 11."""
+    from vllm_prepack.dispatch import balanced_batches
+
+    weights = [5, 4, 3, 3, 3, 2]
+    with pytest.raises(ValueError, match="^batch_size must be >= 1$"):
+        balanced_batches(weights, 0)
+    assert sorted(sum(weights[i] for i in b) for b in balanced_batches(weights, 3)) == [10, 10]

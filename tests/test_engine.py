@@ -7,8 +7,11 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from vllm_prepack.config import PrepackConfigError
-from vllm_prepack.engine import engine_scheduler, run_stepwise
+from vllm_prepack.bench.engines import run_stepwise
+from vllm_prepack.touchpoints import engine_scheduler
 from vllm_prepack.workloads import prompt_lengths, token_ids
+
+pytestmark = pytest.mark.engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 FIRST_TOKEN = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
@@ -136,7 +139,7 @@ def test_embeddings_equal_plain_vllm(engine, minilm):
     ],
 )
 def test_bad_options_fail_engine_start_naming_the_key(tiny_model, options, message):
-    from vllm_prepack.engine import build_llm
+    from vllm_prepack.bench.engines import build_llm
 
     with pytest.raises(PrepackConfigError, match=message):
         build_llm(tiny_model, options, dtype="float32", max_model_len=256,
@@ -219,3 +222,44 @@ def test_prefix_caching_on_outputs_match_and_cached_siblings_go_early(engine, ti
     mean = lambda run: sum(r.first_step for r in run.results) / len(run.results)  # noqa: E731
     assert mean(packed) < 0.8 * mean(plain)
     assert [r.token_ids for r in packed.results] == [r.token_ids for r in plain.results]
+
+
+def _stream(llm, prompts, params, arrive_at):
+    """Submit prompt i at step arrive_at[i]; step until all finish: first-token steps, outputs."""
+    eng = llm.llm_engine
+    first, outputs, step = {}, {}, 0
+    pending = sorted(range(len(prompts)), key=lambda i: arrive_at[i])
+    try:
+        while pending or eng.has_unfinished_requests():
+            while pending and arrive_at[pending[0]] <= step:
+                i = pending.pop(0)
+                eng.add_request(str(i), {"prompt_token_ids": prompts[i]}, params[i])
+            step += 1
+            for out in eng.step():
+                if out.outputs[0].token_ids:
+                    first.setdefault(int(out.request_id), step)
+                if out.finished:
+                    outputs[int(out.request_id)] = list(out.outputs[0].token_ids)
+            assert step < 2000
+    finally:
+        eng.abort_request([str(i) for i in range(len(prompts))])
+    return first, outputs
+
+
+def test_short_prompts_flow_behind_a_long_one_whose_kv_blocks_are_not_free(engine, tiny_model):
+    """A small KV pool: a long generation holds most blocks, a long prompt arrives that needs
+    more than are free, then short prompts keep arriving. Plain vLLM stops at the long prompt
+    until the generation ends; the plugin admits the short ones past it and the long one once
+    its blocks are free (nothing starves); outputs equal plain vLLM's."""
+    kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=512, num_gpu_blocks_override=6)
+    block = engine_scheduler(engine(tiny_model, False, **kw)).block_size
+    holder, long = 2 * block + block // 2, 3 * block  # 3 blocks, growing; 4 blocks of 6
+    prompts = token_ids([holder, long] + [12] * 10, vocab_size=512, seed=30)
+    params = [SamplingParams(max_tokens=block // 2, temperature=0, ignore_eos=True)] + [GREEDY] * 11
+    arrive = [0, 1] + [2 + 2 * i for i in range(10)]
+    plain_first, plain_out = _stream(engine(tiny_model, False, **kw), prompts, params, arrive)
+    packed_first, packed_out = _stream(engine(tiny_model, True, **kw), prompts, params, arrive)
+    assert packed_out == plain_out and len(packed_out) == len(prompts)  # nothing starved
+    wait = lambda first: sum(first[i] - arrive[i] for i in range(2, 12)) / 10  # noqa: E731
+    assert wait(packed_first) <= 0.5 * wait(plain_first)
+    assert packed_first[1] <= plain_first[1] + 2  # the long one is not held back for long

@@ -54,6 +54,7 @@ def generate(llm):
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+@pytest.mark.engine
 def test_recorded_layout_through_collective_rpc(engine, tiny_model):
     llm = engine(tiny_model, {"record_layout": True}, **ENGINE)
     assert generate(llm) == generate(engine(tiny_model, False, **ENGINE))  # only observes
@@ -65,13 +66,17 @@ def test_recorded_layout_through_collective_rpc(engine, tiny_model):
     assert report["padded_tokens"] == 0  # CPU: no CUDA graphs
     last = report["recent"][-1]
     assert last["query_start_loc"][0] == 0 and last["seconds"] > 0
+    cost = report["step_cost"]  # the scheduler's step-cost model, as last planned
+    assert cost["per_token_s"] > 0 and cost["steps"] > 0 and cost["source"] in ("prior", "fit")
 
 
+@pytest.mark.engine
 def test_hook_is_inert_when_off(engine, tiny_model):
     assert engine(tiny_model, True, **ENGINE).collective_rpc(layout_report) == [None]
     assert engine(tiny_model, False, **ENGINE).collective_rpc(layout_report) == [None]
 
 
+@pytest.mark.engine
 def test_debug_layout_checks_every_forward(engine, tiny_model):
     llm = engine(tiny_model, {"debug_layout": True}, **ENGINE)
     generate(llm)
@@ -79,9 +84,10 @@ def test_debug_layout_checks_every_forward(engine, tiny_model):
     assert report["checked_forwards"] == report["forwards"] > 0
 
 
+@pytest.mark.engine
 def test_debug_layout_fails_loudly_on_a_corrupted_plan(tiny_model, monkeypatch):
     from vllm_prepack import policy
-    from vllm_prepack.engine import build_llm
+    from vllm_prepack.bench.engines import build_llm
 
     original = policy.WaitingSet.plan
 
@@ -94,17 +100,9 @@ def test_debug_layout_fails_loudly_on_a_corrupted_plan(tiny_model, monkeypatch):
     llm = build_llm(tiny_model, {"debug_layout": True}, dtype="float32", max_model_len=512,
                     num_gpu_blocks_override=64, enable_prefix_caching=False, **ENGINE)
     monkeypatch.setattr(policy.WaitingSet, "plan", corrupted)
-    with pytest.raises(Exception) as err:
+    with pytest.raises(LayoutMismatch, match=r"packed layout mismatch: step 1: request \S+ was "
+                                             r"planned (\d+) tokens, vLLM scheduled (?!\1)\d+"):
         generate(llm)
-    text = "".join(str(e) for e in _chain(err.value))
-    assert "packed layout mismatch" in text and "step 1: request" in text and "was planned" in text
-    assert any(isinstance(e, LayoutMismatch) for e in _chain(err.value)) or "LayoutMismatch" in text
-
-
-def _chain(exc):
-    while exc is not None:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def _free_port() -> int:
@@ -113,6 +111,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.engine
 def test_prometheus_metrics_from_a_real_server(tiny_model, tmp_path):
     port = _free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -158,3 +157,54 @@ def test_prometheus_metrics_from_a_real_server(tiny_model, tmp_path):
     assert values["vllm_prepack:time_to_first_token_seconds_count"] == 6
     assert values["vllm_prepack:queue_wait_seconds_count"] == 6
     assert values["vllm_prepack:padded_tokens_total"] == 0  # CPU: no CUDA graphs
+    # the step-cost model, fitted from the whole steps' times the iteration details carry
+    assert values["vllm_prepack:step_cost_per_token_seconds"] > 0
+    assert values["vllm_prepack:step_cost_fixed_seconds"] >= 0
+
+
+def test_metrics_record_each_step_and_finished_request():
+    """The stat logger alone (the real server test above covers the wiring): a step's tokens,
+    fill, sequences and CUDA-graph padding; TTFT and queue time per request; off for other
+    schedulers."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from vllm_prepack.metrics import PrepackStatLogger
+    from vllm_prepack.touchpoints import internal
+
+    def config(scheduler_cls):
+        return SimpleNamespace(
+            scheduler_config=SimpleNamespace(scheduler_cls=scheduler_cls, max_num_batched_tokens=100),
+            model_config=SimpleNamespace(served_model_name="metrics-test", model="m", enforce_eager=False),
+            compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name="FULL"),
+                                               cudagraph_capture_sizes=[8, 16, 64, 128]),
+            additional_config={"prepack": {"step_cost_fixed_tokens": 50}})
+
+    logger = PrepackStatLogger(config("vllm_prepack.PrepackScheduler"))
+    step = internal.SchedulerIterationDetails(iteration_index=1, num_ctx_requests=2, num_ctx_tokens=40,
+                                              num_generation_requests=3, num_generation_tokens=3,
+                                              elapsed_ms=0.0)
+    iteration = SimpleNamespace(time_to_first_tokens_iter=[0.2, 0.4],
+                                finished_requests=[SimpleNamespace(queued_time=0.1)])
+    logger.record(SimpleNamespace(iteration_details=step), iteration)
+    logger.record(SimpleNamespace(iteration_details=None), None)  # no step, no request
+    value = lambda name: REGISTRY.get_sample_value(  # noqa: E731
+        f"vllm_prepack:{name}", {"model_name": "metrics-test", "engine": "0"})
+    assert (value("steps_total"), value("scheduled_tokens_total"), value("padded_tokens_total")) == (
+        1, 43, 64 - 43)
+    assert value("budget_fill_ratio_sum") == pytest.approx(0.43)
+    assert value("sequences_per_step_sum") == 5
+    assert (value("time_to_first_token_seconds_count"), value("queue_wait_seconds_count")) == (2, 1)
+    # the step-cost gauges: the prior's shape until steps carry their time, then the fit
+    assert value("step_cost_per_sequence_seconds") == 0 and value("step_cost_fixed_seconds") > 0
+    for tokens in range(5, 100, 5):  # 0.5 ms fixed + 10 us a token, the whole step's time
+        timed = internal.SchedulerIterationDetails(
+            iteration_index=2, num_ctx_requests=1, num_ctx_tokens=tokens, num_generation_requests=0,
+            num_generation_tokens=0, elapsed_ms=0.5 + 0.01 * tokens)
+        logger.record(SimpleNamespace(iteration_details=timed), None)
+    assert value("step_cost_fixed_seconds") == pytest.approx(5e-4, rel=1e-3)
+    assert value("step_cost_per_token_seconds") == pytest.approx(1e-5, rel=1e-3)
+    plain = PrepackStatLogger(config(None))
+    plain.record(SimpleNamespace(iteration_details=step), iteration)
+    assert not plain.active and value("steps_total") == 1 + 19  # the step above and the timed ones

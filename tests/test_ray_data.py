@@ -2,9 +2,12 @@
 and map_dataset (this project's replicas as a Ray Data actor pool)."""
 
 import ray
+import pytest
 from ray_cluster import ENGINE, cluster  # noqa: F401  (a fixture)
 
 from vllm_prepack.workloads import prompt_lengths, token_ids
+
+pytestmark = pytest.mark.engine
 
 
 def prompts(n, seed):

@@ -1,11 +1,11 @@
 """Where Ray places batch replicas with GPUs: one GPU each, or tensor-parallel in a placement
 group. The cluster declares logical GPUs and the replicas are probes (no engine), so this runs on
-CPU; the engine inside a tensor-parallel replica needs real GPUs (issue 11's machine)."""
+CPU; the engine inside a tensor-parallel replica needs real GPUs (not run on CPU)."""
 
 import pytest
 import ray
 
-from vllm_prepack.replica import start_replicas, stop_replicas
+from vllm_prepack.replica import start_replicas
 
 
 def probe_class():
@@ -36,7 +36,7 @@ def gpu_cluster():
 
 def describe_and_stop(actors):
     info = ray.get([a.describe.remote() for a in actors])
-    stop_replicas(actors)
+    actors.stop()
     return info
 
 

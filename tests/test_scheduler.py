@@ -59,7 +59,7 @@ def test_preempted_requests_keep_their_place(tiny_model):
         assert record.planned[0].reason == "pinned"  # ahead of everything else
 
 
-def test_queue_prepend_order_matches_vllm_fcfs(tiny_model):
+def test_queue_prepend_order_matches_vllm_fcfs():
     from vllm.v1.core.sched.request_queue import FCFSRequestQueue, SchedulingPolicy
 
     from vllm_prepack.config import PrepackConfig
@@ -99,7 +99,7 @@ def test_drain_aging_keeps_the_tail_near_fcfs_under_arrivals(tiny_model, chunked
     from vllm_prepack.bench.report import summary
     from vllm_prepack.workloads import prompt_lengths
 
-    lengths = prompt_lengths("mmlu", 600, seed=4, max_len=1023)
+    lengths = prompt_lengths("mmlu", 250, seed=4, max_len=1023)
     submit = poisson_arrivals(lengths, 1024, 0.95, seed=4)
     ttft = {name: summary(simulate(tiny_model, lengths, "fcfs" if name == "fcfs" else "prepack",
                                    1024, chunked, submit, options).ttft_steps)
@@ -160,7 +160,7 @@ def test_requests_holding_kv_blocks_come_off_the_budget(tiny_model, chunked):
     assert s._step_limits(s._running_phase()).budget == 0
 
 
-def test_priority_policy_requeues_by_deadline_like_vllms_priority_queue(tiny_model):
+def test_priority_policy_requeues_by_deadline_like_vllms_priority_queue():
     """vLLM's priority queue has no front: a preempted request goes back by (priority,
     arrival). Here it becomes overdue within its level, not pinned ahead of a higher level."""
     from vllm.v1.core.sched.request_queue import PriorityRequestQueue, SchedulingPolicy
@@ -182,7 +182,7 @@ def test_priority_policy_requeues_by_deadline_like_vllms_priority_queue(tiny_mod
     assert [r.request_id for r in theirs][2] == "p"
 
 
-def test_a_requeued_request_keeps_its_deadline_under_the_priority_policy(tiny_model):
+def test_a_requeued_request_keeps_its_deadline_under_the_priority_policy():
     """Taken by vLLM, then put back (preempted or skipped): it returns with the deadline it had,
     ahead of a request that arrived later and went overdue meanwhile."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
@@ -207,7 +207,7 @@ def test_a_requeued_request_keeps_its_deadline_under_the_priority_policy(tiny_mo
     assert [p.key for p in picks] == ["old", "later"]
 
 
-def test_siblings_of_an_admitted_request_are_looked_up_again(tiny_model):
+def test_siblings_of_an_admitted_request_are_looked_up_again():
     """Prefix caching: requests sharing a first block with one vLLM just admitted get their
     uncached length again at the next plan, and shortest-first moves them ahead."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
@@ -270,3 +270,101 @@ def test_budget_mirror_holds_with_speculative_decoding(tiny_model, draft_slots, 
     assert s.prepack_stats.budget_checks == steps
     assert drafted > 20  # draft tokens did take budget
     assert s._draft_slots == draft_slots
+
+
+# ---- the step cost and the KV fit ---------------------------------------------------------------
+
+
+def test_the_plugin_learns_the_step_cost_from_the_steps_it_times(tiny_model):
+    """Engine-free, in seconds: every step takes a + b x tokens on the harness's clock; the
+    plugin times whole steps (update_from_output to update_from_output) and fits a and b.
+    With a = the time of a full step it packs (fewer steps than shortest-first); with a = 0
+    it orders like shortest-first."""
+    from vllm_prepack.bench.harness import simulate
+    from vllm_prepack.bench.report import summary
+    from vllm_prepack.cost import StepCost
+    from vllm_prepack.workloads import prompt_lengths
+
+    lengths = prompt_lengths("heavytail", 400, seed=2, max_len=1023)
+    for fixed_tokens in (0, 1024):
+        truth = StepCost(fixed_tokens * 1e-5, 1e-5)
+        runs = {s: simulate(tiny_model, lengths, s, 1024, False, cost=truth) for s in ("spf", "prepack")}
+        fitted = runs["prepack"].cost.current
+        assert fitted.seconds(1000) == pytest.approx(truth.seconds(1000), rel=1e-3)
+        assert fitted.fixed_tokens == pytest.approx(fixed_tokens, abs=1)
+        spf, pack = (summary(runs[s].ttft_s)["mean"] for s in ("spf", "prepack"))
+        if fixed_tokens:
+            assert runs["prepack"].steps < runs["spf"].steps and runs["prepack"].wall < runs["spf"].wall
+        else:
+            # the deadlines of the backlog's tail may reorder its last steps
+            assert runs["prepack"].steps == runs["spf"].steps and pack <= 1.01 * spf
+
+
+def test_short_prompts_are_admitted_past_a_long_one_whose_blocks_are_not_free(tiny_model):
+    """A long generation holds most of a small KV pool; a long prompt that would need more
+    blocks than are free waits, and the short ones behind it go (plain vLLM stops at it)."""
+    def run(scheduler):
+        s = standalone_scheduler(tiny_model, scheduler=scheduler, budget=512, max_model_len=512,
+                                 chunked_prefill=False, num_blocks=40, block_size=16)
+        s.add_request(make_request("holder", 400, max_tokens=40))  # 25+ blocks while it decodes
+        fake_step(s, s.schedule())
+        s.add_request(make_request("long", 300))  # 19 blocks: not free until holder ends
+        for i in range(4):
+            s.add_request(make_request(f"short{i}", 20))
+        out = s.schedule()
+        return set(out.num_scheduled_tokens) - {"holder"}
+
+    assert run("fcfs") == set()  # head-of-line: vLLM stops at the long prompt
+    assert run("prepack") == {f"short{i}" for i in range(4)}
+def first_admitted(tiny_model, scheduler, rid, steps=12):
+    """Step a scheduler (budget 256, whole prompts) holding a 250-token prompt while two
+    100-token prompts arrive every step: the step at which `rid` is first scheduled, or None."""
+    s = standalone_scheduler(tiny_model, scheduler=scheduler, budget=256, verify=False)
+    s.add_request(make_request("long", 250))
+    for step in range(steps):
+        for k in range(2):
+            s.add_request(make_request(f"s{step}.{k}", 100))
+        out = s.schedule()
+        if rid in out.num_scheduled_tokens:
+            return step
+        fake_step(s, out)
+    return None
+
+
+def test_baselines_order_as_sglang_does(tiny_model):
+    """SPF serves the shortest prefill first, so a long prompt starves under steady short
+    arrivals; HRRN's response ratio (wait + service) / service lets it through within a few
+    steps; FCFS takes it first."""
+    assert first_admitted(tiny_model, "spf", "long") is None
+    assert 1 <= first_admitted(tiny_model, "hrrn", "long") <= 4
+    assert first_admitted(tiny_model, "fcfs", "long") == 0
+    spf = standalone_scheduler(tiny_model, scheduler="spf", verify=False)
+    for i, n in enumerate([200, 30, 100, 250, 20]):
+        spf.add_request(make_request(f"r{i}", n))
+    assert [step for step in drain(spf) if step] == [{"r4": 20, "r1": 30, "r2": 100},
+                                                     {"r0": 200}, {"r3": 250}]
+
+
+def test_budget_mirror_holds_when_prefills_are_held_back(tiny_model):
+    """Decodes running, prefills held back: by data-parallel throttling (every release, the
+    engine core's throttle_prefills) and, from vLLM 0.33, by the local prefill cadence
+    (prefill_schedule_interval without data parallelism). The mirror matches vLLM on every step,
+    and the plan admits nothing while vLLM holds prefills back."""
+    from vllm_prepack.touchpoints import vllm_version
+
+    s = standalone_scheduler(tiny_model, budget=256, chunked_prefill=True, max_num_seqs=16,
+                             prefill_schedule_interval=3)
+    s.add_request(make_request("decoding", 20, max_tokens=40))
+    fake_step(s, s.schedule())
+    held = 0
+    for step in range(12):
+        s.add_request(make_request(f"new{step}", 30, max_tokens=2))
+        out = s.schedule(step % 4 == 0)  # the DP engine core's throttle, every fourth step
+        admitted = [r.req_id for r in out.scheduled_new_reqs]
+        if s.prepack_stats.last.budget == 0:
+            held += 1
+            assert admitted == []
+        fake_step(s, out)
+    assert s.prepack_stats.budget_checks == s.prepack_stats.steps
+    local_cadence = vllm_version() >= (0, 33)
+    assert held == (9 if local_cadence else 3)  # 0.33: 6 more, two of every three steps

@@ -15,7 +15,7 @@ from ray_cluster import CHAT_TEMPLATE
 
 from vllm_prepack.load_channel import LoadSubscriber, free_port
 from vllm_prepack.serve import APP_NAME, build_app, prepack_llm_config, start, stop
-from vllm_prepack.serve_touchpoints import llm_replicas
+from vllm_prepack.touchpoints import llm_replicas
 
 # the conftest's engine arguments (outputs compare with its plain in-process engine), with a
 # longer context so that a long generation outlasts any abort
@@ -110,6 +110,7 @@ def test_the_command_line_parses():
     assert exit_.value.code == 0
 
 
+@pytest.mark.engine
 def test_openai_endpoints_models_and_health(served, engine, tiny_model, minilm):
     from openai import OpenAI
     from vllm import SamplingParams
@@ -146,6 +147,7 @@ def test_openai_endpoints_models_and_health(served, engine, tiny_model, minilm):
         assert max(abs(a - b) for a, b in zip(got, want.outputs.embedding)) < 1e-3
 
 
+@pytest.mark.engine
 def test_bad_requests_get_4xx_and_nothing_else_fails(served):
     url = f"{served}/v1/completions"
     bad = [
@@ -169,6 +171,7 @@ def test_bad_requests_get_4xx_and_nothing_else_fails(served):
     assert completion(served, "still serving").status_code == 200
 
 
+@pytest.mark.engine
 def test_every_replica_reports_its_load_and_a_burst_spreads_over_both(served):
     loads = Loads()
     try:
@@ -187,6 +190,7 @@ def test_every_replica_reports_its_load_and_a_burst_spreads_over_both(served):
         loads.close()
 
 
+@pytest.mark.engine
 def test_a_client_disconnect_aborts_its_request_in_the_engine(served):
     loads = Loads()
     try:
@@ -209,6 +213,7 @@ def test_a_client_disconnect_aborts_its_request_in_the_engine(served):
         loads.close()
 
 
+@pytest.mark.engine
 def test_a_killed_replica_fails_its_requests_clearly_and_routing_moves_on(served):
     loads = Loads()
     try:

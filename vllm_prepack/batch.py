@@ -31,6 +31,29 @@ from vllm_prepack.dispatch import ORDERS, Dispatcher
 from vllm_prepack.replica import UNITS_IN_FLIGHT
 
 
+class JobError(ValueError):
+    """A batch job that cannot start; the message says why and what to do."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model", "tekken.json")
+
+
+def check_model(model: str, engine_kwargs: dict) -> None:
+    """Raise JobError, in one line, before Ray or any replica starts: a model path that does
+    not exist, or a local model folder without tokenizer files when the engine would load one."""
+    path = Path(model)
+    if not path.exists() and (path.is_absolute() or model.startswith(".") or model.count("/") > 1):
+        raise JobError(f"model folder {model} does not exist")
+    if engine_kwargs.get("skip_tokenizer_init"):
+        return
+    folder = Path(engine_kwargs.get("tokenizer") or model)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise JobError(
+            f"{folder} has no tokenizer files: add them, or run token-id prompts only with "
+            "--engine-args '{\"skip_tokenizer_init\": true}'")
+
+
 @dataclass
 class JobReport:
     """What one run of a job did; ``replicas`` holds each live replica's describe()."""
@@ -197,10 +220,10 @@ def run_batch(
     Re-running with the same output resumes."""
     import ray
 
-    from vllm_prepack.replica import check_tokenizer, start_replicas, stop_replicas
+    from vllm_prepack.replica import start_replicas
 
     engine_kwargs = dict(engine_kwargs or {})
-    check_tokenizer(model, engine_kwargs)
+    check_model(model, engine_kwargs)
     writer = open_writer(output)
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
@@ -212,20 +235,23 @@ def run_batch(
         return run_job(Source(source), writer, actors, max_tokens=default, order=order,
                        unit_tokens=unit_tokens, progress=progress)
     finally:
-        stop_replicas(actors)
+        actors.stop()
 
 
-def main(args, demo_job: Callable[[dict], tuple[str, list[str], dict]] | None = None) -> int:
-    """The CLI; without --input, ``demo_job`` supplies the model, lines and engine arguments."""
+def main(args) -> int:
+    """``vllm-prepack batch`` (the CLI gives the embedded demo job when --input is absent)."""
     import ray
 
-    engine_kwargs = json.loads(args.engine_args) if args.engine_args else {}
-    if args.input is None:
-        model, source, engine_kwargs = demo_job(engine_kwargs)
-    else:
-        model, source = args.model, args.input
-        if model is None:
-            raise SystemExit("--model is required with --input")
+    try:
+        engine_kwargs = json.loads(args.engine_args) if args.engine_args else {}
+    except ValueError as e:
+        raise JobError(f"--engine-args is not JSON: {e}") from None
+    if not isinstance(engine_kwargs, dict):
+        raise JobError("--engine-args must be a JSON object of vLLM engine arguments")
+    model, source = args.model, args.input
+    if model is None:
+        raise JobError("--model is required with --input")
+    check_model(model, engine_kwargs)
     template = args.chat_template
     if template is not None and Path(template).is_file():
         template = Path(template).read_text()

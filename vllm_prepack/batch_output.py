@@ -1,4 +1,5 @@
-"""Batch job output: records encoded in the replicas, written by the driver exactly once.
+"""Batch job output, on the driver's side: records (encoded in the replicas by
+``batch_record``) written exactly once.
 
 Committed output is never rewritten. JSONL is append-only: each unit's records reach the OS in
 one write (a killed driver loses none of them) and are fsynced at most once a second (a lost
@@ -9,19 +10,18 @@ record owns), so a crash during resume, even during that repair, cannot lose a c
 Parquet output is a folder of parts, each written to a temporary name and renamed into place.
 
 Resume needs the set of lines already written, not the records: every JSONL record starts with
-its line number (``{"line": N`` or, for OpenAI-format lines, ``{"id": "vllm-batch-N"``), so the
-scan reads a prefix per line, and the set is a bitmap (1M lines: 125 KB).
+its line number (``batch_record.record_line``), so the scan reads a prefix per line, and the set
+is a bitmap (1M lines: 125 KB).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from pathlib import Path
 
-_JSONL_LINE = re.compile(rb'\{"(?:line": |id": "vllm-batch-)(\d+)')
+from vllm_prepack.batch_record import record_line
+
 SYNC_EVERY_S = 1.0
 
 
@@ -51,41 +51,6 @@ class LineSet:
         return self.count > 0
 
 
-def parquet_table(records: list[dict]):
-    """Records as one Arrow table with the fixed schema (OpenAI-format records keep their line,
-    custom_id and error, and the whole output line in the ``openai`` column)."""
-    import pyarrow as pa
-
-    rows = []
-    for r in records:
-        if "custom_id" in r:
-            r = {"line": r["line"], "id": r["custom_id"], "error": r["error"],
-                 "openai": json.dumps({k: v for k, v in r.items() if k != "line"})}
-        rows.append({**r, "id": json.dumps(r.get("id"), default=str)})
-    return pa.Table.from_pylist(rows, schema=_schema())
-
-
-def _schema():
-    import pyarrow as pa
-
-    return pa.schema([  # one schema for every part, so the folder reads as one table
-        ("line", pa.int64()), ("id", pa.string()), ("error", pa.string()),
-        ("replica", pa.int64()), ("latency_s", pa.float64()),
-        ("token_ids", pa.list_(pa.int64())), ("text", pa.string()),
-        ("embedding", pa.list_(pa.float64())), ("openai", pa.string()),
-    ])
-
-
-def encode(records: list[dict], fmt: str):
-    """What a replica sends back: JSONL bytes, or an Arrow table for Parquet output."""
-    if fmt == "parquet":
-        return parquet_table(records)
-    for r in records:  # OpenAI output lines carry their line number in their id only
-        if "custom_id" in r:
-            r.pop("line", None)
-    return "".join(json.dumps(r, default=str) + "\n" for r in records).encode()
-
-
 class JsonlWriter:
     format = "jsonl"
 
@@ -105,11 +70,11 @@ class JsonlWriter:
             for number, raw in enumerate(f, start=1):
                 if not raw.endswith(b"\n"):
                     break
-                found = _JSONL_LINE.match(raw)
-                if found is None:
+                line = record_line(raw)
+                if line is None:
                     raise ValueError(f"{self.path}:{number}: not a record of this job's output "
                                      "(resume needs an output written by vllm-prepack batch)")
-                done.add(int(found.group(1)))
+                done.add(line)
                 end += len(raw)
         if end < self.path.stat().st_size:
             os.truncate(self.path, end)

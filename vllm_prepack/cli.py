@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from pathlib import Path
 
@@ -17,10 +18,12 @@ BENCHES = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-prepack", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log the plugin's decisions (e.g. the fitted step cost) at debug level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="plain vLLM vs prepack on an embedded model and batch")
-    importlib.import_module("vllm_prepack.demo").add_arguments(demo)
+    importlib.import_module("vllm_prepack.bench.demo").add_arguments(demo)
 
     batch = sub.add_parser("batch", help="a token-balanced batch job across vLLM replicas (Ray)")
     importlib.import_module("vllm_prepack.batch").add_arguments(batch)
@@ -37,11 +40,28 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, help="also write the markdown here")
 
     args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig()
+        logging.getLogger("vllm_prepack").setLevel(logging.DEBUG)
+    from vllm_prepack.batch import JobError
+    from vllm_prepack.config import PrepackConfigError
+
+    try:
+        return _run(args)
+    except (JobError, PrepackConfigError, FileNotFoundError) as e:  # the user's to fix
+        print(f"vllm-prepack {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    """Commands load their modules on demand; this is the one product module that imports
+    ``bench`` (for ``demo`` and ``bench``)."""
     if args.command == "demo":
-        return importlib.import_module("vllm_prepack.demo").main(args)
-    if args.command == "batch":  # without --input: the demo's embedded job
-        demo_job = importlib.import_module("vllm_prepack.demo").demo_job
-        return importlib.import_module("vllm_prepack.batch").main(args, demo_job)
+        return importlib.import_module("vllm_prepack.bench.demo").main(args)
+    if args.command == "batch":
+        if args.input is None:  # the embedded demo job
+            importlib.import_module("vllm_prepack.bench.demo").use_demo_job(args)
+        return importlib.import_module("vllm_prepack.batch").main(args)
     if args.command == "serve":
         return importlib.import_module("vllm_prepack.serve").main(args)
     if args.command == "bench":

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
-from vllm_prepack.policy import AgingBound
+from vllm_prepack.cost import StepCostModel
+from vllm_prepack.policy import PACK_SHARE, AgingBound
 
 CONFIG_KEY = "prepack"
 SCHEDULER_CLS = "vllm_prepack.PrepackScheduler"
@@ -35,6 +36,16 @@ class PrepackConfig:
     min_chunk_tokens: never start a prefill chunk smaller than this, except to fill a CUDA-graph
         padding gap (those tokens are computed anyway).
     cuda_graph_topup: use the padding gap of the step's CUDA-graph size (GPU only).
+    step_cost_fixed_tokens: the prior of a step's fixed cost, in tokens of work (a / b: a
+        step costs as much as this many tokens more than its own). Learnt from the engine's
+        step times (``learn_step_cost``), so the prior only acts over the first steps.
+    step_cost_seq_tokens: the prior of the cost of a sequence, in tokens of work (c / b).
+    learn_step_cost: fit a, b, c online from the engine's measured step times; false: the
+        policy keeps the prior's shape (the seconds reported still follow the steps).
+    pack_fixed_share: pack steps (filler reserve, best-fit exchange) only where the fixed cost
+        is at least this share of a full step's cost, a / (a + b x budget): 0 always packs
+        (fewest steps), 1 never (shortest first, lowest mean TTFT where steps cost their
+        tokens). Between: the frontier from latency to throughput (BENCHMARKS.md).
     record_layout: the model-runner hook records each forward's packed layout.
     debug_layout: the hook also checks that layout against the scheduler's plan, and the
         scheduler checks its mirror of vLLM's running-request budget against what vLLM then
@@ -50,6 +61,10 @@ class PrepackConfig:
     max_swaps: int = 4
     min_chunk_tokens: int = 0
     cuda_graph_topup: bool = True
+    step_cost_fixed_tokens: float = 256.0
+    step_cost_seq_tokens: float = 0.0
+    learn_step_cost: bool = True
+    pack_fixed_share: float = PACK_SHARE
     record_layout: bool = False
     debug_layout: bool = False
     load_endpoint: str | None = None
@@ -57,6 +72,11 @@ class PrepackConfig:
     @property
     def aging(self) -> AgingBound:
         return AgingBound(self.aging_steps, self.aging_seconds, self.aging_drain_factor)
+
+    def step_cost_model(self, capacity: int) -> StepCostModel:
+        """The step-cost model these options describe, for steps of `capacity` tokens."""
+        return StepCostModel(self.step_cost_fixed_tokens, self.step_cost_seq_tokens, capacity,
+                             learn=self.learn_step_cost)
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> PrepackConfig:
@@ -83,22 +103,33 @@ class PrepackConfig:
         return dataclasses.replace(cls(), **values)
 
 
-# option -> (type, lowest allowed value, None allowed)
-_KINDS: dict[str, tuple[type, float | None, bool]] = {
-    "aging_steps": (int, 1, True),
-    "aging_seconds": (float, 0, True),
-    "aging_drain_factor": (float, 0, True),
-    "max_swaps": (int, 0, False),
-    "min_chunk_tokens": (int, 0, False),
-    "cuda_graph_topup": (bool, None, False),
-    "record_layout": (bool, None, False),
-    "debug_layout": (bool, None, False),
-    "load_endpoint": (str, None, True),
+class _Kind(NamedTuple):
+    typ: type
+    lowest: float | None = None  # lowest allowed value (a float 0: positive, unless zero_ok)
+    nullable: bool = False
+    highest: float | None = None
+    zero_ok: bool = False
+
+
+_KINDS: dict[str, _Kind] = {
+    "aging_steps": _Kind(int, 1, True),
+    "aging_seconds": _Kind(float, 0, True),
+    "aging_drain_factor": _Kind(float, 0, True),
+    "max_swaps": _Kind(int, 0),
+    "min_chunk_tokens": _Kind(int, 0),
+    "cuda_graph_topup": _Kind(bool),
+    "step_cost_fixed_tokens": _Kind(float, 0, zero_ok=True),
+    "step_cost_seq_tokens": _Kind(float, 0, zero_ok=True),
+    "learn_step_cost": _Kind(bool),
+    "pack_fixed_share": _Kind(float, 0, highest=1, zero_ok=True),
+    "record_layout": _Kind(bool),
+    "debug_layout": _Kind(bool),
+    "load_endpoint": _Kind(str, None, True),
 }
 
 
-def _check(name: str, value: Any, kind: tuple[type, float | None, bool]) -> Any:
-    typ, lowest, nullable = kind
+def _check(name: str, value: Any, kind: _Kind) -> Any:
+    typ, lowest, nullable, highest, zero_ok = kind
     where = f"additional_config[{CONFIG_KEY!r}][{name!r}]"
     if value is None:
         if nullable:
@@ -113,11 +144,14 @@ def _check(name: str, value: Any, kind: tuple[type, float | None, bool]) -> Any:
         raise PrepackConfigError(f"{where} must be an integer, got {value!r}")
     if typ is float and (is_bool or not isinstance(value, (int, float))):
         raise PrepackConfigError(f"{where} must be a number, got {value!r}")
+    positive = lowest == 0 and typ is float and not zero_ok
     if lowest is not None and not value >= lowest:
-        bound = "positive" if (lowest == 0 and typ is float) else f">= {lowest}"
+        bound = "positive" if positive else f">= {lowest}"
         raise PrepackConfigError(f"{where} must be {bound}, got {value!r}")
-    if typ is float and value == 0:
+    if positive and value == 0:
         raise PrepackConfigError(f"{where} must be positive, got {value!r}")
+    if highest is not None and not value <= highest:
+        raise PrepackConfigError(f"{where} must be <= {highest}, got {value!r}")
     return typ(value)
 
 

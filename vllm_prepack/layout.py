@@ -100,6 +100,7 @@ class LayoutRecorder:
         self.seconds = 0.0
         self.hook_seconds = 0.0  # the recorder's own time (what the hook costs a forward)
         self.checked = 0
+        self.step_cost: dict | None = None  # the scheduler's step-cost model, as last planned
 
     def add(self, layout: ForwardLayout) -> None:
         self.forwards += 1
@@ -130,6 +131,7 @@ class LayoutRecorder:
             "forward_seconds_mean": self.seconds / n,
             "hook_seconds_mean": self.hook_seconds / n,
             "checked_forwards": self.checked,
+            "step_cost": self.step_cost,
             "recent": [asdict(x) for x in list(self.recent)[-recent:]],
         }
 

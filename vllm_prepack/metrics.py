@@ -2,17 +2,18 @@
 
 vLLM builds stat loggers in its frontend process (AsyncLLM), which sees ``SchedulerStats`` and
 ``IterationStats`` of every step; these metrics appear on the server's ``/metrics`` next to
-vLLM's own. They are recorded only when the engine runs the plugin's scheduler.
+vLLM's own. They are recorded only when the engine runs the plugin's scheduler. The step-cost
+gauges come from the same model the scheduler fits (``cost.py``), fed the same step times
+(the plugin's iteration details carry each whole step's time).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from vllm.v1.metrics.loggers import StatLoggerBase
-
-from vllm_prepack.config import SCHEDULER_CLS
-from vllm_prepack.packing import padding_gap
+from vllm_prepack.config import SCHEDULER_CLS, PrepackConfig
+from vllm_prepack.policy import padding_gap
+from vllm_prepack.touchpoints import capture_sizes, internal
 
 _RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -22,7 +23,7 @@ _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 @lru_cache(maxsize=1)
 def _metrics():
     """One set per process: prometheus_client refuses to register a name twice."""
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
     labels = ["model_name", "engine"]
     return {
@@ -40,13 +41,17 @@ def _metrics():
                            buckets=_SECONDS_BUCKETS),
         "ttft": Histogram("vllm_prepack:time_to_first_token_seconds", "Time to first token",
                           labels, buckets=_SECONDS_BUCKETS),
+        "cost_fixed": Gauge("vllm_prepack:step_cost_fixed_seconds",
+                            "Fitted fixed cost of a forward step (a)", labels),
+        "cost_token": Gauge("vllm_prepack:step_cost_per_token_seconds",
+                            "Fitted cost of a token of a step (b)", labels),
+        "cost_seq": Gauge("vllm_prepack:step_cost_per_sequence_seconds",
+                          "Fitted cost of a sequence of a step (c)", labels),
     }
 
 
-class PrepackStatLogger(StatLoggerBase):
+class PrepackStatLogger(internal.StatLoggerBase):
     def __init__(self, vllm_config, engine_index: int = 0):
-        from vllm_prepack.scheduler import capture_sizes
-
         cls = vllm_config.scheduler_config.scheduler_cls
         name = cls if isinstance(cls, str) else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', '')}"
         self.active = name in (SCHEDULER_CLS, "vllm_prepack.scheduler.PrepackScheduler")
@@ -58,6 +63,8 @@ class PrepackStatLogger(StatLoggerBase):
         model = model[0] if isinstance(model, (list, tuple)) else model
         self.m = {k: m.labels(model_name=str(model), engine=str(engine_index))
                   for k, m in _metrics().items()}
+        config = PrepackConfig.from_additional_config(vllm_config.additional_config)
+        self.cost = config.step_cost_model(self.budget)
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         if not self.active:
@@ -71,6 +78,12 @@ class PrepackStatLogger(StatLoggerBase):
                 self.m["fill"].observe(tokens / self.budget)
                 self.m["seqs"].observe(details.num_ctx_requests + details.num_generation_requests)
                 self.m["padded"].inc(padding_gap(tokens, self.capture_sizes))
+                seqs = details.num_ctx_requests + details.num_generation_requests
+                self.cost.observe(tokens, seqs, details.elapsed_ms / 1e3)
+                cost = self.cost.current
+                self.m["cost_fixed"].set(cost.fixed)
+                self.m["cost_token"].set(cost.per_token)
+                self.m["cost_seq"].set(cost.per_seq)
         if iteration_stats is not None:
             for seconds in iteration_stats.time_to_first_tokens_iter:
                 self.m["ttft"].observe(seconds)

@@ -9,7 +9,6 @@ written atomically, so concurrent processes never see half a model.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -30,6 +29,15 @@ class DecoderShape:
     max_position_embeddings: int = 4096
     initializer_range: float = 0.2  # wide logits: greedy argmax is far from ties
     seed: int = 0
+
+    def hf_config(self, **extra):
+        """The transformers config of this shape (weights are random, seeded by `seed`)."""
+        from transformers import AutoConfig
+
+        fields = asdict(self)
+        arch = fields.pop("arch")
+        fields.pop("seed")
+        return AutoConfig.for_model(arch, **fields, **extra)
 
     @property
     def name(self) -> str:
@@ -54,11 +62,21 @@ BENCH_100M = DecoderShape(
 # The demo's and the hook benchmark's model: big enough that a forward is not all overhead.
 DEMO_MODEL = DecoderShape(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                           num_key_value_heads=4, intermediate_size=768, vocab_size=512)
-# `bench hf` shapes, name: (hidden, layers, heads, kv_heads, intermediate, vocab)
+# `bench ray`'s replicas: a step is mostly compute on this CPU.
+RAY_BENCH_MODEL = DecoderShape(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                               num_key_value_heads=8, intermediate_size=1408, vocab_size=8192,
+                               initializer_range=0.02)
+# `bench hf`: a tiny shape for CPUs, and the paper's Sheared-LLaMA-1.3B and Llama-2-7B shapes.
 HF_BENCH_SHAPES = {
-    "tiny": (256, 4, 4, 4, 768, 512),
-    "sheared-1.3b": (2048, 24, 16, 16, 5504, 32000),
-    "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
+    "tiny": DecoderShape(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=768, vocab_size=512,
+                         initializer_range=0.02),
+    "sheared-1.3b": DecoderShape(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                                 num_key_value_heads=16, intermediate_size=5504, vocab_size=32000,
+                                 initializer_range=0.02),
+    "llama2-7b": DecoderShape(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+                              initializer_range=0.02),
 }
 
 
@@ -106,20 +124,11 @@ def decoder_model(shape: DecoderShape = TINY, root: Path | None = None) -> Path:
 
     def build(tmp: Path) -> None:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        fields = asdict(shape)
-        arch, seed = fields.pop("arch"), fields.pop("seed")
-        config = AutoConfig.for_model(
-            arch,
-            **fields,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=2,
-            tie_word_embeddings=False,
-            dtype="float32",
-        )
-        torch.manual_seed(seed)
+        config = shape.hf_config(bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                                 tie_word_embeddings=False, dtype="float32")
+        torch.manual_seed(shape.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.save_pretrained(tmp)
         byte_tokenizer().save_pretrained(tmp)
@@ -143,7 +152,3 @@ def minilm_model(root: Path | None = None) -> Path:
 
     return _build_atomically((root or cache_dir()) / "all-MiniLM-L6-v2", build)
 
-
-def model_max_len(model_dir: Path) -> int:
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(config.get("max_position_embeddings", 2048))

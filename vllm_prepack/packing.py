@@ -1,38 +1,15 @@
-"""Bin-packing algorithms and bounds: pure Python, no vLLM, no torch.
+"""Row packing for the HF path: first-fit decreasing rows and the packed layout attention reads.
 
-Row packing for the HF path (first-fit decreasing rows and the packed layout that attention
-reads), and the step bounds and CUDA-graph padding that the per-step policy (``policy.py``), the
-Ray driver and the benchmarks share. Everything here is tested with hypothesis, without an
-engine.
+Pure Python, no vLLM, no torch; tested with hypothesis. (The per-step policy inside vLLM is
+``policy.py``; the benchmarks' step bounds build on ``pack_rows`` in ``bench/harness.py``.)
 """
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sortedcontainers import SortedList
-
-
-def padding_gap(tokens: int, capture_sizes: Sequence[int]) -> int:
-    """Tokens a CUDA-graph replay pads a step of `tokens` with (0 when no graph fits)."""
-    index = bisect.bisect_left(capture_sizes, tokens)
-    return capture_sizes[index] - tokens if tokens > 0 and index < len(capture_sizes) else 0
-
-
-def lower_bound_steps(lengths: Iterable[int], budget: int) -> int:
-    """No schedule finishes the prefills of `lengths` in fewer steps of `budget` tokens."""
-    if budget <= 0:
-        raise ValueError("budget must be positive")
-    return -(-sum(lengths) // budget)
-
-
-def ffd_steps(lengths: Sequence[int], budget: int) -> int:
-    """Steps offline first-fit decreasing needs for whole prompts of `lengths`: where prompts
-    are a large part of the budget, no schedule reaches ceil(tokens / budget), and this is the
-    practical bound to report beside it."""
-    return len(pack_rows(lengths, budget))
 
 
 def pack_rows(lengths: Sequence[int], capacity: int | None = None) -> list[list[int]]:

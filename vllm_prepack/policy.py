@@ -24,8 +24,20 @@ prompts; once none is left, the reserved bins go, those that finish the most req
 (Smith's rule). The builder works a few bins per step from the long end while shortest-first
 eats from the short end, so the per-step cost stays O((k + bins) log n).
 
+Packing (the reserve and the exchange) saves steps, and a step saved is worth its fixed cost
+a for every request still waiting; it costs the prompts it moves a longer wait. So the plan
+packs only where a step's fixed cost is at least ``PACK_SHARE`` of a full step's (the step
+cost, ``cost.py``, learned from the engine's own step times), and weighs a reserved bin
+against a shortest-first step by requests started per second of step (Smith's rule in
+seconds): with a near 0 it orders like shortest-prefill-first, with a large a it packs to the
+bound.
+
 A request that must go first but does not fit (chunked prefill off) stops the plan: letting
-others overtake it would starve it, which is exactly what its deadline forbids.
+others overtake it would starve it, which is exactly what its deadline forbids. KV blocks
+(where the adapter tracks them): the plan offers only requests whose blocks are free, so vLLM
+never stops at an allocation while a smaller request would fit (vLLM's head-of-line blocking
+on KV); an overdue request whose blocks are not free lets others by for KV_PATIENCE_STEPS,
+then keeps its place and waits for its blocks, as vLLM would.
 """
 
 from __future__ import annotations
@@ -36,11 +48,12 @@ import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
 from itertools import islice
-from dataclasses import dataclass
+from typing import NamedTuple
+from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
-from vllm_prepack.packing import padding_gap
+from vllm_prepack.cost import StepCost
 
 Key = Hashable
 AGED_PROBES = 16  # aged requests skipped per step before the first-fit scan gives up: O(1)
@@ -49,6 +62,19 @@ BINS_PER_STEP = 8  # filler-reserve bins built per step (the builder outruns sho
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
+# pack (filler reserve, best-fit exchange) only where a step's fixed cost is at least this share
+# of a full step's (a / (a + b x budget)): below it a saved step is worth less than the wait the
+# packing adds to the prompts it moves
+PACK_SHARE = 0.4
+# an overdue request whose KV blocks are not free lets others by for this many steps past its
+# deadline (or its own wait, if longer), then holds its place until its blocks are free
+KV_PATIENCE_STEPS = 256
+
+
+def padding_gap(tokens: int, capture_sizes: Sequence[int]) -> int:
+    """Tokens a CUDA-graph replay pads a step of `tokens` with (0 when no graph fits)."""
+    index = bisect.bisect_left(capture_sizes, tokens)
+    return capture_sizes[index] - tokens if tokens > 0 and index < len(capture_sizes) else 0
 
 
 class Reason(str, enum.Enum):
@@ -75,12 +101,32 @@ class Entry:
     time: float = 0.0  # monotonic seconds at admission (aging in seconds)
     group: Hashable | None = None  # LoRA adapter (None: no adapter)
     pinned: bool = False
-    due: float = math.inf  # the step from which it goes first (set by the first plan after admission)
+    blocks: int = 0  # KV blocks vLLM must find free to admit it (0: not tracked)
     bin: int | None = None  # the reserved bin holding it (whole prompts only)
+    cohort: _Cohort | None = field(default=None, repr=False, compare=False)  # its deadline's
+
+    @property
+    def due(self) -> float:
+        """The step from which it goes first (set by the first plan after admission)."""
+        return math.inf if self.cohort is None else self.cohort.due
 
 
-@dataclass(frozen=True, slots=True)
-class Pick:
+class _Cohort:
+    """The requests of one priority level admitted in one step, and their one deadline: a
+    burst of any size is dated in O(log n) (one row of ``by_due``), not one row each."""
+
+    __slots__ = ("members", "due", "seq", "id")
+
+    def __init__(self, cohort_id: int) -> None:
+        self.members: dict[Key, Entry] = {}  # in admission order
+        self.due = math.inf
+        self.seq = 0  # the first member's admission order (EDF ties)
+        self.id = cohort_id
+
+
+class Pick(NamedTuple):
+    """One request in a step's plan (a tuple: cheap to make, a hundred a step)."""
+
     key: Key
     tokens: int  # tokens planned this step (== entry.length unless chunked)
     reason: Reason
@@ -107,10 +153,28 @@ class StepLimits:
     input_budget: int | None = None
     overhead: int = 0
     capacity: int = 0  # the whole step's token budget (drain time); 0: budget + used_tokens
+    cost: StepCost | None = None  # what a step costs; None: every step the same (steps count)
+    # KV blocks free for waiting requests after running ones took theirs (None: not tracked),
+    # and the watermark vLLM keeps free once any request is scheduled in the step
+    free_blocks: int | None = None
+    watermark_blocks: int = 0
+    running: bool = False  # requests already run this step (the watermark applies from the first)
 
     @property
     def step_tokens(self) -> int:
         return self.capacity or self.budget + self.used_tokens
+
+    def step_seconds(self, tokens: int, seqs: int) -> float:
+        """The cost of a step that adds `tokens` over `seqs` requests to the running ones."""
+        return 1.0 if self.cost is None else self.cost.seconds(self.used_tokens + tokens, seqs)
+
+    def packs(self, share: float) -> bool:
+        """Whether saving steps is worth moving prompts: the fixed cost is at least `share`
+        of a full step's cost."""
+        if self.cost is None:
+            return True
+        fixed = self.cost.fixed_tokens
+        return fixed >= share * (fixed + self.step_tokens) if fixed != math.inf else True
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,14 +218,15 @@ class _Bin:
 class _Level:
     """The waiting requests of one priority level, indexed by length, deadline and age."""
 
-    __slots__ = ("free", "fifo", "pinned", "by_due", "bins", "bin_order", "free_tokens")
+    __slots__ = ("free", "fifo", "pinned", "by_due", "cohorts", "bins", "bin_order", "free_tokens")
 
     def __init__(self) -> None:
         self.free: SortedList = SortedList()  # (length, seq, key) of unpinned, unreserved entries
         self.free_tokens = 0
         self.fifo: OrderedDict[Key, Entry] = OrderedDict()  # admission order, unpinned only
         self.pinned: deque[Entry] = deque()
-        self.by_due: SortedList = SortedList()  # (due, seq, key) of unpinned entries with a deadline
+        self.by_due: SortedList = SortedList()  # (due, seq, cohort id) of dated cohorts
+        self.cohorts: dict[int, _Cohort] = {}  # the dated cohorts, by id
         self.bins: dict[int, _Bin] = {}
         self.bin_order: SortedList = SortedList()  # _Bin.order(id)
 
@@ -200,16 +265,19 @@ class WaitingSet:
     so the policy scales to 100k waiting requests without re-sorting the queue every step.
     """
 
-    def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4) -> None:
+    def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4,
+                 pack_share: float = PACK_SHARE) -> None:
         self.aging = aging
         self.max_swaps = max_swaps
+        self.pack_share = pack_share
         self._entries: dict[Key, Entry] = {}
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
         self._seq = 0
         self._bin_ids = 0
         self._tokens = 0  # sum of waiting lengths
-        self._undated: list[Entry] = []  # admitted since the last plan: no deadline yet
+        self._cohort_ids = 0
+        self._undated: dict[tuple[int, int], _Cohort] = {}  # (priority, step) -> admitted since the last plan
 
     # ---- membership -------------------------------------------------------------------------
 
@@ -240,7 +308,7 @@ class WaitingSet:
         entry.length = max(1, entry.length)
         entry.pinned = pinned
         entry.bin = None
-        entry.due = math.inf
+        entry.cohort = None
         level = self._levels.get(entry.priority)
         if level is None:
             level = self._levels[entry.priority] = _Level()
@@ -255,11 +323,17 @@ class WaitingSet:
             level.free_tokens += entry.length
         self._entries[entry.key] = entry
         self._tokens += entry.length
-        if not pinned:
-            if due == math.inf:
-                self._undated.append(entry)
-            else:
-                self._date(entry, due)
+        if pinned:
+            return
+        if due == math.inf:
+            cohort = self._undated.get((entry.priority, entry.step))
+            if cohort is None:
+                cohort = self._undated[(entry.priority, entry.step)] = self._new_cohort()
+        else:
+            cohort = self._new_cohort()
+            self._date(level, cohort, due, entry.seq)
+        cohort.members[entry.key] = entry
+        entry.cohort = cohort
 
     def remove(self, key: Key) -> Entry:
         entry = self._entries.pop(key)
@@ -274,17 +348,23 @@ class WaitingSet:
             else:
                 level.free.remove((entry.length, entry.seq, key))
                 level.free_tokens -= entry.length
-            if entry.due != math.inf:
-                level.by_due.remove((entry.due, entry.seq, key))
+            cohort = entry.cohort
+            del cohort.members[key]
+            entry.cohort = None
+            if not cohort.members and cohort.id in level.cohorts:
+                level.by_due.remove((cohort.due, cohort.seq, cohort.id))
+                del level.cohorts[cohort.id]
         if not level:
             del self._levels[entry.priority]
             self._priorities.remove(entry.priority)
         return entry
 
-    def resize(self, key: Key, length: int) -> None:
+    def resize(self, key: Key, length: int, blocks: int | None = None) -> None:
         """A request's remaining length changed (a prefix-cache hit found after it arrived);
         it keeps its arrival order and deadline, and leaves its reserved bin."""
         entry = self._entries[key]
+        if blocks is not None:
+            entry.blocks = blocks
         length = max(1, length)
         if length == entry.length:
             return
@@ -305,31 +385,35 @@ class WaitingSet:
 
     # ---- deadlines --------------------------------------------------------------------------
 
-    def _date(self, entry: Entry, due: float) -> None:
-        entry.due = due
-        if due != math.inf:
-            self._levels[entry.priority].by_due.add((due, entry.seq, entry.key))
+    def _new_cohort(self) -> _Cohort:
+        self._cohort_ids += 1
+        return _Cohort(self._cohort_ids)
+
+    @staticmethod
+    def _date(level: _Level, cohort: _Cohort, due: float, seq: int) -> None:
+        cohort.due, cohort.seq = due, seq
+        level.by_due.add((due, seq, cohort.id))
+        level.cohorts[cohort.id] = cohort
 
     def _date_arrivals(self, step_tokens: int) -> None:
-        """Deadlines of the requests admitted since the last plan, from the queue they joined."""
+        """Deadlines of the requests admitted since the last plan, from the queue they joined:
+        one per cohort (a priority level's arrivals of one step), O(log n) whatever its size.
+        Without a drain or step bound they stay undated (never overdue by steps)."""
         wait = self.aging.wait(self._tokens / max(1, step_tokens))
-        dated: dict[int, list[tuple]] = {}
         if wait != math.inf:
-            for entry in self._undated:
-                if self._entries.get(entry.key) is entry and not entry.pinned and entry.due == math.inf:
-                    entry.due = entry.step + wait
-                    dated.setdefault(entry.priority, []).append((entry.due, entry.seq, entry.key))
-        for priority, rows in dated.items():
-            self._levels[priority].by_due.update(rows)  # one sorted merge, not n inserts
+            for (priority, step), cohort in self._undated.items():
+                if cohort.members:
+                    first = next(iter(cohort.members.values()))
+                    self._date(self._levels[priority], cohort, step + wait, first.seq)
         self._undated.clear()
 
     def _overdue(self, level: _Level, step: int, now: float) -> Iterator[Entry]:
         """Requests past their deadline, earliest deadline first; then those past the seconds
         bound, oldest first."""
-        for due, _, key in level.by_due:
+        for due, _, cohort_id in level.by_due:
             if due > step:
                 break
-            yield level.fifo[key]
+            yield from level.cohorts[cohort_id].members.values()
         if self.aging.seconds is not None:
             for entry in level.fifo.values():
                 if now - entry.time < self.aging.seconds:
@@ -386,21 +470,14 @@ class WaitingSet:
         self._take_aged(level, p, step, now, exchangeable)
         if p.blocked:
             return
-        if not p.limits.chunked_prefill:
+        packing = p.limits.packs(self.pack_share)
+        if packing and not p.limits.chunked_prefill:
             self._build_bins(level, p.limits.budget)
-            if level.bins and self._bin_first(level, p):
-                self._serve_bins(level, p)
-        for _, _, key in level.free:
-            if not p.has_room():
-                break
-            entry = level.fifo[key]
-            if p.taken(key) or not p.group_ok(entry):
-                continue
-            if entry.length > p.left:
-                break
-            p.take(entry, Reason.SHORT)
-            exchangeable.append(entry)
-        self._exchange(level, p, exchangeable, step, now)
+        if level.bins and self._bin_first(level, p):
+            self._serve_bins(level, p)
+        p.take_shortest(level, exchangeable)
+        if packing:
+            self._exchange(level, p, exchangeable, step, now)
         if level.bins and all(p.taken(key) for _, _, key in level.free):
             self._serve_bins(level, p)
         p.chunk_next(level)
@@ -409,17 +486,25 @@ class WaitingSet:
                    exchangeable: list[Entry]) -> None:
         """(a) Overdue requests go first, earliest deadline first: whole, else a chunk, else the
         step stops. With chunked prefill off, only the first may stop the step; the others
-        follow first-fit, so an all-overdue queue still packs."""
+        follow first-fit, so an all-overdue queue still packs. One whose KV blocks are not
+        free is passed over for KV_PATIENCE_STEPS past its deadline (or its own wait, if
+        longer); then it keeps its place and waits for blocks as vLLM would, so it cannot
+        starve."""
         misses = 0
         for index, entry in enumerate(self._overdue(level, step, now)):
             if p.taken(entry.key):
+                continue
+            if not p.kv_fits(entry) and step - entry.due < max(KV_PATIENCE_STEPS, entry.due - entry.step):
+                misses += 1  # its blocks are not free: shorter ones go meanwhile
+                if misses > AGED_PROBES:
+                    return
                 continue
             if index == 0 or p.limits.chunked_prefill:  # chunks pack in deadline order perfectly
                 if not p.take_in_order(entry, Reason.AGED):
                     return
             elif not p.has_room():
                 return
-            elif entry.length <= p.left and p.group_ok(entry):
+            elif entry.length <= p.left and p.group_ok(entry) and p.kv_fits(entry):
                 p.take(entry, Reason.AGED)
                 exchangeable.append(entry)
             else:
@@ -452,18 +537,24 @@ class WaitingSet:
 
     @staticmethod
     def _bin_first(level: _Level, p: _Planner) -> bool:
-        """Smith's rule between the best reserved bin and a shortest-first step: whichever
-        starts more requests goes first (O(k) for the k free prompts a step would take)."""
+        """Smith's rule in seconds between the best reserved bin and a shortest-first step:
+        whichever starts more requests per second of step goes first (with every step the
+        same cost: whichever starts more). O(k) for the k free prompts a step would take."""
         _, _, bin_id = level.bin_order[0]
-        best = sum(1 for key in level.bins[bin_id].keys if not p.taken(key))
+        members = [level.fifo[key] for key in level.bins[bin_id].keys if not p.taken(key)]
+        bin_tokens = sum(e.length for e in members)
+        if not members or bin_tokens > p.left or not p.kv_fits_all(members):
+            return False
         left, count = p.left, 0
         for length, _, key in level.free:
-            if length > left or count >= best:
+            if length > left:
                 break
-            if not p.taken(key):
+            if not p.taken(key) and p.kv_fits(level.fifo[key]):
                 left -= length
                 count += 1
-        return count < best
+        limits = p.limits
+        return (len(members) * limits.step_seconds(p.left - left, count)
+                > count * limits.step_seconds(bin_tokens, len(members)))
 
     def _serve_bins(self, level: _Level, p: _Planner) -> None:
         """Reserved bins, most requests first: whole where a bin fits, else its members
@@ -475,7 +566,7 @@ class WaitingSet:
                              key=lambda e: (-e.length, e.seq))
             for entry in members:
                 if (p.has_room() and not p.taken(entry.key) and entry.length <= p.left
-                        and p.group_ok(entry)):
+                        and p.group_ok(entry) and p.kv_fits(entry)):
                     p.take(entry, Reason.BIN)
 
     def _exchange(self, level: _Level, p: _Planner, picks: list[Entry], step: int, now: float) -> None:
@@ -492,9 +583,10 @@ class WaitingSet:
                 return
             last = picks[-1]
             aged = p.reason(last.key) == Reason.AGED
+            overdue = (lambda e: self.aging.overdue(e, step, now)) if aged else (lambda e: True)
             best = self._longest_fitting(
                 level, p, p.left + last.length, above=last.length,
-                accept=(lambda e: self.aging.overdue(e, step, now)) if aged else None,
+                accept=lambda e: overdue(e) and p.kv_fits(e, freed=last.blocks),
             )
             if best is None:
                 return
@@ -534,6 +626,8 @@ class _Planner:
         self._group_counts: Counter = Counter()
         self._chunk_candidate: Entry | None = None
         self.blocked = False  # a must-go-first request did not fit: nothing may overtake it
+        self.kv_left = limits.free_blocks  # None: KV blocks not tracked
+        self._chunks = 0  # picks that are chunks
 
     @property
     def picks(self) -> list[Pick]:
@@ -557,7 +651,7 @@ class _Planner:
 
     @property
     def whole_picks(self) -> int:
-        return sum(1 for pick in self._picks.values() if not pick.chunked)
+        return len(self._picks) - self._chunks
 
     def group_ok(self, entry: Entry) -> bool:
         max_groups = self.limits.max_groups
@@ -569,15 +663,35 @@ class _Planner:
             or len(self.limits.groups | {g for g, n in self._group_counts.items() if n}) < max_groups
         )
 
+    def kv_fits(self, entry: Entry, freed: int = 0) -> bool:
+        """vLLM would find `entry`'s KV blocks free (after `freed` blocks come back), keeping
+        its watermark free once anything runs this step."""
+        if self.kv_left is None:
+            return True
+        watermark = self.limits.watermark_blocks if (self.limits.running or self._picks) else 0
+        return entry.blocks + watermark <= self.kv_left + freed
+
+    def kv_fits_all(self, entries: Sequence[Entry]) -> bool:
+        if self.kv_left is None:
+            return True
+        return sum(e.blocks for e in entries) + self.limits.watermark_blocks <= self.kv_left
+
     def take(self, entry: Entry, reason: Reason, tokens: int | None = None) -> None:
         tokens = entry.length if tokens is None else tokens
-        self._picks[entry.key] = Pick(entry.key, tokens, reason)
+        pick = self._picks[entry.key] = Pick(entry.key, tokens, reason)
+        self._chunks += pick.chunked
         self._charge(tokens, +1)
+        if self.kv_left is not None:
+            self.kv_left -= entry.blocks
         if entry.group is not None:
             self._group_counts[entry.group] += 1
 
     def untake(self, entry: Entry) -> None:
-        self._charge(self._picks.pop(entry.key).tokens, -1)
+        pick = self._picks.pop(entry.key)
+        self._chunks -= pick.chunked
+        self._charge(pick.tokens, -1)
+        if self.kv_left is not None:
+            self.kv_left += entry.blocks
         if entry.group is not None:
             self._group_counts[entry.group] -= 1
 
@@ -588,13 +702,55 @@ class _Planner:
         self.planned_tokens += sign * tokens
         self.seats -= sign
 
+    def take_shortest(self, level: _Level, taken: list[Entry]) -> None:
+        """(b) free prompts shortest first while they fit (appended to `taken`). The hot loop
+        of a plan (a hundred picks a step): the budget's arithmetic is inlined where no LoRA
+        limit applies."""
+        if self.limits.max_groups is not None:
+            for _, _, key in level.free:
+                if not self.has_room():
+                    return
+                entry = level.fifo[key]
+                if self.taken(key) or not self.group_ok(entry):
+                    continue
+                if entry.length > self.left or not self.kv_fits(entry):
+                    return  # blocks grow with length: no longer prompt fits either
+                self.take(entry, Reason.SHORT)
+                taken.append(entry)
+            return
+        limits, picks, fifo = self.limits, self._picks, level.fifo
+        token_left, input_left, seats, kv_left = self.token_left, self.input_left, self.seats, self.kv_left
+        overhead, planned = limits.overhead, 0
+        watermark = limits.watermark_blocks if (limits.running or picks) else 0
+        for length, _, key in level.free:
+            left = token_left if input_left is None else min(token_left, input_left - overhead)
+            if seats <= 0 or left <= 0 or length > left:
+                break
+            if key in picks:
+                continue
+            entry = fifo[key]
+            if kv_left is not None:
+                if entry.blocks + watermark > kv_left:
+                    break  # blocks grow with length: no longer prompt fits either
+                kv_left -= entry.blocks
+                watermark = limits.watermark_blocks
+            picks[key] = Pick(key, length, Reason.SHORT)
+            taken.append(entry)
+            token_left -= length
+            planned += length
+            seats -= 1
+            if input_left is not None:
+                input_left -= length + overhead
+        self.token_left, self.input_left, self.seats, self.kv_left = token_left, input_left, seats, kv_left
+        self.planned_tokens += planned
+
     def take_in_order(self, entry: Entry, reason: Reason) -> bool:
         """A must-go-first request: whole, else a chunk, else the plan stops here. One whose
         LoRA adapter cannot load this step is passed over, as vLLM skips it."""
         if self.taken(entry.key) or not self.group_ok(entry):
             return True
-        if not self.has_room():
-            self.blocked = True
+        if not self.has_room() or not self.kv_fits(entry):
+            self.blocked = True  # it keeps its place: it waits for blocks as vLLM would
             return False
         if entry.length <= self.left:
             self.take(entry, reason)
@@ -608,13 +764,19 @@ class _Planner:
         """(d) the shortest prompt that did not fit whole gets a chunk of what is left."""
         if not self.limits.chunked_prefill or not self.has_room():
             return
+        misses = 0
         for _, _, key in level.free:
+            if self.taken(key):
+                continue
             entry = level.fifo[key]
-            if not self.taken(key) and self.group_ok(entry):
+            if self.group_ok(entry) and self.kv_fits(entry):
                 if self.left >= max(1, self.limits.min_chunk_tokens):
                     self.take(entry, Reason.CHUNK, self.left)
                 else:
                     self._chunk_candidate = entry
+                return
+            misses += 1
+            if misses >= FIT_PROBES:
                 return
 
     def top_up(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 
+from vllm_prepack.batch_record import CHARS_PER_TOKEN, expected_tokens
 from vllm_prepack.config import plugin_engine_kwargs
 from vllm_prepack.dispatch import balanced_batches
 
@@ -29,14 +30,14 @@ __all__ = ["plugin_engine_kwargs", "token_batches", "map_dataset", "row_tokens"]
 
 
 def row_tokens(row: dict) -> float:
-    """Expected tokens of a Ray Data LLM row: prompt (token ids, or text at 4 characters a
-    token) plus ``sampling_params.max_tokens``."""
+    """Expected tokens of a Ray Data LLM row: prompt (token ids, or text at CHARS_PER_TOKEN
+    characters a token) plus ``sampling_params.max_tokens`` for each of its ``n`` choices."""
     ids = row.get("tokenized_prompt")
     if ids is None:
         ids = row.get("prompt_token_ids")
-    prompt = len(ids) if ids is not None else len(row.get("prompt") or "") / 4
+    prompt = len(ids) if ids is not None else len(row.get("prompt") or "") / CHARS_PER_TOKEN
     params = row.get("sampling_params") or {}
-    return float(prompt + (params.get("max_tokens") or 0))
+    return expected_tokens(prompt, params.get("max_tokens") or 0, params.get("n") or 1)
 
 
 def _reorder(table, batch_size: int, tokens):
@@ -54,9 +55,10 @@ def token_batches(ds, batch_size: int, *, window_batches: int = 64, tokens=row_t
 
 class _EngineUDF:
     def __init__(self, model: str, task: str, engine_kwargs: dict, prepack, max_tokens: int):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm_prepack.replica import Replica
+        from vllm_prepack.replica import Replica, in_process_env
+
+        for key, value in in_process_env().items():
+            os.environ.setdefault(key, value)
 
         self.replica = Replica(model, task, engine_kwargs, prepack, index=os.getpid(),
                                default_max_tokens=max_tokens)
@@ -68,7 +70,8 @@ class _EngineUDF:
             row = {key: _plain(batch[key][i]) for key in ("prompt", "prompt_token_ids", "max_tokens")
                    if key in batch and batch[key][i] is not None}
             unit.append((i + 1, json.dumps(row)))
-        by_line = {r["line"]: r for r in self.replica.records(unit)}
+        records, _ = self.replica.records(unit)
+        by_line = {r["line"]: r for r in records}
         out = dict(batch)
         keys = ("embedding",) if self.replica.task == "embed" else ("token_ids", "text")
         for key in (*keys, "error"):

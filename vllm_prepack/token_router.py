@@ -27,7 +27,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from vllm_prepack import serve_touchpoints as touch
+from vllm_prepack import touchpoints as touch
 from vllm_prepack.load_channel import METADATA_KEY, LoadSubscriber
 from vllm_prepack.routing import LoadTable, PrefixIndex, prompt_key, prompt_tokens
 

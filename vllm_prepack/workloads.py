@@ -35,7 +35,7 @@ SHAPES: dict[str, Shape] = {
 }
 # Mixtures of uniform length ranges: (share, shortest, longest)
 MIXES: dict[str, tuple[tuple[float, int, int], ...]] = {
-    # the MiniLM job: short queries, passages, long passages
+    # a MiniLM embedding job: short queries, passages, long passages
     "trimodal": ((0.5, 6, 30), (0.3, 90, 130), (0.2, 200, 252)),
     # every prompt a large part of a 1024 budget: no schedule reaches ceil(tokens / budget)
     "narrow": ((1.0, 300, 340),),

@@ -13,15 +13,17 @@ They extend the sync ``Scheduler``: compare them with async scheduling off.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from vllm.v1.core.sched.request_queue import RequestQueue
-from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request
+from vllm_prepack.cost import StepCost
+from vllm_prepack.packing import pack_rows
+from vllm_prepack.touchpoints import cached_prefix_tokens, internal
 
-from vllm_prepack.scheduler import cached_prefix_tokens
+if TYPE_CHECKING:  # annotations only
+    from vllm.v1.request import Request
 
 
-class _SortedQueue(RequestQueue):
+class _SortedQueue(internal.RequestQueue):
     """A waiting queue re-sorted by `key` at the start of every step (kept reversed, so the
     next request pops off the end); prepended requests (preempted or skipped) go to the
     front, as in vLLM's FCFS queue."""
@@ -36,6 +38,14 @@ class _SortedQueue(RequestQueue):
     def sort(self, step: int) -> None:
         self.step = step
         self._rest.sort(key=self._key, reverse=True)
+
+    def rest(self) -> list[Request]:
+        """The requests behind the prepended ones, in the order they pop."""
+        return self._rest[::-1]
+
+    def arrange(self, order: list[Request]) -> None:
+        """Put the rest in this order (the first pops next)."""
+        self._rest = order[::-1]
 
     def add_request(self, request: Request) -> None:
         self.arrival_step.setdefault(request.request_id, self.step)
@@ -80,7 +90,7 @@ class _SortedQueue(RequestQueue):
         yield from reversed(self._rest)
 
 
-class _OrderedScheduler(Scheduler):
+class _OrderedScheduler(internal.Scheduler):
     def _order_key(self, request: Request):
         raise NotImplementedError
 
@@ -97,7 +107,11 @@ class _OrderedScheduler(Scheduler):
 
     def schedule(self, *args, **kwargs):
         self.waiting.sort(self.current_step + 1)
+        self._arrange()
         return super().schedule(*args, **kwargs)
+
+    def _arrange(self) -> None:
+        """Reorder what the sort left (a queue order that no per-request key gives)."""
 
 
 class SPFScheduler(_OrderedScheduler):
@@ -114,3 +128,32 @@ class HRRNScheduler(_OrderedScheduler):
         service = self._remaining(request) / self.max_num_scheduled_tokens
         wait = self.waiting.step - self.waiting.arrival_step.get(request.request_id, self.waiting.step)
         return (-(wait + service) / service, request.arrival_time)
+
+
+class FFDScheduler(_OrderedScheduler):
+    """Offline first-fit decreasing, then shortest first over the bins: every step the waiting
+    prompts are packed into bins of the step budget (fewest steps), and the bins go in Smith's
+    order in seconds, most requests per second of step first (with a step's fixed cost a near
+    0 that is shortest first; with a large a, the fullest bins). The step cost is given
+    (``step_cost``, the simulated engine's): a bound on what packing alone can reach, not an
+    online policy."""
+
+    step_cost: StepCost | None = None  # None: every step costs the same
+
+    def _order_key(self, request: Request):
+        return request.arrival_time
+
+    def _arrange(self) -> None:
+        requests = self.waiting.rest()
+        if requests:
+            lengths = [min(self._remaining(r), self.max_num_scheduled_tokens) for r in requests]
+            bins = pack_rows(lengths, self.max_num_scheduled_tokens)
+
+            def density(members: list[int]) -> float:
+                tokens = sum(lengths[i] for i in members)
+                seconds = 1.0 if self.step_cost is None else self.step_cost.seconds(tokens, len(members))
+                return len(members) / seconds
+
+            bins.sort(key=lambda members: -density(members))
+            self.waiting.arrange([requests[i] for members in bins
+                                  for i in sorted(members, key=lambda i: lengths[i])])

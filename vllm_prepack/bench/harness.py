@@ -1,8 +1,9 @@
-"""The engine-free harness: vLLM's real scheduler driven without a model, and run comparisons.
+"""The engine-free harness: vLLM's real scheduler driven without a model.
 
 Tests and benchmarks build a real ``Scheduler`` (plain, a baseline ordering, or the plugin),
 feed it requests and what a model runner would return, and count forward steps and time to
-first token in steps. Production code never imports this module.
+first token in steps; ``rows_for`` turns outcomes into table rows against FCFS. Real engines
+are in ``bench/engines.py``. Production code never imports this module.
 """
 
 from __future__ import annotations
@@ -13,15 +14,32 @@ import time
 from dataclasses import dataclass, field
 
 from vllm_prepack.bench.report import summary
-from vllm_prepack.packing import ffd_steps, lower_bound_steps
+from vllm_prepack.cost import StepCost
+from vllm_prepack.packing import pack_rows
 
 # vLLM's FCFS, two baselines from the field (bench/baselines.py), and the plugin
 SCHEDULERS = {
     "fcfs": None,
     "spf": "vllm_prepack.bench.baselines.SPFScheduler",
     "hrrn": "vllm_prepack.bench.baselines.HRRNScheduler",
+    "ffd": "vllm_prepack.bench.baselines.FFDScheduler",
     "prepack": "vllm_prepack.scheduler.PrepackScheduler",
 }
+ONLINE = ("fcfs", "spf", "hrrn", "prepack")  # the schedulers engines run (ffd needs the cost)
+
+
+def lower_bound_steps(lengths, budget: int) -> int:
+    """No schedule finishes the prefills of `lengths` in fewer steps of `budget` tokens."""
+    if budget <= 0:
+        raise ValueError("budget must be positive")
+    return -(-sum(lengths) // budget)
+
+
+def ffd_steps(lengths, budget: int) -> int:
+    """Steps offline first-fit decreasing needs for whole prompts of `lengths`: where prompts
+    are a large part of the budget, no schedule reaches ceil(tokens / budget), and this is the
+    practical bound to report beside it."""
+    return len(pack_rows(lengths, budget))
 
 
 def _load(path: str):
@@ -29,10 +47,6 @@ def _load(path: str):
 
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
-
-
-ENGINE_COLUMNS = ["workload", "scheduler", "steps", "steps/bound", "wall s", "tok/s vs FCFS",
-                  "TTFT mean s", "TTFT p99 s", "mean vs FCFS", "p99 vs FCFS", "outputs = FCFS"]
 
 
 def standalone_scheduler(
@@ -48,19 +62,18 @@ def standalone_scheduler(
     num_blocks: int = 10_000,
     block_size: int = 16,
     additional_config: dict | None = None,
-    verify: bool = True,
+    verify: bool | None = True,
     speculative_config: dict | None = None,
+    **engine_args,
 ):
     """A real vLLM scheduler (one of SCHEDULERS) built without an engine or a model. `verify`:
-    the plugin checks its mirror of vLLM's running budget every step (as with debug_layout)."""
+    the plugin checks its mirror of vLLM's running budget every step (as with debug_layout);
+    None leaves the plugin's own setting. `engine_args`: more of vLLM's engine arguments."""
     import torch
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.structured_output import StructuredOutputManager
 
-    vllm_config = EngineArgs(
+    from vllm_prepack.touchpoints import internal
+
+    vllm_config = internal.EngineArgs(
         model=str(model_dir),
         skip_tokenizer_init=True,
         max_num_batched_tokens=budget,
@@ -71,38 +84,41 @@ def standalone_scheduler(
         scheduling_policy=policy,
         additional_config=additional_config or {},
         speculative_config=speculative_config,
+        **engine_args,
     ).create_engine_config()
     vllm_config.scheduler_config.async_scheduling = async_scheduling
     vllm_config.cache_config.num_gpu_blocks = num_blocks
-    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=16, dtype=torch.float32)
-    kv_cache_config = KVCacheConfig(
+    spec = internal.FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=16,
+                                      dtype=torch.float32)
+    kv_cache_config = internal.KVCacheConfig(
         num_blocks=num_blocks,
         kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)],
+        kv_cache_groups=[internal.KVCacheGroupSpec(["layer"], spec)],
     )
     if SCHEDULERS[scheduler] is None:
-        cls = AsyncScheduler if async_scheduling else Scheduler
+        cls = internal.AsyncScheduler if async_scheduling else internal.Scheduler
     else:
         cls = _load(SCHEDULERS[scheduler])
     scheduler = cls(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
-        structured_output_manager=StructuredOutputManager(vllm_config),
+        structured_output_manager=internal.StructuredOutputManager(vllm_config),
         block_size=block_size,
         log_stats=False,
     )
-    if hasattr(scheduler, "verify_budget"):
+    if verify is not None and hasattr(scheduler, "verify_budget"):
         scheduler.verify_budget = verify
     return scheduler
 
 
 def make_request(request_id: str, prompt_len: int, max_tokens: int = 1, priority: int = 0,
                  arrival_time: float | None = None):
-    from vllm.sampling_params import SamplingParams
-    from vllm.v1.request import Request
+    from vllm import SamplingParams
+
+    from vllm_prepack.touchpoints import internal
 
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return Request(
+    return internal.Request(
         request_id=request_id,
         prompt_token_ids=[(i % 97) + 3 for i in range(prompt_len)],
         sampling_params=params,
@@ -114,7 +130,7 @@ def make_request(request_id: str, prompt_len: int, max_tokens: int = 1, priority
 
 def fake_step(scheduler, output, token: int = 5) -> list[str]:
     """Feed the scheduler what a model runner would return; returns the finished request ids."""
-    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm_prepack.touchpoints import internal
 
     req_ids = list(output.num_scheduled_tokens)
     sampled = []
@@ -122,7 +138,7 @@ def fake_step(scheduler, output, token: int = 5) -> list[str]:
         request = scheduler.requests[req_id]
         # schedule() has already advanced num_computed_tokens past this step's tokens
         sampled.append([token] if request.num_computed_tokens >= request.num_tokens else [])
-    runner_output = ModelRunnerOutput(
+    runner_output = internal.ModelRunnerOutput(
         req_ids=req_ids,
         req_id_to_index={r: i for i, r in enumerate(req_ids)},
         sampled_token_ids=sampled,
@@ -142,39 +158,77 @@ class Outcome:
     ttft_steps: list[float]
     ttft_s: list[float]
     sched_s: list[float]
-    wall: float = float("nan")
+    wall: float = float("nan")  # seconds: an engine's wall time, or a simulated makespan
     tokens: int = 0
     fill: list[float] = field(default_factory=list)  # scheduled tokens / budget, per step
+    cost: object = None  # the plugin's step-cost model at the end (simulated clock)
 
 
 def simulate(model_dir, lengths, scheduler: str, budget: int, chunked: bool,
-             arrivals: list[int] | None = None, options: dict | None = None) -> Outcome:
-    """Drive one of SCHEDULERS without a model. `arrivals[i]`: the step at which request i is
-    submitted (default: all at step 1, a backlog). TTFT counts steps from submission.
-    `options`: the plugin's options (additional_config["prepack"])."""
+             arrivals: list[float] | None = None, options: dict | None = None,
+             cost: StepCost | None = None) -> Outcome:
+    """Drive one of SCHEDULERS without a model. `options`: the plugin's options
+    (additional_config["prepack"]).
+
+    Without `cost`, time is steps: `arrivals[i]` is the step at which request i is submitted
+    (default: all at step 1, a backlog) and TTFT counts steps from submission. With `cost`,
+    each step takes cost.seconds(tokens, sequences) on a simulated clock, which the plugin's
+    step-cost model learns from as it would from an engine's (and the ffd baseline is told);
+    `arrivals` are then seconds, and the outcome carries TTFT in seconds and the makespan."""
     sched = standalone_scheduler(
         model_dir, scheduler=scheduler, budget=budget, max_model_len=budget,
         chunked_prefill=chunked, max_num_seqs=1024, num_blocks=1_000_000,
         additional_config={"prepack": options or {}},
     )
-    arrivals = arrivals or [1] * len(lengths)
+    clock = [0.0]
+    if cost is not None and scheduler == "prepack":
+        sched.prepack_clock = lambda: clock[0]
+    if cost is not None and scheduler == "ffd":
+        sched.step_cost = cost
+    arrivals = arrivals or [1 if cost is None else 0.0] * len(lengths)
     order = sorted(range(len(lengths)), key=lambda i: arrivals[i])
-    submitted, first, sched_s, fill, step = 0, {}, [], [], 0
+    submitted, first, first_s, sched_s, fill, step = 0, {}, {}, [], [], 0
+    joined: dict[str, int] = {}  # request id -> the step it was submitted at
     while submitted < len(order) or sched.has_requests():
         step += 1
-        if step > 20 * len(lengths) + max(arrivals):
+        if step > 20 * len(lengths) + (max(arrivals) if cost is None else 0):
             raise RuntimeError(f"simulation made no progress after {step} steps")
-        while submitted < len(order) and arrivals[order[submitted]] <= step:
+        now = step if cost is None else clock[0]
+        if cost is not None and not sched.has_requests() and arrivals[order[submitted]] > now:
+            clock[0] = now = arrivals[order[submitted]]  # idle until the next arrival
+        while submitted < len(order) and arrivals[order[submitted]] <= now:
             i = order[submitted]
             sched.add_request(make_request(str(i), lengths[i]))
+            joined[str(i)] = step
             submitted += 1
         t = time.perf_counter()
         out = sched.schedule()
         sched_s.append(time.perf_counter() - t)
         fill.append(out.total_num_scheduled_tokens / budget)
+        if cost is not None:
+            clock[0] += cost.seconds(out.total_num_scheduled_tokens, len(out.num_scheduled_tokens))
         for req_id in fake_step(sched, out):  # max_tokens=1: finishing is the first token
-            first[req_id] = step - arrivals[int(req_id)] + 1
-    return Outcome(step, list(first.values()), [], sched_s, fill=fill)
+            first[req_id] = step - joined[req_id] + 1
+            if cost is not None:
+                first_s[req_id] = clock[0] - arrivals[int(req_id)]
+    outcome = Outcome(step, list(first.values()), list(first_s.values()), sched_s, fill=fill)
+    if cost is not None:
+        outcome.wall = clock[0]
+        outcome.cost = getattr(sched, "step_cost_model", None)
+    return outcome
+
+
+def poisson_seconds(lengths: list[int], budget: int, load: float, cost: StepCost, seed: int) -> list[float]:
+    """Arrival times (seconds) of a Poisson process offering `load` x what full steps of
+    `budget` tokens process per second under `cost`."""
+    rng = random.Random(f"arrivals:{seed}")
+    tokens_per_s = budget / cost.seconds(budget, 0)
+    rate = load * tokens_per_s / statistics.fmean(lengths)
+    t, out = 0.0, []
+    for _ in lengths:
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
 
 
 def poisson_arrivals(lengths: list[int], budget: int, load: float, seed: int) -> list[int]:
@@ -186,46 +240,6 @@ def poisson_arrivals(lengths: list[int], budget: int, load: float, seed: int) ->
         t += rng.expovariate(rate)
         steps.append(int(t) + 1)
     return steps
-
-
-def engine_outcome(run, prompts, budget: int) -> Outcome:
-    results = run.results
-    tokens = sum(len(p) for p in prompts) + sum(len(r.token_ids or ()) for r in results)
-    return Outcome(
-        steps=run.steps,
-        ttft_steps=[r.first_step for r in results],
-        ttft_s=[r.first_time for r in results],
-        sched_s=run.schedule_seconds,
-        wall=run.wall,
-        tokens=tokens,
-        fill=[t / budget for t in run.step_tokens],
-    )
-
-
-def compare_engines(engines, prompts, params, repeats: int, budget: int) -> list[list[Outcome]]:
-    """Every engine's runs, alternating which goes first (one warm-up each before): one list of
-    `repeats` outcomes per engine."""
-    from vllm_prepack.engine import run_stepwise
-
-    warm = prompts[: min(8, len(prompts))]
-    for llm in engines:
-        run_stepwise(llm, warm, params)
-    runs: list[list[Outcome]] = [[] for _ in engines]
-    for repeat in range(repeats):
-        for i in alternating(len(engines), repeat):
-            runs[i].append(engine_outcome(run_stepwise(engines[i], prompts, params), prompts, budget))
-    return runs
-
-
-def median_run(outcomes: list[Outcome]) -> Outcome:
-    """The run with the median wall time (the lower middle one for an even count)."""
-    ranked = sorted(outcomes, key=lambda o: o.wall)
-    return ranked[(len(ranked) - 1) // 2]
-
-
-def alternating(n: int, repeat: int) -> list[int]:
-    """Run order for one repeat: forwards, then backwards, so neither side always goes first."""
-    return list(range(n)) if repeat % 2 == 0 else list(range(n))[::-1]
 
 
 def rows_for(label: str, outcomes: dict[str, Outcome], lengths: list[int] | None, budget: int,
@@ -257,39 +271,3 @@ def rows_for(label: str, outcomes: dict[str, Outcome], lengths: list[int] | None
     return rows
 
 
-def build_engines(model, budget: int, names, **kw) -> dict:
-    """One engine per scheduler name (SCHEDULERS), the same engine arguments for all."""
-    from vllm_prepack.engine import build_llm
-
-    engines = {}
-    for name in names:
-        cls = SCHEDULERS[name]
-        if name == "prepack":
-            engines[name] = build_llm(model, True, max_num_batched_tokens=budget, **kw)
-        else:
-            extra = {"scheduler_cls": cls} if cls else {}
-            engines[name] = build_llm(model, False, max_num_batched_tokens=budget, **kw, **extra)
-    return engines
-
-
-def engine_table(label: str, engines: dict, prompts, params, repeats: int, budget: int,
-                 lengths: list[int] | None) -> tuple[list[dict], dict[str, Outcome]]:
-    """Median-wall run of each engine (alternating order), and whether its outputs equal FCFS's."""
-    runs = compare_engines(list(engines.values()), prompts, params, repeats, budget)
-    outcomes = {name: median_run(r) for name, r in zip(engines, runs)}
-    same = {name: {"outputs = FCFS": _same_outputs(engines["fcfs"], llm, prompts, params)}
-            for name, llm in engines.items()}
-    return rows_for(label, outcomes, lengths, budget, **same), outcomes
-
-
-def _same_outputs(reference, llm, prompts, params) -> str:
-    from vllm_prepack.engine import run_stepwise
-
-    if llm is reference:
-        return "-"
-    a = run_stepwise(reference, prompts, params).results
-    b = run_stepwise(llm, prompts, params).results
-    if a[0].embedding is not None:
-        worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra.embedding, rb.embedding))
-        return f"max |diff| {worst:.1e}"
-    return "yes" if [r.token_ids for r in a] == [r.token_ids for r in b] else "NO"

@@ -11,7 +11,9 @@ in one process on one device:
 - FLOP floor: 2 x linear-layer parameters x real tokens / the device's measured GEMM rate.
 prefill: token ids in, per-prompt KV caches (padded: the batch cache) and last-token logits out.
 TTFT: token ids in, first new token of every prompt on the host out: HF's ``model.generate(...,
-max_new_tokens=1)`` for padding, ``vllm_prepack.hf.generate(..., max_new_tokens=1)`` for packing.
+max_new_tokens=1)`` for padding, ``vllm_prepack.hf.generate(..., max_new_tokens=1)`` for packing,
+and HF's own continuous batching, ``model.generate_batch`` (paged attention, no padding; TTFT
+only: its prefill is not separable), with its KV cache and step sized to the batch.
 Memory is the CUDA peak of the prefill above what was allocated before it, and the whole peak
 with the weights (not measured on CPU).
 Medians of --repeats runs after a warm-up; a variant that runs out of memory reads OOM.
@@ -19,6 +21,7 @@ Medians of --repeats runs after a warm-up; a variant that runs out of memory rea
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import sys
 import time
@@ -35,17 +38,14 @@ LENGTH_GROUPS = 4  # sub-batches of the length-ordered baseline
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype, attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hidden, layers, heads, kv, inter, vocab = HF_BENCH_SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
-                         max_position_embeddings=4096, pad_token_id=0)
+    config = HF_BENCH_SHAPES[shape].hf_config(pad_token_id=0)
     if attn == hf.VARLEN_ATTENTION:
         hf.register_varlen_attention()
     torch.manual_seed(0)
     with torch.device(device):  # random init in place, in the target dtype
-        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model.eval()
 
 
@@ -151,6 +151,33 @@ def linear_params(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def continuous_batching_first_tokens(model, prompts) -> list[int]:
+    """HF's continuous batching (``generate_batch``, transformers >= 4.56), one new token: what an
+    HF user picks instead of padded batches. Its KV cache and step are sized to this batch (every
+    prompt's prefill in one step, as packing does); left to infer them from free memory it took
+    15 s a call for 8 tiny prompts on a CPU. (No inference_mode here: its generation thread
+    updates the cache in place.)"""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    page = 256
+    # The page size is `block_size` up to transformers 5.18 and `page_size` from 5.19 (the old name
+    # kept there as a deprecated alias).
+    page_arg = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters \
+        else "block_size"
+    sizing = ContinuousBatchingConfig(
+        **{page_arg: page}, num_blocks=sum(-(-(len(p) + 1) // page) for p in prompts) + len(prompts),
+        max_batch_tokens=sum(map(len, prompts)), max_requests_per_batch=len(prompts))
+    config = GenerationConfig(max_new_tokens=1, do_sample=False, eos_token_id=-1,
+                              pad_token_id=model.config.pad_token_id or 0)
+    outputs = model.generate_batch(inputs=[list(p) for p in prompts], generation_config=config,
+                                   continuous_batching_config=sizing, progress_bar=False)
+    tokens = [out.generated_tokens[0] for out in outputs.values() if out.generated_tokens]
+    if len(tokens) != len(prompts):  # generate_batch logs a failure and returns what it has
+        raise RuntimeError(f"generate_batch returned {len(tokens)} of {len(prompts)} first tokens")
+    return tokens
+
+
 def first_tokens(model, prompts, capacity: int | None = None) -> list[int]:
     return [t[0] for t in hf.generate(model, prompts, max_new_tokens=1, eos_token_id=[],
                                       capacity=capacity)]
@@ -169,8 +196,9 @@ def run_batch(model, prompts, device: str, repeats: int, rate: float) -> list[di
                       lambda: first_tokens(model, prompts)),
         "one row": (lambda: hf.prefill(model, prompts, capacity=one_row),
                     lambda: first_tokens(model, prompts, capacity=one_row)),
+        "HF generate_batch": (None, lambda: continuous_batching_first_tokens(model, prompts)),
     }
-    prefill = {name: _measure(fns[0], device, repeats) for name, fns in variants.items()}
+    prefill = {name: _measure(fns[0], device, repeats) for name, fns in variants.items() if fns[0]}
     ttft = {name: _measure(fns[1], device, repeats) for name, fns in variants.items()}
     inputs = hf.packed_inputs(model, prompts, layout)
     prefill["packed forward only"] = _measure(lambda: packed_forward_only(model, inputs), device, repeats)
@@ -184,16 +212,18 @@ def run_batch(model, prompts, device: str, repeats: int, rate: float) -> list[di
 
     baseline = ttft["padded"]
     rows = []
-    for name, measured in prefill.items():
-        row = {
-            "variant": name,
-            "prefill ms": ms(measured),
-            "prefill speedup": ratio(prefill["padded"], measured),
-            "of padding ratio": ratio(prefill["padded"], measured) / padding_ratio,
-            "peak MiB": measured.peak / 2**20 if measured else float("nan"),
-            "memory vs padded": ratio(measured, prefill["padded"], "peak"),
-            "with weights MiB": measured.total / 2**20 if measured else float("nan"),
-        }
+    for name in [*variants, "packed forward only"]:
+        measured = prefill.get(name)
+        row = {"variant": name}
+        if name in prefill:
+            row.update({
+                "prefill ms": ms(measured),
+                "prefill speedup": ratio(prefill["padded"], measured),
+                "of padding ratio": ratio(prefill["padded"], measured) / padding_ratio,
+                "peak MiB": measured.peak / 2**20 if measured else float("nan"),
+                "memory vs padded": ratio(measured, prefill["padded"], "peak"),
+                "with weights MiB": measured.total / 2**20 if measured else float("nan"),
+            })
         if name in ttft:
             timed = ttft[name]
             row.update({"TTFT ms": ms(timed), "TTFT speedup": ratio(baseline, timed)})

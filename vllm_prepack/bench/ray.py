@@ -26,11 +26,8 @@ import tempfile
 from pathlib import Path
 
 from vllm_prepack.bench.report import header, table
-from vllm_prepack.models import DecoderShape
+from vllm_prepack.models import RAY_BENCH_MODEL as BENCH_MODEL
 
-BENCH_MODEL = DecoderShape(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                           num_key_value_heads=8, intermediate_size=1408, vocab_size=8192,
-                           initializer_range=0.02)
 POLICIES = ("rows", "round-robin", "tokens/arrival", "tokens/longest")
 
 
@@ -67,7 +64,7 @@ def engine_job(args, model: str, lines: list[str], env: dict | None = None, **op
     from vllm_prepack.batch import run_job
     from vllm_prepack.batch_input import Source
     from vllm_prepack.batch_output import JsonlWriter
-    from vllm_prepack.replica import start_replicas, stop_replicas
+    from vllm_prepack.replica import start_replicas
 
     replicas = start_replicas(model, args.replicas, "generate", ENGINE, num_cpus=1,
                               default_max_tokens=args.max_tokens, env=env)
@@ -76,7 +73,7 @@ def engine_job(args, model: str, lines: list[str], env: dict | None = None, **op
             return run_job(Source(lines), JsonlWriter(Path(tmp) / "out.jsonl"), replicas,
                            max_tokens=args.max_tokens, progress=False, **options)
     finally:
-        stop_replicas(replicas)
+        replicas.stop()
 
 
 def engine_rows(args, model: str, timelines: dict) -> list[dict]:
@@ -186,8 +183,10 @@ class InstantReplica:
         return {"busy_s": 0.0, "timeline": []}
 
     def run(self, lines: list[int], raw: bytes, output: str):
-        out = "".join(f'{{"line": {line}, "id": null, "error": null}}\n' for line in lines)
-        return out.encode(), {"requests": len(lines), "errors": 0, "tokens": 0}
+        from vllm_prepack.batch_record import encode
+
+        records = [{"line": line, "id": None, "error": None} for line in lines]
+        return encode(records, output), {"requests": len(lines), "errors": 0, "tokens": 0}
 
 
 def corpus(path: Path, n: int) -> None:

@@ -19,22 +19,23 @@ import gc
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+from vllm_prepack.bench.engines import ENGINE_COLUMNS, alternating, build_engines, engine_table
 from vllm_prepack.bench.harness import (
-    ENGINE_COLUMNS,
+    ONLINE,
     SCHEDULERS,
     Outcome,
-    alternating,
-    build_engines,
-    engine_table,
     fake_step,
     make_request,
     poisson_arrivals,
+    poisson_seconds,
     rows_for,
     simulate,
     standalone_scheduler,
 )
 from vllm_prepack.bench.report import header, summary, table
+from vllm_prepack.cost import StepCost
 from vllm_prepack.workloads import WORKLOADS, prompt_lengths, token_ids
 
 STEP_COLUMNS = ["workload", "scheduler", "steps", "LB", "FFD", "steps/bound", "TTFT mean (steps)",
@@ -92,6 +93,80 @@ def arrivals(model_dir, n: int, budget: int, seed: int, loads: list[float],
         + table(rows, ["workload", "scheduler", "steps", "TTFT mean (steps)", "p50", "p99",
                        "mean vs FCFS", "p99 vs FCFS"])
     )
+
+
+# ---- 1b. in seconds: a step costs a + b x tokens ------------------------------------------------
+
+TOKEN_SECONDS = 1e-5  # b in the engine-free rows (only a / b matters to every order)
+COST_BACKLOGS = ("mmlu", "wikitext512", "heavytail", "bimodal", "trimodal")
+COST_ARRIVALS = ("mmlu", "bimodal", "trimodal")
+COST_COLUMNS = ["workload", "a (tokens)", "scheduler", "steps", "TTFT mean s", "TTFT p99 s",
+                "makespan s", "mean vs best", "p99 vs FCFS", "makespan vs FFD"]
+
+
+def cost_rows(label: str, fixed_tokens: float, outcomes: dict[str, Outcome]) -> list[dict]:
+    """Seconds against the baselines of the same run: mean TTFT against the best baseline's,
+    p99 against FCFS's, the makespan against offline FFD's."""
+    stats = {name: summary(o.ttft_s) for name, o in outcomes.items()}
+    best = min(stats[name]["mean"] for name in outcomes if name != "prepack")
+    return [{"workload": label, "a (tokens)": fixed_tokens, "scheduler": name, "steps": o.steps,
+             "TTFT mean s": stats[name]["mean"], "TTFT p99 s": stats[name]["p99"],
+             "makespan s": o.wall, "mean vs best": stats[name]["mean"] / best,
+             "p99 vs FCFS": stats[name]["p99"] / stats["fcfs"]["p99"],
+             "makespan vs FFD": o.wall / outcomes["ffd"].wall}
+            for name, o in outcomes.items()]
+
+
+def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[float],
+               loads: list[float], options: dict | None = None) -> str:
+    """Every scheduler on the same requests, each step charged a + b x tokens on a simulated
+    clock (the plugin learns a and b from it); backlogs and Poisson arrivals, chunked prefill
+    off and on; then the plugin's frontier over pack_fixed_share."""
+    out, frontier = [], []
+    for chunked in (False, True):
+        rows = []
+        for name in COST_BACKLOGS:
+            lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
+            for fixed in fixed_tokens:
+                cost = StepCost(fixed * TOKEN_SECONDS, TOKEN_SECONDS)
+                outcomes = {s: simulate(model_dir, lengths, s, budget, chunked, options=options
+                                        if s == "prepack" else None, cost=cost) for s in SCHEDULERS}
+                rows += cost_rows(f"{name}, backlog", fixed, outcomes)
+                if not chunked and fixed:
+                    frontier += [{"workload": name, "a (tokens)": fixed, "pack_fixed_share": share,
+                                  **_point(simulate(model_dir, lengths, "prepack", budget, False,
+                                                    options={**(options or {}), "pack_fixed_share": share},
+                                                    cost=cost), outcomes)}
+                                 for share in (0.0, 0.2, 1.0)]
+        for name in COST_ARRIVALS:
+            lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
+            for fixed in fixed_tokens:
+                cost = StepCost(fixed * TOKEN_SECONDS, TOKEN_SECONDS)
+                for load in loads:
+                    submit = poisson_seconds(lengths, budget, load, cost, seed)
+                    outcomes = {s: simulate(model_dir, lengths, s, budget, chunked, submit,
+                                            options if s == "prepack" else None, cost)
+                                for s in SCHEDULERS}
+                    rows += cost_rows(f"{name}, load {load:g}", fixed, outcomes)
+        mode = "on" if chunked else "off"
+        out.append(f"**In seconds, chunked prefill {mode}** ({n} prompts per row; budget {budget}; "
+                   f"a step of T tokens over n requests takes a + b x T, b = {TOKEN_SECONDS * 1e6:g} "
+                   f"us, a given in tokens of work (a / b); backlogs all waiting at 0, or Poisson "
+                   f"arrivals offering `load` x what full steps process; vLLM's real scheduler "
+                   f"driven without a model{_with(options)}). ffd: offline first-fit decreasing over "
+                   f"the waiting prompts every step, bins in Smith's order, told a and b.\n\n"
+                   + table(rows, COST_COLUMNS))
+    out.append("**The plugin's frontier over pack_fixed_share** (backlogs, chunked prefill off, "
+               "the same requests and clock as above; 0.4 is the default, 0 always packs, 1 never)"
+               ".\n\n" + table(frontier))
+    return "\n".join(out)
+
+
+def _point(o: Outcome, outcomes: dict[str, Outcome]) -> dict:
+    stats = {name: summary(x.ttft_s)["mean"] for name, x in outcomes.items() if name != "prepack"}
+    return {"steps": o.steps, "TTFT mean s": summary(o.ttft_s)["mean"],
+            "mean vs best": summary(o.ttft_s)["mean"] / min(stats.values()),
+            "makespan vs FFD": o.wall / outcomes["ffd"].wall}
 
 
 # ---- 2. scheduler time per step at scale ---------------------------------------------------
@@ -166,12 +241,14 @@ def _plots(report: Path | None, name: str, title: str, outcomes: dict[str, Outco
     return f"\n![{title} TTFT]({ttft.name}) ![{title} fill]({fill.name})\n"
 
 
-def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None) -> str:
+def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None,
+                  step_delay: float = 0.0) -> str:
     from vllm import PoolingParams
 
     from vllm_prepack.models import minilm_model
 
-    engines = build_engines(minilm_model(), budget, SCHEDULERS, runner="pooling", max_model_len=256, seed=0)
+    engines = build_engines(minilm_model(), budget, ONLINE, step_delay=step_delay, runner="pooling",
+                            max_model_len=256, seed=0)
     rows, figures = [], ""
     for workload, seed in (("mmlu", 11), ("trimodal", 12)):
         lengths = prompt_lengths(workload, n, seed=seed, max_len=256)
@@ -180,11 +257,13 @@ def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None)
                                       repeats, budget, lengths)
         rows += part
         figures += _plots(report, f"embed_{workload}", f"embedding job, {workload}", outcomes)
+    delay = (f"; every model execution first sleeps {1e3 * step_delay:g} ms, standing in for a "
+             f"GPU's fixed cost per step" if step_delay else "")
     return (
         f"**Embedding jobs, all-MiniLM-L6-v2 (real weights), chunked prefill off** ({n} prompts "
         f"each, synthetic lengths capped at 256: mmlu-shaped, and the trimodal mix 50% 6-30 / 30% "
         f"90-130 / 20% 200-252 tokens; budget {budget}; median wall of {repeats}, run order "
-        f"alternating)\n\n" + table(rows, ENGINE_COLUMNS) + figures
+        f"alternating{delay})\n\n" + table(rows, ENGINE_COLUMNS) + figures
     )
 
 
@@ -194,7 +273,7 @@ def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int,
 
     from vllm_prepack.models import BENCH_100M, decoder_model
 
-    engines = build_engines(decoder_model(BENCH_100M), budget, SCHEDULERS, dtype="float32",
+    engines = build_engines(decoder_model(BENCH_100M), budget, ONLINE, dtype="float32",
                        max_model_len=2048, enable_chunked_prefill=True,
                        enable_prefix_caching=False, seed=0)
     lengths = prompt_lengths("bimodal", n, seed=12, max_len=2000)
@@ -251,7 +330,7 @@ def hook_overhead(n: int, repeats: int) -> str:
     from vllm import SamplingParams
 
     from vllm_prepack._patches.runner_layout import layout_report, recorder
-    from vllm_prepack.engine import build_llm, run_stepwise
+    from vllm_prepack.bench.engines import build_llm, run_stepwise
     from vllm_prepack.models import DEMO_MODEL, decoder_model
 
     model = decoder_model(DEMO_MODEL)
@@ -270,11 +349,11 @@ def hook_overhead(n: int, repeats: int) -> str:
             run = run_stepwise(engines[names[i]], prompts, params)
             best[names[i]] = min(best.get(names[i], float("inf")), run.wall / run.steps)
 
-    class Runner:  # the off path: one instance-dict lookup per forward
-        pass
+    class Runner:  # the off path: one instance-dict lookup per forward, after the first
+        vllm_config = SimpleNamespace(additional_config={})
 
     runner = Runner()
-    runner._prepack_recorder = None
+    recorder(runner)
     off_ns = min(timeit.repeat(lambda: recorder(runner), number=100_000, repeat=5)) / 100_000 * 1e9
     [report] = engines["hook recording"].collective_rpc(layout_report)
     share = report["hook_seconds_mean"] / report["forward_seconds_mean"]
@@ -292,7 +371,7 @@ def hook_overhead(n: int, repeats: int) -> str:
 
 
 def main(args) -> str:
-    from vllm_prepack.engine import in_process
+    from vllm_prepack.bench.engines import in_process
     from vllm_prepack.models import TINY, decoder_model
 
     in_process()
@@ -303,10 +382,14 @@ def main(args) -> str:
     if "arrivals" in args.parts:
         parts.append(arrivals(decoder_model(TINY), args.prompts, args.budget, args.seed, args.loads,
                               args.prepack_options))
+    if "seconds" in args.parts:
+        parts.append(in_seconds(decoder_model(TINY), args.prompts, args.budget, args.seed,
+                                args.fixed_tokens, args.loads, args.prepack_options))
     if "scale" in args.parts:
         parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget))
     if "embed" in args.parts:
-        parts.append(embedding_job(args.embed_prompts, 1024, args.repeats, args.report))
+        for delay in args.step_delays:
+            parts.append(embedding_job(args.embed_prompts, 1024, args.repeats, args.report, delay))
     if "generate" in args.parts:
         parts.append(generation_job(args.gen_prompts, 512, args.max_tokens, args.repeats,
                                     args.report))
@@ -322,7 +405,7 @@ def main(args) -> str:
 
 
 def add_arguments(parser) -> None:
-    parts = ["synthetic", "arrivals", "scale", "embed", "generate", "prefix", "hook"]
+    parts = ["synthetic", "arrivals", "seconds", "scale", "embed", "generate", "prefix", "hook"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--report", type=Path, help="also write PNG plots and summary.md here")
     parser.add_argument("--prompts", type=int, default=1000, help="synthetic prompts per workload")
@@ -334,6 +417,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--loads", type=float, nargs="+", default=[0.8, 0.95, 1.05],
                         help="offered loads for the arrivals part (1 = the budget, in prompt tokens)")
     parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--fixed-tokens", type=float, nargs="+", default=[0, 64, 256, 1024],
+                        help="the 'seconds' part: a step's fixed cost a, in tokens of work (a / b)")
+    parser.add_argument("--step-delays", type=float, nargs="+", default=[0.0],
+                        help="the 'embed' part: seconds slept in every model execution (a GPU's "
+                             "fixed step cost), one table each")
     parser.add_argument("--embed-prompts", type=int, default=1000)
     parser.add_argument("--gen-prompts", type=int, default=96)
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[8, 64])

@@ -18,12 +18,12 @@ def main(args) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TQDM_DISABLE", "1")
-    from vllm_prepack.engine import in_process
+    from vllm_prepack.bench.engines import in_process
 
     in_process()
     from vllm import SamplingParams
 
-    from vllm_prepack.bench.harness import build_engines, engine_table
+    from vllm_prepack.bench.engines import build_engines, engine_table
     from vllm_prepack.bench.report import header, summary, table
     from vllm_prepack.models import decoder_model
     from vllm_prepack.workloads import prompt_lengths, token_ids
@@ -64,17 +64,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs")
 
 
-def demo_job(engine_kwargs: dict) -> tuple[str, list[str], dict]:
-    """The embedded batch job: the demo model and a bimodal workload as JSONL lines."""
+def use_demo_job(args) -> None:
+    """``vllm-prepack batch`` without --input: the embedded job, the demo model and a bimodal
+    workload as JSONL lines (engine arguments given with --engine-args win)."""
     import json
 
     from vllm_prepack.models import decoder_model
     from vllm_prepack.workloads import prompt_lengths, token_ids
 
     lengths = prompt_lengths("bimodal", 256, seed=1, max_len=1500)
-    lines = [json.dumps({"id": f"demo-{i}", "prompt_token_ids": p})
-             for i, p in enumerate(token_ids(lengths, vocab_size=DEMO_MODEL.vocab_size, seed=1))]
+    args.input = [json.dumps({"id": f"demo-{i}", "prompt_token_ids": p})
+                  for i, p in enumerate(token_ids(lengths, vocab_size=DEMO_MODEL.vocab_size, seed=1))]
     kwargs = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
                   enable_prefix_caching=False)
-    kwargs.update(engine_kwargs)
-    return str(decoder_model(DEMO_MODEL)), lines, kwargs
+    kwargs.update(json.loads(args.engine_args) if args.engine_args else {})
+    args.model, args.engine_args = str(decoder_model(DEMO_MODEL)), json.dumps(kwargs)

@@ -1,0 +1,75 @@
+"""The batch driver's failure paths on a local Ray cluster, with stand-in replicas (no engine)."""
+
+import json
+
+import pytest
+import ray
+from ray_cluster import cluster  # noqa: F401  (a fixture)
+
+from vllm_prepack.batch import run_job
+from vllm_prepack.batch_input import Source
+from vllm_prepack.batch_output import JsonlWriter
+from vllm_prepack.replica import start_replicas
+
+
+def stand_in():
+    """A replica that answers each line at once, and raises (as a failing engine would) on a
+    unit holding the line given to ``fail_on`` (defined in a function so that Ray ships the
+    class itself: workers cannot import tests)."""
+    from vllm_prepack.batch_record import encode
+
+    class StandIn:
+        def __init__(self, *args, **kwargs):
+            self.fail_line = None
+
+        def describe(self) -> dict:
+            return {}
+
+        def fail_on(self, line) -> None:
+            self.fail_line = line
+
+        def run(self, lines, raw, output):
+            if self.fail_line in lines:
+                raise ValueError("the engine failed")
+            records = [{"line": line, "id": line, "error": None} for line in lines]
+            return encode(records, output), {"requests": len(lines), "errors": 0, "tokens": 0}
+
+    return StandIn
+
+
+@pytest.fixture(scope="module")
+def replicas(cluster):
+    replicas = start_replicas("m", 2, "generate", {}, replica_cls=stand_in(), num_cpus=0.5)
+    yield replicas
+    replicas.stop()
+
+
+def fail_on(replicas, line):
+    ray.get([r.fail_on.remote(line) for r in replicas])
+
+
+LINES = [json.dumps({"prompt_token_ids": [5] * 10}) for _ in range(30)]
+
+
+def written(path):
+    return sorted(json.loads(line)["line"] for line in open(path))
+
+
+def test_an_engine_failure_stops_the_job_resumably(replicas, tmp_path):
+    out = tmp_path / "out.jsonl"
+    fail_on(replicas, 17)
+    with pytest.raises(RuntimeError, match=r"replica \d failed on a unit of lines \d+\.\.\d+: "
+                                           r".*the engine failed.*a re-run resumes"):
+        run_job(Source(LINES), JsonlWriter(out), replicas, unit_tokens=60, progress=False)
+    before = written(out)
+    assert 17 not in before and len(before) == len(set(before))
+    fail_on(replicas, None)
+    report = run_job(Source(LINES), JsonlWriter(out), replicas, unit_tokens=60, progress=False)
+    assert written(out) == list(range(1, 31))  # each line exactly once
+    assert report.skipped == len(before) and report.written == 30 - len(before)
+
+
+def test_pinned_lines_beyond_the_window_are_refused_by_name(replicas, tmp_path):
+    with pytest.raises(RuntimeError, match="beyond the read-ahead window; raise window"):
+        run_job(Source(LINES), JsonlWriter(tmp_path / "out.jsonl"), replicas, window=1,
+                owner=lambda line: line % 2, progress=False)

@@ -1,0 +1,33 @@
+"""The ``vllm-prepack`` command: bad input fails before anything starts; demo and batch run."""
+
+import pytest
+
+from vllm_prepack import cli
+
+
+def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"prompt": "hi"}\n')
+    assert cli.main(["batch", "--model", str(tmp_path / "no-such-model"), "--input", str(lines)]) == 2
+    assert f"{tmp_path / 'no-such-model'} does not exist" in capsys.readouterr().err
+    assert cli.main(["batch", "--input", str(lines)]) == 2
+    assert "--model is required with --input" in capsys.readouterr().err
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text("{}")
+    assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines)]) == 2
+    assert "has no tokenizer files" in capsys.readouterr().err
+    assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines),
+                     "--engine-args", "{max_model_len: 5}"]) == 2
+    assert "--engine-args is not JSON" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.engine
+def test_demo_prints_the_side_by_side_table(capfd):
+    assert cli.main(["demo", "--prompts", "8", "--max-tokens", "2", "--repeats", "1",
+                     "--budget", "256"]) == 0
+    out = capfd.readouterr().out
+    assert "| plain vLLM |" in out and "| vllm-prepack |" in out
+    assert "greedy outputs identical to plain vLLM: yes" in out

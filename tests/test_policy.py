@@ -1,0 +1,516 @@
+"""Property-based tests of the pure per-step policy (no vLLM)."""
+
+import math
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
+from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, KV_PATIENCE_STEPS, PACK_SHARE, AgingBound, Entry, Reason, StepLimits, WaitingSet,
+                                  padding_gap)
+
+lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
+
+
+def fill(lengths, **kw):
+    ws = WaitingSet(**kw)
+    for i, n in enumerate(lengths):
+        ws.add(Entry(key=i, length=n))
+    return ws
+
+
+def run_to_empty(ws, limits, arrivals=(), max_steps=10_000):
+    """Apply plans step by step; returns {key: [(step, tokens), ...]} and per-step plans."""
+    done, plans, step = {}, [], 0
+    pending = sorted(arrivals)  # (step, key, length)
+    while (len(ws) or pending) and step < max_steps:
+        while pending and pending[0][0] <= step:
+            _, key, n = pending.pop(0)
+            ws.add(Entry(key=key, length=n, step=step))
+        picks = ws.plan(limits, step=step)
+        plans.append(picks)
+        for pick in picks:
+            done.setdefault(pick.key, []).append((step, pick.tokens))
+            entry = ws.remove(pick.key)
+            if pick.tokens < entry.length:  # a chunk: the rest continues, pinned, next step
+                entry.length -= pick.tokens
+                ws.pin([entry])
+        step += 1
+    return done, plans
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=lengths_st,
+    budget=st.integers(1, 600),
+    seats=st.integers(1, 20),
+    chunked=st.booleans(),
+    swaps=st.integers(0, 6),
+    aging=st.one_of(st.none(), st.integers(1, 10)),
+)
+def test_every_request_scheduled_once_within_budget(lengths, budget, seats, chunked, swaps, aging):
+    if not chunked:
+        budget = max([budget, *lengths])  # without chunking every prompt must fit one step
+    ws = fill(lengths, aging=AgingBound(steps=aging), max_swaps=swaps)
+    limits = StepLimits(budget=budget, seats=seats, chunked_prefill=chunked)
+    done, plans = run_to_empty(ws, limits)
+    assert len(ws) == 0
+    assert sorted(done) == list(range(len(lengths)))
+    for key, parts in done.items():
+        assert sum(t for _, t in parts) == lengths[key]  # every token exactly once
+        if not chunked:
+            assert len(parts) == 1  # whole prompts only
+    for picks in plans:
+        assert sum(p.tokens for p in picks) <= budget
+        assert len(picks) <= seats
+        assert len({p.key for p in picks}) == len(picks)
+        assert all(p.tokens > 0 for p in picks)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=lengths_st, budget=st.integers(1, 600), chunked=st.booleans())
+def test_plan_is_deterministic_and_pure(lengths, budget, chunked):
+    """The same waiting set plans the same step; planning admits nothing (it may reserve
+    more bins on a second call, so a repeated plan may differ)."""
+    a, b = fill(lengths), fill(lengths)
+    limits = StepLimits(budget=budget, seats=64, chunked_prefill=chunked)
+    assert a.plan(limits) == b.plan(limits)
+    assert a.plan(limits, step=1) == b.plan(limits, step=1)
+    assert len(a) == len(lengths) and sorted(a) == sorted(range(len(lengths)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lengths=lengths_st, budget=st.integers(1, 600))
+def test_best_fit_exchange_never_fills_less_than_shortest_first(lengths, budget):
+    limits = StepLimits(budget=budget, seats=10_000, chunked_prefill=False)
+    spt = sum(p.tokens for p in fill(lengths, max_swaps=0).plan(limits))
+    packed = sum(p.tokens for p in fill(lengths, max_swaps=4).plan(limits))
+    assert spt <= packed <= budget
+    # SPT alone admits the most requests; exchanges trade one short pick for one longer
+    assert len(fill(lengths, max_swaps=4).plan(limits)) <= len(fill(lengths, max_swaps=0).plan(limits))
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 100), min_size=1, max_size=40), aging=st.integers(1, 8))
+def test_aging_bound_limits_every_wait(lengths, aging):
+    """Budget >= any prompt: a request waits at most aging + (requests admitted before it) steps."""
+    ws = fill(lengths, aging=AgingBound(steps=aging))
+    limits = StepLimits(budget=100, seats=1000, chunked_prefill=False)
+    done, _ = run_to_empty(ws, limits)
+    for key, [(step, _)] in done.items():
+        assert step <= aging + key
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 100), min_size=2, max_size=AGED_PROBES + 1),
+       aging=st.integers(1, 8), budget=st.integers(1, 400), chunked=st.booleans())
+def test_aged_requests_go_first_oldest_first(lengths, aging, budget, chunked):
+    """Within the bounded aged scan (AGED_PROBES misses), no younger request takes a place an
+    aged one could have had."""
+    if not chunked:
+        budget = max(budget, 100)
+    ws = fill(lengths[:-1], aging=AgingBound(steps=aging))
+    ws.add(Entry(key="young", length=1, step=aging + 3))  # the shortest, but not aged
+    step = aging + 3  # everything else is aged
+    picks = ws.plan(StepLimits(budget=budget, seats=1000, chunked_prefill=chunked), step=step)
+    assert picks[0].key == 0  # the oldest starts first (whole or as a chunk)
+    # first fit in age order, then best-fit exchanges among overdue requests only
+    assert all(p.key != "young" for p in picks if p.reason == Reason.AGED)
+    if any(p.key == "young" for p in picks):
+        left = budget - sum(p.tokens for p in picks)
+        picked = {p.key for p in picks}
+        for key, n in enumerate(lengths[:-1]):
+            assert key in picked or n > left + 1, f"aged request {key} fitted in young's place"
+
+
+@settings(max_examples=150, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(1, 200), st.integers(0, 30)), min_size=1, max_size=40),
+       factor=st.floats(0.25, 4), budget=st.integers(200, 600), used=st.integers(0, 100),
+       chunked=st.booleans())
+def test_deadlines_are_fixed_at_arrival_from_the_queue_joined(entries, factor, budget, used, chunked):
+    """A request's deadline is its admission step + factor x (tokens waiting when it was first
+    planned / step budget); overdue requests go first, earliest deadline first."""
+    ws = WaitingSet(aging=AgingBound(drain_factor=factor))
+    ordered = sorted(entries, key=lambda e: e[1])
+    limits = StepLimits(budget=budget, seats=1000, chunked_prefill=chunked, used_tokens=used)
+    for key, (n, admitted) in enumerate(ordered):
+        ws.add(Entry(key=key, length=n, step=admitted))
+    ws.plan(limits, step=0)  # dates every arrival from the queue as it is now
+    drain = sum(n for n, _ in entries) / (budget + used)
+    due = {key: admitted + factor * drain for key, (_, admitted) in enumerate(ordered)}
+    ws.add(Entry(key="late", length=1, step=30))  # dated at the next plan, from that queue
+    due["late"] = 30 + factor * (sum(n for n, _ in entries) + 1) / (budget + used)
+    step = 31
+    picks = ws.plan(limits, step=step)
+    overdue = {key for key, d in due.items() if step >= d}
+    assert {p.key for p in picks if p.reason == Reason.AGED} <= overdue
+    if overdue:
+        assert picks[0].key == min(overdue, key=lambda k: (due[k], str(k)))  # EDF (whole, or a chunk)
+        assert ws.first(step) == picks[0].key
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(1, 300)), max_size=80))
+def test_token_total_follows_adds_and_removals(ops):
+    """The drain time behind every deadline is the waiting tokens: removals must count."""
+    ws, alive = WaitingSet(), {}
+    for key, (add, n) in enumerate(ops):
+        if add or not alive:
+            ws.add(Entry(key=key, length=n))
+            alive[key] = n
+        else:
+            victim = sorted(alive)[n % len(alive)]
+            ws.remove(victim)
+            del alive[victim]
+        ws.plan(StepLimits(budget=400, seats=100, chunked_prefill=False), step=key)
+    assert ws.tokens == sum(alive.values())
+    assert sorted(ws, key=str) == sorted(alive, key=str)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "readd", "pin", "remove", "resize", "plan"]),
+                              st.integers(0, 12), st.integers(1, 400), st.integers(0, 2)),
+                    max_size=120),
+       chunked=st.booleans())
+def test_indexes_stay_consistent_under_any_operations(ops, chunked):
+    """add / re-add (a new object for a key that left) / pin / remove / resize / plan in any
+    order: every index agrees with the waiting entries, and plans only name waiting keys."""
+    ws, step = WaitingSet(aging=AgingBound(drain_factor=0.5)), 0
+    for op, key, n, prio in ops:
+        if op in ("add", "readd") and key not in ws:
+            ws.add(Entry(key=key, length=n, priority=prio, step=step))
+        elif op == "pin" and key not in ws:
+            ws.pin([Entry(key=key, length=n, priority=prio)])
+        elif op == "remove" and key in ws:
+            ws.remove(key)
+        elif op == "resize" and key in ws:
+            ws.resize(key, n)
+        elif op == "plan":
+            step += 1
+            for p in ws.plan(StepLimits(budget=n * 3, seats=8, chunked_prefill=chunked), step=step):
+                assert p.key in ws
+    entries = ws._entries
+    assert ws.tokens == sum(e.length for e in entries.values())
+    assert sorted(ws, key=str) == sorted(entries, key=str)
+    for level in ws._levels.values():
+        free = {k for _, _, k in level.free}
+        binned = {k for b in level.bins.values() for k in b.keys}
+        assert free.isdisjoint(binned) and free | binned == set(level.fifo)
+        assert level.free_tokens == sum(level.fifo[k].length for k in free)
+        dated = {k: cohort.due for cohort in level.cohorts.values() for k in cohort.members}
+        assert len(level.cohorts) == len(level.by_due)
+        assert all(level.cohorts[c].due == due and level.cohorts[c].members for due, _, c in level.by_due)
+        assert all(level.fifo[k].due == due for k, due in dated.items())
+        assert {k for k, e in level.fifo.items() if e.due != math.inf} == set(dated)
+        assert len(level.bin_order) == len(level.bins)
+
+
+def test_a_request_whose_adapter_cannot_load_is_passed_over_not_blocking():
+    """vLLM skips a request whose LoRA adapter would exceed max_loras; so does the plan, even
+    for one that must go first."""
+    ws = fill([10, 20, 30])
+    ws.pin([Entry(key="lora", length=5, group=7)])
+    picks = ws.plan(StepLimits(budget=100, seats=10, chunked_prefill=False, groups=frozenset({1}),
+                               max_groups=1))
+    assert sorted(p.key for p in picks) == [0, 1, 2]
+
+
+def test_arrivals_first_planned_on_an_empty_step_get_deadlines_from_the_step_capacity():
+    ws = WaitingSet(aging=AgingBound(drain_factor=1.0))
+    for i in range(4):
+        ws.add(Entry(key=i, length=512, step=3))
+    ws.plan(StepLimits(budget=0, seats=10, chunked_prefill=False, capacity=1024), step=3)
+    assert {e.due for e in ws._entries.values()} == {3 + 2048 / 1024}
+
+
+def test_an_overdue_pick_is_exchanged_only_for_another_overdue_request():
+    ws = WaitingSet(aging=AgingBound(steps=5))
+    ws.add(Entry(key="oldest", length=60, step=0))
+    ws.add(Entry(key="old", length=30, step=1))
+    ws.add(Entry(key="young", length=40, step=9))  # fits better, but is not overdue
+    ws.plan(StepLimits(budget=100, seats=10, chunked_prefill=False), step=9)
+    picks = ws.plan(StepLimits(budget=100, seats=10, chunked_prefill=False), step=10)
+    assert [(p.key, p.reason) for p in picks] == [("oldest", Reason.AGED), ("old", Reason.AGED)]
+
+
+def test_an_exchange_gives_the_seat_back():
+    """50 is exchanged for 70; the seat it gives back lets a chunk of it fill the padding gap
+    (80 tokens pad to the 128 graph; 20 are left in the budget)."""
+    ws = fill([10, 50, 70, 200])
+    limits = StepLimits(budget=100, seats=3, chunked_prefill=True, min_chunk_tokens=50,
+                        capture_sizes=(64, 128))
+    picks = ws.plan(limits)
+    assert [(p.key, p.tokens, p.reason) for p in picks] == [
+        (0, 10, Reason.SHORT), (2, 70, Reason.FIT), (1, 20, Reason.TOPUP)]
+
+
+def trimodal(n, seed):
+    """The MiniLM job's mix: 50% of 6-30 tokens, 30% of 90-130, 20% of 200-252."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randint(6, 30) if u < 0.5 else rng.randint(90, 130) if u < 0.8 else rng.randint(200, 252)
+            for u in (rng.random() for _ in range(n))]
+
+
+def fcfs_first_steps(lengths, budget):
+    """vLLM's FCFS with whole prompts: each step takes the queue's head while it fits."""
+    step, used, first = 0, budget, []
+    for n in lengths:
+        if used + n > budget:
+            step, used = step + 1, 0
+        used += n
+        first.append(step)
+    return first
+
+
+@pytest.mark.parametrize("lengths", [trimodal(1200, 0), ([700] + [50] * 10) * 40], ids=["trimodal", "bimodal"])
+def test_a_backlog_packs_to_the_bound_with_short_prompts_first(lengths):
+    """Whole prompts: the filler reserve keeps shortest-first from leaving the long prompts
+    without fillers (plain shortest-first: 104 steps on trimodal, bound 100), and a backlog that
+    arrived together is not turned into FCFS by its deadlines."""
+
+    ws = fill(lengths, aging=AgingBound(drain_factor=1.0))
+    done, plans = run_to_empty(ws, StepLimits(budget=1024, seats=10_000, chunked_prefill=False))
+    bound = max(lower_bound_steps(lengths, 1024), ffd_steps(lengths, 1024))
+    assert len(plans) <= 1.01 * bound
+    mean_first = sum(parts[0][0] for parts in done.values()) / len(done)
+    fcfs = fcfs_first_steps(lengths, 1024)
+    assert mean_first <= 0.65 * sum(fcfs) / len(fcfs)
+    assert all(p.reason != Reason.AGED for plan in plans[:-2] for p in plan)
+
+
+def test_aged_request_that_does_not_fit_blocks_the_step():
+    ws = WaitingSet(aging=AgingBound(steps=2))
+    ws.add(Entry(key="old", length=90, step=0))
+    ws.add(Entry(key="new", length=10, step=5))
+    limits = StepLimits(budget=50, seats=10, chunked_prefill=False)
+    assert ws.plan(limits, step=6) == []  # nobody overtakes a starving request
+    chunked = ws.plan(StepLimits(budget=50, seats=10, chunked_prefill=True), step=6)
+    assert [(p.key, p.tokens, p.reason) for p in chunked] == [("old", 50, "chunk")]
+
+
+def test_doc_example_uses_whole_budget():
+    """PREPACKING/VLLM_ON_THIS_MACHINE: FCFS takes 200+30 and stops at 100 although 20 fits."""
+    ws = fill([200, 30, 100, 250, 20])
+    picks = ws.plan(StepLimits(budget=256, seats=10, chunked_prefill=False))
+    assert sorted(p.key for p in picks) == [0, 1, 4]  # 20 + 30 + 200 = 250
+    assert [p.reason for p in picks] == [Reason.SHORT, Reason.SHORT, Reason.FIT]
+
+
+def test_a_reserved_bin_goes_first_when_it_starts_more_requests():
+    """Smith's rule: the bin of three (560 filled with 50 and 40) starts more requests than a
+    shortest-first step of the free 300 and 310."""
+    ws = fill([560, 50, 40, 500, 500, 500, 500, 500, 300, 310])
+    picks = ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False))
+    assert [(p.key, p.reason) for p in picks] == [(0, Reason.BIN), (1, Reason.BIN), (2, Reason.BIN)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    items=st.lists(st.tuples(st.integers(1, 80), st.integers(0, 3)), min_size=1, max_size=40),
+    budget=st.integers(1, 300),
+    chunked=st.booleans(),
+)
+def test_priority_levels_are_strict(items, budget, chunked):
+    ws = WaitingSet()
+    for i, (n, prio) in enumerate(items):
+        ws.add(Entry(key=i, length=n, priority=prio))
+    picks = ws.plan(StepLimits(budget=budget, seats=1000, chunked_prefill=chunked))
+    picked = {p.key for p in picks if not p.chunked}
+    for p in picks:
+        prio = items[p.key][1]
+        higher_left = [i for i, (_, q) in enumerate(items) if q < prio and i not in picked]
+        assert not higher_left, "a lower level was served while a higher one still waited"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    items=st.lists(st.tuples(st.integers(1, 50), st.one_of(st.none(), st.integers(1, 5))),
+                   max_size=40),
+    max_groups=st.integers(1, 3),
+    active=st.sets(st.integers(1, 5), max_size=2),
+)
+def test_lora_limit_is_respected(items, max_groups, active):
+    active = frozenset(list(active)[:max_groups])
+    ws = WaitingSet()
+    for i, (n, group) in enumerate(items):
+        ws.add(Entry(key=i, length=n, group=group))
+    picks = ws.plan(StepLimits(budget=400, seats=100, chunked_prefill=True, groups=active,
+                               max_groups=max_groups))
+    groups = set(active) | {items[p.key][1] for p in picks if items[p.key][1] is not None}
+    assert len(groups) <= max_groups
+
+
+def test_pinned_requests_keep_their_place():
+    ws = fill([5, 6, 7])
+    ws.pin([Entry(key="resumed", length=50)])
+    picks = ws.plan(StepLimits(budget=60, seats=10, chunked_prefill=False))
+    assert picks[0].key == "resumed" and picks[0].reason == "pinned"
+    assert ws.first() == "resumed"
+
+
+def test_duplicate_admission_is_refused():
+    ws = fill([3])
+    with pytest.raises(ValueError, match="already waiting"):
+        ws.add(Entry(key=0, length=3))
+
+
+def test_chunk_goes_to_the_next_shortest_and_min_chunk_is_honoured():
+    ws = fill([100, 300, 120])
+    picks = ws.plan(StepLimits(budget=150, seats=10, chunked_prefill=True))
+    assert [(p.key, p.tokens, p.reason) for p in picks] == [(0, 100, "short"), (2, 50, "chunk")]
+    # a 50-token leftover is under min_chunk_tokens: no chunk, so best fit swaps 100 for 120
+    picks = ws.plan(StepLimits(budget=150, seats=10, chunked_prefill=True, min_chunk_tokens=64))
+    assert [(p.key, p.reason) for p in picks] == [(2, "fit")]
+
+
+def test_cuda_graph_topup_fills_only_the_padding_gap():
+    ws = fill([100, 300])
+    limits = StepLimits(budget=200, seats=10, chunked_prefill=True, min_chunk_tokens=128,
+                        capture_sizes=(8, 16, 32, 64, 128, 136, 144, 256), used_tokens=30)
+    picks = ws.plan(limits)
+    # 30 running + 100 planned = 130 tokens: graph 136 pads 6 tokens; they become prefill
+    assert [(p.key, p.tokens, p.reason) for p in picks] == [(0, 100, "short"), (1, 6, "topup")]
+    no_graphs = StepLimits(budget=200, seats=10, chunked_prefill=True, min_chunk_tokens=128)
+    assert [p.reason for p in ws.plan(no_graphs)] == ["short"]
+
+
+@given(tokens=st.integers(0, 600), sizes=st.lists(st.integers(1, 512), unique=True))
+def test_padding_gap(tokens, sizes):
+    sizes = sorted(sizes)
+    gap = padding_gap(tokens, sizes)
+    fitting = [s for s in sizes if s >= tokens]
+    assert gap == (fitting[0] - tokens if fitting and tokens > 0 else 0)
+
+
+# ---- the step cost ------------------------------------------------------------------------------
+
+from vllm_prepack.cost import StepCost  # noqa: E402
+
+
+def test_a_bin_goes_first_by_requests_per_second_of_step():
+    """Smith's rule in seconds: the bin [560, 50, 40] starts 3 requests in 650 tokens, the
+    shortest-first step only [200] (no 500 fits beside it). Where a step costs its tokens
+    (a = 0), 1 request in 200 tokens beats 3 in 650; where a dominates, 3 beat 1."""
+    lengths = [560, 50, 40, 500, 500, 500, 500, 500, 150, 200]
+
+    def first(cost):
+        ws = fill(lengths, pack_share=0.0, max_swaps=0)  # always a reserve; the rule alone decides
+        return [(p.key, p.reason) for p in ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False,
+                                                                  cost=cost), step=0)]
+
+    assert first(StepCost(0.0, 1.0))[0] == (9, Reason.SHORT)
+    assert first(StepCost(10_000.0, 1.0))[:3] == [(0, Reason.BIN), (1, Reason.BIN), (2, Reason.BIN)]
+    assert first(None) == first(StepCost(10_000.0, 1.0))  # no cost: every step the same
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=60), budget=st.integers(300, 800),
+       share=st.floats(0, 0.999))
+def test_where_steps_cost_their_tokens_the_plan_is_shortest_first(lengths, budget, share):
+    """A fixed cost below pack_fixed_share of a full step: no reserve, no exchange; each step
+    takes the shortest prompts while they fit, as shortest-prefill-first does."""
+    fixed = share * PACK_SHARE / (1 - PACK_SHARE) * budget  # a / (a + budget) < PACK_SHARE
+    ws = fill(lengths, aging=AgingBound())
+    picks = ws.plan(StepLimits(budget=budget, seats=10_000, chunked_prefill=False,
+                               cost=StepCost(fixed, 1.0)))
+    spf, used = [], 0
+    for key in sorted(range(len(lengths)), key=lambda k: (lengths[k], k)):
+        if used + lengths[key] > budget:
+            break
+        spf.append(key)
+        used += lengths[key]
+    assert [p.key for p in picks] == spf and all(p.reason == Reason.SHORT for p in picks)
+
+
+def test_the_doc_example_packs_only_where_the_fixed_cost_is_large():
+    """[200, 30, 100, 250, 20] in 256 tokens: at a = 0, shortest first (20 + 30 + 100, then
+    200 does not fit); at a = a full step, the best-fit exchange fills the step (20 + 30 + 200)."""
+    limits = lambda a: StepLimits(budget=256, seats=10, chunked_prefill=False,  # noqa: E731
+                                  cost=StepCost(a, 1.0))
+    assert sorted(p.key for p in fill([200, 30, 100, 250, 20]).plan(limits(0.0))) == [1, 2, 4]
+    assert sorted(p.key for p in fill([200, 30, 100, 250, 20]).plan(limits(256.0))) == [0, 1, 4]
+
+
+# ---- KV blocks ----------------------------------------------------------------------------------
+
+
+def kv_fill(items, **kw):
+    ws = WaitingSet(**kw)
+    for i, (n, blocks) in enumerate(items):
+        ws.add(Entry(key=i, length=n, blocks=blocks, step=0))
+    return ws
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(st.tuples(st.integers(1, 300), st.integers(0, 40)), min_size=1, max_size=40),
+       free=st.integers(0, 200), watermark=st.integers(0, 5), running=st.booleans(),
+       chunked=st.booleans(), fixed=st.sampled_from([0.0, 1e5]))
+def test_a_plan_offers_only_requests_whose_blocks_are_free(items, free, watermark, running, chunked, fixed):
+    """Every planned request's blocks fit the free pool, less the watermark once anything
+    runs in the step, so vLLM never stops at an allocation the plan made; and a request left
+    out while its tokens fit is one whose blocks do not (or a longer one, behind it)."""
+    ws = kv_fill(items, pack_share=0.0 if fixed else 1.0)
+    limits = StepLimits(budget=600, seats=100, chunked_prefill=chunked, free_blocks=free,
+                        watermark_blocks=watermark, running=running, cost=StepCost(fixed, 1.0))
+    left = free
+    for index, pick in enumerate(ws.plan(limits)):
+        need = items[pick.key][1] + (watermark if running or index else 0)
+        assert need <= left
+        left -= items[pick.key][1]
+
+
+def test_short_prompts_flow_past_a_long_one_whose_blocks_are_not_free():
+    ws = kv_fill([(200, 13), (10, 1), (20, 2), (30, 2)], pack_share=0.0)
+    picks = ws.plan(StepLimits(budget=512, seats=10, chunked_prefill=False, free_blocks=8))
+    assert sorted(p.key for p in picks) == [1, 2, 3]  # the exchange may not bring 0 in
+
+
+def test_an_overdue_request_whose_blocks_are_not_free_lets_others_by_then_keeps_its_place():
+    """Past its deadline it goes first where its blocks are free; where they are not, shorter
+    ones go for KV_PATIENCE_STEPS (or its own wait, if longer); then nothing overtakes it: it
+    waits for blocks as vLLM would, so it cannot starve."""
+    ws = WaitingSet(aging=AgingBound(steps=2))
+    ws.add(Entry(key="old", length=200, blocks=13, step=0))
+    ws.add(Entry(key="new", length=10, blocks=1, step=5))
+    limits = StepLimits(budget=512, seats=10, chunked_prefill=False, free_blocks=8)
+    assert [p.key for p in ws.plan(limits, step=6)] == ["new"]
+    assert [p.key for p in ws.plan(limits, step=2 + KV_PATIENCE_STEPS - 1)] == ["new"]
+    assert ws.plan(limits, step=2 + KV_PATIENCE_STEPS) == []
+    assert [p.key for p in ws.plan(replace(limits, free_blocks=20), step=300)] == ["old", "new"]
+
+
+def test_a_bin_whose_blocks_are_not_free_does_not_go_first():
+    ws = kv_fill([(560, 40), (50, 4), (40, 3), *[(500, 32)] * 5, (300, 19), (310, 20)], pack_share=0.0)
+    picks = ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False, free_blocks=45))
+    assert all(p.reason != Reason.BIN for p in picks) and picks
+
+
+def test_a_burst_is_dated_and_binned_a_bounded_amount_per_step():
+    """Counted operations, not time: a 20k burst admitted in one step gets one deadline row
+    (its cohort), however large; the filler reserve builds at most BIG_BINS_PER_STEP bins a
+    plan; later arrivals add one row per step they arrive in."""
+    ws = WaitingSet(aging=AgingBound(drain_factor=1.0), pack_share=0.0)
+    for i in range(20_000):
+        ws.add(Entry(key=i, length=[900, 700, 40, 10][i % 4], step=0))
+    limits = StepLimits(budget=1024, seats=1024, chunked_prefill=False)
+    ws.plan(limits, step=0)
+    [level] = ws._levels.values()
+    assert len(level.by_due) == 1 and len(level.cohorts) == 1
+    assert 0 < len(level.bins) <= BIG_BINS_PER_STEP
+    for step in (1, 2):
+        for i in range(3):
+            ws.add(Entry(key=(step, i), length=5, step=step))
+        ws.plan(limits, step=step)
+        assert len(level.bins) <= (step + 1) * BIG_BINS_PER_STEP
+    assert len(level.by_due) == 3
+def test_the_seconds_bound_puts_a_request_first_once_it_has_waited_that_long():
+    ws = WaitingSet(AgingBound(seconds=10.0, drain_factor=None), max_swaps=0)
+    ws.add(Entry(key="old", length=300, time=0.0))
+    ws.add(Entry(key="new", length=10, time=5.0))
+    limits = StepLimits(budget=300, seats=10, chunked_prefill=False)
+    assert [(p.key, p.reason) for p in ws.plan(limits, step=1, now=9.0)] == [("new", Reason.SHORT)]
+    assert [(p.key, p.reason) for p in ws.plan(limits, step=2, now=10.0)] == [("old", Reason.AGED)]

@@ -1,0 +1,156 @@
+"""The registry of vLLM (and Ray) internals: complete, true on the installed vLLM, and the only way in."""
+
+import ast
+import logging
+from pathlib import Path
+
+import pytest
+
+from vllm_prepack import touchpoints
+from vllm_prepack.touchpoints import TOUCH_POINTS, How, internal
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCT = sorted([*(ROOT / "vllm_prepack").rglob("*.py"), *(ROOT / "patches").glob("*.py")])
+REGISTRY = ROOT / "vllm_prepack" / "touchpoints.py"
+# vLLM's public modules: what its documentation shows users import
+PUBLIC_VLLM = {"vllm", "vllm.sampling_params", "vllm.pooling_params", "vllm.outputs"}
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), str(path))
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node but those under ``if TYPE_CHECKING:`` (annotations only)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
+def _imports(tree: ast.AST):
+    for node in _runtime_nodes(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+
+
+@pytest.mark.parametrize("path", [p for p in PRODUCT if p != REGISTRY], ids=lambda p: p.name)
+def test_only_the_registry_imports_vllm_or_ray_internals(path):
+    private = sorted({m for m in _imports(_tree(path))
+                      if ((m == "vllm" or m.startswith("vllm.")) and m not in PUBLIC_VLLM)
+                      or (m.startswith("ray.") and any(p.startswith("_") for p in m.split(".")))})
+    assert not private, f"{path.relative_to(ROOT)} imports {private}: go through touchpoints.py"
+
+
+def _set_attributes(tree: ast.AST):
+    """(object, attribute) of every attribute assignment and setattr() call."""
+    for node in _runtime_nodes(tree):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        for target in targets:
+            if isinstance(target, ast.Attribute):
+                yield ast.unparse(target.value), target.attr
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr":
+            yield ast.unparse(node.args[0]), "<setattr>"
+
+
+def test_no_module_but_the_registry_sets_attributes_on_vllm_objects():
+    """Attributes the registry lists as set or replaced on vLLM objects are set only there; the
+    patch (patches/) wraps the runner's methods, the subclasses assign their own state."""
+    listed = {tp.attribute.rsplit(".", 1)[-1] for tp in TOUCH_POINTS
+              if tp.how in (How.SET, How.PATCH) and "." in tp.what and ":" not in tp.what}
+    offenders = []
+    for path in PRODUCT:
+        if path == REGISTRY:
+            continue
+        for obj, attr in _set_attributes(_tree(path)):
+            patching = path.parent.name == "patches" and obj == "GPUModelRunner"
+            if (attr in listed or attr == "<setattr>" or attr.startswith("_prepack")) and not patching:
+                offenders.append(f"{path.relative_to(ROOT)}: {obj}.{attr}")
+    assert not offenders, offenders
+
+
+def _self_reads(path: Path, classes: set[str]) -> tuple[set[str], set[str]]:
+    """Attributes read as ``self.x`` in the given classes, and those they define or assign."""
+    read, own = set(), set()
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.ClassDef) and node.name in classes:
+            for item in ast.walk(node):
+                if isinstance(item, ast.FunctionDef):
+                    own.add(item.name)
+                elif isinstance(item, ast.Attribute) and getattr(item.value, "id", None) == "self":
+                    (own if isinstance(item.ctx, ast.Store) else read).add(item.attr)
+    return read, own
+
+
+def test_every_scheduler_attribute_the_plugin_reads_is_registered():
+    read, own = _self_reads(ROOT / "vllm_prepack" / "scheduler.py",
+                            {"PrepackScheduler", "PrepackAsyncScheduler"})
+    registered = {tp.attribute for tp in TOUCH_POINTS if tp.owner == "Scheduler"}
+    assert read - own - registered == set()
+    assert set(touchpoints.REQUIRED_ATTRIBUTES) <= registered
+
+
+def test_registered_imports_resolve_on_the_installed_vllm():
+    for tp in TOUCH_POINTS:
+        if ":" in tp.what:
+            name = tp.what.rsplit(":", 1)[1]
+            assert getattr(internal, name) is not None, tp.what
+    with pytest.raises(AttributeError, match="not a registered touch point"):
+        internal.Unlisted  # noqa: B018
+
+
+def test_the_scheduler_has_every_required_attribute(tiny_model):
+    from vllm_prepack.bench.harness import standalone_scheduler
+
+    scheduler = standalone_scheduler(tiny_model)
+    assert [a for a in touchpoints.REQUIRED_ATTRIBUTES if not hasattr(scheduler, a)] == []
+
+
+@pytest.mark.parametrize("version, supported", [("0.31.0", True), ("0.32.0+cpu", True),
+                                                ("0.33.1", True), ("0.30.2", False),
+                                                ("0.34.0", False), ("1.0.0", False)])
+def test_version_gate(version, supported, monkeypatch):
+    monkeypatch.delenv(touchpoints.ALLOW_ENV, raising=False)
+    if supported:
+        assert touchpoints.check_vllm_version(version) is True
+        return
+    with pytest.raises(touchpoints.UnsupportedVLLM) as err:
+        touchpoints.check_vllm_version(version)
+    message = str(err.value)
+    assert "\n" not in message and ">=0.31,<0.34" in message and touchpoints.ALLOW_ENV in message
+    assert version in message
+
+
+def test_an_untested_vllm_runs_only_when_allowed_and_then_checks_every_step(tiny_model, monkeypatch,
+                                                                            caplog):
+    """The engine-start path: refused in one line; with the variable set, a warning, and the
+    budget mirror checked on every step."""
+    import vllm
+
+    from vllm_prepack.bench.harness import fake_step, make_request, standalone_scheduler
+
+    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+    monkeypatch.delenv(touchpoints.ALLOW_ENV, raising=False)
+    with pytest.raises(touchpoints.UnsupportedVLLM, match="not 0.99.0"):
+        standalone_scheduler(tiny_model, verify=False)
+    monkeypatch.setenv(touchpoints.ALLOW_ENV, "1")
+    with caplog.at_level(logging.WARNING, logger="vllm_prepack"):
+        scheduler = standalone_scheduler(tiny_model, verify=None)  # the plugin's own choice
+    assert touchpoints.ALLOW_ENV in caplog.text and "0.99.0" in caplog.text
+    assert scheduler.verify_budget is True
+    scheduler.add_request(make_request("r", 40, max_tokens=3))
+    while scheduler.has_requests():
+        fake_step(scheduler, scheduler.schedule())
+    assert scheduler.prepack_stats.budget_checks == scheduler.prepack_stats.steps > 0
+
+
+def test_registry_entries_are_complete():
+    for tp in TOUCH_POINTS:
+        assert tp.where and tp.checked, tp
+        assert ":" in tp.what or "." in tp.what, tp
+    assert touchpoints.TESTED_VLLM == ("0.31.0", "0.32.0", "0.33.0")

@@ -1,0 +1,558 @@
+"""The registry of every non-public interface the project touches: vLLM's, transformers' and Ray's.
+
+vLLM's scheduler and model runner are not public interfaces (vLLM 0.33 logs as much when a
+``scheduler_cls`` is set), and they change between releases. So every private class, attribute,
+overridden or patched method and undeclared attribute the project uses is listed here, with the
+releases it was read in and, where releases differ, the one function below that branches. The
+rest of the project reaches vLLM internals only through this module: classes through
+``internal.<Name>`` (imported lazily, so the packing core and the HF path import without vLLM),
+everything else through the functions below. ``tests/test_touchpoints.py`` checks that no other
+module imports a non-public vLLM module or sets an attribute on a vLLM object, that every
+scheduler attribute ``scheduler.py`` reads is listed, and that every listed import resolves.
+
+Supported vLLM: ``SUPPORTED_VLLM`` (the newest release and the ones before it that the CI matrix
+runs). On any other release the plugin refuses to start, in one line naming the range and
+``ALLOW_ENV``; with that variable set it warns, runs, and checks its mirror of vLLM's budget
+against what vLLM scheduled on every step.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+logger = logging.getLogger("vllm_prepack")
+
+SUPPORTED_VLLM = ((0, 31), (0, 32), (0, 33))  # minor releases; patch releases included
+TESTED_VLLM = ("0.31.0", "0.32.0", "0.33.0")
+VLLM_RANGE = ">=0.31,<0.34"
+ALLOW_ENV = "VLLM_PREPACK_ALLOW_UNTESTED_VLLM"
+TESTED_TRANSFORMERS = ("5.17", "5.19")
+TESTED_RAY = ("2.60.0",)
+
+
+class How(str, enum.Enum):
+    IMPORT = "imported"  # a class or function the project imports
+    SUBCLASS = "subclassed"
+    OVERRIDE = "overridden"  # a method of a subclassed class, replaced
+    READ = "read"  # an attribute or field read
+    CALL = "called"  # a method called
+    REPLACE = "replaced"  # an attribute vLLM owns, assigned by the project
+    SET = "set"  # an attribute the project adds to a vLLM object
+    PATCH = "patched"  # a method wrapped at run time (patches/)
+
+
+@dataclass(frozen=True)
+class TouchPoint:
+    what: str  # "module:Name" for imports, "Owner.attr" otherwise
+    how: How
+    where: str  # the project's modules that use it
+    checked: tuple[str, ...] = TESTED_VLLM  # releases whose source was read for it
+    differs: str = ""  # how releases differ, and the function here that branches
+
+    @property
+    def owner(self) -> str:
+        return self.what.split(".", 1)[0]
+
+    @property
+    def attribute(self) -> str:
+        return self.what.split(".", 1)[1]
+
+
+_V = How
+_SCHED = "scheduler.py"
+TOUCH_POINTS: tuple[TouchPoint, ...] = (
+    # ---- vLLM classes -----------------------------------------------------------------------
+    TouchPoint("vllm.v1.core.sched.scheduler:Scheduler", _V.SUBCLASS, f"{_SCHED}, bench/baselines.py"),
+    TouchPoint("vllm.v1.core.sched.async_scheduler:AsyncScheduler", _V.SUBCLASS, _SCHED,
+               differs="0.31/0.32 override _update_request_with_output here; 0.33 folds it into "
+                       "Scheduler (not touched by the project)"),
+    TouchPoint("vllm.v1.core.sched.request_queue:RequestQueue", _V.SUBCLASS,
+               f"{_SCHED}, bench/baselines.py"),
+    TouchPoint("vllm.v1.core.sched.request_queue:SchedulingPolicy", _V.IMPORT, _SCHED),
+    TouchPoint("vllm.v1.core.sched.interface:PauseState", _V.IMPORT, _SCHED),
+    TouchPoint("vllm.v1.metrics.stats:SchedulerIterationDetails", _V.IMPORT, _SCHED),
+    TouchPoint("vllm.v1.utils:compute_iteration_details", _V.IMPORT, _SCHED),
+    TouchPoint("vllm.v1.metrics.loggers:StatLoggerBase", _V.SUBCLASS, "metrics.py"),
+    TouchPoint("vllm.v1.worker.gpu_model_runner:GPUModelRunner", _V.PATCH, "patches/runner_layout.py",
+               differs="the V1 runner (CPU, and GPUs with VLLM_USE_V2_MODEL_RUNNER=0); GPUs "
+                       "with Triton default to Model Runner V2 (vllm/v1/worker/gpu/), which the "
+                       "layout hook does not patch: it records nothing there"),
+    TouchPoint("vllm.v1.request:Request", _V.IMPORT, "bench/harness.py (requests without an engine)"),
+    TouchPoint("vllm.v1.outputs:ModelRunnerOutput", _V.IMPORT, "bench/harness.py"),
+    TouchPoint("vllm.v1.kv_cache_interface:KVCacheConfig", _V.IMPORT, "bench/harness.py"),
+    TouchPoint("vllm.v1.kv_cache_interface:KVCacheGroupSpec", _V.IMPORT, "bench/harness.py"),
+    TouchPoint("vllm.v1.kv_cache_interface:FullAttentionSpec", _V.IMPORT, "bench/harness.py"),
+    TouchPoint("vllm.v1.structured_output:StructuredOutputManager", _V.IMPORT, "bench/harness.py"),
+    TouchPoint("vllm.engine.arg_utils:EngineArgs", _V.IMPORT, "bench/harness.py"),
+    # ---- the scheduler: methods the project overrides, attributes it reads ------------------
+    TouchPoint("Scheduler.__new__", _V.OVERRIDE, _SCHED,
+               differs="vLLM picks AsyncScheduler only without a scheduler_cls: the plugin picks"),
+    TouchPoint("Scheduler.__init__", _V.OVERRIDE, f"{_SCHED}, bench/baselines.py"),
+    TouchPoint("Scheduler.schedule", _V.OVERRIDE, f"{_SCHED}, bench/baselines.py"),
+    TouchPoint("Scheduler.make_stats", _V.OVERRIDE, _SCHED),
+    TouchPoint("Scheduler.waiting", _V.REPLACE, f"{_SCHED}, bench/baselines.py",
+               differs="the waiting loop (and its break with chunked prefill off) is the same "
+                       "in 0.31-0.33"),
+    *(TouchPoint(f"Scheduler.{name}", _V.READ, _SCHED) for name in (
+        "kv_holding_waiting", "running", "policy", "current_step", "max_num_scheduled_tokens",
+        "max_num_active_reqs", "max_model_len", "num_waiting_for_streaming_input",
+        "adaptive_long_prefill_threshold", "num_sampled_tokens_per_step", "_pause_state",
+        "prefill_capacity_bound", "kv_cache_manager", "lora_config", "scheduler_config",
+        "vllm_config", "cache_config", "log_stats",
+    )),
+    TouchPoint("Scheduler.get_request_counts", _V.CALL, _SCHED),
+    TouchPoint("Scheduler._is_blocked_waiting_status", _V.CALL, _SCHED),
+    TouchPoint("Scheduler.local_prefill_interval", _V.READ, "touchpoints.prefills_deferred",
+               checked=("0.33.0",),
+               differs="0.33 holds prefills back locally every prefill_schedule_interval steps "
+                       "without data parallelism (also num_executed_steps, last_prefill_step); "
+                       "0.31/0.32 only under DP throttling"),
+    TouchPoint("Scheduler.lora_config.max_loras", _V.READ, _SCHED,
+               differs="0.33 counts the adapters of every running request against max_loras, "
+                       "0.31/0.32 those of the running requests scheduled this step: "
+                       "touchpoints.active_adapters"),
+    # ---- requests, outputs, stats ------------------------------------------------------------
+    *(TouchPoint(f"Request.{name}", _V.READ, f"{_SCHED}, bench/baselines.py") for name in (
+        "request_id", "num_tokens", "num_computed_tokens", "priority", "arrival_time",
+        "lora_request", "num_output_placeholders", "num_tokens_with_spec", "num_prompt_tokens",
+        "max_tokens", "next_decode_eligible_step", "is_prefill_chunk", "status", "block_hashes",
+    )),
+    TouchPoint("KVCacheManager.prefix_cache_lookup_enabled", _V.CALL, "touchpoints.cached_prefix_tokens"),
+    TouchPoint("KVCacheManager.coordinator.find_longest_cache_hit", _V.CALL,
+               "touchpoints.cached_prefix_tokens",
+               differs="0.33 adds an optional max_cache_hit_length to get_computed_blocks; the "
+                       "coordinator's lookup is unchanged"),
+    *(TouchPoint(f"SchedulerOutput.{name}", _V.READ, f"{_SCHED}, patches/runner_layout.py")
+      for name in ("num_scheduled_tokens", "total_num_scheduled_tokens", "preempted_req_ids",
+                   "scheduled_new_reqs", "scheduled_cached_reqs")),
+    TouchPoint("SchedulerOutput.prepack_plan", _V.SET, "touchpoints.attach_plan / plan_of",
+               differs="0.33 adds fields (encoder_input_updates, skip_drafts); the plan rides as "
+                       "an undeclared attribute, pickled with the output to the workers"),
+    TouchPoint("SchedulerStats.iteration_details", _V.REPLACE, _SCHED),
+    TouchPoint("IterationStats.time_to_first_tokens_iter", _V.READ, "metrics.py"),
+    TouchPoint("IterationStats.finished_requests", _V.READ, "metrics.py"),
+    TouchPoint("SpeculativeConfig.max_num_new_slots_for_drafting", _V.READ, _SCHED),
+    TouchPoint("LLM.llm_engine.engine_core.engine_core.scheduler", _V.READ,
+               "touchpoints.engine_scheduler (in-process engines: tests, benchmarks, replicas)"),
+    # ---- the model runner (patches/runner_layout.py) -----------------------------------------
+    TouchPoint("GPUModelRunner.execute_model", _V.PATCH, "patches/runner_layout.py"),
+    TouchPoint("GPUModelRunner._build_attention_metadata", _V.PATCH, "patches/runner_layout.py",
+               differs="0.33 adds keyword parameters after num_tokens_padded (passed through)"),
+    *(TouchPoint(f"GPUModelRunner.{name}", _V.READ, "touchpoints.runner_layout_inputs")
+      for name in ("vllm_config", "query_start_loc", "positions", "input_batch")),
+    TouchPoint("GPUModelRunner._prepack_patched", _V.SET, "patches/runner_layout.py"),
+    TouchPoint("GPUModelRunner._prepack_recorder", _V.SET, "touchpoints.runner_recorder"),
+    TouchPoint("GPUModelRunner._prepack_output", _V.SET, "touchpoints.runner_output"),
+    # ---- transformers (hf.py) ----------------------------------------------------------------
+    *(TouchPoint(what, _V.IMPORT, "hf.py", checked=TESTED_TRANSFORMERS) for what in (
+        "transformers.cache_utils:DynamicLayer", "transformers.cache_utils:DynamicSlidingWindowLayer",
+        "transformers.masking_utils:AttentionMaskInterface", "transformers.masking_utils:sdpa_mask",
+        "transformers.integrations.sdpa_attention:sdpa_attention_forward",
+    )),
+    TouchPoint("DynamicLayer.lazy_initialization", _V.CALL, "hf.py", checked=TESTED_TRANSFORMERS),
+    TouchPoint("DynamicCache.layers", _V.REPLACE, "hf.py", checked=TESTED_TRANSFORMERS),
+    TouchPoint("PretrainedConfig._attn_implementation", _V.READ, "hf.py", checked=TESTED_TRANSFORMERS),
+    # ---- the step-cost model ------------------------------------------------------------------
+    TouchPoint("Scheduler.update_from_output", _V.OVERRIDE, _SCHED),
+    TouchPoint("Scheduler.has_requests", _V.CALL, _SCHED),
+    TouchPoint("SchedulerOutput.prepack_step_cost", _V.SET, "touchpoints.attach_step_cost / step_cost_of",
+               differs="rides like prepack_plan, with record_layout"),
+    TouchPoint("SchedulerIterationDetails.elapsed_ms", _V.SET, _SCHED,
+               differs="vLLM's own details time the forward alone; the plugin's, the whole step"),
+    # ---- KV fit: offer vLLM only requests whose blocks are free -------------------------------
+    *(TouchPoint(f"Scheduler.{name}", _V.READ, "touchpoints.kv_block_accounting",
+                 checked=("0.32.0", "0.33.0"))
+      for name in ("kv_cache_config", "block_size", "num_lookahead_tokens", "requests")),
+    TouchPoint("KVCacheConfig.kv_cache_groups", _V.READ, "touchpoints.kv_block_accounting",
+               checked=("0.32.0", "0.33.0")),
+    TouchPoint("vllm.v1.kv_cache_interface:SlidingWindowSpec", _V.IMPORT,
+               "touchpoints.kv_block_accounting", checked=("0.32.0", "0.33.0")),
+    TouchPoint("KVCacheManager.block_pool.get_num_free_blocks", _V.CALL, "touchpoints.free_kv_blocks",
+               checked=("0.32.0", "0.33.0"),
+               differs="counts evictable prefix-cache blocks as free, as allocate_slots does"),
+    TouchPoint("KVCacheManager.watermark_blocks", _V.READ, "touchpoints.free_kv_blocks",
+               checked=("0.32.0", "0.33.0"), differs="absent before the watermark: read as 0"),
+    TouchPoint("LLM.llm_engine.engine_core.engine_core.model_executor.execute_model", _V.PATCH,
+               "touchpoints.delay_model_execution (bench/engines.py only: a GPU's fixed step cost)",
+               checked=("0.32.0",)),
+    # ---- serving on Ray: the load report, the token router, the replica server ----------------
+    TouchPoint("Request.pooling_params", _V.READ, "touchpoints.running_load"),
+    TouchPoint("ray.llm._internal.common.callbacks.base:CallbackBase", _V.SUBCLASS,
+               "serve_replica.LocalModelCallback", checked=TESTED_RAY),
+    TouchPoint("CallbackCtx.run_init_node", _V.REPLACE, "serve_replica.LocalModelCallback",
+               checked=TESTED_RAY),
+    *(TouchPoint(f"PendingRequest.{name}", _V.READ, "touchpoints.request_body / request_key / "
+                 "multiplexed_model_id (token_router.py)", checked=TESTED_RAY)
+      for name in ("args", "metadata.internal_request_id", "metadata.multiplexed_model_id")),
+    TouchPoint("PendingRequest.routing_context.should_backoff", _V.REPLACE,
+               "touchpoints.allow_backoff (token_router.py)", checked=TESTED_RAY),
+    TouchPoint("RequestRouter._deployment_id", _V.READ, "touchpoints.deployment_tags",
+               checked=TESTED_RAY),
+    TouchPoint("ReplicaContext.rank.local_rank", _V.READ, "touchpoints.replica_local_rank",
+               checked=TESTED_RAY),
+    TouchPoint("ReplicaActor.record_routing_stats", _V.CALL, "touchpoints.llm_replicas",
+               checked=TESTED_RAY,
+               differs="found by Ray Serve's actor naming, SERVE_REPLICA::<app>#<deployment>#<id>"),
+)
+
+REQUIRED_ATTRIBUTES: tuple[str, ...] = tuple(
+    tp.attribute for tp in TOUCH_POINTS
+    if tp.owner == "Scheduler" and tp.how in (How.READ, How.CALL, How.REPLACE)
+    and "." not in tp.attribute and tp.checked == TESTED_VLLM
+)
+
+
+class _Internal:
+    """``internal.Scheduler`` etc.: the classes and functions TOUCH_POINTS lists as imports,
+    imported on first use."""
+
+    def __init__(self) -> None:
+        self._paths = {tp.what.rsplit(":", 1)[1]: tp.what for tp in TOUCH_POINTS if ":" in tp.what}
+
+    def __getattr__(self, name: str):
+        path = self.__dict__["_paths"].get(name)
+        if path is None:
+            raise AttributeError(f"{name} is not a registered touch point (vllm_prepack/touchpoints.py)")
+        module, _, attr = path.partition(":")
+        value = getattr(importlib.import_module(module), attr)
+        setattr(self, name, value)
+        return value
+
+
+internal = _Internal()
+
+
+# ---- versions --------------------------------------------------------------------------------
+
+
+class UnsupportedVLLM(RuntimeError):
+    """The installed vLLM is not a release this version of the plugin was checked against."""
+
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    return parse_version(vllm.__version__)
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", text)
+    if found is None:
+        raise UnsupportedVLLM(f"cannot read a vLLM version from {text!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def check_vllm_version(version: str | None = None) -> bool:
+    """At engine start: True where the release is supported; raises UnsupportedVLLM (one line)
+    where it is not, unless ALLOW_ENV is set, which warns and returns False (the caller then
+    checks its budget mirror on every step)."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    if parse_version(version) in SUPPORTED_VLLM:
+        return True
+    message = (f"vllm-prepack supports vLLM {VLLM_RANGE} (checked on {', '.join(TESTED_VLLM)}), "
+               f"not {version}: install a supported vLLM, or set {ALLOW_ENV}=1 to run anyway")
+    if os.environ.get(ALLOW_ENV, "") not in ("", "0"):
+        logger.warning("%s; %s is set: running, with the budget mirror checked every step",
+                       message.split(":")[0], ALLOW_ENV)
+        return False
+    raise UnsupportedVLLM(message)
+
+
+@lru_cache(maxsize=1)
+def _at_least_0_33() -> bool:
+    return vllm_version() >= (0, 33)
+
+
+# ---- the scheduler: reads that differ between releases ---------------------------------------
+
+
+def prefills_deferred(scheduler, throttle_prefills: bool) -> bool:
+    """Whether the coming schedule() holds new prefills (and prefill chunks) back: DP prefill
+    throttling in every release, and from 0.33 also the local prefill cadence."""
+    chunks_only = all(r.is_prefill_chunk for r in scheduler.running)
+    if chunks_only or scheduler.prefill_capacity_bound:
+        return False
+    if throttle_prefills:
+        return True
+    interval = getattr(scheduler, "local_prefill_interval", 1) if _at_least_0_33() else 1
+    return interval > 1 and (scheduler.num_executed_steps + 1) - scheduler.last_prefill_step < interval
+
+
+def active_adapters(scheduler, scheduled: dict[str, int]) -> frozenset:
+    """LoRA adapters that count against max_loras when the waiting phase starts."""
+    running = scheduler.running if _at_least_0_33() else (
+        r for r in scheduler.running if r.request_id in scheduled)
+    return frozenset(r.lora_request.lora_int_id for r in running
+                     if r.lora_request and r.lora_request.lora_int_id > 0)
+
+
+def cached_prefix_tokens(scheduler, request) -> int:
+    """Prompt tokens a prefix-cache hit would skip now (vLLM's own lookup, no statistics)."""
+    manager = scheduler.kv_cache_manager
+    if not request.block_hashes or not manager.prefix_cache_lookup_enabled(request):
+        return 0
+    _, hit, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes,
+                                                            request.num_tokens - 1)
+    return hit
+
+
+@dataclass(frozen=True)
+class KVBlocks:
+    """How vLLM counts a request's KV blocks where one full-attention group holds every layer."""
+
+    block_size: int
+    lookahead: int  # slots allocate_slots adds for speculative tokens
+
+    def to_admit(self, num_tokens: int, uncached: int) -> int:
+        """Blocks vLLM must find free to admit a waiting request of `num_tokens` tokens whose
+        last `uncached` are not computed or cached (vLLM checks the whole sequence fits at
+        admission, scheduler_reserve_full_isl; cached blocks are taken as held by others)."""
+        reused = (num_tokens - uncached) // self.block_size
+        return max(0, -(-(num_tokens + self.lookahead) // self.block_size) - reused)
+
+    def to_extend(self, computed: int, tokens: int) -> int:
+        """Blocks a running request with `computed` tokens allocates for `tokens` more."""
+        size, ahead = self.block_size, self.lookahead
+        return max(0, -(-(computed + tokens + ahead) // size) - -(-(computed + ahead) // size))
+
+
+def kv_block_accounting(scheduler) -> KVBlocks | None:
+    """The block arithmetic of a plain full-attention KV cache; None where the estimate would
+    not hold (several KV groups: hybrid, sliding-window or Mamba models; no KV cache): there
+    the plugin does not track KV blocks and vLLM alone finds out what fits."""
+    groups = getattr(getattr(scheduler, "kv_cache_config", None), "kv_cache_groups", ())
+    block_size = getattr(scheduler, "block_size", None)  # read on 0.32 and 0.33 only
+    if len(groups) != 1 or not block_size:
+        return None
+    spec = groups[0].kv_cache_spec
+    if not isinstance(spec, internal.FullAttentionSpec) or isinstance(spec, internal.SlidingWindowSpec):
+        return None
+    return KVBlocks(block_size, getattr(scheduler, "num_lookahead_tokens", 0))
+
+
+def free_kv_blocks(scheduler) -> tuple[int, int]:
+    """Free KV blocks now, and the watermark vLLM keeps free when admitting waiting requests."""
+    manager = scheduler.kv_cache_manager
+    return manager.block_pool.get_num_free_blocks(), getattr(manager, "watermark_blocks", 0)
+
+
+def capture_sizes(vllm_config) -> tuple[int, ...]:
+    """CUDA-graph capture sizes in force, () when the engine runs eager (CPU, enforce_eager)."""
+    model_config = vllm_config.model_config
+    compilation = vllm_config.compilation_config
+    if model_config is None or model_config.enforce_eager or compilation.cudagraph_mode is None:
+        return ()
+    if compilation.cudagraph_mode.name == "NONE":
+        return ()
+    return tuple(sorted(compilation.cudagraph_capture_sizes or ()))
+
+
+def delay_model_execution(llm, seconds: float) -> None:
+    """Benchmarks only: every model execution of an in-process engine first sleeps `seconds`,
+    standing in for a GPU's fixed cost per step (launches, graph replay) on a CPU engine."""
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    inner = executor.execute_model
+
+    def delayed(*args, **kwargs):
+        time.sleep(seconds)
+        return inner(*args, **kwargs)
+
+    executor.execute_model = delayed
+
+
+def engine_scheduler(llm):
+    """The scheduler of an ``LLM`` whose engine core runs in this process, else None."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    return getattr(core, "scheduler", None)
+
+
+# ---- the plan, from the scheduler to the model runner ----------------------------------------
+
+
+def attach_plan(output, plan: dict[str, int]) -> None:
+    """The plugin's plan rides on vLLM's SchedulerOutput to the model runner (debug_layout)."""
+    output.prepack_plan = plan
+
+
+def plan_of(output) -> dict[str, int] | None:
+    return getattr(output, "prepack_plan", None)
+
+
+def attach_step_cost(output, report: dict) -> None:
+    """The step cost in force rides to the model runner for ``layout_report`` (record_layout)."""
+    output.prepack_step_cost = report
+
+
+def step_cost_of(output) -> dict | None:
+    return getattr(output, "prepack_step_cost", None)
+
+
+# ---- the model runner (patches/runner_layout.py) ---------------------------------------------
+
+_UNSET = object()
+
+
+def runner_recorder(runner, make):
+    """The runner's layout recorder, made by `make(vllm_config)` on first use (None: off)."""
+    rec = runner.__dict__.get("_prepack_recorder", _UNSET)
+    if rec is _UNSET:
+        rec = runner._prepack_recorder = make(runner.vllm_config)
+    return rec
+
+
+def runner_output(runner, output=_UNSET):
+    """The SchedulerOutput of the forward in progress (set by execute_model's wrapper, taken
+    once by the attention-metadata wrapper); with `output`, sets it."""
+    if output is not _UNSET:
+        runner._prepack_output = output
+        return output
+    return runner.__dict__.get("_prepack_output")
+
+
+def runner_layout_inputs(runner, num_reqs: int) -> dict:
+    """Plain lists of the layout the runner built for this forward: sequence boundaries, each
+    request's first position, computed and prompt tokens."""
+    import torch
+
+    qsl = runner.query_start_loc.np[: num_reqs + 1].tolist()
+    starts = runner.positions[torch.tensor(qsl[:-1], dtype=torch.long,
+                                            device=runner.positions.device)].tolist()
+    batch = runner.input_batch
+    return dict(req_ids=tuple(batch.req_ids[:num_reqs]), query_start_loc=tuple(qsl),
+                start_positions=tuple(starts),
+                computed=tuple(batch.num_computed_tokens_cpu[:num_reqs].tolist()),
+                prompt_lens=tuple(batch.num_prompt_tokens[:num_reqs].tolist()))
+
+
+def scheduled_plan_inputs(output) -> tuple[dict, dict]:
+    """From a SchedulerOutput: tokens scheduled per request, and the computed tokens (a
+    prefix-cache hit) of the requests admitted or resumed this step."""
+    cached = {r.req_id: r.num_computed_tokens for r in output.scheduled_new_reqs}
+    resumed = output.scheduled_cached_reqs
+    for req_id, computed in zip(resumed.req_ids, resumed.num_computed_tokens):
+        if req_id in resumed.resumed_req_ids:
+            cached[req_id] = computed
+    return dict(output.num_scheduled_tokens), cached
+
+
+def observe_schedule(scheduler, observe):
+    """Call ``observe(seconds, output)`` after every ``schedule()`` of this scheduler (an
+    instance attribute over the class's method); returns the function that stops it."""
+    inner = scheduler.schedule
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        output = inner(*args, **kwargs)
+        observe(time.perf_counter() - started, output)
+        return output
+
+    scheduler.schedule = timed
+    return lambda: scheduler.__dict__.pop("schedule", None)
+
+
+# ---- serving on Ray: the load report --------------------------------------------------------
+
+
+def running_load(scheduler) -> tuple[int, int]:
+    """(prompt tokens running requests have still to prefill, running requests that decode).
+
+    Reads ``Scheduler.running`` and ``Request.num_prompt_tokens / num_computed_tokens /
+    pooling_params``. Called right after ``schedule()``, which has already advanced
+    ``num_computed_tokens`` by the step's tokens: the counts are those once the step has run.
+    Pooling requests finish at the end of their prompt, so they never count as decoding.
+    vLLM keeps no such totals: a scan of the running requests, O(running) a step."""
+    prefill = decoding = 0
+    for request in scheduler.running:
+        left = request.num_prompt_tokens - request.num_computed_tokens
+        if left > 0:
+            prefill += left
+        elif request.pooling_params is None:
+            decoding += 1
+    return prefill, decoding
+
+
+# ---- Ray Serve (2.60.0): the request router's view of a request -----------------------------
+
+def request_body(pending_request):
+    """The OpenAI request body of a call to a Ray Serve LLM server: ``args[0]`` (a pydantic
+    ``CompletionRequest`` / ``ChatCompletionRequest`` / ``EmbeddingRequest``). Ray Serve LLM's
+    ingress calls ``LLMServer.<method>(body, raw_request_info)``; the layout of a handle call's
+    arguments is not documented (Ray's own PrefixCacheAffinityRouter reads it the same way).
+    None when the call carries no such body (health checks, other methods)."""
+    args = pending_request.args
+    return args[0] if args and hasattr(args[0], "model") else None
+
+
+def request_key(pending_request) -> str:
+    """``PendingRequest.metadata.internal_request_id``: the id Ray passes back to
+    ``RequestRouter.on_request_completed`` (``RequestMetadata`` is in ray.serve._private)."""
+    return pending_request.metadata.internal_request_id
+
+
+def multiplexed_model_id(pending_request) -> str:
+    """``PendingRequest.metadata.multiplexed_model_id``: set for LoRA requests."""
+    return pending_request.metadata.multiplexed_model_id
+
+
+def allow_backoff(pending_request) -> None:
+    """``PendingRequest.routing_context.should_backoff = True``: Ray's routing loop retries
+    without sleeping until a policy sets it (its locality and multiplex mixins do; this router
+    uses neither for ordinary requests), which would spin while no replica can take a request.
+    ``RequestRoutingContext`` is in ray.serve._private.request_router.common."""
+    pending_request.routing_context.should_backoff = True
+
+
+def deployment_tags(router) -> dict:
+    """The deployment a ``RequestRouter`` routes for, as metric tags: ``_deployment_id`` (set by
+    ``RequestRouter.__init__``; only ``app_name`` has a public property)."""
+    deployment_id = router._deployment_id
+    return {"deployment": deployment_id.name, "application": deployment_id.app_name}
+
+
+def replica_local_rank() -> int:
+    """This replica's rank among its deployment's replicas on its node:
+    ``serve.get_replica_context().rank.local_rank`` (``ReplicaContext`` is a DeveloperAPI).
+    Ray Serve LLM offsets per-replica ports by it the same way."""
+    from ray import serve
+
+    return serve.get_replica_context().rank.local_rank
+
+
+def llm_replicas(app_name: str, model_id: str) -> list[dict]:
+    """The live replicas of a model served by Ray Serve LLM with ``PrepackLLMServer``: each
+    one's actor handle (``ray.kill`` it to kill the replica) and the load endpoint it advertises
+    (tests and the bench watch loads).
+
+    Finds the replica actors among the named actors (public ``ray.util.list_named_actors``) by
+    Ray Serve's naming, ``SERVE_REPLICA::<app>#<deployment>#<id>`` in namespace "serve", with
+    Ray Serve LLM's deployment name ``<server class>:<model id, escaped>``; then calls each
+    replica actor's ``record_routing_stats`` (the method Ray Serve's controller polls, which runs
+    the server's hook of that name; ray/serve/_private/replica.py, Ray 2.60). Ray has no public
+    way to read a replica's metadata outside a request router."""
+    import ray
+
+    from vllm_prepack.load_channel import METADATA_KEY
+
+    deployment = "PrepackLLMServer:" + model_id.replace("/", "--").replace(".", "_")
+    prefix = f"SERVE_REPLICA::{app_name}#{deployment}#"
+    out = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == "serve" and actor["name"].startswith(prefix):
+            handle = ray.get_actor(actor["name"], namespace="serve")
+            try:
+                stats = ray.get(handle.record_routing_stats.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue  # dead, or not up yet
+            out.append({"name": actor["name"], "actor": handle,
+                        "endpoint": stats.get(METADATA_KEY)})
+    return out
