@@ -63,6 +63,8 @@ def _run(args) -> int:
             importlib.import_module("vllm_prepack.bench.demo").use_demo_job(args)
         return importlib.import_module("vllm_prepack.batch").main(args)
     if args.command == "serve":
+        if args.model is None:  # the embedded demo model
+            importlib.import_module("vllm_prepack.bench.demo").use_demo_model(args)
         return importlib.import_module("vllm_prepack.serve").main(args)
     if args.command == "bench":
         text = importlib.import_module(BENCHES[args.bench]).main(args)

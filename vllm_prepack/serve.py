@@ -131,10 +131,6 @@ def stop(name: str = APP_NAME, *, joined: bool = False) -> None:
         ray.shutdown()
 
 
-DEMO_ENGINE = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
-                   enforce_eager=True)
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--model", help="a model folder or hub name (default: the embedded demo model)")
     parser.add_argument("--model-id", help="the name clients ask for (default: the folder's name)")
@@ -157,12 +153,6 @@ def main(args) -> int:
 
     engine_kwargs = dict(args.engine_args)
     model = args.model
-    if model is None:
-        from vllm_prepack.models import DEMO_MODEL, decoder_model
-
-        model = str(decoder_model(DEMO_MODEL))
-        engine_kwargs = {**DEMO_ENGINE, **engine_kwargs}
-        args.model_id = args.model_id or "demo"
     check_tokenizer(model, engine_kwargs)
     prepack = False if args.plain else (args.prepack_options or True)
     config = prepack_llm_config(model, model_id=args.model_id, replicas=args.replicas,

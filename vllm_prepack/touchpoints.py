@@ -183,6 +183,9 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                "touchpoints.delay_model_execution (bench/engines.py only: a GPU's fixed step cost)",
                checked=("0.32.0",)),
     # ---- serving on Ray: the load report, the token router, the replica server ----------------
+    *(TouchPoint(f"vllm.benchmarks.lib.endpoint_request_func:{name}", _V.IMPORT,
+                 "bench/serve.py (vLLM's bench serve client, request by request)")
+      for name in ("ASYNC_REQUEST_FUNCS", "RequestFuncInput")),
     TouchPoint("Request.pooling_params", _V.READ, "touchpoints.running_load"),
     TouchPoint("ray.llm._internal.common.callbacks.base:CallbackBase", _V.SUBCLASS,
                "serve_replica.LocalModelCallback", checked=TESTED_RAY),

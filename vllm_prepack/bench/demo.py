@@ -64,6 +64,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs")
 
 
+def use_demo_model(args) -> None:
+    """``vllm-prepack serve`` without --model: the demo model, served as "demo" (engine
+    arguments given with --engine-args win)."""
+    from vllm_prepack.models import decoder_model
+
+    args.model = str(decoder_model(DEMO_MODEL))
+    args.model_id = args.model_id or "demo"
+    args.engine_args = {**dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
+                               enforce_eager=True), **args.engine_args}
+
+
 def use_demo_job(args) -> None:
     """``vllm-prepack batch`` without --input: the embedded job, the demo model and a bimodal
     workload as JSONL lines (engine arguments given with --engine-args win)."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from vllm_prepack.bench.report import header, pct, table
 from vllm_prepack.models import DecoderShape
+from vllm_prepack.touchpoints import internal
 
 CONFIGS = {  # name: (the plugin, router)
     "plain+requests": (False, "requests"),
@@ -112,10 +113,8 @@ async def _drive(url: str, model_id: str, workload: Workload, indices: list[int]
                  offsets: list[float], timeout_s: float) -> RunResult:
     """Send request i at offsets[i] seconds (open loop), with vLLM's bench request functions."""
     import aiohttp
-    from vllm.benchmarks.lib.endpoint_request_func import ASYNC_REQUEST_FUNCS, RequestFuncInput
-
     generate = workload.kind == "generate"
-    func = ASYNC_REQUEST_FUNCS["openai" if generate else "openai-embeddings"]
+    func = internal.ASYNC_REQUEST_FUNCS["openai" if generate else "openai-embeddings"]
     api = f"{url}/v1/{'completions' if generate else 'embeddings'}"
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -123,7 +122,7 @@ async def _drive(url: str, model_id: str, workload: Workload, indices: list[int]
 
         async def one(i: int, at: float):
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
-            request = RequestFuncInput(prompt=workload.prompts[i], api_url=api, model=model_id,
+            request = internal.RequestFuncInput(prompt=workload.prompts[i], api_url=api, model=model_id,
                                        prompt_len=workload.lengths[i], ignore_eos=True,
                                        output_len=GEN_MAX_TOKENS if generate else 0)
             try:
