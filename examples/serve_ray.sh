@@ -11,8 +11,8 @@ vllm-prepack serve --replicas 2 --port 8000
 # An embedding model (pooling runner): /v1/embeddings.
 # vllm-prepack serve --model ./all-MiniLM-L6-v2 --model-id minilm --engine-args '{"runner": "pooling"}'
 
-# NOT RUN HERE (no GPU on these machines; the GPU machines lent to some sessions have neither
-# vLLM nor Ray): 8 replicas of one GPU each, then 4 tensor-parallel replicas of 2 GPUs each,
+# Not run yet (written and tested on CPU machines; no multi-GPU machine with vLLM and Ray
+# has run it): 8 replicas of one GPU each, then 4 tensor-parallel replicas of 2 GPUs each,
 # on a Ray cluster started beforehand (ray start --head on the first node, ray start
 # --address=HEAD:6379 on the others), listening on every interface.
 # vllm-prepack serve --address auto --model meta-llama/Llama-3.1-8B-Instruct --model-id llama \

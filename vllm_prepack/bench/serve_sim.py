@@ -10,6 +10,10 @@ step that made it. Routers:
 - ``prefix``: Ray Serve LLM's PrefixCacheAffinityRouter as configured by default: the replicas
   holding the longest prefix of the prompt when it matches at least 10% of it, else the
   replicas holding the fewest characters, then the fewest requests in flight among those;
+- ``vllm-dp``: vLLM's data-parallel balancer (``DPLBAsyncMPClient``, vLLM 0.32): every replica
+  scanned for the least max(requests this client has in flight there x clients, waiting +
+  running from its coordinator's snapshot, refreshed every 100 ms, plus this client's sends
+  since); its KV-pressure term stays off (the simulated KV pool is never half full);
 - ``tokens``: this project's token router (``routing.LoadTable``, the production code) as it
   ships: every replica scanned; ``tokens/2``: the same on power of two choices;
   ``tokens+prefix``: with its prefix affinity (``routing.PrefixIndex``);
@@ -137,6 +141,35 @@ class RequestsRouter:
         pass
 
 
+class DPRouter(RequestsRouter):
+    """vLLM's data-parallel balancer; see the module docstring."""
+
+    PERIOD_S = 0.1  # the coordinator's stats interval
+
+    def __init__(self, n: int, rng: random.Random, clients: int) -> None:
+        super().__init__(n, rng)
+        self.clients = clients
+        self.counts = [[0, 0] for _ in range(n)]  # [waiting, running] per replica
+        self.snapshot_at = -math.inf
+        self.scan_from = rng.randrange(n)
+
+    def choose(self, request, now, replicas) -> int:
+        if now - self.snapshot_at >= self.PERIOD_S:
+            self.snapshot_at = now
+            self.counts = [[len(r.scheduler.waiting), len(r.scheduler.running)] for r in replicas]
+        n = len(self.counts)
+        best, best_score = 0, math.inf
+        for i in range(n):
+            idx = (self.scan_from + i) % n
+            waiting, running = self.counts[idx]
+            score = max(self.clients * self.inflight[idx], waiting + running)
+            if score < best_score:
+                best, best_score = idx, score
+        self.counts[best][0] += self.clients
+        self.scan_from = (self.scan_from + 1) % n
+        return best
+
+
 class PrefixRouter(RequestsRouter):
     """Ray Serve LLM's PrefixCacheAffinityRouter with its defaults (imbalanced_threshold inf:
     load never overrides a match; match_rate_threshold 0.1; no eviction)."""
@@ -222,12 +255,14 @@ class OracleRouter:
         pass
 
 
-ROUTERS = ("requests", "prefix", "tokens/2", "tokens", "tokens+prefix", "oracle")
+ROUTERS = ("requests", "vllm-dp", "prefix", "tokens/2", "tokens", "tokens+prefix", "oracle")
 
 
-def make_router(name: str, n: int, rng: random.Random):
+def make_router(name: str, n: int, rng: random.Random, routers: int = 1):
     if name == "requests":
         return RequestsRouter(n, rng)
+    if name == "vllm-dp":
+        return DPRouter(n, rng, routers)
     if name == "prefix":
         return PrefixRouter(n, rng)
     if name == "oracle":
@@ -275,7 +310,8 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
     arrivals_rng = random.Random(f"arrivals:{seed}")
     n = len(schedulers)
     replicas = [SimReplica(i, s, cache_groups) for i, s in enumerate(schedulers)]
-    instances = [make_router(router_name, n, random.Random(rng.random())) for _ in range(routers)]
+    instances = [make_router(router_name, n, random.Random(rng.random()), routers)
+                 for _ in range(routers)]
     events: list = []  # (time, order, kind, payload)
     order = 0
 
