@@ -3,7 +3,7 @@
 # router in front (vllm-prepack serve). Ctrl-C stops it. Health: GET /-/healthz.
 set -euo pipefail
 
-# This machine (CPU, run): the embedded demo model, two replicas, one core each.
+# On a CPU host: the embedded demo model, two replicas, one core each.
 vllm-prepack serve --replicas 2 --port 8000
 # python -c "from openai import OpenAI; print(OpenAI(base_url='http://127.0.0.1:8000/v1', \
 #   api_key='none').completions.create(model='demo', prompt='Hello', max_tokens=8))"

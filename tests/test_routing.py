@@ -94,20 +94,45 @@ def test_alone_a_router_takes_the_least_expected_wait(waiting, tokens, seed):
 
 def test_beside_other_routers_a_router_spreads_over_as_many_of_the_best():
     """Four routers that see the same loads would all send to the least loaded replica before
-    its next report; one that sends a quarter of the replicas' arrivals picks among the best 4."""
+    its next report; one that sends a quarter of the replicas' arrivals picks among the best 4,
+    as long as they are about as good as the best (within the request's own tokens)."""
+    def waiting(i):
+        return 3 * i if i < 4 else 100 * i
+
     table = LoadTable(rng=random.Random(3))
     for i in range(16):
-        table.report(i, report(waiting=100 * i), 0.0)
+        table.report(i, report(waiting=waiting(i)), 0.0)
     arrived = [0] * 16
     for step in range(1, 41):  # each send of ours comes with three from other routers
         r = step % 16
         table.sent(r, ("ours", step), 1, float(step))
         table.done(("ours", step))
         arrived[r] += 4
-        table.report(r, report(waiting=100 * r, arrived=arrived[r]), float(step))
+        table.report(r, report(waiting=waiting(r), arrived=arrived[r]), float(step))
     assert table.spread == 4
-    picks = {table.choose(list(range(16)), 10, 50.0)[0] for _ in range(200)}
+    picks = {table.choose(list(range(16)), 10, 50.0)[0] for _ in range(200)}  # all silent: all
     assert picks == {0, 1, 2, 3}
+    # an idle replica is not traded for loaded ones to spread load
+    table.report(0, report(waiting=0, arrived=arrived[0]), 40.0)
+    for i in range(1, 4):
+        table.report(i, report(waiting=200, arrived=arrived[i]), 40.0)
+    assert {table.choose(list(range(16)), 10, 40.0)[0] for _ in range(50)} == {0}
+
+
+def test_a_late_completion_of_an_attempt_leaves_the_retry_charged_and_nothing_piles_up():
+    table = LoadTable()
+    table.report("a", report(), 0.0)
+    table.report("b", report(), 0.0)
+    table.sent("a", "r1", 100, 1.0)
+    table.sent("b", "r1", 100, 1.1)  # Ray retried it on b
+    table.done("r1", "a")  # the first attempt's completion, late
+    assert (table.unreported("a"), table.unreported("b")) == (0, 100)
+    table.done("r1", "b")
+    assert table.unreported("b") == 0 and not table._charges
+    for i in range(50):  # covered by reports before they complete: nothing is kept
+        table.sent("a", i, 10, 2.0 + i)
+    table.report("a", report(newest=100.0, seq=2), 60.0)
+    assert table.unreported("a") == 0 and not table._charges
 
 
 @settings(max_examples=200, deadline=None)

@@ -10,6 +10,7 @@ is gone. Subscribers keep only the newest message of each publisher (ZMQ_CONFLAT
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -19,6 +20,8 @@ from collections.abc import Callable, Hashable, Mapping
 import zmq
 
 from vllm_prepack.routing import LoadReport
+
+logger = logging.getLogger("vllm_prepack")
 
 HEARTBEAT_S = 0.1
 METADATA_KEY = "vllm_prepack_load_endpoint"  # where a Ray Serve replica advertises its endpoint
@@ -59,10 +62,7 @@ class LoadPublisher:
                 self._wake.clear()
                 data = self._latest
                 if data is not None:
-                    try:
-                        self._socket.send(data, zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
+                    self._socket.send(data, zmq.NOBLOCK)  # PUB drops, never blocks
         finally:
             self._socket.close(0)
             self._context.term()
@@ -128,7 +128,10 @@ class LoadSubscriber:
                         data = sock.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         continue
-                    self._on_report(replica_of[sock], LoadReport.decode(data), time.time())
+                    try:  # one bad message (another sender on the port) stops nothing
+                        self._on_report(replica_of[sock], LoadReport.decode(data), time.time())
+                    except Exception:
+                        logger.exception("load report from %s dropped", replica_of[sock])
         finally:
             for _, sock in sockets.values():
                 sock.close(0)

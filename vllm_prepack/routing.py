@@ -65,10 +65,11 @@ class LoadReport:
 class _Charge:
     """A request sent to a replica and not yet covered by one of its reports."""
 
-    __slots__ = ("replica", "sent_at", "tokens", "live")
+    __slots__ = ("key", "replica", "sent_at", "tokens", "live")
 
-    def __init__(self, replica: Replica, sent_at: float, tokens: int) -> None:
-        self.replica, self.sent_at, self.tokens, self.live = replica, sent_at, tokens, True
+    def __init__(self, key: Hashable, replica: Replica, sent_at: float, tokens: int) -> None:
+        self.key, self.replica, self.sent_at, self.tokens = key, replica, sent_at, tokens
+        self.live = True
 
 
 class _View:
@@ -126,7 +127,7 @@ class LoadTable:
         """Count `tokens` at `replica` until a report covers them; a request routed again (a
         retry) moves its charge."""
         self.done(key)
-        charge = _Charge(replica, now, tokens)
+        charge = _Charge(key, replica, now, tokens)
         view = self._view(replica)
         if view.charges and now < view.charges[-1].sent_at:
             charge.sent_at = view.charges[-1].sent_at  # keep send order under a clock step back
@@ -145,18 +146,20 @@ class LoadTable:
             self.spread = max(1, round(1 / share))
             window[0] = window[1] = 0
 
-    def done(self, key: Hashable) -> None:
-        """The request finished (or failed) before a report covered it."""
-        charge = self._charges.pop(key, None)
-        if charge is not None and charge.live:
-            charge.live = False
-            self._views[charge.replica].unreported -= charge.tokens
+    def done(self, key: Hashable, replica: Replica | None = None) -> None:
+        """The request finished (or failed) before a report covered it; with `replica`, only
+        if it was charged there (a late completion of an attempt Ray retried elsewhere leaves
+        the retry's charge alone)."""
+        charge = self._charges.get(key)
+        if charge is not None and (replica is None or charge.replica == replica):
+            self._drop(charge)
 
     def _drop(self, charge: _Charge) -> None:
         if charge.live:
             charge.live = False
             self._views[charge.replica].unreported -= charge.tokens
-        # its key stays in _charges until done(); a dead charge there costs nothing
+        if self._charges.get(charge.key) is charge:
+            del self._charges[charge.key]
 
     def forget(self, replica: Replica) -> None:
         """A replica left (died, or was scaled down)."""
@@ -164,6 +167,8 @@ class LoadTable:
         if view is not None:
             for charge in view.charges:
                 charge.live = False
+                if self._charges.get(charge.key) is charge:
+                    del self._charges[charge.key]
 
     def unreported(self, replica: Replica) -> int:
         view = self._views.get(replica)
@@ -198,7 +203,9 @@ class LoadTable:
         Candidates are the live ones (all when none is), or `choices` of them at random
         (0: all), plus those in `hits` (replica -> prompt tokens it likely has cached, which its
         cost there leaves out). The pick is the least expected wait; scanning all while other
-        routers share the replicas, a random one of the `spread` best."""
+        routers share the replicas, a random one of the `spread` best, among those whose wait
+        is within the request's own tokens of the best (an idle replica is not traded for a
+        loaded one to spread load)."""
         live = [c for c in candidates if not self.stale(c, now)] or list(candidates)
         spread = self.spread
         if 0 < choices < len(live):
@@ -213,8 +220,9 @@ class LoadTable:
             pool += [r for r in hits if r in allowed and r not in pool]
         wait = self.expected_wait
         scored = [(wait(r, max(1, tokens - hits.get(r, 0))), i, r) for i, r in enumerate(pool)]
-        spread = min(spread, len(scored))
         best = heapq.nsmallest(max(2, spread), scored)
+        if spread > 1:
+            spread = sum(1 for b in best[:spread] if b[0] <= best[0][0] + tokens)
         first = self.rng.randrange(spread) if spread > 1 else 0
         return [best[first][2]] + [b[2] for i, b in enumerate(best[:2]) if i != first][:1]
 

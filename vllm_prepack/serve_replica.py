@@ -12,7 +12,7 @@ import ray
 from ray.serve.llm import LLMConfig, LLMServer
 
 from vllm_prepack import touchpoints as touch
-from vllm_prepack.config import CONFIG_KEY, SCHEDULER_CLS
+from vllm_prepack.config import CONFIG_KEY
 from vllm_prepack.load_channel import METADATA_KEY, free_port
 
 CPU_SLICES_ENV = "VLLM_PREPACK_CPU_SLICES"  # replicas that share this node's cores (CPU only)
@@ -29,7 +29,7 @@ class PrepackLLMServer(LLMServer):
     async def __init__(self, llm_config: LLMConfig, **kwargs):
         self._load_endpoint = None
         kwargs_now = llm_config.engine_kwargs
-        if kwargs_now.get("scheduler_cls") == SCHEDULER_CLS:
+        if has_plugin(kwargs_now):
             host = ray.util.get_node_ip_address()
             port = free_port(host)
             extra = dict(kwargs_now.get("additional_config") or {})
@@ -53,6 +53,13 @@ class PrepackLLMServer(LLMServer):
         """Ray Serve LLM's routing stats, plus the load endpoint (what a replica's actor answers
         when asked directly: ``touchpoints.llm_replicas``)."""
         return {**await super().record_routing_stats(), **self._advertised()}
+
+
+def has_plugin(engine_kwargs: dict) -> bool:
+    """The engine runs this project's scheduler (by path, or the class itself)."""
+    cls = engine_kwargs.get("scheduler_cls")
+    name = cls if isinstance(cls, str) else getattr(cls, "__module__", "")
+    return name.split(".")[0] == "vllm_prepack"
 
 
 def core_slice(rank: int, slices: int, cores: int) -> str:

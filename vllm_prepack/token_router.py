@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from typing import List, Optional
 
 from ray.serve.request_router import (
@@ -32,6 +33,7 @@ from vllm_prepack.load_channel import METADATA_KEY, LoadSubscriber
 from vllm_prepack.routing import LoadTable, PrefixIndex, prompt_key, prompt_tokens
 
 METRICS_FLUSH_S = 1.0
+MAX_ROUTED = 65_536  # routed requests remembered until Ray reports where they went
 
 
 class TokenRouter(MultiplexMixin, RequestRouter):
@@ -50,6 +52,9 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         self._prefix = PrefixIndex(prefix_block, chars_per_token) if prefix_block > 0 else None
         self._subscriber = LoadSubscriber(self._on_report)
         self._endpoints: dict[ReplicaID, str] = {}
+        # request key -> (replica charged, prompt tokens, the runner-up's cached tokens, prefix
+        # hashes), until Ray says where it sent the request or that it completed
+        self._routed: OrderedDict[str, tuple] = OrderedDict()
         self._cost = _RouteCost(touch.deployment_tags(self))
 
     def _on_report(self, replica, report, now: float) -> None:
@@ -105,17 +110,35 @@ class TokenRouter(MultiplexMixin, RequestRouter):
             if hashes:
                 hits = {r: n * self._prefix.block for r, n in self._prefix.match(hashes).items()}
             ranked = self._table.choose(list(replicas), tokens, now, self._choices, hits)
+            # charged at once, so that requests routed before Ray's answer see it
             best = ranked[0]
             self._table.sent(best, touch.request_key(pending_request),
                              max(1, tokens - hits.get(best, 0)), now)
             if hashes:
                 self._prefix.insert(hashes, best)
+            self._routed[touch.request_key(pending_request)] = (
+                best, tokens, hits.get(ranked[-1], 0), hashes)
+            if len(self._routed) > MAX_ROUTED:  # requests cancelled before Ray sent them
+                self._routed.popitem(last=False)
         self._cost.add(time.perf_counter() - started, time.thread_time() - cpu)
         return [[replicas[r]] for r in ranked[:2]]
 
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result) -> None:
+        """Ray sent the request to `replica_id`: the runner-up when the first choice turned it
+        away (its queue full); then the charge and the prefix move there."""
+        key = touch.request_key(pending_request)
+        with self._lock:
+            best, tokens, runner_up_hit, hashes = self._routed.pop(key, (replica_id, 0, 0, ()))
+            if replica_id != best:
+                self._table.sent(replica_id, key, max(1, tokens - runner_up_hit), time.time())
+                if hashes:
+                    self._prefix.insert(hashes, replica_id)
+
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         with self._lock:
-            self._table.done(internal_request_id)
+            self._routed.pop(internal_request_id, None)
+            self._table.done(internal_request_id, replica_id)
 
 
 class _RouteCost:

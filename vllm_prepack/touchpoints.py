@@ -167,18 +167,15 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("SchedulerIterationDetails.elapsed_ms", _V.SET, _SCHED,
                differs="vLLM's own details time the forward alone; the plugin's, the whole step"),
     # ---- KV fit: offer vLLM only requests whose blocks are free -------------------------------
-    *(TouchPoint(f"Scheduler.{name}", _V.READ, "touchpoints.kv_block_accounting",
-                 checked=("0.32.0", "0.33.0"))
+    *(TouchPoint(f"Scheduler.{name}", _V.READ, "touchpoints.kv_block_accounting")
       for name in ("kv_cache_config", "block_size", "num_lookahead_tokens", "requests")),
-    TouchPoint("KVCacheConfig.kv_cache_groups", _V.READ, "touchpoints.kv_block_accounting",
-               checked=("0.32.0", "0.33.0")),
+    TouchPoint("KVCacheConfig.kv_cache_groups", _V.READ, "touchpoints.kv_block_accounting"),
     TouchPoint("vllm.v1.kv_cache_interface:SlidingWindowSpec", _V.IMPORT,
-               "touchpoints.kv_block_accounting", checked=("0.32.0", "0.33.0")),
+               "touchpoints.kv_block_accounting"),
     TouchPoint("KVCacheManager.block_pool.get_num_free_blocks", _V.CALL, "touchpoints.free_kv_blocks",
-               checked=("0.32.0", "0.33.0"),
                differs="counts evictable prefix-cache blocks as free, as allocate_slots does"),
     TouchPoint("KVCacheManager.watermark_blocks", _V.READ, "touchpoints.free_kv_blocks",
-               checked=("0.32.0", "0.33.0"), differs="absent before the watermark: read as 0"),
+               differs="absent before the watermark: read as 0"),
     TouchPoint("LLM.llm_engine.engine_core.engine_core.model_executor.execute_model", _V.PATCH,
                "touchpoints.delay_model_execution (bench/engines.py only: a GPU's fixed step cost)",
                checked=("0.32.0",)),

@@ -1,4 +1,4 @@
-"""Seeded synthetic prompt lengths shaped like the paper's datasets (none can be downloaded here).
+"""Seeded synthetic prompt lengths shaped like the paper's datasets (no dataset or network needed).
 
 Each shape is a lognormal tuned so that its in-batch max/mean length ratio matches the one
 PREPACKING.md gives for the real dataset (the quantity prepacking's gain tracks); ``bimodal`` is a

@@ -3,7 +3,7 @@ vLLM vs the plugin; then the routers at 8-64 replicas, engine-free.
 
 Live (``--parts live``): Ray Serve LLM on this machine, 2 replicas of each model (one core
 each), an embedding model (all-MiniLM-L6-v2, real weights) and a small random-weight Llama
-(synthetic prompt lengths: no dataset can be downloaded here). Configurations: plain vLLM or
+(seeded synthetic prompt lengths: no dataset or network needed). Configurations: plain vLLM or
 the plugin, behind Ray Serve's default router (power of two choices on requests in flight),
 Ray Serve LLM's PrefixCacheAffinityRouter or the token router. A CPU replica is three processes
 of about 2.5 GB together, so two configurations are deployed at a time, as pairs that each hold
@@ -53,6 +53,7 @@ ENGINES = {
 GEN_MAX_TOKENS = 16
 WARM = 8  # the first prompts warm each app up
 METRICS_PORT = 9779
+METRICS_EXPORT_S = 15  # Ray exports metrics every few seconds: wait this long to read them
 ENV = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
 
 
@@ -204,20 +205,28 @@ def metric_sum(text: str, name: str, **tags) -> float:
     return total
 
 
-def routing_costs(app: str, model_id: str) -> dict:
-    """Ray Serve's mean time to a chosen replica (ms) for the app's LLM deployment; the token
-    router's own wall and CPU time per request (us), where it runs."""
+def routing_totals(app: str, model_id: str) -> dict[str, float]:
+    """The app's routing counters so far: Ray Serve's time to a chosen replica (count, ms) for
+    its LLM deployment, and the token router's routes and wall and CPU seconds."""
     text = metrics()
     tags = dict(application=app, deployment=f"PrepackLLMServer:{model_id}", handle_source="REPLICA")
-    count = metric_sum(text, "ray_serve_request_router_fulfillment_time_ms_count", **tags)
-    total = metric_sum(text, "ray_serve_request_router_fulfillment_time_ms_sum", **tags)
-    routes = metric_sum(text, "ray_vllm_prepack_routes_total", application=app)
-    out = {"route ms (Ray)": total / count if count else float("nan")}
-    if routes:
-        out["token router us"] = 1e6 * metric_sum(
-            text, "ray_vllm_prepack_route_seconds_total", application=app) / routes
-        out["token router CPU us"] = 1e6 * metric_sum(
-            text, "ray_vllm_prepack_route_cpu_seconds_total", application=app) / routes
+    return {
+        "count": metric_sum(text, "ray_serve_request_router_fulfillment_time_ms_count", **tags),
+        "ms": metric_sum(text, "ray_serve_request_router_fulfillment_time_ms_sum", **tags),
+        "routes": metric_sum(text, "ray_vllm_prepack_routes_total", application=app),
+        "wall": metric_sum(text, "ray_vllm_prepack_route_seconds_total", application=app),
+        "cpu": metric_sum(text, "ray_vllm_prepack_route_cpu_seconds_total", application=app),
+    }
+
+
+def routing_costs(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Per request between two totals: Ray Serve's mean time to a chosen replica (ms); the
+    token router's own wall and CPU time (us), where it runs."""
+    d = {k: after[k] - before[k] for k in after}
+    out = {"route ms (Ray)": d["ms"] / d["count"] if d["count"] else float("nan")}
+    if d["routes"]:
+        out["token router us"] = 1e6 * d["wall"] / d["routes"]
+        out["token router CPU us"] = 1e6 * d["cpu"] / d["routes"]
     return out
 
 
@@ -246,6 +255,8 @@ def live_model(args, kind: str) -> tuple[list[dict], list[str]]:
             notes.append(f"capacity (a backlog of {len(backlog)} on {pair[0]}): "
                          f"{rate:.2f} requests/s")
         configs = [c for c in pair if not failing[c]]
+        time.sleep(METRICS_EXPORT_S)  # the warm-up's and the capacity run's routes, exported
+        before = {c: routing_totals(c, kind) for c in configs}
         for load in args.loads:
             results = {c: [] for c in configs}
             for repeat in range(args.repeats):
@@ -254,8 +265,8 @@ def live_model(args, kind: str) -> tuple[list[dict], list[str]]:
                 for c in (configs if repeat % 2 == 0 else configs[::-1]):
                     results[c].append(run(app_url(c), kind, workload, indices, offsets))
             rows += pair_rows(kind, pair, load, results)
-        time.sleep(15)  # Ray exports metrics every few seconds
-        costs = {c: routing_costs(c, kind) for c in configs}
+        time.sleep(METRICS_EXPORT_S)
+        costs = {c: routing_costs(before[c], routing_totals(c, kind)) for c in configs}
         for row in rows:
             if row["pair"] == pair_label(pair):
                 row.update(costs.get(row["config"], {}))

@@ -19,8 +19,10 @@ step that made it. Routers:
   ``tokens+prefix``: with its prefix affinity (``routing.PrefixIndex``);
 - ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
   on their way to it, cached prefixes known), least expected wait over all replicas.
-With several routers (``--sim-routers``), each request goes through one of them at random and
-each keeps its own counts; reports reach all.
+With several routers (``--sim-routers``), each request goes through one of them at random.
+Ray's routers share what they read (each replica's own count of requests in flight, which Ray
+probes; Ray Serve LLM's one prefix-tree actor); vLLM's DP clients keep their own counts over the
+shared snapshot; token routers keep their own charges, and every report reaches all of them.
 
 Prefix caching is modelled outside vLLM: a replica holds the prompts prefixes of its last
 `cache_groups` groups (LRU) and a request whose group it holds is submitted without them.
@@ -69,7 +71,7 @@ class SimRequest:
 def workload(name: str, n: int, seed: int) -> list[SimRequest]:
     """Seeded synthetic requests: 'embed' (the MiniLM mix, no decode), 'generate' (bimodal chat
     and documents, 8-64 tokens out), 'prefix' (one of 2 x replicas shared prefixes + a
-    lognormal suffix). Synthetic: no dataset can be downloaded here."""
+    lognormal suffix). Seeded and synthetic: no dataset or network needed."""
     rng = random.Random(f"sim:{name}:{seed}")
     if name == "embed":
         return [SimRequest(i, n_, 1) for i, n_ in enumerate(prompt_lengths("trimodal", n, seed))]
@@ -131,6 +133,10 @@ class RequestsRouter:
         a, b = self.rng.sample(range(len(self.inflight)), 2)
         return a if self.inflight[a] <= self.inflight[b] else b
 
+    def share(self, first: RequestsRouter) -> None:
+        """Read what `first` reads: the replicas' own counts, not this router's sends."""
+        self.inflight = first.inflight
+
     def sent(self, replica, request, now, replicas) -> None:
         self.inflight[replica] += 1
 
@@ -189,6 +195,10 @@ class PrefixRouter(RequestsRouter):
         self.rng.shuffle(pool)
         return min(pool, key=lambda r: self.inflight[r])
 
+    def share(self, first: PrefixRouter) -> None:
+        super().share(first)
+        self.chars, self.holders = first.chars, first.holders  # the one prefix-tree actor
+
     def sent(self, replica, request, now, replicas) -> None:
         super().sent(replica, request, now, replicas)
         shared = PREFIX_TOKENS if replica in self.holders.get(request.group, ()) else 0
@@ -201,7 +211,7 @@ class TokensRouter:
     """This project's router policy, as in token_router.py (the same LoadTable/PrefixIndex)."""
 
     def __init__(self, n: int, rng: random.Random, choices: int, affinity: bool) -> None:
-        self.table = LoadTable(rng=rng)
+        self.table = LoadTable(stale_after=math.inf, rng=rng)  # idle replicas heartbeat
         self.choices = choices
         self.index = PrefixIndex(block=64, chars_per_token=1.0) if affinity else None
         self.n = n
@@ -234,7 +244,7 @@ class OracleRouter:
     """Exact state: each scheduler's queue now, the requests on their way, what each caches."""
 
     def __init__(self, n: int, rng: random.Random) -> None:
-        self.table = LoadTable(rng=rng)
+        self.table = LoadTable(stale_after=math.inf, rng=rng)  # idle replicas heartbeat
 
     def choose(self, request, now, replicas) -> int:
         best, best_wait = 0, math.inf
@@ -312,6 +322,9 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
     replicas = [SimReplica(i, s, cache_groups) for i, s in enumerate(schedulers)]
     instances = [make_router(router_name, n, random.Random(rng.random()), routers)
                  for _ in range(routers)]
+    if router_name in ("requests", "prefix"):
+        for instance in instances[1:]:
+            instance.share(instances[0])
     events: list = []  # (time, order, kind, payload)
     order = 0
 

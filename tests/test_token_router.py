@@ -1,0 +1,127 @@
+"""The token router as Ray Serve drives it, without a cluster: Ray Serve's own router base class
+and request types, load reports over the real load channel, each hook Ray calls (route, routed
+elsewhere, completed, replicas changed). Replicas are stand-ins with the attributes a router
+reads (Ray's RunningReplica looks its actor up)."""
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+from ray.serve._private.request_router.common import PendingRequest
+
+from vllm_prepack.load_channel import METADATA_KEY, LoadPublisher, free_port
+from vllm_prepack.routing import LoadReport
+from vllm_prepack.token_router import TokenRouter
+
+DEPLOYMENT = DeploymentID(name="PrepackLLMServer:m", app_name="app")
+
+
+def _report(waiting: int, seq: int = 1) -> LoadReport:
+    return LoadReport(seq=seq, time=time.time(), waiting_tokens=waiting, prefill_tokens=0,
+                      decoding=0, budget=256, newest_arrival=0.0, requests=1 if waiting else 0,
+                      arrived=0)
+
+
+def _request(n: int, prompt) -> PendingRequest:
+    body = SimpleNamespace(model="m", prompt=prompt)
+    return PendingRequest(args=[body, None], kwargs={},
+                          metadata=RequestMetadata(request_id=str(n), internal_request_id=f"r{n}"))
+
+
+class Served:
+    """Two replicas, each publishing its load; the router subscribed to both. Built inside the
+    event loop the test runs in, as Ray builds routers."""
+
+    def __init__(self):
+        self.router = TokenRouter(deployment_id=DEPLOYMENT,
+                                  handle_source=DeploymentHandleSource.REPLICA)
+        self.router.initialize_state(chars_per_token=1.0)
+        self.replicas, self.publishers = {}, {}
+        for name in ("a", "b"):
+            endpoint = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+            self.publishers[name] = LoadPublisher(endpoint)
+            self.replicas[name] = SimpleNamespace(
+                replica_id=ReplicaID(unique_id=name, deployment_id=DEPLOYMENT),
+                replica_metadata={METADATA_KEY: endpoint}, node_id=None, availability_zone=None,
+                multiplexed_model_ids=set(), max_ongoing_requests=8)
+
+    def close(self):
+        for publisher in self.publishers.values():
+            publisher.close()
+        self.router._subscriber.close()
+
+
+def in_loop(scenario):
+    """Run `scenario(served)` in an event loop, the router built there."""
+    async def main():
+        served = Served()
+        try:
+            await scenario(served)
+        finally:
+            served.close()
+
+    asyncio.run(main())
+
+
+def _heard(router, replica_id, waiting, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        view = router._table._views.get(replica_id)
+        if view is not None and view.report is not None and view.report.waiting_tokens == waiting:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no report of {waiting} waiting tokens from {replica_id}")
+
+
+def test_routes_by_reported_tokens_and_follows_each_request_to_where_ray_sent_it():
+    in_loop(_routes_by_reported_tokens)
+
+
+async def _routes_by_reported_tokens(served):
+    router, replicas, publishers = served.router, served.replicas, served.publishers
+    router.update_replicas(list(replicas.values()))
+    a, b = replicas["a"].replica_id, replicas["b"].replica_id
+    publishers["a"].publish(_report(waiting=1000))
+    publishers["b"].publish(_report(waiting=0))
+    _heard(router, a, 1000)
+    _heard(router, b, 0)
+
+    candidates = [replicas["a"], replicas["b"]]
+    ranks = await router.choose_replicas(candidates, _request(1, "x" * 50))
+    assert [r[0].replica_id for r in ranks] == [b, a]  # the lighter first, then the runner-up
+    assert router._table.unreported(b) == 50  # charged at once: 50 characters, 1 a token
+
+    # Ray's first choice turned it away and the runner-up took it: the charge moves
+    router.on_request_routed(_request(1, "x" * 50), a, None)
+    assert (router._table.unreported(a), router._table.unreported(b)) == (50, 0)
+    router.on_request_completed(b, "r1")  # a late word about the first attempt: ignored
+    assert router._table.unreported(a) == 50
+    router.on_request_completed(a, "r1")
+    assert router._table.unreported(a) == 0 and not router._routed
+
+    # token ids are counted, not estimated; sends add up between reports: b takes three
+    # prompts of 400 tokens, then a's 1000 waiting is the shorter wait
+    picks = [(await router.choose_replicas(candidates, _request(n, list(range(400)))))[0][0]
+             .replica_id for n in range(2, 6)]
+    assert picks == [b, b, b, a]
+    assert (router._table.unreported(a), router._table.unreported(b)) == (400, 1200)
+
+    # a replica that leaves is forgotten, and no longer a candidate
+    router.update_replicas([replicas["b"]])
+    assert a not in router._table._views
+    ranks = await router.choose_replicas([replicas["b"]], _request(9, "y"))
+    assert [r[0].replica_id for r in ranks] == [b]
+
+
+def test_requests_without_an_openai_body_still_route():
+    in_loop(_without_a_body)
+
+
+async def _without_a_body(served):
+    router, replicas = served.router, served.replicas
+    router.update_replicas(list(replicas.values()))
+    request = PendingRequest(args=[], kwargs={},
+                             metadata=RequestMetadata(request_id="h", internal_request_id="h"))
+    ranks = await router.choose_replicas(list(replicas.values()), request)
+    assert len(ranks) == 2 and request.routing_context.should_backoff
