@@ -339,7 +339,8 @@ def live(args) -> str:
 # ---- the simulation ------------------------------------------------------------------------
 
 SIM_COLUMNS = ["cost", "workload", "replicas", "routers", "load", "router", "TTFT mean ms",
-               "TTFT p99 ms", "mean vs oracle", "p99 vs oracle", "prompt tokens computed vs oracle"]
+               "TTFT p99 ms", "mean vs oracle", "p99 vs oracle", "prompt tokens computed vs oracle",
+               "route us"]
 
 
 def sim(args) -> str:
