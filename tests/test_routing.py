@@ -25,10 +25,11 @@ def report(waiting=0, prefill=0, decoding=0, budget=256, newest=0.0, at=0.0, seq
 
 @given(st.tuples(st.integers(0, 2**40), st.floats(0, 2e9), st.integers(0, 2**40),
                  st.integers(0, 2**40), st.integers(0, 2**20), st.integers(1, 2**20),
-                 st.floats(0, 2e9), st.integers(0, 2**20), st.integers(0, 2**40)))
+                 st.floats(0, 2e9), st.integers(0, 2**20), st.integers(0, 2**40),
+                 st.integers(0, 2**20)))
 def test_report_round_trips(fields):
     r = LoadReport(*fields)
-    assert LoadReport.decode(r.encode()) == r and len(r.encode()) == 72
+    assert LoadReport.decode(r.encode()) == r and len(r.encode()) == 80
 
 
 # a history: each event sends a request to a replica, finishes one, or reports
@@ -278,9 +279,18 @@ def test_load_report_counts_what_waits_and_what_runs(tiny_model):
                                      chunked_prefill=True)
     for i, n in enumerate([200, 30, 100, 250, 20]):
         scheduler.add_request(make_request(str(i), n, max_tokens=3))
-    scheduler.schedule()  # shortest first: 20, 30, 100 whole, 106 of the 200 as a chunk
-    r = scheduler.load_report()
+    out = scheduler.schedule()  # shortest first: 20, 30, 100 whole, 106 of the 200 as a chunk
+    r = scheduler.load_report(out.total_num_scheduled_tokens)
     assert (r.waiting_tokens, r.prefill_tokens, r.decoding, r.requests) == (250, 94, 3, 5)
+    assert r.step_tokens == 256
+
+
+def test_the_step_under_way_is_ahead_of_every_new_request():
+    table = LoadTable()
+    table.report("busy", LoadReport(1, 0.0, 0, 0, 0, 256, 0.0, 1, 1, step_tokens=256), 0.0)
+    table.report("idle", report(), 0.0)
+    assert table.expected_wait("busy", 10) == 266 and table.expected_wait("idle", 10) == 10
+    assert table.choose(["busy", "idle"], 10, 0.0)[0] == "idle"
 
 
 @pytest.mark.parametrize("rank, slices, cores, expected", [

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 Replica = Hashable
 
-# seq, time, waiting, prefill, decoding, budget, newest arrival, requests, arrived
-_FORMAT = struct.Struct("<qdqqqqdqq")
+# seq, time, waiting, prefill, decoding, budget, newest arrival, requests, arrived, step
+_FORMAT = struct.Struct("<qdqqqqdqqq")
 MIN_PREFILL_SHARE = 0.25  # decode never leaves prefill less than this share of a step (estimate)
 MESSAGE_TOKENS = 4  # chat template tokens around each message (estimate)
 SHARE_WINDOW = 50  # arrivals over which a router measures its share of them
@@ -51,11 +51,12 @@ class LoadReport:
     newest_arrival: float  # wall-clock arrival of the newest request the scheduler has taken
     requests: int  # waiting + running
     arrived: int  # requests the scheduler has taken since it started
+    step_tokens: int = 0  # tokens of the step being computed as the report leaves
 
     def encode(self) -> bytes:
         return _FORMAT.pack(self.seq, self.time, self.waiting_tokens, self.prefill_tokens,
                             self.decoding, self.budget, self.newest_arrival, self.requests,
-                            self.arrived)
+                            self.arrived, self.step_tokens)
 
     @classmethod
     def decode(cls, data: bytes) -> LoadReport:
@@ -182,8 +183,8 @@ class LoadTable:
 
     def expected_wait(self, replica: Replica, tokens: int) -> float:
         """Compute (in tokens) a replica does before a new request of `tokens` prompt tokens is
-        through prefill: the prompt tokens ahead of it and its own, plus its decoding requests'
-        tokens in every step until then."""
+        through prefill: the rest of the step under way, the prompt tokens ahead of it and its
+        own, plus its decoding requests' tokens in every step until then."""
         view = self._views.get(replica)
         if view is None:
             return tokens
@@ -194,7 +195,8 @@ class LoadTable:
         ahead += report.waiting_tokens + report.prefill_tokens
         decoding, budget = report.decoding, report.budget
         per_step = max(budget - decoding, budget * MIN_PREFILL_SHARE, 1)
-        return ahead + math.ceil(ahead / per_step) * decoding
+        # the step under way finishes first (its share done by now is not known: all of it)
+        return report.step_tokens + ahead + math.ceil(ahead / per_step) * decoding
 
     def choose(self, candidates: Sequence[Replica], tokens: int, now: float, choices: int = 0,
                hits: Mapping[Replica, int] | None = None) -> list[Replica]:

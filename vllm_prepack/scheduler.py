@@ -331,7 +331,7 @@ class PrepackScheduler(internal.Scheduler):
             self.waiting.end_step()
         self._record(output, limits, planned, waiting, plan_seconds)
         if self._publisher is not None:
-            self._publisher.publish(self.load_report())
+            self._publisher.publish(self.load_report(output.total_num_scheduled_tokens))
         if self.verify_budget:
             self._check_running(phase.tokens, output)
         if self.prepack_config.debug_layout:
@@ -376,15 +376,17 @@ class PrepackScheduler(internal.Scheduler):
             )
         return stats
 
-    def load_report(self) -> LoadReport:
-        """This replica's load once the step just scheduled has run, for the token router."""
+    def load_report(self, step_tokens: int = 0) -> LoadReport:
+        """This replica's load once the step just scheduled (of `step_tokens`) has run, for the
+        token router."""
         prefill, decoding = running_load(self)
         self._reports += 1
         return LoadReport(
             seq=self._reports, time=time.time(), waiting_tokens=self.waiting.tokens,
             prefill_tokens=prefill, decoding=decoding, budget=self.max_num_scheduled_tokens,
             newest_arrival=self.waiting.newest_arrival,
-            requests=len(self.waiting) + len(self.running), arrived=self.waiting.arrived)
+            requests=len(self.waiting) + len(self.running), arrived=self.waiting.arrived,
+            step_tokens=step_tokens)
 
     def _step_ms(self) -> float:
         """This step's time so far (the stats of a step are made at its end), 0 when unmeasured:

@@ -96,10 +96,16 @@ class SimReplica:
         self.index = index
         self.scheduler = scheduler
         self.stepping = False
+        self.step = (0.0, 0.0, 0)  # the step under way: start, end, tokens
         self.cache: OrderedDict[int, None] = OrderedDict()
         self.cache_groups = cache_groups
         self.transit: dict[int, int] = {}  # request key -> uncached tokens, on its way here
         self.requests: dict[str, tuple[SimRequest, float]] = {}  # engine id -> (request, t0)
+
+    def step_left(self, now: float) -> int:
+        """Tokens' worth of the step under way still to compute."""
+        start, end, tokens = self.step
+        return round(tokens * (end - now) / (end - start)) if self.stepping and end > now else 0
 
     def uncached(self, request: SimRequest) -> int:
         if request.group is not None and request.group in self.cache:
@@ -251,7 +257,7 @@ class OracleRouter:
     def choose(self, request, now, replicas) -> int:
         best, best_wait = 0, math.inf
         for r in replicas:
-            self.table.report(r.index, r.scheduler.load_report(), now)
+            self.table.report(r.index, r.scheduler.load_report(r.step_left(now)), now)
             wait = self.table.expected_wait(r.index, sum(r.transit.values()) + r.uncached(request))
             if wait < best_wait:
                 best, best_wait = r.index, wait
@@ -351,7 +357,9 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
             replica.stepping = False
             return
         replica.stepping = True
-        report = replica.scheduler.load_report()
+        tokens = out.total_num_scheduled_tokens
+        replica.step = (now, now + cost.step(tokens), tokens)
+        report = replica.scheduler.load_report(tokens)
         for instance in instances:
             push(now + REPORT_DELAY_S, "report", (instance, replica.index, report))
         steps[replica.index] = out
