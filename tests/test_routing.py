@@ -267,6 +267,8 @@ def test_a_scheduler_publishes_its_load_every_step_and_while_idle(tiny_model):
         seen = len(reports)
         time.sleep(4 * HEARTBEAT_S)
         assert len(reports) >= seen + 2  # idle: the last report again, as a heartbeat
+        idle = reports[-1][1]  # published as the last step ended: nothing under way
+        assert (idle.step_tokens, idle.requests, idle.decoding) == (0, 0, 0)
     finally:
         subscriber.close()
         scheduler._publisher.close()

@@ -357,7 +357,10 @@ class PrepackScheduler(internal.Scheduler):
             model.observe(tokens, len(scheduler_output.num_scheduled_tokens), now - self._last_step_end)
             if model.steps == MIN_STEPS or model.steps % LOG_COST_EVERY == 0:
                 logger.debug("step cost: %s", model.report())
-        self._last_step_end = now if self.has_requests() else None
+        busy = self.has_requests()
+        self._last_step_end = now if busy else None
+        if self._publisher is not None and not busy:  # idle now: no step will report it
+            self._publisher.publish(self.load_report())
         return outputs
 
     def make_stats(self, *args, **kwargs):

@@ -355,6 +355,10 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
         out = replica.scheduler.schedule()
         if out.total_num_scheduled_tokens == 0:
             replica.stepping = False
+            if not replica.scheduler.has_requests():  # idle: the plugin reports it once
+                report = replica.scheduler.load_report()
+                for instance in instances:
+                    push(now + REPORT_DELAY_S, "report", (instance, replica.index, report))
             return
         replica.stepping = True
         tokens = out.total_num_scheduled_tokens
