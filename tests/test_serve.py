@@ -66,6 +66,17 @@ class Loads:
         self._sub.close()
 
 
+@pytest.fixture
+def loads(served):
+    """The tiny replicas' load reports, once each replica has sent one."""
+    watcher = Loads()
+    try:
+        watcher.wait(lambda last: len(last) == len(watcher.replicas), "a report from each replica")
+        yield watcher
+    finally:
+        watcher.close()
+
+
 def completion(base, prompt, max_tokens=8, timeout=120.0, **extra):
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
     return httpx.post(f"{base}/v1/completions", json=body, timeout=timeout)
@@ -172,68 +183,57 @@ def test_bad_requests_get_4xx_and_nothing_else_fails(served):
 
 
 @pytest.mark.engine
-def test_every_replica_reports_its_load_and_a_burst_spreads_over_both(served):
-    loads = Loads()
-    try:
-        assert len(loads.replicas) == 2 and all(r["endpoint"] for r in loads.replicas.values())
-        started = time.time()
-        with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(lambda i: completion(served, "x" * (10 + 37 * i), 24),
-                                    range(16)))
-        assert [r.status_code for r in results] == [200] * 16
-        idle = loads.wait(lambda last: len(last) == 2 and all(
-            r.requests == 0 and r.newest_arrival >= started for r in last.values()),
-            "both replicas idle after serving requests")
-        assert set(idle) == set(loads.replicas)
-        assert all(loads.peak[name] >= 1 for name in loads.replicas)  # both got some
-    finally:
-        loads.close()
+def test_every_replica_reports_its_load_and_a_burst_spreads_over_both(served, loads):
+    assert len(loads.replicas) == 2 and all(r["endpoint"] for r in loads.replicas.values())
+    started = time.time()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: completion(served, "x" * (10 + 37 * i), 24),
+                                range(16)))
+    assert [r.status_code for r in results] == [200] * 16
+    idle = loads.wait(lambda last: len(last) == 2 and all(
+        r.requests == 0 and r.newest_arrival >= started for r in last.values()),
+        "both replicas idle after serving requests")
+    assert set(idle) == set(loads.replicas)
+    assert all(loads.peak[name] >= 1 for name in loads.replicas)  # both got some
 
 
 @pytest.mark.engine
-def test_a_client_disconnect_aborts_its_request_in_the_engine(served):
-    loads = Loads()
-    try:
-        loads.wait(lambda last: len(last) == 2, "a report from each replica")
-        with httpx.Client(timeout=60) as client:
-            body = {"model": "tiny", "prompt": "go", "max_tokens": 2000, "temperature": 0,
-                    "ignore_eos": True, "stream": True}
-            with client.stream("POST", f"{served}/v1/completions", json=body) as response:
-                lines = response.iter_lines()
-                for _ in range(3):
-                    next(lines)  # it runs
-                busy = loads.wait(lambda last: any(r.requests for r in last.values()),
-                                  "the request running")
-            # the connection is closed here, some 2000 decode steps early
-        name = next(n for n, r in busy.items() if r.requests)
-        steps = busy[name].seq
-        idle = loads.wait(lambda last: last[name].requests == 0, "the request aborted")
-        assert idle[name].seq - steps < 1000  # it stopped long before its 2000 tokens
-    finally:
-        loads.close()
+def test_a_client_disconnect_aborts_its_request_in_the_engine(served, loads):
+    with httpx.Client(timeout=60) as client:
+        body = {"model": "tiny", "prompt": "go", "max_tokens": 2000, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        with client.stream("POST", f"{served}/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)  # it runs
+            busy = loads.wait(lambda last: any(r.requests for r in last.values()),
+                              "the request running")
+        # the connection is closed here, some 2000 decode steps early
+    name = next(n for n, r in busy.items() if r.requests)
+    steps = busy[name].seq
+    idle = loads.wait(lambda last: last[name].requests == 0, "the request aborted")
+    assert idle[name].seq - steps < 1000  # it stopped long before its 2000 tokens
 
 
 @pytest.mark.engine
-def test_a_killed_replica_fails_its_requests_clearly_and_routing_moves_on(served):
-    loads = Loads()
-    try:
-        loads.wait(lambda last: len(last) == 2, "a report from each replica")
-        with ThreadPoolExecutor(24) as pool:
-            long_runs = [pool.submit(completion, served, f"long {i}", 1500, 120.0,
-                                     ignore_eos=True) for i in range(8)]
-            loads.wait(lambda last: len(last) == 2 and all(r.requests for r in last.values()),
-                       "both replicas running requests")
-            victim = next(iter(loads.replicas.values()))
-            ray.kill(victim["actor"])  # the replica's process is killed; Ray starts another
-            time.sleep(1.0)  # within a second the router has stopped sending there
-            after = [pool.submit(completion, served, f"after {i}", 4) for i in range(8)]
-            assert [f.result().status_code for f in after] == [200] * 8
-            results = [f.result() for f in long_runs]  # none hangs: each answers or fails
-        failed = [r for r in results if r.status_code != 200]
-        assert failed and len(failed) < len(results)  # the victim's failed, the others ran
-        for r in failed:
-            assert r.status_code >= 500
-            message = json.dumps(r.json())
-            assert "died" in message or "unavailable" in message.lower(), message
-    finally:
-        loads.close()
+def test_a_killed_replica_fails_its_requests_clearly_and_routing_moves_on(served, loads):
+    with ThreadPoolExecutor(24) as pool:
+        long_runs = [pool.submit(completion, served, f"long {i}", 1500, 120.0,
+                                 ignore_eos=True) for i in range(8)]
+        loads.wait(lambda last: len(last) == 2 and all(r.requests for r in last.values()),
+                   "both replicas running requests")
+        victim, survivor = loads.replicas
+        ray.kill(loads.replicas[victim]["actor"])  # its process is killed; Ray starts another
+        time.sleep(1.0)  # within a second the router has stopped sending there
+        arrived = loads.last[survivor].arrived
+        after = [pool.submit(completion, served, f"after {i}", 4) for i in range(8)]
+        assert [f.result().status_code for f in after] == [200] * 8
+        # all eight went to the survivor (the restarted replica takes far longer to come up)
+        loads.wait(lambda last: last[survivor].arrived >= arrived + 8, "the survivor taking all")
+        results = [f.result() for f in long_runs]  # none hangs: each answers or fails
+    failed = [r for r in results if r.status_code != 200]
+    assert failed and len(failed) < len(results)  # the victim's failed, the others ran
+    for r in failed:
+        assert r.status_code >= 500
+        message = json.dumps(r.json())
+        assert "died" in message or "unavailable" in message.lower(), message
