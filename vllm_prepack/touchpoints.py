@@ -197,6 +197,10 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                checked=TESTED_RAY),
     TouchPoint("ReplicaContext.rank.local_rank", _V.READ, "touchpoints.replica_local_rank",
                checked=TESTED_RAY),
+    *(TouchPoint(f"ray.serve._private.{path}", _V.IMPORT,
+                 "bench/serve.py (the token router driven without a cluster)", checked=TESTED_RAY)
+      for path in ("common:DeploymentID", "common:DeploymentHandleSource", "common:ReplicaID",
+                   "common:RequestMetadata", "request_router.common:PendingRequest")),
     TouchPoint("ReplicaActor.record_routing_stats", _V.CALL, "touchpoints.llm_replicas",
                checked=TESTED_RAY,
                differs="found by Ray Serve's actor naming, SERVE_REPLICA::<app>#<deployment>#<id>"),

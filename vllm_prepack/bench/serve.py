@@ -275,7 +275,7 @@ def live_model(args, kind: str) -> tuple[list[dict], list[str]]:
 
 
 def pair_label(pair) -> str:
-    return f"{pair[0]} | {pair[1]}"
+    return f"{pair[0]} vs {pair[1]}"
 
 
 def warm(url: str, model_id: str, workload: Workload) -> str | None:
@@ -336,6 +336,72 @@ def live(args) -> str:
             + table(rows, LIVE_COLUMNS) + "\n" + "".join(f"- {n}\n" for n in notes))
 
 
+# ---- the router alone ----------------------------------------------------------------------
+
+ROUTE_COLUMNS = ["replicas", "prefix affinity", "prompt", "CPU us / request", "wall us / request"]
+
+
+def route_cost(sizes: list[int], requests: int = 3000) -> str:
+    """The token router's own cost per request, alone in this process: Ray Serve's router base
+    class and request types (no cluster), loads reported over the load channel, replicas that
+    report different loads, OpenAI completion bodies of text or token ids."""
+    from types import SimpleNamespace
+
+    from vllm_prepack.load_channel import METADATA_KEY, LoadPublisher, free_port
+    from vllm_prepack.routing import LoadReport
+    from vllm_prepack.token_router import TokenRouter
+
+    deployment = internal.DeploymentID(name="PrepackLLMServer:m", app_name="bench")
+    prompts = {"text, 800 chars": "lorem ipsum " * 67, "text, 6000 chars": "lorem ipsum " * 500,
+               "1500 token ids": list(range(1500))}
+
+    async def one(n: int, block: int, prompt) -> tuple[float, float]:
+        router = TokenRouter(deployment_id=deployment,
+                             handle_source=internal.DeploymentHandleSource.REPLICA)
+        router.initialize_state(chars_per_token=4.0, prefix_block=block)
+        publishers, replicas = [], []
+        for i in range(n):
+            endpoint = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+            publishers.append(LoadPublisher(endpoint))
+            replicas.append(SimpleNamespace(
+                replica_id=internal.ReplicaID(unique_id=str(i), deployment_id=deployment),
+                replica_metadata={METADATA_KEY: endpoint}, node_id=None, availability_zone=None,
+                multiplexed_model_ids=set(), max_ongoing_requests=64))
+        router.update_replicas(replicas)
+        for i, publisher in enumerate(publishers):
+            publisher.publish(LoadReport(1, time.time(), 100 * i, 0, i % 7, 2048, 0.0, i, 0))
+        deadline = time.time() + 30
+        while len(router._table._views) < n and time.time() < deadline:
+            await asyncio.sleep(0.01)
+        bodies = [SimpleNamespace(model="m", prompt=prompt if not isinstance(prompt, str)
+                                  else f"{i} {prompt}") for i in range(requests)]
+        pending = [internal.PendingRequest(args=[b, None], kwargs={}, metadata=internal.RequestMetadata(
+            request_id=str(i), internal_request_id=str(i))) for i, b in enumerate(bodies)]
+        cpu, wall = time.thread_time(), time.perf_counter()
+        for p in pending:
+            ranks = await router.choose_replicas(replicas, p)
+            router.on_request_completed(ranks[0][0].replica_id, p.metadata.internal_request_id)
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+        for publisher in publishers:
+            publisher.close()
+        router._subscriber.close()
+        return 1e6 * cpu / requests, 1e6 * wall / requests
+
+    rows = []
+    for n in sizes:
+        for block in (0, 64):
+            for name, prompt in prompts.items():
+                cpu, wall = asyncio.run(one(n, block, prompt))
+                rows.append({"replicas": n, "prefix affinity": "on" if block else "off",
+                             "prompt": name, "CPU us / request": cpu, "wall us / request": wall})
+    return (f"**The token router alone** (this process, no cluster: Ray Serve's router base "
+            f"class and request types, every replica reporting over the load channel; "
+            f"`choose_replicas` then `on_request_completed`, {requests} requests a row; "
+            f"each text prompt differs from the others in its first characters: the cost of "
+            f"hashing and looking up prefixes, not of a hit)\n\n"
+            + table(rows, ROUTE_COLUMNS))
+
+
 # ---- the simulation ------------------------------------------------------------------------
 
 SIM_COLUMNS = ["cost", "workload", "replicas", "routers", "load", "router", "TTFT mean ms",
@@ -361,7 +427,10 @@ def sim(args) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--parts", nargs="+", default=["live", "sim"], choices=["live", "sim"])
+    parser.add_argument("--parts", nargs="+", default=["live", "route", "sim"],
+                        choices=["live", "route", "sim"])
+    parser.add_argument("--route-sizes", type=int, nargs="+", default=[2, 8, 64],
+                        help="replicas behind the router in the 'route' part")
     parser.add_argument("--models", nargs="+", default=["embed", "generate"],
                         choices=["embed", "generate"])
     parser.add_argument("--replicas", type=int, default=2)
@@ -387,6 +456,8 @@ def main(args) -> str:
     parts = [header("bench serve: Ray Serve, routers and the plugin")]
     if "live" in args.parts:
         parts.append(live(args))
+    if "route" in args.parts:
+        parts.append(route_cost(args.route_sizes))
     if "sim" in args.parts:
         parts.append(sim(args))
     return "\n".join(parts)
