@@ -8,8 +8,10 @@ vllm-prepack serve --replicas 2 --port 8000
 # python -c "from openai import OpenAI; print(OpenAI(base_url='http://127.0.0.1:8000/v1', \
 #   api_key='none').completions.create(model='demo', prompt='Hello', max_tokens=8))"
 
-# An embedding model (pooling runner): /v1/embeddings.
-# vllm-prepack serve --model ./all-MiniLM-L6-v2 --model-id minilm --engine-args '{"runner": "pooling"}'
+# An embedding model (pooling runner): /v1/embeddings. On a CPU host float32 (vLLM's default
+# cast to float16 is several times slower on CPUs).
+# vllm-prepack serve --model ./all-MiniLM-L6-v2 --model-id minilm \
+#   --engine-args '{"runner": "pooling", "dtype": "float32"}'
 
 # Not run yet (written and tested on CPU machines; no multi-GPU machine with vLLM and Ray
 # has run it): 8 replicas of one GPU each, then 4 tensor-parallel replicas of 2 GPUs each,

@@ -24,7 +24,8 @@ def replicas(cluster, tiny_model):
 
 @pytest.fixture(scope="module")
 def embedder(cluster, minilm):
-    return start_replicas(minilm, 1, "embed", {"max_model_len": 256, "enforce_eager": True},
+    return start_replicas(minilm, 1, "embed", {"max_model_len": 256, "dtype": "float32",
+                                             "enforce_eager": True},
                           num_cpus=0.5, default_max_tokens=0)
 
 

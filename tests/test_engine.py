@@ -117,7 +117,8 @@ def test_priority_policy_packs_inside_each_level(engine, tiny_model):
 def test_embeddings_equal_plain_vllm(engine, minilm):
     lengths = prompt_lengths("mmlu", 48, seed=7, max_len=250)
     prompts = token_ids(lengths, vocab_size=30000, seed=7, first_id=1000)
-    kw = dict(runner="pooling", max_model_len=256, max_num_batched_tokens=512)
+    kw = dict(runner="pooling", dtype="float32", max_model_len=256,
+              max_num_batched_tokens=512)
     from vllm import PoolingParams
 
     params = PoolingParams(task="embed")

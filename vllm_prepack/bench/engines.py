@@ -135,17 +135,22 @@ def engine_outcome(run, prompts, budget: int) -> Outcome:
     )
 
 
-def compare_engines(engines, prompts, params, repeats: int, budget: int) -> list[list[Outcome]]:
+def compare_engines(engines, prompts, params, repeats: int, budget: int
+                    ) -> tuple[list[list[Outcome]], list[Run]]:
     """Every engine's runs, alternating which goes first (one warm-up each before): one list of
-    `repeats` outcomes per engine."""
+    `repeats` outcomes per engine, and each engine's first run (its outputs)."""
     warm = prompts[: min(8, len(prompts))]
     for llm in engines:
         run_stepwise(llm, warm, params)
     runs: list[list[Outcome]] = [[] for _ in engines]
+    first: list[Run] = []
     for repeat in range(repeats):
         for i in alternating(len(engines), repeat):
-            runs[i].append(engine_outcome(run_stepwise(engines[i], prompts, params), prompts, budget))
-    return runs
+            run = run_stepwise(engines[i], prompts, params)
+            if repeat == 0:
+                first.append(run)
+            runs[i].append(engine_outcome(run, prompts, budget))
+    return runs, first
 
 
 def median_run(outcomes: list[Outcome]) -> Outcome:
@@ -179,18 +184,15 @@ def build_engines(model, budget: int, names, step_delay: float = 0.0, **kw) -> d
 def engine_table(label: str, engines: dict, prompts, params, repeats: int, budget: int,
                  lengths: list[int] | None) -> tuple[list[dict], dict[str, Outcome]]:
     """Median-wall run of each engine (alternating order), and whether its outputs equal FCFS's."""
-    runs = compare_engines(list(engines.values()), prompts, params, repeats, budget)
+    runs, first = compare_engines(list(engines.values()), prompts, params, repeats, budget)
     outcomes = {name: median_run(r) for name, r in zip(engines, runs)}
-    same = {name: {"outputs = FCFS": _same_outputs(engines["fcfs"], llm, prompts, params)}
-            for name, llm in engines.items()}
+    outputs = dict(zip(engines, first))
+    same = {name: {"outputs = FCFS": "-" if name == "fcfs" else _same_outputs(
+        outputs["fcfs"].results, run.results)} for name, run in outputs.items()}
     return rows_for(label, outcomes, lengths, budget, **same), outcomes
 
 
-def _same_outputs(reference, llm, prompts, params) -> str:
-    if llm is reference:
-        return "-"
-    a = run_stepwise(reference, prompts, params).results
-    b = run_stepwise(llm, prompts, params).results
+def _same_outputs(a: list[Result], b: list[Result]) -> str:
     if a[0].embedding is not None:
         worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra.embedding, rb.embedding))
         return f"max |diff| {worst:.1e}"

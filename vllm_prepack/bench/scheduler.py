@@ -248,7 +248,7 @@ def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None,
     from vllm_prepack.models import minilm_model
 
     engines = build_engines(minilm_model(), budget, ONLINE, step_delay=step_delay, runner="pooling",
-                            max_model_len=256, seed=0)
+                            dtype="float32", max_model_len=256, seed=0)
     rows, figures = [], ""
     for workload, seed in (("mmlu", 11), ("trimodal", 12)):
         lengths = prompt_lengths(workload, n, seed=seed, max_len=256)
