@@ -2,7 +2,10 @@
 (engine-free) over ZMQ on loopback."""
 
 import math
+import os
 import random
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -11,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_prepack.routing import (
+    SCAN_LIMIT,
     LoadReport,
     LoadTable,
     PrefixIndex,
@@ -83,14 +87,30 @@ def test_expected_wait_grows_with_the_work_ahead(waiting, more, decoding, tokens
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 5000), min_size=1, max_size=64), st.integers(1, 1000),
        st.integers(0, 2**32))
-def test_alone_a_router_takes_the_least_expected_wait(waiting, tokens, seed):
+def test_alone_a_router_takes_the_least_expected_wait_among_those_it_scans(waiting, tokens,
+                                                                             seed):
+    """All replicas up to SCAN_LIMIT; beyond, a run of SCAN_LIMIT of them from a random start."""
     table = LoadTable(rng=random.Random(seed))
+    n = len(waiting)
     for i, w in enumerate(waiting):
         table.report(i, report(waiting=w), 0.0)
-    ranked = table.choose(list(range(len(waiting))), tokens, 0.0)
-    waits = sorted(table.expected_wait(r, tokens) for r in range(len(waiting)))
-    assert [table.expected_wait(r, tokens) for r in ranked] == waits[:2]
+    ranked = table.choose(list(range(n)), tokens, 0.0)
+    waits = [table.expected_wait(r, tokens) for r in range(n)]
+    runs = [{(start + k) % n for k in range(min(n, SCAN_LIMIT))} for start in range(n)]
+    assert any(set(ranked) <= run and [waits[r] for r in ranked]
+               == sorted(waits[r] for r in run)[:2] for run in runs)
     assert len(set(ranked)) == len(ranked)
+    if n <= SCAN_LIMIT:
+        assert [waits[r] for r in ranked] == sorted(waits)[:2]
+
+
+def test_beyond_the_scan_limit_every_replica_is_scanned_as_often():
+    table = LoadTable(rng=random.Random(1))
+    for i in range(64):
+        table.report(i, report(waiting=1000), 0.0)
+    table.report(5, report(waiting=0), 0.0)  # in the wrapped part of the runs from 54-63
+    picks = [table.choose(list(range(64)), 10, 0.0)[0] for _ in range(4000)]
+    assert 0.2 < picks.count(5) / len(picks) < 0.3  # SCAN_LIMIT / 64 of the time
 
 
 def test_beside_other_routers_a_router_spreads_over_as_many_of_the_best():
@@ -221,6 +241,81 @@ def test_prefix_index_is_bounded_and_forgets_replicas():
     assert index.match(ids) == {"b": 3}
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(min_size=64, max_size=200), min_size=1, max_size=20), st.integers(2, 40),
+       st.integers(0, 2**32))
+def test_routers_agree_on_a_prefix_home_and_a_replica_leaving_moves_only_its_own(
+        prompts, n, seed):
+    """Rendezvous hashing: every router (its own index, its own order of the replicas) finds
+    the same home for a prompt; when a replica leaves, only the prefixes it was home to move."""
+    replicas = [f"replica-{i}" for i in range(n)]
+    shuffled = random.Random(seed).sample(replicas, n)
+    one, other = PrefixIndex(block=16, chars_per_token=1.0), PrefixIndex(block=16,
+                                                                         chars_per_token=1.0)
+    homes = [one.home(one.hashes(p)[0], replicas) for p in prompts]
+    assert homes == [other.home(other.hashes(p)[0], shuffled) for p in prompts]
+    gone = replicas[seed % n]
+    other.forget(gone)
+    left = [r for r in shuffled if r != gone]
+    for prompt, home in zip(prompts, homes):
+        moved = other.home(other.hashes(prompt)[0], left)
+        assert moved == home or home == gone
+
+
+def test_prefix_hashes_and_homes_are_the_same_in_every_process():
+    """Routers in different proxies must agree on a home: Python's str hash differs between
+    processes (PYTHONHASHSEED), so the index must not use it."""
+    code = ("from vllm_prepack.routing import PrefixIndex\n"
+            "i = PrefixIndex(block=4, chars_per_token=1.0)\n"
+            "text, ids = i.hashes('system prompt abc'), i.hashes(tuple(range(12)))\n"
+            "print(text, ids, i.home(text[0], [f'r{n}' for n in range(9)]))")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2", "random")}
+    assert len(outputs) == 1 and "[]" not in outputs.pop()
+    assert PrefixIndex(block=4).hashes((1, 2, [3], 4)) == []  # not token ids: no affinity
+
+
+def test_a_home_found_among_some_replicas_is_not_kept_for_all():
+    """A LoRA request routes among the replicas holding its adapter: the home among those is
+    not the home every router finds among all."""
+    index = PrefixIndex(block=4, chars_per_token=1.0)
+    replicas = [f"r{i}" for i in range(8)]
+    first = index.hashes("system prompt")[0]
+    home = index.home(first, replicas)
+    subset = [r for r in replicas if r != home]
+    assert index.home(first, subset) != home
+    assert index.home(first, replicas) == home
+    index.forget(home)
+    assert index.home(first, subset) == PrefixIndex(block=4).home(first, subset)
+
+
+def test_a_cached_token_counts_for_the_wait_and_the_capacity():
+    """CACHE_HIT_WEIGHT 2: a replica 1000 tokens behind an idle one, holding 600 of the
+    request's 1000 tokens, still wins (1000 + 400 - 600 < 1000); weighed once it would not."""
+    table = LoadTable(rng=random.Random(0))
+    table.report("a", report(waiting=1000), 0.0)
+    table.report("b", report(waiting=0), 0.0)
+    assert table.choose(["a", "b"], 1000, 0.0, hits={"a": 600})[0] == "a"
+    assert table.choose(["a", "b"], 1000, 0.0, hits={"a": 5000})[0] == "a"  # capped at its size
+    assert table.choose(["b"], 1000, 0.0, hits={"a": 5000}) == ["b"]  # not offered: not taken
+
+
+def test_alone_a_router_credits_where_it_sent_a_prefix_beside_others_the_prefix_home():
+    index = PrefixIndex(block=4, chars_per_token=1.0)
+    replicas = ["a", "b", "c", "d"]
+    shared = "system prompt, the same for many requests. "
+    hashes = index.hashes(shared + "first question")
+    assert index.hits(hashes, replicas) == index.hits(hashes, replicas, shared=True) == {}
+    home = index.home(hashes[0], replicas)
+    elsewhere = next(r for r in replicas if r != home)
+    index.insert(hashes, elsewhere)
+    again = index.hashes(shared + "second question")
+    blocks = 4 * (len(shared) // 4)
+    assert index.hits(again, replicas) == {elsewhere: blocks}
+    assert index.hits(again, replicas, shared=True) == {home: blocks}
+
+
 def test_prompt_tokens_count_ids_and_estimate_text():
     body = SimpleNamespace
     assert prompt_tokens(body(prompt=[5, 6, 7]), 4.0) == 3
@@ -251,14 +346,19 @@ def test_a_scheduler_publishes_its_load_every_step_and_while_idle(tiny_model):
         tiny_model, budget=256, max_model_len=512, chunked_prefill=True,
         additional_config={"prepack": {"load_endpoint": f"tcp://127.0.0.1:{port}"}})
     try:
+        deadline = time.time() + 10
+        while not reports and time.time() < deadline:  # the subscriber connects
+            time.sleep(0.05)
+        # up and idle before its first request: routers know it (and its budget) from the start
+        assert reports and reports[0][0] == "r0"
+        assert (reports[0][1].requests, reports[0][1].budget) == (0, 256)
         before = time.time()
         for i, n in enumerate([200, 30, 100, 250, 20]):
             scheduler.add_request(make_request(str(i), n, max_tokens=3))
-        deadline = time.time() + 10
-        while not reports and time.time() < deadline:  # the subscriber connects
+        while not any(r.requests for _, r in reports) and time.time() < deadline:
             fake_step(scheduler, scheduler.schedule())
             time.sleep(0.05)
-        assert reports and reports[-1][0] == "r0"
+        assert any(r.requests for _, r in reports)
         while scheduler.has_requests():
             fake_step(scheduler, scheduler.schedule())
         last = scheduler.load_report()

@@ -5,16 +5,9 @@ reads (Ray's RunningReplica looks its actor up)."""
 
 import asyncio
 import time
-from types import SimpleNamespace
 
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
-from ray.serve._private.request_router.common import PendingRequest
-
-from vllm_prepack.load_channel import METADATA_KEY, LoadPublisher, free_port
+from vllm_prepack.bench.serve import StandaloneRouter
 from vllm_prepack.routing import LoadReport
-from vllm_prepack.token_router import TokenRouter
-
-DEPLOYMENT = DeploymentID(name="PrepackLLMServer:m", app_name="app")
 
 
 def _report(waiting: int, seq: int = 1) -> LoadReport:
@@ -23,39 +16,15 @@ def _report(waiting: int, seq: int = 1) -> LoadReport:
                       arrived=0)
 
 
-def _request(n: int, prompt) -> PendingRequest:
-    body = SimpleNamespace(model="m", prompt=prompt)
-    return PendingRequest(args=[body, None], kwargs={},
-                          metadata=RequestMetadata(request_id=str(n), internal_request_id=f"r{n}"))
-
-
-class Served:
-    """Two replicas, each publishing its load; the router subscribed to both. Built inside the
-    event loop the test runs in, as Ray builds routers."""
-
-    def __init__(self):
-        self.router = TokenRouter(deployment_id=DEPLOYMENT,
-                                  handle_source=DeploymentHandleSource.REPLICA)
-        self.router.initialize_state(chars_per_token=1.0)
-        self.replicas, self.publishers = {}, {}
-        for name in ("a", "b"):
-            endpoint = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
-            self.publishers[name] = LoadPublisher(endpoint)
-            self.replicas[name] = SimpleNamespace(
-                replica_id=ReplicaID(unique_id=name, deployment_id=DEPLOYMENT),
-                replica_metadata={METADATA_KEY: endpoint}, node_id=None, availability_zone=None,
-                multiplexed_model_ids=set(), max_ongoing_requests=8)
-
-    def close(self):
-        for publisher in self.publishers.values():
-            publisher.close()
-        self.router._subscriber.close()
+def _request(n: int, prompt):
+    return StandaloneRouter.request(f"r{n}", prompt)
 
 
 def in_loop(scenario):
-    """Run `scenario(served)` in an event loop, the router built there."""
+    """Run `scenario(served)` in an event loop, two replicas "a" and "b" behind the router, built
+    there."""
     async def main():
-        served = Served()
+        served = StandaloneRouter(("a", "b"), app="app", max_ongoing=8, chars_per_token=1.0)
         try:
             await scenario(served)
         finally:
@@ -121,7 +90,7 @@ def test_requests_without_an_openai_body_still_route():
 async def _without_a_body(served):
     router, replicas = served.router, served.replicas
     router.update_replicas(list(replicas.values()))
-    request = PendingRequest(args=[], kwargs={},
-                             metadata=RequestMetadata(request_id="h", internal_request_id="h"))
+    request = _request(0, None)
+    request.args.clear()  # a request that is not an OpenAI body
     ranks = await router.choose_replicas(list(replicas.values()), request)
     assert len(ranks) == 2 and request.routing_context.should_backoff

@@ -8,15 +8,18 @@ A new request goes where it expects the shortest wait: the prompt tokens ahead o
 own, plus the decode tokens that ride along each step until it is through. Counting tokens
 instead of requests is the point: ten long prompts and ten short ones are not the same queue.
 
-The router holds every replica's load, so it scans them all (power of two choices is an option:
-``choices=2``). Alone, it takes the least expected wait. Beside other routers (several ingress
-replicas), which it tells from its share of the replicas' arrivals, it picks at random among as
-many of the best replicas as there are routers, so that routers that see the same loads do not
-all send to the same replica before the next report.
+The router holds every replica's load and scans up to SCAN_LIMIT of them a request (all of a
+small deployment, a random run of them in a large one: the cost per request stays flat; power
+of two choices is an option: ``choices=2``). Alone, it takes the least expected wait. Beside
+other routers (several ingress replicas), which it tells from its share of the replicas'
+arrivals, it picks at random among as many of the best replicas as there are routers, so that
+routers that see the same loads do not all send to the same replica before the next report.
 
 ``PrefixIndex`` remembers which replicas were sent which prompt prefixes, so that a replica
 likely to hold a prompt's prefix in its cache is a candidate too, with the cached part taken off
-its cost there: affinity where it pays, load balance where it does not.
+its cost there: affinity where it pays, load balance where it does not. A prefix's home (the
+same replica in every router, by rendezvous hashing) gathers it when several routers each see
+a part of the traffic.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import heapq
 import math
 import random
 import struct
+import zlib
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 Replica = Hashable
@@ -36,6 +40,9 @@ _FORMAT = struct.Struct("<qdqqqqdqqq")
 MIN_PREFILL_SHARE = 0.25  # decode never leaves prefill less than this share of a step (estimate)
 MESSAGE_TOKENS = 4  # chat template tokens around each message (estimate)
 SHARE_WINDOW = 50  # arrivals over which a router measures its share of them
+SCAN_LIMIT = 16  # replicas a router scans per request; a random run of them beyond
+CACHE_HIT_WEIGHT = 2  # a cached token saves the request's wait and the replica's capacity
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -176,8 +183,7 @@ class LoadTable:
         return view.unreported if view is not None else 0
 
     def stale(self, replica: Replica, now: float) -> bool:
-        view = self._views.get(replica)
-        return view is not None and view.report is not None and now - view.heard > self.stale_after
+        return not self._live((replica,), now)
 
     # ---- the policy ---------------------------------------------------------------------
 
@@ -185,48 +191,69 @@ class LoadTable:
         """Compute (in tokens) a replica does before a new request of `tokens` prompt tokens is
         through prefill: the rest of the step under way, the prompt tokens ahead of it and its
         own, plus its decoding requests' tokens in every step until then."""
-        view = self._views.get(replica)
-        if view is None:
-            return tokens
-        ahead = tokens + view.unreported
-        report = view.report
-        if report is None:
-            return ahead
-        ahead += report.waiting_tokens + report.prefill_tokens
-        decoding, budget = report.decoding, report.budget
-        per_step = max(budget - decoding, budget * MIN_PREFILL_SHARE, 1)
-        # the step under way finishes first (its share done by now is not known: all of it)
-        return report.step_tokens + ahead + math.ceil(ahead / per_step) * decoding
+        return _wait(self._views.get(replica), tokens)
 
     def choose(self, candidates: Sequence[Replica], tokens: int, now: float, choices: int = 0,
                hits: Mapping[Replica, int] | None = None) -> list[Replica]:
         """The replica to send a request of `tokens` prompt tokens to, then a runner-up.
 
-        Candidates are the live ones (all when none is), or `choices` of them at random
-        (0: all), plus those in `hits` (replica -> prompt tokens it likely has cached, which its
-        cost there leaves out). The pick is the least expected wait; scanning all while other
-        routers share the replicas, a random one of the `spread` best, among those whose wait
-        is within the request's own tokens of the best (an idle replica is not traded for a
-        loaded one to spread load)."""
-        live = [c for c in candidates if not self.stale(c, now)] or list(candidates)
+        Candidates are the live ones (all when none is): `choices` of them at random, or with
+        `choices` 0 all of them up to SCAN_LIMIT and a random run of SCAN_LIMIT beyond (a fixed
+        cost per request; at 64 replicas the run holds the least loaded one a quarter of the
+        time and one of the six least loaded 84% of the time; the engine-free runs measure
+        what that costs); plus those in `hits` (replica -> prompt tokens it likely has
+        cached, which its cost there leaves out, weighed CACHE_HIT_WEIGHT times). The pick is
+        the least expected wait; while other routers share the replicas, a random one of the
+        `spread` best, among those whose wait is within the request's own tokens of the best (an idle
+        replica is not traded for a loaded one to spread load)."""
         spread = self.spread
-        if 0 < choices < len(live):
-            pool = self.rng.sample(live, choices)
+        n = len(candidates)
+        if 0 < choices < n:
+            live = self._live(candidates, now) or list(candidates)
+            pool = self.rng.sample(live, min(choices, len(live)))
             spread = 1  # the sample is the randomness
         else:
-            start = self.rng.randrange(len(live)) if live else 0
-            pool = live[start:] + live[:start]  # equal waits: a random one
-        hits = hits or {}
+            start = self.rng.randrange(n) if n else 0
+            pool = list(candidates[start:start + SCAN_LIMIT])  # equal waits: a random one
+            if len(pool) < SCAN_LIMIT:
+                pool += candidates[:min(start, SCAN_LIMIT - len(pool))]
+            pool = self._live(pool, now)
+        if not pool:
+            pool = self._live(candidates, now) or list(candidates)
+        views = self._views
+        scored = [(_wait(views.get(r), tokens), i, r) for i, r in enumerate(pool)]
         if hits:
-            allowed = set(live)
-            pool += [r for r in hits if r in allowed and r not in pool]
-        wait = self.expected_wait
-        scored = [(wait(r, max(1, tokens - hits.get(r, 0))), i, r) for i, r in enumerate(pool)]
+            offered = set(candidates)
+            allowed = set(pool) | set(self._live((r for r in hits if r in offered), now))
+            hits = {r: min(hit, tokens) for r, hit in hits.items() if r in allowed}
+            scored = [(_wait(views.get(r), max(1, tokens - hit)) - (CACHE_HIT_WEIGHT - 1) * hit,
+                       -1 - i, r) for i, (r, hit) in enumerate(hits.items())] + [
+                          s for s in scored if s[2] not in hits]
         best = heapq.nsmallest(max(2, spread), scored)
         if spread > 1:
             spread = sum(1 for b in best[:spread] if b[0] <= best[0][0] + tokens)
         first = self.rng.randrange(spread) if spread > 1 else 0
         return [best[first][2]] + [b[2] for i, b in enumerate(best[:2]) if i != first][:1]
+
+    def _live(self, replicas: Iterable[Replica], now: float) -> list[Replica]:
+        views, cutoff = self._views, now - self.stale_after
+        return [r for r in replicas
+                if (v := views.get(r)) is None or v.report is None or v.heard >= cutoff]
+
+
+def _wait(view: _View | None, tokens: int) -> float:
+    """LoadTable.expected_wait on a replica's view."""
+    if view is None:
+        return tokens
+    ahead = tokens + view.unreported
+    report = view.report
+    if report is None:
+        return ahead
+    ahead += report.waiting_tokens + report.prefill_tokens
+    decoding, budget = report.decoding, report.budget
+    per_step = max(budget - decoding, budget * MIN_PREFILL_SHARE, 1)
+    # the step under way finishes first (its share done by now is not known: all of it)
+    return report.step_tokens + ahead + math.ceil(ahead / per_step) * decoding
 
 
 def prompt_tokens(body, chars_per_token: float) -> int:
@@ -285,25 +312,87 @@ def _content_text(content) -> str:
 
 class PrefixIndex:
     """Which replicas were recently sent which prompt prefixes, in blocks of `block` tokens
-    (token ids; text in blocks of `block` x `chars_per_token` characters), chained so that a
+    (token ids; text in blocks of `block` x `chars_per_token` UTF-8 bytes), chained so that a
     block's hash stands for the whole prefix up to it. Each block keeps its `owners` most recent
-    replicas; the `capacity` most recently used blocks are kept. A replica's hit for a prompt is
-    the leading blocks it was sent, all of them: what its prefix cache most likely still holds
-    (the engine may have evicted some)."""
+    replicas; the `capacity` most recently used blocks are kept. For a router alone, a
+    replica's hit for a prompt is the leading blocks it was sent, all of them: what its prefix
+    cache most likely still holds (the engine may have evicted some).
+
+    Several routers (one per Ray Serve proxy) each see only a part of the traffic, so each
+    index alone would scatter a shared prefix over the replicas. Every prefix therefore has a
+    *home*: the replica that ranks first for its first block by rendezvous hashing, the same in
+    every router and process (the hashes are stable, not Python's salted ``hash``). Beside
+    other routers, a prefix a router has met before counts as cached at its home only, so the
+    routers gather it there until its load outweighs the saving."""
 
     def __init__(self, block: int = 64, chars_per_token: float = 4.0, capacity: int = 65_536,
                  owners: int = 4) -> None:
         self.block, self.capacity, self.owners = block, capacity, owners
-        self._chars = max(1, round(block * chars_per_token))
+        self._bytes = max(1, round(block * chars_per_token))
         self._blocks: OrderedDict[int, list[Replica]] = OrderedDict()
+        self._replica_keys: dict[Replica, int] = {}
+        self._homes: OrderedDict[int, Replica] = OrderedDict()  # first block -> its home
 
     def hashes(self, prompt: str | tuple[int, ...]) -> list[int]:
-        size = self._chars if isinstance(prompt, str) else self.block
+        """The chained hash of every full block, the same in every process: crc32 of the UTF-8
+        bytes for text (Python salts its str hash per process), Python's hash of int tuples
+        (not salted) for token ids."""
         out, h = [], 0
-        for start in range(0, len(prompt) - size + 1, size):
-            h = hash((h, prompt[start:start + size]))
-            out.append(h)
+        if isinstance(prompt, str):
+            data, size = prompt.encode(), self._bytes
+            for start in range(0, len(data) - size + 1, size):
+                h = zlib.crc32(data[start:start + size], h)
+                out.append(h)
+            return out
+        size = self.block
+        try:
+            for start in range(0, len(prompt) - size + 1, size):
+                h = hash((h, tuple(prompt[start:start + size])))
+                out.append(h)
+        except TypeError:  # not token ids vLLM would take: no affinity
+            return []
         return out
+
+    def hits(self, hashes: Sequence[int], replicas: Collection[Replica],
+             shared: bool = False) -> dict[Replica, int]:
+        """Replica -> prompt tokens it likely holds cached. Alone, the leading blocks this
+        router sent each replica: it saw every send. Beside other routers (`shared`), its
+        index holds only its own share of the sends, and each router's would pull a prefix
+        to different replicas: then only the prompt's home counts, with the leading blocks
+        this router has met before (a prompt never met is not pulled anywhere)."""
+        if not shared:
+            return {r: n * self.block for r, n in self.match(hashes).items()}
+        known = 0
+        for h in hashes:
+            if h not in self._blocks:
+                break
+            known += 1
+        if not known or not replicas:
+            return {}
+        return {self.home(hashes[0], replicas): known * self.block}
+
+    def home(self, first: int, replicas: Collection[Replica]) -> Replica:
+        """The replica every router ranks first for a prefix starting with block `first`
+        (rendezvous hashing: a replica that leaves moves only its own prefixes)."""
+        home = self._homes.get(first)
+        keys = self._replica_keys
+        if home is not None and len(replicas) == len(keys) and home in replicas:
+            self._homes.move_to_end(first)
+            return home
+        best, best_score = None, -1
+        for replica in replicas:
+            key = keys.get(replica)
+            if key is None:
+                key = keys[replica] = zlib.crc32(str(replica).encode())
+                self._homes.clear()  # a new replica may outrank the homes found so far
+            score = _mix(first ^ key)
+            if score > best_score:
+                best, best_score = replica, score
+        if len(replicas) == len(keys):  # a subset's (LoRA requests) is not every router's home
+            self._homes[first] = best
+        if len(self._homes) > self.capacity:
+            self._homes.popitem(last=False)
+        return best
 
     def match(self, hashes: Sequence[int]) -> dict[Replica, int]:
         """Replica -> leading blocks of these it was sent (only replicas with at least one)."""
@@ -338,3 +427,12 @@ class PrefixIndex:
         for owners in self._blocks.values():
             if replica in owners:
                 owners.remove(replica)
+        self._replica_keys.pop(replica, None)
+        self._homes.clear()
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer: every input bit moves every output bit."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)

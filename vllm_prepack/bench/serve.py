@@ -45,7 +45,7 @@ GEN_MODEL = DecoderShape(hidden_size=512, num_hidden_layers=8, num_attention_hea
                          num_key_value_heads=8, intermediate_size=1408, vocab_size=8192,
                          initializer_range=0.02)
 ENGINES = {
-    "embed": dict(runner="pooling", max_model_len=256, max_num_batched_tokens=1024,
+    "embed": dict(runner="pooling", dtype="float32", max_model_len=256, max_num_batched_tokens=1024,
                   enforce_eager=True),
     "generate": dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
                      enforce_eager=True),
@@ -216,6 +216,8 @@ def routing_totals(app: str, model_id: str) -> dict[str, float]:
         "routes": metric_sum(text, "ray_vllm_prepack_routes_total", application=app),
         "wall": metric_sum(text, "ray_vllm_prepack_route_seconds_total", application=app),
         "cpu": metric_sum(text, "ray_vllm_prepack_route_cpu_seconds_total", application=app),
+        "cpu samples": metric_sum(text, "ray_vllm_prepack_route_cpu_samples_total",
+                                  application=app),
     }
 
 
@@ -226,7 +228,8 @@ def routing_costs(before: dict[str, float], after: dict[str, float]) -> dict:
     out = {"route ms (Ray)": d["ms"] / d["count"] if d["count"] else float("nan")}
     if d["routes"]:
         out["token router us"] = 1e6 * d["wall"] / d["routes"]
-        out["token router CPU us"] = 1e6 * d["cpu"] / d["routes"]
+    if d["cpu samples"]:
+        out["token router CPU us"] = 1e6 * d["cpu"] / d["cpu samples"]
     return out
 
 
@@ -341,50 +344,72 @@ def live(args) -> str:
 ROUTE_COLUMNS = ["replicas", "prefix affinity", "prompt", "CPU us / request", "wall us / request"]
 
 
+class StandaloneRouter:
+    """The token router without a cluster, for the route bench and the router's tests: Ray
+    Serve's router base class and request types, stand-in replicas with the attributes a router
+    reads (Ray's RunningReplica looks its actor up), each publishing its load over the real load
+    channel. Build it inside the event loop that routes, as Ray builds routers."""
+
+    def __init__(self, names, app: str = "bench", max_ongoing: int = 64, **router_kwargs) -> None:
+        from types import SimpleNamespace
+
+        from vllm_prepack.load_channel import METADATA_KEY, LoadPublisher, free_port
+        from vllm_prepack.token_router import TokenRouter
+
+        deployment = internal.DeploymentID(name="PrepackLLMServer:m", app_name=app)
+        self.router = TokenRouter(deployment_id=deployment,
+                                  handle_source=internal.DeploymentHandleSource.REPLICA)
+        self.router.initialize_state(**router_kwargs)
+        self.replicas, self.publishers = {}, {}
+        for name in names:
+            endpoint = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+            self.publishers[name] = LoadPublisher(endpoint)
+            self.replicas[name] = SimpleNamespace(
+                replica_id=internal.ReplicaID(unique_id=str(name), deployment_id=deployment),
+                replica_metadata={METADATA_KEY: endpoint}, node_id=None, availability_zone=None,
+                multiplexed_model_ids=set(), max_ongoing_requests=max_ongoing)
+
+    @staticmethod
+    def request(request_id: str, prompt):
+        """A pending OpenAI completion request of `prompt` (text or token ids)."""
+        from types import SimpleNamespace
+
+        return internal.PendingRequest(
+            args=[SimpleNamespace(model="m", prompt=prompt), None], kwargs={},
+            metadata=internal.RequestMetadata(request_id=request_id,
+                                              internal_request_id=request_id))
+
+    def close(self) -> None:
+        for publisher in self.publishers.values():
+            publisher.close()
+        self.router._subscriber.close()
+
+
 def route_cost(sizes: list[int], requests: int = 3000) -> str:
-    """The token router's own cost per request, alone in this process: Ray Serve's router base
-    class and request types (no cluster), loads reported over the load channel, replicas that
-    report different loads, OpenAI completion bodies of text or token ids."""
-    from types import SimpleNamespace
-
-    from vllm_prepack.load_channel import METADATA_KEY, LoadPublisher, free_port
+    """The token router's own cost per request, alone in this process (``StandaloneRouter``):
+    replicas that report different loads, OpenAI completion bodies of text or token ids."""
     from vllm_prepack.routing import LoadReport
-    from vllm_prepack.token_router import TokenRouter
 
-    deployment = internal.DeploymentID(name="PrepackLLMServer:m", app_name="bench")
     prompts = {"text, 800 chars": "lorem ipsum " * 67, "text, 6000 chars": "lorem ipsum " * 500,
                "1500 token ids": list(range(1500))}
 
     async def one(n: int, block: int, prompt) -> tuple[float, float]:
-        router = TokenRouter(deployment_id=deployment,
-                             handle_source=internal.DeploymentHandleSource.REPLICA)
-        router.initialize_state(chars_per_token=4.0, prefix_block=block)
-        publishers, replicas = [], []
-        for i in range(n):
-            endpoint = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
-            publishers.append(LoadPublisher(endpoint))
-            replicas.append(SimpleNamespace(
-                replica_id=internal.ReplicaID(unique_id=str(i), deployment_id=deployment),
-                replica_metadata={METADATA_KEY: endpoint}, node_id=None, availability_zone=None,
-                multiplexed_model_ids=set(), max_ongoing_requests=64))
+        served = StandaloneRouter(range(n), chars_per_token=4.0, prefix_block=block)
+        router, replicas = served.router, list(served.replicas.values())
         router.update_replicas(replicas)
-        for i, publisher in enumerate(publishers):
+        for i, publisher in enumerate(served.publishers.values()):
             publisher.publish(LoadReport(1, time.time(), 100 * i, 0, i % 7, 2048, 0.0, i, 0))
         deadline = time.time() + 30
         while len(router._table._views) < n and time.time() < deadline:
             await asyncio.sleep(0.01)
-        bodies = [SimpleNamespace(model="m", prompt=prompt if not isinstance(prompt, str)
+        pending = [served.request(str(i), prompt if not isinstance(prompt, str)
                                   else f"{i} {prompt}") for i in range(requests)]
-        pending = [internal.PendingRequest(args=[b, None], kwargs={}, metadata=internal.RequestMetadata(
-            request_id=str(i), internal_request_id=str(i))) for i, b in enumerate(bodies)]
         cpu, wall = time.thread_time(), time.perf_counter()
         for p in pending:
             ranks = await router.choose_replicas(replicas, p)
             router.on_request_completed(ranks[0][0].replica_id, p.metadata.internal_request_id)
         cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
-        for publisher in publishers:
-            publisher.close()
-        router._subscriber.close()
+        served.close()
         return 1e6 * cpu / requests, 1e6 * wall / requests
 
     rows = []

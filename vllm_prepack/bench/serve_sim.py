@@ -15,8 +15,9 @@ step that made it. Routers:
   running from its coordinator's snapshot, refreshed every 100 ms, plus this client's sends
   since); its KV-pressure term stays off (the simulated KV pool is never half full);
 - ``tokens``: this project's token router (``routing.LoadTable``, the production code) as it
-  ships: every replica scanned; ``tokens/2``: the same on power of two choices;
-  ``tokens+prefix``: with its prefix affinity (``routing.PrefixIndex``);
+  ships: up to ``SCAN_LIMIT`` replicas scanned a request; ``tokens/2``: the same on power of
+  two choices; ``tokens+prefix``: with its prefix affinity (``routing.PrefixIndex``: where it
+  sent each prefix, or beside other routers each prefix's home);
 - ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
   on their way to it, cached prefixes known), least expected wait over all replicas.
 With several routers (``--sim-routers``), each request goes through one of them at random.
@@ -231,8 +232,9 @@ class TokensRouter:
     def choose(self, request, now, replicas) -> int:
         """As TokenRouter.choose_replicas: hash once, match once, choose, charge."""
         hashes = self._hashes(request)
-        hits = {r: k * self.index.block for r, k in self.index.match(hashes).items()} if hashes else {}
-        replica = self.table.choose(list(range(self.n)), request.length, now, self.choices, hits)[0]
+        candidates = range(self.n)
+        hits = self.index.hits(hashes, candidates, self.table.spread > 1) if hashes else {}
+        replica = self.table.choose(list(candidates), request.length, now, self.choices, hits)[0]
         self.table.sent(replica, request.key, max(1, request.length - hits.get(replica, 0)), now)
         if hashes:
             self.index.insert(hashes, replica)
