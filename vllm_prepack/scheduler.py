@@ -308,11 +308,13 @@ class PrepackScheduler(internal.Scheduler):
         self._iteration = None  # this step's context/generation split, until make_stats takes it
         self._capture_sizes = capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
         self._publisher = None
+        self._reports = 0
         if self.prepack_config.load_endpoint:
             from vllm_prepack.load_channel import LoadPublisher
 
             self._publisher = LoadPublisher(self.prepack_config.load_endpoint)
-        self._reports = 0
+            # idle and up: routers hear it (and its budget) before its first request
+            self._publisher.publish(self.load_report())
         self.step_cost_model = self.prepack_config.step_cost_model(self.max_num_scheduled_tokens)
         self.prepack_clock = time.perf_counter  # step times (the engine-free bench sets its clock)
         self._last_step_end: float | None = None  # when the last busy step ended
