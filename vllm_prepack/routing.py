@@ -204,8 +204,8 @@ class LoadTable:
         what that costs); plus those in `hits` (replica -> prompt tokens it likely has
         cached, which its cost there leaves out, weighed CACHE_HIT_WEIGHT times). The pick is
         the least expected wait; while other routers share the replicas, a random one of the
-        `spread` best, among those whose wait is within the request's own tokens of the best (an idle
-        replica is not traded for a loaded one to spread load)."""
+        `spread` best, among those whose wait is within the request's own tokens of the best
+        (an idle replica is not traded for a loaded one to spread load)."""
         spread = self.spread
         n = len(candidates)
         if 0 < choices < n:
@@ -220,15 +220,15 @@ class LoadTable:
             pool = self._live(pool, now)
         if not pool:
             pool = self._live(candidates, now) or list(candidates)
-        views = self._views
-        scored = [(_wait(views.get(r), tokens), i, r) for i, r in enumerate(pool)]
         if hits:
             offered = set(candidates)
             allowed = set(pool) | set(self._live((r for r in hits if r in offered), now))
             hits = {r: min(hit, tokens) for r, hit in hits.items() if r in allowed}
-            scored = [(_wait(views.get(r), max(1, tokens - hit)) - (CACHE_HIT_WEIGHT - 1) * hit,
-                       -1 - i, r) for i, (r, hit) in enumerate(hits.items())] + [
-                          s for s in scored if s[2] not in hits]
+        views = self._views
+        scored = [(_wait(views.get(r), max(1, tokens - hit)) - (CACHE_HIT_WEIGHT - 1) * hit,
+                   -1 - i, r) for i, (r, hit) in enumerate(hits.items())] if hits else []
+        scored += [(_wait(views.get(r), tokens), i, r) for i, r in enumerate(pool)
+                   if not hits or r not in hits]
         best = heapq.nsmallest(max(2, spread), scored)
         if spread > 1:
             spread = sum(1 for b in best[:spread] if b[0] <= best[0][0] + tokens)
