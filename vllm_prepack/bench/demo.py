@@ -18,9 +18,6 @@ def main(args) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TQDM_DISABLE", "1")
-    from vllm_prepack.bench.engines import in_process
-
-    in_process()
     from vllm import SamplingParams
 
     from vllm_prepack.bench.engines import build_engines, engine_table
@@ -31,14 +28,15 @@ def main(args) -> int:
     model = decoder_model(DEMO_MODEL)
     print(f"building plain vLLM and vLLM + prepack engines on a random-weight Llama "
           f"({DEMO_MODEL.hidden_size}h x {DEMO_MODEL.num_hidden_layers} layers) ...", flush=True)
-    engines = build_engines(model, args.budget, ("fcfs", "prepack"), dtype="float32",
-                            max_model_len=2048, enable_chunked_prefill=not args.whole_prompts,
-                            enable_prefix_caching=False, seed=0)
     lengths = prompt_lengths("bimodal", args.prompts, seed=0, max_len=1500)
     prompts = token_ids(lengths, vocab_size=DEMO_MODEL.vocab_size, seed=0)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-    print(f"running each {args.repeats} times, alternating ...", flush=True)
-    rows, outcomes = engine_table("demo", engines, prompts, params, args.repeats, args.budget, lengths)
+    with build_engines(model, args.budget, ("fcfs", "prepack"), dtype="float32",
+                       max_model_len=2048, enable_chunked_prefill=not args.whole_prompts,
+                       enable_prefix_caching=False, seed=0) as engines:
+        print(f"running each {args.repeats} times, alternating ...", flush=True)
+        rows, outcomes = engine_table("demo", engines, prompts, params, args.repeats, args.budget,
+                                      lengths)
     for row in rows:
         row["scheduler"] = {"fcfs": "plain vLLM", "prepack": "vllm-prepack"}[row["scheduler"]]
     print(header("demo: plain vLLM vs vllm-prepack"))

@@ -117,8 +117,8 @@ def _record(result: Result, out, step: int, now: float) -> None:
         result.finished, result.finish_step = True, step
 
 
-ENGINE_COLUMNS = ["workload", "scheduler", "steps", "steps/bound", "wall s", "tok/s vs FCFS",
-                  "TTFT mean s", "TTFT p99 s", "mean vs FCFS", "p99 vs FCFS", "outputs = FCFS"]
+ENGINE_COLUMNS = ["workload", "scheduler", "steps", "steps/bound", "TTFT mean (steps)", "wall s",
+                  "tok/s vs FCFS", "TTFT mean s", "TTFT p99 s", "mean vs FCFS", "p99 vs FCFS", "outputs = FCFS"]
 
 
 def engine_outcome(run, prompts, budget: int) -> Outcome:
@@ -140,13 +140,13 @@ def compare_engines(engines, prompts, params, repeats: int, budget: int
     """Every engine's runs, alternating which goes first (one warm-up each before): one list of
     `repeats` outcomes per engine, and each engine's first run (its outputs)."""
     warm = prompts[: min(8, len(prompts))]
-    for llm in engines:
-        run_stepwise(llm, warm, params)
+    for engine in engines:
+        engine.run(warm, params)
     runs: list[list[Outcome]] = [[] for _ in engines]
     first: list[Run] = []
     for repeat in range(repeats):
         for i in alternating(len(engines), repeat):
-            run = run_stepwise(engines[i], prompts, params)
+            run = engines[i].run(prompts, params)
             if repeat == 0:
                 first.append(run)
             runs[i].append(engine_outcome(run, prompts, budget))
@@ -164,20 +164,130 @@ def alternating(n: int, repeat: int) -> list[int]:
     return list(range(n)) if repeat % 2 == 0 else list(range(n))[::-1]
 
 
-def build_engines(model, budget: int, names, step_delay: float = 0.0, **kw) -> dict:
-    """One engine per scheduler name (SCHEDULERS), the same engine arguments for all;
-    `step_delay` seconds of sleep in every model execution (a GPU's fixed step cost)."""
-    engines = {}
-    for name in names:
-        cls = SCHEDULERS[name]
-        if name == "prepack":
-            engines[name] = build_llm(model, True, max_num_batched_tokens=budget, **kw)
-        else:
-            extra = {"scheduler_cls": cls} if cls else {}
-            engines[name] = build_llm(model, False, max_num_batched_tokens=budget, **kw, **extra)
-    if step_delay:
-        for llm in engines.values():
+class EngineProcess:
+    """One engine in a process of its own, running one job at a time when asked.
+
+    Engines built in one process share its allocator, thread pools and caches, and one engine's
+    runs can pay for another's (the plugin's MiniLM engine once took 1.08-1.18x SPF's seconds
+    for SPF's very steps there, BENCHMARKS.md). Each engine alone in its process, run in turn,
+    compares schedulers rather than neighbours."""
+
+    def __init__(self, model, prepack: bool | dict, step_delay: float, engine_kwargs: dict) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, name="bench-engine",
+                                        args=(child, str(model), prepack, step_delay, engine_kwargs))
+        try:
+            self._process.start()
+        finally:
+            child.close()
+
+    def ready(self) -> None:
+        """Wait until the engine is built (engines build concurrently)."""
+        self._reply()
+
+    def run(self, prompts, params) -> Run:
+        self._conn.send((list(map(list, prompts)), params))
+        return self._reply()
+
+    def _reply(self):
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
+            self._process.join(timeout=5)
+            raise RuntimeError(f"the bench engine's process died (exit code "
+                               f"{self._process.exitcode}); its log says why") from None
+        if kind == "error":
+            raise RuntimeError(f"the bench engine's process failed:\n{value}")
+        return value
+
+    def close(self, timeout: float = 60.0) -> None:
+        self._conn.close()  # the process ends at the closed pipe
+        self._process.join(timeout=timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+
+def _serve(conn, model: str, prepack, step_delay: float, engine_kwargs: dict) -> None:
+    """The engine process: build, then run what the parent sends until it closes the pipe or
+    dies. It leaves without finalizing the interpreter, an in-process engine alive (see
+    tests/conftest.py)."""
+    import sys
+    import threading
+    import traceback
+
+    def orphaned() -> None:  # the parent died mid-run: stop burning the machine's cores
+        parent = os.getppid()
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
+    in_process()
+    try:
+        llm = build_llm(model, prepack, **engine_kwargs)
+        if step_delay:
             delay_model_execution(llm, step_delay)
+        conn.send(("ready", None))
+        while True:
+            try:
+                prompts, params = conn.recv()
+            except EOFError:
+                break
+            conn.send(("run", run_stepwise(llm, prompts, params)))
+    except Exception:  # the parent raises it, naming the cause
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+class Engines(dict):
+    """Name -> EngineProcess; a context manager that ends the processes."""
+
+    def __enter__(self) -> Engines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """End every engine's process, even when ending one fails (the first failure raised)."""
+        errors = []
+        for engine in self.values():
+            try:
+                engine.close(timeout)
+            except BaseException as e:  # noqa: BLE001 (re-raised below, after the rest)
+                errors.append(e)
+        self.clear()
+        if errors:
+            raise errors[0]
+
+
+def build_engines(model, budget: int, names, step_delay: float = 0.0,
+                  variants: dict[str, dict] | None = None, **kw) -> Engines:
+    """One engine per scheduler name (SCHEDULERS), and one with the plugin per `variants`
+    entry (a row name -> the plugin's options), each in its own process, the same engine
+    arguments for all; `step_delay` seconds of sleep in every model execution (a GPU's fixed
+    step cost)."""
+    engines = Engines()
+    specs = {name: ((True, {}) if name == "prepack" else
+                    (False, {"scheduler_cls": SCHEDULERS[name]} if SCHEDULERS[name] else {}))
+             for name in names}
+    specs.update({name: (dict(options), {}) for name, options in (variants or {}).items()})
+    try:
+        for name, (prepack, extra) in specs.items():
+            engines[name] = EngineProcess(model, prepack, step_delay,
+                                          dict(max_num_batched_tokens=budget, **kw, **extra))
+        for engine in engines.values():
+            engine.ready()
+    except BaseException:
+        engines.close(timeout=1.0)
+        raise
     return engines
 
 

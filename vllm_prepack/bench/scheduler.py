@@ -1,6 +1,7 @@
 """``vllm-prepack bench scheduler``: FCFS vLLM, SGLang's orderings and the plugin, side by side.
 
-Every part runs each scheduler in the same process, on the same requests:
+Every part runs each scheduler on the same requests (the real engines each in a process of
+its own, run in turn):
 1. synthetic backlogs on vLLM's real scheduler, driven without a model (forward steps against
    the bounds ceil(prompt tokens / budget) and offline first-fit decreasing, time to first token
    in steps), and the same under Poisson arrivals at several offered loads;
@@ -241,24 +242,30 @@ def _plots(report: Path | None, name: str, title: str, outcomes: dict[str, Outco
     return f"\n![{title} TTFT]({ttft.name}) ![{title} fill]({fill.name})\n"
 
 
+PACKS_ALWAYS = "prepack, packs always"
+
+
 def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None,
                   step_delay: float = 0.0) -> str:
     from vllm import PoolingParams
 
     from vllm_prepack.models import minilm_model
 
-    engines = build_engines(minilm_model(), budget, ONLINE, step_delay=step_delay, runner="pooling",
-                            dtype="float32", max_model_len=256, seed=0)
     rows, figures = [], ""
-    for workload, seed in (("mmlu", 11), ("trimodal", 12)):
-        lengths = prompt_lengths(workload, n, seed=seed, max_len=256)
-        prompts = token_ids(lengths, vocab_size=30000, seed=seed, first_id=1000)
-        part, outcomes = engine_table(workload, engines, prompts, PoolingParams(task="embed"),
-                                      repeats, budget, lengths)
-        rows += part
-        figures += _plots(report, f"embed_{workload}", f"embedding job, {workload}", outcomes)
+    # with a fixed step cost, the other end of the latency/throughput option: packing always
+    variants = {PACKS_ALWAYS: {"pack_fixed_share": 0.0}} if step_delay else None
+    with build_engines(minilm_model(), budget, ONLINE, step_delay=step_delay, variants=variants,
+                       runner="pooling", dtype="float32", max_model_len=256, seed=0) as engines:
+        for workload, seed in (("mmlu", 11), ("trimodal", 12)):
+            lengths = prompt_lengths(workload, n, seed=seed, max_len=256)
+            prompts = token_ids(lengths, vocab_size=30000, seed=seed, first_id=1000)
+            part, outcomes = engine_table(workload, engines, prompts, PoolingParams(task="embed"),
+                                          repeats, budget, lengths)
+            rows += part
+            figures += _plots(report, f"embed_{workload}", f"embedding job, {workload}", outcomes)
     delay = (f"; every model execution first sleeps {1e3 * step_delay:g} ms, standing in for a "
-             f"GPU's fixed cost per step" if step_delay else "")
+             f"GPU's fixed cost per step; `{PACKS_ALWAYS}`: the plugin with "
+             f"`pack_fixed_share` 0, the throughput end of that option" if step_delay else "")
     return (
         f"**Embedding jobs, all-MiniLM-L6-v2 (real weights), chunked prefill off** ({n} prompts "
         f"each, synthetic lengths capped at 256: mmlu-shaped, and the trimodal mix 50% 6-30 / 30% "
@@ -273,18 +280,18 @@ def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int,
 
     from vllm_prepack.models import BENCH_100M, decoder_model
 
-    engines = build_engines(decoder_model(BENCH_100M), budget, ONLINE, dtype="float32",
-                       max_model_len=2048, enable_chunked_prefill=True,
-                       enable_prefix_caching=False, seed=0)
     lengths = prompt_lengths("bimodal", n, seed=12, max_len=2000)
     prompts = token_ids(lengths, vocab_size=BENCH_100M.vocab_size, seed=12)
     rows, figures = [], ""
-    for tokens in max_tokens:
-        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-        part, outcomes = engine_table(f"bimodal, {tokens} out", engines, prompts, params, repeats,
-                                      budget, lengths)
-        rows += part
-        figures += _plots(report, f"generate_{tokens}", f"generation, {tokens} out", outcomes)
+    with build_engines(decoder_model(BENCH_100M), budget, ONLINE, dtype="float32",
+                       max_model_len=2048, enable_chunked_prefill=True,
+                       enable_prefix_caching=False, seed=0) as engines:
+        for tokens in max_tokens:
+            params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+            part, outcomes = engine_table(f"bimodal, {tokens} out", engines, prompts, params,
+                                          repeats, budget, lengths)
+            rows += part
+            figures += _plots(report, f"generate_{tokens}", f"generation, {tokens} out", outcomes)
     return (
         f"**Generation, random-weight Llama ~100M params (fp32), chunked prefill on** ({n} "
         f"prompts, bimodal synthetic lengths, budget {budget}; median wall of {repeats}; bounds "
@@ -301,9 +308,6 @@ def prefix_job(n: int, budget: int, repeats: int) -> str:
 
     from vllm_prepack.models import DEMO_MODEL, decoder_model
 
-    engines = build_engines(decoder_model(DEMO_MODEL), budget, ("fcfs", "spf", "prepack"),
-                       dtype="float32", max_model_len=2048, enable_chunked_prefill=False,
-                       enable_prefix_caching=True, seed=0)
     rng = random.Random(14)
     systems = token_ids([rng.randint(200, 400) for _ in range(4)], DEMO_MODEL.vocab_size, seed=15)
     docs = token_ids([rng.randint(300, 900) for _ in range(n // 8)], DEMO_MODEL.vocab_size, seed=16)
@@ -312,7 +316,10 @@ def prefix_job(n: int, budget: int, repeats: int) -> str:
         tail = token_ids([rng.randint(5, 60)], DEMO_MODEL.vocab_size, seed=100 + i)[0]
         prompts.append(systems[i % len(systems)] + tail if i % 2 else rng.choice(docs) + tail)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    rows, _ = engine_table("shared prefixes", engines, prompts, params, repeats, budget, None)
+    with build_engines(decoder_model(DEMO_MODEL), budget, ("fcfs", "spf", "prepack"),
+                       dtype="float32", max_model_len=2048, enable_chunked_prefill=False,
+                       enable_prefix_caching=True, seed=0) as engines:
+        rows, _ = engine_table("shared prefixes", engines, prompts, params, repeats, budget, None)
     return (
         f"**Prefix caching on, chunked prefill off** (random-weight Llama {DEMO_MODEL.hidden_size}h x "
         f"{DEMO_MODEL.num_hidden_layers} layers, fp32; {n} prompts: half one of 4 system prompts "
