@@ -30,10 +30,31 @@ def report(waiting=0, prefill=0, decoding=0, budget=256, newest=0.0, at=0.0, seq
 @given(st.tuples(st.integers(0, 2**40), st.floats(0, 2e9), st.integers(0, 2**40),
                  st.integers(0, 2**40), st.integers(0, 2**20), st.integers(1, 2**20),
                  st.floats(0, 2e9), st.integers(0, 2**20), st.integers(0, 2**40),
-                 st.integers(0, 2**20)))
+                 st.integers(0, 2**20), st.floats(0, 1e3)))
 def test_report_round_trips(fields):
     r = LoadReport(*fields)
-    assert LoadReport.decode(r.encode()) == r and len(r.encode()) == 80
+    assert LoadReport.decode(r.encode()) == r and len(r.encode()) == 88
+
+
+@given(st.integers(1, 4096), st.floats(1e-4, 10), st.floats(0, 20), st.floats(0, 20),
+       st.integers(1, 2048))
+def test_the_step_under_way_counts_what_is_left_of_it(step, seconds, t1, t2, tokens):
+    """The step a report says is under way counts in full when heard (or asked without a
+    time), less as its predicted time passes, nothing once it is over, and a repeat of the
+    report (a heartbeat) does not start it again; with no prediction, in full whenever asked."""
+    table = LoadTable(stale_after=math.inf)
+    a = LoadReport(1, 0.0, 100, 0, 0, 256, 0.0, 1, 1, step, seconds)
+    table.report("a", a, now=0.0)
+    table.report("b", LoadReport(1, 0.0, 100, 0, 0, 256, 0.0, 1, 1, step, 0.0), now=0.0)
+    whole = table.expected_wait("b", tokens)
+    assert table.expected_wait("a", tokens, now=0.0) == whole == table.expected_wait("b", tokens, t1)
+    assert table.expected_wait("a", tokens) == whole
+    assert table.expected_wait("a", tokens, now=-1.0) == whole  # heard "after" now: a clock step
+    early, late = sorted((t1, t2))
+    table.report("a", a, now=early)  # a heartbeat
+    assert table.expected_wait("a", tokens, early) >= table.expected_wait("a", tokens, late)
+    left = max(0.0, 1 - late / seconds)
+    assert table.expected_wait("a", tokens, late) == pytest.approx(whole - step * (1 - left))
 
 
 # a history: each event sends a request to a replica, finishes one, or reports
@@ -372,6 +393,25 @@ def test_a_scheduler_publishes_its_load_every_step_and_while_idle(tiny_model):
     finally:
         subscriber.close()
         scheduler._publisher.close()
+
+
+def test_load_report_predicts_its_step_once_steps_are_measured(tiny_model):
+    """A report carries the step's time by the scheduler's step-cost model: unknown (0) before
+    it has measured steps, then a + b x tokens as the engine's steps took."""
+    from vllm_prepack.bench.harness import fake_step, make_request, standalone_scheduler
+
+    scheduler = standalone_scheduler(tiny_model, budget=256, max_model_len=512, chunked_prefill=True)
+    clock = [0.0]
+    scheduler.prepack_clock = lambda: clock[0]
+    assert scheduler.load_report(200, 4).step_seconds == 0
+    for i in range(40):
+        scheduler.add_request(make_request(str(i), 50 + 5 * i, max_tokens=2))
+    while scheduler.has_requests():
+        out = scheduler.schedule()
+        clock[0] += 0.01 + 1e-4 * out.total_num_scheduled_tokens
+        fake_step(scheduler, out)
+    assert scheduler.load_report(200, 4).step_seconds == pytest.approx(0.03, rel=0.1)
+    assert scheduler.load_report().step_seconds == 0  # no step under way
 
 
 def test_load_report_counts_what_waits_and_what_runs(tiny_model):

@@ -1,11 +1,11 @@
 """The load channel: a replica's scheduler publishes its ``LoadReport`` each step; routers read.
 
-ZMQ PUB/SUB, one small message (80 bytes) a step, straight from the engine process (where the
+ZMQ PUB/SUB, one small message (88 bytes) a step, straight from the engine process (where the
 scheduler runs) to every router, without the replica's event loop or Ray's controller in the
 way (Ray Serve's routing stats go replica -> controller -> long poll, every few seconds at best).
-A publisher repeats its last report every ``HEARTBEAT_S`` while the engine is idle, so a router
-tells a quiet replica from a dead one; it stops when the replica process that started the engine
-is gone. Subscribers keep only the newest message of each publisher (ZMQ_CONFLATE).
+A publisher repeats its last report every ``HEARTBEAT_S`` while nothing new comes (an idle
+engine, a long step), so a router tells a quiet replica from a dead one; it stops when the
+replica process that started the engine is gone. Subscribers keep only the newest message of each publisher (ZMQ_CONFLATE).
 """
 
 from __future__ import annotations

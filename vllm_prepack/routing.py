@@ -1,9 +1,11 @@
 """Pure: the token router's policy. No Ray, no vLLM, no sockets.
 
 A replica with the plugin reports, every step, the prompt tokens still to prefill (waiting and
-running) and its decoding requests (``LoadReport``). Between two reports the router adds what it
-has sent there itself (``LoadTable.sent``), counted from token ids or estimated from text; a
-report drops the requests it already covers: those sent before the newest arrival it has seen.
+running), its decoding requests, and the step it has just started with the time its step-cost
+model gives it (``LoadReport``): the router counts only the part of that step still to run.
+Between two reports the router adds what it has sent there itself (``LoadTable.sent``), counted
+from token ids or estimated from text; a report drops the requests it already covers: those
+sent before the newest arrival it has seen.
 A new request goes where it expects the shortest wait: the prompt tokens ahead of it and its
 own, plus the decode tokens that ride along each step until it is through. Counting tokens
 instead of requests is the point: ten long prompts and ten short ones are not the same queue.
@@ -35,8 +37,8 @@ from dataclasses import dataclass
 
 Replica = Hashable
 
-# seq, time, waiting, prefill, decoding, budget, newest arrival, requests, arrived, step
-_FORMAT = struct.Struct("<qdqqqqdqqq")
+# seq, time, waiting, prefill, decoding, budget, newest arrival, requests, arrived, step, seconds
+_FORMAT = struct.Struct("<qdqqqqdqqqd")
 MIN_PREFILL_SHARE = 0.25  # decode never leaves prefill less than this share of a step (estimate)
 MESSAGE_TOKENS = 4  # chat template tokens around each message (estimate)
 SHARE_WINDOW = 50  # arrivals over which a router measures its share of them
@@ -59,11 +61,12 @@ class LoadReport:
     requests: int  # waiting + running
     arrived: int  # requests the scheduler has taken since it started
     step_tokens: int = 0  # tokens of the step being computed as the report leaves
+    step_seconds: float = 0.0  # that step's time as the replica predicts it (0: not known yet)
 
     def encode(self) -> bytes:
         return _FORMAT.pack(self.seq, self.time, self.waiting_tokens, self.prefill_tokens,
                             self.decoding, self.budget, self.newest_arrival, self.requests,
-                            self.arrived, self.step_tokens)
+                            self.arrived, self.step_tokens, self.step_seconds)
 
     @classmethod
     def decode(cls, data: bytes) -> LoadReport:
@@ -81,11 +84,12 @@ class _Charge:
 
 
 class _View:
-    __slots__ = ("report", "heard", "charges", "unreported", "arrived")
+    __slots__ = ("report", "heard", "step_heard", "charges", "unreported", "arrived")
 
     def __init__(self) -> None:
         self.report: LoadReport | None = None
         self.heard = -math.inf  # when the last report (or heartbeat) came
+        self.step_heard = -math.inf  # when the last new report came (its step's start, here)
         self.charges: deque[_Charge] = deque()  # in send order
         self.unreported = 0  # tokens of live charges
         self.arrived = -1  # the last report's count of arrivals
@@ -118,11 +122,13 @@ class LoadTable:
     # ---- bookkeeping --------------------------------------------------------------------
 
     def report(self, replica: Replica, report: LoadReport, now: float) -> None:
-        """A replica's report (a repeated one only says it is alive). It covers every request
-        sent before the newest arrival it counts (sends reach a replica in order), so those
-        stop being counted here."""
+        """A replica's report (a repeated one, a heartbeat, only says it is alive). It covers
+        every request sent before the newest arrival it counts (sends reach a replica in
+        order), so those stop being counted here."""
         view = self._view(replica)
         view.heard = now
+        if view.report is None or (report.seq, report.time) != (view.report.seq, view.report.time):
+            view.step_heard = now  # not a repeat: its step started about now
         view.report = report
         if view.arrived >= 0 and report.arrived >= view.arrived:  # not a restarted engine
             self._count_arrivals(report.arrived - view.arrived)
@@ -187,11 +193,12 @@ class LoadTable:
 
     # ---- the policy ---------------------------------------------------------------------
 
-    def expected_wait(self, replica: Replica, tokens: int) -> float:
+    def expected_wait(self, replica: Replica, tokens: int, now: float | None = None) -> float:
         """Compute (in tokens) a replica does before a new request of `tokens` prompt tokens is
-        through prefill: the rest of the step under way, the prompt tokens ahead of it and its
-        own, plus its decoding requests' tokens in every step until then."""
-        return _wait(self._views.get(replica), tokens)
+        through prefill: the rest of the step under way at `now` (all of it without `now`), the
+        prompt tokens ahead of it and its own, plus its decoding requests' tokens in every step
+        until then."""
+        return _wait(self._views.get(replica), tokens, now)
 
     def choose(self, candidates: Sequence[Replica], tokens: int, now: float, choices: int = 0,
                hits: Mapping[Replica, int] | None = None) -> list[Replica]:
@@ -225,9 +232,9 @@ class LoadTable:
             allowed = set(pool) | set(self._live((r for r in hits if r in offered), now))
             hits = {r: min(hit, tokens) for r, hit in hits.items() if r in allowed}
         views = self._views
-        scored = [(_wait(views.get(r), max(1, tokens - hit)) - (CACHE_HIT_WEIGHT - 1) * hit,
+        scored = [(_wait(views.get(r), max(1, tokens - hit), now) - (CACHE_HIT_WEIGHT - 1) * hit,
                    -1 - i, r) for i, (r, hit) in enumerate(hits.items())] if hits else []
-        scored += [(_wait(views.get(r), tokens), i, r) for i, r in enumerate(pool)
+        scored += [(_wait(views.get(r), tokens, now), i, r) for i, r in enumerate(pool)
                    if not hits or r not in hits]
         best = heapq.nsmallest(max(2, spread), scored)
         if spread > 1:
@@ -241,7 +248,7 @@ class LoadTable:
                 if (v := views.get(r)) is None or v.report is None or v.heard >= cutoff]
 
 
-def _wait(view: _View | None, tokens: int) -> float:
+def _wait(view: _View | None, tokens: int, now: float | None) -> float:
     """LoadTable.expected_wait on a replica's view."""
     if view is None:
         return tokens
@@ -252,8 +259,15 @@ def _wait(view: _View | None, tokens: int) -> float:
     ahead += report.waiting_tokens + report.prefill_tokens
     decoding, budget = report.decoding, report.budget
     per_step = max(budget - decoding, budget * MIN_PREFILL_SHARE, 1)
-    # the step under way finishes first (its share done by now is not known: all of it)
-    return report.step_tokens + ahead + math.ceil(ahead / per_step) * decoding
+    # the step under way finishes first: the share of it left by the replica's own estimate of
+    # its time, from when its report was first heard here (this router's clock; the channel's
+    # delay makes that a little late, so the rest is, if anything, overcounted); all of it when
+    # unknown. An async-scheduling engine reports a step as it schedules it, while the one
+    # before still runs: the rest is then undercounted by up to a step.
+    step = report.step_tokens
+    if step and report.step_seconds > 0 and now is not None:
+        step *= min(1.0, max(0.0, 1.0 - (now - view.step_heard) / report.step_seconds))
+    return step + ahead + math.ceil(ahead / per_step) * decoding
 
 
 def prompt_tokens(body, chars_per_token: float) -> int:

@@ -307,6 +307,7 @@ class PrepackScheduler(internal.Scheduler):
         self.verify_budget = self.prepack_config.debug_layout or not supported
         self._iteration = None  # this step's context/generation split, until make_stats takes it
         self._capture_sizes = capture_sizes(vllm_config) if self.prepack_config.cuda_graph_topup else ()
+        self.step_cost_model = self.prepack_config.step_cost_model(self.max_num_scheduled_tokens)
         self._publisher = None
         self._reports = 0
         if self.prepack_config.load_endpoint:
@@ -315,7 +316,6 @@ class PrepackScheduler(internal.Scheduler):
             self._publisher = LoadPublisher(self.prepack_config.load_endpoint)
             # idle and up: routers hear it (and its budget) before its first request
             self._publisher.publish(self.load_report())
-        self.step_cost_model = self.prepack_config.step_cost_model(self.max_num_scheduled_tokens)
         self.prepack_clock = time.perf_counter  # step times (the engine-free bench sets its clock)
         self._last_step_end: float | None = None  # when the last busy step ended
 
@@ -333,7 +333,8 @@ class PrepackScheduler(internal.Scheduler):
             self.waiting.end_step()
         self._record(output, limits, planned, waiting, plan_seconds)
         if self._publisher is not None:
-            self._publisher.publish(self.load_report(output.total_num_scheduled_tokens))
+            self._publisher.publish(self.load_report(output.total_num_scheduled_tokens,
+                                                     len(output.num_scheduled_tokens)))
         if self.verify_budget:
             self._check_running(phase.tokens, output)
         if self.prepack_config.debug_layout:
@@ -381,17 +382,21 @@ class PrepackScheduler(internal.Scheduler):
             )
         return stats
 
-    def load_report(self, step_tokens: int = 0) -> LoadReport:
-        """This replica's load once the step just scheduled (of `step_tokens`) has run, for the
-        token router."""
+    def load_report(self, step_tokens: int = 0, step_seqs: int = 0) -> LoadReport:
+        """This replica's load once the step just scheduled (of `step_tokens` over `step_seqs`
+        requests) has run, for the token router, with that step's time as the step-cost model
+        predicts it once it has measured steps (the router counts the part still to run)."""
         prefill, decoding = running_load(self)
         self._reports += 1
+        model = self.step_cost_model
+        seconds = (model.current.seconds(step_tokens, step_seqs)
+                   if step_tokens and model.steps >= MIN_STEPS else 0.0)
         return LoadReport(
             seq=self._reports, time=time.time(), waiting_tokens=self.waiting.tokens,
             prefill_tokens=prefill, decoding=decoding, budget=self.max_num_scheduled_tokens,
             newest_arrival=self.waiting.newest_arrival,
             requests=len(self.waiting) + len(self.running), arrived=self.waiting.arrived,
-            step_tokens=step_tokens)
+            step_tokens=step_tokens, step_seconds=seconds)
 
     def _step_ms(self) -> float:
         """This step's time so far (the stats of a step are made at its end), 0 when unmeasured:

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 from vllm_prepack.bench.report import header, pct, table
+from vllm_prepack.bench.serve_sim import ROUTERS, Cost, sim_table
 from vllm_prepack.models import DecoderShape
 from vllm_prepack.touchpoints import internal
 
@@ -435,14 +436,13 @@ SIM_COLUMNS = ["cost", "workload", "replicas", "routers", "load", "router", "TTF
 
 
 def sim(args) -> str:
-    from vllm_prepack.bench.serve_sim import Cost, sim_table
     from vllm_prepack.models import TINY, decoder_model
 
     costs = [Cost("cpu", 0.0, args.cpu_token_us * 1e-6, 512),
              Cost("gpu", args.gpu_step_ms * 1e-3, args.gpu_token_us * 1e-6, 2048)]
     routers_at = {n: args.sim_routers for n in args.sim_sizes if n >= 32}
     rows = sim_table(str(decoder_model(TINY)), args.sim_sizes, args.sim_loads, costs,
-                     args.sim_per_replica, routers_at, seed=0)
+                     args.sim_per_replica, routers_at, seed=0, policies=tuple(args.sim_policies))
     return (f"**Simulation: routers at {', '.join(map(str, args.sim_sizes))} replicas** "
             f"(vLLM's scheduler with the plugin in each replica, no model; a step of T tokens "
             f"costs a + b x T: cpu a = 0, b = {args.cpu_token_us} us; gpu a = "
@@ -472,6 +472,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sim-per-replica", type=int, default=25)
     parser.add_argument("--sim-routers", type=int, default=8,
                         help="also run with this many routers at 32 replicas and more")
+    parser.add_argument("--sim-policies", nargs="+", default=list(ROUTERS), choices=ROUTERS,
+                        help="routers to simulate (the oracle always runs: the ratios' baseline)")
     parser.add_argument("--cpu-token-us", type=float, default=50.0)
     parser.add_argument("--gpu-step-ms", type=float, default=3.0)
     parser.add_argument("--gpu-token-us", type=float, default=8.5)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from vllm_prepack.bench.harness import fake_step, make_request, standalone_scheduler
 from vllm_prepack.bench.report import pct
+from vllm_prepack.cost import MIN_STEPS
 from vllm_prepack.routing import LoadTable, PrefixIndex
 from vllm_prepack.workloads import prompt_lengths
 
@@ -345,6 +346,13 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
         heapq.heappush(events, (t, order, kind, payload))
 
     t = start = pool.start
+    clock = [start]
+    for scheduler in schedulers:  # the step-cost model learns step times on the simulated clock
+        scheduler.prepack_clock = lambda: clock[0]
+        model = scheduler.step_cost_model
+        for k in range(model.steps, MIN_STEPS):  # replicas that served a while measured steps
+            tokens = max(1, cost.budget * (k + 1) // MIN_STEPS)
+            model.observe(tokens, 1, cost.step(tokens))
     for request in requests:
         t += arrivals_rng.expovariate(rate)
         push(t, "arrive", request)
@@ -365,7 +373,7 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
         replica.stepping = True
         tokens = out.total_num_scheduled_tokens
         replica.step = (now, now + cost.step(tokens), tokens)
-        report = replica.scheduler.load_report(tokens)
+        report = replica.scheduler.load_report(tokens, len(out.num_scheduled_tokens))
         for instance in instances:
             push(now + REPORT_DELAY_S, "report", (instance, replica.index, report))
         steps[replica.index] = out
@@ -373,6 +381,7 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
+        clock[0] = now
         if kind == "arrive":
             instance = instances[rng.randrange(routers)]
             started = time.perf_counter()
@@ -418,8 +427,10 @@ def capacity(requests: list[SimRequest], cost: Cost, n: int) -> float:
 
 
 def sim_table(model_dir: str, sizes: list[int], loads: list[float], costs: list[Cost],
-              per_replica: int, routers_at: dict[int, int], seed: int) -> list[dict]:
-    """Every router on the same requests and arrivals; ratios against the oracle of the run."""
+              per_replica: int, routers_at: dict[int, int], seed: int,
+              policies: tuple[str, ...] = ROUTERS) -> list[dict]:
+    """Every router of `policies` (and the oracle) on the same requests and arrivals; ratios
+    against the oracle of the run."""
     pool = Pool(model_dir)
     rows, run = [], 0
     for cost in costs:
@@ -429,7 +440,8 @@ def sim_table(model_dir: str, sizes: list[int], loads: list[float], costs: list[
                 requests = (prefix_workload(count, 2 * n, seed) if name == "prefix"
                             else workload(name, count, seed))
                 chunked = name != "embed"
-                names = [r for r in ROUTERS if name == "prefix" or "prefix" not in r]
+                names = [r for r in ROUTERS if (r in policies or r == "oracle")
+                         and (name == "prefix" or "prefix" not in r)]
                 for load in loads:
                     rate = load * capacity(requests, cost, n)
                     for k in sorted({1, routers_at.get(n, 1)}):
