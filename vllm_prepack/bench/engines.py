@@ -213,9 +213,8 @@ class EngineProcess:
 
 def _serve(conn, model: str, prepack, step_delay: float, engine_kwargs: dict) -> None:
     """The engine process: build, then run what the parent sends until it closes the pipe or
-    dies. It leaves without finalizing the interpreter, an in-process engine alive (see
-    tests/conftest.py)."""
-    import sys
+    dies. It ends normally, releasing what the engine registered with multiprocessing's
+    resource tracker (an ``os._exit`` left it reported as leaked at the parent's exit)."""
     import threading
     import traceback
 
@@ -241,9 +240,7 @@ def _serve(conn, model: str, prepack, step_delay: float, engine_kwargs: dict) ->
     except Exception:  # the parent raises it, naming the cause
         conn.send(("error", traceback.format_exc()))
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        conn.close()
 
 
 class Engines(dict):
