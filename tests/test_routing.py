@@ -47,7 +47,8 @@ def test_the_step_under_way_counts_what_is_left_of_it(step, seconds, t1, t2, tok
     table.report("a", a, now=0.0)
     table.report("b", LoadReport(1, 0.0, 100, 0, 0, 256, 0.0, 1, 1, step, 0.0), now=0.0)
     whole = table.expected_wait("b", tokens)
-    assert table.expected_wait("a", tokens, now=0.0) == whole == table.expected_wait("b", tokens, t1)
+    assert table.expected_wait("a", tokens, now=0.0) == whole
+    assert table.expected_wait("b", tokens, t1) == whole
     assert table.expected_wait("a", tokens) == whole
     assert table.expected_wait("a", tokens, now=-1.0) == whole  # heard "after" now: a clock step
     early, late = sorted((t1, t2))
@@ -400,7 +401,8 @@ def test_load_report_predicts_its_step_once_steps_are_measured(tiny_model):
     it has measured steps, then a + b x tokens as the engine's steps took."""
     from vllm_prepack.bench.harness import fake_step, make_request, standalone_scheduler
 
-    scheduler = standalone_scheduler(tiny_model, budget=256, max_model_len=512, chunked_prefill=True)
+    scheduler = standalone_scheduler(tiny_model, budget=256, max_model_len=512,
+                                     chunked_prefill=True)
     clock = [0.0]
     scheduler.prepack_clock = lambda: clock[0]
     assert scheduler.load_report(200, 4).step_seconds == 0

@@ -118,7 +118,8 @@ def _record(result: Result, out, step: int, now: float) -> None:
 
 
 ENGINE_COLUMNS = ["workload", "scheduler", "steps", "steps/bound", "TTFT mean (steps)", "wall s",
-                  "tok/s vs FCFS", "TTFT mean s", "TTFT p99 s", "mean vs FCFS", "p99 vs FCFS", "outputs = FCFS"]
+                  "tok/s vs FCFS", "TTFT mean s", "TTFT p99 s", "mean vs FCFS", "p99 vs FCFS",
+                  "outputs = FCFS"]
 
 
 def engine_outcome(run, prompts, budget: int) -> Outcome:
