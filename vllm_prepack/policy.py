@@ -58,7 +58,10 @@ from vllm_prepack.cost import StepCost
 Key = Hashable
 AGED_PROBES = 16  # aged requests skipped per step before the first-fit scan gives up: O(1)
 FIT_PROBES = 64  # entries a best-fit search looks at before giving up: O(1)
-BINS_PER_STEP = 8  # filler-reserve bins built per step (the builder outruns shortest-first)
+# filler-reserve bins built per step: the builder outruns shortest-first 4:1, so shortest-first
+# spends about a fifth of a backlog's tokens (the shortest prompts, the best fillers) before the
+# two meet; 2 costs a trimodal backlog 2% more steps, 8 doubles the planning time per step
+BINS_PER_STEP = 4
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
@@ -463,27 +466,34 @@ class WaitingSet:
         return planner.picks
 
     def _plan_level(self, level: _Level, p: _Planner, step: int, now: float) -> None:
+        p.free_below = ()
         for entry in level.pinned:
             if not p.take_in_order(entry, Reason.PINNED):
                 return
-        exchangeable: list[Entry] = []  # aged first-fit and short picks, in plan order
+        exchangeable: list[Key] = []  # aged first-fit and short picks, in plan order
         self._take_aged(level, p, step, now, exchangeable)
         if p.blocked:
             return
         packing = p.limits.packs(self.pack_share)
         if packing and not p.limits.chunked_prefill:
             self._build_bins(level, p.limits.budget)
-        if level.bins and self._bin_first(level, p):
-            self._serve_bins(level, p)
+        first_short = len(exchangeable)
+        shortest = p.save()
         p.take_shortest(level, exchangeable)
+        if level.bins and self._bin_first(level, p, shortest, len(exchangeable) - first_short):
+            for key in reversed(exchangeable[first_short:]):
+                p.untake(level.fifo[key])
+            del exchangeable[first_short:]
+            self._serve_bins(level, p)
+            p.take_shortest(level, exchangeable)
         if packing:
             self._exchange(level, p, exchangeable, step, now)
-        if level.bins and all(p.taken(key) for _, _, key in level.free):
+        if level.bins and all(p.taken(key) for _, _, key in level.free.irange(p.free_below)):
             self._serve_bins(level, p)
         p.chunk_next(level)
 
     def _take_aged(self, level: _Level, p: _Planner, step: int, now: float,
-                   exchangeable: list[Entry]) -> None:
+                   exchangeable: list[Key]) -> None:
         """(a) Overdue requests go first, earliest deadline first: whole, else a chunk, else the
         step stops. With chunked prefill off, only the first may stop the step; the others
         follow first-fit, so an all-overdue queue still packs. One whose KV blocks are not
@@ -506,7 +516,7 @@ class WaitingSet:
                 return
             elif entry.length <= p.left and p.group_ok(entry) and p.kv_fits(entry):
                 p.take(entry, Reason.AGED)
-                exchangeable.append(entry)
+                exchangeable.append(entry.key)
             else:
                 misses += 1
                 if misses > AGED_PROBES:
@@ -536,24 +546,19 @@ class WaitingSet:
             level.reserve(members, bin_id)
 
     @staticmethod
-    def _bin_first(level: _Level, p: _Planner) -> bool:
-        """Smith's rule in seconds between the best reserved bin and a shortest-first step:
-        whichever starts more requests per second of step goes first (with every step the
-        same cost: whichever starts more). O(k) for the k free prompts a step would take."""
+    def _bin_first(level: _Level, p: _Planner, before: _Room, count: int) -> bool:
+        """Smith's rule in seconds between the best reserved bin and the shortest-first step
+        just planned (`count` picks since the plan stood at `before`): whichever starts more
+        requests per second of step goes first (with every step the same cost: whichever
+        starts more). O(bin size): the shortest-first step is the one already planned."""
         _, _, bin_id = level.bin_order[0]
         members = [level.fifo[key] for key in level.bins[bin_id].keys if not p.taken(key)]
         bin_tokens = sum(e.length for e in members)
-        if not members or bin_tokens > p.left or not p.kv_fits_all(members):
+        if not members or bin_tokens > p.left_at(before) or not p.kv_fits_all(members, before):
             return False
-        left, count = p.left, 0
-        for length, _, key in level.free:
-            if length > left:
-                break
-            if not p.taken(key) and p.kv_fits(level.fifo[key]):
-                left -= length
-                count += 1
         limits = p.limits
-        return (len(members) * limits.step_seconds(p.left - left, count)
+        short_tokens = p.planned_tokens - before.planned_tokens
+        return (len(members) * limits.step_seconds(short_tokens, count)
                 > count * limits.step_seconds(bin_tokens, len(members)))
 
     def _serve_bins(self, level: _Level, p: _Planner) -> None:
@@ -569,7 +574,7 @@ class WaitingSet:
                         and p.group_ok(entry) and p.kv_fits(entry)):
                     p.take(entry, Reason.BIN)
 
-    def _exchange(self, level: _Level, p: _Planner, picks: list[Entry], step: int, now: float) -> None:
+    def _exchange(self, level: _Level, p: _Planner, picks: list[Key], step: int, now: float) -> None:
         """(c) best fit: swap the last exchangeable picks for longer free prompts that fill the
         step; an overdue pick only for another overdue request, so no younger one overtakes it.
 
@@ -581,7 +586,7 @@ class WaitingSet:
         for _ in range(self.max_swaps):
             if not picks or p.left == 0:
                 return
-            last = picks[-1]
+            last = level.fifo[picks[-1]]
             aged = p.reason(last.key) == Reason.AGED
             overdue = (lambda e: self.aging.overdue(e, step, now)) if aged else (lambda e: True)
             best = self._longest_fitting(
@@ -613,6 +618,15 @@ class WaitingSet:
         return None
 
 
+class _Room(NamedTuple):
+    """What a plan had left at one point (``_Planner.save``)."""
+
+    token_left: int
+    input_left: int | None
+    kv_left: int | None
+    planned_tokens: int
+
+
 class _Planner:
     """Mutable state of one step's plan: the picks and what is left."""
 
@@ -628,6 +642,9 @@ class _Planner:
         self.blocked = False  # a must-go-first request did not fit: nothing may overtake it
         self.kv_left = limits.free_blocks  # None: KV blocks not tracked
         self._chunks = 0  # picks that are chunks
+        # the level's free prompts that sort below this (length, seq) are all taken:
+        # shortest-first stopped there, and later scans start there
+        self.free_below: tuple = ()
 
     @property
     def picks(self) -> list[Pick]:
@@ -636,9 +653,15 @@ class _Planner:
     @property
     def left(self) -> int:
         """Tokens the next request may take (vLLM's min(token_budget, input_budget - slots))."""
-        if self.input_left is None:
-            return self.token_left
-        return max(0, min(self.token_left, self.input_left - self.limits.overhead))
+        return self.left_at(self)
+
+    def left_at(self, room: _Room | _Planner) -> int:
+        if room.input_left is None:
+            return room.token_left
+        return max(0, min(room.token_left, room.input_left - self.limits.overhead))
+
+    def save(self) -> _Room:
+        return _Room(self.token_left, self.input_left, self.kv_left, self.planned_tokens)
 
     def has_room(self) -> bool:
         return self.left > 0 and self.seats > 0
@@ -671,10 +694,10 @@ class _Planner:
         watermark = self.limits.watermark_blocks if (self.limits.running or self._picks) else 0
         return entry.blocks + watermark <= self.kv_left + freed
 
-    def kv_fits_all(self, entries: Sequence[Entry]) -> bool:
-        if self.kv_left is None:
-            return True
-        return sum(e.blocks for e in entries) + self.limits.watermark_blocks <= self.kv_left
+    def kv_fits_all(self, entries: Sequence[Entry], room: _Room | None = None) -> bool:
+        """All of `entries` would find their blocks free (with the plan's room at `room`)."""
+        kv_left = (room or self).kv_left
+        return kv_left is None or sum(e.blocks for e in entries) + self.limits.watermark_blocks <= kv_left
 
     def take(self, entry: Entry, reason: Reason, tokens: int | None = None) -> None:
         tokens = entry.length if tokens is None else tokens
@@ -688,6 +711,8 @@ class _Planner:
 
     def untake(self, entry: Entry) -> None:
         pick = self._picks.pop(entry.key)
+        if entry.bin is None and not entry.pinned:  # free again: scans must see it
+            self.free_below = min(self.free_below, (entry.length, entry.seq))
         self._chunks -= pick.chunked
         self._charge(pick.tokens, -1)
         if self.kv_left is not None:
@@ -702,12 +727,13 @@ class _Planner:
         self.planned_tokens += sign * tokens
         self.seats -= sign
 
-    def take_shortest(self, level: _Level, taken: list[Entry]) -> None:
-        """(b) free prompts shortest first while they fit (appended to `taken`). The hot loop
-        of a plan (a hundred picks a step): the budget's arithmetic is inlined where no LoRA
-        limit applies."""
+    def take_shortest(self, level: _Level, taken: list[Key]) -> None:
+        """(b) free prompts shortest first while they fit (keys appended to `taken`), from
+        `free_below` on. The hot loop of a plan (a hundred picks a step): the budget's
+        arithmetic is inlined where no LoRA limit applies, and an entry is looked up only
+        where its KV blocks count."""
         if self.limits.max_groups is not None:
-            for _, _, key in level.free:
+            for _, _, key in level.free.irange(self.free_below):
                 if not self.has_room():
                     return
                 entry = level.fifo[key]
@@ -716,31 +742,38 @@ class _Planner:
                 if entry.length > self.left or not self.kv_fits(entry):
                     return  # blocks grow with length: no longer prompt fits either
                 self.take(entry, Reason.SHORT)
-                taken.append(entry)
+                taken.append(key)
             return
-        limits, picks, fifo = self.limits, self._picks, level.fifo
+        limits, picks, fifo, short = self.limits, self._picks, level.fifo, (Reason.SHORT,)
+        new_pick = tuple.__new__  # Pick(key, tokens, reason) without its Python-level __new__
         token_left, input_left, seats, kv_left = self.token_left, self.input_left, self.seats, self.kv_left
-        overhead, planned = limits.overhead, 0
+        overhead, planned, check = limits.overhead, 0, bool(picks)
         watermark = limits.watermark_blocks if (limits.running or picks) else 0
-        for length, _, key in level.free:
-            left = token_left if input_left is None else min(token_left, input_left - overhead)
-            if seats <= 0 or left <= 0 or length > left:
+        left, stop = self.left, (math.inf,)
+        for length, seq, key in level.free.irange(self.free_below):
+            if seats <= 0 or length > left:
+                stop = (length, seq)
                 break
-            if key in picks:
+            if check and key in picks:
                 continue
-            entry = fifo[key]
             if kv_left is not None:
-                if entry.blocks + watermark > kv_left:
+                blocks = fifo[key].blocks
+                if blocks + watermark > kv_left:
+                    stop = (length, seq)
                     break  # blocks grow with length: no longer prompt fits either
-                kv_left -= entry.blocks
+                kv_left -= blocks
                 watermark = limits.watermark_blocks
-            picks[key] = Pick(key, length, Reason.SHORT)
-            taken.append(entry)
+            picks[key] = new_pick(Pick, (key, length) + short)
+            taken.append(key)
             token_left -= length
             planned += length
             seats -= 1
-            if input_left is not None:
+            if input_left is None:
+                left = token_left
+            else:
                 input_left -= length + overhead
+                left = token_left if token_left < input_left - overhead else input_left - overhead
+        self.free_below = stop
         self.token_left, self.input_left, self.seats, self.kv_left = token_left, input_left, seats, kv_left
         self.planned_tokens += planned
 
@@ -765,7 +798,7 @@ class _Planner:
         if not self.limits.chunked_prefill or not self.has_room():
             return
         misses = 0
-        for _, _, key in level.free:
+        for _, _, key in level.free.irange(self.free_below):
             if self.taken(key):
                 continue
             entry = level.fifo[key]
