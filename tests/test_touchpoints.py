@@ -5,6 +5,8 @@ import logging
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from vllm_prepack import touchpoints
 from vllm_prepack.touchpoints import TOUCH_POINTS, How, internal
@@ -154,3 +156,18 @@ def test_registry_entries_are_complete():
         assert tp.where and tp.checked, tp
         assert ":" in tp.what or "." in tp.what, tp
     assert touchpoints.TESTED_VLLM == ("0.31.0", "0.32.0", "0.33.0")
+
+
+@example(16, 0, 1, [(15, 2)] * 64)  # each request straddles a block boundary: 2 blocks for 2 tokens
+@given(st.integers(1, 64), st.integers(0, 8), st.integers(1, 4096),
+       st.lists(st.tuples(st.integers(0, 4096), st.integers(1, 4096)), min_size=1, max_size=64))
+def test_no_admission_needs_more_blocks_than_the_step_bound(block_size, lookahead, max_len, requests):
+    """The bound under which the plan checks no request's blocks: requests whose uncached
+    tokens fit the step, and one chunked prompt of any length up to max_len, never need more."""
+    kv = touchpoints.KVBlocks(block_size, lookahead)
+    (cached, uncached), *whole = requests
+    length = min(cached + uncached, max_len)  # the chunked one: a token this step, at least
+    need = kv.to_admit(length, min(uncached, length))
+    need += sum(kv.to_admit(cached + uncached, uncached) for cached, uncached in whole)
+    tokens = sum(uncached for _, uncached in whole) + 1
+    assert need <= kv.most_to_admit(tokens, len(requests), max_len)

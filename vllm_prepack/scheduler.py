@@ -415,11 +415,16 @@ class PrepackScheduler(internal.Scheduler):
         if self._pause_state != internal.PauseState.UNPAUSED or phase.defer_prefills:
             budget = 0  # PAUSED_NEW admits only requests holding KV blocks; deferred: none
         budget -= self._kv_holding_tokens(min(budget, phase.input_left - self._draft_slots))
+        seats = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
         free_blocks, watermark = None, 0
         if self._kv_blocks is not None:
             free_blocks, watermark = free_kv_blocks(self)
             free_blocks -= sum(self._kv_blocks.to_extend(self.requests[rid].num_computed_tokens, n)
                                for rid, n in phase.tokens.items())
+            most = self._kv_blocks.most_to_admit(max(0, budget), max(0, min(seats, budget)),
+                                                 self.max_model_len)
+            if free_blocks >= most + watermark:
+                free_blocks = None  # no plan can run short of blocks: none checked per request
         groups: frozenset = frozenset()
         max_groups = None
         if self.lora_config:
@@ -427,7 +432,7 @@ class PrepackScheduler(internal.Scheduler):
             groups = active_adapters(self, phase.tokens)
         return StepLimits(
             budget=budget,
-            seats=self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input,
+            seats=seats,
             chunked_prefill=bool(self.scheduler_config.enable_chunked_prefill),
             min_chunk_tokens=self.prepack_config.min_chunk_tokens,
             capture_sizes=self._capture_sizes,

@@ -183,7 +183,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     *(TouchPoint(f"vllm.benchmarks.lib.endpoint_request_func:{name}", _V.IMPORT,
                  "bench/serve.py (vLLM's bench serve client, request by request)")
       for name in ("ASYNC_REQUEST_FUNCS", "RequestFuncInput")),
-    TouchPoint("Request.pooling_params", _V.READ, "touchpoints.running_load"),
+    TouchPoint("Request.num_output_tokens", _V.READ, "touchpoints.running_load"),
     TouchPoint("ray.llm._internal.common.callbacks.base:CallbackBase", _V.SUBCLASS,
                "serve_replica.LocalModelCallback", checked=TESTED_RAY),
     TouchPoint("CallbackCtx.run_init_node", _V.REPLACE, "serve_replica.LocalModelCallback",
@@ -323,6 +323,13 @@ class KVBlocks:
         admission, scheduler_reserve_full_isl; cached blocks are taken as held by others)."""
         reused = (num_tokens - uncached) // self.block_size
         return max(0, -(-(num_tokens + self.lookahead) // self.block_size) - reused)
+
+    def most_to_admit(self, tokens: int, seqs: int, max_len: int) -> int:
+        """The most blocks admitting `seqs` requests with `tokens` uncached tokens in all can
+        need (one of them chunked, up to `max_len` tokens): to_admit is at most
+        (uncached + lookahead) // block_size + 2 a request."""
+        size, ahead = self.block_size, self.lookahead
+        return (tokens + seqs * ahead) // size + 2 * seqs + (max_len + ahead) // size + 2
 
     def to_extend(self, computed: int, tokens: int) -> int:
         """Blocks a running request with `computed` tokens allocates for `tokens` more."""
@@ -471,16 +478,17 @@ def running_load(scheduler) -> tuple[int, int]:
     """(prompt tokens running requests have still to prefill, running requests that decode).
 
     Reads ``Scheduler.running`` and ``Request.num_prompt_tokens / num_computed_tokens /
-    pooling_params``. Called right after ``schedule()``, which has already advanced
-    ``num_computed_tokens`` by the step's tokens: the counts are those once the step has run.
-    Pooling requests finish at the end of their prompt, so they never count as decoding.
+    max_tokens / num_output_tokens``. Called right after ``schedule()``, which has already
+    advanced ``num_computed_tokens`` by the step's tokens: the counts are those once the step
+    has run. A request whose step yields its last token (pooling requests, whose max_tokens is
+    1, and generation at its max_tokens) finishes with it, so it does not count as decoding.
     vLLM keeps no such totals: a scan of the running requests, O(running) a step."""
     prefill = decoding = 0
     for request in scheduler.running:
         left = request.num_prompt_tokens - request.num_computed_tokens
         if left > 0:
             prefill += left
-        elif request.pooling_params is None:
+        elif request.max_tokens - request.num_output_tokens > 1:
             decoding += 1
     return prefill, decoding
 
