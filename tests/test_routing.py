@@ -67,28 +67,38 @@ events = st.lists(st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(events)
-def test_unreported_tokens_are_the_live_sends_no_report_covers(history):
+@given(events, st.sampled_from([0.0, 1.5, 4.0]))
+def test_unreported_tokens_are_the_live_sends_no_report_covers(history, transit):
     """A model of the bookkeeping: each request counts at the replica it was last sent to,
-    from its send until it finishes or a report from that replica covers its send time."""
+    from its send until it finishes or a report from that replica counts its arrival, which
+    comes `transit` after the send: a request sent before the newest arrival may still be on
+    its way, and goes on counting."""
     table, clock = LoadTable(), 0.0
-    model = {}  # key -> (replica, sent_at, tokens)
+    for replica in range(4):  # idle replicas report before their first request
+        table.report(replica, report(), clock)
+    sends = {replica: [] for replica in range(4)}  # every send, in order
+    live = {}  # key -> (replica, sent_at, tokens)
+    reported = dict.fromkeys(range(4), clock)  # each replica's last report
     for event in history:
         clock += 1.0
         if event[0] == "send":
             _, replica, key, tokens = event
             table.sent(replica, key, tokens, clock)
-            model[key] = (replica, clock, tokens)
+            sends[replica].append(clock)
+            live[key] = (replica, clock, tokens)
         elif event[0] == "done":
             table.done(event[1])
-            model.pop(event[1], None)
+            live.pop(event[1], None)
         else:
             _, replica, waiting = event
-            covered = clock - 2.5  # the replica saw the sends up to here
-            table.report(replica, report(waiting=waiting, newest=covered), clock)
-            model = {k: v for k, v in model.items() if not (v[0] == replica and v[1] <= covered)}
+            arrived = [t + transit for t in sends[replica] if t + transit <= clock]
+            table.report(replica, report(waiting=waiting, newest=max(arrived, default=0.0),
+                                         arrived=len(arrived), seq=len(arrived) + 2), clock)
+            reported[replica] = clock
         for replica in range(4):
-            assert table.unreported(replica) == sum(t for r, _, t in model.values() if r == replica)
+            assert table.unreported(replica) == sum(
+                tokens for r, sent, tokens in live.values()
+                if r == replica and sent + transit > reported[r])
 
 
 @settings(max_examples=200, deadline=None)
@@ -174,7 +184,7 @@ def test_a_late_completion_of_an_attempt_leaves_the_retry_charged_and_nothing_pi
     assert table.unreported("b") == 0 and not table._charges
     for i in range(50):  # covered by reports before they complete: nothing is kept
         table.sent("a", i, 10, 2.0 + i)
-    table.report("a", report(newest=100.0, seq=2), 60.0)
+    table.report("a", report(newest=100.0, seq=2, arrived=51), 60.0)  # r1's first attempt too
     assert table.unreported("a") == 0 and not table._charges
 
 

@@ -4,8 +4,10 @@ A replica with the plugin reports, every step, the prompt tokens still to prefil
 running), its decoding requests, and the step it has just started with the time its step-cost
 model gives it (``LoadReport``): the router counts only the part of that step still to run.
 Between two reports the router adds what it has sent there itself (``LoadTable.sent``), counted
-from token ids or estimated from text; a report drops the requests it already covers: those
-sent before the newest arrival it has seen.
+from token ids or estimated from text; a report drops the requests it already covers: the
+oldest ones, as many as arrived since the last report, sent before the newest arrival. The
+count matters: a request still on its way (the Ray call, the server's tokenization) was sent
+before the newest arrival too, and dropping it would make the replica just sent it look free.
 A new request goes where it expects the shortest wait: the prompt tokens ahead of it and its
 own, plus the decode tokens that ride along each step until it is through. Counting tokens
 instead of requests is the point: ten long prompts and ten short ones are not the same queue.
@@ -122,20 +124,26 @@ class LoadTable:
     # ---- bookkeeping --------------------------------------------------------------------
 
     def report(self, replica: Replica, report: LoadReport, now: float) -> None:
-        """A replica's report (a repeated one, a heartbeat, only says it is alive). It covers
-        every request sent before the newest arrival it counts (sends reach a replica in
-        order), so those stop being counted here."""
+        """A replica's report (a repeated one, a heartbeat, only says it is alive). Sends reach
+        a replica in order, so it covers the oldest of them: as many as arrived since the last
+        report (exact for a router alone; beside others, some of those arrivals are theirs),
+        and none sent after its newest arrival. Requests that finished before a report counted
+        them arrived too: their spent charges count against the arrivals. The first report,
+        or one from a restarted engine, covers every request sent before its newest arrival."""
         view = self._view(replica)
         view.heard = now
         if view.report is None or (report.seq, report.time) != (view.report.seq, view.report.time):
             view.step_heard = now  # not a repeat: its step started about now
         view.report = report
-        if view.arrived >= 0 and report.arrived >= view.arrived:  # not a restarted engine
-            self._count_arrivals(report.arrived - view.arrived)
+        arrivals = math.inf
+        if 0 <= view.arrived <= report.arrived:  # not the first report, nor a restarted engine
+            arrivals = report.arrived - view.arrived
+            self._count_arrivals(arrivals)
         view.arrived = report.arrived
         charges = view.charges
-        while charges and charges[0].sent_at <= report.newest_arrival:
+        while charges and arrivals > 0 and charges[0].sent_at <= report.newest_arrival:
             self._drop(charges.popleft())
+            arrivals -= 1
 
     def sent(self, replica: Replica, key: Hashable, tokens: int, now: float) -> None:
         """Count `tokens` at `replica` until a report covers them; a request routed again (a

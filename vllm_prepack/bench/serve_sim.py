@@ -364,6 +364,9 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
     def start_step(replica: SimReplica, now: float) -> None:
         out = replica.scheduler.schedule()
         if out.total_num_scheduled_tokens == 0:
+            # vLLM's engine runs the empty step too (it hands the finished requests' ids to
+            # the workers) and updates from it: the step-cost model learns the replica idles
+            fake_step(replica.scheduler, out)
             replica.stepping = False
             if not replica.scheduler.has_requests():  # idle: the plugin reports it once
                 report = replica.scheduler.load_report()
