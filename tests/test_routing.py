@@ -72,7 +72,8 @@ def test_unreported_tokens_are_the_live_sends_no_report_covers(history, transit)
     """A model of the bookkeeping: each request counts at the replica it was last sent to,
     from its send until it finishes or a report from that replica counts its arrival, which
     comes `transit` after the send: a request sent before the newest arrival may still be on
-    its way, and goes on counting."""
+    its way, and goes on counting. A request cancelled, or sent again elsewhere, before it
+    arrived never arrives, and takes no later arrival's place."""
     table, clock = LoadTable(), 0.0
     for replica in range(4):  # idle replicas report before their first request
         table.report(replica, report(), clock)
@@ -83,10 +84,22 @@ def test_unreported_tokens_are_the_live_sends_no_report_covers(history, transit)
         clock += 1.0
         if event[0] == "send":
             _, replica, key, tokens = event
+            if key in live:  # sent again: the replica before turned it away (Ray's retry)
+                before, sent, _ = live[key]
+                if reported[before] < sent + transit <= clock:
+                    continue  # it arrived there already: not a retry
+                if sent + transit > clock:
+                    sends[before].remove(sent)
             table.sent(replica, key, tokens, clock)
             sends[replica].append(clock)
             live[key] = (replica, clock, tokens)
-        elif event[0] == "done":
+        elif event[0] == "done":  # finished after its arrival was reported, or cancelled
+            if event[1] in live:  # before it arrived (it never will); not in between (rare)
+                replica, sent, _ = live[event[1]]
+                if reported[replica] < sent + transit <= clock:
+                    continue
+                if sent + transit > clock:
+                    sends[replica].remove(sent)
             table.done(event[1])
             live.pop(event[1], None)
         else:
@@ -170,6 +183,19 @@ def test_beside_other_routers_a_router_spreads_over_as_many_of_the_best():
     for i in range(1, 4):
         table.report(i, report(waiting=200, arrived=arrived[i]), 40.0)
     assert {table.choose(list(range(16)), 10, 40.0)[0] for _ in range(50)} == {0}
+
+
+def test_requests_turned_away_do_not_leave_their_replica_looking_busy():
+    """Ray sends a request to the runner-up when the first choice turns it away: that attempt
+    never arrives, so it must not take the place of one that did."""
+    table = LoadTable()
+    table.report("a", report(), 0.0)
+    for i in range(5):
+        table.sent("a", i, 10, 1.0 + i)
+    for i in range(3):
+        table.sent("b", i, 10, 6.0 + i)  # a turned the first three away
+    table.report("a", report(newest=10.0, seq=2, arrived=2), 11.0)
+    assert table.unreported("a") == 0 and table.unreported("b") == 30
 
 
 def test_a_late_completion_of_an_attempt_leaves_the_retry_charged_and_nothing_piles_up():

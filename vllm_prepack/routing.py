@@ -125,11 +125,14 @@ class LoadTable:
 
     def report(self, replica: Replica, report: LoadReport, now: float) -> None:
         """A replica's report (a repeated one, a heartbeat, only says it is alive). Sends reach
-        a replica in order, so it covers the oldest of them: as many as arrived since the last
-        report (exact for a router alone; beside others, some of those arrivals are theirs),
-        and none sent after its newest arrival. Requests that finished before a report counted
-        them arrived too: their spent charges count against the arrivals. The first report,
-        or one from a restarted engine, covers every request sent before its newest arrival."""
+        a replica in order, so it covers the oldest live charges: as many as arrived since the
+        last report (exact for a router alone; beside others, some of those arrivals are
+        theirs), and none sent after its newest arrival. Spent charges (a request that
+        finished, failed, or went to another replica when this one turned it away) take no
+        arrival: most never arrived here, and one that did (it finished before a report
+        counted it) only makes one later request look arrived early, until an arrival that
+        finds no charge sent before it to drop. The first report, or one from a restarted
+        engine, covers every request sent before its newest arrival."""
         view = self._view(replica)
         view.heard = now
         if view.report is None or (report.seq, report.time) != (view.report.seq, view.report.time):
@@ -141,9 +144,12 @@ class LoadTable:
             self._count_arrivals(arrivals)
         view.arrived = report.arrived
         charges = view.charges
-        while charges and arrivals > 0 and charges[0].sent_at <= report.newest_arrival:
+        while charges and charges[0].sent_at <= report.newest_arrival:
+            if charges[0].live:
+                if arrivals <= 0:
+                    break
+                arrivals -= 1
             self._drop(charges.popleft())
-            arrivals -= 1
 
     def sent(self, replica: Replica, key: Hashable, tokens: int, now: float) -> None:
         """Count `tokens` at `replica` until a report covers them; a request routed again (a
