@@ -198,6 +198,19 @@ def test_requests_turned_away_do_not_leave_their_replica_looking_busy():
     assert table.unreported("a") == 0 and table.unreported("b") == 30
 
 
+def test_a_restarted_engine_covers_every_request_sent_before_its_newest_arrival():
+    """Its counts start again: a report whose seq went down (even with more arrivals than the
+    old engine reported) cannot be compared with the last one."""
+    table = LoadTable()
+    table.report("a", report(seq=40, arrived=10), 0.0)
+    for i in range(5):
+        table.sent("a", i, 10, 1.0 + i)
+    table.report("a", report(seq=41, arrived=11, newest=9.0), 9.5)  # one of the five counted
+    assert table.unreported("a") == 40
+    table.report("a", report(seq=3, arrived=12, newest=9.0), 20.0)  # restarted since
+    assert table.unreported("a") == 0
+
+
 def test_a_late_completion_of_an_attempt_leaves_the_retry_charged_and_nothing_piles_up():
     table = LoadTable()
     table.report("a", report(), 0.0)

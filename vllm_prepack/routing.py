@@ -135,11 +135,14 @@ class LoadTable:
         engine, covers every request sent before its newest arrival."""
         view = self._view(replica)
         view.heard = now
-        if view.report is None or (report.seq, report.time) != (view.report.seq, view.report.time):
+        last = view.report
+        if last is None or (report.seq, report.time) != (last.seq, last.time):
             view.step_heard = now  # not a repeat: its step started about now
         view.report = report
+        # a restarted engine counts its reports and arrivals from 0 again: either went down
+        restarted = last is not None and report.seq < last.seq
         arrivals = math.inf
-        if 0 <= view.arrived <= report.arrived:  # not the first report, nor a restarted engine
+        if 0 <= view.arrived <= report.arrived and not restarted:  # nor the first report
             arrivals = report.arrived - view.arrived
             self._count_arrivals(arrivals)
         view.arrived = report.arrived
