@@ -171,3 +171,15 @@ def test_no_admission_needs_more_blocks_than_the_step_bound(block_size, lookahea
     need += sum(kv.to_admit(cached + uncached, uncached) for cached, uncached in whole)
     tokens = sum(uncached for _, uncached in whole) + 1
     assert need <= kv.most_to_admit(tokens, len(requests), max_len)
+
+
+def test_running_load_counts_as_decoding_only_requests_with_tokens_still_to_come():
+    """Right after schedule(): a prompt not yet through counts its tokens left; a request whose
+    step yields its last token (a pooling request's max_tokens is 1) finishes, and does not."""
+    from types import SimpleNamespace as R
+
+    running = [R(num_prompt_tokens=100, num_computed_tokens=60, max_tokens=8, num_output_tokens=0),
+               R(num_prompt_tokens=10, num_computed_tokens=10, max_tokens=1, num_output_tokens=0),
+               R(num_prompt_tokens=10, num_computed_tokens=12, max_tokens=8, num_output_tokens=7),
+               R(num_prompt_tokens=10, num_computed_tokens=15, max_tokens=8, num_output_tokens=5)]
+    assert touchpoints.running_load(R(running=running)) == (40, 1)
