@@ -195,7 +195,11 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked):
     assert ws.tokens == sum(e.length for e in entries.values())
     assert sorted(ws, key=str) == sorted(entries, key=str)
     for level in ws._levels.values():
-        free = {k for _, _, k in level.free}
+        free = set(level.free)
+        assert list(level.free.lengths) == sorted(level.free.runs) and all(level.free.runs.values())
+        for length, run in level.free.runs.items():  # oldest first within a length
+            assert list(run.values()) == sorted(level.fifo[k].seq for k in run)
+            assert all(level.fifo[k].length == length for k in run)
         binned = {k for b in level.bins.values() for k in b.keys}
         assert free.isdisjoint(binned) and free | binned == set(level.fifo)
         assert level.free_tokens == sum(level.fifo[k].length for k in free)
@@ -205,6 +209,7 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked):
         assert all(level.fifo[k].due == due for k, due in dated.items())
         assert {k for k, e in level.fifo.items() if e.due != math.inf} == set(dated)
         assert len(level.bin_order) == len(level.bins)
+        assert all(b.shortest == min(level.fifo[k].length for k in b.keys) for b in level.bins.values())
 
 
 def test_a_request_whose_adapter_cannot_load_is_passed_over_not_blocking():

@@ -47,7 +47,7 @@ import enum
 import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
-from itertools import islice
+from itertools import islice, repeat
 from typing import NamedTuple
 from dataclasses import dataclass, field
 
@@ -73,6 +73,9 @@ PACK_SHARE = 0.4
 # an overdue request whose KV blocks are not free lets others by for this many steps past its
 # deadline (or its own wait, if longer), then holds its place until its blocks are free
 KV_PATIENCE_STEPS = 256
+# points (length, skip) of a scan over a level's free prompts: before the first, past the last
+START: tuple[float, int] = (0, 0)
+END: tuple[float, int] = (math.inf, 0)
 
 
 def padding_gap(tokens: int, capture_sizes: Sequence[int]) -> int:
@@ -207,12 +210,88 @@ class AgingBound:
         return step >= entry.due or (self.seconds is not None and now - entry.time >= self.seconds)
 
 
+class _ByLength:
+    """The free prompts of a level: the lengths present, sorted, and per length the keys in
+    admission order (key -> seq). Shortest-first takes a run of equal lengths in a few C-level
+    operations instead of a loop per prompt, and an admission or removal is a dict operation
+    (O(log L) only where a length appears or empties). Scans start at a point (length, skip):
+    past the first `skip` prompts of that length, valid while no prompt joins or leaves (one
+    plan)."""
+
+    __slots__ = ("lengths", "runs")
+
+    def __init__(self) -> None:
+        self.lengths: SortedList = SortedList()
+        self.runs: dict[int, dict[Key, int]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.runs)
+
+    def __iter__(self) -> Iterator[Key]:
+        for length in self.lengths:
+            yield from self.runs[length]
+
+    def add(self, length: int, seq: int, key: Key) -> None:
+        run = self.runs.get(length)
+        if run is None:
+            run = self.runs[length] = {}
+            self.lengths.add(length)
+        if run and seq < next(reversed(run.values())):
+            # a resized request keeps its seq: back into order (rare, O(run))
+            run[key] = seq
+            self.runs[length] = dict(sorted(run.items(), key=lambda item: item[1]))
+        else:
+            run[key] = seq
+
+    def remove(self, length: int, key: Key) -> None:
+        run = self.runs[length]
+        del run[key]
+        if not run:
+            del self.runs[length]
+            self.lengths.remove(length)
+
+    def pop_newest(self, length: int) -> Key:
+        """The newest prompt of `length` (which must be present), out of the list."""
+        key = next(reversed(self.runs[length]))
+        self.remove(length, key)
+        return key
+
+    def longest_at_most(self, tokens: int) -> int | None:
+        """The longest length present that is at most `tokens`."""
+        at = self.lengths.bisect_right(tokens)
+        return self.lengths[at - 1] if at else None
+
+    def first(self) -> Key:
+        return next(iter(self.runs[self.lengths[0]]))
+
+    def run_from(self, length: int, start: tuple[float, int]) -> Iterator[Key]:
+        """The keys of `length` from the point `start` on."""
+        keys = iter(self.runs[length])
+        if length == start[0] and start[1]:
+            next(islice(keys, start[1], start[1]), None)  # skipped in C
+        return keys
+
+    def scan(self, start: tuple[float, int]) -> Iterator[tuple[int, Key]]:
+        """(length, key) from the point `start` on: shortest first, oldest first within a
+        length."""
+        for length in self.lengths.irange(start[0]):
+            for key in self.run_from(length, start):
+                yield length, key
+
+    def scan_down(self, tokens: int) -> Iterator[tuple[int, Key]]:
+        """(length, key) from the longest at most `tokens` down, newest first within a length."""
+        for length in self.lengths.irange(maximum=tokens, reverse=True):
+            for key in reversed(self.runs[length]):
+                yield length, key
+
+
 class _Bin:
-    __slots__ = ("keys", "tokens")
+    __slots__ = ("keys", "tokens", "shortest")
 
     def __init__(self) -> None:
         self.keys: set[Key] = set()
         self.tokens = 0
+        self.shortest = 0  # its shortest member: a bin none of whose members fits is passed over
 
     def order(self, bin_id: int) -> tuple:
         """Most requests first (Smith's rule: each bin takes one step), then the lighter."""
@@ -225,7 +304,7 @@ class _Level:
     __slots__ = ("free", "fifo", "pinned", "by_due", "cohorts", "bins", "bin_order", "free_tokens")
 
     def __init__(self) -> None:
-        self.free: SortedList = SortedList()  # (length, seq, key) of unpinned, unreserved entries
+        self.free = _ByLength()  # unpinned, unreserved entries
         self.free_tokens = 0
         self.fifo: OrderedDict[Key, Entry] = OrderedDict()  # admission order, unpinned only
         self.pinned: deque[Entry] = deque()
@@ -246,6 +325,7 @@ class _Level:
             b.keys.add(entry.key)
             b.tokens += entry.length
             entry.bin = bin_id
+        b.shortest = min(entry.length for entry in members)
         self.free_tokens -= b.tokens
         self.bin_order.add(b.order(bin_id))
 
@@ -257,6 +337,8 @@ class _Level:
         b.tokens -= entry.length
         entry.bin = None
         if b.keys:
+            if entry.length == b.shortest:
+                b.shortest = min(self.fifo[key].length for key in b.keys)
             self.bin_order.add(b.order(bin_id))
         else:
             del self.bins[bin_id]
@@ -265,8 +347,10 @@ class _Level:
 class WaitingSet:
     """Waiting requests indexed by priority, remaining length, deadline and age.
 
-    Adds and removals cost O(log n); ``plan`` costs O((k + swaps + bins) log n) for k picks,
-    so the policy scales to 100k waiting requests without re-sorting the queue every step.
+    Adds and removals cost O(log n) (the deadline index; the free prompts by length: O(1) but
+    where a length appears or empties); ``plan`` costs O((k + swaps + bins) log n) for k picks,
+    with shortest-first's k picks taken a run of equal lengths at a time, so the policy scales
+    to 100k waiting requests without re-sorting the queue every step.
     """
 
     def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4,
@@ -323,7 +407,7 @@ class WaitingSet:
             entry.seq = self._seq
             self._seq += 1
             level.fifo[entry.key] = entry
-            level.free.add((entry.length, entry.seq, entry.key))
+            level.free.add(entry.length, entry.seq, entry.key)
             level.free_tokens += entry.length
         self._entries[entry.key] = entry
         self._tokens += entry.length
@@ -350,7 +434,7 @@ class WaitingSet:
             if entry.bin is not None:
                 level.release(entry)
             else:
-                level.free.remove((entry.length, entry.seq, key))
+                level.free.remove(entry.length, key)
                 level.free_tokens -= entry.length
             cohort = entry.cohort
             del cohort.members[key]
@@ -378,9 +462,9 @@ class WaitingSet:
             if entry.bin is not None:
                 level.release(entry)
             else:
-                level.free.remove((entry.length, entry.seq, key))
+                level.free.remove(entry.length, key)
                 level.free_tokens -= entry.length
-            level.free.add((length, entry.seq, key))
+            level.free.add(length, entry.seq, key)
             level.free_tokens += length
         entry.length = length
 
@@ -403,6 +487,8 @@ class WaitingSet:
         """Deadlines of the requests admitted since the last plan, from the queue they joined:
         one per cohort (a priority level's arrivals of one step), O(log n) whatever its size.
         Without a drain or step bound they stay undated (never overdue by steps)."""
+        if not self._undated:
+            return
         wait = self.aging.wait(self._tokens / max(1, step_tokens))
         if wait != math.inf:
             for (priority, step), cohort in self._undated.items():
@@ -437,7 +523,7 @@ class WaitingSet:
         for entry in self._overdue(level, step, now):
             return entry.key
         if level.free:
-            return level.free[0][2]
+            return level.free.first()
         _, _, bin_id = level.bin_order[0]
         return min(level.bins[bin_id].keys, key=lambda k: level.fifo[k].seq)
 
@@ -446,7 +532,7 @@ class WaitingSet:
         for priority in self._priorities:
             level = self._levels[priority]
             yield from (e.key for e in level.pinned)
-            yield from (key for _, _, key in level.free)
+            yield from level.free
             for _, _, bin_id in level.bin_order:
                 yield from level.bins[bin_id].keys
 
@@ -467,7 +553,7 @@ class WaitingSet:
         return planner.picks
 
     def _plan_level(self, level: _Level, p: _Planner, step: int, now: float) -> None:
-        p.free_below = ()
+        p.free_below = START
         for entry in level.pinned:
             if not p.take_in_order(entry, Reason.PINNED):
                 return
@@ -489,7 +575,7 @@ class WaitingSet:
             p.take_shortest(level, exchangeable)
         if packing:
             self._exchange(level, p, exchangeable, step, now)
-        if level.bins and all(p.taken(key) for _, _, key in level.free.irange(p.free_below)):
+        if level.bins and p.all_free_taken(level):
             self._serve_bins(level, p)
         p.chunk_next(level)
 
@@ -532,18 +618,18 @@ class WaitingSet:
         far ahead of the small prompts shortest-first spends meanwhile), else BINS_PER_STEP."""
         slack = capacity * (1 - BIN_FILL)
         built = 0
+        free = level.free
         while level.free_tokens > BUILD_MIN_STEPS * capacity and built < BIG_BINS_PER_STEP:
-            at = level.free.bisect_right((capacity, math.inf, None))
-            if at == 0 or (built >= BINS_PER_STEP and level.free[at - 1][0] <= capacity // 2):
+            length = free.longest_at_most(capacity)
+            if length is None or (built >= BINS_PER_STEP and length <= capacity // 2):
                 return
             built += 1
             bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
             members, gap = [], capacity
-            while gap > slack and at > 0:
-                length, _, key = level.free.pop(at - 1)
-                members.append(level.fifo[key])
+            while gap > slack and length is not None:
+                members.append(level.fifo[free.pop_newest(length)])
                 gap -= length
-                at = level.free.bisect_right((gap, math.inf, None))
+                length = free.longest_at_most(gap)
             level.reserve(members, bin_id)
 
     @staticmethod
@@ -568,8 +654,10 @@ class WaitingSet:
         for _, _, bin_id in islice(level.bin_order, FIT_PROBES):
             if not p.has_room():
                 return
-            members = sorted((level.fifo[k] for k in level.bins[bin_id].keys),
-                             key=lambda e: (-e.length, e.seq))
+            b = level.bins[bin_id]
+            if b.shortest > p.left:
+                continue
+            members = sorted((level.fifo[k] for k in b.keys), key=lambda e: (-e.length, e.seq))
             for entry in members:
                 if (p.has_room() and not p.taken(entry.key) and entry.length <= p.left
                         and p.group_ok(entry) and p.kv_fits(entry)):
@@ -604,18 +692,13 @@ class WaitingSet:
     def _longest_fitting(level: _Level, p: _Planner, room: int, above: int,
                          accept=None) -> Entry | None:
         """Longest untaken free prompt with above < length <= room (and `accept`ed),
-        O(log n + FIT_PROBES)."""
-        index = level.free.bisect_right((room, math.inf, None)) - 1
-        probes = 0
-        while index >= 0 and probes < FIT_PROBES:
-            length, _, key = level.free[index]
+        O(log L + FIT_PROBES) over L lengths present."""
+        for length, key in islice(level.free.scan_down(room), FIT_PROBES):
             if length <= above:
                 return None
             entry = level.fifo[key]
             if not p.taken(key) and p.group_ok(entry) and (accept is None or accept(entry)):
                 return entry
-            index -= 1
-            probes += 1
         return None
 
 
@@ -643,9 +726,9 @@ class _Planner:
         self.blocked = False  # a must-go-first request did not fit: nothing may overtake it
         self.kv_left = limits.free_blocks  # None: KV blocks not tracked
         self._chunks = 0  # picks that are chunks
-        # the level's free prompts that sort below this (length, seq) are all taken:
+        # the level's free prompts before this point (length, skip) are all taken:
         # shortest-first stopped there, and later scans start there
-        self.free_below: tuple = ()
+        self.free_below: tuple[float, int] = START
 
     @property
     def picks(self) -> list[Pick]:
@@ -669,6 +752,12 @@ class _Planner:
 
     def taken(self, key: Key) -> bool:
         return key in self._picks
+
+    def all_free_taken(self, level: _Level) -> bool:
+        """Every free prompt of `level` is in the plan (checked from `free_below` on, in C)."""
+        free, start, planned = level.free, self.free_below, self._picks.__contains__
+        return all(all(map(planned, free.run_from(length, start)))
+                   for length in free.lengths.irange(start[0]))
 
     def reason(self, key: Key) -> Reason:
         return self._picks[key].reason
@@ -713,7 +802,7 @@ class _Planner:
     def untake(self, entry: Entry) -> None:
         pick = self._picks.pop(entry.key)
         if entry.bin is None and not entry.pinned:  # free again: scans must see it
-            self.free_below = min(self.free_below, (entry.length, entry.seq))
+            self.free_below = min(self.free_below, (entry.length, 0))
         self._chunks -= pick.chunked
         self._charge(pick.tokens, -1)
         if self.kv_left is not None:
@@ -730,11 +819,13 @@ class _Planner:
 
     def take_shortest(self, level: _Level, taken: list[Key]) -> None:
         """(b) free prompts shortest first while they fit (keys appended to `taken`), from
-        `free_below` on. The hot loop of a plan (a hundred picks a step): the budget's
-        arithmetic is inlined where no LoRA limit applies, and an entry is looked up only
-        where its KV blocks count."""
+        `free_below` on. The hot loop of a plan (a hundred picks a step): where no LoRA limit
+        applies, as many of a run of equal lengths as fit are taken at once (the count is
+        arithmetic: lengths and the per-request overhead are the same across a run), and an
+        entry is looked up only where its KV blocks count."""
+        free = level.free
         if self.limits.max_groups is not None:
-            for _, _, key in level.free.irange(self.free_below):
+            for _, key in free.scan(self.free_below):
                 if not self.has_room():
                     return
                 entry = level.fifo[key]
@@ -745,35 +836,53 @@ class _Planner:
                 self.take(entry, Reason.SHORT)
                 taken.append(key)
             return
-        limits, picks, fifo, short = self.limits, self._picks, level.fifo, (Reason.SHORT,)
-        new_pick = tuple.__new__  # Pick(key, tokens, reason) without its Python-level __new__
+        limits, picks, fifo = self.limits, self._picks, level.fifo
         token_left, input_left, seats, kv_left = self.token_left, self.input_left, self.seats, self.kv_left
         overhead, planned, check = limits.overhead, 0, bool(picks)
         watermark = limits.watermark_blocks if (limits.running or picks) else 0
-        left, stop = self.left, (math.inf,)
-        for length, seq, key in level.free.irange(self.free_below):
-            if seats <= 0 or length > left:
-                stop = (length, seq)
+        start, stop = self.free_below, END
+        for length in free.lengths.irange(start[0]):
+            skip = start[1] if length == start[0] else 0  # prompts of this length known taken
+            fit = min(seats, token_left // length)  # how many of this length still fit
+            if input_left is not None:
+                fit = min(fit, (input_left - overhead - length) // (length + overhead) + 1)
+            if fit <= 0:
+                stop = (length, skip)
                 break
-            if check and key in picks:
-                continue
+            keys = free.run_from(length, start)
+            chosen: list[Key] = []
+            at = skip  # the run's prompts before this position are taken or chosen
+            while len(chosen) < fit:
+                more = list(islice(keys, fit - len(chosen)))
+                if not more:
+                    break  # the run is spent: on to the next length
+                at += len(more)
+                chosen += [key for key in more if key not in picks] if check else more
+            full = len(chosen) == fit
             if kv_left is not None:
-                blocks = fifo[key].blocks
-                if blocks + watermark > kv_left:
-                    stop = (length, seq)
-                    break  # blocks grow with length: no longer prompt fits either
-                kv_left -= blocks
-                watermark = limits.watermark_blocks
-            picks[key] = new_pick(Pick, (key, length) + short)
-            taken.append(key)
-            token_left -= length
-            planned += length
-            seats -= 1
-            if input_left is None:
-                left = token_left
-            else:
-                input_left -= length + overhead
-                left = token_left if token_left < input_left - overhead else input_left - overhead
+                for index, key in enumerate(chosen):
+                    blocks = fifo[key].blocks
+                    if blocks + watermark > kv_left:
+                        # blocks grow with length: no longer prompt fits either
+                        at = skip if check else skip + index
+                        del chosen[index:]
+                        full = True
+                        break
+                    kv_left -= blocks
+                    watermark = limits.watermark_blocks
+            if chosen:
+                picks.update(zip(chosen, map(tuple.__new__, repeat(Pick),
+                                             zip(chosen, repeat(length), repeat(Reason.SHORT)))))
+                taken += chosen
+                count = len(chosen)
+                token_left -= count * length
+                planned += count * length
+                seats -= count
+                if input_left is not None:
+                    input_left -= count * (length + overhead)
+            if full:  # the next prompt of this length (or a longer one) does not fit
+                stop = (length, at)
+                break
         self.free_below = stop
         self.token_left, self.input_left, self.seats, self.kv_left = token_left, input_left, seats, kv_left
         self.planned_tokens += planned
@@ -799,7 +908,7 @@ class _Planner:
         if not self.limits.chunked_prefill or not self.has_room():
             return
         misses = 0
-        for _, _, key in level.free.irange(self.free_below):
+        for _, key in level.free.scan(self.free_below):
             if self.taken(key):
                 continue
             entry = level.fifo[key]
