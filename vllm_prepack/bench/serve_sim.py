@@ -2,9 +2,9 @@
 
 Each replica is vLLM's real scheduler with the plugin (the harness's, no model), stepping on a
 cost model: a step of T tokens takes a + b x T seconds. Requests arrive as a Poisson process and
-a router places each; it reaches its replica `transit` later, and each replica's load report (the
+a router places each; it reaches its replica `transit` later, each replica's load report (the
 plugin's own, ``PrepackScheduler.load_report``) reaches the routers `report_delay` after the
-step that made it. Routers:
+step that made it, and a finished request's completion reaches its router as late. Routers:
 - ``requests``: Ray Serve's default, power of two choices on requests in flight (each router
   counts its own sends and completions, as Ray's queue-length cache does);
 - ``prefix``: Ray Serve LLM's PrefixCacheAffinityRouter as configured by default: the replicas
@@ -47,6 +47,10 @@ from vllm_prepack.workloads import prompt_lengths
 
 TRANSIT_S = 0.002  # router to engine: HTTP hop, Ray call, tokenization
 REPORT_DELAY_S = 0.001  # engine to router over the load channel
+# a finished request's way back to the routers (engine core, API server, Ray's reply to the
+# proxy): no faster than the load channel's one hop, so a report that counts a request's
+# arrival (sent as its step is scheduled) is heard before its completion
+COMPLETION_DELAY_S = REPORT_DELAY_S
 PREFIX_TOKENS = 1024  # a prefix group's shared prompt (system prompt, few-shot examples)
 
 
@@ -402,6 +406,9 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
         elif kind == "report":
             instance, r, report = payload
             instance.report(r, report, now)
+        elif kind == "done":
+            instance, r = owner.pop(payload.key)
+            instance.done(r, payload)
         else:  # a step ends
             replica = payload
             out = steps.pop(replica.index)
@@ -413,8 +420,7 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
                     result.ttft.append(now - replica.requests[engine_id][1])
             for engine_id in fake_step(scheduler, out):
                 request, _ = replica.requests.pop(engine_id)
-                instance, r = owner.pop(request.key)
-                instance.done(r, request)
+                push(now + COMPLETION_DELAY_S, "done", request)
                 result.makespan = max(result.makespan, now)
             start_step(replica, now)
     pool.start = result.makespan + 1.0
