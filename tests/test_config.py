@@ -46,6 +46,7 @@ def test_values_are_parsed_and_typed():
         ({"step_cost_seq_tokens": float("nan")}, r"\['step_cost_seq_tokens'\] must be >= 0"),
         ({"learn_step_cost": 1}, r"\['learn_step_cost'\] must be true or false"),
         ({"load_endpoint": 5601}, r"\['load_endpoint'\] must be a string"),
+        ({"chunked_order": "hrrn"}, r"\['chunked_order'\] must be one of 'shortest', 'ratio', got 'hrrn'"),
         ({"nope": 1, "aging": 2}, r"unknown option\(s\) 'aging', 'nope'.*known options: aging_drain_factor, aging_seconds"),
     ],
 )

@@ -519,3 +519,32 @@ def test_the_seconds_bound_puts_a_request_first_once_it_has_waited_that_long():
     limits = StepLimits(budget=300, seats=10, chunked_prefill=False)
     assert [(p.key, p.reason) for p in ws.plan(limits, step=1, now=9.0)] == [("new", Reason.SHORT)]
     assert [(p.key, p.reason) for p in ws.plan(limits, step=2, now=10.0)] == [("old", Reason.AGED)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 300), st.integers(0, 20)), min_size=1, max_size=60),
+       st.integers(20, 40), st.integers(1, 900), st.integers(1, 30), st.integers(0, 64))
+def test_ratio_order_is_highest_response_ratio_first(items, step, budget, seats, min_chunk):
+    """With chunked prefill and chunked_order "ratio" (no deadlines): whole prompts by
+    (wait + service) / service, highest first (oldest on ties), while they fit, then a chunk of
+    the next (or nothing below min_chunk_tokens): HRRN, as a brute-force sort computes it."""
+    ws = WaitingSet(chunked_order="ratio")
+    arrivals = sorted(arrived for _, arrived in items)  # admitted in step order, as the adapter does
+    items = [(length, arrived) for (length, _), arrived in zip(items, arrivals)]
+    for i, (length, arrived) in enumerate(items):
+        ws.add(Entry(key=i, length=length, step=arrived))
+    limits = StepLimits(budget=budget, seats=seats, chunked_prefill=True, min_chunk_tokens=min_chunk)
+    order = sorted(range(len(items)),
+                   key=lambda i: (-(1 + (step - items[i][1]) * budget / items[i][0]), i))
+    expected, left = [], budget
+    for i in order:
+        if len(expected) == seats or left == 0:
+            break
+        if items[i][0] <= left:
+            expected.append((i, items[i][0], Reason.RATIO))
+            left -= items[i][0]
+        else:
+            if left >= max(1, min_chunk):
+                expected.append((i, left, Reason.CHUNK))
+            break
+    assert [(p.key, p.tokens, p.reason) for p in ws.plan(limits, step)] == expected

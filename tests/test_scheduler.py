@@ -110,6 +110,24 @@ def test_drain_aging_keeps_the_tail_near_fcfs_under_arrivals(tiny_model, chunked
     assert ttft["fixed bound only"]["p99"] > 1.25 * ttft["fcfs"]["p99"]
 
 
+def test_ratio_order_without_deadlines_schedules_as_hrrn_does(tiny_model):
+    """chunked_order "ratio" inside vLLM's scheduler (chunked prefill, Poisson arrivals, no
+    deadlines) gives every request the TTFT the HRRN baseline (the queue re-sorted every step)
+    gives it; with the default deadlines its p99 is no higher than HRRN's."""
+    from vllm_prepack.bench.harness import poisson_arrivals, simulate
+    from vllm_prepack.workloads import prompt_lengths
+
+    lengths = prompt_lengths("bimodal", 200, seed=5, max_len=1023)
+    submit = poisson_arrivals(lengths, 1024, 1.0, seed=5)
+    hrrn = simulate(tiny_model, lengths, "hrrn", 1024, True, submit)
+    ratio = simulate(tiny_model, lengths, "prepack", 1024, True, submit,
+                     {"chunked_order": "ratio", "aging_drain_factor": None})
+    assert ratio.ttft_steps == hrrn.ttft_steps and ratio.steps == hrrn.steps
+    shortest = simulate(tiny_model, lengths, "prepack", 1024, True, submit,
+                        {"aging_drain_factor": None})
+    assert shortest.ttft_steps != hrrn.ttft_steps  # the option changes the order
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_budget_mirror_is_checked_every_step_and_catches_a_wrong_one(tiny_model, async_scheduling,
                                                                      monkeypatch):

@@ -33,6 +33,11 @@ class PrepackConfig:
     aging_seconds: a wall-time bound (checked oldest first).
     At least one should stay on, or a long prompt can wait behind short ones indefinitely.
     max_swaps: best-fit exchanges per step (policy step c); 0 gives pure shortest-first.
+    chunked_order: with chunked prefill, the order of the requests not yet due: "shortest"
+        (shortest prompt first) or "ratio" (highest response ratio, (wait + service) /
+        service in steps, first: HRRN; with aging_drain_factor null it schedules as HRRN
+        does). BENCHMARKS.md has both over the drain factor. Without chunked prefill the
+        order is shortest first.
     min_chunk_tokens: never start a prefill chunk smaller than this, except to fill a CUDA-graph
         padding gap (those tokens are computed anyway).
     cuda_graph_topup: use the padding gap of the step's CUDA-graph size (GPU only).
@@ -59,6 +64,7 @@ class PrepackConfig:
     aging_seconds: float | None = None
     aging_drain_factor: float | None = 1.0
     max_swaps: int = 4
+    chunked_order: str = "shortest"
     min_chunk_tokens: int = 0
     cuda_graph_topup: bool = True
     step_cost_fixed_tokens: float = 256.0
@@ -109,6 +115,7 @@ class _Kind(NamedTuple):
     nullable: bool = False
     highest: float | None = None
     zero_ok: bool = False
+    choices: tuple[str, ...] = ()  # the values a string may take (empty: any)
 
 
 _KINDS: dict[str, _Kind] = {
@@ -116,6 +123,7 @@ _KINDS: dict[str, _Kind] = {
     "aging_seconds": _Kind(float, 0, True),
     "aging_drain_factor": _Kind(float, 0, True),
     "max_swaps": _Kind(int, 0),
+    "chunked_order": _Kind(str, choices=("shortest", "ratio")),
     "min_chunk_tokens": _Kind(int, 0),
     "cuda_graph_topup": _Kind(bool),
     "step_cost_fixed_tokens": _Kind(float, 0, zero_ok=True),
@@ -129,7 +137,7 @@ _KINDS: dict[str, _Kind] = {
 
 
 def _check(name: str, value: Any, kind: _Kind) -> Any:
-    typ, lowest, nullable, highest, zero_ok = kind
+    typ, lowest, nullable, highest, zero_ok, choices = kind
     where = f"additional_config[{CONFIG_KEY!r}][{name!r}]"
     if value is None:
         if nullable:
@@ -138,6 +146,8 @@ def _check(name: str, value: Any, kind: _Kind) -> Any:
     is_bool = isinstance(value, bool)
     if typ is str and not isinstance(value, str):
         raise PrepackConfigError(f"{where} must be a string, got {value!r}")
+    if choices and value not in choices:
+        raise PrepackConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     if typ is bool and not is_bool:
         raise PrepackConfigError(f"{where} must be true or false, got {value!r}")
     if typ is int and (is_bool or not isinstance(value, int)):

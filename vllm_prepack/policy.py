@@ -13,7 +13,8 @@ The scheduler adapter (``scheduler.py``) translates vLLM requests into ``Entry``
 (c) best-fit exchange: where the leftover cannot be chunked, the last picks are swapped for the
     longest whole prompt that fits the room they free (an aged pick only for another aged one);
 (d) with chunked prefill, a chunk of the next prompt (and, where CUDA graphs pad a step anyway,
-    a chunk that fills exactly the padding gap).
+    a chunk that fills exactly the padding gap). With chunked prefill and ``chunked_order``
+    "ratio", (b) and (d) go by response ratio (HRRN) instead of length.
 
 Whole prompts only (chunked prefill off) adds a *filler reserve*. Shortest-first alone spends
 every short prompt early, so a backlog ends with long prompts that pack badly (four 250-token
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import heapq
 import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
@@ -90,6 +92,7 @@ class Reason(str, enum.Enum):
     PINNED = "pinned"  # resumed or deferred: keeps its place
     AGED = "aged"  # past its deadline
     SHORT = "short"  # shortest first
+    RATIO = "ratio"  # highest response ratio first (chunked prefill, order "ratio")
     FIT = "fit"  # best-fit exchange for a short pick
     BIN = "bin"  # a reserved bin, served whole
     CHUNK = "chunk"  # part of a prompt (chunked prefill)
@@ -354,10 +357,11 @@ class WaitingSet:
     """
 
     def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4,
-                 pack_share: float = PACK_SHARE) -> None:
+                 pack_share: float = PACK_SHARE, chunked_order: str = "shortest") -> None:
         self.aging = aging
         self.max_swaps = max_swaps
         self.pack_share = pack_share
+        self.by_ratio = chunked_order == "ratio"  # with chunked prefill: HRRN, not SPF
         self._entries: dict[Key, Entry] = {}
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
@@ -561,6 +565,9 @@ class WaitingSet:
         self._take_aged(level, p, step, now, exchangeable)
         if p.blocked:
             return
+        if self.by_ratio and p.limits.chunked_prefill:
+            self._take_by_ratio(level, p, step)
+            return
         packing = p.limits.packs(self.pack_share)
         if packing and not p.limits.chunked_prefill:
             self._build_bins(level, p.limits.budget)
@@ -608,6 +615,57 @@ class WaitingSet:
                 misses += 1
                 if misses > AGED_PROBES:
                     return
+
+    @staticmethod
+    def _take_by_ratio(level: _Level, p: _Planner, step: int) -> None:
+        """(b) and (d) in response-ratio order (chunked prefill, ``chunked_order`` "ratio"):
+        free prompts by (wait + service) / service in steps, highest first (HRRN; ties: the
+        oldest), whole while they fit, then a chunk of the next. Of equal lengths the oldest has
+        the highest ratio, so the order merges one head per length: a heap, grown over the
+        lengths shortest first only while an unseen length could still beat its best (none can
+        beat 1 + the level's longest wait / its length). O(k log L) for k picks over L lengths
+        where waits are alike, O(L) at worst, where HRRN as usually done re-sorts every waiting
+        request every step."""
+        free, fifo, step_tokens = level.free, level.fifo, max(1, p.limits.step_tokens)
+        oldest = next(iter(fifo.values()), None)
+        if oldest is None:
+            return
+        longest_wait = (step - oldest.step) * step_tokens  # in tokens of steps
+
+        def head(length: int, keys: Iterator[Key]) -> tuple | None:
+            """The run's next untaken prompt, as a heap row (highest ratio, then oldest)."""
+            for key in keys:
+                if not p.taken(key):
+                    entry = fifo[key]
+                    return -(1 + (step - entry.step) * step_tokens / length), entry.seq, length, key, keys
+            return None
+
+        lengths = iter(free.lengths)
+        unseen = next(lengths, None)
+        heads: list = []
+        misses = 0
+        while p.has_room():
+            while unseen is not None and (not heads or 1 + longest_wait / unseen >= -heads[0][0]):
+                row = head(unseen, free.run_from(unseen, START))
+                if row is not None:
+                    heapq.heappush(heads, row)
+                unseen = next(lengths, None)
+            if not heads:
+                return
+            _, _, length, key, keys = heapq.heappop(heads)
+            entry = fifo[key]
+            if not (p.group_ok(entry) and p.kv_fits(entry)):
+                misses += 1  # passed over, as vLLM skips it
+                if misses > FIT_PROBES:
+                    return
+            elif length <= p.left:
+                p.take(entry, Reason.RATIO)
+            else:
+                p.chunk(entry)
+                return
+            row = head(length, keys)
+            if row is not None:
+                heapq.heappush(heads, row)
 
     def _build_bins(self, level: _Level, capacity: int) -> None:
         """The filler reserve: pack bins from the longest free prompts down, each filled with
@@ -913,14 +971,19 @@ class _Planner:
                 continue
             entry = level.fifo[key]
             if self.group_ok(entry) and self.kv_fits(entry):
-                if self.left >= max(1, self.limits.min_chunk_tokens):
-                    self.take(entry, Reason.CHUNK, self.left)
-                else:
-                    self._chunk_candidate = entry
+                self.chunk(entry)
                 return
             misses += 1
             if misses >= FIT_PROBES:
                 return
+
+    def chunk(self, entry: Entry) -> None:
+        """A chunk of `entry` with what is left; below `min_chunk_tokens`, only the candidate
+        for the CUDA-graph top-up."""
+        if self.left >= max(1, self.limits.min_chunk_tokens):
+            self.take(entry, Reason.CHUNK, self.left)
+        else:
+            self._chunk_candidate = entry
 
     def top_up(self) -> None:
         """Fill the gap up to the next CUDA-graph size: vLLM pads to it anyway."""

@@ -80,7 +80,8 @@ class PackingRequestQueue(internal.RequestQueue):
     """vLLM's waiting queue, ordered by the packing policy instead of arrival."""
 
     def __init__(self, config: PrepackConfig, policy, cached_tokens=None, kv_blocks=None) -> None:
-        self._set = WaitingSet(config.aging, config.max_swaps, config.pack_fixed_share)
+        self._set = WaitingSet(config.aging, config.max_swaps, config.pack_fixed_share,
+                               config.chunked_order)
         self._requests: dict[str, Request] = {}
         self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
