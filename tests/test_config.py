@@ -23,6 +23,8 @@ def test_values_are_parsed_and_typed():
     assert c.max_swaps == 0
     assert c.debug_layout and c.record_layout  # checking the layout needs recording it
     assert c.aging.steps is None and c.aging.seconds == 2.0
+    assert parse({"chunked_order": "ratio"}).chunked_order == "ratio"
+    assert PrepackConfig().chunked_order == "shortest"
 
 
 @pytest.mark.parametrize(

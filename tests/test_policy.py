@@ -173,11 +173,11 @@ def test_token_total_follows_adds_and_removals(ops):
 @given(ops=st.lists(st.tuples(st.sampled_from(["add", "readd", "pin", "remove", "resize", "plan"]),
                               st.integers(0, 12), st.integers(1, 400), st.integers(0, 2)),
                     max_size=120),
-       chunked=st.booleans())
-def test_indexes_stay_consistent_under_any_operations(ops, chunked):
+       chunked=st.booleans(), order=st.sampled_from(["shortest", "ratio"]))
+def test_indexes_stay_consistent_under_any_operations(ops, chunked, order):
     """add / re-add (a new object for a key that left) / pin / remove / resize / plan in any
     order: every index agrees with the waiting entries, and plans only name waiting keys."""
-    ws, step = WaitingSet(aging=AgingBound(drain_factor=0.5)), 0
+    ws, step = WaitingSet(aging=AgingBound(drain_factor=0.5), chunked_order=order), 0
     for op, key, n, prio in ops:
         if op in ("add", "readd") and key not in ws:
             ws.add(Entry(key=key, length=n, priority=prio, step=step))
@@ -196,10 +196,12 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked):
     assert sorted(ws, key=str) == sorted(entries, key=str)
     for level in ws._levels.values():
         free = set(level.free)
-        assert list(level.free.lengths) == sorted(level.free.runs) and all(level.free.runs.values())
-        for length, run in level.free.runs.items():  # oldest first within a length
-            assert list(run.values()) == sorted(level.fifo[k].seq for k in run)
-            assert all(level.fifo[k].length == length for k in run)
+        assert sorted(set(level.free.lengths)) == list(level.free.lengths)
+        for length in level.free.lengths:  # oldest first within a length
+            run = level.free.run(length)
+            assert run and list(run.values()) == sorted(run.values())
+            assert all(level.fifo[k].length == length and level.fifo[k].seq == seq
+                       for k, seq in run.items())
         binned = {k for b in level.bins.values() for k in b.keys}
         assert free.isdisjoint(binned) and free | binned == set(level.fifo)
         assert level.free_tokens == sum(level.fifo[k].length for k in free)
@@ -548,3 +550,25 @@ def test_ratio_order_is_highest_response_ratio_first(items, step, budget, seats,
                 expected.append((i, left, Reason.CHUNK))
             break
     assert [(p.key, p.tokens, p.reason) for p in ws.plan(limits, step)] == expected
+
+
+def test_ratio_order_after_an_overdue_request_is_still_highest_ratio_first():
+    """The overdue request goes first (EDF); the rest follow by response ratio, the bound on
+    unseen lengths taken from the oldest prompt not yet planned."""
+    ws = WaitingSet(aging=AgingBound(steps=5), chunked_order="ratio")
+    ws.add(Entry(key="old", length=300, step=0))
+    rest = [(f"r{i}", 20 + 37 * i % 400, 8 + i % 3) for i in range(30)]
+    for key, length, arrived in sorted(rest, key=lambda r: r[2]):
+        ws.add(Entry(key=key, length=length, step=arrived))
+    step, budget = 11, 1024
+    picks = ws.plan(StepLimits(budget=budget, seats=64, chunked_prefill=True), step)
+    assert (picks[0].key, picks[0].reason) == ("old", Reason.AGED)
+    order = sorted(rest, key=lambda r: (-(1 + (step - r[2]) * budget / r[1]), ws._entries[r[0]].seq))
+    left, expected = budget - 300, []
+    for key, length, _ in order:
+        if length > left:
+            expected.append((key, left))
+            break
+        expected.append((key, length))
+        left -= length
+    assert [(p.key, p.tokens) for p in picks[1:]] == expected

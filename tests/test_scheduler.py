@@ -113,7 +113,7 @@ def test_drain_aging_keeps_the_tail_near_fcfs_under_arrivals(tiny_model, chunked
 def test_ratio_order_without_deadlines_schedules_as_hrrn_does(tiny_model):
     """chunked_order "ratio" inside vLLM's scheduler (chunked prefill, Poisson arrivals, no
     deadlines) gives every request the TTFT the HRRN baseline (the queue re-sorted every step)
-    gives it; with the default deadlines its p99 is no higher than HRRN's."""
+    gives it."""
     from vllm_prepack.bench.harness import poisson_arrivals, simulate
     from vllm_prepack.workloads import prompt_lengths
 

@@ -35,9 +35,10 @@ class PrepackConfig:
     max_swaps: best-fit exchanges per step (policy step c); 0 gives pure shortest-first.
     chunked_order: with chunked prefill, the order of the requests not yet due: "shortest"
         (shortest prompt first) or "ratio" (highest response ratio, (wait + service) /
-        service in steps, first: HRRN; with aging_drain_factor null it schedules as HRRN
-        does). BENCHMARKS.md has both over the drain factor. Without chunked prefill the
-        order is shortest first.
+        service in steps, first: HRRN; with no deadline on (aging_* null) it schedules as
+        the HRRN baseline does, but for exact ties). The best-fit exchange is off with it.
+        BENCHMARKS.md has both over the drain factor. Without chunked prefill the order is
+        shortest first.
     min_chunk_tokens: never start a prefill chunk smaller than this, except to fill a CUDA-graph
         padding gap (those tokens are computed anyway).
     cuda_graph_topup: use the padding gap of the step's CUDA-graph size (GPU only).

@@ -14,7 +14,7 @@ The scheduler adapter (``scheduler.py``) translates vLLM requests into ``Entry``
     longest whole prompt that fits the room they free (an aged pick only for another aged one);
 (d) with chunked prefill, a chunk of the next prompt (and, where CUDA graphs pad a step anyway,
     a chunk that fills exactly the padding gap). With chunked prefill and ``chunked_order``
-    "ratio", (b) and (d) go by response ratio (HRRN) instead of length.
+    "ratio", (b) and (d) go by response ratio (HRRN) instead of length, and (c) is off.
 
 Whole prompts only (chunked prefill off) adds a *filler reserve*. Shortest-first alone spends
 every short prompt early, so a backlog ends with long prompts that pack badly (four 250-token
@@ -50,6 +50,7 @@ import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
 from itertools import islice, repeat
+from operator import itemgetter
 from typing import NamedTuple
 from dataclasses import dataclass, field
 
@@ -217,45 +218,53 @@ class _ByLength:
     """The free prompts of a level: the lengths present, sorted, and per length the keys in
     admission order (key -> seq). Shortest-first takes a run of equal lengths in a few C-level
     operations instead of a loop per prompt, and an admission or removal is a dict operation
-    (O(log L) only where a length appears or empties). Scans start at a point (length, skip):
-    past the first `skip` prompts of that length, valid while no prompt joins or leaves (one
-    plan)."""
+    (O(log L) only where a length appears or empties). A resized request (a prefix-cache hit
+    found after it arrived) keeps its seq, so it may join a run out of order: that run is put
+    back in order once, when it is next read (O(run): a sort of an almost sorted list). Scans
+    start at a point (length, skip): past the first `skip` prompts of that length, valid while
+    no prompt joins or leaves (one plan)."""
 
-    __slots__ = ("lengths", "runs")
+    __slots__ = ("lengths", "_runs", "_unordered")
 
     def __init__(self) -> None:
         self.lengths: SortedList = SortedList()
-        self.runs: dict[int, dict[Key, int]] = {}
+        self._runs: dict[int, dict[Key, int]] = {}
+        self._unordered: set[int] = set()  # lengths whose run took a prompt out of order
 
     def __bool__(self) -> bool:
-        return bool(self.runs)
+        return bool(self._runs)
 
     def __iter__(self) -> Iterator[Key]:
         for length in self.lengths:
-            yield from self.runs[length]
+            yield from self.run(length)
+
+    def run(self, length: int) -> dict[Key, int]:
+        """The prompts of `length` (which must be present), oldest first."""
+        if length in self._unordered:
+            self._unordered.discard(length)
+            self._runs[length] = dict(sorted(self._runs[length].items(), key=itemgetter(1)))
+        return self._runs[length]
 
     def add(self, length: int, seq: int, key: Key) -> None:
-        run = self.runs.get(length)
+        run = self._runs.get(length)
         if run is None:
-            run = self.runs[length] = {}
+            run = self._runs[length] = {}
             self.lengths.add(length)
-        if run and seq < next(reversed(run.values())):
-            # a resized request keeps its seq: back into order (rare, O(run))
-            run[key] = seq
-            self.runs[length] = dict(sorted(run.items(), key=lambda item: item[1]))
-        else:
-            run[key] = seq
+        elif seq < next(reversed(run.values())):
+            self._unordered.add(length)
+        run[key] = seq
 
     def remove(self, length: int, key: Key) -> None:
-        run = self.runs[length]
+        run = self._runs[length]
         del run[key]
         if not run:
-            del self.runs[length]
+            del self._runs[length]
+            self._unordered.discard(length)
             self.lengths.remove(length)
 
     def pop_newest(self, length: int) -> Key:
         """The newest prompt of `length` (which must be present), out of the list."""
-        key = next(reversed(self.runs[length]))
+        key = next(reversed(self.run(length)))
         self.remove(length, key)
         return key
 
@@ -265,11 +274,11 @@ class _ByLength:
         return self.lengths[at - 1] if at else None
 
     def first(self) -> Key:
-        return next(iter(self.runs[self.lengths[0]]))
+        return next(iter(self.run(self.lengths[0])))
 
     def run_from(self, length: int, start: tuple[float, int]) -> Iterator[Key]:
         """The keys of `length` from the point `start` on."""
-        keys = iter(self.runs[length])
+        keys = iter(self.run(length))
         if length == start[0] and start[1]:
             next(islice(keys, start[1], start[1]), None)  # skipped in C
         return keys
@@ -284,7 +293,7 @@ class _ByLength:
     def scan_down(self, tokens: int) -> Iterator[tuple[int, Key]]:
         """(length, key) from the longest at most `tokens` down, newest first within a length."""
         for length in self.lengths.irange(maximum=tokens, reverse=True):
-            for key in reversed(self.runs[length]):
+            for key in reversed(self.run(length)):
                 yield length, key
 
 
@@ -351,7 +360,8 @@ class WaitingSet:
     """Waiting requests indexed by priority, remaining length, deadline and age.
 
     Adds and removals cost O(log n) (the deadline index; the free prompts by length: O(1) but
-    where a length appears or empties); ``plan`` costs O((k + swaps + bins) log n) for k picks,
+    where a length appears or empties; a resize may cost one sort of its new length's run at the
+    next plan); ``plan`` costs O((k + swaps + bins) log n) for k picks,
     with shortest-first's k picks taken a run of equal lengths at a time, so the policy scales
     to 100k waiting requests without re-sorting the queue every step.
     """
@@ -384,7 +394,8 @@ class WaitingSet:
         return self._tokens
 
     def add(self, entry: Entry, due: float = math.inf) -> None:
-        """Admit a request at the back. A new arrival's deadline is set by the next plan; a
+        """Admit a request at the back (in step order: `entry.step` does not go down, which
+        the ratio order relies on). A new arrival's deadline is set by the next plan; a
         request coming back (vLLM's priority queue re-inserts a preempted one by arrival)
         passes the deadline it had, which keeps it ahead of newer ones."""
         self._insert(entry, pinned=False, due=due)
@@ -623,11 +634,14 @@ class WaitingSet:
         oldest), whole while they fit, then a chunk of the next. Of equal lengths the oldest has
         the highest ratio, so the order merges one head per length: a heap, grown over the
         lengths shortest first only while an unseen length could still beat its best (none can
-        beat 1 + the level's longest wait / its length). O(k log L) for k picks over L lengths
-        where waits are alike, O(L) at worst, where HRRN as usually done re-sorts every waiting
-        request every step."""
+        beat 1 + the longest wait of an untaken prompt / its length; prompts are admitted in
+        step order, so the oldest of a length waited longest). O(k log L) for k picks over L
+        lengths where waits are alike, O(L log L) at worst, where HRRN as usually done re-sorts
+        every waiting request every step. The best-fit exchange (c) is not used: the step's
+        leftover goes to a chunk of the next prompt by ratio."""
         free, fifo, step_tokens = level.free, level.fifo, max(1, p.limits.step_tokens)
-        oldest = next(iter(fifo.values()), None)
+        # the longest wait of an untaken prompt (overdue ones, the oldest, are often planned)
+        oldest = next((entry for key, entry in fifo.items() if not p.taken(key)), None)
         if oldest is None:
             return
         longest_wait = (step - oldest.step) * step_tokens  # in tokens of steps
@@ -656,7 +670,7 @@ class WaitingSet:
             entry = fifo[key]
             if not (p.group_ok(entry) and p.kv_fits(entry)):
                 misses += 1  # passed over, as vLLM skips it
-                if misses > FIT_PROBES:
+                if misses >= FIT_PROBES:
                     return
             elif length <= p.left:
                 p.take(entry, Reason.RATIO)
