@@ -208,7 +208,8 @@ def _time_steps(model_dir, name: str, lengths, budget: int, chunked: bool, steps
     return result
 
 
-def scale(model_dir, sizes: list[int], budget: int, steps: int = 30) -> str:
+def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
+          options: dict | None = None) -> str:
     rows = []
     for chunked in (True, False):
         for waiting in sizes:
@@ -216,9 +217,9 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30) -> str:
             fcfs = _time_steps(model_dir, "fcfs", lengths, budget, chunked, steps)
             spf = _time_steps(model_dir, "spf", lengths, budget, chunked, steps)
             for cost, fixed in SCALE_COSTS.items():
-                options = {"learn_step_cost": False, "step_cost_fixed_tokens": fixed}
+                fixed_cost = {"learn_step_cost": False, "step_cost_fixed_tokens": fixed}
                 pack = _time_steps(model_dir, "prepack", lengths, budget, chunked, steps,
-                                   {"prepack": options})
+                                   {"prepack": {**(options or {}), **fixed_cost}})
                 rows.append({
                     "chunked prefill": "on" if chunked else "off",
                     "waiting requests": waiting,
@@ -247,7 +248,7 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30) -> str:
         f"time in a step, from the start of its schedule() through the plan (the running-budget "
         f"mirror included). Its max is the first step, which dates every request of the backlog "
         f"(one deadline per arrival step, all at once here) and, where it packs, reserves a bin "
-        f"for every prompt over half the budget.\n\n"
+        f"for every prompt over half the budget{_with(options)}.\n\n"
         + table(rows)
     )
 
@@ -420,7 +421,8 @@ def main(args) -> str:
         parts.append(in_seconds(decoder_model(TINY), args.prompts, args.budget, args.seed,
                                 args.fixed_tokens, args.loads, args.prepack_options))
     if "scale" in args.parts:
-        parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget))
+        parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget,
+                           options=args.prepack_options))
     if "embed" in args.parts:
         for delay in args.step_delays:
             parts.append(embedding_job(args.embed_prompts, 1024, args.repeats, args.report, delay))
@@ -446,7 +448,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget", type=int, default=1024, help="synthetic/scale token budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prepack-options", type=json.loads, default=None, metavar="JSON",
-                        help="the plugin's options for the synthetic and arrivals parts, e.g. "
+                        help="the plugin's options for the synthetic, arrivals and scale parts, e.g. "
                              "'{\"aging_drain_factor\": null}' (default: the plugin's defaults)")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.8, 0.95, 1.05],
                         help="offered loads for the arrivals part (1 = the budget, in prompt tokens)")
