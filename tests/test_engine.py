@@ -37,6 +37,20 @@ def test_greedy_outputs_identical_to_plain_vllm(engine, tiny_model, chunked, bud
     assert stats.admitted >= len(MIXED) and stats.steps > 0
 
 
+def test_ratio_order_outputs_identical_to_plain_vllm(engine, tiny_model):
+    """chunked_order "ratio" (response-ratio order, the default deadlines) changes the order
+    of admission only: outputs equal plain vLLM's, and its steps did plan by ratio."""
+    from vllm_prepack.policy import Reason
+
+    kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=128)
+    packed_llm = engine(tiny_model, {"chunked_order": "ratio"}, **kw)
+    stats = engine_scheduler(packed_llm).prepack_stats
+    stats.keep_history = True
+    packed = generate(packed_llm, MIXED)
+    assert packed == generate(engine(tiny_model, False, **kw), MIXED)
+    assert any(p.reason == Reason.RATIO for record in stats.history for p in record.planned)
+
+
 def test_greedy_identical_on_qwen2(engine, tiny_qwen2):
     kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=128)
     assert generate(engine(tiny_qwen2, True, **kw), MIXED) == generate(
