@@ -49,7 +49,7 @@ import heapq
 import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
-from itertools import islice, repeat
+from itertools import chain, islice, repeat
 from operator import itemgetter
 from typing import NamedTuple
 from dataclasses import dataclass, field
@@ -235,8 +235,7 @@ class _ByLength:
         return bool(self._runs)
 
     def __iter__(self) -> Iterator[Key]:
-        for length in self.lengths:
-            yield from self.run(length)
+        return self.keys_from(START)
 
     def run(self, length: int) -> dict[Key, int]:
         """The prompts of `length` (which must be present), oldest first."""
@@ -283,12 +282,11 @@ class _ByLength:
             next(islice(keys, start[1], start[1]), None)  # skipped in C
         return keys
 
-    def scan(self, start: tuple[float, int]) -> Iterator[tuple[int, Key]]:
-        """(length, key) from the point `start` on: shortest first, oldest first within a
-        length."""
-        for length in self.lengths.irange(start[0]):
-            for key in self.run_from(length, start):
-                yield length, key
+    def keys_from(self, start: tuple[float, int]) -> Iterator[Key]:
+        """The keys from the point `start` on: shortest first, oldest first within a length
+        (the runs chained in C)."""
+        return chain.from_iterable(self.run_from(length, start)
+                                   for length in self.lengths.irange(start[0]))
 
     def scan_down(self, tokens: int) -> Iterator[tuple[int, Key]]:
         """(length, key) from the longest at most `tokens` down, newest first within a length."""
@@ -360,10 +358,10 @@ class WaitingSet:
     """Waiting requests indexed by priority, remaining length, deadline and age.
 
     Adds and removals cost O(log n) (the deadline index; the free prompts by length: O(1) but
-    where a length appears or empties; a resize may cost one sort of its new length's run at the
-    next plan); ``plan`` costs O((k + swaps + bins) log n) for k picks,
-    with shortest-first's k picks taken a run of equal lengths at a time, so the policy scales
-    to 100k waiting requests without re-sorting the queue every step.
+    where a length appears or empties; a resize may cost one sort of its new length's run at
+    the next plan); ``plan`` costs O((k + swaps + bins) log n) for k picks, with shortest-first's
+    k picks taken a run of equal lengths at a time, so the policy scales to 100k waiting
+    requests without re-sorting the queue every step.
     """
 
     def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4,
@@ -827,9 +825,7 @@ class _Planner:
 
     def all_free_taken(self, level: _Level) -> bool:
         """Every free prompt of `level` is in the plan (checked from `free_below` on, in C)."""
-        free, start, planned = level.free, self.free_below, self._picks.__contains__
-        return all(all(map(planned, free.run_from(length, start)))
-                   for length in free.lengths.irange(start[0]))
+        return all(map(self._picks.__contains__, level.free.keys_from(self.free_below)))
 
     def reason(self, key: Key) -> Reason:
         return self._picks[key].reason
@@ -897,7 +893,7 @@ class _Planner:
         entry is looked up only where its KV blocks count."""
         free = level.free
         if self.limits.max_groups is not None:
-            for _, key in free.scan(self.free_below):
+            for key in free.keys_from(self.free_below):
                 if not self.has_room():
                     return
                 entry = level.fifo[key]
@@ -980,7 +976,7 @@ class _Planner:
         if not self.limits.chunked_prefill or not self.has_room():
             return
         misses = 0
-        for _, key in level.free.scan(self.free_below):
+        for key in level.free.keys_from(self.free_below):
             if self.taken(key):
                 continue
             entry = level.fifo[key]
