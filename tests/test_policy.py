@@ -523,13 +523,18 @@ def test_the_seconds_bound_puts_a_request_first_once_it_has_waited_that_long():
     assert [(p.key, p.reason) for p in ws.plan(limits, step=2, now=10.0)] == [("old", Reason.AGED)]
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 300), st.integers(0, 20)), min_size=1, max_size=60),
-       st.integers(20, 40), st.integers(1, 900), st.integers(1, 30), st.integers(0, 64))
+# lengths from a wide range, or a few repeated ones (runs of equal lengths, taken in blocks)
+_RATIO_LENGTHS = st.one_of(st.integers(1, 300), st.sampled_from([3, 8, 40, 41, 120]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_RATIO_LENGTHS, st.integers(0, 20)), min_size=1, max_size=120),
+       st.integers(20, 40), st.integers(1, 900), st.integers(1, 80), st.integers(0, 64))
 def test_ratio_order_is_highest_response_ratio_first(items, step, budget, seats, min_chunk):
     """With chunked prefill and chunked_order "ratio" (no deadlines): whole prompts by
     (wait + service) / service, highest first (oldest on ties), while they fit, then a chunk of
-    the next (or nothing below min_chunk_tokens): HRRN, as a brute-force sort computes it."""
+    the next (or nothing below min_chunk_tokens): HRRN, as a brute-force sort computes it, with
+    runs of equal lengths among them."""
     ws = WaitingSet(chunked_order="ratio")
     arrivals = sorted(arrived for _, arrived in items)  # admitted in step order, as the adapter does
     items = [(length, arrived) for (length, _), arrived in zip(items, arrivals)]

@@ -61,6 +61,7 @@ from vllm_prepack.cost import StepCost
 Key = Hashable
 AGED_PROBES = 16  # aged requests skipped per step before the first-fit scan gives up: O(1)
 FIT_PROBES = 64  # entries a best-fit search looks at before giving up: O(1)
+RUN_PROBE = 4  # the ratio order's first block of a run checked at once (then doubling)
 # filler-reserve bins built per step: the builder outruns shortest-first 8:1, so shortest-first
 # spends about a ninth of a backlog's tokens (the shortest prompts, the best fillers) before the
 # two meet; 4 halves the building per step but costs a step on 3 of the ten synthetic shapes
@@ -360,7 +361,7 @@ class WaitingSet:
     Adds and removals cost O(log n) (the deadline index; the free prompts by length: O(1) but
     where a length appears or empties; a resize may cost one sort of its new length's run at
     the next plan); ``plan`` costs O((k + swaps + bins) log n) for k picks, with shortest-first's
-    k picks taken a run of equal lengths at a time, so the policy scales to 100k waiting
+    (and the ratio order's) picks taken a run of equal lengths at a time, so the policy scales to 100k waiting
     requests without re-sorting the queue every step.
     """
 
@@ -633,10 +634,11 @@ class WaitingSet:
         the highest ratio, so the order merges one head per length: a heap, grown over the
         lengths shortest first only while an unseen length could still beat its best (none can
         beat 1 + the longest wait of an untaken prompt / its length; prompts are admitted in
-        step order, so the oldest of a length waited longest). O(k log L) for k picks over L
-        lengths where waits are alike, O(L log L) at worst, where HRRN as usually done re-sorts
-        every waiting request every step. The best-fit exchange (c) is not used: the step's
-        leftover goes to a chunk of the next prompt by ratio."""
+        step order, so the oldest of a length waited longest). A length's prompts that still
+        beat every other are taken at once, as shortest-first takes a run. O(r log L) for r
+        runs taken over L lengths where waits are alike, O(L log L) at worst, where HRRN as
+        usually done re-sorts every waiting request every step. The best-fit exchange (c) is
+        not used: the step's leftover goes to a chunk of the next prompt by ratio."""
         free, fifo, step_tokens = level.free, level.fifo, max(1, p.limits.step_tokens)
         # the longest wait of an untaken prompt (overdue ones, the oldest, are often planned)
         oldest = next((entry for key, entry in fifo.items() if not p.taken(key)), None)
@@ -652,10 +654,17 @@ class WaitingSet:
                     return -(1 + (step - entry.step) * step_tokens / length), entry.seq, length, key, keys
             return None
 
+        def beats(key: Key, length: int, rival: tuple | None, beaten: float) -> bool:
+            """`key` goes before the heap's top (`rival`) and every unseen length (whose
+            ratio is at most `beaten`)."""
+            row = head(length, iter((key,)))
+            return (rival is None or row < rival) and -row[0] > beaten
+
         lengths = iter(free.lengths)
         unseen = next(lengths, None)
         heads: list = []
         misses = 0
+        batch = p.kv_left is None and p.limits.max_groups is None  # nothing counted per prompt
         while p.has_room():
             while unseen is not None and (not heads or 1 + longest_wait / unseen >= -heads[0][0]):
                 row = head(unseen, free.run_from(unseen, START))
@@ -670,12 +679,42 @@ class WaitingSet:
                 misses += 1  # passed over, as vLLM skips it
                 if misses >= FIT_PROBES:
                     return
-            elif length <= p.left:
-                p.take(entry, Reason.RATIO)
-            else:
+                row = head(length, keys)
+            elif length > p.left:
                 p.chunk(entry)
                 return
-            row = head(length, keys)
+            elif not batch:
+                p.take(entry, Reason.RATIO)
+                row = head(length, keys)
+            else:
+                # the run goes on while its next prompts still beat every other (the heap's
+                # top, any unseen length): along a run the ratio falls and the seq grows, so
+                # those are a prefix, found in blocks of doubling size (the last of a block
+                # checked, a failing block bisected): O(log k) rows for k prompts taken
+                rival = heads[0] if heads else None
+                beaten = 1 + longest_wait / unseen if unseen is not None else 0.0
+                run, want, size = [key], p.fitting(length) - 1, RUN_PROBE
+                while want > 0:
+                    block = list(islice(keys, min(size, want)))
+                    if not block:
+                        break
+                    block = [k for k in block if not p.taken(k)]
+                    if block and not beats(block[-1], length, rival, beaten):
+                        lo, hi = 0, len(block) - 1
+                        while lo < hi:
+                            mid = (lo + hi) // 2
+                            if beats(block[mid], length, rival, beaten):
+                                lo = mid + 1
+                            else:
+                                hi = mid
+                        run += block[:lo]
+                        keys = chain(block[lo:], keys)
+                        break
+                    run += block
+                    want -= len(block)
+                    size *= 2
+                p.take_run(run, length, Reason.RATIO)
+                row = head(length, keys)
             if row is not None:
                 heapq.heappush(heads, row)
 
@@ -905,15 +944,11 @@ class _Planner:
                 taken.append(key)
             return
         limits, picks, fifo = self.limits, self._picks, level.fifo
-        token_left, input_left, seats, kv_left = self.token_left, self.input_left, self.seats, self.kv_left
-        overhead, planned, check = limits.overhead, 0, bool(picks)
-        watermark = limits.watermark_blocks if (limits.running or picks) else 0
+        check = bool(picks)
         start, stop = self.free_below, END
         for length in free.lengths.irange(start[0]):
             skip = start[1] if length == start[0] else 0  # prompts of this length known taken
-            fit = min(seats, token_left // length)  # how many of this length still fit
-            if input_left is not None:
-                fit = min(fit, (input_left - overhead - length) // (length + overhead) + 1)
+            fit = self.fitting(length)
             if fit <= 0:
                 stop = (length, skip)
                 break
@@ -927,7 +962,9 @@ class _Planner:
                 at += len(more)
                 chosen += [key for key in more if key not in picks] if check else more
             full = len(chosen) == fit
-            if kv_left is not None:
+            if self.kv_left is not None:
+                kv_left = self.kv_left
+                watermark = limits.watermark_blocks if (limits.running or picks) else 0
                 for index, key in enumerate(chosen):
                     blocks = fifo[key].blocks
                     if blocks + watermark > kv_left:
@@ -938,22 +975,35 @@ class _Planner:
                         break
                     kv_left -= blocks
                     watermark = limits.watermark_blocks
+                self.kv_left = kv_left
             if chosen:
-                picks.update(zip(chosen, map(tuple.__new__, repeat(Pick),
-                                             zip(chosen, repeat(length), repeat(Reason.SHORT)))))
+                self.take_run(chosen, length, Reason.SHORT)
                 taken += chosen
-                count = len(chosen)
-                token_left -= count * length
-                planned += count * length
-                seats -= count
-                if input_left is not None:
-                    input_left -= count * (length + overhead)
             if full:  # the next prompt of this length (or a longer one) does not fit
                 stop = (length, at)
                 break
         self.free_below = stop
-        self.token_left, self.input_left, self.seats, self.kv_left = token_left, input_left, seats, kv_left
-        self.planned_tokens += planned
+
+    def fitting(self, length: int) -> int:
+        """How many more whole prompts of `length` fit (tokens, inputs with their overhead,
+        seats): arithmetic, as every prompt of a run is alike."""
+        fit = min(self.seats, self.token_left // length)
+        if self.input_left is not None:
+            overhead = self.limits.overhead
+            fit = min(fit, (self.input_left - overhead - length) // (length + overhead) + 1)
+        return fit
+
+    def take_run(self, keys: list[Key], length: int, reason: Reason) -> None:
+        """Whole prompts of one `length` that fit (``fitting``), charged at once: no LoRA
+        limit applies, and their KV blocks, where tracked, are the caller's to count."""
+        self._picks.update(zip(keys, map(tuple.__new__, repeat(Pick),
+                                         zip(keys, repeat(length), repeat(reason)))))
+        count = len(keys)
+        self.token_left -= count * length
+        self.planned_tokens += count * length
+        self.seats -= count
+        if self.input_left is not None:
+            self.input_left -= count * (length + self.limits.overhead)
 
     def take_in_order(self, entry: Entry, reason: Reason) -> bool:
         """A must-go-first request: whole, else a chunk, else the plan stops here. One whose
