@@ -688,32 +688,12 @@ class WaitingSet:
                 row = head(length, keys)
             else:
                 # the run goes on while its next prompts still beat every other (the heap's
-                # top, any unseen length): along a run the ratio falls and the seq grows, so
-                # those are a prefix, found in blocks of doubling size (the last of a block
-                # checked, a failing block bisected): O(log k) rows for k prompts taken
+                # top, any unseen length)
                 rival = heads[0] if heads else None
                 beaten = 1 + longest_wait / unseen if unseen is not None else 0.0
-                run, want, size = [key], p.fitting(length) - 1, RUN_PROBE
-                while want > 0:
-                    block = list(islice(keys, min(size, want)))
-                    if not block:
-                        break
-                    block = [k for k in block if not p.taken(k)]
-                    if block and not beats(block[-1], length, rival, beaten):
-                        lo, hi = 0, len(block) - 1
-                        while lo < hi:
-                            mid = (lo + hi) // 2
-                            if beats(block[mid], length, rival, beaten):
-                                lo = mid + 1
-                            else:
-                                hi = mid
-                        run += block[:lo]
-                        keys = chain(block[lo:], keys)
-                        break
-                    run += block
-                    want -= len(block)
-                    size *= 2
-                p.take_run(run, length, Reason.RATIO)
+                more, keys = _prefix(keys, p.fitting(length) - 1, p.taken,
+                                     lambda k: beats(k, length, rival, beaten))
+                p.take_run([key, *more], length, Reason.RATIO)
                 row = head(length, keys)
             if row is not None:
                 heapq.heappush(heads, row)
@@ -809,6 +789,32 @@ class WaitingSet:
             if not p.taken(key) and p.group_ok(entry) and (accept is None or accept(entry)):
                 return entry
         return None
+
+
+def _prefix(keys: Iterator[Key], most: int, taken, ok) -> tuple[list[Key], Iterator[Key]]:
+    """Up to `most` of `keys` (skipping `taken` ones) from the front while `ok`, where `ok`
+    holds for a prefix of them (a run in the ratio order: the ratio falls along it), and the
+    keys after those. Checked in blocks of doubling size, the last of a block first, a
+    failing block bisected: O(log k) checks for k keys taken."""
+    chosen, size = [], RUN_PROBE
+    while most > 0:
+        block = list(islice(keys, min(size, most)))
+        if not block:
+            break  # the keys are spent
+        block = [k for k in block if not taken(k)]
+        if block and not ok(block[-1]):
+            lo, hi = 0, len(block) - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if ok(block[mid]):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return chosen + block[:lo], chain(block[lo:], keys)
+        chosen += block
+        most -= len(block)
+        size *= 2
+    return chosen, keys
 
 
 class _Room(NamedTuple):
