@@ -361,8 +361,8 @@ class WaitingSet:
     Adds and removals cost O(log n) (the deadline index; the free prompts by length: O(1) but
     where a length appears or empties; a resize may cost one sort of its new length's run at
     the next plan); ``plan`` costs O((k + swaps + bins) log n) for k picks, with shortest-first's
-    (and the ratio order's) picks taken a run of equal lengths at a time, so the policy scales to 100k waiting
-    requests without re-sorting the queue every step.
+    (and the ratio order's) picks taken a run of equal lengths at a time, so the policy scales
+    to 100k waiting requests without re-sorting the queue every step.
     """
 
     def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4,
@@ -923,12 +923,13 @@ class _Planner:
         if entry.group is not None:
             self._group_counts[entry.group] -= 1
 
-    def _charge(self, tokens: int, sign: int) -> None:
-        self.token_left -= sign * tokens
+    def _charge(self, tokens: int, count: int) -> None:
+        """`count` requests of `tokens` each into the plan (negative: out of it)."""
+        self.token_left -= count * tokens
         if self.input_left is not None:
-            self.input_left -= sign * (tokens + self.limits.overhead)
-        self.planned_tokens += sign * tokens
-        self.seats -= sign
+            self.input_left -= count * (tokens + self.limits.overhead)
+        self.planned_tokens += count * tokens
+        self.seats -= count
 
     def take_shortest(self, level: _Level, taken: list[Key]) -> None:
         """(b) free prompts shortest first while they fit (keys appended to `taken`), from
@@ -1004,12 +1005,7 @@ class _Planner:
         limit applies, and their KV blocks, where tracked, are the caller's to count."""
         self._picks.update(zip(keys, map(tuple.__new__, repeat(Pick),
                                          zip(keys, repeat(length), repeat(reason)))))
-        count = len(keys)
-        self.token_left -= count * length
-        self.planned_tokens += count * length
-        self.seats -= count
-        if self.input_left is not None:
-            self.input_left -= count * (length + self.limits.overhead)
+        self._charge(length, len(keys))
 
     def take_in_order(self, entry: Entry, reason: Reason) -> bool:
         """A must-go-first request: whole, else a chunk, else the plan stops here. One whose
