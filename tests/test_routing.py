@@ -18,6 +18,7 @@ from vllm_prepack.routing import (
     LoadReport,
     LoadTable,
     PrefixIndex,
+    engine_requests,
     prompt_key,
     prompt_tokens,
 )
@@ -60,7 +61,8 @@ def test_the_step_under_way_counts_what_is_left_of_it(step, seconds, t1, t2, tok
 
 # a history: each event sends a request to a replica, finishes one, or reports
 events = st.lists(st.one_of(
-    st.tuples(st.just("send"), st.integers(0, 3), st.integers(0, 30), st.integers(1, 500)),
+    st.tuples(st.just("send"), st.integers(0, 3), st.integers(0, 30), st.integers(1, 500),
+              st.sampled_from([1, 1, 1, 2, 4])),
     st.tuples(st.just("done"), st.integers(0, 30)),
     st.tuples(st.just("report"), st.integers(0, 3), st.integers(0, 2000)),
 ), max_size=80)
@@ -72,45 +74,47 @@ def test_unreported_tokens_are_the_live_sends_no_report_covers(history, transit)
     """A model of the bookkeeping: each request counts at the replica it was last sent to,
     from its send until it finishes or a report from that replica counts its arrival, which
     comes `transit` after the send: a request sent before the newest arrival may still be on
-    its way, and goes on counting. A request cancelled, or sent again elsewhere, before it
-    arrived never arrives, and takes no later arrival's place."""
+    its way, and goes on counting. A request with n samples arrives as n requests. A request
+    cancelled, or sent again elsewhere, before it arrived never arrives, and takes no later
+    arrival's place."""
     table, clock = LoadTable(), 0.0
     for replica in range(4):  # idle replicas report before their first request
         table.report(replica, report(), clock)
-    sends = {replica: [] for replica in range(4)}  # every send, in order
-    live = {}  # key -> (replica, sent_at, tokens)
+    sends = {replica: [] for replica in range(4)}  # every send (time, arrivals), in order
+    live = {}  # key -> (replica, sent_at, tokens, arrivals)
     reported = dict.fromkeys(range(4), clock)  # each replica's last report
     for event in history:
         clock += 1.0
         if event[0] == "send":
-            _, replica, key, tokens = event
+            _, replica, key, tokens, n = event
             if key in live:  # sent again: the replica before turned it away (Ray's retry)
-                before, sent, _ = live[key]
+                before, sent, _, count = live[key]
                 if reported[before] < sent + transit <= clock:
                     continue  # it arrived there already: not a retry
                 if sent + transit > clock:
-                    sends[before].remove(sent)
-            table.sent(replica, key, tokens, clock)
-            sends[replica].append(clock)
-            live[key] = (replica, clock, tokens)
+                    sends[before].remove((sent, count))
+            table.sent(replica, key, n * tokens, clock, n)
+            sends[replica].append((clock, n))
+            live[key] = (replica, clock, n * tokens, n)
         elif event[0] == "done":  # finished after its arrival was reported, or cancelled
             if event[1] in live:  # before it arrived (it never will); not in between (rare)
-                replica, sent, _ = live[event[1]]
+                replica, sent, _, count = live[event[1]]
                 if reported[replica] < sent + transit <= clock:
                     continue
                 if sent + transit > clock:
-                    sends[replica].remove(sent)
+                    sends[replica].remove((sent, count))
             table.done(event[1])
             live.pop(event[1], None)
         else:
             _, replica, waiting = event
-            arrived = [t + transit for t in sends[replica] if t + transit <= clock]
-            table.report(replica, report(waiting=waiting, newest=max(arrived, default=0.0),
-                                         arrived=len(arrived), seq=len(arrived) + 2), clock)
+            arrived = [(t + transit, n) for t, n in sends[replica] if t + transit <= clock]
+            count = sum(n for _, n in arrived)
+            table.report(replica, report(waiting=waiting, newest=max(arrived, default=(0.0,))[0],
+                                         arrived=count, seq=count + 2), clock)
             reported[replica] = clock
         for replica in range(4):
             assert table.unreported(replica) == sum(
-                tokens for r, sent, tokens in live.values()
+                tokens for r, sent, tokens, _ in live.values()
                 if r == replica and sent + transit > reported[r])
 
 
@@ -387,6 +391,30 @@ def test_alone_a_router_credits_where_it_sent_a_prefix_beside_others_the_prefix_
     assert index.hits(again, replicas, shared=True) == {home: blocks}
 
 
+def test_a_request_with_n_samples_is_covered_as_its_n_requests_arrive():
+    """vLLM's engine takes a request with n samples as n requests of its prompt: the router
+    charges n x its tokens, a report that counts some of them takes off their share, and the
+    request sent after it keeps its charge until its own arrival."""
+    table = LoadTable()
+    table.report("a", report(), 0.0)
+    table.sent("a", "n3", 3 * 100, 1.0, 3)
+    table.sent("a", "next", 40, 2.0)
+    assert table.unreported("a") == 340
+    table.report("a", report(newest=1.5, arrived=2, seq=2), 3.0)  # two of the three
+    assert table.unreported("a") == 140
+    table.report("a", report(newest=1.5, arrived=3, seq=3), 4.0)
+    assert table.unreported("a") == 40
+    table.report("a", report(newest=2.5, arrived=4, seq=4), 5.0)
+    assert table.unreported("a") == 0
+    # all n at once, while the request sent after it (before their arrival) is on its way
+    table.sent("a", "n2", 2 * 50, 6.0, 2)
+    table.sent("a", "later", 30, 7.0)
+    table.report("a", report(newest=7.5, arrived=6, seq=5), 8.0)
+    assert table.unreported("a") == 30
+    body = SimpleNamespace
+    assert [engine_requests(b) for b in (body(n=4), body(n=1), body(n=None), body())] == [4, 1, 1, 1]
+
+
 def test_prompt_tokens_count_ids_and_estimate_text():
     body = SimpleNamespace
     assert prompt_tokens(body(prompt=[5, 6, 7]), 4.0) == 3
@@ -463,6 +491,41 @@ def test_load_report_predicts_its_step_once_steps_are_measured(tiny_model):
         fake_step(scheduler, out)
     assert scheduler.load_report(200, 4).step_seconds == pytest.approx(0.03, rel=0.1)
     assert scheduler.load_report().step_seconds == 0  # no step under way
+
+
+def test_load_report_counts_every_new_request_whichever_queue_it_enters(tiny_model):
+    """A request that holds KV blocks already (computed tokens: a resumed session, KV from a
+    remote prefill) enters vLLM's kv_holding_waiting, not the plugin's queue: it is an arrival
+    all the same."""
+    from vllm_prepack.bench.harness import make_request, standalone_scheduler
+
+    scheduler = standalone_scheduler(tiny_model, budget=256, max_model_len=512,
+                                     chunked_prefill=True)
+    scheduler.add_request(make_request("plain", 50))
+    holding = make_request("holding", 80)
+    holding.num_computed_tokens = 16
+    scheduler.add_request(holding)
+    assert list(scheduler.kv_holding_waiting) == [holding] and len(scheduler.waiting) == 1
+    r = scheduler.load_report()
+    assert (r.arrived, r.requests) == (2, 2)
+    assert r.newest_arrival == max(holding.arrival_time, scheduler.requests["plain"].arrival_time)
+
+
+@pytest.mark.engine
+def test_a_request_with_n_samples_arrives_at_the_scheduler_as_n(engine, tiny_model):
+    """What the router's charge of n arrivals rests on, in a real engine."""
+    from vllm import SamplingParams
+
+    from vllm_prepack.touchpoints import engine_scheduler
+
+    llm = engine(tiny_model, True, enable_chunked_prefill=True, max_num_batched_tokens=128)
+    scheduler = engine_scheduler(llm)
+    before = scheduler.load_report().arrived
+    outs = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}],
+                        SamplingParams(n=3, max_tokens=2, temperature=1.0, seed=0),
+                        use_tqdm=False)
+    assert len(outs[0].outputs) == 3
+    assert scheduler.load_report().arrived == before + 3
 
 
 def test_load_report_counts_what_waits_and_what_runs(tiny_model):

@@ -82,6 +82,13 @@ async def _routes_by_reported_tokens(served):
     ranks = await router.choose_replicas([replicas["b"]], _request(9, "y"))
     assert [r[0].replica_id for r in ranks] == [b]
 
+    # n samples: the engine takes n requests of the prompt, charged as such
+    before = router._table.unreported(b)
+    sampled = _request(10, list(range(100)))
+    sampled.args[0].n = 3
+    await router.choose_replicas([replicas["b"]], sampled)
+    assert router._table.unreported(b) == before + 300
+
 
 def test_requests_without_an_openai_body_still_route():
     in_loop(_without_a_body)

@@ -5,7 +5,8 @@ running), its decoding requests, and the step it has just started with the time 
 model gives it (``LoadReport``): the router counts only the part of that step still to run.
 Between two reports the router adds what it has sent there itself (``LoadTable.sent``), counted
 from token ids or estimated from text; a report drops the requests it already covers: the
-oldest ones, as many as arrived since the last report, sent before the newest arrival. The
+oldest ones, as many as arrived since the last report (a request with n samples arrives as n),
+sent before the newest arrival. The
 count matters: a request still on its way (the Ray call, the server's tokenization) was sent
 before the newest arrival too, and dropping it would make the replica just sent it look free.
 A new request goes where it expects the shortest wait: the prompt tokens ahead of it and its
@@ -76,12 +77,15 @@ class LoadReport:
 
 
 class _Charge:
-    """A request sent to a replica and not yet covered by one of its reports."""
+    """A request sent to a replica and not yet covered by its reports: `count` arrivals there
+    (n for parallel sampling: the engine takes n requests) of `tokens` in all."""
 
-    __slots__ = ("key", "replica", "sent_at", "tokens", "live")
+    __slots__ = ("key", "replica", "sent_at", "tokens", "count", "live")
 
-    def __init__(self, key: Hashable, replica: Replica, sent_at: float, tokens: int) -> None:
+    def __init__(self, key: Hashable, replica: Replica, sent_at: float, tokens: int,
+                 count: int = 1) -> None:
         self.key, self.replica, self.sent_at, self.tokens = key, replica, sent_at, tokens
+        self.count = count
         self.live = True
 
 
@@ -148,24 +152,33 @@ class LoadTable:
         view.arrived = report.arrived
         charges = view.charges
         while charges and charges[0].sent_at <= report.newest_arrival:
-            if charges[0].live:
+            charge = charges[0]
+            if charge.live:
                 if arrivals <= 0:
                     break
-                arrivals -= 1
+                if arrivals < charge.count:  # some of its n requests arrived: their share
+                    part = charge.tokens * arrivals // charge.count
+                    charge.tokens -= part
+                    charge.count -= arrivals
+                    view.unreported -= part
+                    break
+                arrivals -= charge.count
             self._drop(charges.popleft())
 
-    def sent(self, replica: Replica, key: Hashable, tokens: int, now: float) -> None:
-        """Count `tokens` at `replica` until a report covers them; a request routed again (a
-        retry) moves its charge."""
+    def sent(self, replica: Replica, key: Hashable, tokens: int, now: float,
+             count: int = 1) -> None:
+        """Count `tokens` at `replica` until reports cover its `count` arrivals there (a
+        request with n > 1 samples arrives as n requests of its prompt: n x its tokens); a
+        request routed again (a retry) moves its charge."""
         self.done(key)
-        charge = _Charge(key, replica, now, tokens)
+        charge = _Charge(key, replica, now, tokens, count)
         view = self._view(replica)
         if view.charges and now < view.charges[-1].sent_at:
             charge.sent_at = view.charges[-1].sent_at  # keep send order under a clock step back
         view.charges.append(charge)
         view.unreported += tokens
         self._charges[key] = charge
-        self._window[0] += 1
+        self._window[0] += count
 
     def _count_arrivals(self, n: int) -> None:
         """Every SHARE_WINDOW arrivals, the share of them this router sent: alone, about all;
@@ -285,6 +298,13 @@ def _wait(view: _View | None, tokens: int, now: float | None) -> float:
     if step and report.step_seconds > 0 and now is not None:
         step *= min(1.0, max(0.0, 1.0 - (now - view.step_heard) / report.step_seconds))
     return step + ahead + math.ceil(ahead / per_step) * decoding
+
+
+def engine_requests(body) -> int:
+    """Requests vLLM's engine takes for an OpenAI request body: ``n`` of them for parallel
+    sampling (completions, chat), else one."""
+    n = getattr(body, "n", None)
+    return n if isinstance(n, int) and n > 1 else 1
 
 
 def prompt_tokens(body, chars_per_token: float) -> int:

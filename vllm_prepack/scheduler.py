@@ -97,8 +97,6 @@ class PackingRequestQueue(internal.RequestQueue):
         self._cursor = 0
         self._step = 0
         self._now = time.time()
-        self.newest_arrival = 0.0  # of the requests added so far (the load report says it)
-        self.arrived = 0  # requests added so far
 
     # ---- the per-step plan ------------------------------------------------------------------
 
@@ -173,8 +171,6 @@ class PackingRequestQueue(internal.RequestQueue):
         self._set.add(self._entry(request))
         self._requests[request.request_id] = request
         self._join_group(request)
-        self.newest_arrival = max(self.newest_arrival, request.arrival_time)
-        self.arrived += 1
 
     @property
     def tokens(self) -> int:
@@ -311,6 +307,8 @@ class PrepackScheduler(internal.Scheduler):
         self.step_cost_model = self.prepack_config.step_cost_model(self.max_num_scheduled_tokens)
         self._publisher = None
         self._reports = 0
+        self._arrived = 0  # new requests taken, into either waiting queue (the load report)
+        self._newest_arrival = 0.0  # the newest one's arrival time
         if self.prepack_config.load_endpoint:
             from vllm_prepack.load_channel import LoadPublisher
 
@@ -319,6 +317,17 @@ class PrepackScheduler(internal.Scheduler):
             self._publisher.publish(self.load_report())
         self.prepack_clock = time.perf_counter  # step times (the engine-free bench sets its clock)
         self._last_step_end: float | None = None  # when the last busy step ended
+
+    def add_request(self, request) -> None:
+        """vLLM's, counting new requests for the load report: the token router drops its
+        charges by this count. A request that holds KV blocks goes to ``kv_holding_waiting``,
+        not ``waiting``, and a parallel-sampling request (n > 1) arrives as n requests; a
+        streaming session's next input re-enters with its old id and is not new."""
+        new = request.request_id not in self.requests
+        super().add_request(request)
+        if new:
+            self._arrived += 1
+            self._newest_arrival = max(self._newest_arrival, request.arrival_time)
 
     def schedule(self, *args, **kwargs):
         started = time.perf_counter()
@@ -395,8 +404,9 @@ class PrepackScheduler(internal.Scheduler):
         return LoadReport(
             seq=self._reports, time=time.time(), waiting_tokens=self.waiting.tokens,
             prefill_tokens=prefill, decoding=decoding, budget=self.max_num_scheduled_tokens,
-            newest_arrival=self.waiting.newest_arrival,
-            requests=len(self.waiting) + len(self.running), arrived=self.waiting.arrived,
+            newest_arrival=self._newest_arrival,
+            requests=len(self.waiting) + len(self.kv_holding_waiting) + len(self.running),
+            arrived=self._arrived,
             step_tokens=step_tokens, step_seconds=seconds)
 
     def _step_ms(self) -> float:

@@ -30,7 +30,13 @@ from ray.serve.request_router import (
 
 from vllm_prepack import touchpoints as touch
 from vllm_prepack.load_channel import METADATA_KEY, LoadSubscriber
-from vllm_prepack.routing import LoadTable, PrefixIndex, prompt_key, prompt_tokens
+from vllm_prepack.routing import (
+    LoadTable,
+    PrefixIndex,
+    engine_requests,
+    prompt_key,
+    prompt_tokens,
+)
 
 METRICS_FLUSH_S = 1.0
 MAX_ROUTED = 65_536  # routed requests remembered until Ray reports where they went
@@ -54,8 +60,9 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         self._prefix = PrefixIndex(prefix_block, chars_per_token) if prefix_block > 0 else None
         self._subscriber = LoadSubscriber(self._on_report)
         self._endpoints: dict[ReplicaID, str] = {}
-        # request key -> (replica charged, prompt tokens, the runner-up's cached tokens, prefix
-        # hashes), until Ray says where it sent the request or that it completed
+        # request key -> (replica charged, prompt tokens, requests the engine takes for it, the
+        # runner-up's cached tokens, prefix hashes), until Ray says where it sent the request or
+        # that it completed
         self._routed: OrderedDict[str, tuple] = OrderedDict()
         self._cost = _RouteCost(touch.deployment_tags(self))
 
@@ -105,6 +112,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
             replicas = {k: r for k, r in replicas.items() if k in allowed} or replicas
         body = touch.request_body(pending_request)
         tokens = prompt_tokens(body, self._chars_per_token) if body is not None else 0
+        count = engine_requests(body)  # n samples: the engine takes n requests of the prompt
         key = prompt_key(body) if self._prefix is not None and body is not None else None
         hashes = self._prefix.hashes(key) if key is not None else []
         now = time.time()
@@ -115,11 +123,11 @@ class TokenRouter(MultiplexMixin, RequestRouter):
             # charged at once, so that requests routed before Ray's answer see it
             best = ranked[0]
             self._table.sent(best, touch.request_key(pending_request),
-                             max(1, tokens - hits.get(best, 0)), now)
+                             count * max(1, tokens - hits.get(best, 0)), now, count)
             if hashes:
                 self._prefix.insert(hashes, best)
             self._routed[touch.request_key(pending_request)] = (
-                best, tokens, hits.get(ranked[-1], 0), hashes)
+                best, tokens, count, hits.get(ranked[-1], 0), hashes)
             if len(self._routed) > MAX_ROUTED:  # requests cancelled before Ray sent them
                 self._routed.popitem(last=False)
         self._cost.add(time.perf_counter() - started,
@@ -132,9 +140,11 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         away (its queue full); then the charge and the prefix move there."""
         key = touch.request_key(pending_request)
         with self._lock:
-            best, tokens, runner_up_hit, hashes = self._routed.pop(key, (replica_id, 0, 0, ()))
+            best, tokens, count, runner_up_hit, hashes = self._routed.pop(
+                key, (replica_id, 0, 1, 0, ()))
             if replica_id != best:
-                self._table.sent(replica_id, key, max(1, tokens - runner_up_hit), time.time())
+                self._table.sent(replica_id, key, count * max(1, tokens - runner_up_hit),
+                                 time.time(), count)
                 if hashes:
                     self._prefix.insert(hashes, replica_id)
 

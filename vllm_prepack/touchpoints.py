@@ -180,6 +180,10 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                "touchpoints.delay_model_execution (bench/engines.py only: a GPU's fixed step cost)",
                checked=("0.32.0",)),
     # ---- serving on Ray: the load report, the token router, the replica server ----------------
+    TouchPoint("Scheduler.add_request", _V.OVERRIDE, _SCHED,
+               differs="counts new requests for the load report: a request holding KV blocks "
+                       "enters kv_holding_waiting, a streaming session's next input re-enters "
+                       "waiting under its old id"),
     *(TouchPoint(f"vllm.benchmarks.lib.endpoint_request_func:{name}", _V.IMPORT,
                  "bench/serve.py (vLLM's bench serve client, request by request)")
       for name in ("ASYNC_REQUEST_FUNCS", "RequestFuncInput")),
