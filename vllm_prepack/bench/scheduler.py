@@ -179,33 +179,54 @@ def _point(o: Outcome, outcomes: dict[str, Outcome]) -> dict:
 SCALE_COSTS = {"a = 0": 0.0, "a = 1024 tokens": 1024.0}
 
 
-def _time_steps(model_dir, name: str, lengths, budget: int, chunked: bool, steps: int,
-                additional_config: dict | None = None) -> dict:
-    """`steps` schedule() calls of a fresh scheduler over a backlog of `lengths`."""
-    scheduler = standalone_scheduler(
-        model_dir, scheduler=name, budget=budget, max_model_len=budget, chunked_prefill=chunked,
-        max_num_seqs=1024, num_blocks=1_000_000, verify=False, additional_config=additional_config,
-    )
-    for i, n in enumerate(lengths):
-        scheduler.add_request(make_request(str(i), n))
-    stats = getattr(scheduler, "prepack_stats", None)
-    if stats is not None:
-        stats.keep_history = True
-    times, admitted = [], 0
-    for _ in range(steps):
-        t = time.perf_counter()
-        out = scheduler.schedule()
-        times.append(time.perf_counter() - t)
-        admitted += len(out.scheduled_new_reqs)
-        fake_step(scheduler, out)
-    ms = 1e3 * summary(times)["p50"]
-    result = {"ms": ms, "admitted": admitted / steps, "us per admitted": 1e3 * ms * steps / admitted}
-    if stats is not None:
-        plan = [r.plan_seconds for r in stats.history]
-        result.update(plan_p50=1e3 * summary(plan)["p50"], plan_max=1e3 * max(plan))
-    del scheduler
+def _time_side_by_side(model_dir, runs: dict[str, tuple], lengths, budget: int, chunked: bool,
+                       steps: int) -> dict[str, dict]:
+    """`steps` schedule() calls of each run (label -> (scheduler, additional_config, requests
+    added shortest first)), each a fresh scheduler over the same backlog of `lengths`, a step
+    of each in turn, the first rotating: a drift of the machine falls on every run alike, and
+    each schedule() finds the cache as the others left it (an engine's step leaves it colder).
+    Shortest first, FCFS admits what SPF and the plugin admit at the cost of vLLM's own queue:
+    the baseline of the plugin's added cost."""
+    schedulers = {}
+    for label, (name, additional_config, shortest_first) in runs.items():
+        scheduler = standalone_scheduler(
+            model_dir, scheduler=name, budget=budget, max_model_len=budget,
+            chunked_prefill=chunked, max_num_seqs=1024, num_blocks=1_000_000, verify=False,
+            additional_config=additional_config,
+        )
+        order = range(len(lengths))
+        if shortest_first:
+            order = sorted(order, key=lengths.__getitem__)
+        for i in order:
+            scheduler.add_request(make_request(str(i), lengths[i]))
+        stats = getattr(scheduler, "prepack_stats", None)
+        if stats is not None:
+            stats.keep_history = True
+        schedulers[label] = scheduler
+    times = {label: [] for label in runs}
+    admitted = dict.fromkeys(runs, 0)
+    labels = list(runs)
+    for step in range(steps):
+        shift = step % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            scheduler = schedulers[label]
+            t = time.perf_counter()
+            out = scheduler.schedule()
+            times[label].append(time.perf_counter() - t)
+            admitted[label] += len(out.scheduled_new_reqs)
+            fake_step(scheduler, out)
+    results = {}
+    for label, scheduler in schedulers.items():
+        ms = 1e3 * summary(times[label])["p50"]
+        result = results[label] = {"ms": ms, "admitted": admitted[label] / steps,
+                                   "us per admitted": 1e3 * ms * steps / admitted[label]}
+        stats = getattr(scheduler, "prepack_stats", None)
+        if stats is not None:
+            plan = [r.plan_seconds for r in stats.history]
+            result.update(plan_p50=1e3 * summary(plan)["p50"], plan_max=1e3 * max(plan))
+    del schedulers, scheduler
     gc.collect()
-    return result
+    return results
 
 
 def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
@@ -214,12 +235,15 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
     for chunked in (True, False):
         for waiting in sizes:
             lengths = prompt_lengths("mmlu", waiting, seed=0, max_len=budget - 1)
-            fcfs = _time_steps(model_dir, "fcfs", lengths, budget, chunked, steps)
-            spf = _time_steps(model_dir, "spf", lengths, budget, chunked, steps)
+            runs = {"fcfs": ("fcfs", None, False), "spf": ("spf", None, False),
+                    "presorted": ("fcfs", None, True)}
             for cost, fixed in SCALE_COSTS.items():
                 fixed_cost = {"learn_step_cost": False, "step_cost_fixed_tokens": fixed}
-                pack = _time_steps(model_dir, "prepack", lengths, budget, chunked, steps,
-                                   {"prepack": {**(options or {}), **fixed_cost}})
+                runs[cost] = ("prepack", {"prepack": {**(options or {}), **fixed_cost}}, False)
+            got = _time_side_by_side(model_dir, runs, lengths, budget, chunked, steps)
+            fcfs, spf, presorted = got["fcfs"], got["spf"], got["presorted"]
+            for cost in SCALE_COSTS:
+                pack = got[cost]
                 rows.append({
                     "chunked prefill": "on" if chunked else "off",
                     "waiting requests": waiting,
@@ -235,11 +259,16 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
                     "µs per admitted, FCFS": fcfs["us per admitted"],
                     "µs per admitted, SPF": spf["us per admitted"],
                     "µs per admitted, prepack": pack["us per admitted"],
+                    "FCFS on a shortest-first backlog, ms/step (p50)": presorted["ms"],
+                    "admitted/step, FCFS on a shortest-first backlog": presorted["admitted"],
+                    "prepack's added µs per admitted": 1e3 * (pack["ms"] - presorted["ms"])
+                    / pack["admitted"],
                 })
     return (
         f"**Scheduler time per step** ({steps} steps of `Scheduler.schedule()` from a full "
-        f"backlog, budget {budget}, mmlu-shaped lengths; ms/step and µs per admitted request are "
-        f"each schedule() call whole). Shortest-first admits more (shorter) requests per step "
+        f"backlog, budget {budget}, mmlu-shaped lengths, the schedulers of a row side by side, "
+        f"a step of each in turn; ms/step and µs per admitted request are each schedule() call "
+        f"whole). Shortest-first admits more (shorter) requests per step "
         f"than FCFS, and vLLM's own work per admitted request is most of the added time. SPF is "
         f"SGLang's ordering as a baseline: the waiting queue sorted every step, as SGLang's "
         f"scheduler does, admitting what the plugin admits. The plugin runs with its step cost "
@@ -248,7 +277,10 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
         f"time in a step, from the start of its schedule() through the plan (the running-budget "
         f"mirror included). Its max is the first step, which dates every request of the backlog "
         f"(one deadline per arrival step, all at once here) and, where it packs, reserves a bin "
-        f"for every prompt over half the budget{_with(options)}.\n\n"
+        f"for every prompt over half the budget. FCFS on a shortest-first backlog (the requests "
+        f"added shortest first) admits what SPF and the plugin admit at the cost of vLLM's own "
+        f"queue: the plugin's added cost per admitted request is its step time (p50) less that "
+        f"one's, over the requests it admitted{_with(options)}.\n\n"
         + table(rows)
     )
 
