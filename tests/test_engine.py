@@ -112,6 +112,18 @@ def test_aborted_request_leaves_the_rest_intact(engine, tiny_model):
     assert not scheduler.waiting and not scheduler.running and not scheduler.requests
 
 
+def test_a_request_with_n_samples_arrives_at_the_scheduler_as_n(engine, tiny_model):
+    """What the token router's charge of n arrivals for n samples rests on (routing.py): the
+    load report counts the n requests the engine takes."""
+    llm = engine(tiny_model, True, enable_chunked_prefill=True, max_num_batched_tokens=128)
+    scheduler = engine_scheduler(llm)
+    before = scheduler.load_report().arrived
+    outs = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}],
+                        SamplingParams(n=3, max_tokens=2, temperature=1.0, seed=0), use_tqdm=False)
+    assert len(outs[0].outputs) == 3
+    assert scheduler.load_report().arrived == before + 3
+
+
 def test_priority_policy_packs_inside_each_level(engine, tiny_model):
     lengths = [200, 30, 100, 250, 20, 40, 220, 10]
     priorities = [1, 1, 0, 0, 1, 0, 1, 0]

@@ -82,12 +82,17 @@ async def _routes_by_reported_tokens(served):
     ranks = await router.choose_replicas([replicas["b"]], _request(9, "y"))
     assert [r[0].replica_id for r in ranks] == [b]
 
-    # n samples: the engine takes n requests of the prompt, charged as such
+    # n samples: the engine takes n requests of the prompt, charged as such, and moved as
+    # such where Ray sends it elsewhere
     before = router._table.unreported(b)
     sampled = _request(10, list(range(100)))
     sampled.args[0].n = 3
     await router.choose_replicas([replicas["b"]], sampled)
     assert router._table.unreported(b) == before + 300
+    assert router._table._charges["r10"].count == 3
+    router.on_request_routed(sampled, a, None)
+    assert (router._table.unreported(a), router._table.unreported(b)) == (300, before)
+    assert router._table._charges["r10"].count == 3
 
 
 def test_requests_without_an_openai_body_still_route():

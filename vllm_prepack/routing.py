@@ -5,8 +5,8 @@ running), its decoding requests, and the step it has just started with the time 
 model gives it (``LoadReport``): the router counts only the part of that step still to run.
 Between two reports the router adds what it has sent there itself (``LoadTable.sent``), counted
 from token ids or estimated from text; a report drops the requests it already covers: the
-oldest ones, as many as arrived since the last report (a request with n samples arrives as n),
-sent before the newest arrival. The
+oldest ones, as many as arrived since the last report (a request of k prompts with n samples
+arrives as k x n), sent before the newest arrival. The
 count matters: a request still on its way (the Ray call, the server's tokenization) was sent
 before the newest arrival too, and dropping it would make the replica just sent it look free.
 A new request goes where it expects the shortest wait: the prompt tokens ahead of it and its
@@ -129,14 +129,15 @@ class LoadTable:
 
     def report(self, replica: Replica, report: LoadReport, now: float) -> None:
         """A replica's report (a repeated one, a heartbeat, only says it is alive). Sends reach
-        a replica in order, so it covers the oldest live charges: as many as arrived since the
-        last report (exact for a router alone; beside others, some of those arrivals are
-        theirs), and none sent after its newest arrival. Spent charges (a request that
+        a replica in order, so it covers the oldest live charges: as many of their arrivals
+        as arrived since the last report (exact for a router alone; beside others, some of
+        those arrivals are theirs), a charge of several arrivals in part where only some of
+        them are counted, and none sent after its newest arrival. Spent charges (a request that
         finished, failed, or went to another replica when this one turned it away) take no
         arrival: most never arrived here, and one that did (it finished before a report
-        counted it) only makes one later request look arrived early, until an arrival that
-        finds no charge sent before it to drop. The first report, or one from a restarted
-        engine, covers every request sent before its newest arrival."""
+        counted it) only makes as many later requests as its arrivals look arrived early,
+        until an arrival that finds no charge sent before it to drop. The first report, or one
+        from a restarted engine, covers every request sent before its newest arrival."""
         view = self._view(replica)
         view.heard = now
         last = view.report
@@ -167,9 +168,9 @@ class LoadTable:
 
     def sent(self, replica: Replica, key: Hashable, tokens: int, now: float,
              count: int = 1) -> None:
-        """Count `tokens` at `replica` until reports cover its `count` arrivals there (a
-        request with n > 1 samples arrives as n requests of its prompt: n x its tokens); a
-        request routed again (a retry) moves its charge."""
+        """Count `tokens` at `replica` until reports cover its `count` arrivals there (the
+        engine takes a request for each prompt and sample of it: ``engine_requests``), a
+        share of the tokens with each; a request routed again (a retry) moves its charge."""
         self.done(key)
         charge = _Charge(key, replica, now, tokens, count)
         view = self._view(replica)
@@ -300,11 +301,24 @@ def _wait(view: _View | None, tokens: int, now: float | None) -> float:
     return step + ahead + math.ceil(ahead / per_step) * decoding
 
 
-def engine_requests(body) -> int:
-    """Requests vLLM's engine takes for an OpenAI request body: ``n`` of them for parallel
-    sampling (completions, chat), else one."""
+def samples(body) -> int:
+    """``n`` of an OpenAI request body (parallel sampling: completions, chat), else 1."""
     n = getattr(body, "n", None)
     return n if isinstance(n, int) and n > 1 else 1
+
+
+def engine_requests(body) -> int:
+    """Requests vLLM's engine takes for an OpenAI request body: one per prompt (a completion
+    or embedding request may carry a list of them; chat carries one), times ``samples``. Beam
+    search, which runs rounds of its own requests, is not counted."""
+    prompts = 1
+    for name in ("prompt", "input"):
+        value = getattr(body, name, None)
+        if isinstance(value, Sequence) and not isinstance(value, str) and value:
+            if not isinstance(value[0], int):  # a list of prompts, not one prompt's ids
+                prompts = len(value)
+            break
+    return prompts * samples(body)
 
 
 def prompt_tokens(body, chars_per_token: float) -> int:

@@ -319,10 +319,10 @@ class PrepackScheduler(internal.Scheduler):
         self._last_step_end: float | None = None  # when the last busy step ended
 
     def add_request(self, request) -> None:
-        """vLLM's, counting new requests for the load report: the token router drops its
-        charges by this count. A request that holds KV blocks goes to ``kv_holding_waiting``,
-        not ``waiting``, and a parallel-sampling request (n > 1) arrives as n requests; a
-        streaming session's next input re-enters with its old id and is not new."""
+        """vLLM's, counting new requests for the load report (the token router drops its
+        charges by this count; a request with n samples arrives as n): each new request id
+        once, whichever of vLLM's queues it enters, and not a streaming session's next input,
+        which comes under its old id."""
         new = request.request_id not in self.requests
         super().add_request(request)
         if new:

@@ -36,6 +36,7 @@ from vllm_prepack.routing import (
     engine_requests,
     prompt_key,
     prompt_tokens,
+    samples,
 )
 
 METRICS_FLUSH_S = 1.0
@@ -111,23 +112,27 @@ class TokenRouter(MultiplexMixin, RequestRouter):
             allowed = self.apply_multiplex_routing(pending_request)
             replicas = {k: r for k, r in replicas.items() if k in allowed} or replicas
         body = touch.request_body(pending_request)
-        tokens = prompt_tokens(body, self._chars_per_token) if body is not None else 0
-        count = engine_requests(body)  # n samples: the engine takes n requests of the prompt
+        # every prompt's tokens, n times with n samples: the engine takes a request for each
+        # prompt and sample (`arrivals`), all of them prefilled before the response is whole
+        n = samples(body)
+        tokens = n * prompt_tokens(body, self._chars_per_token) if body is not None else 0
+        arrivals = engine_requests(body)
         key = prompt_key(body) if self._prefix is not None and body is not None else None
         hashes = self._prefix.hashes(key) if key is not None else []
         now = time.time()
         with self._lock:
             hits = (self._prefix.hits(hashes, replicas, self._table.spread > 1) if hashes
                     else {})
+            hits = {r: n * hit for r, hit in hits.items()}  # each sample's prompt hits
             ranked = self._table.choose(list(replicas), tokens, now, self._choices, hits)
             # charged at once, so that requests routed before Ray's answer see it
             best = ranked[0]
             self._table.sent(best, touch.request_key(pending_request),
-                             count * max(1, tokens - hits.get(best, 0)), now, count)
+                             max(1, tokens - hits.get(best, 0)), now, arrivals)
             if hashes:
                 self._prefix.insert(hashes, best)
             self._routed[touch.request_key(pending_request)] = (
-                best, tokens, count, hits.get(ranked[-1], 0), hashes)
+                best, tokens, arrivals, hits.get(ranked[-1], 0), hashes)
             if len(self._routed) > MAX_ROUTED:  # requests cancelled before Ray sent them
                 self._routed.popitem(last=False)
         self._cost.add(time.perf_counter() - started,
@@ -140,11 +145,11 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         away (its queue full); then the charge and the prefix move there."""
         key = touch.request_key(pending_request)
         with self._lock:
-            best, tokens, count, runner_up_hit, hashes = self._routed.pop(
+            best, tokens, arrivals, runner_up_hit, hashes = self._routed.pop(
                 key, (replica_id, 0, 1, 0, ()))
             if replica_id != best:
-                self._table.sent(replica_id, key, count * max(1, tokens - runner_up_hit),
-                                 time.time(), count)
+                self._table.sent(replica_id, key, max(1, tokens - runner_up_hit), time.time(),
+                                 arrivals)
                 if hashes:
                     self._prefix.insert(hashes, replica_id)
 

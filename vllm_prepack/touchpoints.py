@@ -181,9 +181,9 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                checked=("0.32.0",)),
     # ---- serving on Ray: the load report, the token router, the replica server ----------------
     TouchPoint("Scheduler.add_request", _V.OVERRIDE, _SCHED,
-               differs="counts new requests for the load report: a request holding KV blocks "
-                       "enters kv_holding_waiting, a streaming session's next input re-enters "
-                       "waiting under its old id"),
+               differs="counts new request ids for the load report (a streaming session's "
+                       "next input comes under its old id); 0.31-0.33 put a new request into "
+                       "waiting, but the count does not rest on it"),
     *(TouchPoint(f"vllm.benchmarks.lib.endpoint_request_func:{name}", _V.IMPORT,
                  "bench/serve.py (vLLM's bench serve client, request by request)")
       for name in ("ASYNC_REQUEST_FUNCS", "RequestFuncInput")),
