@@ -6,9 +6,9 @@ model gives it (``LoadReport``): the router counts only the part of that step st
 Between two reports the router adds what it has sent there itself (``LoadTable.sent``), counted
 from token ids or estimated from text; a report drops the requests it already covers: the
 oldest ones, as many as arrived since the last report (a request of k prompts with n samples
-arrives as k x n), sent before the newest arrival. The
-count matters: a request still on its way (the Ray call, the server's tokenization) was sent
-before the newest arrival too, and dropping it would make the replica just sent it look free.
+arrives as k x n), sent before the newest arrival. The count matters: a request still on its
+way (the Ray call, the server's tokenization) was sent before the newest arrival too, and
+dropping it would make the replica just sent it look free.
 A new request goes where it expects the shortest wait: the prompt tokens ahead of it and its
 own, plus the decode tokens that ride along each step until it is through. Counting tokens
 instead of requests is the point: ten long prompts and ten short ones are not the same queue.
@@ -78,7 +78,7 @@ class LoadReport:
 
 class _Charge:
     """A request sent to a replica and not yet covered by its reports: `count` arrivals there
-    (n for parallel sampling: the engine takes n requests) of `tokens` in all."""
+    (``engine_requests``: one per prompt and sample) of `tokens` in all."""
 
     __slots__ = ("key", "replica", "sent_at", "tokens", "count", "live")
 
