@@ -311,24 +311,27 @@ def engine_requests(body) -> int:
     """Requests vLLM's engine takes for an OpenAI request body: one per prompt (a completion
     or embedding request may carry a list of them; chat carries one), times ``samples``. Beam
     search, which runs rounds of its own requests, is not counted."""
-    prompts = 1
-    for name in ("prompt", "input"):
+    name, value = _prompt_field(body)
+    several = (name != "messages" and isinstance(value, Sequence) and not isinstance(value, str)
+               and len(value) > 0 and not isinstance(value[0], int))  # prompts, not one's ids
+    return (len(value) if several else 1) * samples(body)
+
+
+def _prompt_field(body) -> tuple[str | None, object]:
+    """The body's prompt field and its value: completions ``prompt``, embeddings ``input``,
+    chat ``messages``; (None, None) where it has none."""
+    for name in ("prompt", "input", "messages"):
         value = getattr(body, name, None)
-        if isinstance(value, Sequence) and not isinstance(value, str) and value:
-            if not isinstance(value[0], int):  # a list of prompts, not one prompt's ids
-                prompts = len(value)
-            break
-    return prompts * samples(body)
+        if value is not None:
+            return name, value
+    return None, None
 
 
 def prompt_tokens(body, chars_per_token: float) -> int:
     """Prompt tokens of an OpenAI request body (completions ``prompt``, embeddings ``input``,
     chat ``messages``): token ids counted, text estimated at `chars_per_token`."""
-    for name in ("prompt", "input", "messages"):
-        value = getattr(body, name, None)
-        if value is not None:
-            return _count(value, chars_per_token)
-    return 0
+    _, value = _prompt_field(body)
+    return 0 if value is None else _count(value, chars_per_token)
 
 
 def _count(value, chars_per_token: float) -> int:
@@ -348,11 +351,8 @@ def _count(value, chars_per_token: float) -> int:
 
 def prompt_key(body) -> str | tuple[int, ...] | None:
     """The first prompt of a request as text or token ids, for prefix matching."""
-    for name in ("prompt", "input", "messages"):
-        value = getattr(body, name, None)
-        if value is not None:
-            return _first(value)
-    return None
+    _, value = _prompt_field(body)
+    return None if value is None else _first(value)
 
 
 def _first(value):
