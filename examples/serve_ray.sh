@@ -21,5 +21,9 @@ vllm-prepack serve --replicas 2 --port 8000
 #   --replicas 8 --gpus-per-replica 1 --host 0.0.0.0 --engine-args '{"max_model_len": 8192}'
 # vllm-prepack serve --address auto --model Qwen/Qwen2.5-32B-Instruct --model-id qwen32 \
 #   --replicas 4 --gpus-per-replica 2 --host 0.0.0.0 --engine-args '{"max_model_len": 8192}'
+# Many replicas behind several ingress replicas (HTTP front ends, a router each): a fixed
+# number of them gives each router its own share of the replicas (8 routers, 8 replicas each).
+# vllm-prepack serve --address auto --model meta-llama/Llama-3.1-8B-Instruct --model-id llama \
+#   --replicas 64 --gpus-per-replica 1 --ingress-replicas 8 --host 0.0.0.0
 # Ray's own routers instead of the token router, for comparison: --router requests | prefix;
 # plain vLLM (no plugin): --plain --router requests.

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_prepack.routing import (
+    OVERFLOW_STEP_SHARE,
     SCAN_LIMIT,
     LoadReport,
     LoadTable,
@@ -21,6 +22,7 @@ from vllm_prepack.routing import (
     engine_requests,
     prompt_key,
     prompt_tokens,
+    router_share,
 )
 
 
@@ -187,6 +189,74 @@ def test_beside_other_routers_a_router_spreads_over_as_many_of_the_best():
     for i in range(1, 4):
         table.report(i, report(waiting=200, arrived=arrived[i]), 40.0)
     assert {table.choose(list(range(16)), 10, 40.0)[0] for _ in range(50)} == {0}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(st.text(min_size=1, max_size=8), min_size=1, max_size=80), st.integers(1, 16),
+       st.randoms(use_true_random=False))
+def test_routers_split_the_replicas_each_to_one_whatever_order_they_see_them_in(
+        names, count, rng):
+    """Routers given the replicas in any order agree: every replica in exactly one share where
+    there are at least as many replicas as routers, shares within one of each other in size;
+    with fewer replicas every router still gets one, and every replica a router."""
+    def seen():
+        order = list(names)
+        rng.shuffle(order)
+        return order
+
+    shares = [router_share(seen(), index, count) for index in range(count)]
+    assert set().union(*shares) == names
+    assert all(len(share) >= 1 for share in shares)
+    if len(names) >= count:
+        assert sum(len(share) for share in shares) == len(names)  # disjoint
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    else:
+        assert all(len(share) == 1 for share in shares)
+    assert router_share(seen(), 0, 1) == frozenset(names)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=2, max_size=SCAN_LIMIT), st.integers(1, 1000),
+       st.integers(2, 8), st.integers(0, 2**32))
+def test_a_router_keeps_to_its_share_unless_elsewhere_saves_the_overflow(waiting, tokens,
+                                                                          count, seed):
+    """The best of its own share, unless the pick over all replicas waits less by more than
+    OVERFLOW_STEP_SHARE of a step's budget; the runner-up differs from the pick."""
+    n = len(waiting)
+    own = router_share(range(n), seed % count, count)
+    table = LoadTable(rng=random.Random(seed))
+    for i, w in enumerate(waiting):
+        table.report(i, report(waiting=w), 0.0)
+    ranked = table.choose(list(range(n)), tokens, 0.0, own=own)
+    waits = [table.expected_wait(r, tokens) for r in range(n)]
+    best_own = min(waits[r] for r in own)
+    best_all = min(waits)  # n <= SCAN_LIMIT: every replica scanned
+    assert len(set(ranked)) == len(ranked) == 2
+    if best_own <= best_all + OVERFLOW_STEP_SHARE * 256:  # report()'s budget
+        assert ranked[0] in own and waits[ranked[0]] == best_own
+    else:
+        assert waits[ranked[0]] == best_all
+
+
+def test_routers_with_their_own_shares_stop_herding_onto_one_replica():
+    """Eight routers that see the same reports (16 replicas, about equally loaded) and only
+    their own sends: unsharded, each goes down the same order of replicas, so every replica it
+    sends to takes one request from each router; with shares, each sends to its own two."""
+    def burst(shares):
+        tables = [LoadTable(rng=random.Random(i)) for i in range(8)]
+        for table in tables:
+            for r in range(16):
+                table.report(r, report(waiting=1000 + 10 * r, budget=4096), 0.0)
+        sent = [0] * 16
+        for k in range(64):  # the routers take turns, one request of 100 tokens each
+            i = k % 8
+            r = tables[i].choose(list(range(16)), 100, 0.0, own=shares[i])[0]
+            tables[i].sent(r, k, 100, 0.0)
+            sent[r] += 1
+        return sent
+
+    assert burst([None] * 8) == [8] * 8 + [0] * 8
+    assert burst([router_share(range(16), i, 8) for i in range(8)]) == [4] * 16
 
 
 def test_requests_turned_away_do_not_leave_their_replica_looking_busy():

@@ -1,6 +1,6 @@
 """Serving on Ray Serve, end to end over HTTP on loopback: one Ray Serve LLM app for the module
 (two replicas of a small generation model and one of an embedding model, the plugin and the
-token router in each), driven with the openai client and raw HTTP. The replica kill runs last:
+token router in each, behind two ingress replicas), driven with the openai client and raw HTTP. The replica kill runs last:
 it leaves one generation replica while Ray restarts the other."""
 
 import json
@@ -34,7 +34,9 @@ def served(tiny_model, minilm):
                               runtime_env=ENV)
     embed = prepack_llm_config(minilm, model_id="minilm", replicas=1, engine_kwargs=EMBED,
                                runtime_env=ENV)
-    start(build_app(tiny, embed), port=port)
+    # two ingress replicas with a fixed size: two token routers per model, each keeping to its
+    # own share of the tiny replicas (routing.router_share)
+    start(build_app(tiny, embed, ingress_replicas=2), port=port)
     yield f"http://127.0.0.1:{port}"
     stop()
 
@@ -102,6 +104,8 @@ def test_the_builder_wires_the_plugin_the_router_and_the_placement(tiny_model, m
     assert "scheduler_cls" not in plain.engine_kwargs
     assert plain.deployment_config["request_router_config"]["request_router_class"] == ROUTERS["prefix"]
     assert "request_router_config" not in prepack_llm_config(tiny_model, router="requests").deployment_config
+    with pytest.raises(ValueError, match="ingress_replicas must be at least 1"):
+        build_app(config, ingress_replicas=0)
     embed = prepack_llm_config(tiny_model, engine_kwargs={"runner": "pooling"})
     assert "prefix_block" not in embed.deployment_config["request_router_config"]["request_router_kwargs"]
 
@@ -120,6 +124,37 @@ def test_the_command_line_parses():
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--help"])
     assert exit_.value.code == 0
+
+
+@pytest.mark.engine
+def test_routers_know_their_share_only_in_an_ingress_of_fixed_size(served):
+    """``touchpoints.router_shard`` inside real Serve replicas: rank and size in a deployment of
+    a fixed size, None under autoscaling (its size is not known) and outside a replica."""
+    from ray import serve
+
+    from vllm_prepack.touchpoints import router_shard
+
+    def probe(**options):
+        @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1, **options)
+        class Probe:
+            async def __call__(self):
+                import asyncio
+
+                await asyncio.sleep(0.2)  # calls queue: Ray spreads them over the replicas
+                return router_shard()
+
+        return Probe.bind()
+
+    assert router_shard() is None
+    try:
+        fixed = serve.run(probe(num_replicas=2), name="shard-fixed", route_prefix=None)
+        assert {r.result() for r in [fixed.remote() for _ in range(12)]} == {(0, 2), (1, 2)}
+        scaled = serve.run(probe(autoscaling_config={"min_replicas": 2, "max_replicas": 3}),
+                           name="shard-scaled", route_prefix=None)
+        assert {r.result() for r in [scaled.remote() for _ in range(6)]} == {None}
+    finally:
+        for name in ("shard-fixed", "shard-scaled"):
+            serve.delete(name)
 
 
 @pytest.mark.engine

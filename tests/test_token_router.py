@@ -106,3 +106,39 @@ async def _without_a_body(served):
     request.args.clear()  # a request that is not an OpenAI body
     ranks = await router.choose_replicas(list(replicas.values()), request)
     assert len(ranks) == 2 and request.routing_context.should_backoff
+
+
+def test_a_router_of_a_fixed_size_ingress_keeps_to_its_share(monkeypatch):
+    """Router 1 of 2 (the rank Ray Serve gives its ingress replica; read in a real replica by
+    test_serve) sends to its own replica while the other waits less by no more than
+    a quarter of a step's budget, and beyond that to the other; a replica leaving leaves it the rest."""
+    from vllm_prepack import token_router
+
+    monkeypatch.setattr(token_router.touch, "router_shard", lambda: (1, 2))
+    in_loop(_keeps_to_its_share)
+
+
+async def _keeps_to_its_share(served):
+    from vllm_prepack.routing import OVERFLOW_STEP_SHARE, router_share
+
+    router, replicas, publishers = served.router, served.replicas, served.publishers
+    router.update_replicas(list(replicas.values()))
+    (own,) = router_share([r.replica_id for r in replicas.values()], 1, 2)
+    mine, other = sorted(replicas, key=lambda name: replicas[name].replica_id != own)
+    overflow = int(OVERFLOW_STEP_SHARE * 256)  # _report's budget
+    publishers[mine].publish(_report(waiting=overflow))
+    publishers[other].publish(_report(waiting=0))
+    _heard(router, replicas[mine].replica_id, overflow)
+    _heard(router, replicas[other].replica_id, 0)
+    candidates = list(replicas.values())
+    for n in range(5):  # its own, though the other is emptier
+        ranks = await router.choose_replicas(candidates, _request(n, "x"))
+        assert [r[0].replica_id for r in ranks] == [own, replicas[other].replica_id]
+        router.on_request_completed(own, f"r{n}")
+    publishers[mine].publish(_report(waiting=overflow + 10, seq=2))
+    _heard(router, replicas[mine].replica_id, overflow + 10)
+    ranks = await router.choose_replicas(candidates, _request(9, "x"))
+    assert ranks[0][0].replica_id == replicas[other].replica_id  # worth overflowing to
+
+    router.update_replicas([replicas[other]])  # its own left: the one left is its share
+    assert router._own == {replicas[other].replica_id}

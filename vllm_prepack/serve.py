@@ -11,6 +11,7 @@ imported only when a command runs, so the CLI stays light.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -95,11 +96,19 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
         runtime_env={**(runtime_env or {}), "env_vars": env}, **options)
 
 
-def build_app(*configs):
-    """Ray Serve LLM's OpenAI app over these models."""
+def build_app(*configs, ingress_replicas: int | None = None):
+    """Ray Serve LLM's OpenAI app over these models. `ingress_replicas`: a fixed number of
+    OpenAI ingress replicas, each with its own router per model, which then split the model's
+    replicas among themselves (``routing.router_share``); None keeps Ray Serve LLM's
+    autoscaled ingress, whose routers share all replicas."""
     from ray.serve.llm import build_openai_app
 
-    return build_openai_app({"llm_configs": list(configs)})
+    if ingress_replicas is not None and ingress_replicas < 1:
+        raise ValueError(f"ingress_replicas must be at least 1, got {ingress_replicas}")
+    builder = {"llm_configs": list(configs)}
+    if ingress_replicas is not None:
+        builder["ingress_deployment_config"] = {"num_replicas": ingress_replicas}
+    return build_openai_app(builder)
 
 
 def start(app, *, port: int = 8000, host: str = "127.0.0.1", address: str | None = None,
@@ -131,10 +140,17 @@ def stop(name: str = APP_NAME, *, joined: bool = False) -> None:
         ray.shutdown()
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", help="a model folder or hub name (default: the embedded demo model)")
     parser.add_argument("--model-id", help="the name clients ask for (default: the folder's name)")
-    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--replicas", type=_at_least_one, default=2)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--engine-args", type=json.loads, default={},
@@ -145,6 +161,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--router", choices=tuple(ROUTERS), default="tokens")
     parser.add_argument("--gpus-per-replica", type=int, default=0,
                         help="0: CPU; 1: one GPU each; more: tensor-parallel replicas")
+    parser.add_argument("--ingress-replicas", type=_at_least_one, default=None,
+                        help="a fixed number of HTTP ingress replicas (each routes to its own "
+                             "share of the model's replicas); default: Ray Serve LLM's "
+                             "autoscaled ingress")
     parser.add_argument("--address", help="join this Ray cluster instead of starting one")
 
 
@@ -163,7 +183,7 @@ def main(args) -> int:
     print(f"starting {args.replicas} replica(s) of {config.model_id} "
           f"({'plain vLLM' if args.plain else 'vLLM + prepack'}, router: {args.router}) ...",
           flush=True)
-    start(build_app(config), port=args.port, host=args.host, address=args.address, num_cpus=cpus)
+    start(build_app(config, ingress_replicas=args.ingress_replicas), port=args.port, host=args.host, address=args.address, num_cpus=cpus)
     base = f"http://{args.host}:{args.port}"
     print(f"serving {config.model_id} at {base}/v1 (health: {base}/-/healthz); Ctrl-C stops\n"
           f"  from openai import OpenAI\n"

@@ -11,6 +11,11 @@ Deliberate differences from the default router: no same-node preference (it woul
 ingress to its node's replicas whatever their load), and no FIFO matching across pending
 requests (each routing task routes its own request, so the tokens charged are its tokens).
 LoRA requests are routed among the replicas holding their adapter, as by default.
+
+Several ingress replicas mean several routers, each seeing only its own sends between reports.
+With a fixed number of them (``ingress_deployment_config={"num_replicas": k}``), router i of k
+keeps to its own share of the replicas and overflows only to save a quarter of a step of wait
+(``routing.router_share``); under autoscaling they share all replicas and spread their picks.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from vllm_prepack.routing import (
     prompt_key,
     prompt_tokens,
     samples,
+    router_share,
 )
 
 METRICS_FLUSH_S = 1.0
@@ -48,13 +54,19 @@ class TokenRouter(MultiplexMixin, RequestRouter):
     """The least expected wait in tokens; see the module docstring and routing.py."""
 
     def initialize_state(self, choices: int = 0, chars_per_token: float = 4.0,
-                         stale_after_s: float = 0.5, prefix_block: int = 0) -> None:
+                         stale_after_s: float = 0.5, prefix_block: int = 0,
+                         shard: bool = True) -> None:
         """`choices`: replicas sampled per request (2: power of two choices), 0 for up to
         ``routing.SCAN_LIMIT`` of them.
         `chars_per_token`: the text estimate until a report counts the real tokens.
         `stale_after_s`: a replica silent this long is passed over. `prefix_block`: > 0 turns
-        prefix affinity on, in blocks of this many tokens."""
+        prefix affinity on, in blocks of this many tokens. `shard`: where the router runs in
+        one of a fixed number of ingress replicas, keep to its share of the replicas
+        (``routing.router_share``); an autoscaled ingress's routers do not know their number and share
+        all replicas."""
         self._choices = choices
+        self._shard = shard
+        self._own: frozenset | None = None  # this router's share of the replicas
         self._chars_per_token = chars_per_token
         self._lock = threading.Lock()  # the subscriber thread reports, the router's loop routes
         self._table = LoadTable(stale_after=stale_after_s)
@@ -77,9 +89,12 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         super().update_replicas(replicas)
         endpoints = {r.replica_id: r.replica_metadata.get(METADATA_KEY) for r in replicas}
         endpoints = {k: v for k, v in endpoints.items() if v}
+        place = touch.router_shard() if self._shard else None
         with self._lock:
             for gone in set(self._endpoints) - set(endpoints):
                 self._forget(gone)
+            self._own = (router_share([r.replica_id for r in replicas], *place)
+                         if place is not None and place[1] > 1 else None)
         self._endpoints = endpoints
         self._subscriber.watch(endpoints)
 
@@ -124,7 +139,8 @@ class TokenRouter(MultiplexMixin, RequestRouter):
             hits = (self._prefix.hits(hashes, replicas, self._table.spread > 1) if hashes
                     else {})
             hits = {r: n * hit for r, hit in hits.items()}  # each sample's prompt hits
-            ranked = self._table.choose(list(replicas), tokens, now, self._choices, hits)
+            ranked = self._table.choose(list(replicas), tokens, now, self._choices, hits,
+                                        self._own)
             # charged at once, so that requests routed before Ray's answer see it
             best = ranked[0]
             self._table.sent(best, touch.request_key(pending_request),

@@ -201,6 +201,9 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                checked=TESTED_RAY),
     TouchPoint("ReplicaContext.rank.local_rank", _V.READ, "touchpoints.replica_local_rank",
                checked=TESTED_RAY),
+    *(TouchPoint(f"ReplicaContext.{name}", _V.READ, "touchpoints.router_shard",
+                 checked=TESTED_RAY)
+      for name in ("rank.rank", "world_size", "_deployment_config.autoscaling_config")),
     *(TouchPoint(f"ray.serve._private.{path}", _V.IMPORT,
                  "bench/serve.py (the token router driven without a cluster)", checked=TESTED_RAY)
       for path in ("common:DeploymentID", "common:DeploymentHandleSource", "common:ReplicaID",
@@ -542,6 +545,25 @@ def replica_local_rank() -> int:
     from ray import serve
 
     return serve.get_replica_context().rank.local_rank
+
+
+def router_shard() -> tuple[int, int] | None:
+    """(rank, replicas) of the Ray Serve replica this code runs in (a router runs in its
+    caller's process: Ray Serve LLM's ingress), where that deployment has a fixed number of
+    replicas: ``ReplicaContext.rank.rank`` and ``world_size`` (a DeveloperAPI), which is
+    ``DeploymentConfig.num_replicas`` (ray/serve/_private/replica.py, Ray 2.60) and so does not
+    count autoscaled replicas: None under ``autoscaling_config`` (read from the private
+    ``_deployment_config``), or outside a replica."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        context = serve.get_replica_context()
+    except RayServeException:
+        return None
+    if context._deployment_config.autoscaling_config is not None or not context.world_size:
+        return None
+    return context.rank.rank, context.world_size
 
 
 def llm_replicas(app_name: str, model_id: str) -> list[dict]:

@@ -15,9 +15,13 @@ step that made it, and a finished request's completion reaches its router as lat
   running from its coordinator's snapshot, refreshed every 100 ms, plus this client's sends
   since); its KV-pressure term stays off (the simulated KV pool is never half full);
 - ``tokens``: this project's token router (``routing.LoadTable``, the production code) as it
-  ships: up to ``SCAN_LIMIT`` replicas scanned a request; ``tokens/2``: the same on power of
-  two choices; ``tokens+prefix``: with its prefix affinity (``routing.PrefixIndex``: where it
-  sent each prefix, or beside other routers each prefix's home);
+  ships: up to ``SCAN_LIMIT`` replicas scanned a request; beside other routers each keeps to
+  its own share of the replicas (``routing.router_share``: router i of k, as the routers of k ingress
+  replicas do) but for a wait shorter elsewhere by OVERFLOW_STEP_SHARE of a step; ``tokens/unsharded``: every
+  router over all replicas (as under an autoscaled ingress, whose routers do not know their
+  number); ``tokens/2``: the token router on power of two choices; ``tokens+prefix``: with
+  its prefix affinity (``routing.PrefixIndex``: where it sent each prefix, or beside other
+  routers each prefix's home);
 - ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
   on their way to it, cached prefixes known), least expected wait over all replicas.
 With several routers (``--sim-routers``), each request goes through one of them at random.
@@ -42,7 +46,7 @@ from dataclasses import dataclass, field
 from vllm_prepack.bench.harness import fake_step, make_request, standalone_scheduler
 from vllm_prepack.bench.report import pct
 from vllm_prepack.cost import MIN_STEPS
-from vllm_prepack.routing import LoadTable, PrefixIndex
+from vllm_prepack.routing import LoadTable, PrefixIndex, router_share
 from vllm_prepack.workloads import prompt_lengths
 
 TRANSIT_S = 0.002  # router to engine: HTTP hop, Ray call, tokenization
@@ -223,11 +227,13 @@ class PrefixRouter(RequestsRouter):
 class TokensRouter:
     """This project's router policy, as in token_router.py (the same LoadTable/PrefixIndex)."""
 
-    def __init__(self, n: int, rng: random.Random, choices: int, affinity: bool) -> None:
+    def __init__(self, n: int, rng: random.Random, choices: int, affinity: bool,
+                 own: frozenset | None) -> None:
         self.table = LoadTable(stale_after=math.inf, rng=rng)  # idle replicas heartbeat
         self.choices = choices
         self.index = PrefixIndex(block=64, chars_per_token=1.0) if affinity else None
         self.n = n
+        self.own = own
 
     def _hashes(self, request):
         if self.index is None or request.group is None:
@@ -239,7 +245,8 @@ class TokensRouter:
         hashes = self._hashes(request)
         candidates = range(self.n)
         hits = self.index.hits(hashes, candidates, self.table.spread > 1) if hashes else {}
-        replica = self.table.choose(list(candidates), request.length, now, self.choices, hits)[0]
+        replica = self.table.choose(list(candidates), request.length, now, self.choices, hits,
+                                    self.own)[0]
         self.table.sent(replica, request.key, max(1, request.length - hits.get(replica, 0)), now)
         if hashes:
             self.index.insert(hashes, replica)
@@ -280,10 +287,12 @@ class OracleRouter:
         pass
 
 
-ROUTERS = ("requests", "vllm-dp", "prefix", "tokens/2", "tokens", "tokens+prefix", "oracle")
+ROUTERS = ("requests", "vllm-dp", "prefix", "tokens/2", "tokens/unsharded", "tokens",
+           "tokens+prefix", "oracle")
 
 
-def make_router(name: str, n: int, rng: random.Random, routers: int = 1):
+def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: int = 0):
+    """Router `index` of `routers` over `n` replicas."""
     if name == "requests":
         return RequestsRouter(n, rng)
     if name == "vllm-dp":
@@ -293,7 +302,9 @@ def make_router(name: str, n: int, rng: random.Random, routers: int = 1):
     if name == "oracle":
         return OracleRouter(n, rng)
     choices = 2 if name == "tokens/2" else 0
-    return TokensRouter(n, rng, choices, name == "tokens+prefix")
+    own = (None if name == "tokens/unsharded" or routers == 1
+           else router_share(range(n), index, routers))
+    return TokensRouter(n, rng, choices, name == "tokens+prefix", own)
 
 
 # ---- the event loop ---------------------------------------------------------------------------
@@ -336,8 +347,8 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
     arrivals_rng = random.Random(f"arrivals:{seed}")
     n = len(schedulers)
     replicas = [SimReplica(i, s, cache_groups) for i, s in enumerate(schedulers)]
-    instances = [make_router(router_name, n, random.Random(rng.random()), routers)
-                 for _ in range(routers)]
+    instances = [make_router(router_name, n, random.Random(rng.random()), routers, i)
+                 for i in range(routers)]
     if router_name in ("requests", "prefix"):
         for instance in instances[1:]:
             instance.share(instances[0])
