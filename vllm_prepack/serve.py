@@ -97,10 +97,10 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
 
 
 def build_app(*configs, ingress_replicas: int | None = None):
-    """Ray Serve LLM's OpenAI app over these models. `ingress_replicas`: a fixed number of
-    OpenAI ingress replicas, each with its own router per model, which then split the model's
-    replicas among themselves (``routing.router_share``); None keeps Ray Serve LLM's
-    autoscaled ingress, whose routers share all replicas."""
+    """Ray Serve LLM's OpenAI app over these models. Each OpenAI ingress replica holds a router
+    per model, and the routers split the model's replicas among themselves
+    (``routing.router_share``). `ingress_replicas`: a fixed number of ingress replicas; None
+    keeps Ray Serve LLM's autoscaled ingress."""
     from ray.serve.llm import build_openai_app
 
     if ingress_replicas is not None and ingress_replicas < 1:
@@ -162,9 +162,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpus-per-replica", type=int, default=0,
                         help="0: CPU; 1: one GPU each; more: tensor-parallel replicas")
     parser.add_argument("--ingress-replicas", type=_at_least_one, default=None,
-                        help="a fixed number of HTTP ingress replicas (each routes to its own "
-                             "share of the model's replicas); default: Ray Serve LLM's "
-                             "autoscaled ingress")
+                        help="a fixed number of HTTP ingress replicas (each one's router "
+                             "routes to its own share of the model's replicas); default: Ray "
+                             "Serve LLM's autoscaled ingress")
     parser.add_argument("--address", help="join this Ray cluster instead of starting one")
 
 

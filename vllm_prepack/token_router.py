@@ -13,15 +13,17 @@ requests (each routing task routes its own request, so the tokens charged are it
 LoRA requests are routed among the replicas holding their adapter, as by default.
 
 Several ingress replicas mean several routers, each seeing only its own sends between reports.
-With a fixed number of them (``ingress_deployment_config={"num_replicas": k}``), router i of k
-keeps to its own share of the replicas and overflows only to save a quarter of a step of wait
-(``routing.router_share``); under autoscaling they share all replicas and spread their picks.
+Router i of k (its ingress replica's rank, and the number of them: fixed, or under autoscaling
+the replicas Ray Serve has started) keeps to its own share of the replicas and overflows only
+to save a quarter of a step of wait (``routing.router_share``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import List, Optional
 
@@ -48,6 +50,9 @@ from vllm_prepack.routing import (
 METRICS_FLUSH_S = 1.0
 MAX_ROUTED = 65_536  # routed requests remembered until Ray reports where they went
 CPU_SAMPLE = 64  # requests per reading of the router's CPU time
+PLACE_REFRESH_S = 2.0  # how often a router reads its rank and the number of routers
+
+logger = logging.getLogger(__name__)
 
 
 class TokenRouter(MultiplexMixin, RequestRouter):
@@ -61,11 +66,11 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         `chars_per_token`: the text estimate until a report counts the real tokens.
         `stale_after_s`: a replica silent this long is passed over. `prefix_block`: > 0 turns
         prefix affinity on, in blocks of this many tokens. `shard`: where the router runs in
-        one of a fixed number of ingress replicas, keep to its share of the replicas
-        (``routing.router_share``); an autoscaled ingress's routers do not know their number and share
-        all replicas."""
+        one of several ingress replicas, keep to its share of the replicas
+        (``routing.router_share``)."""
         self._choices = choices
-        self._shard = shard
+        self._place: tuple[int, int] | None = None  # (this router's rank, routers)
+        self._replica_ids: list[ReplicaID] = []
         self._own: frozenset | None = None  # this router's share of the replicas
         self._chars_per_token = chars_per_token
         self._lock = threading.Lock()  # the subscriber thread reports, the router's loop routes
@@ -78,6 +83,9 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         # that it completed
         self._routed: OrderedDict[str, tuple] = OrderedDict()
         self._cost = _RouteCost(touch.deployment_tags(self))
+        if shard:
+            threading.Thread(target=_watch_place, args=(weakref.ref(self),), daemon=True,
+                             name="prepack-router-place").start()
 
     def _on_report(self, replica, report, now: float) -> None:
         with self._lock:
@@ -89,14 +97,24 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         super().update_replicas(replicas)
         endpoints = {r.replica_id: r.replica_metadata.get(METADATA_KEY) for r in replicas}
         endpoints = {k: v for k, v in endpoints.items() if v}
-        place = touch.router_shard() if self._shard else None
         with self._lock:
             for gone in set(self._endpoints) - set(endpoints):
                 self._forget(gone)
-            self._own = (router_share([r.replica_id for r in replicas], *place)
-                         if place is not None and place[1] > 1 else None)
+            self._replica_ids = [r.replica_id for r in replicas]
+            self._reshard()
         self._endpoints = endpoints
         self._subscriber.watch(endpoints)
+
+    def _place_changed(self, place: tuple[int, int] | None) -> None:
+        with self._lock:
+            self._place = place
+            self._reshard()
+
+    def _reshard(self) -> None:
+        """This router's share of the replicas, under the lock, as replicas or routers change."""
+        place = self._place
+        self._own = (router_share(self._replica_ids, *place)
+                     if place is not None and place[1] > 1 else None)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
@@ -173,6 +191,28 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         with self._lock:
             self._routed.pop(internal_request_id, None)
             self._table.done(internal_request_id, replica_id)
+
+
+def _watch_place(router_ref) -> None:
+    """Reads the router's rank and the number of routers (``touchpoints.router_shard``) every
+    PLACE_REFRESH_S, off the router's event loop (under autoscaling it asks Ray Serve's
+    controller); stops outside a Ray Serve replica, or once the router is gone. While the
+    controller cannot answer, the last place stands."""
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    while (router := router_ref()) is not None:
+        try:
+            place = touch.router_shard()
+        except (RayError, RayServeException) as e:
+            logger.debug("token router: rank and routers not read (%s); keeping the last", e)
+        else:
+            if place is None:
+                return  # not in a Ray Serve replica: one router as far as it can tell
+            if place != router._place:
+                router._place_changed(place)
+        del router
+        time.sleep(PLACE_REFRESH_S)
 
 
 class _RouteCost:

@@ -210,7 +210,8 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                    "common:RequestMetadata", "request_router.common:PendingRequest")),
     TouchPoint("ReplicaActor.record_routing_stats", _V.CALL, "touchpoints.llm_replicas",
                checked=TESTED_RAY,
-               differs="found by Ray Serve's actor naming, SERVE_REPLICA::<app>#<deployment>#<id>"),
+               differs="found by Ray Serve's actor naming, SERVE_REPLICA::<app>#<deployment>#<id> "
+                       "(touchpoints.router_shard counts an autoscaled ingress's replicas by it)"),
 )
 
 REQUIRED_ATTRIBUTES: tuple[str, ...] = tuple(
@@ -549,11 +550,15 @@ def replica_local_rank() -> int:
 
 def router_shard() -> tuple[int, int] | None:
     """(rank, replicas) of the Ray Serve replica this code runs in (a router runs in its
-    caller's process: Ray Serve LLM's ingress), where that deployment has a fixed number of
-    replicas: ``ReplicaContext.rank.rank`` and ``world_size`` (a DeveloperAPI), which is
-    ``DeploymentConfig.num_replicas`` (ray/serve/_private/replica.py, Ray 2.60) and so does not
-    count autoscaled replicas: None under ``autoscaling_config`` (read from the private
-    ``_deployment_config``), or outside a replica."""
+    caller's process: Ray Serve LLM's ingress); None outside a replica. The rank is
+    ``ReplicaContext.rank.rank`` (a DeveloperAPI; Ray keeps ranks contiguous at the target
+    count and updates the context when it moves one). The size is ``world_size`` for a fixed
+    number of replicas; under ``autoscaling_config`` (read from the private
+    ``_deployment_config``) ``world_size`` is the config's ``num_replicas`` (ray/serve/_private/
+    replica.py, Ray 2.60), not the live count, so the replicas are counted among the named
+    actors by Ray Serve's naming (``_replica_actors``; 0.1 ms of CPU where ``serve.status()``
+    took 14 ms): those starting or stopping count too. A call to Ray's GCS, to be made off the
+    event loop."""
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
@@ -561,9 +566,20 @@ def router_shard() -> tuple[int, int] | None:
         context = serve.get_replica_context()
     except RayServeException:
         return None
-    if context._deployment_config.autoscaling_config is not None or not context.world_size:
-        return None
-    return context.rank.rank, context.world_size
+    if context._deployment_config.autoscaling_config is None:
+        return context.rank.rank, context.world_size
+    return context.rank.rank, max(1, len(_replica_actors(context.app_name, context.deployment)))
+
+
+def _replica_actors(app_name: str, deployment: str) -> list[str]:
+    """The names of a deployment's replica actors, found among the named actors (public
+    ``ray.util.list_named_actors``) by Ray Serve's naming,
+    ``SERVE_REPLICA::<app>#<deployment>#<id>`` in namespace "serve"."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#{deployment}#"
+    return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["namespace"] == "serve" and actor["name"].startswith(prefix)]
 
 
 def llm_replicas(app_name: str, model_id: str) -> list[dict]:
@@ -571,9 +587,8 @@ def llm_replicas(app_name: str, model_id: str) -> list[dict]:
     one's actor handle (``ray.kill`` it to kill the replica) and the load endpoint it advertises
     (tests and the bench watch loads).
 
-    Finds the replica actors among the named actors (public ``ray.util.list_named_actors``) by
-    Ray Serve's naming, ``SERVE_REPLICA::<app>#<deployment>#<id>`` in namespace "serve", with
-    Ray Serve LLM's deployment name ``<server class>:<model id, escaped>``; then calls each
+    Finds the replica actors (``_replica_actors``) with Ray Serve LLM's deployment name
+    ``<server class>:<model id, escaped>``; then calls each
     replica actor's ``record_routing_stats`` (the method Ray Serve's controller polls, which runs
     the server's hook of that name; ray/serve/_private/replica.py, Ray 2.60). Ray has no public
     way to read a replica's metadata outside a request router."""
@@ -582,15 +597,12 @@ def llm_replicas(app_name: str, model_id: str) -> list[dict]:
     from vllm_prepack.load_channel import METADATA_KEY
 
     deployment = "PrepackLLMServer:" + model_id.replace("/", "--").replace(".", "_")
-    prefix = f"SERVE_REPLICA::{app_name}#{deployment}#"
     out = []
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == "serve" and actor["name"].startswith(prefix):
-            handle = ray.get_actor(actor["name"], namespace="serve")
-            try:
-                stats = ray.get(handle.record_routing_stats.remote(), timeout=30)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                continue  # dead, or not up yet
-            out.append({"name": actor["name"], "actor": handle,
-                        "endpoint": stats.get(METADATA_KEY)})
+    for name in _replica_actors(app_name, deployment):
+        handle = ray.get_actor(name, namespace="serve")
+        try:
+            stats = ray.get(handle.record_routing_stats.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            continue  # dead, or not up yet
+        out.append({"name": name, "actor": handle, "endpoint": stats.get(METADATA_KEY)})
     return out

@@ -18,8 +18,7 @@ step that made it, and a finished request's completion reaches its router as lat
   ships: up to ``SCAN_LIMIT`` replicas scanned a request; beside other routers each keeps to
   its own share of the replicas (``routing.router_share``: router i of k, as the routers of k ingress
   replicas do) but for a wait shorter elsewhere by OVERFLOW_STEP_SHARE of a step; ``tokens/unsharded``: every
-  router over all replicas (as under an autoscaled ingress, whose routers do not know their
-  number); ``tokens/2``: the token router on power of two choices; ``tokens+prefix``: with
+  router over all replicas (the router's ``shard`` option off); ``tokens/2``: the token router on power of two choices; ``tokens+prefix``: with
   its prefix affinity (``routing.PrefixIndex``: where it sent each prefix, or beside other
   routers each prefix's home);
 - ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
