@@ -1,7 +1,8 @@
 """Serving on Ray Serve, end to end over HTTP on loopback: one Ray Serve LLM app for the module
 (two replicas of a small generation model and one of an embedding model, the plugin and the
-token router in each, behind two ingress replicas), driven with the openai client and raw HTTP. The replica kill runs last:
-it leaves one generation replica while Ray restarts the other."""
+token router in each, behind two ingress replicas), driven with the openai client and raw
+HTTP. The replica kill runs last: it leaves one generation replica while Ray restarts the
+other."""
 
 import json
 import threading
@@ -129,8 +130,8 @@ def test_the_command_line_parses():
 @pytest.mark.engine
 def test_routers_know_their_rank_and_number_in_fixed_and_autoscaled_ingresses(served):
     """``touchpoints.router_shard`` inside real Serve replicas: rank and size in a deployment of
-    a fixed size and in an autoscaled one (whose ``world_size`` says 1: the running count comes
-    from Ray Serve's status); None outside a replica."""
+    a fixed size and in an autoscaled one (whose ``world_size`` says 1: its replicas are
+    counted among Ray Serve's replica actors); None outside a replica."""
     from ray import serve
 
     from vllm_prepack.touchpoints import router_shard

@@ -110,8 +110,8 @@ async def _without_a_body(served):
 
 def test_a_router_of_a_fixed_size_ingress_keeps_to_its_share(monkeypatch):
     """Router 1 of 2 (its ingress replica's rank and their number, read in real replicas by
-    test_serve) sends to its own replica while the other waits less by no more than
-    a quarter of a step's budget, and beyond that to the other; a replica leaving leaves it the rest."""
+    test_serve) sends to its own replica while the other waits less by no more than a quarter
+    of a step's budget, and beyond that to the other; a replica leaving leaves it the rest."""
     from vllm_prepack import token_router
 
     monkeypatch.setattr(token_router.touch, "router_shard", lambda: (1, 2))
@@ -126,6 +126,7 @@ async def _keeps_to_its_share(served):
     deadline = time.time() + 10
     while router._own is None and time.time() < deadline:  # its place is read off the loop
         await asyncio.sleep(0.01)
+    assert router._own is not None, "the router never read its place"
     (own,) = router_share([r.replica_id for r in replicas.values()], 1, 2)
     mine, other = sorted(replicas, key=lambda name: replicas[name].replica_id != own)
     overflow = int(OVERFLOW_STEP_SHARE * 256)  # _report's budget

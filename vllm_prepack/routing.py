@@ -19,8 +19,8 @@ of two choices is an option: ``choices=2``). Alone, it takes the least expected 
 other routers (several ingress replicas), which it tells from its share of the replicas'
 arrivals, it picks at random among as many of the best replicas as there are routers, so that
 routers that see the same loads do not all send to the same replica before the next report.
-Where the routers know their number and their own index (a fixed number of ingress replicas),
-each keeps to its own share of the replicas (``router_share``), whose load it knows in full, and
+Where the routers know their number and their own index (their ingress replicas' ranks), each
+keeps to its own share of the replicas (``router_share``), whose load it knows in full, and
 sends elsewhere only when that saves more than a quarter of a step's budget of wait.
 
 ``PrefixIndex`` remembers which replicas were sent which prompt prefixes, so that a replica
@@ -40,6 +40,7 @@ import zlib
 from collections import OrderedDict, deque
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 Replica = Hashable
 
@@ -51,8 +52,7 @@ SHARE_WINDOW = 50  # arrivals over which a router measures its share of them
 SCAN_LIMIT = 16  # replicas a router scans per request; a random run of them beyond
 CACHE_HIT_WEIGHT = 2  # a cached token saves the request's wait and the replica's capacity
 # a router with its own share of the replicas sends elsewhere only to save this share of a step's
-# token budget in wait (engine-free, 64 replicas, 8 routers, 0-2048 tokens tried: a quarter of
-# the budget was best or within 0.05 of the best mean in all four rows, BENCHMARKS.md)
+# token budget in wait (engine-free, 64 replicas, 8 routers, 0-1024 tokens tried, BENCHMARKS.md)
 OVERFLOW_STEP_SHARE = 0.25
 _MASK64 = (1 << 64) - 1
 
@@ -254,22 +254,25 @@ class LoadTable:
         (an idle replica is not traded for a loaded one to spread load).
 
         `own`: this router's share where the routers split the replicas (``router_share``): the
-        best of its live share, whose load it knows in full, unless the pick over all of them
-        waits less by more than ``overflow``."""
+        best of its live share, whose load it knows in full, unless the best over all of them
+        waits less by more than ``_overflow``; the runner-up is then the better of the share's
+        second and that best."""
         ranked = self._ranked(candidates, tokens, now, choices, hits, self.spread)
         if own:
             mine = self._live([r for r in candidates if r in own], now)
             if mine:
-                kept = self._ranked(mine, tokens, now, choices,
-                                    {r: h for r, h in hits.items() if r in own} if hits else None, 1)
-                if kept[0][0] <= ranked[0][0] + self.overflow(kept[0][2]):
+                own_hits = {r: h for r, h in hits.items() if r in own} if hits else None
+                kept = self._ranked(mine, tokens, now, choices, own_hits, 1)
+                if kept[0][0] <= min(b[0] for b in ranked) + self._overflow(kept[0][2]):
                     pick = kept[0][2]
-                    return [pick] + [b[2] for b in kept[1:] + ranked if b[2] != pick][:1]
+                    others = [b for b in kept[1:] + ranked if b[2] != pick]
+                    return [pick] + [min(others, key=itemgetter(0))[2]] if others else [pick]
         return [b[2] for b in ranked]
 
-    def overflow(self, replica: Replica) -> float:
-        """Tokens of wait a router saves before it leaves its share for another replica:
-        OVERFLOW_STEP_SHARE of `replica`'s step budget."""
+    def _overflow(self, replica: Replica) -> float:
+        """Tokens of wait worth leaving the router's share for: a fraction of a step, since
+        what the router does not see of another replica's load (other routers' sends since its
+        last report) is up to a step's worth."""
         view = self._views.get(replica)
         budget = view.report.budget if view is not None and view.report is not None else None
         return OVERFLOW_STEP_SHARE * (budget or self.default_budget)

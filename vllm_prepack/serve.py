@@ -183,7 +183,8 @@ def main(args) -> int:
     print(f"starting {args.replicas} replica(s) of {config.model_id} "
           f"({'plain vLLM' if args.plain else 'vLLM + prepack'}, router: {args.router}) ...",
           flush=True)
-    start(build_app(config, ingress_replicas=args.ingress_replicas), port=args.port, host=args.host, address=args.address, num_cpus=cpus)
+    start(build_app(config, ingress_replicas=args.ingress_replicas), port=args.port,
+          host=args.host, address=args.address, num_cpus=cpus)
     base = f"http://{args.host}:{args.port}"
     print(f"serving {config.model_id} at {base}/v1 (health: {base}/-/healthz); Ctrl-C stops\n"
           f"  from openai import OpenAI\n"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from typing import List, Optional
 
@@ -84,7 +83,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         self._routed: OrderedDict[str, tuple] = OrderedDict()
         self._cost = _RouteCost(touch.deployment_tags(self))
         if shard:
-            threading.Thread(target=_watch_place, args=(weakref.ref(self),), daemon=True,
+            threading.Thread(target=self._watch_place, daemon=True,
                              name="prepack-router-place").start()
 
     def _on_report(self, replica, report, now: float) -> None:
@@ -105,18 +104,41 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         self._endpoints = endpoints
         self._subscriber.watch(endpoints)
 
-    def _place_changed(self, place: tuple[int, int] | None) -> None:
-        with self._lock:
-            self._place = place
-            self._reshard()
+    def _watch_place(self) -> None:
+        """Reads the router's rank and the number of routers (``touchpoints.router_shard``)
+        every PLACE_REFRESH_S, off the router's event loop (under autoscaling it asks Ray's
+        GCS), for as long as the process runs, as the load subscriber does; stops at once
+        outside a Ray Serve replica. A failed read keeps the last place."""
+        failures = 0
+        while True:
+            try:
+                place = touch.router_shard()
+            except Exception as e:  # the routing thread must outlive any failed read
+                failures += 1
+                logger.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                           "token router: its rank and the number of routers not read (%r); "
+                           "keeping the last (%s)", e, self._place)
+            else:
+                if place is None:
+                    return  # not in a Ray Serve replica: one router as far as it can tell
+                if place != self._place:
+                    with self._lock:
+                        self._place = place
+                        self._reshard()
+            time.sleep(PLACE_REFRESH_S)
 
     def _reshard(self) -> None:
-        """This router's share of the replicas, under the lock, as replicas or routers change."""
+        """This router's share of the replicas, under the lock, as replicas or routers change.
+        None (every replica) while its rank is not below the count: an autoscaled ingress
+        counts replicas still starting or stopping, so ranks and count disagree for a while."""
         place = self._place
         self._own = (router_share(self._replica_ids, *place)
-                     if place is not None and place[1] > 1 else None)
+                     if place is not None and 1 < place[1] and place[0] < place[1] else None)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        # no new share here: the other routers have not seen the death yet, and would not
+        # agree; the dead replica is passed over once silent, and Ray's next update_replicas
+        # reshards every router alike
         super().on_replica_actor_died(replica_id)
         with self._lock:
             self._forget(replica_id)
@@ -191,28 +213,6 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         with self._lock:
             self._routed.pop(internal_request_id, None)
             self._table.done(internal_request_id, replica_id)
-
-
-def _watch_place(router_ref) -> None:
-    """Reads the router's rank and the number of routers (``touchpoints.router_shard``) every
-    PLACE_REFRESH_S, off the router's event loop (under autoscaling it asks Ray Serve's
-    controller); stops outside a Ray Serve replica, or once the router is gone. While the
-    controller cannot answer, the last place stands."""
-    from ray.exceptions import RayError
-    from ray.serve.exceptions import RayServeException
-
-    while (router := router_ref()) is not None:
-        try:
-            place = touch.router_shard()
-        except (RayError, RayServeException) as e:
-            logger.debug("token router: rank and routers not read (%s); keeping the last", e)
-        else:
-            if place is None:
-                return  # not in a Ray Serve replica: one router as far as it can tell
-            if place != router._place:
-                router._place_changed(place)
-        del router
-        time.sleep(PLACE_REFRESH_S)
 
 
 class _RouteCost:

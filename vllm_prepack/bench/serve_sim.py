@@ -15,12 +15,13 @@ step that made it, and a finished request's completion reaches its router as lat
   running from its coordinator's snapshot, refreshed every 100 ms, plus this client's sends
   since); its KV-pressure term stays off (the simulated KV pool is never half full);
 - ``tokens``: this project's token router (``routing.LoadTable``, the production code) as it
-  ships: up to ``SCAN_LIMIT`` replicas scanned a request; beside other routers each keeps to
-  its own share of the replicas (``routing.router_share``: router i of k, as the routers of k ingress
-  replicas do) but for a wait shorter elsewhere by OVERFLOW_STEP_SHARE of a step; ``tokens/unsharded``: every
-  router over all replicas (the router's ``shard`` option off); ``tokens/2``: the token router on power of two choices; ``tokens+prefix``: with
-  its prefix affinity (``routing.PrefixIndex``: where it sent each prefix, or beside other
-  routers each prefix's home);
+  ships: up to ``SCAN_LIMIT`` replicas scanned a request; beside other routers, router i of k
+  keeps to its own share of the replicas (``routing.router_share``, as the routers of k ingress
+  replicas do) but for a wait shorter elsewhere by OVERFLOW_STEP_SHARE of a step;
+  ``tokens/unsharded``: every router over all replicas (the router's ``shard`` option off);
+  ``tokens/2``: on power of two choices; ``tokens+prefix``: with its prefix affinity
+  (``routing.PrefixIndex``: where it sent each prefix, or beside other routers each prefix's
+  home); these two keep to their shares too;
 - ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
   on their way to it, cached prefixes known), least expected wait over all replicas.
 With several routers (``--sim-routers``), each request goes through one of them at random.
