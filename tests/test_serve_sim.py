@@ -29,7 +29,7 @@ def pool(tiny_model):
     return Pool(tiny_model)
 
 
-@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("router", (*ROUTERS, "tokens@0.5"))
 def test_every_router_gets_every_request_served_once(pool, router):
     requests = workload("generate", 48, seed=1)
     rate = 0.9 * capacity(requests, CPU, 4)
@@ -80,3 +80,11 @@ def test_the_default_ray_router_compares_two_random_replicas_by_requests_in_flig
     assert isinstance(router, RequestsRouter)
     router.sent(0, None, 0.0, None)
     assert {router.choose(None, 0.0, None) for _ in range(20)} == {1}
+
+
+def test_token_routers_of_several_take_their_shares_and_the_overflow_asked_for():
+    routers = [make_router("tokens@0.5", 8, random.Random(i), 4, i) for i in range(4)]
+    assert [sorted(r.own) for r in routers] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert {r.table.overflow_share for r in routers} == {0.5}
+    assert make_router("tokens/unsharded", 8, random.Random(0), 4, 1).own is None
+    assert make_router("tokens", 8, random.Random(0), 1, 0).own is None  # alone: all of them

@@ -114,12 +114,16 @@ class LoadTable:
     `stale_after`: seconds without a report (publishers repeat theirs while idle) after which a
     replica that did report once is passed over: it died, or its engine did.
     `default_budget`: the step budget assumed for a replica that has not reported yet.
+    `overflow_share`: the share of a step's budget of wait a router with its own share of the
+    replicas saves before it sends elsewhere (``choose``).
     """
 
     def __init__(self, stale_after: float = 0.5, default_budget: int = 2048,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 overflow_share: float = OVERFLOW_STEP_SHARE) -> None:
         self.stale_after = stale_after
         self.default_budget = default_budget
+        self.overflow_share = overflow_share
         self.rng = rng or random.Random()
         self._views: dict[Replica, _View] = {}
         self._charges: dict[Hashable, _Charge] = {}  # request key -> its live charge
@@ -275,7 +279,7 @@ class LoadTable:
         last report) is up to a step's worth."""
         view = self._views.get(replica)
         budget = view.report.budget if view is not None and view.report is not None else None
-        return OVERFLOW_STEP_SHARE * (budget or self.default_budget)
+        return self.overflow_share * (budget or self.default_budget)
 
     def _ranked(self, candidates: Sequence[Replica], tokens: int, now: float, choices: int,
                 hits: Mapping[Replica, int] | None, spread: int) -> list[tuple]:

@@ -37,6 +37,7 @@ from ray.serve.request_router import (
 from vllm_prepack import touchpoints as touch
 from vllm_prepack.load_channel import METADATA_KEY, LoadSubscriber
 from vllm_prepack.routing import (
+    OVERFLOW_STEP_SHARE,
     LoadTable,
     PrefixIndex,
     engine_requests,
@@ -59,21 +60,23 @@ class TokenRouter(MultiplexMixin, RequestRouter):
 
     def initialize_state(self, choices: int = 0, chars_per_token: float = 4.0,
                          stale_after_s: float = 0.5, prefix_block: int = 0,
-                         shard: bool = True) -> None:
+                         shard: bool = True,
+                         overflow_share: float = OVERFLOW_STEP_SHARE) -> None:
         """`choices`: replicas sampled per request (2: power of two choices), 0 for up to
         ``routing.SCAN_LIMIT`` of them.
         `chars_per_token`: the text estimate until a report counts the real tokens.
         `stale_after_s`: a replica silent this long is passed over. `prefix_block`: > 0 turns
         prefix affinity on, in blocks of this many tokens. `shard`: where the router runs in
         one of several ingress replicas, keep to its share of the replicas
-        (``routing.router_share``)."""
+        (``routing.router_share``), leaving it only to save `overflow_share` of a step's
+        budget of wait."""
         self._choices = choices
         self._place: tuple[int, int] | None = None  # (this router's rank, routers)
         self._replica_ids: list[ReplicaID] = []
         self._own: frozenset | None = None  # this router's share of the replicas
         self._chars_per_token = chars_per_token
         self._lock = threading.Lock()  # the subscriber thread reports, the router's loop routes
-        self._table = LoadTable(stale_after=stale_after_s)
+        self._table = LoadTable(stale_after=stale_after_s, overflow_share=overflow_share)
         self._prefix = PrefixIndex(prefix_block, chars_per_token) if prefix_block > 0 else None
         self._subscriber = LoadSubscriber(self._on_report)
         self._endpoints: dict[ReplicaID, str] = {}

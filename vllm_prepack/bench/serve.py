@@ -440,9 +440,10 @@ def sim(args) -> str:
 
     costs = [Cost("cpu", 0.0, args.cpu_token_us * 1e-6, 512),
              Cost("gpu", args.gpu_step_ms * 1e-3, args.gpu_token_us * 1e-6, 2048)]
-    routers_at = {n: args.sim_routers for n in args.sim_sizes if n >= 32}
+    routers_at = {n: args.sim_routers for n in args.sim_sizes if n >= args.sim_routers_from}
+    policies = (*args.sim_policies, *(f"tokens@{share:g}" for share in args.sim_overflow_shares))
     rows = sim_table(str(decoder_model(TINY)), args.sim_sizes, args.sim_loads, costs,
-                     args.sim_per_replica, routers_at, seed=0, policies=tuple(args.sim_policies))
+                     args.sim_per_replica, routers_at, seed=0, policies=policies)
     return (f"**Simulation: routers at {', '.join(map(str, args.sim_sizes))} replicas** "
             f"(vLLM's scheduler with the plugin in each replica, no model; a step of T tokens "
             f"costs a + b x T: cpu a = 0, b = {args.cpu_token_us} us; gpu a = "
@@ -471,7 +472,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sim-loads", type=float, nargs="+", default=[0.8])
     parser.add_argument("--sim-per-replica", type=int, default=25)
     parser.add_argument("--sim-routers", type=int, default=8,
-                        help="also run with this many routers at 32 replicas and more")
+                        help="also run with this many routers at --sim-routers-from replicas "
+                             "and more")
+    parser.add_argument("--sim-routers-from", type=int, default=32)
+    parser.add_argument("--sim-overflow-shares", type=float, nargs="*", default=[],
+                        help="also the token router with these overflow shares of a step "
+                             "(rows tokens@<share>; the default share is the 'tokens' row)")
     parser.add_argument("--sim-policies", nargs="+", default=list(ROUTERS), choices=ROUTERS,
                         help="routers to simulate (the oracle always runs: the ratios' baseline)")
     parser.add_argument("--cpu-token-us", type=float, default=50.0)

@@ -24,10 +24,11 @@ step that made it, and a finished request's completion reaches its router as lat
   home); these two keep to their shares too;
 - ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
   on their way to it, cached prefixes known), least expected wait over all replicas.
-With several routers (``--sim-routers``), each request goes through one of them at random.
-Ray's routers share what they read (each replica's own count of requests in flight, which Ray
-probes; Ray Serve LLM's one prefix-tree actor); vLLM's DP clients keep their own counts over the
-shared snapshot; token routers keep their own charges, and every report reaches all of them.
+With several routers (``--sim-routers``), each request goes through one of them at random, the
+same one in every row. Ray's routers share what they read (each replica's own count of requests
+in flight, which Ray probes; Ray Serve LLM's one prefix-tree actor); vLLM's DP clients keep
+their own counts over the shared snapshot; token routers keep their own charges, and every
+report reaches all of them.
 
 Prefix caching is modelled outside vLLM: a replica holds the prompts prefixes of its last
 `cache_groups` groups (LRU) and a request whose group it holds is submitted without them.
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from vllm_prepack.bench.harness import fake_step, make_request, standalone_scheduler
 from vllm_prepack.bench.report import pct
 from vllm_prepack.cost import MIN_STEPS
-from vllm_prepack.routing import LoadTable, PrefixIndex, router_share
+from vllm_prepack.routing import OVERFLOW_STEP_SHARE, LoadTable, PrefixIndex, router_share
 from vllm_prepack.workloads import prompt_lengths
 
 TRANSIT_S = 0.002  # router to engine: HTTP hop, Ray call, tokenization
@@ -228,8 +229,9 @@ class TokensRouter:
     """This project's router policy, as in token_router.py (the same LoadTable/PrefixIndex)."""
 
     def __init__(self, n: int, rng: random.Random, choices: int, affinity: bool,
-                 own: frozenset | None) -> None:
-        self.table = LoadTable(stale_after=math.inf, rng=rng)  # idle replicas heartbeat
+                 own: frozenset | None, overflow_share: float = OVERFLOW_STEP_SHARE) -> None:
+        # idle replicas heartbeat: never stale
+        self.table = LoadTable(stale_after=math.inf, rng=rng, overflow_share=overflow_share)
         self.choices = choices
         self.index = PrefixIndex(block=64, chars_per_token=1.0) if affinity else None
         self.n = n
@@ -292,7 +294,8 @@ ROUTERS = ("requests", "vllm-dp", "prefix", "tokens/2", "tokens/unsharded", "tok
 
 
 def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: int = 0):
-    """Router `index` of `routers` over `n` replicas."""
+    """Router `index` of `routers` over `n` replicas; ``tokens@<share>``: the token router with
+    that overflow share."""
     if name == "requests":
         return RequestsRouter(n, rng)
     if name == "vllm-dp":
@@ -304,7 +307,9 @@ def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: 
     choices = 2 if name == "tokens/2" else 0
     own = (None if name == "tokens/unsharded" or routers == 1
            else router_share(range(n), index, routers))
-    return TokensRouter(n, rng, choices, name == "tokens+prefix", own)
+    name, _, overflow = name.partition("@")
+    return TokensRouter(n, rng, choices, name == "tokens+prefix", own,
+                        float(overflow) if overflow else OVERFLOW_STEP_SHARE)
 
 
 # ---- the event loop ---------------------------------------------------------------------------
@@ -345,6 +350,7 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
     schedulers = pool.get(n, cost.budget, chunked)
     rng = random.Random(f"route:{seed}:{router_name}")
     arrivals_rng = random.Random(f"arrivals:{seed}")
+    proxy_rng = random.Random(f"proxy:{seed}")  # which router a request reaches: alike in every row
     n = len(schedulers)
     replicas = [SimReplica(i, s, cache_groups) for i, s in enumerate(schedulers)]
     instances = [make_router(router_name, n, random.Random(rng.random()), routers, i)
@@ -401,7 +407,7 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
         now, _, kind, payload = heapq.heappop(events)
         clock[0] = now
         if kind == "arrive":
-            instance = instances[rng.randrange(routers)]
+            instance = instances[proxy_rng.randrange(routers)]
             started = time.perf_counter()
             r = instance.choose(payload, now, replicas)
             instance.sent(r, payload, now, replicas)
@@ -460,7 +466,8 @@ def sim_table(model_dir: str, sizes: list[int], loads: list[float], costs: list[
                 requests = (prefix_workload(count, 2 * n, seed) if name == "prefix"
                             else workload(name, count, seed))
                 chunked = name != "embed"
-                names = [r for r in ROUTERS if (r in policies or r == "oracle")
+                names = [r for r in (*ROUTERS, *(p for p in policies if p not in ROUTERS))
+                         if (r in policies or r == "oracle")
                          and (name == "prefix" or "prefix" not in r)]
                 for load in loads:
                     rate = load * capacity(requests, cost, n)
