@@ -43,8 +43,8 @@ from vllm_prepack.routing import (
     engine_requests,
     prompt_key,
     prompt_tokens,
-    samples,
     router_share,
+    samples,
 )
 
 METRICS_FLUSH_S = 1.0
