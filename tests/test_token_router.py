@@ -146,3 +146,22 @@ async def _keeps_to_its_share(served):
 
     router.update_replicas([replicas[other]])  # its own left: the one left is its share
     assert router._own == {replicas[other].replica_id}
+
+
+def test_a_router_given_its_place_keeps_to_its_share_from_the_start():
+    """`place` (rank, routers) fixes the split for routers outside a Ray Serve replica; with
+    `shard` off it is ignored."""
+    from vllm_prepack.routing import router_share
+
+    async def split(**kwargs):
+        served = StandaloneRouter(("a", "b"), app="app", chars_per_token=1.0, **kwargs)
+        try:
+            replicas = list(served.replicas.values())
+            served.router.update_replicas(replicas)
+            return served.router._own, [r.replica_id for r in replicas]
+        finally:
+            served.close()
+
+    own, ids = asyncio.run(split(place=(1, 2)))
+    assert own == router_share(ids, 1, 2) and len(own) == 1
+    assert asyncio.run(split(place=(1, 2), shard=False))[0] is None

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from ray.serve.request_router import (
     MultiplexMixin,
@@ -61,7 +61,8 @@ class TokenRouter(MultiplexMixin, RequestRouter):
     def initialize_state(self, choices: int = 0, chars_per_token: float = 4.0,
                          stale_after_s: float = 0.5, prefix_block: int = 0,
                          shard: bool = True,
-                         overflow_share: float = OVERFLOW_STEP_SHARE) -> None:
+                         overflow_share: float = OVERFLOW_STEP_SHARE,
+                         place: Sequence[int] | None = None) -> None:
         """`choices`: replicas sampled per request (2: power of two choices), 0 for up to
         ``routing.SCAN_LIMIT`` of them.
         `chars_per_token`: the text estimate until a report counts the real tokens.
@@ -69,9 +70,12 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         prefix affinity on, in blocks of this many tokens. `shard`: where the router runs in
         one of several ingress replicas, keep to its share of the replicas
         (``routing.router_share``), leaving it only to save `overflow_share` of a step's
-        budget of wait."""
+        budget of wait. `place`: (rank, routers), for routers outside a Ray Serve replica
+        (handles in several processes of one's own) or fixed by hand; None reads them from Ray
+        Serve."""
         self._choices = choices
-        self._place: tuple[int, int] | None = None  # (this router's rank, routers)
+        # (this router's rank, routers); None: alone, as far as it knows
+        self._place = tuple(place) if shard and place is not None else None
         self._replica_ids: list[ReplicaID] = []
         self._own: frozenset | None = None  # this router's share of the replicas
         self._chars_per_token = chars_per_token
@@ -85,7 +89,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         # that it completed
         self._routed: OrderedDict[str, tuple] = OrderedDict()
         self._cost = _RouteCost(touch.deployment_tags(self))
-        if shard:
+        if shard and place is None:
             threading.Thread(target=self._watch_place, daemon=True,
                              name="prepack-router-place").start()
 

@@ -342,7 +342,8 @@ def live(args) -> str:
 
 # ---- the router alone ----------------------------------------------------------------------
 
-ROUTE_COLUMNS = ["replicas", "prefix affinity", "prompt", "CPU us / request", "wall us / request"]
+ROUTE_COLUMNS = ["replicas", "routers", "prefix affinity", "prompt", "CPU us / request",
+                 "wall us / request"]
 
 
 class StandaloneRouter:
@@ -394,8 +395,9 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
     prompts = {"text, 800 chars": "lorem ipsum " * 67, "text, 6000 chars": "lorem ipsum " * 500,
                "1500 token ids": list(range(1500))}
 
-    async def one(n: int, block: int, prompt) -> tuple[float, float]:
-        served = StandaloneRouter(range(n), chars_per_token=4.0, prefix_block=block)
+    async def one(n: int, routers: int, block: int, prompt) -> tuple[float, float]:
+        served = StandaloneRouter(range(n), chars_per_token=4.0, prefix_block=block,
+                                  place=(0, routers))
         router, replicas = served.router, list(served.replicas.values())
         router.update_replicas(replicas)
         for i, publisher in enumerate(served.publishers.values()):
@@ -415,14 +417,17 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
 
     rows = []
     for n in sizes:
-        for block in (0, 64):
-            for name, prompt in prompts.items():
-                cpu, wall = asyncio.run(one(n, block, prompt))
-                rows.append({"replicas": n, "prefix affinity": "on" if block else "off",
-                             "prompt": name, "CPU us / request": cpu, "wall us / request": wall})
+        for routers in (1, 8) if n >= 8 else (1,):
+            for block in (0, 64):
+                for name, prompt in prompts.items():
+                    cpu, wall = asyncio.run(one(n, routers, block, prompt))
+                    rows.append({"replicas": n, "routers": routers,
+                                 "prefix affinity": "on" if block else "off", "prompt": name,
+                                 "CPU us / request": cpu, "wall us / request": wall})
     return (f"**The token router alone** (this process, no cluster: Ray Serve's router base "
             f"class and request types, every replica reporting over the load channel; "
-            f"`choose_replicas` then `on_request_completed`, {requests} requests a row; "
+            f"`choose_replicas` then `on_request_completed`, {requests} requests a row; with 8 "
+            f"routers, router 0's share of the replicas and the overflow check over all; "
             f"each text prompt differs from the others in its first characters: the cost of "
             f"hashing and looking up prefixes, not of a hit)\n\n"
             + table(rows, ROUTE_COLUMNS))
