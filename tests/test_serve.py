@@ -148,6 +148,10 @@ def test_routers_know_their_rank_and_number_in_fixed_and_autoscaled_ingresses(se
         return Probe.bind()
 
     assert router_shard() is None
+    ingress = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#")
+               and "PrepackLLMServer" not in a["name"]]
+    assert len(ingress) == 2, ingress  # build_app(ingress_replicas=2): two routers per model
     try:
         fixed = serve.run(probe(num_replicas=2), name="shard-fixed", route_prefix=None)
         assert {r.result() for r in [fixed.remote() for _ in range(12)]} == {(0, 2), (1, 2)}

@@ -20,11 +20,12 @@ def _request(n: int, prompt):
     return StandaloneRouter.request(f"r{n}", prompt)
 
 
-def in_loop(scenario):
+def in_loop(scenario, **router_kwargs):
     """Run `scenario(served)` in an event loop, two replicas "a" and "b" behind the router, built
     there."""
     async def main():
-        served = StandaloneRouter(("a", "b"), app="app", max_ongoing=8, chars_per_token=1.0)
+        served = StandaloneRouter(("a", "b"), app="app", max_ongoing=8, chars_per_token=1.0,
+                                  **router_kwargs)
         try:
             await scenario(served)
         finally:
@@ -108,14 +109,12 @@ async def _without_a_body(served):
     assert len(ranks) == 2 and request.routing_context.should_backoff
 
 
-def test_a_router_of_a_fixed_size_ingress_keeps_to_its_share(monkeypatch):
-    """Router 1 of 2 (its ingress replica's rank and their number, read in real replicas by
-    test_serve) sends to its own replica while the other waits less by no more than a quarter
-    of a step's budget, and beyond that to the other; a replica leaving leaves it the rest."""
-    from vllm_prepack import token_router
-
-    monkeypatch.setattr(token_router.touch, "router_shard", lambda: (1, 2))
-    in_loop(_keeps_to_its_share)
+def test_a_router_of_a_fixed_size_ingress_keeps_to_its_share():
+    """Router 1 of 2 (its place given here; read from Ray Serve by the thread tested below and
+    in real replicas by test_serve) sends to its own replica while the other waits less by no
+    more than a quarter of a step's budget, and beyond that to the other; a replica leaving
+    leaves it the rest."""
+    in_loop(_keeps_to_its_share, place=(1, 2))
 
 
 async def _keeps_to_its_share(served):
@@ -123,10 +122,6 @@ async def _keeps_to_its_share(served):
 
     router, replicas, publishers = served.router, served.replicas, served.publishers
     router.update_replicas(list(replicas.values()))
-    deadline = time.time() + 10
-    while router._own is None and time.time() < deadline:  # its place is read off the loop
-        await asyncio.sleep(0.01)
-    assert router._own is not None, "the router never read its place"
     (own,) = router_share([r.replica_id for r in replicas.values()], 1, 2)
     mine, other = sorted(replicas, key=lambda name: replicas[name].replica_id != own)
     overflow = int(OVERFLOW_STEP_SHARE * 256)  # _report's budget
@@ -165,3 +160,46 @@ def test_a_router_given_its_place_keeps_to_its_share_from_the_start():
     own, ids = asyncio.run(split(place=(1, 2)))
     assert own == router_share(ids, 1, 2) and len(own) == 1
     assert asyncio.run(split(place=(1, 2), shard=False))[0] is None
+
+
+def test_the_place_reader_survives_a_failed_read_and_takes_no_share_at_a_rank_past_the_count(
+        monkeypatch):
+    """Reads in turn: a failure (the last place stands), (1, 2), then rank 2 of a count of 2 (an
+    autoscaled ingress counting a stopping replica): no share until the count catches up. Each
+    read records what the one before left (the reader thread calls them in order). The thread
+    reads on for as long as the process runs; once the patch is undone it finds no Serve
+    replica and stops."""
+    import threading
+
+    from vllm_prepack import token_router
+
+    places = iter([RuntimeError("GCS unreachable"), (1, 2), (2, 2), (2, 3)])
+    go, served_router, seen = threading.Event(), [], []
+
+    def read():
+        go.wait(10)
+        router = served_router[0]
+        with router._lock:
+            seen.append((router._place, router._own))
+        place = next(places, (2, 3))
+        if isinstance(place, Exception):
+            raise place
+        return place
+
+    monkeypatch.setattr(token_router.touch, "router_shard", read)
+    monkeypatch.setattr(token_router, "PLACE_REFRESH_S", 0.01)
+
+    async def scenario(served):
+        served_router.append(served.router)
+        served.router.update_replicas(list(served.replicas.values()))
+        go.set()
+        deadline = time.time() + 10
+        while len(seen) < 5 and time.time() < deadline:
+            await asyncio.sleep(0.01)
+        (p0, own0), (p1, own1), (p2, own2), (p3, own3), (p4, own4) = seen[:5]
+        assert (p0, own0) == (None, None) and (p1, own1) == (None, None)  # failed: none yet
+        assert p2 == (1, 2) and len(own2) == 1
+        assert p3 == (2, 2) and own3 is None  # rank past the count: every replica
+        assert p4 == (2, 3) and len(own4) == 1  # 3 routers, 2 replicas: one each
+
+    in_loop(scenario)

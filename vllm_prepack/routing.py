@@ -52,8 +52,8 @@ SHARE_WINDOW = 50  # arrivals over which a router measures its share of them
 SCAN_LIMIT = 16  # replicas a router scans per request; a random run of them beyond
 CACHE_HIT_WEIGHT = 2  # a cached token saves the request's wait and the replica's capacity
 # a router with its own share of the replicas sends elsewhere only to save this share of a step's
-# token budget in wait (engine-free, 64 replicas, 8 routers: the lowest mean TTFT of 1/8, 1/4,
-# 1/2 and 1 in all four rows, BENCHMARKS.md)
+# token budget in wait (engine-free, 64 replicas, 8 routers: 1/8, 1/4, 1/2 and 1 compared,
+# BENCHMARKS.md)
 OVERFLOW_STEP_SHARE = 0.25
 _MASK64 = (1 << 64) - 1
 
@@ -259,19 +259,24 @@ class LoadTable:
         (an idle replica is not traded for a loaded one to spread load).
 
         `own`: this router's share where the routers split the replicas (``router_share``): the
-        best of its live share, whose load it knows in full, unless the best over all of them
-        waits less by more than ``_overflow``; the runner-up is then the better of the share's
-        second and that best."""
+        best of its live share, whose load it knows in full, with the better of the share's
+        second and the best over all as runner-up; unless the best over all waits less by
+        more than ``_overflow``: then the spread pick over all where it saves as much too, else
+        that best, with the share's best as runner-up."""
         ranked = self._ranked(candidates, tokens, now, choices, hits, self.spread)
         if own:
             mine = self._live([r for r in candidates if r in own], now)
             if mine:
                 own_hits = {r: h for r, h in hits.items() if r in own} if hits else None
                 kept = self._ranked(mine, tokens, now, choices, own_hits, 1)
-                if kept[0][0] <= min(b[0] for b in ranked) + self._overflow(kept[0][2]):
+                stay = kept[0][0] - self._overflow(kept[0][2])  # what leaving must beat
+                best = min(ranked, key=itemgetter(0))
+                if best[0] >= stay:
                     pick = kept[0][2]
                     others = [b for b in kept[1:] + ranked if b[2] != pick]
                     return [pick] + [min(others, key=itemgetter(0))[2]] if others else [pick]
+                pick = ranked[0] if ranked[0][0] < stay else best
+                return [pick[2], kept[0][2]]
         return [b[2] for b in ranked]
 
     def _overflow(self, replica: Replica) -> float:
@@ -320,14 +325,14 @@ class LoadTable:
 
 
 def router_share(replicas: Iterable[Replica], index: int, count: int) -> frozenset:
-    """Router `index`'s share where `count` routers split `replicas` (all of them seeing the same
-    set): every count-th of them in the order of their names, from position `index`; a router
-    beyond the replicas gets one of them. A replica that hears from one router only is one
-    whose load that router knows in full, sends between reports included."""
+    """Router `index`'s share (0 <= index < count) where `count` routers split `replicas` (all of
+    them seeing the same set): every count-th of them in the order of their names, from
+    position `index`; a router beyond the replicas gets one of them. A replica that hears from
+    one router only is one whose load that router knows in full, sends between reports
+    included."""
     ordered = sorted(replicas, key=str)
     if count <= 1 or not ordered:
         return frozenset(ordered)
-    index %= count
     if index >= len(ordered):
         return frozenset((ordered[index % len(ordered)],))
     return frozenset(ordered[index::count])
@@ -437,7 +442,7 @@ class PrefixIndex:
     replica's hit for a prompt is the leading blocks it was sent, all of them: what its prefix
     cache most likely still holds (the engine may have evicted some).
 
-    Several routers (one per Ray Serve proxy) each see only a part of the traffic, so each
+    Several routers (one per ingress replica) each see only a part of the traffic, so each
     index alone would scatter a shared prefix over the replicas. Every prefix therefore has a
     *home*: the replica that ranks first for its first block by rendezvous hashing, the same in
     every router and process (the hashes are stable, not Python's salted ``hash``). Beside

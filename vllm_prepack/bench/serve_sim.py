@@ -304,10 +304,10 @@ def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: 
         return PrefixRouter(n, rng)
     if name == "oracle":
         return OracleRouter(n, rng)
+    name, _, overflow = name.partition("@")
     choices = 2 if name == "tokens/2" else 0
     own = (None if name == "tokens/unsharded" or routers == 1
            else router_share(range(n), index, routers))
-    name, _, overflow = name.partition("@")
     return TokensRouter(n, rng, choices, name == "tokens+prefix", own,
                         float(overflow) if overflow else OVERFLOW_STEP_SHARE)
 
