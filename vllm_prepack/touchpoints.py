@@ -556,9 +556,9 @@ def router_shard() -> tuple[int, int] | None:
     number of replicas; under ``autoscaling_config`` (read from the private
     ``_deployment_config``) ``world_size`` is the config's ``num_replicas`` (ray/serve/_private/
     replica.py, Ray 2.60), not the live count, so the replicas are counted among the named
-    actors by Ray Serve's naming (``_replica_actors``; 0.1 ms of CPU where ``serve.status()``
-    took 14 ms): those starting or stopping count too. A call to Ray's GCS, to be made off the
-    event loop."""
+    actors by Ray Serve's naming (``_replica_actors``: one list from Ray's GCS, where
+    ``serve.status()`` builds every application's details): those starting or stopping count
+    too. To be called off the event loop."""
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
