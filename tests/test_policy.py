@@ -1,6 +1,7 @@
 """Property-based tests of the pure per-step policy (no vLLM)."""
 
 import math
+import random
 from dataclasses import replace
 
 import pytest
@@ -8,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
-from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, KV_PATIENCE_STEPS, PACK_SHARE, AgingBound, Entry, Reason, StepLimits, WaitingSet,
-                                  padding_gap)
+from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, KV_PATIENCE_STEPS, PACK_SHARE, SWEEP_ROWS, AgingBound, Entry, Reason,
+                                  StepLimits, WaitingSet, padding_gap)
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
 
@@ -169,49 +170,114 @@ def test_token_total_follows_adds_and_removals(ops):
     assert sorted(ws, key=str) == sorted(alive, key=str)
 
 
+def assert_consistent(ws: WaitingSet) -> None:
+    """Every index of `ws` agrees with its waiting entries."""
+    entries = ws.entries
+    assert ws.tokens == sum(e.length for e in entries.values())
+    assert sorted(ws, key=str) == sorted(entries, key=str)
+    for level in ws._levels.values():
+        order = list(level.order)  # unpinned, oldest first
+        fifo = {e.key: e for e in order}
+        assert order == sorted(order, key=lambda e: e.seq) and len(order) == len(fifo) == len(level.order)
+        assert all(entries[k] is e for k, e in fifo.items())
+        free = set(level.free)
+        assert sorted(set(level.free.lengths)) == list(level.free.lengths)
+        for length in level.free.lengths:  # oldest first within a length
+            run = level.free.run(length)
+            assert run and list(run.values()) == sorted(run.values())
+            assert all(fifo[k].length == length and fifo[k].seq == seq for k, seq in run.items())
+        binned = {k for b in level.bins.values() for k in b.keys}
+        assert free.isdisjoint(binned) and free | binned == set(fifo)
+        assert level.free_tokens == sum(fifo[k].length for k in free)
+        cohorts = {id(e.cohort): e.cohort for e in fifo.values()}
+        for cohort in cohorts.values():
+            members = list(cohort.members)
+            assert members == sorted(members, key=lambda e: e.seq) and len(members) == len(cohort.members)
+            assert cohort.members.rows <= 2.5 * len(cohort.members) + SWEEP_ROWS
+        assert sum(len(c.members) for c in cohorts.values()) == len(fifo)
+        dated = {e.key: cohort.due for cohort in level.cohorts.values() for e in cohort.members}
+        assert len(level.cohorts) == len(level.by_due)
+        assert all(level.cohorts[c].due == due and level.cohorts[c].members for due, _, c in level.by_due)
+        assert all(fifo[k].due == due for k, due in dated.items())
+        assert {k for k, e in fifo.items() if e.due != math.inf} == set(dated)
+        assert len(level.bin_order) == len(level.bins)
+        assert all(b.shortest == min(fifo[k].length for k in b.keys) for b in level.bins.values())
+        assert level.order.rows <= 2.5 * len(level.order) + SWEEP_ROWS  # stale rows bounded
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), same_objects=st.booleans(), chunked=st.booleans())
+def test_admission_orders_stay_exact_through_many_removals(seed, same_objects, chunked):
+    """A removal leaves a stale row in the admission orders, rebuilt once stale rows outnumber
+    live ones: through hundreds of admissions, removals and re-admissions (of the same Entry
+    objects too, which get a new admission order) the orders hold exactly the waiting entries,
+    oldest first, and plans name only waiting keys."""
+    rng = random.Random(seed)
+    ws, left, step = WaitingSet(aging=AgingBound(drain_factor=0.5)), {}, 0
+    for _ in range(8):
+        step += 1
+        for key in rng.sample(range(600), 200):
+            if key not in ws:
+                entry = left.pop(key, None) if same_objects else None
+                if entry is None:
+                    entry = Entry(key=key, length=rng.randint(1, 300), priority=rng.randint(0, 1))
+                entry.step = step
+                ws.add(entry)
+        for key in rng.sample(sorted(ws.entries), k=len(ws) * 3 // 4):
+            left[key] = ws.remove(key)
+        for p in ws.plan(StepLimits(budget=512, seats=16, chunked_prefill=chunked), step=step):
+            assert p.key in ws
+        assert_consistent(ws)
+
+
+def test_a_scan_past_crowded_stale_rows_starts_a_sweep():
+    """Requests admitted behind an overdue one that stays (here: planned, not yet admitted)
+    leave stale rows that no front drop reaches; the next scan that passes them starts a
+    sweep, and the removals that follow clear them."""
+    ws = WaitingSet(aging=AgingBound(steps=1))
+    for key in range(1000):
+        ws.add(Entry(key=key, length=10))
+    ws.plan(StepLimits(budget=100, seats=100, chunked_prefill=False), step=0)  # dated: due 1
+    for key in range(1, 401):  # 400 stale rows behind the cohort's first, still waiting
+        ws.remove(key)
+    cohort = ws.entries[0].cohort
+    assert cohort.members.rows == 1000 and len(cohort.members) == 600
+    picks = ws.plan(StepLimits(budget=100, seats=100, chunked_prefill=False), step=5)
+    assert [p.key for p in picks] == [0, *range(401, 410)]  # overdue, in admission order
+    for key in range(990, 1000):  # ten removals sweep 320 rows from the front, 319 stale
+        ws.remove(key)
+    assert cohort.members.rows == 1000 - 319
+    assert_consistent(ws)
+
+
 @settings(max_examples=100, deadline=None)
 @given(ops=st.lists(st.tuples(st.sampled_from(["add", "readd", "pin", "remove", "resize", "plan"]),
                               st.integers(0, 12), st.integers(1, 400), st.integers(0, 2)),
                     max_size=120),
        chunked=st.booleans(), order=st.sampled_from(["shortest", "ratio"]))
 def test_indexes_stay_consistent_under_any_operations(ops, chunked, order):
-    """add / re-add (a new object for a key that left) / pin / remove / resize / plan in any
-    order: every index agrees with the waiting entries, and plans only name waiting keys."""
-    ws, step = WaitingSet(aging=AgingBound(drain_factor=0.5), chunked_order=order), 0
+    """add / re-add (the very Entry object that left, maybe in the same step) / pin / remove /
+    resize / plan in any order: every index agrees with the waiting entries, and plans only
+    name waiting keys."""
+    ws, step, left = WaitingSet(aging=AgingBound(drain_factor=0.5), chunked_order=order), 0, {}
     for op, key, n, prio in ops:
-        if op in ("add", "readd") and key not in ws:
+        if op == "add" and key not in ws:
             ws.add(Entry(key=key, length=n, priority=prio, step=step))
+        elif op == "readd" and key in left and key not in ws:
+            entry = left.pop(key)
+            entry.step = step
+            ws.add(entry)
         elif op == "pin" and key not in ws:
             ws.pin([Entry(key=key, length=n, priority=prio)])
         elif op == "remove" and key in ws:
-            ws.remove(key)
+            left[key] = ws.remove(key)
         elif op == "resize" and key in ws:
             ws.resize(key, n)
         elif op == "plan":
             step += 1
             for p in ws.plan(StepLimits(budget=n * 3, seats=8, chunked_prefill=chunked), step=step):
                 assert p.key in ws
-    entries = ws._entries
-    assert ws.tokens == sum(e.length for e in entries.values())
-    assert sorted(ws, key=str) == sorted(entries, key=str)
-    for level in ws._levels.values():
-        free = set(level.free)
-        assert sorted(set(level.free.lengths)) == list(level.free.lengths)
-        for length in level.free.lengths:  # oldest first within a length
-            run = level.free.run(length)
-            assert run and list(run.values()) == sorted(run.values())
-            assert all(level.fifo[k].length == length and level.fifo[k].seq == seq
-                       for k, seq in run.items())
-        binned = {k for b in level.bins.values() for k in b.keys}
-        assert free.isdisjoint(binned) and free | binned == set(level.fifo)
-        assert level.free_tokens == sum(level.fifo[k].length for k in free)
-        dated = {k: cohort.due for cohort in level.cohorts.values() for k in cohort.members}
-        assert len(level.cohorts) == len(level.by_due)
-        assert all(level.cohorts[c].due == due and level.cohorts[c].members for due, _, c in level.by_due)
-        assert all(level.fifo[k].due == due for k, due in dated.items())
-        assert {k for k, e in level.fifo.items() if e.due != math.inf} == set(dated)
-        assert len(level.bin_order) == len(level.bins)
-        assert all(b.shortest == min(level.fifo[k].length for k in b.keys) for b in level.bins.values())
+    assert_consistent(ws)
 
 
 def test_a_request_whose_adapter_cannot_load_is_passed_over_not_blocking():
@@ -229,7 +295,7 @@ def test_arrivals_first_planned_on_an_empty_step_get_deadlines_from_the_step_cap
     for i in range(4):
         ws.add(Entry(key=i, length=512, step=3))
     ws.plan(StepLimits(budget=0, seats=10, chunked_prefill=False, capacity=1024), step=3)
-    assert {e.due for e in ws._entries.values()} == {3 + 2048 / 1024}
+    assert {e.due for e in ws.entries.values()} == {3 + 2048 / 1024}
 
 
 def test_an_overdue_pick_is_exchanged_only_for_another_overdue_request():
@@ -568,7 +634,7 @@ def test_ratio_order_after_an_overdue_request_is_still_highest_ratio_first():
     step, budget = 11, 1024
     picks = ws.plan(StepLimits(budget=budget, seats=64, chunked_prefill=True), step)
     assert (picks[0].key, picks[0].reason) == ("old", Reason.AGED)
-    order = sorted(rest, key=lambda r: (-(1 + (step - r[2]) * budget / r[1]), ws._entries[r[0]].seq))
+    order = sorted(rest, key=lambda r: (-(1 + (step - r[2]) * budget / r[1]), ws.entries[r[0]].seq))
     left, expected = budget - 300, []
     for key, length, _ in order:
         if length > left:

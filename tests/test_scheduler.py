@@ -218,11 +218,35 @@ def test_a_requeued_request_keeps_its_deadline_under_the_priority_policy():
     queue.end_step()
     queue.begin_step(limits, 2)
     queue.add_request(make_request("later", 10))  # due at step 2 + 2
-    queue.begin_step(limits, 3)
+    queue.begin_step(limits, 5)
     queue.end_step()
-    queue.prepend_request(old)  # ... and preempted
+    queue.prepend_request(old)  # ... and preempted, after later went overdue
     picks = queue.begin_step(limits, 6)  # both overdue: old (due 2) before later (due 4)
     assert [p.key for p in picks] == ["old", "later"]
+
+
+def test_the_queue_lets_go_of_a_request_once_it_leaves():
+    """Removed entries may stay referenced a while (stale rows of the admission orders): the
+    requests they carried must not, or finished requests would pile up in the engine."""
+    import gc
+    import weakref
+
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+
+    from vllm_prepack.config import PrepackConfig
+    from vllm_prepack.policy import StepLimits
+
+    queue = PackingRequestQueue(PrepackConfig(), SchedulingPolicy.FCFS)
+    for i in range(4):
+        queue.add_request(make_request(f"r{i}", 10 + i))
+    queue.begin_step(StepLimits(budget=100, seats=10, chunked_prefill=False), 1)
+    popped = weakref.ref(queue.pop_request())
+    removed = [r for r in queue if r.request_id == "r2"]
+    queue.remove_requests(removed)
+    removed = weakref.ref(removed.pop())
+    gc.collect()
+    assert popped() is None and removed() is None
+    assert [r.request_id for r in queue] == ["r1", "r3"]
 
 
 def test_siblings_of_an_admitted_request_are_looked_up_again():

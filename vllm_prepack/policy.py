@@ -47,7 +47,7 @@ import bisect
 import enum
 import heapq
 import math
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Hashable, Iterator, Sequence
 from itertools import chain, islice, repeat
 from operator import itemgetter
@@ -80,6 +80,7 @@ KV_PATIENCE_STEPS = 256
 # points (length, skip) of a scan over a level's free prompts: before the first, past the last
 START: tuple[float, int] = (0, 0)
 END: tuple[float, int] = (math.inf, 0)
+SWEEP_ROWS = 32  # rows a sweep of an admission order looks at per admission or removal
 
 
 def padding_gap(tokens: int, capture_sizes: Sequence[int]) -> int:
@@ -115,12 +116,88 @@ class Entry:
     pinned: bool = False
     blocks: int = 0  # KV blocks vLLM must find free to admit it (0: not tracked)
     bin: int | None = None  # the reserved bin holding it (whole prompts only)
-    cohort: _Cohort | None = field(default=None, repr=False, compare=False)  # its deadline's
+    # its deadline's cohort while it waits unpinned (None: pinned, or not waiting)
+    cohort: _Cohort | None = field(default=None, repr=False, compare=False)
+    item: object = field(default=None, repr=False, compare=False)  # the caller's (a vLLM Request)
 
     @property
     def due(self) -> float:
         """The step from which it goes first (set by the first plan after admission)."""
         return math.inf if self.cohort is None else self.cohort.due
+
+
+def _waiting(row: tuple[int, Entry]) -> bool:
+    """A row of an admission order is live while its entry waits unpinned under its seq (a
+    removal clears the entry's cohort; a re-admission gives it a new seq)."""
+    seq, entry = row
+    return entry.seq == seq and entry.cohort is not None
+
+
+class _Admitted:
+    """Entries in admission order, with O(1) removal: a removal only counts, and the entry's
+    row stays, stale, until a scan passes it at the front or a sweep drops it. A hundred
+    removals a step from 100k waiting would each cost a dict's delete, a cache miss or two,
+    where vLLM's FCFS pops a deque. A sweep runs once stale rows outnumber live ones, or once
+    a scan passes more stale rows than live ones (stale rows crowding behind a live front,
+    which no front drop reaches): SWEEP_ROWS rows a call move from the rows not yet swept to
+    the swept ones, the stale dropped, so no call rebuilds 100k rows at once (amortized O(1))."""
+
+    __slots__ = ("_swept", "_rows", "_sweeping", "live")
+
+    def __init__(self) -> None:
+        self._swept: deque[tuple[int, Entry]] = deque()  # rows before _rows, stale dropped
+        self._rows: deque[tuple[int, Entry]] = deque()
+        self._sweeping = False
+        self.live = 0  # entries waiting
+
+    def __len__(self) -> int:
+        return self.live
+
+    @property
+    def rows(self) -> int:
+        """Rows held, live and stale."""
+        return len(self._swept) + len(self._rows)
+
+    def append(self, entry: Entry) -> None:
+        self._rows.append((entry.seq, entry))
+        self.live += 1
+        if self._sweeping:
+            self._sweep()
+
+    def left(self) -> int:
+        """One of its entries stopped waiting (its cohort already cleared); those still
+        waiting."""
+        self.live -= 1
+        if self._sweeping or len(self._rows) > 2 * self.live:
+            self._sweep()
+        return self.live
+
+    def _sweep(self) -> None:
+        rows, swept = self._rows, self._swept
+        for _ in range(min(SWEEP_ROWS, len(rows))):
+            row = rows.popleft()
+            if _waiting(row):
+                swept.append(row)
+        self._sweeping = bool(rows)
+        if not rows:
+            self._rows, self._swept = swept, rows
+
+    def __iter__(self) -> Iterator[Entry]:
+        for rows in (self._swept, self._rows):
+            while rows and not _waiting(rows[0]):
+                rows.popleft()
+        return self._scan()
+
+    def _scan(self) -> Iterator[Entry]:
+        stale = 0  # stale rows passed, less the live ones
+        for row in chain(self._swept, self._rows):
+            if _waiting(row):
+                stale -= 1
+                yield row[1]
+            else:
+                stale += 1
+                if stale == SWEEP_ROWS:
+                    self._sweeping = True  # changes no row: safe while this scan runs
 
 
 class _Cohort:
@@ -130,7 +207,7 @@ class _Cohort:
     __slots__ = ("members", "due", "seq", "id")
 
     def __init__(self, cohort_id: int) -> None:
-        self.members: dict[Key, Entry] = {}  # in admission order
+        self.members = _Admitted()
         self.due = math.inf
         self.seq = 0  # the first member's admission order (EDF ties)
         self.id = cohort_id
@@ -312,12 +389,14 @@ class _Bin:
 class _Level:
     """The waiting requests of one priority level, indexed by length, deadline and age."""
 
-    __slots__ = ("free", "fifo", "pinned", "by_due", "cohorts", "bins", "bin_order", "free_tokens")
+    __slots__ = ("entries", "free", "order", "pinned", "by_due", "cohorts", "bins", "bin_order",
+                 "free_tokens")
 
-    def __init__(self) -> None:
+    def __init__(self, entries: dict[Key, Entry]) -> None:
+        self.entries = entries  # every waiting entry by key (the WaitingSet's, all levels)
         self.free = _ByLength()  # unpinned, unreserved entries
         self.free_tokens = 0
-        self.fifo: OrderedDict[Key, Entry] = OrderedDict()  # admission order, unpinned only
+        self.order = _Admitted()  # unpinned entries, oldest first
         self.pinned: deque[Entry] = deque()
         self.by_due: SortedList = SortedList()  # (due, seq, cohort id) of dated cohorts
         self.cohorts: dict[int, _Cohort] = {}  # the dated cohorts, by id
@@ -325,7 +404,7 @@ class _Level:
         self.bin_order: SortedList = SortedList()  # _Bin.order(id)
 
     def __len__(self) -> int:
-        return len(self.fifo) + len(self.pinned)
+        return self.order.live + len(self.pinned)
 
     # -- reserved bins --
 
@@ -349,7 +428,7 @@ class _Level:
         entry.bin = None
         if b.keys:
             if entry.length == b.shortest:
-                b.shortest = min(self.fifo[key].length for key in b.keys)
+                b.shortest = min(self.entries[key].length for key in b.keys)
             self.bin_order.add(b.order(bin_id))
         else:
             del self.bins[bin_id]
@@ -371,7 +450,7 @@ class WaitingSet:
         self.max_swaps = max_swaps
         self.pack_share = pack_share
         self.by_ratio = chunked_order == "ratio"  # with chunked prefill: HRRN, not SPF
-        self._entries: dict[Key, Entry] = {}
+        self.entries: dict[Key, Entry] = {}  # every waiting entry by key; read only outside
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
         self._seq = 0
@@ -383,10 +462,10 @@ class WaitingSet:
     # ---- membership -------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._entries
+        return key in self.entries
 
     @property
     def tokens(self) -> int:
@@ -405,7 +484,7 @@ class WaitingSet:
             self._insert(entry, pinned=True)
 
     def _insert(self, entry: Entry, pinned: bool, due: float = math.inf) -> None:
-        if entry.key in self._entries:
+        if entry.key in self.entries:
             raise ValueError(f"request {entry.key!r} is already waiting")
         entry.length = max(1, entry.length)
         entry.pinned = pinned
@@ -413,17 +492,16 @@ class WaitingSet:
         entry.cohort = None
         level = self._levels.get(entry.priority)
         if level is None:
-            level = self._levels[entry.priority] = _Level()
+            level = self._levels[entry.priority] = _Level(self.entries)
             bisect.insort(self._priorities, entry.priority)
         if pinned:
             level.pinned.appendleft(entry)
         else:
             entry.seq = self._seq
             self._seq += 1
-            level.fifo[entry.key] = entry
             level.free.add(entry.length, entry.seq, entry.key)
             level.free_tokens += entry.length
-        self._entries[entry.key] = entry
+        self.entries[entry.key] = entry
         self._tokens += entry.length
         if pinned:
             return
@@ -434,29 +512,29 @@ class WaitingSet:
         else:
             cohort = self._new_cohort()
             self._date(level, cohort, due, entry.seq)
-        cohort.members[entry.key] = entry
         entry.cohort = cohort
+        level.order.append(entry)
+        cohort.members.append(entry)
 
     def remove(self, key: Key) -> Entry:
-        entry = self._entries.pop(key)
+        entry = self.entries.pop(key)
         self._tokens -= entry.length
         level = self._levels[entry.priority]
         if entry.pinned:
             level.pinned.remove(entry)
         else:
-            del level.fifo[key]
             if entry.bin is not None:
                 level.release(entry)
             else:
                 level.free.remove(entry.length, key)
                 level.free_tokens -= entry.length
             cohort = entry.cohort
-            del cohort.members[key]
             entry.cohort = None
-            if not cohort.members and cohort.id in level.cohorts:
+            level.order.left()
+            if not cohort.members.left() and cohort.id in level.cohorts:
                 level.by_due.remove((cohort.due, cohort.seq, cohort.id))
                 del level.cohorts[cohort.id]
-        if not level:
+        if not (level.order.live or level.pinned):
             del self._levels[entry.priority]
             self._priorities.remove(entry.priority)
         return entry
@@ -464,7 +542,7 @@ class WaitingSet:
     def resize(self, key: Key, length: int, blocks: int | None = None) -> None:
         """A request's remaining length changed (a prefix-cache hit found after it arrived);
         it keeps its arrival order and deadline, and leaves its reserved bin."""
-        entry = self._entries[key]
+        entry = self.entries[key]
         if blocks is not None:
             entry.blocks = blocks
         length = max(1, length)
@@ -481,9 +559,6 @@ class WaitingSet:
             level.free.add(length, entry.seq, key)
             level.free_tokens += length
         entry.length = length
-
-    def discard(self, key: Key) -> Entry | None:
-        return self.remove(key) if key in self._entries else None
 
     # ---- deadlines --------------------------------------------------------------------------
 
@@ -507,7 +582,7 @@ class WaitingSet:
         if wait != math.inf:
             for (priority, step), cohort in self._undated.items():
                 if cohort.members:
-                    first = next(iter(cohort.members.values()))
+                    first = next(iter(cohort.members))
                     self._date(self._levels[priority], cohort, step + wait, first.seq)
         self._undated.clear()
 
@@ -517,9 +592,9 @@ class WaitingSet:
         for due, _, cohort_id in level.by_due:
             if due > step:
                 break
-            yield from level.cohorts[cohort_id].members.values()
+            yield from level.cohorts[cohort_id].members
         if self.aging.seconds is not None:
-            for entry in level.fifo.values():
+            for entry in level.order:
                 if now - entry.time < self.aging.seconds:
                     break
                 if entry.due > step:
@@ -529,7 +604,7 @@ class WaitingSet:
 
     def first(self, step: int = 0, now: float = 0.0) -> Key:
         """The request the policy would start next with an unlimited budget."""
-        if not self._entries:
+        if not self.entries:
             raise IndexError("no waiting requests")
         level = self._levels[self._priorities[0]]
         if level.pinned:
@@ -539,7 +614,7 @@ class WaitingSet:
         if level.free:
             return level.free.first()
         _, _, bin_id = level.bin_order[0]
-        return min(level.bins[bin_id].keys, key=lambda k: level.fifo[k].seq)
+        return min(level.bins[bin_id].keys, key=lambda k: level.entries[k].seq)
 
     def __iter__(self) -> Iterator[Key]:
         """All waiting keys: by level, pinned first, then free shortest first, then bins."""
@@ -586,7 +661,7 @@ class WaitingSet:
         p.take_shortest(level, exchangeable)
         if level.bins and self._bin_first(level, p, shortest, len(exchangeable) - first_short):
             for key in reversed(exchangeable[first_short:]):
-                p.untake(level.fifo[key])
+                p.untake(level.entries[key])
             del exchangeable[first_short:]
             self._serve_bins(level, p)
             p.take_shortest(level, exchangeable)
@@ -639,9 +714,9 @@ class WaitingSet:
         runs taken over L lengths where waits are alike, O(L log L) at worst, where HRRN as
         usually done re-sorts every waiting request every step. The best-fit exchange (c) is
         not used: the step's leftover goes to a chunk of the next prompt by ratio."""
-        free, fifo, step_tokens = level.free, level.fifo, max(1, p.limits.step_tokens)
+        free, entries, step_tokens = level.free, level.entries, max(1, p.limits.step_tokens)
         # the longest wait of an untaken prompt (overdue ones, the oldest, are often planned)
-        oldest = next((entry for key, entry in fifo.items() if not p.taken(key)), None)
+        oldest = next((entry for entry in level.order if not p.taken(entry.key)), None)
         if oldest is None:
             return
         longest_wait = (step - oldest.step) * step_tokens  # in tokens of steps
@@ -650,7 +725,7 @@ class WaitingSet:
             """The run's next untaken prompt, as a heap row (highest ratio, then oldest)."""
             for key in keys:
                 if not p.taken(key):
-                    entry = fifo[key]
+                    entry = entries[key]
                     return -(1 + (step - entry.step) * step_tokens / length), entry.seq, length, key, keys
             return None
 
@@ -674,7 +749,7 @@ class WaitingSet:
             if not heads:
                 return
             _, _, length, key, keys = heapq.heappop(heads)
-            entry = fifo[key]
+            entry = entries[key]
             if not (p.group_ok(entry) and p.kv_fits(entry)):
                 misses += 1  # passed over, as vLLM skips it
                 if misses >= FIT_PROBES:
@@ -716,7 +791,7 @@ class WaitingSet:
             bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
             members, gap = [], capacity
             while gap > slack and length is not None:
-                members.append(level.fifo[free.pop_newest(length)])
+                members.append(level.entries[free.pop_newest(length)])
                 gap -= length
                 length = free.longest_at_most(gap)
             level.reserve(members, bin_id)
@@ -728,7 +803,7 @@ class WaitingSet:
         requests per second of step goes first (with every step the same cost: whichever
         starts more). O(bin size): the shortest-first step is the one already planned."""
         _, _, bin_id = level.bin_order[0]
-        members = [level.fifo[key] for key in level.bins[bin_id].keys if not p.taken(key)]
+        members = [level.entries[key] for key in level.bins[bin_id].keys if not p.taken(key)]
         bin_tokens = sum(e.length for e in members)
         if not members or bin_tokens > p.left_at(before) or not p.kv_fits_all(members, before):
             return False
@@ -746,7 +821,7 @@ class WaitingSet:
             b = level.bins[bin_id]
             if b.shortest > p.left:
                 continue
-            members = sorted((level.fifo[k] for k in b.keys), key=lambda e: (-e.length, e.seq))
+            members = sorted((level.entries[k] for k in b.keys), key=lambda e: (-e.length, e.seq))
             for entry in members:
                 if (p.has_room() and not p.taken(entry.key) and entry.length <= p.left
                         and p.group_ok(entry) and p.kv_fits(entry)):
@@ -764,7 +839,7 @@ class WaitingSet:
         for _ in range(self.max_swaps):
             if not picks or p.left == 0:
                 return
-            last = level.fifo[picks[-1]]
+            last = level.entries[picks[-1]]
             aged = p.reason(last.key) == Reason.AGED
             overdue = (lambda e: self.aging.overdue(e, step, now)) if aged else (lambda e: True)
             best = self._longest_fitting(
@@ -785,7 +860,7 @@ class WaitingSet:
         for length, key in islice(level.free.scan_down(room), FIT_PROBES):
             if length <= above:
                 return None
-            entry = level.fifo[key]
+            entry = level.entries[key]
             if not p.taken(key) and p.group_ok(entry) and (accept is None or accept(entry)):
                 return entry
         return None
@@ -942,7 +1017,7 @@ class _Planner:
             for key in free.keys_from(self.free_below):
                 if not self.has_room():
                     return
-                entry = level.fifo[key]
+                entry = level.entries[key]
                 if self.taken(key) or not self.group_ok(entry):
                     continue
                 if entry.length > self.left or not self.kv_fits(entry):
@@ -950,7 +1025,7 @@ class _Planner:
                 self.take(entry, Reason.SHORT)
                 taken.append(key)
             return
-        limits, picks, fifo = self.limits, self._picks, level.fifo
+        limits, picks, entries = self.limits, self._picks, level.entries
         check = bool(picks)
         start, stop = self.free_below, END
         for length in free.lengths.irange(start[0]):
@@ -973,7 +1048,7 @@ class _Planner:
                 kv_left = self.kv_left
                 watermark = limits.watermark_blocks if (limits.running or picks) else 0
                 for index, key in enumerate(chosen):
-                    blocks = fifo[key].blocks
+                    blocks = entries[key].blocks
                     if blocks + watermark > kv_left:
                         # blocks grow with length: no longer prompt fits either
                         at = skip if check else skip + index
@@ -1031,7 +1106,7 @@ class _Planner:
         for key in level.free.keys_from(self.free_below):
             if self.taken(key):
                 continue
-            entry = level.fifo[key]
+            entry = level.entries[key]
             if self.group_ok(entry) and self.kv_fits(entry):
                 self.chunk(entry)
                 return

@@ -82,7 +82,6 @@ class PackingRequestQueue(internal.RequestQueue):
     def __init__(self, config: PrepackConfig, policy, cached_tokens=None, kv_blocks=None) -> None:
         self._set = WaitingSet(config.aging, config.max_swaps, config.pack_fixed_share,
                                config.chunked_order)
-        self._requests: dict[str, Request] = {}
         self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
         self._kv_blocks = kv_blocks  # touchpoints.KVBlocks, None: KV blocks not tracked
@@ -110,20 +109,24 @@ class PackingRequestQueue(internal.RequestQueue):
     def end_step(self) -> None:
         self._plan, self._cursor = [], 0
 
-    def _next_key(self) -> str:
-        while self._cursor < len(self._plan):
-            key = self._plan[self._cursor].key
-            if key in self._set:
-                return key
+    def _next(self) -> Entry:
+        """The plan's next request still waiting (IndexError where none is). vLLM peeks and
+        pops a hundred requests a step from up to 100k: one dict lookup each."""
+        get, plan = self._set.entries.get, self._plan
+        while self._cursor < len(plan):
+            entry = get(plan[self._cursor].key)
+            if entry is not None:
+                return entry
             self._cursor += 1
         # Past the plan (vLLM found more room than estimated): the policy's next choice.
-        return self._set.first(self._step, self._now)
+        return get(self._set.first(self._step, self._now))
 
     def _refresh_cached(self) -> None:
         """The first admission from a group of requests that share a first block cached that
         prefix: the others are looked up again, REFRESH_PER_STEP a step (O(1) per request)."""
         for _ in range(min(REFRESH_PER_STEP, len(self._to_refresh))):
-            request = self._requests.get(self._to_refresh.popleft())
+            entry = self._set.entries.get(self._to_refresh.popleft())
+            request = entry.item if entry is not None else None
             if request is not None and request.num_computed_tokens == 0:
                 uncached = request.num_tokens - self._cached_tokens(request)
                 self._set.resize(request.request_id, uncached, self._blocks(request, uncached))
@@ -165,11 +168,11 @@ class PackingRequestQueue(internal.RequestQueue):
             step=self._step,
             time=request.arrival_time,
             group=lora.lora_int_id if lora is not None and lora.lora_int_id > 0 else None,
+            item=request,
         )
 
     def add_request(self, request: Request) -> None:
         self._set.add(self._entry(request))
-        self._requests[request.request_id] = request
         self._join_group(request)
 
     @property
@@ -187,7 +190,6 @@ class PackingRequestQueue(internal.RequestQueue):
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
         requests = list(requests)
-        self._requests.update((r.request_id, r) for r in requests)
         for request in requests:
             self._join_group(request)
         if self._by_priority:
@@ -202,43 +204,45 @@ class PackingRequestQueue(internal.RequestQueue):
             self._set.pin([self._entry(r) for r in requests[::-1]])
 
     def peek_request(self) -> Request:
-        if not self._set:
-            raise IndexError("peek from an empty queue")
-        return self._requests[self._next_key()]
+        return self._next().item
 
     def pop_request(self) -> Request:
-        if not self._set:
-            raise IndexError("pop from an empty queue")
-        key = self._next_key()
-        entry = self._set.remove(key)
-        if self._by_priority and not entry.pinned:
-            self._dues[key] = entry.due
+        entry = self._next()
+        if self._by_priority and not entry.pinned:  # its deadline, before removal clears it
+            self._dues[entry.key] = entry.due
             if len(self._dues) > MAX_REMEMBERED_DEADLINES:
                 self._dues.popitem(last=False)
-        request = self._requests.pop(key)
-        self._leave_group(request, admitted=True)
+        request = self._remove(entry.key)
+        if self._cached_tokens is not None:
+            self._leave_group(request, admitted=True)
+        return request
+
+    def _remove(self, key: str) -> Request:
+        """Out of the policy, its request let go: the removed entry may stay referenced a
+        while (a stale row of an admission order), the request must not."""
+        entry = self._set.remove(key)
+        request, entry.item = entry.item, None
         return request
 
     def remove_request(self, request: Request) -> None:
-        self._set.remove(request.request_id)
-        del self._requests[request.request_id]
+        self._remove(request.request_id)
         self._leave_group(request, admitted=False)
 
     def remove_requests(self, requests: Iterable[Request]) -> None:
         # vLLM removes aborted requests from every waiting queue: absent ones are fine.
         for request in requests:
-            if self._set.discard(request.request_id) is not None:
-                del self._requests[request.request_id]
+            if request.request_id in self._set:
+                self._remove(request.request_id)
                 self._leave_group(request, admitted=False)
 
     def __bool__(self) -> bool:
-        return len(self._set) > 0
+        return bool(self._set.entries)
 
     def __len__(self) -> int:
-        return len(self._set)
+        return len(self._set.entries)
 
     def __iter__(self) -> Iterator[Request]:
-        return (self._requests[key] for key in self._set)
+        return (self._set.entries[key].item for key in self._set)
 
 
 @dataclass

@@ -186,7 +186,10 @@ def _time_side_by_side(model_dir, runs: dict[str, tuple], lengths, budget: int, 
     of each in turn, the first rotating: a drift of the machine falls on every run alike, and
     each schedule() finds the cache as the others left it (an engine's step leaves it colder).
     Shortest first, FCFS admits what SPF and the plugin admit at the cost of vLLM's own queue:
-    the baseline of the plugin's added cost."""
+    the baseline of the plugin's added cost. Every run's requests are made in arrival order
+    and only queued shortest first: made in the order admitted, they would lie in memory in
+    that order, and vLLM's own work on them would run faster than on anything a reordering
+    queue admits."""
     schedulers = {}
     for label, (name, additional_config, shortest_first) in runs.items():
         scheduler = standalone_scheduler(
@@ -194,11 +197,11 @@ def _time_side_by_side(model_dir, runs: dict[str, tuple], lengths, budget: int, 
             chunked_prefill=chunked, max_num_seqs=1024, num_blocks=1_000_000, verify=False,
             additional_config=additional_config,
         )
-        order = range(len(lengths))
+        requests = [make_request(str(i), length) for i, length in enumerate(lengths)]
         if shortest_first:
-            order = sorted(order, key=lengths.__getitem__)
-        for i in order:
-            scheduler.add_request(make_request(str(i), lengths[i]))
+            requests.sort(key=lambda request: request.num_tokens)
+        for request in requests:
+            scheduler.add_request(request)
         stats = getattr(scheduler, "prepack_stats", None)
         if stats is not None:
             stats.keep_history = True
@@ -277,8 +280,8 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
         f"time in a step, from the start of its schedule() through the plan (the running-budget "
         f"mirror included). Its max is the first step, which dates every request of the backlog "
         f"(one deadline per arrival step, all at once here) and, where it packs, reserves a bin "
-        f"for every prompt over half the budget. FCFS on a shortest-first backlog (the requests "
-        f"added shortest first) admits what SPF and the plugin admit at the cost of vLLM's own "
+        f"for every prompt over half the budget. FCFS on a shortest-first backlog (requests made "
+        f"in arrival order, as for every scheduler here, and queued shortest first) admits what SPF and the plugin admit at the cost of vLLM's own "
         f"queue: the plugin's added cost per admitted request is its step time (p50) less that "
         f"one's, over the requests it admitted{_with(options)}.\n\n"
         + table(rows)
