@@ -140,7 +140,8 @@ class _Admitted:
     where vLLM's FCFS pops a deque. A sweep runs once stale rows outnumber live ones, or once
     a scan passes more stale rows than live ones (stale rows crowding behind a live front,
     which no front drop reaches): SWEEP_ROWS rows a call move from the rows not yet swept to
-    the swept ones, the stale dropped, so no call rebuilds 100k rows at once (amortized O(1))."""
+    the swept ones, the stale dropped, so no sweep rebuilds 100k rows in one call. A scan
+    drops the stale rows at the front in one go (each row is dropped once: amortized O(1))."""
 
     __slots__ = ("_swept", "_rows", "_sweeping", "live")
 
