@@ -535,7 +535,7 @@ class WaitingSet:
             if not cohort.members.left() and cohort.id in level.cohorts:
                 level.by_due.remove((cohort.due, cohort.seq, cohort.id))
                 del level.cohorts[cohort.id]
-        if not (level.order.live or level.pinned):
+        if not level:
             del self._levels[entry.priority]
             self._priorities.remove(entry.priority)
         return entry

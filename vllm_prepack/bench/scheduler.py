@@ -281,7 +281,8 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
         f"mirror included). Its max is the first step, which dates every request of the backlog "
         f"(one deadline per arrival step, all at once here) and, where it packs, reserves a bin "
         f"for every prompt over half the budget. FCFS on a shortest-first backlog (requests made "
-        f"in arrival order, as for every scheduler here, and queued shortest first) admits what SPF and the plugin admit at the cost of vLLM's own "
+        f"in arrival order, as for every scheduler here, and queued shortest first) admits what "
+        f"SPF and the plugin admit at the cost of vLLM's own "
         f"queue: the plugin's added cost per admitted request is its step time (p50) less that "
         f"one's, over the requests it admitted{_with(options)}.\n\n"
         + table(rows)
