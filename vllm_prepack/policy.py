@@ -126,11 +126,42 @@ class Entry:
         return math.inf if self.cohort is None else self.cohort.due
 
 
-def _waiting(row: tuple[int, Entry]) -> bool:
+def _waiting(seq: int, entry: Entry) -> bool:
     """A row of an admission order is live while its entry waits unpinned under its seq (a
     removal clears the entry's cohort; a re-admission gives it a new seq)."""
-    seq, entry = row
     return entry.seq == seq and entry.cohort is not None
+
+
+class _Rows:
+    """Rows (seq, entry) in order, as two deques rather than a deque of tuples: a tuple that
+    holds an entry is one more object for the garbage collector to walk in every full
+    collection, two a waiting request (an admission order and a cohort's), where vLLM's
+    request brings about 17."""
+
+    __slots__ = ("seqs", "entries")
+
+    def __init__(self) -> None:
+        self.seqs: deque[int] = deque()
+        self.entries: deque[Entry] = deque()
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def append(self, seq: int, entry: Entry) -> None:
+        self.seqs.append(seq)
+        self.entries.append(entry)
+
+    def popleft(self) -> tuple[int, Entry]:
+        return self.seqs.popleft(), self.entries.popleft()
+
+    def drop_stale_front(self) -> None:
+        seqs, entries = self.seqs, self.entries
+        while seqs and not _waiting(seqs[0], entries[0]):
+            seqs.popleft()
+            entries.popleft()
+
+    def __iter__(self) -> Iterator[tuple[int, Entry]]:
+        return zip(self.seqs, self.entries)
 
 
 class _Admitted:
@@ -146,8 +177,8 @@ class _Admitted:
     __slots__ = ("_swept", "_rows", "_sweeping", "live")
 
     def __init__(self) -> None:
-        self._swept: deque[tuple[int, Entry]] = deque()  # rows before _rows, stale dropped
-        self._rows: deque[tuple[int, Entry]] = deque()
+        self._swept = _Rows()  # rows before _rows, stale dropped
+        self._rows = _Rows()
         self._sweeping = False
         self.live = 0  # entries waiting
 
@@ -160,7 +191,7 @@ class _Admitted:
         return len(self._swept) + len(self._rows)
 
     def append(self, entry: Entry) -> None:
-        self._rows.append((entry.seq, entry))
+        self._rows.append(entry.seq, entry)
         self.live += 1
         if self._sweeping:
             self._sweep()
@@ -176,25 +207,24 @@ class _Admitted:
     def _sweep(self) -> None:
         rows, swept = self._rows, self._swept
         for _ in range(min(SWEEP_ROWS, len(rows))):
-            row = rows.popleft()
-            if _waiting(row):
-                swept.append(row)
+            seq, entry = rows.popleft()
+            if _waiting(seq, entry):
+                swept.append(seq, entry)
         self._sweeping = bool(rows)
         if not rows:
             self._rows, self._swept = swept, rows
 
     def __iter__(self) -> Iterator[Entry]:
-        for rows in (self._swept, self._rows):
-            while rows and not _waiting(rows[0]):
-                rows.popleft()
+        self._swept.drop_stale_front()
+        self._rows.drop_stale_front()
         return self._scan()
 
     def _scan(self) -> Iterator[Entry]:
         stale = 0  # stale rows passed, less the live ones
-        for row in chain(self._swept, self._rows):
-            if _waiting(row):
+        for seq, entry in chain(self._swept, self._rows):
+            if _waiting(seq, entry):
                 stale -= 1
-                yield row[1]
+                yield entry
             else:
                 stale += 1
                 if stale == SWEEP_ROWS:
@@ -336,14 +366,21 @@ class _ByLength:
         run = self._runs[length]
         del run[key]
         if not run:
-            del self._runs[length]
-            self._unordered.discard(length)
-            self.lengths.remove(length)
+            self._emptied(length)
+
+    def _emptied(self, length: int) -> None:
+        del self._runs[length]
+        self._unordered.discard(length)
+        self.lengths.remove(length)
 
     def pop_newest(self, length: int) -> Key:
-        """The newest prompt of `length` (which must be present), out of the list."""
-        key = next(reversed(self.run(length)))
-        self.remove(length, key)
+        """The newest prompt of `length` (which must be present), out of the list. popitem,
+        not a delete of the last key: a dict's deleted slots stay until it is resized, so the
+        builder's pops from a run's end would each walk past the ones before."""
+        run = self.run(length)
+        key, _ = run.popitem()
+        if not run:
+            self._emptied(length)
         return key
 
     def longest_at_most(self, tokens: int) -> int | None:
@@ -390,8 +427,8 @@ class _Bin:
 class _Level:
     """The waiting requests of one priority level, indexed by length, deadline and age."""
 
-    __slots__ = ("entries", "free", "order", "pinned", "by_due", "cohorts", "bins", "bin_order",
-                 "free_tokens")
+    __slots__ = ("entries", "free", "order", "pinned", "by_due", "cohorts", "bins", "_ranking",
+                 "_unranked", "free_tokens")
 
     def __init__(self, entries: dict[Key, Entry]) -> None:
         self.entries = entries  # every waiting entry by key (the WaitingSet's, all levels)
@@ -402,7 +439,8 @@ class _Level:
         self.by_due: SortedList = SortedList()  # (due, seq, cohort id) of dated cohorts
         self.cohorts: dict[int, _Cohort] = {}  # the dated cohorts, by id
         self.bins: dict[int, _Bin] = {}
-        self.bin_order: SortedList = SortedList()  # _Bin.order(id)
+        self._ranking: SortedList = SortedList()  # _Bin.order(id) of the bins not in _unranked
+        self._unranked: set[int] = set()  # bins that lost a member since the ranking was read
 
     def __len__(self) -> int:
         return self.order.live + len(self.pinned)
@@ -418,21 +456,33 @@ class _Level:
             entry.bin = bin_id
         b.shortest = min(entry.length for entry in members)
         self.free_tokens -= b.tokens
-        self.bin_order.add(b.order(bin_id))
+        self._ranking.add(b.order(bin_id))
 
     def release(self, entry: Entry) -> None:
-        """Out of its bin (admitted, removed, or resized)."""
+        """Out of its bin (admitted, removed, or resized). The bin leaves the ranking until it
+        is next read: a bin served whole loses its members one by one, and ranking it again
+        after each would cost two sorted-list updates a member."""
         bin_id, b = entry.bin, self.bins[entry.bin]
-        self.bin_order.remove(b.order(bin_id))
+        if bin_id not in self._unranked:
+            self._ranking.remove(b.order(bin_id))
+            self._unranked.add(bin_id)
         b.keys.discard(entry.key)
         b.tokens -= entry.length
         entry.bin = None
-        if b.keys:
-            if entry.length == b.shortest:
-                b.shortest = min(self.entries[key].length for key in b.keys)
-            self.bin_order.add(b.order(bin_id))
-        else:
+        if not b.keys:
             del self.bins[bin_id]
+        elif entry.length == b.shortest:
+            b.shortest = min(self.entries[key].length for key in b.keys)
+
+    def ranked(self) -> SortedList:
+        """The bins in serving order: most requests first (Smith's rule), then the lighter."""
+        if self._unranked:
+            for bin_id in self._unranked:
+                b = self.bins.get(bin_id)
+                if b is not None:
+                    self._ranking.add(b.order(bin_id))
+            self._unranked.clear()
+        return self._ranking
 
 
 class WaitingSet:
@@ -614,7 +664,7 @@ class WaitingSet:
             return entry.key
         if level.free:
             return level.free.first()
-        _, _, bin_id = level.bin_order[0]
+        _, _, bin_id = level.ranked()[0]
         return min(level.bins[bin_id].keys, key=lambda k: level.entries[k].seq)
 
     def __iter__(self) -> Iterator[Key]:
@@ -623,7 +673,7 @@ class WaitingSet:
             level = self._levels[priority]
             yield from (e.key for e in level.pinned)
             yield from level.free
-            for _, _, bin_id in level.bin_order:
+            for _, _, bin_id in level.ranked():
                 yield from level.bins[bin_id].keys
 
     # ---- the per-step policy ----------------------------------------------------------------
@@ -803,7 +853,7 @@ class WaitingSet:
         just planned (`count` picks since the plan stood at `before`): whichever starts more
         requests per second of step goes first (with every step the same cost: whichever
         starts more). O(bin size): the shortest-first step is the one already planned."""
-        _, _, bin_id = level.bin_order[0]
+        _, _, bin_id = level.ranked()[0]
         members = [level.entries[key] for key in level.bins[bin_id].keys if not p.taken(key)]
         bin_tokens = sum(e.length for e in members)
         if not members or bin_tokens > p.left_at(before) or not p.kv_fits_all(members, before):
@@ -816,7 +866,7 @@ class WaitingSet:
     def _serve_bins(self, level: _Level, p: _Planner) -> None:
         """Reserved bins, most requests first: whole where a bin fits, else its members
         longest first where they fit (the rest stay reserved)."""
-        for _, _, bin_id in islice(level.bin_order, FIT_PROBES):
+        for _, _, bin_id in islice(level.ranked(), FIT_PROBES):
             if not p.has_room():
                 return
             b = level.bins[bin_id]

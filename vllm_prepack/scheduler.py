@@ -29,6 +29,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -92,7 +93,7 @@ class PackingRequestQueue(internal.RequestQueue):
         self._to_refresh: deque[str] = deque()  # request ids to look up, REFRESH_PER_STEP a step
         # deadlines of requests vLLM took from this queue, for their re-entry (priority policy)
         self._dues: OrderedDict[str, float] = OrderedDict()
-        self._plan: list[Pick] = []
+        self._planned: list[Entry] = []  # the step's plan, its entries in order
         self._cursor = 0
         self._step = 0
         self._now = time.time()
@@ -102,24 +103,27 @@ class PackingRequestQueue(internal.RequestQueue):
     def begin_step(self, limits: StepLimits, step: int) -> list[Pick]:
         self._step, self._now = step, time.time()
         self._refresh_cached()
-        self._plan = self._set.plan(limits, step, self._now)
+        plan = self._set.plan(limits, step, self._now)
+        # the entries looked up at once, in C: a lookup in a dict of 100k is a cache miss or
+        # three, which a tight loop overlaps, and vLLM's work between two peeks does not
+        self._planned = list(map(self._set.entries.__getitem__, map(itemgetter(0), plan)))
         self._cursor = 0
-        return self._plan
+        return plan
 
     def end_step(self) -> None:
-        self._plan, self._cursor = [], 0
+        self._planned, self._cursor = [], 0
 
     def _next(self) -> Entry:
-        """The plan's next request still waiting (IndexError where none is). vLLM peeks and
-        pops a hundred requests a step from up to 100k: one dict lookup each."""
-        get, plan = self._set.entries.get, self._plan
-        while self._cursor < len(plan):
-            entry = get(plan[self._cursor].key)
-            if entry is not None:
+        """The plan's next request still waiting (IndexError where none is): one that left
+        (popped, aborted) has let go of its request."""
+        planned = self._planned
+        while self._cursor < len(planned):
+            entry = planned[self._cursor]
+            if entry.item is not None:
                 return entry
             self._cursor += 1
         # Past the plan (vLLM found more room than estimated): the policy's next choice.
-        return get(self._set.first(self._step, self._now))
+        return self._set.entries[self._set.first(self._step, self._now)]
 
     def _refresh_cached(self) -> None:
         """The first admission from a group of requests that share a first block cached that
