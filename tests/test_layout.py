@@ -94,7 +94,7 @@ def test_debug_layout_fails_loudly_on_a_corrupted_plan(tiny_model, monkeypatch):
     def corrupted(self, limits, step=0, now=0.0):
         picks = original(self, limits, step, now)
         if picks:  # claim one more token than will be scheduled
-            picks[0] = policy.Pick(picks[0].key, picks[0].tokens + 1, picks[0].reason)
+            picks[0] = picks[0]._replace(tokens=picks[0].tokens + 1)
         return picks
 
     llm = build_llm(tiny_model, {"debug_layout": True}, dtype="float32", max_model_len=512,

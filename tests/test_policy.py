@@ -185,8 +185,9 @@ def assert_consistent(ws: WaitingSet) -> None:
         assert sorted(set(level.free.lengths)) == list(level.free.lengths)
         for length in level.free.lengths:  # oldest first within a length
             run = level.free.run(length)
-            assert run and list(run.values()) == sorted(run.values())
-            assert all(fifo[k].length == length and fifo[k].seq == seq for k, seq in run.items())
+            seqs = [e.seq for e in run.values()]
+            assert run and seqs == sorted(seqs)
+            assert all(fifo[k] is e and e.length == length for k, e in run.items())
         binned = {k for b in level.bins.values() for k in b.keys}
         assert free.isdisjoint(binned) and free | binned == set(fifo)
         assert level.free_tokens == sum(fifo[k].length for k in free)
@@ -201,7 +202,10 @@ def assert_consistent(ws: WaitingSet) -> None:
         assert all(level.cohorts[c].due == due and level.cohorts[c].members for due, _, c in level.by_due)
         assert all(fifo[k].due == due for k, due in dated.items())
         assert {k for k, e in fifo.items() if e.due != math.inf} == set(dated)
-        assert list(level.ranked()) == sorted(b.order(i) for i, b in level.bins.items())
+        ranked = {key[2]: key for key in level._ranking}  # read without ranking them again
+        assert len(ranked) == len(level._ranking) and ranked.keys().isdisjoint(level._unranked)
+        assert ranked.keys() | level._unranked == level.bins.keys()
+        assert all(key == level.bins[i].order(i) for i, key in ranked.items())
         assert all(b.shortest == min(fifo[k].length for k in b.keys) for b in level.bins.values())
         assert level.order.rows <= 2.5 * len(level.order) + SWEEP_ROWS  # stale rows bounded
 

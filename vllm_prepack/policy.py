@@ -50,7 +50,6 @@ import math
 from collections import Counter, deque
 from collections.abc import Hashable, Iterator, Sequence
 from itertools import chain, islice, repeat
-from operator import itemgetter
 from typing import NamedTuple
 from dataclasses import dataclass, field
 
@@ -130,6 +129,10 @@ def _waiting(seq: int, entry: Entry) -> bool:
     """A row of an admission order is live while its entry waits unpinned under its seq (a
     removal clears the entry's cohort; a re-admission gives it a new seq)."""
     return entry.seq == seq and entry.cohort is not None
+
+
+def _item_seq(item: tuple[Key, Entry]) -> int:
+    return item[1].seq
 
 
 class _Rows:
@@ -245,15 +248,20 @@ class _Cohort:
 
 
 class Pick(NamedTuple):
-    """One request in a step's plan (a tuple: cheap to make, a hundred a step)."""
+    """One request in a step's plan (a tuple: cheap to make, a hundred a step), with its
+    entry: the caller finds the request without a lookup among every waiting one."""
 
     key: Key
     tokens: int  # tokens planned this step (== entry.length unless chunked)
     reason: Reason
+    entry: Entry
 
     @property
     def chunked(self) -> bool:
         return self.reason in (Reason.CHUNK, Reason.TOPUP)
+
+    def __repr__(self) -> str:
+        return f"Pick(key={self.key!r}, tokens={self.tokens}, reason={self.reason.value})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,8 +332,9 @@ class AgingBound:
 
 
 class _ByLength:
-    """The free prompts of a level: the lengths present, sorted, and per length the keys in
-    admission order (key -> seq). Shortest-first takes a run of equal lengths in a few C-level
+    """The free prompts of a level: the lengths present, sorted, and per length the entries in
+    admission order (key -> entry), so a plan holds its picks' entries without a lookup in a
+    dict of every waiting request. Shortest-first takes a run of equal lengths in a few C-level
     operations instead of a loop per prompt, and an admission or removal is a dict operation
     (O(log L) only where a length appears or empties). A resized request (a prefix-cache hit
     found after it arrived) keeps its seq, so it may join a run out of order: that run is put
@@ -337,7 +346,7 @@ class _ByLength:
 
     def __init__(self) -> None:
         self.lengths: SortedList = SortedList()
-        self._runs: dict[int, dict[Key, int]] = {}
+        self._runs: dict[int, dict[Key, Entry]] = {}
         self._unordered: set[int] = set()  # lengths whose run took a prompt out of order
 
     def __bool__(self) -> bool:
@@ -346,21 +355,22 @@ class _ByLength:
     def __iter__(self) -> Iterator[Key]:
         return self.keys_from(START)
 
-    def run(self, length: int) -> dict[Key, int]:
+    def run(self, length: int) -> dict[Key, Entry]:
         """The prompts of `length` (which must be present), oldest first."""
         if length in self._unordered:
             self._unordered.discard(length)
-            self._runs[length] = dict(sorted(self._runs[length].items(), key=itemgetter(1)))
+            self._runs[length] = dict(sorted(self._runs[length].items(), key=_item_seq))
         return self._runs[length]
 
-    def add(self, length: int, seq: int, key: Key) -> None:
+    def add(self, entry: Entry) -> None:
+        length = entry.length
         run = self._runs.get(length)
         if run is None:
             run = self._runs[length] = {}
             self.lengths.add(length)
-        elif seq < next(reversed(run.values())):
+        elif entry.seq < next(reversed(run.values())).seq:
             self._unordered.add(length)
-        run[key] = seq
+        run[entry.key] = entry
 
     def remove(self, length: int, key: Key) -> None:
         run = self._runs[length]
@@ -373,15 +383,15 @@ class _ByLength:
         self._unordered.discard(length)
         self.lengths.remove(length)
 
-    def pop_newest(self, length: int) -> Key:
+    def pop_newest(self, length: int) -> Entry:
         """The newest prompt of `length` (which must be present), out of the list. popitem,
         not a delete of the last key: a dict's deleted slots stay until it is resized, so the
         builder's pops from a run's end would each walk past the ones before."""
         run = self.run(length)
-        key, _ = run.popitem()
+        _, entry = run.popitem()
         if not run:
             self._emptied(length)
-        return key
+        return entry
 
     def longest_at_most(self, tokens: int) -> int | None:
         """The longest length present that is at most `tokens`."""
@@ -404,11 +414,10 @@ class _ByLength:
         return chain.from_iterable(self.run_from(length, start)
                                    for length in self.lengths.irange(start[0]))
 
-    def scan_down(self, tokens: int) -> Iterator[tuple[int, Key]]:
-        """(length, key) from the longest at most `tokens` down, newest first within a length."""
+    def scan_down(self, tokens: int) -> Iterator[Entry]:
+        """From the longest at most `tokens` down, newest first within a length."""
         for length in self.lengths.irange(maximum=tokens, reverse=True):
-            for key in reversed(self.run(length)):
-                yield length, key
+            yield from reversed(self.run(length).values())
 
 
 class _Bin:
@@ -471,16 +480,16 @@ class _Level:
         entry.bin = None
         if not b.keys:
             del self.bins[bin_id]
+            self._unranked.discard(bin_id)
         elif entry.length == b.shortest:
             b.shortest = min(self.entries[key].length for key in b.keys)
 
     def ranked(self) -> SortedList:
-        """The bins in serving order: most requests first (Smith's rule), then the lighter."""
+        """The bins in serving order: most requests first (Smith's rule), then the lighter;
+        the bins that lost members since the last read are ranked again first."""
         if self._unranked:
             for bin_id in self._unranked:
-                b = self.bins.get(bin_id)
-                if b is not None:
-                    self._ranking.add(b.order(bin_id))
+                self._ranking.add(self.bins[bin_id].order(bin_id))
             self._unranked.clear()
         return self._ranking
 
@@ -550,7 +559,7 @@ class WaitingSet:
         else:
             entry.seq = self._seq
             self._seq += 1
-            level.free.add(entry.length, entry.seq, entry.key)
+            level.free.add(entry)
             level.free_tokens += entry.length
         self.entries[entry.key] = entry
         self._tokens += entry.length
@@ -600,16 +609,18 @@ class WaitingSet:
         if length == entry.length:
             return
         self._tokens += length - entry.length
-        if not entry.pinned:
-            level = self._levels[entry.priority]
-            if entry.bin is not None:
-                level.release(entry)
-            else:
-                level.free.remove(entry.length, key)
-                level.free_tokens -= entry.length
-            level.free.add(length, entry.seq, key)
-            level.free_tokens += length
+        if entry.pinned:
+            entry.length = length
+            return
+        level = self._levels[entry.priority]
+        if entry.bin is not None:
+            level.release(entry)
+        else:
+            level.free.remove(entry.length, key)
+            level.free_tokens -= entry.length
         entry.length = length
+        level.free.add(entry)
+        level.free_tokens += length
 
     # ---- deadlines --------------------------------------------------------------------------
 
@@ -819,7 +830,7 @@ class WaitingSet:
                 beaten = 1 + longest_wait / unseen if unseen is not None else 0.0
                 more, keys = _prefix(keys, p.fitting(length) - 1, p.taken,
                                      lambda k: beats(k, length, rival, beaten))
-                p.take_run([key, *more], length, Reason.RATIO)
+                p.take_run(free.run(length), [key, *more], length, Reason.RATIO)
                 row = head(length, keys)
             if row is not None:
                 heapq.heappush(heads, row)
@@ -842,7 +853,7 @@ class WaitingSet:
             bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
             members, gap = [], capacity
             while gap > slack and length is not None:
-                members.append(level.entries[free.pop_newest(length)])
+                members.append(free.pop_newest(length))
                 gap -= length
                 length = free.longest_at_most(gap)
             level.reserve(members, bin_id)
@@ -908,11 +919,10 @@ class WaitingSet:
                          accept=None) -> Entry | None:
         """Longest untaken free prompt with above < length <= room (and `accept`ed),
         O(log L + FIT_PROBES) over L lengths present."""
-        for length, key in islice(level.free.scan_down(room), FIT_PROBES):
-            if length <= above:
+        for entry in islice(level.free.scan_down(room), FIT_PROBES):
+            if entry.length <= above:
                 return None
-            entry = level.entries[key]
-            if not p.taken(key) and p.group_ok(entry) and (accept is None or accept(entry)):
+            if not p.taken(entry.key) and p.group_ok(entry) and (accept is None or accept(entry)):
                 return entry
         return None
 
@@ -1030,7 +1040,7 @@ class _Planner:
 
     def take(self, entry: Entry, reason: Reason, tokens: int | None = None) -> None:
         tokens = entry.length if tokens is None else tokens
-        pick = self._picks[entry.key] = Pick(entry.key, tokens, reason)
+        pick = self._picks[entry.key] = Pick(entry.key, tokens, reason, entry)
         self._chunks += pick.chunked
         self._charge(tokens, +1)
         if self.kv_left is not None:
@@ -1076,7 +1086,7 @@ class _Planner:
                 self.take(entry, Reason.SHORT)
                 taken.append(key)
             return
-        limits, picks, entries = self.limits, self._picks, level.entries
+        limits, picks = self.limits, self._picks
         check = bool(picks)
         start, stop = self.free_below, END
         for length in free.lengths.irange(start[0]):
@@ -1086,6 +1096,7 @@ class _Planner:
                 stop = (length, skip)
                 break
             keys = free.run_from(length, start)
+            run = free.run(length)
             chosen: list[Key] = []
             at = skip  # the run's prompts before this position are taken or chosen
             while len(chosen) < fit:
@@ -1099,7 +1110,7 @@ class _Planner:
                 kv_left = self.kv_left
                 watermark = limits.watermark_blocks if (limits.running or picks) else 0
                 for index, key in enumerate(chosen):
-                    blocks = entries[key].blocks
+                    blocks = run[key].blocks
                     if blocks + watermark > kv_left:
                         # blocks grow with length: no longer prompt fits either
                         at = skip if check else skip + index
@@ -1110,7 +1121,7 @@ class _Planner:
                     watermark = limits.watermark_blocks
                 self.kv_left = kv_left
             if chosen:
-                self.take_run(chosen, length, Reason.SHORT)
+                self.take_run(run, chosen, length, Reason.SHORT)
                 taken += chosen
             if full:  # the next prompt of this length (or a longer one) does not fit
                 stop = (length, at)
@@ -1126,11 +1137,12 @@ class _Planner:
             fit = min(fit, (self.input_left - overhead - length) // (length + overhead) + 1)
         return fit
 
-    def take_run(self, keys: list[Key], length: int, reason: Reason) -> None:
-        """Whole prompts of one `length` that fit (``fitting``), charged at once: no LoRA
-        limit applies, and their KV blocks, where tracked, are the caller's to count."""
-        self._picks.update(zip(keys, map(tuple.__new__, repeat(Pick),
-                                         zip(keys, repeat(length), repeat(reason)))))
+    def take_run(self, run: dict[Key, Entry], keys: list[Key], length: int, reason: Reason) -> None:
+        """Whole prompts of one `length` (`keys` of its `run`) that fit (``fitting``), charged
+        at once: no LoRA limit applies, and their KV blocks, where tracked, are the caller's
+        to count."""
+        picks = zip(keys, repeat(length), repeat(reason), map(run.__getitem__, keys))
+        self._picks.update(zip(keys, map(tuple.__new__, repeat(Pick), picks)))
         self._charge(length, len(keys))
 
     def take_in_order(self, entry: Entry, reason: Reason) -> bool:

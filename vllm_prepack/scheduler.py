@@ -29,7 +29,6 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
-from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -93,7 +92,9 @@ class PackingRequestQueue(internal.RequestQueue):
         self._to_refresh: deque[str] = deque()  # request ids to look up, REFRESH_PER_STEP a step
         # deadlines of requests vLLM took from this queue, for their re-entry (priority policy)
         self._dues: OrderedDict[str, float] = OrderedDict()
-        self._planned: list[Entry] = []  # the step's plan, its entries in order
+        # the step's plan, its entries in order: peeks and pops walk it, where a lookup a peek
+        # in a dict of 100k would pay its cache misses alone between vLLM's work on each request
+        self._planned: list[Entry] = []
         self._cursor = 0
         self._step = 0
         self._now = time.time()
@@ -104,9 +105,7 @@ class PackingRequestQueue(internal.RequestQueue):
         self._step, self._now = step, time.time()
         self._refresh_cached()
         plan = self._set.plan(limits, step, self._now)
-        # the entries looked up at once, in C: a lookup in a dict of 100k is a cache miss or
-        # three, which a tight loop overlaps, and vLLM's work between two peeks does not
-        self._planned = list(map(self._set.entries.__getitem__, map(itemgetter(0), plan)))
+        self._planned = [pick.entry for pick in plan]
         self._cursor = 0
         return plan
 
