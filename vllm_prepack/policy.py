@@ -249,7 +249,8 @@ class _Cohort:
 
 class Pick(NamedTuple):
     """One request in a step's plan (a tuple: cheap to make, a hundred a step), with its
-    entry: the caller finds the request without a lookup among every waiting one."""
+    waiting entry (read only; so a Pick is not hashable): the caller finds the request
+    without a lookup among every waiting one."""
 
     key: Key
     tokens: int  # tokens planned this step (== entry.length unless chunked)
@@ -333,8 +334,9 @@ class AgingBound:
 
 class _ByLength:
     """The free prompts of a level: the lengths present, sorted, and per length the entries in
-    admission order (key -> entry), so a plan holds its picks' entries without a lookup in a
-    dict of every waiting request. Shortest-first takes a run of equal lengths in a few C-level
+    admission order (key -> entry), so shortest-first, the filler reserve and the best-fit
+    search take entries from the run they read, not from the dict of every waiting request.
+    Shortest-first takes a run of equal lengths in a few C-level
     operations instead of a loop per prompt, and an admission or removal is a dict operation
     (O(log L) only where a length appears or empties). A resized request (a prefix-cache hit
     found after it arrived) keeps its seq, so it may join a run out of order: that run is put
@@ -415,7 +417,8 @@ class _ByLength:
                                    for length in self.lengths.irange(start[0]))
 
     def scan_down(self, tokens: int) -> Iterator[Entry]:
-        """From the longest at most `tokens` down, newest first within a length."""
+        """The entries from the longest length at most `tokens` down, newest first within a
+        length."""
         for length in self.lengths.irange(maximum=tokens, reverse=True):
             yield from reversed(self.run(length).values())
 
@@ -449,7 +452,7 @@ class _Level:
         self.cohorts: dict[int, _Cohort] = {}  # the dated cohorts, by id
         self.bins: dict[int, _Bin] = {}
         self._ranking: SortedList = SortedList()  # _Bin.order(id) of the bins not in _unranked
-        self._unranked: set[int] = set()  # bins that lost a member since the ranking was read
+        self._unranked: set[int] = set()  # bins, still reserved, that lost a member since the last read
 
     def __len__(self) -> int:
         return self.order.live + len(self.pinned)
@@ -1072,7 +1075,7 @@ class _Planner:
         `free_below` on. The hot loop of a plan (a hundred picks a step): where no LoRA limit
         applies, as many of a run of equal lengths as fit are taken at once (the count is
         arithmetic: lengths and the per-request overhead are the same across a run), and an
-        entry is looked up only where its KV blocks count."""
+        entry is read (from its run) only where its KV blocks count."""
         free = level.free
         if self.limits.max_groups is not None:
             for key in free.keys_from(self.free_below):
