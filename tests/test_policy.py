@@ -213,8 +213,8 @@ def assert_consistent(ws: WaitingSet) -> None:
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), same_objects=st.booleans(), chunked=st.booleans())
 def test_admission_orders_stay_exact_through_many_removals(seed, same_objects, chunked):
-    """A removal leaves a stale row in the admission orders, rebuilt once stale rows outnumber
-    live ones: through hundreds of admissions, removals and re-admissions (of the same Entry
+    """A removal leaves a stale row in the admission orders, swept SWEEP_ROWS at a time once
+    stale rows outnumber live ones: through hundreds of admissions, removals and re-admissions (of the same Entry
     objects too, which get a new admission order) the orders hold exactly the waiting entries,
     oldest first, and plans name only waiting keys."""
     rng = random.Random(seed)
