@@ -667,3 +667,20 @@ def test_each_cpu_replica_gets_its_own_cores(rank, slices, cores, expected):
     from vllm_prepack.serve_replica import core_slice
 
     assert core_slice(rank, slices, cores) == expected
+
+
+def test_a_prefix_chain_crosses_the_wire_whole_and_a_bad_feed_setting_is_named():
+    from vllm_prepack.routing import decode_chain, encode_chain
+    from vllm_prepack.serve_replica import prefix_feed
+
+    index = PrefixIndex(block=4, chars_per_token=1.0)
+    for prompt in ("a text prompt of some length", tuple(range(40))):
+        chain = index.hashes(prompt)
+        assert chain and decode_chain(encode_chain(chain)) == chain
+    assert decode_chain(encode_chain([-(2**63), 2**63 - 1, 0])) == [-(2**63), 2**63 - 1, 0]
+    with pytest.raises(ValueError, match="8-byte hashes"):
+        decode_chain(b"\x00" * 12)
+    assert prefix_feed("") is None and prefix_feed("64:3.5") == (64, 3.5)
+    for bad in ("64", "x:1", "0:4", "64:0", "64:-1"):
+        with pytest.raises(ValueError, match="VLLM_PREPACK_PREFIX_FEED"):
+            prefix_feed(bad)

@@ -100,6 +100,8 @@ def test_the_builder_wires_the_plugin_the_router_and_the_placement(tiny_model, m
     assert router["request_router_kwargs"] == {"chars_per_token": 1.0, "prefix_block": 64}
     assert config.placement_group_config == {"bundles": [{"CPU": 1}]}
     assert config.runtime_env["env_vars"]["VLLM_PREPACK_CPU_SLICES"] == "3"
+    # the replicas publish their prompts' prefixes, hashed as the routers hash them
+    assert config.runtime_env["env_vars"]["VLLM_PREPACK_PREFIX_FEED"] == "64:1.0"
 
     plain = prepack_llm_config(tiny_model, prepack=False, router="prefix")
     assert "scheduler_cls" not in plain.engine_kwargs
@@ -109,6 +111,7 @@ def test_the_builder_wires_the_plugin_the_router_and_the_placement(tiny_model, m
         build_app(config, ingress_replicas=0)
     embed = prepack_llm_config(tiny_model, engine_kwargs={"runner": "pooling"})
     assert "prefix_block" not in embed.deployment_config["request_router_config"]["request_router_kwargs"]
+    assert "VLLM_PREPACK_PREFIX_FEED" not in embed.runtime_env["env_vars"]
 
     gpu = prepack_llm_config(tiny_model, gpus_per_replica=2)
     assert gpu.engine_kwargs["tensor_parallel_size"] == 2 and gpu.placement_group_config is None
@@ -237,6 +240,41 @@ def test_every_replica_reports_its_load_and_a_burst_spreads_over_both(served, lo
         "both replicas idle after serving requests")
     assert set(idle) == set(loads.replicas)
     assert all(loads.peak[name] >= 1 for name in loads.replicas)  # both got some
+
+
+@pytest.mark.engine
+def test_each_replica_publishes_the_prefixes_it_receives(served):
+    """The prefix feed every token router reads: a completion's and a chat's prompt, hashed on
+    the replica as the routers hash them, from whichever replica got each; the embedding model
+    (no prefix affinity) publishes none."""
+    from vllm_prepack.routing import PrefixIndex, decode_chain
+
+    replicas = {r["name"]: r for r in llm_replicas(APP_NAME, "tiny")}
+    assert len(replicas) == 2 and all(r["prefix_endpoint"] for r in replicas.values())
+    assert [r["prefix_endpoint"] for r in llm_replicas(APP_NAME, "minilm")] == [None]
+    heard, lock = [], threading.Lock()
+
+    def on_chain(replica, chain, now):
+        with lock:
+            heard.append(chain)
+
+    feed = LoadSubscriber(on_chain, decode=decode_chain, conflate=False)
+    feed.watch({name: r["prefix_endpoint"] for name, r in replicas.items()})
+    index = PrefixIndex(64, 1.0)  # the builder's block; the test tokenizer's character a token
+    text = "".join(chr(97 + i % 26) for i in range(200))
+    chat_text = "packing prompts into steps " * 8
+    want = [index.hashes(text), index.hashes(chat_text)]
+    try:
+        deadline = time.time() + 60
+        while not all(chain in heard for chain in want) and time.time() < deadline:
+            assert completion(served, text, 1).status_code == 200  # until the feed has joined
+            assert httpx.post(f"{served}/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "max_tokens": 1,
+                "messages": [{"role": "user", "content": chat_text}]}).status_code == 200
+            time.sleep(0.1)
+    finally:
+        feed.close()
+    assert all(chain in heard for chain in want) and len(want[0]) == 3
 
 
 @pytest.mark.engine

@@ -52,6 +52,20 @@ def test_prefix_affinity_saves_prefill_that_balance_alone_does_not(pool):
     assert computed["prefix"] < computed["requests"]
 
 
+def test_routers_that_hear_the_replicas_prefixes_keep_the_hits_of_one_router(pool):
+    """Four routers over 8 replicas, 16 prefix groups: hearing the prefixes each replica
+    receives, they compute about what one router does; each prefix at its home instead
+    (replicas that publish none) computes more."""
+    requests = prefix_workload(240, groups=16, seed=3)
+    rate = 0.8 * capacity(requests, CPU, 8)
+    computed = {(r, k): simulate_routing(pool, 8, requests, r, CPU, rate, k, seed=3,
+                                         run=20 + i, chunked=True).computed
+                for i, (r, k) in enumerate((("tokens+prefix", 1), ("tokens+prefix", 4),
+                                            ("tokens+prefix/home", 4)))}
+    assert computed[("tokens+prefix", 4)] <= 1.1 * computed[("tokens+prefix", 1)]
+    assert computed[("tokens+prefix", 4)] < computed[("tokens+prefix/home", 4)]
+
+
 def _replicas(counts):
     return [SimpleNamespace(scheduler=SimpleNamespace(waiting=[0] * w, running=[0] * r))
             for w, r in counts]

@@ -109,6 +109,43 @@ async def _without_a_body(served):
     assert len(ranks) == 2 and request.routing_context.should_backoff
 
 
+def test_a_prefix_another_router_sent_is_known_from_the_replicas_feed():
+    """Replica "b" publishes a prompt's prefix that this router never sent (another router
+    did): the prompt goes to b, whose cached prefix outweighs its longer queue, alone and
+    beside other routers alike (the feed holds every router's sends, so no home is needed)."""
+    in_loop(_learns_from_the_feed, prefix_block=64, prefix_feeds=True)
+
+
+async def _learns_from_the_feed(served):
+    from vllm_prepack.routing import PrefixIndex
+
+    router, replicas, publishers = served.router, served.replicas, served.publishers
+    router.update_replicas(list(replicas.values()))
+    assert router._fed
+    a, b = replicas["a"].replica_id, replicas["b"].replica_id
+    publishers["a"].publish(_report(waiting=0))
+    publishers["b"].publish(_report(waiting=300))
+    _heard(router, a, 0)
+    _heard(router, b, 300)
+    prompt = "".join(chr(65 + i % 26) for i in range(640))  # 10 blocks of 64 characters
+    candidates = [replicas["a"], replicas["b"]]
+    ranks = await router.choose_replicas(candidates, _request(1, prompt))
+    assert ranks[0][0].replica_id == a  # nothing cached anywhere: the shorter queue
+    router.on_request_completed(a, "r1")
+
+    chain = PrefixIndex(64, 1.0).hashes("x" + prompt[1:])  # another prompt's, sent to b
+    deadline = time.time() + 10
+    while b not in router._prefix.match(chain) and time.time() < deadline:
+        served.feeds["b"].publish(chain)  # until the subscriber has joined (ZMQ drops before)
+        await asyncio.sleep(0.02)
+    assert router._prefix.match(chain)[b] == 10
+    for n, spread in ((2, 1), (3, 2)):  # alone; one of two routers sharing the replicas
+        router._table.spread = spread
+        ranks = await router.choose_replicas(candidates, _request(n, "x" + prompt[1:]))
+        assert ranks[0][0].replica_id == b
+        router.on_request_completed(b, f"r{n}")
+
+
 def test_a_router_of_a_fixed_size_ingress_keeps_to_its_share():
     """Router 1 of 2 (its place given here; read from Ray Serve by the thread tested below and
     in real replicas by test_serve) sends to its own replica while the other waits less by no

@@ -6,6 +6,10 @@ way (Ray Serve's routing stats go replica -> controller -> long poll, every few 
 A publisher repeats its last report every ``HEARTBEAT_S`` while nothing new comes (an idle
 engine, a long step), so a router tells a quiet replica from a dead one; it stops when the
 replica process that started the engine is gone. Subscribers keep only the newest message of each publisher (ZMQ_CONFLATE).
+
+The prefix feed: with prefix affinity, each replica's server also publishes the prefix hashes
+of every prompt it receives (``PrefixPublisher``, one message a request), so that every router
+learns what the others sent where; its subscribers keep every message.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from collections.abc import Callable, Hashable, Mapping
 
 import zmq
 
-from vllm_prepack.routing import LoadReport
+from vllm_prepack.routing import LoadReport, encode_chain
 
 logger = logging.getLogger("vllm_prepack")
 
 HEARTBEAT_S = 0.1
 METADATA_KEY = "vllm_prepack_load_endpoint"  # where a Ray Serve replica advertises its endpoint
+PREFIX_METADATA_KEY = "vllm_prepack_prefix_endpoint"  # and its prefix feed's
+PREFIX_HWM = 4096  # prefix messages queued per peer before the oldest are dropped
 
 
 def free_port(host: str = "0.0.0.0") -> int:
@@ -73,14 +79,41 @@ class LoadPublisher:
         self._thread.join(timeout=1)
 
 
+class PrefixPublisher:
+    """A replica server's prefix feed: each prompt's block hashes, sent at once from the thread
+    that calls ``publish`` (the server's event loop: one thread owns the socket). PUB never
+    blocks: past PREFIX_HWM queued messages it drops, and a router then misses a prefix."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.PUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, PREFIX_HWM)
+        self._socket.bind(endpoint)
+
+    def publish(self, chain: list[int]) -> None:
+        if chain:
+            try:
+                self._socket.send(encode_chain(chain), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def close(self) -> None:
+        self._socket.close(0)
+        self._context.term()
+
+
 class LoadSubscriber:
     """A router's side: one SUB socket per replica, read by a daemon thread that calls
-    ``on_report(replica, report, now)``. ``watch`` sets which replicas to read, from anywhere;
-    the thread applies it within its poll interval."""
+    ``on_report(replica, decode(message), now)``. ``watch`` sets which replicas to read, from
+    anywhere; the thread applies it within its poll interval. `conflate`: keep only each
+    replica's newest message (load reports), or every one (the prefix feed)."""
 
-    def __init__(self, on_report: Callable[[Hashable, LoadReport, float], None],
-                 poll_s: float = 0.05) -> None:
+    def __init__(self, on_report: Callable[[Hashable, object, float], None],
+                 poll_s: float = 0.05, decode: Callable[[bytes], object] = LoadReport.decode,
+                 conflate: bool = True) -> None:
         self._on_report = on_report
+        self._decode, self._conflate = decode, conflate
         self._poll_ms = int(poll_s * 1000)
         self._wanted: dict[Hashable, str] = {}
         self._changed = True
@@ -117,21 +150,25 @@ class LoadSubscriber:
                         if replica not in sockets:
                             sock = context.socket(zmq.SUB)
                             sock.setsockopt(zmq.LINGER, 0)
-                            sock.setsockopt(zmq.CONFLATE, 1)
+                            if self._conflate:
+                                sock.setsockopt(zmq.CONFLATE, 1)
+                            else:
+                                sock.setsockopt(zmq.RCVHWM, PREFIX_HWM)
                             sock.setsockopt(zmq.SUBSCRIBE, b"")
                             sock.connect(endpoint)
                             poller.register(sock, zmq.POLLIN)
                             sockets[replica] = (endpoint, sock)
                             replica_of[sock] = replica
                 for sock, _ in poller.poll(self._poll_ms):
-                    try:
-                        data = sock.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        continue
-                    try:  # one bad message (another sender on the port) stops nothing
-                        self._on_report(replica_of[sock], LoadReport.decode(data), time.time())
-                    except Exception:
-                        logger.exception("load report from %s dropped", replica_of[sock])
+                    while True:  # all that has come (one message where conflated)
+                        try:
+                            data = sock.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        try:  # one bad message (another sender on the port) stops nothing
+                            self._on_report(replica_of[sock], self._decode(data), time.time())
+                        except Exception:
+                            logger.exception("message from %s dropped", replica_of[sock])
         finally:
             for _, sock in sockets.values():
                 sock.close(0)

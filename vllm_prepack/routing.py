@@ -25,9 +25,11 @@ sends elsewhere only when that saves more than a quarter of a step's budget of w
 
 ``PrefixIndex`` remembers which replicas were sent which prompt prefixes, so that a replica
 likely to hold a prompt's prefix in its cache is a candidate too, with the cached part taken off
-its cost there: affinity where it pays, load balance where it does not. A prefix's home (the
-same replica in every router, by rendezvous hashing) gathers it when several routers each see
-a part of the traffic.
+its cost there: affinity where it pays, load balance where it does not. Several routers each see
+a part of the traffic: each replica publishes the prefix hashes of the requests it receives
+(``encode_chain``; ``PrepackLLMServer``), so every router's index holds every send. Where the
+replicas publish none, a prefix's home (the same replica in every router, by rendezvous
+hashing) gathers it instead.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ Replica = Hashable
 
 # seq, time, waiting, prefill, decoding, budget, newest arrival, requests, arrived, step, seconds
 _FORMAT = struct.Struct("<qdqqqqdqqqd")
+_HASH = struct.Struct("<q")  # one block hash of a prefix chain on the wire
 MIN_PREFILL_SHARE = 0.25  # decode never leaves prefill less than this share of a step (estimate)
 MESSAGE_TOKENS = 4  # chat template tokens around each message (estimate)
 SHARE_WINDOW = 50  # arrivals over which a router measures its share of them
@@ -82,6 +85,18 @@ class LoadReport:
     @classmethod
     def decode(cls, data: bytes) -> LoadReport:
         return cls(*_FORMAT.unpack(data))
+
+
+def encode_chain(hashes: Sequence[int]) -> bytes:
+    """A prompt's block hashes (``PrefixIndex.hashes``) as a replica publishes them: 8 bytes
+    each, signed (text hashes are crc32s, token-id hashes Python's 64-bit ones)."""
+    return struct.pack(f"<{len(hashes)}q", *hashes)
+
+
+def decode_chain(data: bytes) -> list[int]:
+    if len(data) % _HASH.size:
+        raise ValueError(f"a prefix chain is 8-byte hashes, got {len(data)} bytes")
+    return [h for (h,) in _HASH.iter_unpack(data)]
 
 
 class _Charge:
@@ -442,12 +457,15 @@ class PrefixIndex:
     replica's hit for a prompt is the leading blocks it was sent, all of them: what its prefix
     cache most likely still holds (the engine may have evicted some).
 
-    Several routers (one per ingress replica) each see only a part of the traffic, so each
-    index alone would scatter a shared prefix over the replicas. Every prefix therefore has a
-    *home*: the replica that ranks first for its first block by rendezvous hashing, the same in
-    every router and process (the hashes are stable, not Python's salted ``hash``). Beside
-    other routers, a prefix a router has met before counts as cached at its home only, so the
-    routers gather it there until its load outweighs the saving."""
+    Several routers (one per ingress replica) each see only a part of the traffic. Where the
+    replicas publish the prefixes they receive, every router inserts them too (a report's
+    delay after the send), and its index holds every send, as a router alone does. Where they
+    do not, each index alone would scatter a shared prefix over the replicas: every prefix
+    then has a *home*, the replica that ranks first for its first block by rendezvous hashing,
+    the same in every router and process (the hashes are stable, not Python's salted
+    ``hash``), and a prefix a router has met before counts as cached at its home only, so the
+    routers gather it there until its load outweighs the saving. The engine-free runs compare
+    the two (BENCHMARKS.md)."""
 
     def __init__(self, block: int = 64, chars_per_token: float = 4.0, capacity: int = 65_536,
                  owners: int = 4) -> None:
@@ -479,11 +497,12 @@ class PrefixIndex:
 
     def hits(self, hashes: Sequence[int], replicas: Collection[Replica],
              shared: bool = False) -> dict[Replica, int]:
-        """Replica -> prompt tokens it likely holds cached. Alone, the leading blocks this
-        router sent each replica: it saw every send. Beside other routers (`shared`), its
-        index holds only its own share of the sends, and each router's would pull a prefix
-        to different replicas: then only the prompt's home counts, with the leading blocks
-        this router has met before (a prompt never met is not pulled anywhere)."""
+        """Replica -> prompt tokens it likely holds cached. Where the index holds every send
+        (a router alone, or replicas publishing their prefixes), the leading blocks each
+        replica was sent. Where it holds only this router's share of them (`shared`), each
+        router's would pull a prefix to different replicas: then only the prompt's home
+        counts, with the leading blocks this router has met before (a prompt never met is
+        not pulled anywhere)."""
         if not shared:
             return {r: n * self.block for r, n in self.match(hashes).items()}
         known = 0

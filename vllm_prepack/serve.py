@@ -63,7 +63,7 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
     GPUs per replica, tensor-parallel above one. Other keyword arguments go to ``LLMConfig``."""
     from ray.serve.llm import LLMConfig
 
-    from vllm_prepack.serve_replica import CPU_SLICES_ENV, LOCAL_MODEL_CALLBACK
+    from vllm_prepack.serve_replica import CPU_SLICES_ENV, LOCAL_MODEL_CALLBACK, PREFIX_FEED_ENV
 
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
@@ -73,6 +73,7 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
     if gpus_per_replica > 1:
         kwargs.setdefault("tensor_parallel_size", gpus_per_replica)
     deployment = {"num_replicas": replicas, **(deployment_config or {})}
+    env = dict((runtime_env or {}).get("env_vars") or {})
     if ROUTERS[router] is not None:
         router_kwargs = dict(router_options or {})
         if router == "tokens":
@@ -80,9 +81,11 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
             pooling = kwargs.get("runner") == "pooling"
             if not pooling and kwargs.get("enable_prefix_caching", True):
                 router_kwargs.setdefault("prefix_block", PREFIX_BLOCK_TOKENS)
+            if router_kwargs.get("prefix_block", 0) > 0:  # the replicas hash as the routers do
+                env.setdefault(PREFIX_FEED_ENV, f"{router_kwargs['prefix_block']}:"
+                                                f"{router_kwargs['chars_per_token']}")
         deployment["request_router_config"] = {
             "request_router_class": ROUTERS[router], "request_router_kwargs": router_kwargs}
-    env = dict((runtime_env or {}).get("env_vars") or {})
     if gpus_per_replica == 0:
         env.setdefault(CPU_SLICES_ENV, str(replicas))
         options.setdefault("placement_group_config", {"bundles": [{"CPU": 1}]})

@@ -13,21 +13,28 @@ from ray.serve.llm import LLMConfig, LLMServer
 
 from vllm_prepack import touchpoints as touch
 from vllm_prepack.config import CONFIG_KEY
-from vllm_prepack.load_channel import METADATA_KEY, free_port
+from vllm_prepack.load_channel import METADATA_KEY, PREFIX_METADATA_KEY, PrefixPublisher, free_port
+from vllm_prepack.routing import PrefixIndex, prompt_key
 
 CPU_SLICES_ENV = "VLLM_PREPACK_CPU_SLICES"  # replicas that share this node's cores (CPU only)
+# "block:chars_per_token" of the token router's prefix affinity: the replica publishes the
+# prefix hashes of the prompts it receives, hashed as the routers hash them
+PREFIX_FEED_ENV = "VLLM_PREPACK_PREFIX_FEED"
 LOCAL_MODEL_CALLBACK = "vllm_prepack.serve_replica.LocalModelCallback"
 
 
 class PrepackLLMServer(LLMServer):
     """Ray Serve LLM's server, plus: before its engine starts, a replica with the plugin picks a
     port for its scheduler to publish its load on and advertises it in its replica metadata
-    (read by the token router); on CPU, with ``VLLM_PREPACK_CPU_SLICES`` set, its engine's
-    threads are bound to its share of the node's cores (vLLM's default binds every replica to
-    the same cores)."""
+    (read by the token router); with ``VLLM_PREPACK_PREFIX_FEED`` set (the token router's
+    prefix affinity), it publishes the prefix hashes of every completion and chat prompt it
+    receives, so that every router knows what the others sent here; on CPU, with
+    ``VLLM_PREPACK_CPU_SLICES`` set, its engine's threads are bound to its share of the node's
+    cores (vLLM's default binds every replica to the same cores)."""
 
     async def __init__(self, llm_config: LLMConfig, **kwargs):
-        self._load_endpoint = None
+        self._load_endpoint = self._prefix_endpoint = None
+        self._prefixes: tuple[PrefixIndex, PrefixPublisher] | None = None
         kwargs_now = llm_config.engine_kwargs
         if has_plugin(kwargs_now):
             host = ray.util.get_node_ip_address()
@@ -36,6 +43,10 @@ class PrepackLLMServer(LLMServer):
             extra[CONFIG_KEY] = {**extra.get(CONFIG_KEY, {}), "load_endpoint": f"tcp://{host}:{port}"}
             llm_config.update_engine_kwargs(additional_config=extra)
             self._load_endpoint = f"tcp://{host}:{port}"
+            feed = prefix_feed(os.environ.get(PREFIX_FEED_ENV, ""))
+            if feed is not None:
+                self._prefix_endpoint = f"tcp://{host}:{free_port(host)}"
+                self._prefixes = (PrefixIndex(*feed), PrefixPublisher(self._prefix_endpoint))
         slices = int(os.environ.get(CPU_SLICES_ENV, "0"))
         if slices and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core_slice(
@@ -43,7 +54,23 @@ class PrepackLLMServer(LLMServer):
         await super().__init__(llm_config, **kwargs)
 
     def _advertised(self) -> dict:
-        return {METADATA_KEY: self._load_endpoint} if self._load_endpoint else {}
+        endpoints = {METADATA_KEY: self._load_endpoint, PREFIX_METADATA_KEY: self._prefix_endpoint}
+        return {key: value for key, value in endpoints.items() if value}
+
+    def _publish_prefix(self, request) -> None:
+        if self._prefixes is not None:
+            index, publisher = self._prefixes
+            key = prompt_key(request)
+            if key is not None:
+                publisher.publish(index.hashes(key))
+
+    async def chat(self, request, raw_request_info=None):
+        self._publish_prefix(request)
+        return await super().chat(request, raw_request_info)
+
+    async def completions(self, request, raw_request_info=None):
+        self._publish_prefix(request)
+        return await super().completions(request, raw_request_info)
 
     async def record_replica_metadata(self) -> dict:
         """Ray Serve publishes this to routers once the replica is up."""
@@ -53,6 +80,21 @@ class PrepackLLMServer(LLMServer):
         """Ray Serve LLM's routing stats, plus the load endpoint (what a replica's actor answers
         when asked directly: ``touchpoints.llm_replicas``)."""
         return {**await super().record_routing_stats(), **self._advertised()}
+
+
+def prefix_feed(value: str) -> tuple[int, float] | None:
+    """``VLLM_PREPACK_PREFIX_FEED``'s (block, chars_per_token); None where unset."""
+    if not value:
+        return None
+    try:
+        block, chars = value.split(":")
+        feed = int(block), float(chars)
+    except ValueError:
+        feed = None
+    if feed is None or feed[0] < 1 or not feed[1] > 0:
+        raise ValueError(f"{PREFIX_FEED_ENV} must be 'block:chars_per_token' (a block of at "
+                         f"least 1 token, a positive ratio), got {value!r}")
+    return feed
 
 
 def has_plugin(engine_kwargs: dict) -> bool:

@@ -15,7 +15,8 @@ LoRA requests are routed among the replicas holding their adapter, as by default
 Several ingress replicas mean several routers, each seeing only its own sends between reports.
 Router i of k (its ingress replica's rank, and the number of them: fixed, or under autoscaling
 the replicas Ray Serve has started) keeps to its own share of the replicas and overflows only
-to save a quarter of a step of wait (``routing.router_share``).
+to save a quarter of a step of wait (``routing.router_share``). With prefix affinity, each
+replica publishes the prefixes it receives, so each router knows every router's sends.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from ray.serve.request_router import (
 )
 
 from vllm_prepack import touchpoints as touch
-from vllm_prepack.load_channel import METADATA_KEY, LoadSubscriber
+from vllm_prepack.load_channel import METADATA_KEY, PREFIX_METADATA_KEY, LoadSubscriber
 from vllm_prepack.routing import (
     OVERFLOW_STEP_SHARE,
     LoadTable,
     PrefixIndex,
+    decode_chain,
     engine_requests,
     prompt_key,
     prompt_tokens,
@@ -84,6 +86,11 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         self._prefix = PrefixIndex(prefix_block, chars_per_token) if prefix_block > 0 else None
         self._subscriber = LoadSubscriber(self._on_report)
         self._endpoints: dict[ReplicaID, str] = {}
+        # the replicas' prefix feeds; `_fed`: every replica publishes one, so the index holds
+        # the other routers' sends too
+        self._prefix_feed = (LoadSubscriber(self._on_prefix, decode=decode_chain, conflate=False)
+                             if self._prefix is not None else None)
+        self._fed = False
         # request key -> (replica charged, prompt tokens, requests the engine takes for it, the
         # runner-up's cached tokens, prefix hashes), until Ray says where it sent the request or
         # that it completed
@@ -97,19 +104,35 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         with self._lock:
             self._table.report(replica, report, now)
 
+    def _on_prefix(self, replica, chain: list[int], now: float) -> None:
+        with self._lock:
+            if replica in self._endpoints:  # not one forgotten since
+                self._prefix.insert(chain, replica)
+
+    def close(self) -> None:
+        """Stops the subscriber threads (Ray Serve ends a router with its process)."""
+        self._subscriber.close()
+        if self._prefix_feed is not None:
+            self._prefix_feed.close()
+
     # ---- replicas come and go -------------------------------------------------------------
 
     def update_replicas(self, replicas: List[RunningReplica]) -> None:
         super().update_replicas(replicas)
         endpoints = {r.replica_id: r.replica_metadata.get(METADATA_KEY) for r in replicas}
         endpoints = {k: v for k, v in endpoints.items() if v}
+        feeds = {r.replica_id: r.replica_metadata.get(PREFIX_METADATA_KEY) for r in replicas}
+        feeds = {k: v for k, v in feeds.items() if v}
         with self._lock:
             for gone in set(self._endpoints) - set(endpoints):
                 self._forget(gone)
             self._replica_ids = [r.replica_id for r in replicas]
             self._reshard()
-        self._endpoints = endpoints
+            self._endpoints = endpoints
+            self._fed = bool(replicas) and len(feeds) == len(replicas)
         self._subscriber.watch(endpoints)
+        if self._prefix_feed is not None:
+            self._prefix_feed.watch(feeds)
 
     def _watch_place(self) -> None:
         """Reads the router's rank and the number of routers (``touchpoints.router_shard``)
@@ -183,8 +206,8 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         hashes = self._prefix.hashes(key) if key is not None else []
         now = time.time()
         with self._lock:
-            hits = (self._prefix.hits(hashes, replicas, self._table.spread > 1) if hashes
-                    else {})
+            shared = self._table.spread > 1 and not self._fed
+            hits = self._prefix.hits(hashes, replicas, shared) if hashes else {}
             hits = {r: n * hit for r, hit in hits.items()}  # each sample's prompt hits
             ranked = self._table.choose(list(replicas), tokens, now, self._choices, hits,
                                         self._own)

@@ -584,8 +584,8 @@ def _replica_actors(app_name: str, deployment: str) -> list[str]:
 
 def llm_replicas(app_name: str, model_id: str) -> list[dict]:
     """The live replicas of a model served by Ray Serve LLM with ``PrepackLLMServer``: each
-    one's actor handle (``ray.kill`` it to kill the replica) and the load endpoint it advertises
-    (tests and the bench watch loads).
+    one's actor handle (``ray.kill`` it to kill the replica), the load endpoint it advertises
+    (tests and the bench watch loads) and its prefix feed's (None where it publishes none).
 
     Finds the replica actors (``_replica_actors``) with Ray Serve LLM's deployment name
     ``<server class>:<model id, escaped>``; then calls each
@@ -594,7 +594,7 @@ def llm_replicas(app_name: str, model_id: str) -> list[dict]:
     way to read a replica's metadata outside a request router."""
     import ray
 
-    from vllm_prepack.load_channel import METADATA_KEY
+    from vllm_prepack.load_channel import METADATA_KEY, PREFIX_METADATA_KEY
 
     deployment = "PrepackLLMServer:" + model_id.replace("/", "--").replace(".", "_")
     out = []
@@ -604,5 +604,6 @@ def llm_replicas(app_name: str, model_id: str) -> list[dict]:
             stats = ray.get(handle.record_routing_stats.remote(), timeout=30)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             continue  # dead, or not up yet
-        out.append({"name": name, "actor": handle, "endpoint": stats.get(METADATA_KEY)})
+        out.append({"name": name, "actor": handle, "endpoint": stats.get(METADATA_KEY),
+                    "prefix_endpoint": stats.get(PREFIX_METADATA_KEY)})
     return out

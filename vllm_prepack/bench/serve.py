@@ -343,32 +343,45 @@ def live(args) -> str:
 # ---- the router alone ----------------------------------------------------------------------
 
 ROUTE_COLUMNS = ["replicas", "routers", "prefix affinity", "prompt", "CPU us / request",
-                 "wall us / request"]
+                 "wall us / request", "prefix feed us / request"]
 
 
 class StandaloneRouter:
     """The token router without a cluster, for the route bench and the router's tests: Ray
     Serve's router base class and request types, stand-in replicas with the attributes a router
     reads (Ray's RunningReplica looks its actor up), each publishing its load over the real load
-    channel. Build it inside the event loop that routes, as Ray builds routers."""
+    channel and, with `prefix_feeds`, the prefixes it receives (``feeds``: a
+    ``PrefixPublisher`` each). Build it inside the event loop that routes, as Ray builds
+    routers."""
 
-    def __init__(self, names, app: str = "bench", max_ongoing: int = 64, **router_kwargs) -> None:
+    def __init__(self, names, app: str = "bench", max_ongoing: int = 64,
+                 prefix_feeds: bool = False, **router_kwargs) -> None:
         from types import SimpleNamespace
 
-        from vllm_prepack.load_channel import METADATA_KEY, LoadPublisher, free_port
+        from vllm_prepack.load_channel import (
+            METADATA_KEY,
+            PREFIX_METADATA_KEY,
+            LoadPublisher,
+            PrefixPublisher,
+            free_port,
+        )
         from vllm_prepack.token_router import TokenRouter
 
         deployment = internal.DeploymentID(name="PrepackLLMServer:m", app_name=app)
         self.router = TokenRouter(deployment_id=deployment,
                                   handle_source=internal.DeploymentHandleSource.REPLICA)
         self.router.initialize_state(**router_kwargs)
-        self.replicas, self.publishers = {}, {}
+        self.replicas, self.publishers, self.feeds = {}, {}, {}
         for name in names:
             endpoint = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
             self.publishers[name] = LoadPublisher(endpoint)
+            metadata = {METADATA_KEY: endpoint}
+            if prefix_feeds:
+                metadata[PREFIX_METADATA_KEY] = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+                self.feeds[name] = PrefixPublisher(metadata[PREFIX_METADATA_KEY])
             self.replicas[name] = SimpleNamespace(
                 replica_id=internal.ReplicaID(unique_id=str(name), deployment_id=deployment),
-                replica_metadata={METADATA_KEY: endpoint}, node_id=None, availability_zone=None,
+                replica_metadata=metadata, node_id=None, availability_zone=None,
                 multiplexed_model_ids=set(), max_ongoing_requests=max_ongoing)
 
     @staticmethod
@@ -382,22 +395,22 @@ class StandaloneRouter:
                                               internal_request_id=request_id))
 
     def close(self) -> None:
-        for publisher in self.publishers.values():
+        for publisher in (*self.publishers.values(), *self.feeds.values()):
             publisher.close()
-        self.router._subscriber.close()
+        self.router.close()
 
 
 def route_cost(sizes: list[int], requests: int = 3000) -> str:
     """The token router's own cost per request, alone in this process (``StandaloneRouter``):
     replicas that report different loads, OpenAI completion bodies of text or token ids."""
-    from vllm_prepack.routing import LoadReport
+    from vllm_prepack.routing import LoadReport, decode_chain, encode_chain, prompt_key
 
     prompts = {"text, 800 chars": "lorem ipsum " * 67, "text, 6000 chars": "lorem ipsum " * 500,
                "1500 token ids": list(range(1500))}
 
-    async def one(n: int, routers: int, block: int, prompt) -> tuple[float, float]:
+    async def one(n: int, routers: int, block: int, prompt) -> tuple[float, float, float | None]:
         served = StandaloneRouter(range(n), chars_per_token=4.0, prefix_block=block,
-                                  place=(0, routers))
+                                  place=(0, routers), prefix_feeds=block > 0)
         router, replicas = served.router, list(served.replicas.values())
         router.update_replicas(replicas)
         for i, publisher in enumerate(served.publishers.values()):
@@ -412,24 +425,37 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
             ranks = await router.choose_replicas(replicas, p)
             router.on_request_completed(ranks[0][0].replica_id, p.metadata.internal_request_id)
         cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+        feed = None
+        if block:  # what the feed's thread does per request a replica received: decode, insert
+            messages = [(replicas[i % n].replica_id,
+                         encode_chain(router._prefix.hashes(prompt_key(p.args[0]))))
+                        for i, p in enumerate(pending)]
+            feed = time.perf_counter()
+            for replica_id, data in messages:
+                router._on_prefix(replica_id, decode_chain(data), 0.0)
+            feed = 1e6 * (time.perf_counter() - feed) / requests
         served.close()
-        return 1e6 * cpu / requests, 1e6 * wall / requests
+        return 1e6 * cpu / requests, 1e6 * wall / requests, feed
 
     rows = []
     for n in sizes:
         for routers in (1, 8) if n >= 8 else (1,):
             for block in (0, 64):
                 for name, prompt in prompts.items():
-                    cpu, wall = asyncio.run(one(n, routers, block, prompt))
+                    cpu, wall, feed = asyncio.run(one(n, routers, block, prompt))
                     rows.append({"replicas": n, "routers": routers,
                                  "prefix affinity": "on" if block else "off", "prompt": name,
                                  "CPU us / request": cpu, "wall us / request": wall})
+                    if feed is not None:
+                        rows[-1]["prefix feed us / request"] = feed
     return (f"**The token router alone** (this process, no cluster: Ray Serve's router base "
             f"class and request types, every replica reporting over the load channel; "
             f"`choose_replicas` then `on_request_completed`, {requests} requests a row; with 8 "
             f"routers, router 0's share of the replicas and the overflow check over all; "
             f"each text prompt differs from the others in its first characters: the cost of "
-            f"hashing and looking up prefixes, not of a hit)\n\n"
+            f"hashing and looking up prefixes, not of a hit; with prefix affinity, 'prefix "
+            f"feed' is the router's other thread: each request's prefix as the replica that "
+            f"got it publishes it, decoded and inserted, wall time in this process alone)\n\n"
             + table(rows, ROUTE_COLUMNS))
 
 

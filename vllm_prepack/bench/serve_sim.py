@@ -20,8 +20,11 @@ step that made it, and a finished request's completion reaches its router as lat
   replicas do) but for a wait shorter elsewhere by OVERFLOW_STEP_SHARE of a step;
   ``tokens/unsharded``: every router over all replicas (the router's ``shard`` option off);
   ``tokens/2``: on power of two choices; ``tokens+prefix``: with its prefix affinity
-  (``routing.PrefixIndex``: where it sent each prefix, or beside other routers each prefix's
-  home); these two keep to their shares too;
+  (``routing.PrefixIndex``: where each prefix was sent, its own sends at once and the other
+  routers' as the replicas publish the prefixes they receive, a report's delay after they
+  arrive, as ``PrepackLLMServer`` does); ``tokens+prefix/home``: the same where replicas
+  publish no prefixes (beside other routers, each prefix's home); these keep to their shares
+  too;
 - ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
   on their way to it, cached prefixes known), least expected wait over all replicas.
 With several routers (``--sim-routers``), each request goes through one of them at random, the
@@ -229,24 +232,28 @@ class TokensRouter:
     """This project's router policy, as in token_router.py (the same LoadTable/PrefixIndex)."""
 
     def __init__(self, n: int, rng: random.Random, choices: int, affinity: bool,
-                 own: frozenset | None, overflow_share: float = OVERFLOW_STEP_SHARE) -> None:
+                 own: frozenset | None, overflow_share: float = OVERFLOW_STEP_SHARE,
+                 fed: bool = False) -> None:
         # idle replicas heartbeat: never stale
         self.table = LoadTable(stale_after=math.inf, rng=rng, overflow_share=overflow_share)
         self.choices = choices
         self.index = PrefixIndex(block=64, chars_per_token=1.0) if affinity else None
         self.n = n
         self.own = own
+        self.fed = fed  # the replicas publish the prefixes they receive
 
-    def _hashes(self, request):
+    def hashes(self, request):
+        """The request's prefix chain, as the router and (fed) the replica compute it."""
         if self.index is None or request.group is None:
             return []
         return self.index.hashes(tuple([request.group] * PREFIX_TOKENS))
 
     def choose(self, request, now, replicas) -> int:
         """As TokenRouter.choose_replicas: hash once, match once, choose, charge."""
-        hashes = self._hashes(request)
+        hashes = self.hashes(request)
         candidates = range(self.n)
-        hits = self.index.hits(hashes, candidates, self.table.spread > 1) if hashes else {}
+        shared = self.table.spread > 1 and not self.fed
+        hits = self.index.hits(hashes, candidates, shared) if hashes else {}
         replica = self.table.choose(list(candidates), request.length, now, self.choices, hits,
                                     self.own)[0]
         self.table.sent(replica, request.key, max(1, request.length - hits.get(replica, 0)), now)
@@ -262,6 +269,10 @@ class TokensRouter:
 
     def report(self, replica, report, now) -> None:
         self.table.report(replica, report, now)
+
+    def prefixes(self, replica, hashes) -> None:
+        """A replica's published prefix, as TokenRouter._on_prefix inserts it."""
+        self.index.insert(hashes, replica)
 
 
 class OracleRouter:
@@ -290,7 +301,7 @@ class OracleRouter:
 
 
 ROUTERS = ("requests", "vllm-dp", "prefix", "tokens/2", "tokens/unsharded", "tokens",
-           "tokens+prefix", "oracle")
+           "tokens+prefix", "tokens+prefix/home", "oracle")
 
 
 def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: int = 0):
@@ -308,8 +319,9 @@ def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: 
     choices = 2 if name == "tokens/2" else 0
     own = (None if name == "tokens/unsharded" or routers == 1
            else router_share(range(n), index, routers))
-    return TokensRouter(n, rng, choices, name == "tokens+prefix", own,
-                        float(overflow) if overflow else OVERFLOW_STEP_SHARE)
+    return TokensRouter(n, rng, choices, name.startswith("tokens+prefix"), own,
+                        float(overflow) if overflow else OVERFLOW_STEP_SHARE,
+                        fed=name == "tokens+prefix")
 
 
 # ---- the event loop ---------------------------------------------------------------------------
@@ -358,6 +370,7 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
     if router_name in ("requests", "prefix"):
         for instance in instances[1:]:
             instance.share(instances[0])
+    fed = getattr(instances[0], "fed", False)
     events: list = []  # (time, order, kind, payload)
     order = 0
 
@@ -418,11 +431,18 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
             replica, request, sent = payload
             result.computed += replica.uncached(request)
             replica.deliver(request, sent, now, run)
+            if fed and request.group is not None:  # the replica publishes the prefix it got
+                chain = instances[0].hashes(request)
+                for instance in instances:
+                    push(now + REPORT_DELAY_S, "prefixes", (instance, replica.index, chain))
             if not replica.stepping:
                 start_step(replica, now)
         elif kind == "report":
             instance, r, report = payload
             instance.report(r, report, now)
+        elif kind == "prefixes":
+            instance, r, chain = payload
+            instance.prefixes(r, chain)
         elif kind == "done":
             instance, r = owner.pop(payload.key)
             instance.done(r, payload)
