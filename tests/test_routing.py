@@ -681,6 +681,9 @@ def test_a_prefix_chain_crosses_the_wire_whole_and_a_bad_feed_setting_is_named()
     with pytest.raises(ValueError, match="8-byte hashes"):
         decode_chain(b"\x00" * 12)
     assert prefix_feed("") is None and prefix_feed("64:3.5") == (64, 3.5)
-    for bad in ("64", "x:1", "0:4", "64:0", "64:-1"):
+    # what the builder hands the replicas parses back to the router's own settings
+    assert prefix_feed(PrefixIndex(64, 3.7).settings) == (64, 3.7)
+    assert PrefixIndex(64, 4).settings == PrefixIndex(64.0, 4.0).settings == "64:4.0"
+    for bad in ("64", "x:1", "0:4", "64:0", "64:-1", "64:inf", "64:nan"):
         with pytest.raises(ValueError, match="VLLM_PREPACK_PREFIX_FEED"):
             prefix_feed(bad)

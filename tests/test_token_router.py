@@ -133,7 +133,11 @@ async def _learns_from_the_feed(served):
     assert ranks[0][0].replica_id == a  # nothing cached anywhere: the shorter queue
     router.on_request_completed(a, "r1")
 
-    chain = PrefixIndex(64, 1.0).hashes("x" + prompt[1:])  # another prompt's, sent to b
+    # another prompt, sent to b by another router; its home is a, where routers without the
+    # feed would count it cached
+    other = next(p for p in (c + prompt[1:] for c in "xyzw")
+                 if router._prefix.home(router._prefix.hashes(p)[0], [a, b]) == a)
+    chain = PrefixIndex(64, 1.0).hashes(other)
     deadline = time.time() + 10
     while b not in router._prefix.match(chain) and time.time() < deadline:
         served.feeds["b"].publish(chain)  # until the subscriber has joined (ZMQ drops before)
@@ -141,7 +145,7 @@ async def _learns_from_the_feed(served):
     assert router._prefix.match(chain)[b] == 10
     for n, spread in ((2, 1), (3, 2)):  # alone; one of two routers sharing the replicas
         router._table.spread = spread
-        ranks = await router.choose_replicas(candidates, _request(n, "x" + prompt[1:]))
+        ranks = await router.choose_replicas(candidates, _request(n, other))
         assert ranks[0][0].replica_id == b
         router.on_request_completed(b, f"r{n}")
 

@@ -29,8 +29,9 @@ logger = logging.getLogger("vllm_prepack")
 
 HEARTBEAT_S = 0.1
 METADATA_KEY = "vllm_prepack_load_endpoint"  # where a Ray Serve replica advertises its endpoint
-PREFIX_METADATA_KEY = "vllm_prepack_prefix_endpoint"  # and its prefix feed's
-PREFIX_HWM = 4096  # prefix messages queued per peer before the oldest are dropped
+PREFIX_METADATA_KEY = "vllm_prepack_prefix_endpoint"  # and its prefix feed's,
+PREFIX_HASHING_KEY = "vllm_prepack_prefix_hashing"  # hashed so ("block:chars_per_token")
+PREFIX_HWM = 4096  # prefix messages queued per peer; past it ZMQ drops the new ones
 
 
 def free_port(host: str = "0.0.0.0") -> int:
@@ -80,23 +81,22 @@ class LoadPublisher:
 
 
 class PrefixPublisher:
-    """A replica server's prefix feed: each prompt's block hashes, sent at once from the thread
-    that calls ``publish`` (the server's event loop: one thread owns the socket). PUB never
-    blocks: past PREFIX_HWM queued messages it drops, and a router then misses a prefix."""
+    """A replica server's prefix feed on a port of `host` that ZMQ picks as it binds (no port
+    chosen ahead, which another engine could take meanwhile): each prompt's block hashes, sent
+    at once from the thread that calls ``publish`` (the server's event loop: one thread owns
+    the socket). PUB never blocks: past PREFIX_HWM queued messages it drops the new ones, and
+    a router then misses a prefix."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, host: str) -> None:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, PREFIX_HWM)
-        self._socket.bind(endpoint)
+        self.endpoint = f"tcp://{host}:{self._socket.bind_to_random_port(f'tcp://{host}')}"
 
     def publish(self, chain: list[int]) -> None:
         if chain:
-            try:
-                self._socket.send(encode_chain(chain), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+            self._socket.send(encode_chain(chain), zmq.NOBLOCK)
 
     def close(self) -> None:
         self._socket.close(0)

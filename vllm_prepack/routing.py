@@ -458,8 +458,9 @@ class PrefixIndex:
     cache most likely still holds (the engine may have evicted some).
 
     Several routers (one per ingress replica) each see only a part of the traffic. Where the
-    replicas publish the prefixes they receive, every router inserts them too (a report's
-    delay after the send), and its index holds every send, as a router alone does. Where they
+    replicas publish the prefixes they receive, every router inserts them too (the request's
+    way to the replica and the feed's hop after the send), and its index holds every send, as
+    a router alone does; then every router's `capacity` covers all routers' sends. Where they
     do not, each index alone would scatter a shared prefix over the replicas: every prefix
     then has a *home*, the replica that ranks first for its first block by rendezvous hashing,
     the same in every router and process (the hashes are stable, not Python's salted
@@ -469,11 +470,23 @@ class PrefixIndex:
 
     def __init__(self, block: int = 64, chars_per_token: float = 4.0, capacity: int = 65_536,
                  owners: int = 4) -> None:
-        self.block, self.capacity, self.owners = block, capacity, owners
+        self.block, self.capacity, self.owners = int(block), capacity, owners
+        self.chars_per_token = float(chars_per_token)
         self._bytes = max(1, round(block * chars_per_token))
         self._blocks: OrderedDict[int, list[Replica]] = OrderedDict()
         self._replica_keys: dict[Replica, int] = {}
         self._homes: OrderedDict[int, Replica] = OrderedDict()  # first block -> its home
+
+    @property
+    def settings(self) -> str:
+        """"block:chars_per_token": what a replica must hash with for its prefix feed to match
+        (``serve_replica.prefix_feed`` parses it)."""
+        return f"{self.block}:{self.chars_per_token}"
+
+    def chain(self, body) -> list[int]:
+        """The block hashes of a request body's first prompt (``prompt_key``); [] without one."""
+        key = prompt_key(body) if body is not None else None
+        return self.hashes(key) if key is not None else []
 
     def hashes(self, prompt: str | tuple[int, ...]) -> list[int]:
         """The chained hash of every full block, the same in every process: crc32 of the UTF-8

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from vllm_prepack.config import plugin_engine_kwargs
+from vllm_prepack.routing import PrefixIndex
 
 ROUTERS = {
     "tokens": "vllm_prepack.token_router.TokenRouter",
@@ -82,8 +83,8 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
             if not pooling and kwargs.get("enable_prefix_caching", True):
                 router_kwargs.setdefault("prefix_block", PREFIX_BLOCK_TOKENS)
             if router_kwargs.get("prefix_block", 0) > 0:  # the replicas hash as the routers do
-                env.setdefault(PREFIX_FEED_ENV, f"{router_kwargs['prefix_block']}:"
-                                                f"{router_kwargs['chars_per_token']}")
+                env[PREFIX_FEED_ENV] = PrefixIndex(router_kwargs["prefix_block"],
+                                                   router_kwargs["chars_per_token"]).settings
         deployment["request_router_config"] = {
             "request_router_class": ROUTERS[router], "request_router_kwargs": router_kwargs}
     if gpus_per_replica == 0:

@@ -6,6 +6,7 @@ Imported by Ray Serve in every replica process (``LLMConfig.server_cls`` names i
 
 from __future__ import annotations
 
+import math
 import os
 
 import ray
@@ -13,8 +14,14 @@ from ray.serve.llm import LLMConfig, LLMServer
 
 from vllm_prepack import touchpoints as touch
 from vllm_prepack.config import CONFIG_KEY
-from vllm_prepack.load_channel import METADATA_KEY, PREFIX_METADATA_KEY, PrefixPublisher, free_port
-from vllm_prepack.routing import PrefixIndex, prompt_key
+from vllm_prepack.load_channel import (
+    METADATA_KEY,
+    PREFIX_HASHING_KEY,
+    PREFIX_METADATA_KEY,
+    PrefixPublisher,
+    free_port,
+)
+from vllm_prepack.routing import PrefixIndex
 
 CPU_SLICES_ENV = "VLLM_PREPACK_CPU_SLICES"  # replicas that share this node's cores (CPU only)
 # "block:chars_per_token" of the token router's prefix affinity: the replica publishes the
@@ -28,12 +35,14 @@ class PrepackLLMServer(LLMServer):
     port for its scheduler to publish its load on and advertises it in its replica metadata
     (read by the token router); with ``VLLM_PREPACK_PREFIX_FEED`` set (the token router's
     prefix affinity), it publishes the prefix hashes of every completion and chat prompt it
-    receives, so that every router knows what the others sent here; on CPU, with
+    receives, so that every router knows what the others sent here (as it arrives: one vLLM
+    then rejects is counted too; not under Ray Serve LLM's direct streaming, which passes
+    these methods by); on CPU, with
     ``VLLM_PREPACK_CPU_SLICES`` set, its engine's threads are bound to its share of the node's
     cores (vLLM's default binds every replica to the same cores)."""
 
     async def __init__(self, llm_config: LLMConfig, **kwargs):
-        self._load_endpoint = self._prefix_endpoint = None
+        self._load_endpoint = None
         self._prefixes: tuple[PrefixIndex, PrefixPublisher] | None = None
         kwargs_now = llm_config.engine_kwargs
         if has_plugin(kwargs_now):
@@ -44,9 +53,8 @@ class PrepackLLMServer(LLMServer):
             llm_config.update_engine_kwargs(additional_config=extra)
             self._load_endpoint = f"tcp://{host}:{port}"
             feed = prefix_feed(os.environ.get(PREFIX_FEED_ENV, ""))
-            if feed is not None:
-                self._prefix_endpoint = f"tcp://{host}:{free_port(host)}"
-                self._prefixes = (PrefixIndex(*feed), PrefixPublisher(self._prefix_endpoint))
+            if feed is not None and not touch.serve_llm_direct_streaming():
+                self._prefixes = (PrefixIndex(*feed), PrefixPublisher(host))
         slices = int(os.environ.get(CPU_SLICES_ENV, "0"))
         if slices and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core_slice(
@@ -54,15 +62,16 @@ class PrepackLLMServer(LLMServer):
         await super().__init__(llm_config, **kwargs)
 
     def _advertised(self) -> dict:
-        endpoints = {METADATA_KEY: self._load_endpoint, PREFIX_METADATA_KEY: self._prefix_endpoint}
-        return {key: value for key, value in endpoints.items() if value}
+        out = {METADATA_KEY: self._load_endpoint} if self._load_endpoint else {}
+        if self._prefixes is not None:
+            index, publisher = self._prefixes
+            out.update({PREFIX_METADATA_KEY: publisher.endpoint, PREFIX_HASHING_KEY: index.settings})
+        return out
 
     def _publish_prefix(self, request) -> None:
         if self._prefixes is not None:
             index, publisher = self._prefixes
-            key = prompt_key(request)
-            if key is not None:
-                publisher.publish(index.hashes(key))
+            publisher.publish(index.chain(request))
 
     async def chat(self, request, raw_request_info=None):
         self._publish_prefix(request)
@@ -91,7 +100,7 @@ def prefix_feed(value: str) -> tuple[int, float] | None:
         feed = int(block), float(chars)
     except ValueError:
         feed = None
-    if feed is None or feed[0] < 1 or not feed[1] > 0:
+    if feed is None or feed[0] < 1 or not 0 < feed[1] < math.inf:
         raise ValueError(f"{PREFIX_FEED_ENV} must be 'block:chars_per_token' (a block of at "
                          f"least 1 token, a positive ratio), got {value!r}")
     return feed

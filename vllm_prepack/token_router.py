@@ -36,14 +36,18 @@ from ray.serve.request_router import (
 )
 
 from vllm_prepack import touchpoints as touch
-from vllm_prepack.load_channel import METADATA_KEY, PREFIX_METADATA_KEY, LoadSubscriber
+from vllm_prepack.load_channel import (
+    METADATA_KEY,
+    PREFIX_HASHING_KEY,
+    PREFIX_METADATA_KEY,
+    LoadSubscriber,
+)
 from vllm_prepack.routing import (
     OVERFLOW_STEP_SHARE,
     LoadTable,
     PrefixIndex,
     decode_chain,
     engine_requests,
-    prompt_key,
     prompt_tokens,
     router_share,
     samples,
@@ -62,14 +66,16 @@ class TokenRouter(MultiplexMixin, RequestRouter):
 
     def initialize_state(self, choices: int = 0, chars_per_token: float = 4.0,
                          stale_after_s: float = 0.5, prefix_block: int = 0,
-                         shard: bool = True,
+                         prefix_blocks: int = 65_536, shard: bool = True,
                          overflow_share: float = OVERFLOW_STEP_SHARE,
                          place: Sequence[int] | None = None) -> None:
         """`choices`: replicas sampled per request (2: power of two choices), 0 for up to
         ``routing.SCAN_LIMIT`` of them.
         `chars_per_token`: the text estimate until a report counts the real tokens.
         `stale_after_s`: a replica silent this long is passed over. `prefix_block`: > 0 turns
-        prefix affinity on, in blocks of this many tokens. `shard`: where the router runs in
+        prefix affinity on, in blocks of this many tokens; `prefix_blocks`: the most recent
+        blocks its index keeps (about 200 bytes each; with the replicas' prefix feeds, of every
+        router's sends). `shard`: where the router runs in
         one of several ingress replicas, keep to its share of the replicas
         (``routing.router_share``), leaving it only to save `overflow_share` of a step's
         budget of wait. `place`: (rank, routers) fixed by hand, for a router built outside Ray
@@ -83,11 +89,12 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         self._chars_per_token = chars_per_token
         self._lock = threading.Lock()  # the subscriber thread reports, the router's loop routes
         self._table = LoadTable(stale_after=stale_after_s, overflow_share=overflow_share)
-        self._prefix = PrefixIndex(prefix_block, chars_per_token) if prefix_block > 0 else None
+        self._prefix = (PrefixIndex(prefix_block, chars_per_token, capacity=prefix_blocks)
+                        if prefix_block > 0 else None)
         self._subscriber = LoadSubscriber(self._on_report)
         self._endpoints: dict[ReplicaID, str] = {}
-        # the replicas' prefix feeds; `_fed`: every replica publishes one, so the index holds
-        # the other routers' sends too
+        # the replicas' prefix feeds; `_fed`: every replica publishes one, hashed as this
+        # router hashes, so the index holds the other routers' sends too
         self._prefix_feed = (LoadSubscriber(self._on_prefix, decode=decode_chain, conflate=False)
                              if self._prefix is not None else None)
         self._fed = False
@@ -121,7 +128,9 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         super().update_replicas(replicas)
         endpoints = {r.replica_id: r.replica_metadata.get(METADATA_KEY) for r in replicas}
         endpoints = {k: v for k, v in endpoints.items() if v}
-        feeds = {r.replica_id: r.replica_metadata.get(PREFIX_METADATA_KEY) for r in replicas}
+        hashing = self._prefix.settings if self._prefix is not None else None
+        feeds = {r.replica_id: r.replica_metadata.get(PREFIX_METADATA_KEY) for r in replicas
+                 if r.replica_metadata.get(PREFIX_HASHING_KEY) == hashing}
         feeds = {k: v for k, v in feeds.items() if v}
         with self._lock:
             for gone in set(self._endpoints) - set(endpoints):
@@ -172,6 +181,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         super().on_replica_actor_died(replica_id)
         with self._lock:
             self._forget(replica_id)
+            self._endpoints.pop(replica_id, None)  # its queued feed messages: dropped
 
     def _forget(self, replica_id: ReplicaID) -> None:
         self._table.forget(replica_id)
@@ -202,8 +212,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         n = samples(body)
         tokens = n * prompt_tokens(body, self._chars_per_token) if body is not None else 0
         arrivals = engine_requests(body)
-        key = prompt_key(body) if self._prefix is not None and body is not None else None
-        hashes = self._prefix.hashes(key) if key is not None else []
+        hashes = self._prefix.chain(body) if self._prefix is not None else []
         now = time.time()
         with self._lock:
             shared = self._table.spread > 1 and not self._fed

@@ -539,6 +539,15 @@ def deployment_tags(router) -> dict:
     return {"deployment": deployment_id.name, "application": deployment_id.app_name}
 
 
+def serve_llm_direct_streaming() -> bool:
+    """Ray Serve LLM's opt-in direct streaming (``RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1``,
+    ray/llm/_internal/serve/constants.py, Ray 2.60): requests reach vLLM's own web app in the
+    server, past ``LLMServer.chat`` and ``completions``."""
+    from ray.llm._internal.serve import constants
+
+    return bool(getattr(constants, "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING", False))
+
+
 def replica_local_rank() -> int:
     """This replica's rank among its deployment's replicas on its node:
     ``serve.get_replica_context().rank.local_rank`` (``ReplicaContext`` is a DeveloperAPI).

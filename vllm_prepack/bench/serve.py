@@ -360,6 +360,7 @@ class StandaloneRouter:
 
         from vllm_prepack.load_channel import (
             METADATA_KEY,
+            PREFIX_HASHING_KEY,
             PREFIX_METADATA_KEY,
             LoadPublisher,
             PrefixPublisher,
@@ -377,8 +378,9 @@ class StandaloneRouter:
             self.publishers[name] = LoadPublisher(endpoint)
             metadata = {METADATA_KEY: endpoint}
             if prefix_feeds:
-                metadata[PREFIX_METADATA_KEY] = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
-                self.feeds[name] = PrefixPublisher(metadata[PREFIX_METADATA_KEY])
+                feed = self.feeds[name] = PrefixPublisher("127.0.0.1")
+                metadata[PREFIX_METADATA_KEY] = feed.endpoint
+                metadata[PREFIX_HASHING_KEY] = self.router._prefix.settings
             self.replicas[name] = SimpleNamespace(
                 replica_id=internal.ReplicaID(unique_id=str(name), deployment_id=deployment),
                 replica_metadata=metadata, node_id=None, availability_zone=None,
@@ -403,7 +405,7 @@ class StandaloneRouter:
 def route_cost(sizes: list[int], requests: int = 3000) -> str:
     """The token router's own cost per request, alone in this process (``StandaloneRouter``):
     replicas that report different loads, OpenAI completion bodies of text or token ids."""
-    from vllm_prepack.routing import LoadReport, decode_chain, encode_chain, prompt_key
+    from vllm_prepack.routing import LoadReport, PrefixIndex, decode_chain, encode_chain
 
     prompts = {"text, 800 chars": "lorem ipsum " * 67, "text, 6000 chars": "lorem ipsum " * 500,
                "1500 token ids": list(range(1500))}
@@ -426,10 +428,11 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
             router.on_request_completed(ranks[0][0].replica_id, p.metadata.internal_request_id)
         cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
         feed = None
-        if block:  # what the feed's thread does per request a replica received: decode, insert
-            messages = [(replicas[i % n].replica_id,
-                         encode_chain(router._prefix.hashes(prompt_key(p.args[0]))))
+        if block:  # the feed's thread per request a replica received: decode, insert (into an
+            # index that has not met these prompts, as for the other routers' sends)
+            messages = [(replicas[i % n].replica_id, encode_chain(router._prefix.chain(p.args[0])))
                         for i, p in enumerate(pending)]
+            router._prefix = PrefixIndex(block, 4.0)
             feed = time.perf_counter()
             for replica_id, data in messages:
                 router._on_prefix(replica_id, decode_chain(data), 0.0)
@@ -455,7 +458,8 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
             f"each text prompt differs from the others in its first characters: the cost of "
             f"hashing and looking up prefixes, not of a hit; with prefix affinity, 'prefix "
             f"feed' is the router's other thread: each request's prefix as the replica that "
-            f"got it publishes it, decoded and inserted, wall time in this process alone)\n\n"
+            f"got it publishes it, decoded and inserted into an index that has not met it (as "
+            f"the other routers' sends are), wall time in this process alone)\n\n"
             + table(rows, ROUTE_COLUMNS))
 
 
