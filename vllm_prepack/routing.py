@@ -48,7 +48,6 @@ Replica = Hashable
 
 # seq, time, waiting, prefill, decoding, budget, newest arrival, requests, arrived, step, seconds
 _FORMAT = struct.Struct("<qdqqqqdqqqd")
-_HASH = struct.Struct("<q")  # one block hash of a prefix chain on the wire
 MIN_PREFILL_SHARE = 0.25  # decode never leaves prefill less than this share of a step (estimate)
 MESSAGE_TOKENS = 4  # chat template tokens around each message (estimate)
 SHARE_WINDOW = 50  # arrivals over which a router measures its share of them
@@ -94,9 +93,9 @@ def encode_chain(hashes: Sequence[int]) -> bytes:
 
 
 def decode_chain(data: bytes) -> list[int]:
-    if len(data) % _HASH.size:
+    if len(data) % 8:
         raise ValueError(f"a prefix chain is 8-byte hashes, got {len(data)} bytes")
-    return [h for (h,) in _HASH.iter_unpack(data)]
+    return list(struct.unpack(f"<{len(data) // 8}q", data))
 
 
 class _Charge:
