@@ -471,7 +471,7 @@ class PrefixIndex:
                  owners: int = 4) -> None:
         self.block, self.capacity, self.owners = int(block), capacity, owners
         self.chars_per_token = float(chars_per_token)
-        self._bytes = max(1, round(block * chars_per_token))
+        self._bytes = max(1, round(self.block * self.chars_per_token))
         self._blocks: OrderedDict[int, list[Replica]] = OrderedDict()
         self._replica_keys: dict[Replica, int] = {}
         self._homes: OrderedDict[int, Replica] = OrderedDict()  # first block -> its home

@@ -109,11 +109,12 @@ class TokenRouter(MultiplexMixin, RequestRouter):
 
     def _on_report(self, replica, report, now: float) -> None:
         with self._lock:
-            self._table.report(replica, report, now)
+            if replica in self._endpoints:  # not one forgotten since (died, or left)
+                self._table.report(replica, report, now)
 
     def _on_prefix(self, replica, chain: list[int], now: float) -> None:
         with self._lock:
-            if replica in self._endpoints:  # not one forgotten since
+            if replica in self._endpoints:  # not one forgotten since (died, or left)
                 self._prefix.insert(chain, replica)
 
     def close(self) -> None:

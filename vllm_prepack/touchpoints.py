@@ -192,6 +192,9 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                "serve_replica.LocalModelCallback", checked=TESTED_RAY),
     TouchPoint("CallbackCtx.run_init_node", _V.REPLACE, "serve_replica.LocalModelCallback",
                checked=TESTED_RAY),
+    TouchPoint("ray.llm._internal.serve.constants:RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING",
+               _V.IMPORT, "touchpoints.serve_llm_direct_streaming (serve_replica.py)",
+               checked=TESTED_RAY),
     *(TouchPoint(f"PendingRequest.{name}", _V.READ, "touchpoints.request_body / request_key / "
                  "multiplexed_model_id (token_router.py)", checked=TESTED_RAY)
       for name in ("args", "metadata.internal_request_id", "metadata.multiplexed_model_id")),
@@ -545,7 +548,7 @@ def serve_llm_direct_streaming() -> bool:
     server, past ``LLMServer.chat`` and ``completions``."""
     from ray.llm._internal.serve import constants
 
-    return bool(getattr(constants, "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING", False))
+    return bool(constants.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING)
 
 
 def replica_local_rank() -> int:
