@@ -37,9 +37,9 @@ class PrepackLLMServer(LLMServer):
     prefix affinity), it publishes the prefix hashes of every completion and chat prompt it
     receives, so that every router knows what the others sent here (as it arrives: one vLLM
     then rejects is counted too; not under Ray Serve LLM's direct streaming, which passes
-    these methods by); on CPU, with
-    ``VLLM_PREPACK_CPU_SLICES`` set, its engine's threads are bound to its share of the node's
-    cores (vLLM's default binds every replica to the same cores)."""
+    these methods by); on CPU, with ``VLLM_PREPACK_CPU_SLICES`` set, its engine's threads are
+    bound to its share of the node's cores (vLLM's default binds every replica to the same
+    cores)."""
 
     async def __init__(self, llm_config: LLMConfig, **kwargs):
         self._load_endpoint = None
