@@ -74,11 +74,10 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         `chars_per_token`: the text estimate until a report counts the real tokens.
         `stale_after_s`: a replica silent this long is passed over. `prefix_block`: > 0 turns
         prefix affinity on, in blocks of this many tokens; `prefix_blocks`: the most recent
-        blocks its index keeps (about 200 bytes each; with the replicas' prefix feeds, of every
-        router's sends). `shard`: where the router runs in
-        one of several ingress replicas, keep to its share of the replicas
-        (``routing.router_share``), leaving it only to save `overflow_share` of a step's
-        budget of wait. `place`: (rank, routers) fixed by hand, for a router built outside Ray
+        blocks its index keeps (with the replicas' prefix feeds, of every router's sends).
+        `shard`: where the router runs in one of several ingress replicas, keep to its share
+        of the replicas (``routing.router_share``), leaving it only to save `overflow_share`
+        of a step's budget of wait. `place`: (rank, routers) fixed by hand, for a router built outside Ray
         Serve (the route bench; every router of a deployment gets the same options, so it is
         no deployment option); None reads them from Ray Serve."""
         self._choices = choices
