@@ -3,8 +3,10 @@ vLLM vs the plugin; then the routers at 8-64 replicas, engine-free.
 
 Live (``--parts live``): Ray Serve LLM on this machine, 2 replicas of each model (one core
 each), an embedding model (all-MiniLM-L6-v2, real weights) and a small random-weight Llama
-(seeded synthetic prompt lengths: no dataset or network needed). Configurations: plain vLLM or
-the plugin, behind Ray Serve's default router (power of two choices on requests in flight),
+(seeded synthetic prompt lengths: no dataset or network needed), the latter also on prompts
+that share prefixes (``prefix``: more prefixes than one replica's KV cache holds, fewer than
+two hold, so where a router sends each prefix decides what is computed again).
+Configurations: plain vLLM or the plugin, behind Ray Serve's default router (power of two choices on requests in flight),
 Ray Serve LLM's PrefixCacheAffinityRouter or the token router. A CPU replica is three processes
 of about 2.5 GB together, so two configurations are deployed at a time, as pairs that each hold
 their ratio's baseline: (plain + default, plugin + tokens), (plugin + default, plugin + tokens),
@@ -15,7 +17,9 @@ of the capacity measured first (a backlog on plain + default). Runs alternate be
 configurations of a pair, the same seeded requests and arrival times for both; medians of the
 repeats. Routing cost: the token router's own time per request (its Ray metrics), and Ray
 Serve's time from a request's arrival at the router to its replica being chosen, for every
-router (``serve_request_router_fulfillment_time_ms``).
+router (``serve_request_router_fulfillment_time_ms``). Prefix cache hits: the share of prompt
+tokens the pair's engines found in their prefix caches over all its runs (vLLM's counters, each
+configuration serving under a model id of its own).
 
 Simulation (``--parts sim``): ``serve_sim.py``.
 """
@@ -42,14 +46,24 @@ CONFIGS = {  # name: (the plugin, router)
 }
 PAIRS = (("plain+requests", "prepack+tokens"), ("prepack+requests", "prepack+tokens"),
          ("plain+requests", "plain+prefix"))
+# on shared prefixes: Ray Serve LLM's prefix router is the peer to beat
+PREFIX_PAIRS = (("plain+requests", "prepack+tokens"), ("plain+prefix", "prepack+tokens"))
 GEN_MODEL = DecoderShape(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                          num_key_value_heads=8, intermediate_size=1408, vocab_size=8192,
                          initializer_range=0.02)
+# the prefix workload: 16 shared prefixes of 1024 tokens a run, 16k tokens of KV cache where
+# one replica holds them all, 8k where each holds half; a replica's cache holds 16k
+# (PREFIX_KV_BLOCKS of 128 tokens), less what its running requests hold
+PREFIX_CHARS = 1024
+PREFIX_GROUPS = 16
+PREFIX_KV_BLOCKS = 128
 ENGINES = {
     "embed": dict(runner="pooling", dtype="float32", max_model_len=256, max_num_batched_tokens=1024,
                   enforce_eager=True),
     "generate": dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
                      enforce_eager=True),
+    "prefix": dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
+                   enforce_eager=True, num_gpu_blocks_override=PREFIX_KV_BLOCKS),
 }
 GEN_MAX_TOKENS = 16
 WARM = 8  # the first prompts warm each app up
@@ -60,7 +74,7 @@ ENV = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
 
 @dataclass
 class Workload:
-    kind: str  # "embed" | "generate"
+    kind: str  # "embed" | "generate" | "prefix"
     model: str  # folder
     prompts: list[str]
     lengths: list[int]  # prompt tokens
@@ -90,10 +104,29 @@ def generate_workload(model: str, n: int, seed: int) -> Workload:
 
     rng = random.Random(f"generate:{seed}")
     lengths = prompt_lengths("bimodal", n, seed=seed, max_len=1500)
-    letters = "abcdefghijklmnopqrstuvwxyz     "
-    return Workload("generate", model,
-                    ["".join(rng.choice(letters) for _ in range(length)) for length in lengths],
-                    lengths)
+    return Workload("generate", model, [_text(rng, length) for length in lengths], lengths)
+
+
+def shared_prefix_workload(model: str, n: int, seed: int, start: int, block: int) -> Workload:
+    """Generation prompts that share prefixes, as text for the byte-level tokenizer: each opens
+    with one of PREFIX_GROUPS prefixes of PREFIX_CHARS tokens (a system prompt, few-shot
+    examples), then a suffix of its own (lognormal, median 74 tokens). Each `block` of
+    prompts from `start` on (a run's) draws from prefixes of its own, so that each run starts
+    with cold caches and router state; the prompts before `start` (warm-up, capacity) too."""
+    rng = random.Random(f"prefix:{seed}")
+    prefixes: dict[tuple[int, int], str] = {}
+    prompts = []
+    for i in range(n):
+        key = ((i - start) // block, rng.randrange(PREFIX_GROUPS))
+        if key not in prefixes:
+            prefixes[key] = _text(random.Random(f"prefix:{seed}:{key}"), PREFIX_CHARS)
+        prompts.append(prefixes[key] + _text(rng, max(8, round(rng.lognormvariate(4.3, 0.6)))))
+    return Workload("prefix", model, prompts, [len(p) for p in prompts])
+
+
+def _text(rng: random.Random, chars: int) -> str:
+    """Random letters and spaces: one token a character for the byte-level tokenizer."""
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz     ") for _ in range(chars))
 
 
 # ---- the client ----------------------------------------------------------------------------
@@ -115,7 +148,7 @@ async def _drive(url: str, model_id: str, workload: Workload, indices: list[int]
                  offsets: list[float], timeout_s: float) -> RunResult:
     """Send request i at offsets[i] seconds (open loop), with vLLM's bench request functions."""
     import aiohttp
-    generate = workload.kind == "generate"
+    generate = workload.kind != "embed"
     func = internal.ASYNC_REQUEST_FUNCS["openai" if generate else "openai-embeddings"]
     api = f"{url}/v1/{'completions' if generate else 'embeddings'}"
     timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -159,7 +192,13 @@ def run(url: str, model_id: str, workload: Workload, indices: list[int], offsets
 # ---- deployments ---------------------------------------------------------------------------
 
 
-def deploy(names, workload: Workload, model_id: str, replicas: int) -> None:
+def model_name(kind: str, config: str) -> str:
+    """The model id a configuration serves `kind` under: its own, so that the engines' metrics
+    (labelled by model) tell the configurations apart."""
+    return f"{kind}-{config.replace('+', '-')}"
+
+
+def deploy(names, workload: Workload, kind: str, replicas: int) -> None:
     """Each configuration as its own Ray Serve app at /<name>, started together."""
     from ray import serve
 
@@ -168,7 +207,8 @@ def deploy(names, workload: Workload, model_id: str, replicas: int) -> None:
     targets = []
     for name in names:
         plugin, router = CONFIGS[name]
-        config = prepack_llm_config(workload.model, model_id=model_id, replicas=replicas,
+        config = prepack_llm_config(workload.model, model_id=model_name(kind, name),
+                                    replicas=replicas,
                                     engine_kwargs=ENGINES[workload.kind], prepack=plugin,
                                     router=router, runtime_env=ENV)
         targets.append(serve.RunTarget(build_app(config), name=name, route_prefix=f"/{name}"))
@@ -207,8 +247,9 @@ def metric_sum(text: str, name: str, **tags) -> float:
 
 
 def routing_totals(app: str, model_id: str) -> dict[str, float]:
-    """The app's routing counters so far: Ray Serve's time to a chosen replica (count, ms) for
-    its LLM deployment, and the token router's routes and wall and CPU seconds."""
+    """The app's counters so far: Ray Serve's time to a chosen replica (count, ms) for its LLM
+    deployment, the token router's routes and wall and CPU seconds, and its engines' prompt
+    tokens looked up in and found in their prefix caches."""
     text = metrics()
     tags = dict(application=app, deployment=f"PrepackLLMServer:{model_id}", handle_source="REPLICA")
     return {
@@ -219,6 +260,9 @@ def routing_totals(app: str, model_id: str) -> dict[str, float]:
         "cpu": metric_sum(text, "ray_vllm_prepack_route_cpu_seconds_total", application=app),
         "cpu samples": metric_sum(text, "ray_vllm_prepack_route_cpu_samples_total",
                                   application=app),
+        "prefix queries": metric_sum(text, "ray_vllm_prefix_cache_queries_total",
+                                     model_name=model_id),
+        "prefix hits": metric_sum(text, "ray_vllm_prefix_cache_hits_total", model_name=model_id),
     }
 
 
@@ -231,6 +275,8 @@ def routing_costs(before: dict[str, float], after: dict[str, float]) -> dict:
         out["token router us"] = 1e6 * d["wall"] / d["routes"]
     if d["cpu samples"]:
         out["token router CPU us"] = 1e6 * d["cpu"] / d["cpu samples"]
+    if d["prefix queries"]:
+        out["prefix cache hits"] = d["prefix hits"] / d["prefix queries"]
     return out
 
 
@@ -242,35 +288,45 @@ def live_model(args, kind: str) -> tuple[list[dict], list[str]]:
     cache); within a pair both configurations get the same prompts and arrival times."""
     from vllm_prepack.models import decoder_model, minilm_model
 
-    n = WARM + args.capacity_requests + len(PAIRS) * len(args.loads) * args.repeats * args.requests
-    workload = (embed_workload(str(minilm_model()), n, 0) if kind == "embed"
-                else generate_workload(str(decoder_model(GEN_MODEL)), n, 0))
+    pairs = PREFIX_PAIRS if kind == "prefix" else PAIRS
+    start = WARM + args.capacity_requests
+    n = start + len(pairs) * len(args.loads) * args.repeats * args.requests
+    if kind == "embed":
+        workload = embed_workload(str(minilm_model()), n, 0)
+    elif kind == "prefix":
+        workload = shared_prefix_workload(str(decoder_model(GEN_MODEL)), n, 0, start,
+                                          args.requests)
+    else:
+        workload = generate_workload(str(decoder_model(GEN_MODEL)), n, 0)
     fresh = iter(range(WARM, n))
     rows, notes, rate, deployed = [], [], None, set()
-    for pair in PAIRS:
+    for pair in pairs:
         undeploy(deployed - set(pair))
         deploy([c for c in pair if c not in deployed], workload, kind, args.replicas)
         deployed = set(pair)
-        failing = {c: warm(app_url(c), kind, workload) for c in pair}
+        failing = {c: warm(app_url(c), model_name(kind, c), workload) for c in pair}
         notes += [f"{c}: {error}" for c, error in failing.items() if error]
         if rate is None:
             backlog = [next(fresh) for _ in range(args.capacity_requests)]
-            rate = run(app_url(pair[0]), kind, workload, backlog, [0.0] * len(backlog)).throughput
+            rate = run(app_url(pair[0]), model_name(kind, pair[0]), workload, backlog,
+                       [0.0] * len(backlog)).throughput
             notes.append(f"capacity (a backlog of {len(backlog)} on {pair[0]}): "
                          f"{rate:.2f} requests/s")
         configs = [c for c in pair if not failing[c]]
         time.sleep(METRICS_EXPORT_S)  # the warm-up's and the capacity run's routes, exported
-        before = {c: routing_totals(c, kind) for c in configs}
+        before = {c: routing_totals(c, model_name(kind, c)) for c in configs}
         for load in args.loads:
             results = {c: [] for c in configs}
             for repeat in range(args.repeats):
                 offsets = poisson_offsets(args.requests, load * rate, args.max_seconds, repeat)
                 indices = [next(fresh) for _ in range(args.requests)][:len(offsets)]
                 for c in (configs if repeat % 2 == 0 else configs[::-1]):
-                    results[c].append(run(app_url(c), kind, workload, indices, offsets))
+                    results[c].append(run(app_url(c), model_name(kind, c), workload, indices,
+                                          offsets))
             rows += pair_rows(kind, pair, load, results)
         time.sleep(METRICS_EXPORT_S)
-        costs = {c: routing_costs(before[c], routing_totals(c, kind)) for c in configs}
+        costs = {c: routing_costs(before[c], routing_totals(c, model_name(kind, c)))
+                 for c in configs}
         for row in rows:
             if row["pair"] == pair_label(pair):
                 row.update(costs.get(row["config"], {}))
@@ -314,7 +370,7 @@ def pair_rows(kind: str, pair, load: float, results: dict[str, list[RunResult]])
 
 LIVE_COLUMNS = ["model", "pair", "load", "config", "requests", "errors", "TTFT mean s",
                 "TTFT p99 s", "req/s", "mean vs base", "p99 vs base", "req/s vs base",
-                "route ms (Ray)", "token router us", "token router CPU us"]
+                "route ms (Ray)", "token router us", "token router CPU us", "prefix cache hits"]
 
 
 def live(args) -> str:
@@ -492,8 +548,9 @@ def add_arguments(parser) -> None:
                         choices=["live", "route", "sim"])
     parser.add_argument("--route-sizes", type=int, nargs="+", default=[2, 8, 64],
                         help="replicas behind the router in the 'route' part")
-    parser.add_argument("--models", nargs="+", default=["embed", "generate"],
-                        choices=["embed", "generate"])
+    parser.add_argument("--models", nargs="+", default=["embed", "generate", "prefix"],
+                        choices=["embed", "generate", "prefix"],
+                        help="prefix: the generation model on prompts that share prefixes")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--loads", type=float, nargs="+", default=[0.7, 1.0])
     parser.add_argument("--repeats", type=int, default=3)
