@@ -6,14 +6,16 @@ each), an embedding model (all-MiniLM-L6-v2, real weights) and a small random-we
 (seeded synthetic prompt lengths: no dataset or network needed), the latter also on prompts
 that share prefixes (``prefix``: more prefixes than one replica's KV cache holds, fewer than
 two hold, so where a router sends each prefix decides what is computed again).
-Configurations: plain vLLM or the plugin, behind Ray Serve's default router (power of two choices on requests in flight),
-Ray Serve LLM's PrefixCacheAffinityRouter or the token router. A CPU replica is three processes
-of about 2.5 GB together, so two configurations are deployed at a time, as pairs that each hold
-their ratio's baseline: (plain + default, plugin + tokens), (plugin + default, plugin + tokens),
-(plain + default, plain + prefix). Each run is open-loop Poisson arrivals over HTTP on loopback
-(vLLM's own ``bench serve`` request functions: streaming completions, time to the first token;
-embeddings, time to the answer), bounded in count and time, of a skewed length mix, at fractions
-of the capacity measured first (a backlog on plain + default). Runs alternate between the two
+Configurations: plain vLLM or the plugin, behind Ray Serve's default router (power of two
+choices on requests in flight), Ray Serve LLM's PrefixCacheAffinityRouter or the token router.
+A CPU replica is three processes of about 2.5 GB together, so two configurations are deployed
+at a time, as pairs that each hold their ratio's baseline: (plain + default, plugin + tokens),
+(plugin + default, plugin + tokens), (plain + default, plain + prefix); on shared prefixes
+(plain + default, plugin + tokens), (plain + prefix, plugin + tokens); ``--pairs`` chooses
+others. Each run is open-loop Poisson arrivals over HTTP on loopback (vLLM's own ``bench
+serve`` request functions: streaming completions, time to the first token; embeddings, time to
+the answer), bounded in count and time, of a skewed length mix, at fractions of the capacity
+measured first (a backlog on the first pair's base). Runs alternate between the two
 configurations of a pair, the same seeded requests and arrival times for both; medians of the
 repeats. Routing cost: the token router's own time per request (its Ray metrics), and Ray
 Serve's time from a request's arrival at the router to its replica being chosen, for every
@@ -26,6 +28,7 @@ Simulation (``--parts sim``): ``serve_sim.py``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import re
@@ -42,6 +45,7 @@ CONFIGS = {  # name: (the plugin, router)
     "plain+requests": (False, "requests"),
     "plain+prefix": (False, "prefix"),
     "prepack+requests": (True, "requests"),
+    "prepack+prefix": (True, "prefix"),
     "prepack+tokens": (True, "tokens"),
 }
 PAIRS = (("plain+requests", "prepack+tokens"), ("prepack+requests", "prepack+tokens"),
@@ -288,7 +292,7 @@ def live_model(args, kind: str) -> tuple[list[dict], list[str]]:
     cache); within a pair both configurations get the same prompts and arrival times."""
     from vllm_prepack.models import decoder_model, minilm_model
 
-    pairs = PREFIX_PAIRS if kind == "prefix" else PAIRS
+    pairs = args.pairs or (PREFIX_PAIRS if kind == "prefix" else PAIRS)
     start = WARM + args.capacity_requests
     n = start + len(pairs) * len(args.loads) * args.repeats * args.requests
     if kind == "embed":
@@ -543,6 +547,15 @@ def sim(args) -> str:
             f"oracle on the same requests and arrivals)\n\n" + table(rows, SIM_COLUMNS))
 
 
+def config_pair(value: str) -> tuple[str, str]:
+    """'base:other', two of CONFIGS."""
+    pair = tuple(value.split(":"))
+    if len(pair) != 2 or not set(pair) <= set(CONFIGS) or pair[0] == pair[1]:
+        raise argparse.ArgumentTypeError(f"a pair is two different configurations "
+                                         f"'base:other' of {', '.join(CONFIGS)}, got {value!r}")
+    return pair
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--parts", nargs="+", default=["live", "route", "sim"],
                         choices=["live", "route", "sim"])
@@ -551,6 +564,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--models", nargs="+", default=["embed", "generate", "prefix"],
                         choices=["embed", "generate", "prefix"],
                         help="prefix: the generation model on prompts that share prefixes")
+    parser.add_argument("--pairs", nargs="+", type=config_pair, default=None,
+                        help="pairs of configurations to run, each 'base:other' (of "
+                             f"{', '.join(CONFIGS)}); default: each model's own")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--loads", type=float, nargs="+", default=[0.7, 1.0])
     parser.add_argument("--repeats", type=int, default=3)
