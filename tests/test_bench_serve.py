@@ -8,7 +8,12 @@ import pytest
 from vllm_prepack.bench.serve import (
     PREFIX_CHARS,
     PREFIX_GROUPS,
+    add_arguments,
+    app_costs,
+    check_pairs,
     config_pair,
+    metric_sum,
+    model_name,
     shared_prefix_workload,
 )
 
@@ -21,7 +26,8 @@ def test_each_run_of_the_shared_prefix_workload_draws_on_prefixes_of_its_own():
             for k in range(3)]
     for prefixes in runs:  # shared within a run: the groups recur
         assert 1 < len(prefixes) <= PREFIX_GROUPS
-    assert not runs[0] & runs[1] and not runs[1] & runs[2]  # no run warms another's caches
+    assert not runs[0] & runs[1] and not runs[1] & runs[2] and not runs[0] & runs[2]
+    # (no run warms another's caches)
     assert not {p[:PREFIX_CHARS] for p in w.prompts[:start]} & runs[0]
     assert all(len(p) > PREFIX_CHARS for p in w.prompts)  # a suffix of its own each
     again = shared_prefix_workload("model", start + 3 * block, seed=0, start=start, block=block)
@@ -33,3 +39,44 @@ def test_a_pair_of_configurations_is_named_base_colon_other_and_a_bad_one_says_s
     for bad in ("plain+prefix", "plain+prefix:nope", "prepack+tokens:prepack+tokens", "a:b:c"):
         with pytest.raises(argparse.ArgumentTypeError, match="base:other"):
             config_pair(bad)
+
+
+def test_pairs_run_on_every_model_once_and_never_put_the_prefix_router_before_embeddings():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--pairs", "plain+prefix:prepack+tokens", "--models", "prefix"])
+    assert args.pairs == [("plain+prefix", "prepack+tokens")]
+    check_pairs(args.pairs, args.models)
+    with pytest.raises(ValueError, match="embeddings"):
+        check_pairs(args.pairs, ["embed", "prefix"])
+    with pytest.raises(ValueError, match="twice"):
+        check_pairs(args.pairs * 2, ["prefix"])
+    assert parser.parse_args([]).pairs is None  # each model's own pairs
+
+
+def test_each_configurations_share_of_cached_prompt_tokens_is_read_off_its_own_engines():
+    """Ray's exposition of vLLM's counters, as the live part reads it: each configuration's
+    engines by the model id it serves under."""
+    ours, theirs = model_name("prefix", "prepack+tokens"), model_name("prefix", "plain+prefix")
+    assert ours != theirs
+
+    def exposition(hits, queries):
+        return "\n".join(
+            f'ray_vllm_prefix_cache_{name}_total{{ReplicaId="r{i}",engine="0",'
+            f'model_name="{model}"}} {value}'
+            for name, values in (("hits", hits), ("queries", queries))
+            for model, per_replica in zip((ours, theirs), values)
+            for i, value in enumerate(per_replica))
+
+    before = exposition(hits=((10, 10), (0, 0)), queries=((50, 50), (10, 10)))
+    after = exposition(hits=((410, 310), (50, 50)), queries=((550, 550), (110, 110)))
+
+    def totals(text, model):
+        return {"count": 0, "ms": 0, "routes": 0, "wall": 0, "cpu": 0, "cpu samples": 0,
+                "prefix queries": metric_sum(text, "ray_vllm_prefix_cache_queries_total",
+                                             model_name=model),
+                "prefix hits": metric_sum(text, "ray_vllm_prefix_cache_hits_total",
+                                          model_name=model)}
+
+    assert app_costs(totals(before, ours), totals(after, ours))["prefix cache hits"] == 0.7
+    assert app_costs(totals(before, theirs), totals(after, theirs))["prefix cache hits"] == 0.5

@@ -4,8 +4,9 @@ vLLM vs the plugin; then the routers at 8-64 replicas, engine-free.
 Live (``--parts live``): Ray Serve LLM on this machine, 2 replicas of each model (one core
 each), an embedding model (all-MiniLM-L6-v2, real weights) and a small random-weight Llama
 (seeded synthetic prompt lengths: no dataset or network needed), the latter also on prompts
-that share prefixes (``prefix``: more prefixes than one replica's KV cache holds, fewer than
-two hold, so where a router sends each prefix decides what is computed again).
+that share prefixes (``prefix``: as many prefix tokens as one replica's whole KV cache holds,
+which its running requests share, half that for each of two, so where a router sends each
+prefix decides what is computed again).
 Configurations: plain vLLM or the plugin, behind Ray Serve's default router (power of two
 choices on requests in flight), Ray Serve LLM's PrefixCacheAffinityRouter or the token router.
 A CPU replica is three processes of about 2.5 GB together, so two configurations are deployed
@@ -14,14 +15,15 @@ at a time, as pairs that each hold their ratio's baseline: (plain + default, plu
 (plain + default, plugin + tokens), (plain + prefix, plugin + tokens); ``--pairs`` chooses
 others. Each run is open-loop Poisson arrivals over HTTP on loopback (vLLM's own ``bench
 serve`` request functions: streaming completions, time to the first token; embeddings, time to
-the answer), bounded in count and time, of a skewed length mix, at fractions of the capacity
-measured first (a backlog on the first pair's base). Runs alternate between the two
+the answer), bounded in count and time, of a skewed length mix (or the shared-prefix prompts),
+at fractions of the capacity measured first (a backlog on the first pair's base). Runs alternate between the two
 configurations of a pair, the same seeded requests and arrival times for both; medians of the
 repeats. Routing cost: the token router's own time per request (its Ray metrics), and Ray
 Serve's time from a request's arrival at the router to its replica being chosen, for every
 router (``serve_request_router_fulfillment_time_ms``). Prefix cache hits: the share of prompt
-tokens the pair's engines found in their prefix caches over all its runs (vLLM's counters, each
-configuration serving under a model id of its own).
+tokens each configuration's engines found in their prefix caches over all the pair's runs, both
+loads (vLLM's counters, each configuration serving under a model id of its own; a preempted
+request's recomputation is not in them).
 
 Simulation (``--parts sim``): ``serve_sim.py``.
 """
@@ -57,17 +59,17 @@ GEN_MODEL = DecoderShape(hidden_size=512, num_hidden_layers=8, num_attention_hea
                          initializer_range=0.02)
 # the prefix workload: 16 shared prefixes of 1024 tokens a run, 16k tokens of KV cache where
 # one replica holds them all, 8k where each holds half; a replica's cache holds 16k
-# (PREFIX_KV_BLOCKS of 128 tokens), less what its running requests hold
+# (PREFIX_KV_BLOCKS of 128 tokens) and its running requests take their share of it
 PREFIX_CHARS = 1024
 PREFIX_GROUPS = 16
 PREFIX_KV_BLOCKS = 128
+GEN_ENGINE = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
+                  enforce_eager=True)
 ENGINES = {
     "embed": dict(runner="pooling", dtype="float32", max_model_len=256, max_num_batched_tokens=1024,
                   enforce_eager=True),
-    "generate": dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
-                     enforce_eager=True),
-    "prefix": dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
-                   enforce_eager=True, num_gpu_blocks_override=PREFIX_KV_BLOCKS),
+    "generate": GEN_ENGINE,
+    "prefix": {**GEN_ENGINE, "num_gpu_blocks_override": PREFIX_KV_BLOCKS},
 }
 GEN_MAX_TOKENS = 16
 WARM = 8  # the first prompts warm each app up
@@ -202,7 +204,7 @@ def model_name(kind: str, config: str) -> str:
     return f"{kind}-{config.replace('+', '-')}"
 
 
-def deploy(names, workload: Workload, kind: str, replicas: int) -> None:
+def deploy(names, workload: Workload, replicas: int) -> None:
     """Each configuration as its own Ray Serve app at /<name>, started together."""
     from ray import serve
 
@@ -211,7 +213,7 @@ def deploy(names, workload: Workload, kind: str, replicas: int) -> None:
     targets = []
     for name in names:
         plugin, router = CONFIGS[name]
-        config = prepack_llm_config(workload.model, model_id=model_name(kind, name),
+        config = prepack_llm_config(workload.model, model_id=model_name(workload.kind, name),
                                     replicas=replicas,
                                     engine_kwargs=ENGINES[workload.kind], prepack=plugin,
                                     router=router, runtime_env=ENV)
@@ -250,7 +252,7 @@ def metric_sum(text: str, name: str, **tags) -> float:
     return total
 
 
-def routing_totals(app: str, model_id: str) -> dict[str, float]:
+def app_totals(app: str, model_id: str) -> dict[str, float]:
     """The app's counters so far: Ray Serve's time to a chosen replica (count, ms) for its LLM
     deployment, the token router's routes and wall and CPU seconds, and its engines' prompt
     tokens looked up in and found in their prefix caches."""
@@ -270,9 +272,10 @@ def routing_totals(app: str, model_id: str) -> dict[str, float]:
     }
 
 
-def routing_costs(before: dict[str, float], after: dict[str, float]) -> dict:
-    """Per request between two totals: Ray Serve's mean time to a chosen replica (ms); the
-    token router's own wall and CPU time (us), where it runs."""
+def app_costs(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Between two totals: Ray Serve's mean time to a chosen replica (ms) and the token
+    router's own wall and CPU time (us) per request, where it runs; the share of prompt tokens
+    found in the prefix caches, where they were looked up."""
     d = {k: after[k] - before[k] for k in after}
     out = {"route ms (Ray)": d["ms"] / d["count"] if d["count"] else float("nan")}
     if d["routes"]:
@@ -289,7 +292,8 @@ def routing_costs(before: dict[str, float], after: dict[str, float]) -> dict:
 
 def live_model(args, kind: str) -> tuple[list[dict], list[str]]:
     """Every pair on fresh prompts (a prompt served twice by one app would hit its prefix
-    cache); within a pair both configurations get the same prompts and arrival times."""
+    cache; on shared prefixes, every run on prefixes of its own); within a pair both
+    configurations get the same prompts and arrival times."""
     from vllm_prepack.models import decoder_model, minilm_model
 
     pairs = args.pairs or (PREFIX_PAIRS if kind == "prefix" else PAIRS)
@@ -305,32 +309,34 @@ def live_model(args, kind: str) -> tuple[list[dict], list[str]]:
     fresh = iter(range(WARM, n))
     rows, notes, rate, deployed = [], [], None, set()
     for pair in pairs:
+        ids = {c: model_name(kind, c) for c in pair}
         undeploy(deployed - set(pair))
-        deploy([c for c in pair if c not in deployed], workload, kind, args.replicas)
+        deploy([c for c in pair if c not in deployed], workload, args.replicas)
         deployed = set(pair)
-        failing = {c: warm(app_url(c), model_name(kind, c), workload) for c in pair}
+        failing = {c: warm(app_url(c), ids[c], workload) for c in pair}
         notes += [f"{c}: {error}" for c, error in failing.items() if error]
         if rate is None:
             backlog = [next(fresh) for _ in range(args.capacity_requests)]
-            rate = run(app_url(pair[0]), model_name(kind, pair[0]), workload, backlog,
+            rate = run(app_url(pair[0]), ids[pair[0]], workload, backlog,
                        [0.0] * len(backlog)).throughput
             notes.append(f"capacity (a backlog of {len(backlog)} on {pair[0]}): "
                          f"{rate:.2f} requests/s")
         configs = [c for c in pair if not failing[c]]
         time.sleep(METRICS_EXPORT_S)  # the warm-up's and the capacity run's routes, exported
-        before = {c: routing_totals(c, model_name(kind, c)) for c in configs}
+        before = {c: app_totals(c, ids[c]) for c in configs}
         for load in args.loads:
             results = {c: [] for c in configs}
             for repeat in range(args.repeats):
                 offsets = poisson_offsets(args.requests, load * rate, args.max_seconds, repeat)
                 indices = [next(fresh) for _ in range(args.requests)][:len(offsets)]
                 for c in (configs if repeat % 2 == 0 else configs[::-1]):
-                    results[c].append(run(app_url(c), model_name(kind, c), workload, indices,
-                                          offsets))
+                    results[c].append(run(app_url(c), ids[c], workload, indices, offsets))
             rows += pair_rows(kind, pair, load, results)
         time.sleep(METRICS_EXPORT_S)
-        costs = {c: routing_costs(before[c], routing_totals(c, model_name(kind, c)))
-                 for c in configs}
+        costs = {c: app_costs(before[c], app_totals(c, ids[c])) for c in configs}
+        if kind == "prefix":
+            notes += [f"{c}: no prefix cache counters read (vLLM's engine metrics off?)"
+                      for c in configs if "prefix cache hits" not in costs[c]]
         for row in rows:
             if row["pair"] == pair_label(pair):
                 row.update(costs.get(row["config"], {}))
@@ -381,6 +387,7 @@ def live(args) -> str:
     import ray
     from ray import serve
 
+    check_pairs(args.pairs, args.models)
     ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=METRICS_PORT)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
@@ -556,17 +563,30 @@ def config_pair(value: str) -> tuple[str, str]:
     return pair
 
 
+def check_pairs(pairs, models) -> None:
+    """`--pairs` runs on every model of `--models`: each pair once, and Ray's prefix router,
+    which cannot route ``/v1/embeddings``, not on the embedding model."""
+    if not pairs:
+        return
+    if len(set(pairs)) < len(pairs):
+        raise ValueError(f"--pairs names a pair twice: {[':'.join(p) for p in pairs]}")
+    if "embed" in models and any(CONFIGS[c][1] == "prefix" for pair in pairs for c in pair):
+        raise ValueError("Ray Serve LLM's prefix router cannot route /v1/embeddings: run the "
+                         "pairs with a +prefix configuration without --models embed")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--parts", nargs="+", default=["live", "route", "sim"],
                         choices=["live", "route", "sim"])
     parser.add_argument("--route-sizes", type=int, nargs="+", default=[2, 8, 64],
                         help="replicas behind the router in the 'route' part")
-    parser.add_argument("--models", nargs="+", default=["embed", "generate", "prefix"],
+    parser.add_argument("--models", nargs="+", default=["embed", "generate"],
                         choices=["embed", "generate", "prefix"],
                         help="prefix: the generation model on prompts that share prefixes")
     parser.add_argument("--pairs", nargs="+", type=config_pair, default=None,
-                        help="pairs of configurations to run, each 'base:other' (of "
-                             f"{', '.join(CONFIGS)}); default: each model's own")
+                        help="pairs of configurations to run on every model of --models, "
+                             f"each 'base:other' (of {', '.join(CONFIGS)}); default: each "
+                             "model's own")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--loads", type=float, nargs="+", default=[0.7, 1.0])
     parser.add_argument("--repeats", type=int, default=3)
