@@ -16,9 +16,9 @@ at a time, as pairs that each hold their ratio's baseline: (plain + default, plu
 others. Each run is open-loop Poisson arrivals over HTTP on loopback (vLLM's own ``bench
 serve`` request functions: streaming completions, time to the first token; embeddings, time to
 the answer), bounded in count and time, of a skewed length mix (or the shared-prefix prompts),
-at fractions of the capacity measured first (a backlog on the first pair's base). Runs alternate between the two
-configurations of a pair, the same seeded requests and arrival times for both; medians of the
-repeats. Routing cost: the token router's own time per request (its Ray metrics), and Ray
+at fractions of the capacity measured first (a backlog on the first pair's base). Runs
+alternate between the two configurations of a pair, the same seeded requests and arrival times
+for both; medians of the repeats. Routing cost: the token router's own time per request (its Ray metrics), and Ray
 Serve's time from a request's arrival at the router to its replica being chosen, for every
 router (``serve_request_router_fulfillment_time_ms``). Prefix cache hits: the share of prompt
 tokens each configuration's engines found in their prefix caches over all the pair's runs, both
