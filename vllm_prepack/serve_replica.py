@@ -65,7 +65,8 @@ class PrepackLLMServer(LLMServer):
         out = {METADATA_KEY: self._load_endpoint} if self._load_endpoint else {}
         if self._prefixes is not None:
             index, publisher = self._prefixes
-            out.update({PREFIX_METADATA_KEY: publisher.endpoint, PREFIX_HASHING_KEY: index.settings})
+            out.update({PREFIX_METADATA_KEY: publisher.endpoint,
+                        PREFIX_HASHING_KEY: index.settings})
         return out
 
     def _publish_prefix(self, request) -> None:

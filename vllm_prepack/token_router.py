@@ -77,9 +77,9 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         blocks its index keeps (with the replicas' prefix feeds, of every router's sends).
         `shard`: where the router runs in one of several ingress replicas, keep to its share
         of the replicas (``routing.router_share``), leaving it only to save `overflow_share`
-        of a step's budget of wait. `place`: (rank, routers) fixed by hand, for a router built outside Ray
-        Serve (the route bench; every router of a deployment gets the same options, so it is
-        no deployment option); None reads them from Ray Serve."""
+        of a step's budget of wait. `place`: (rank, routers) fixed by hand, for a router built
+        outside Ray Serve (the route bench; every router of a deployment gets the same options,
+        so it is no deployment option); None reads them from Ray Serve."""
         self._choices = choices
         # (this router's rank, routers); None: alone, as far as it knows
         self._place = tuple(place) if shard and place is not None else None

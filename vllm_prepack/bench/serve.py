@@ -18,12 +18,12 @@ serve`` request functions: streaming completions, time to the first token; embed
 the answer), bounded in count and time, of a skewed length mix (or the shared-prefix prompts),
 at fractions of the capacity measured first (a backlog on the first pair's base). Runs
 alternate between the two configurations of a pair, the same seeded requests and arrival times
-for both; medians of the repeats. Routing cost: the token router's own time per request (its Ray metrics), and Ray
-Serve's time from a request's arrival at the router to its replica being chosen, for every
-router (``serve_request_router_fulfillment_time_ms``). Prefix cache hits: the share of prompt
-tokens each configuration's engines found in their prefix caches over all the pair's runs, both
-loads (vLLM's counters, each configuration serving under a model id of its own; a preempted
-request's recomputation is not in them).
+for both; medians of the repeats. Routing cost: the token router's own time per request (its
+Ray metrics), and Ray Serve's time from a request's arrival at the router to its replica being
+chosen, for every router (``serve_request_router_fulfillment_time_ms``). Prefix cache hits:
+the share of prompt tokens each configuration's engines found in their prefix caches over all
+the pair's runs, both loads (vLLM's counters, each configuration serving under a model id of
+its own; a preempted request's recomputation is not in them).
 
 Simulation (``--parts sim``): ``serve_sim.py``.
 """
