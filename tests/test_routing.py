@@ -1,6 +1,7 @@
 """The token router's policy (pure, hypothesis) and the load channel from a real vLLM scheduler
 (engine-free) over ZMQ on loopback."""
 
+import gc
 import math
 import os
 import random
@@ -380,11 +381,54 @@ def test_prefix_index_hits_the_shared_leading_blocks(shared, tail, block):
     assert set(hits) <= {"a"}
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 6), st.sampled_from("abcde")),
+                max_size=40),
+       st.integers(1, 4))
+def test_prefix_index_matches_a_model_of_its_sends(sends, owners):
+    """Sends of prompts (one of six, each extending the one before by a block: prompt i has
+    blocks 0..i) to replicas. Each block keeps the `owners` replicas it was most recently sent
+    to; a replica's hit is the leading blocks it owns all of. Checked against that model for
+    every prompt, and forgetting a replica takes it out of every block."""
+    index = PrefixIndex(block=1, chars_per_token=1.0, owners=owners)
+    chains = [index.hashes(tuple(range(i + 1))) for i in range(6)]
+    model: dict[int, list[str]] = {}  # block -> owners, most recent last
+    for prompt, length, replica in sends:
+        chain = chains[prompt][:length]
+        index.insert(chain, replica)
+        for h in chain:
+            recent = [r for r in model.get(h, []) if r != replica] + [replica]
+            model[h] = recent[-owners:]
+
+    def expected(chain):
+        hits, n = {}, 0
+        holders = None
+        for h in chain:
+            owned = set(model.get(h, ()))
+            holders = owned if holders is None else holders & owned
+            if not holders:
+                break
+            n += 1
+            hits.update(dict.fromkeys(holders, n))
+        return hits
+
+    for chain in chains:
+        assert index.match(chain) == expected(chain)
+    index.forget("a")
+    model = {h: [r for r in rs if r != "a"] for h, rs in model.items()}
+    for chain in chains:
+        assert index.match(chain) == expected(chain)
+
+
 def test_prefix_index_is_bounded_and_forgets_replicas():
     index = PrefixIndex(block=2, chars_per_token=1.0, capacity=10, owners=2)
     index.insert(index.hashes("abcdefgh" * 10), "a")
     assert len(index._blocks) == 10
+    # a prompt's tail goes first, as vLLM evicts: its leading blocks still match
+    assert index.match(index.hashes("abcdefgh" * 10)) == {"a": 10}
     assert index.match(index.hashes("xbcdefgh" * 10)) == {}
+    gc.collect()  # the blocks' owners (tuples of strings) leave the collector's generations
+    assert not any(map(gc.is_tracked, index._blocks.values()))
     ids = index.hashes((1, 2, 3, 4, 5, 6))
     for replica in ("a", "b", "c"):
         index.insert(ids, replica)

@@ -8,6 +8,7 @@ import time
 
 from vllm_prepack.bench.serve import StandaloneRouter
 from vllm_prepack.routing import LoadReport
+from vllm_prepack.token_router import replica_key
 
 
 def _report(waiting: int, seq: int = 1) -> LoadReport:
@@ -37,7 +38,7 @@ def in_loop(scenario, **router_kwargs):
 def _heard(router, replica_id, waiting, timeout=10.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        view = router._table._views.get(replica_id)
+        view = router._table._views.get(replica_key(replica_id))
         if view is not None and view.report is not None and view.report.waiting_tokens == waiting:
             return
         time.sleep(0.01)
@@ -52,6 +53,7 @@ async def _routes_by_reported_tokens(served):
     router, replicas, publishers = served.router, served.replicas, served.publishers
     router.update_replicas(list(replicas.values()))
     a, b = replicas["a"].replica_id, replicas["b"].replica_id
+    ka, kb = replica_key(a), replica_key(b)  # the router's tables' keys
     publishers["a"].publish(_report(waiting=1000))
     publishers["b"].publish(_report(waiting=0))
     _heard(router, a, 1000)
@@ -60,39 +62,39 @@ async def _routes_by_reported_tokens(served):
     candidates = [replicas["a"], replicas["b"]]
     ranks = await router.choose_replicas(candidates, _request(1, "x" * 50))
     assert [r[0].replica_id for r in ranks] == [b, a]  # the lighter first, then the runner-up
-    assert router._table.unreported(b) == 50  # charged at once: 50 characters, 1 a token
+    assert router._table.unreported(kb) == 50  # charged at once: 50 characters, 1 a token
 
     # Ray's first choice turned it away and the runner-up took it: the charge moves
     router.on_request_routed(_request(1, "x" * 50), a, None)
-    assert (router._table.unreported(a), router._table.unreported(b)) == (50, 0)
+    assert (router._table.unreported(ka), router._table.unreported(kb)) == (50, 0)
     router.on_request_completed(b, "r1")  # a late word about the first attempt: ignored
-    assert router._table.unreported(a) == 50
+    assert router._table.unreported(ka) == 50
     router.on_request_completed(a, "r1")
-    assert router._table.unreported(a) == 0 and not router._routed
+    assert router._table.unreported(ka) == 0 and not router._routed
 
     # token ids are counted, not estimated; sends add up between reports: b takes three
     # prompts of 400 tokens, then a's 1000 waiting is the shorter wait
     picks = [(await router.choose_replicas(candidates, _request(n, list(range(400)))))[0][0]
              .replica_id for n in range(2, 6)]
     assert picks == [b, b, b, a]
-    assert (router._table.unreported(a), router._table.unreported(b)) == (400, 1200)
+    assert (router._table.unreported(ka), router._table.unreported(kb)) == (400, 1200)
 
     # a replica that leaves is forgotten, and no longer a candidate
     router.update_replicas([replicas["b"]])
-    assert a not in router._table._views
+    assert ka not in router._table._views
     ranks = await router.choose_replicas([replicas["b"]], _request(9, "y"))
     assert [r[0].replica_id for r in ranks] == [b]
 
     # n samples: the engine takes n requests of the prompt, charged as such, and moved as
     # such where Ray sends it elsewhere
-    before = router._table.unreported(b)
+    before = router._table.unreported(kb)
     sampled = _request(10, list(range(100)))
     sampled.args[0].n = 3
     await router.choose_replicas([replicas["b"]], sampled)
-    assert router._table.unreported(b) == before + 300
+    assert router._table.unreported(kb) == before + 300
     assert router._table._charges["r10"].count == 3
     router.on_request_routed(sampled, a, None)
-    assert (router._table.unreported(a), router._table.unreported(b)) == (300, before)
+    assert (router._table.unreported(ka), router._table.unreported(kb)) == (300, before)
     assert router._table._charges["r10"].count == 3
 
 
@@ -109,6 +111,29 @@ async def _without_a_body(served):
     assert len(ranks) == 2 and request.routing_context.should_backoff
 
 
+def test_a_lora_request_routes_among_the_replicas_holding_its_adapter():
+    """Ray's multiplex mixin names the replicas holding the adapter (as ReplicaIDs); the router
+    ranks only those, however much emptier the others are."""
+    in_loop(_lora_request)
+
+
+async def _lora_request(served):
+    router, replicas, publishers = served.router, served.replicas, served.publishers
+    replicas["a"].multiplexed_model_ids = {"adapter"}
+    router.update_replicas(list(replicas.values()))
+    publishers["a"].publish(_report(waiting=5000))
+    publishers["b"].publish(_report(waiting=0))
+    _heard(router, replicas["a"].replica_id, 5000)
+    _heard(router, replicas["b"].replica_id, 0)
+    candidates = list(replicas.values())
+    plain = await router.choose_replicas(candidates, _request(1, "x" * 10))
+    assert plain[0][0] is replicas["b"]
+    lora = _request(2, "x" * 10)
+    lora.metadata.multiplexed_model_id = "adapter"
+    ranks = await router.choose_replicas(candidates, lora)
+    assert [r[0] for r in ranks] == [replicas["a"]]
+
+
 def test_a_prefix_another_router_sent_is_known_from_the_replicas_feed():
     """Replica "b" publishes a prompt's prefix that this router never sent (another router
     did): the prompt goes to b, whose cached prefix outweighs its longer queue, alone and
@@ -123,6 +148,7 @@ async def _learns_from_the_feed(served):
     router.update_replicas(list(replicas.values()))
     assert router._fed
     a, b = replicas["a"].replica_id, replicas["b"].replica_id
+    ka, kb = replica_key(a), replica_key(b)  # the router's tables' keys
     publishers["a"].publish(_report(waiting=0))
     publishers["b"].publish(_report(waiting=300))
     _heard(router, a, 0)
@@ -136,13 +162,13 @@ async def _learns_from_the_feed(served):
     # another prompt, sent to b by another router; its home is a, where routers without the
     # feed would count it cached
     other = next(p for p in (c + prompt[1:] for c in "xyzw")
-                 if router._prefix.home(router._prefix.hashes(p)[0], [a, b]) == a)
+                 if router._prefix.home(router._prefix.hashes(p)[0], [ka, kb]) == ka)
     chain = PrefixIndex(64, 1.0).hashes(other)
     deadline = time.time() + 10
-    while b not in router._prefix.match(chain) and time.time() < deadline:
+    while kb not in router._prefix.match(chain) and time.time() < deadline:
         served.feeds["b"].publish(chain)  # until the subscriber has joined (ZMQ drops before)
         await asyncio.sleep(0.02)
-    assert router._prefix.match(chain)[b] == 10
+    assert router._prefix.match(chain)[kb] == 10
     for n, spread in ((2, 1), (3, 2)):  # alone; one of two routers sharing the replicas
         router._table.spread = spread
         ranks = await router.choose_replicas(candidates, _request(n, other))
@@ -163,8 +189,9 @@ async def _keeps_to_its_share(served):
 
     router, replicas, publishers = served.router, served.replicas, served.publishers
     router.update_replicas(list(replicas.values()))
-    (own,) = router_share([r.replica_id for r in replicas.values()], 1, 2)
-    mine, other = sorted(replicas, key=lambda name: replicas[name].replica_id != own)
+    (own,) = router_share([replica_key(r.replica_id) for r in replicas.values()], 1, 2)
+    mine, other = sorted(replicas, key=lambda name: replica_key(replicas[name].replica_id) != own)
+    own = replicas[mine].replica_id
     overflow = int(OVERFLOW_STEP_SHARE * 256)  # _report's budget
     publishers[mine].publish(_report(waiting=overflow))
     publishers[other].publish(_report(waiting=0))
@@ -181,7 +208,7 @@ async def _keeps_to_its_share(served):
     assert ranks[0][0].replica_id == replicas[other].replica_id  # worth overflowing to
 
     router.update_replicas([replicas[other]])  # its own left: the one left is its share
-    assert router._own == {replicas[other].replica_id}
+    assert router._own == {replica_key(replicas[other].replica_id)}
 
 
 def test_a_router_given_its_place_keeps_to_its_share_from_the_start():
@@ -194,7 +221,7 @@ def test_a_router_given_its_place_keeps_to_its_share_from_the_start():
         try:
             replicas = list(served.replicas.values())
             served.router.update_replicas(replicas)
-            return served.router._own, [r.replica_id for r in replicas]
+            return served.router._own, [replica_key(r.replica_id) for r in replicas]
         finally:
             served.close()
 

@@ -472,7 +472,7 @@ class PrefixIndex:
         self.block, self.capacity, self.owners = int(block), capacity, owners
         self.chars_per_token = float(chars_per_token)
         self._bytes = max(1, round(self.block * self.chars_per_token))
-        self._blocks: OrderedDict[int, list[Replica]] = OrderedDict()
+        self._blocks: OrderedDict[int, tuple[Replica, ...]] = OrderedDict()
         self._replica_keys: dict[Replica, int] = {}
         self._homes: OrderedDict[int, Replica] = OrderedDict()  # first block -> its home
 
@@ -550,38 +550,63 @@ class PrefixIndex:
         return best
 
     def match(self, hashes: Sequence[int]) -> dict[Replica, int]:
-        """Replica -> leading blocks of these it was sent (only replicas with at least one)."""
+        """Replica -> leading blocks of these it was sent (only replicas with at least one).
+        A block whose owners are the previous block's costs one comparison: the common case
+        along a prefix sent to the same replicas."""
         hits: dict[Replica, int] = {}
         holders: set | None = None
-        for n, h in enumerate(hashes, 1):
-            owners = self._blocks.get(h)
+        blocks, last, n = self._blocks, None, 0
+        for h in hashes:
+            owners = blocks.get(h)
             if not owners:
                 break
-            holders = set(owners) if holders is None else holders & set(owners)
-            if not holders:
-                break
-            for replica in holders:
-                hits[replica] = n
+            if holders is None:
+                holders = set(owners)
+            elif owners != last:
+                gone = holders.difference(owners)
+                for replica in gone:
+                    hits[replica] = n
+                holders -= gone
+                if not holders:
+                    break
+            last = owners
+            n += 1
+        for replica in holders or ():
+            hits[replica] = n
         return hits
 
-    def insert(self, hashes: Iterable[int], replica: Replica) -> None:
-        for h in hashes:
-            owners = self._blocks.get(h)
+    def insert(self, hashes: Sequence[int], replica: Replica) -> None:
+        """Where `replica` was sent these blocks: last block first, so that a prompt's first
+        blocks are the most recently used and the index drops a prefix tail first, as vLLM's
+        prefix cache evicts a request's blocks. A block already last sent to `replica` is
+        only moved up. A block's owners are a tuple: of strings (the token router's keys) the
+        garbage collector stops tracking it, so the index's blocks never join the old
+        generation a full collection walks (a list a block would, and their number then
+        paces the full collections of the router's whole process)."""
+        blocks, keep = self._blocks, self.owners
+        move = blocks.move_to_end
+        for h in reversed(hashes):
+            owners = blocks.get(h)
             if owners is None:
-                owners = self._blocks[h] = []
-            else:
-                self._blocks.move_to_end(h)
-            if replica in owners:
-                owners.remove(replica)
-            owners.append(replica)
-            del owners[:-self.owners]
-        while len(self._blocks) > self.capacity:
-            self._blocks.popitem(last=False)
+                blocks[h] = (replica,)
+                continue
+            move(h)
+            if owners[-1] != replica:
+                if replica in owners:
+                    at = owners.index(replica)
+                    blocks[h] = owners[:at] + owners[at + 1:] + (replica,)
+                elif len(owners) < keep:
+                    blocks[h] = owners + (replica,)
+                else:
+                    blocks[h] = owners[len(owners) + 1 - keep:] + (replica,)
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
 
     def forget(self, replica: Replica) -> None:
-        for owners in self._blocks.values():
+        blocks = self._blocks
+        for h, owners in list(blocks.items()):
             if replica in owners:
-                owners.remove(replica)
+                blocks[h] = tuple(o for o in owners if o != replica)
         self._replica_keys.pop(replica, None)
         self._homes.clear()
 

@@ -12,6 +12,10 @@ ingress to its node's replicas whatever their load), and no FIFO matching across
 requests (each routing task routes its own request, so the tokens charged are its tokens).
 LoRA requests are routed among the replicas holding their adapter, as by default.
 
+Ray's ``ReplicaID`` hashes and compares in Python (a frozen dataclass), a few hundred times a
+request at 64 replicas: the router keys its tables by each replica's ``unique_id`` (a string,
+unique within the deployment) and maps back to Ray's replicas only at its edges.
+
 Several ingress replicas mean several routers, each seeing only its own sends between reports.
 Router i of k (its ingress replica's rank, and the number of them: fixed, or under autoscaling
 the replicas Ray Serve has started) keeps to its own share of the replicas and overflows only
@@ -25,6 +29,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from operator import attrgetter
 from typing import List, Optional, Sequence
 
 from ray.serve.request_router import (
@@ -60,6 +65,11 @@ PLACE_REFRESH_S = 2.0  # how often a router reads its rank and the number of rou
 
 logger = logging.getLogger(__name__)
 
+# the router's key for a replica in its tables (module docstring), read in C: of a ReplicaID, and
+# of a RunningReplica
+replica_key = attrgetter("unique_id")
+_candidate_key = attrgetter("replica_id.unique_id")
+
 
 class TokenRouter(MultiplexMixin, RequestRouter):
     """The least expected wait in tokens; see the module docstring and routing.py."""
@@ -83,7 +93,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         self._choices = choices
         # (this router's rank, routers); None: alone, as far as it knows
         self._place = tuple(place) if shard and place is not None else None
-        self._replica_ids: list[ReplicaID] = []
+        self._replica_ids: list[str] = []  # keys (`replica_key`), as every table here
         self._own: frozenset | None = None  # this router's share of the replicas
         self._chars_per_token = chars_per_token
         self._lock = threading.Lock()  # the subscriber thread reports, the router's loop routes
@@ -91,7 +101,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         self._prefix = (PrefixIndex(prefix_block, chars_per_token, capacity=prefix_blocks)
                         if prefix_block > 0 else None)
         self._subscriber = LoadSubscriber(self._on_report)
-        self._endpoints: dict[ReplicaID, str] = {}
+        self._endpoints: dict[str, str] = {}
         # the replicas' prefix feeds; `_fed`: every replica publishes one, hashed as this
         # router hashes, so the index holds the other routers' sends too
         self._prefix_feed = (LoadSubscriber(self._on_prefix, decode=decode_chain, conflate=False)
@@ -126,16 +136,17 @@ class TokenRouter(MultiplexMixin, RequestRouter):
 
     def update_replicas(self, replicas: List[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        endpoints = {r.replica_id: r.replica_metadata.get(METADATA_KEY) for r in replicas}
+        endpoints = {_candidate_key(r): r.replica_metadata.get(METADATA_KEY)
+                     for r in replicas}
         endpoints = {k: v for k, v in endpoints.items() if v}
         hashing = self._prefix.settings if self._prefix is not None else None
-        feeds = {r.replica_id: r.replica_metadata.get(PREFIX_METADATA_KEY) for r in replicas
-                 if r.replica_metadata.get(PREFIX_HASHING_KEY) == hashing}
+        feeds = {_candidate_key(r): r.replica_metadata.get(PREFIX_METADATA_KEY)
+                 for r in replicas if r.replica_metadata.get(PREFIX_HASHING_KEY) == hashing}
         feeds = {k: v for k, v in feeds.items() if v}
         with self._lock:
             for gone in set(self._endpoints) - set(endpoints):
                 self._forget(gone)
-            self._replica_ids = [r.replica_id for r in replicas]
+            self._replica_ids = [_candidate_key(r) for r in replicas]
             self._reshard()
             self._endpoints = endpoints
             self._fed = bool(replicas) and len(feeds) == len(replicas)
@@ -179,14 +190,15 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         # agree; the dead replica is passed over once silent, and Ray's next update_replicas
         # reshards every router alike
         super().on_replica_actor_died(replica_id)
+        key = replica_key(replica_id)
         with self._lock:
-            self._forget(replica_id)
-            self._endpoints.pop(replica_id, None)  # its queued feed messages: dropped
+            self._forget(key)
+            self._endpoints.pop(key, None)  # its queued feed messages: dropped
 
-    def _forget(self, replica_id: ReplicaID) -> None:
-        self._table.forget(replica_id)
+    def _forget(self, key: str) -> None:
+        self._table.forget(key)
         if self._prefix is not None:
-            self._prefix.forget(replica_id)
+            self._prefix.forget(key)
 
     # ---- routing --------------------------------------------------------------------------
 
@@ -202,9 +214,9 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         if pending_request is None:
             return [[r] for r in candidate_replicas[:2]]
         touch.allow_backoff(pending_request)
-        replicas = {r.replica_id: r for r in candidate_replicas}
+        replicas = dict(zip(map(_candidate_key, candidate_replicas), candidate_replicas))
         if touch.multiplexed_model_id(pending_request):
-            allowed = self.apply_multiplex_routing(pending_request)
+            allowed = {replica_key(r) for r in self.apply_multiplex_routing(pending_request)}
             replicas = {k: r for k, r in replicas.items() if k in allowed} or replicas
         body = touch.request_body(pending_request)
         # every prompt's tokens, n times with n samples: the engine takes a request for each
@@ -238,20 +250,20 @@ class TokenRouter(MultiplexMixin, RequestRouter):
                           result) -> None:
         """Ray sent the request to `replica_id`: the runner-up when the first choice turned it
         away (its queue full); then the charge and the prefix move there."""
-        key = touch.request_key(pending_request)
+        key, replica = touch.request_key(pending_request), replica_key(replica_id)
         with self._lock:
             best, tokens, arrivals, runner_up_hit, hashes = self._routed.pop(
-                key, (replica_id, 0, 1, 0, ()))
-            if replica_id != best:
-                self._table.sent(replica_id, key, max(1, tokens - runner_up_hit), time.time(),
+                key, (replica, 0, 1, 0, ()))
+            if replica != best:
+                self._table.sent(replica, key, max(1, tokens - runner_up_hit), time.time(),
                                  arrivals)
                 if hashes:
-                    self._prefix.insert(hashes, replica_id)
+                    self._prefix.insert(hashes, replica)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         with self._lock:
             self._routed.pop(internal_request_id, None)
-            self._table.done(internal_request_id, replica_id)
+            self._table.done(internal_request_id, replica_key(replica_id))
 
 
 class _RouteCost:
