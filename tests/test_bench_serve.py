@@ -1,5 +1,5 @@
-"""The live part of ``bench serve``: its workloads and options (pure; the live runs need a
-cluster and take minutes, so they are benchmarks, not tests)."""
+"""``bench serve``: the live part's workloads and options (pure; the live runs need a cluster
+and take minutes, so they are benchmarks, not tests), and a small run of the route part."""
 
 import argparse
 
@@ -14,6 +14,7 @@ from vllm_prepack.bench.serve import (
     config_pair,
     metric_sum,
     model_name,
+    route_cost,
     shared_prefix_workload,
 )
 
@@ -80,3 +81,14 @@ def test_each_configurations_share_of_cached_prompt_tokens_is_read_off_its_own_e
 
     assert app_costs(totals(before, ours), totals(after, ours))["prefix cache hits"] == 0.7
     assert app_costs(totals(before, theirs), totals(after, theirs))["prefix cache hits"] == 0.5
+
+
+def test_the_route_bench_times_every_prompt_kind_and_its_feed_reaches_the_index():
+    """Every row of a small run has its times, and the affinity rows a feed time: the feed's
+    messages are inserted under the router's own replica keys (the bench raises otherwise)."""
+    text = route_cost([2], requests=25)
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 8  # prefix affinity off and on, four prompt kinds
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[5]) > 0
+        assert (row[6].strip(" |") != "") == (row[2] == "on")

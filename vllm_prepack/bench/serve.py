@@ -477,11 +477,16 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
     from vllm_prepack.routing import LoadReport, PrefixIndex, decode_chain, encode_chain
     from vllm_prepack.token_router import replica_key
 
-    prompts = {"text, 800 chars": "lorem ipsum " * 67, "text, 6000 chars": "lorem ipsum " * 500,
-               "1500 token ids": list(range(1500))}
+    live = shared_prefix_workload("", requests, seed=0, start=0, block=requests).prompts
+    # name: (request i's prompt, the router's characters a token)
+    prompts = {"text, 800 chars": (lambda i: f"{i} {'lorem ipsum ' * 67}", 4.0),
+               "text, 6000 chars": (lambda i: f"{i} {'lorem ipsum ' * 500}", 4.0),
+               "1500 token ids": (lambda i: list(range(1500)), 4.0),
+               "live shared prefixes": (live.__getitem__, 1.0)}
 
-    async def one(n: int, routers: int, block: int, prompt) -> tuple[float, float, float | None]:
-        served = StandaloneRouter(range(n), chars_per_token=4.0, prefix_block=block,
+    async def one(n: int, routers: int, block: int, prompt, chars_per_token: float
+                  ) -> tuple[float, float, float | None]:
+        served = StandaloneRouter(range(n), chars_per_token=chars_per_token, prefix_block=block,
                                   place=(0, routers), prefix_feeds=block > 0)
         router, replicas = served.router, list(served.replicas.values())
         router.update_replicas(replicas)
@@ -490,8 +495,7 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
         deadline = time.time() + 30
         while len(router._table._views) < n and time.time() < deadline:
             await asyncio.sleep(0.01)
-        pending = [served.request(str(i), prompt if not isinstance(prompt, str)
-                                  else f"{i} {prompt}") for i in range(requests)]
+        pending = [served.request(str(i), prompt(i)) for i in range(requests)]
         cpus, walls = [], []
         for start in range(0, requests, requests // ROUTE_PASSES):
             cpu, wall = time.thread_time(), time.perf_counter()
@@ -508,11 +512,14 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
             messages = [(replica_key(replicas[i % n].replica_id),
                          encode_chain(router._prefix.chain(p.args[0])))
                         for i, p in enumerate(pending)]
-            router._prefix = PrefixIndex(block, 4.0)
+            router._prefix = PrefixIndex(block, chars_per_token)
             feed = time.perf_counter()
             for key, data in messages:
                 router._on_prefix(key, decode_chain(data), 0.0)
             feed = 1e6 * (time.perf_counter() - feed) / requests
+            if not router._prefix._blocks:  # a feed under keys the router does not know
+                raise RuntimeError("the prefix feed inserted nothing: its replica keys are not "
+                                   "the router's")
         served.close()
         return (1e6 * cpu / (requests // ROUTE_PASSES), 1e6 * wall / (requests // ROUTE_PASSES),
                 feed)
@@ -521,8 +528,9 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
     for n in sizes:
         for routers in (1, 8) if n >= 8 else (1,):
             for block in (0, 64):
-                for name, prompt in prompts.items():
-                    cpu, wall, feed = asyncio.run(one(n, routers, block, prompt))
+                for name, (prompt, chars_per_token) in prompts.items():
+                    cpu, wall, feed = asyncio.run(one(n, routers, block, prompt,
+                                                      chars_per_token))
                     rows.append({"replicas": n, "routers": routers,
                                  "prefix affinity": "on" if block else "off", "prompt": name,
                                  "CPU us / request": cpu, "wall us / request": wall})
@@ -535,7 +543,10 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
             f"routers, router 0's share of the replicas and the overflow check over all; "
             f"each text prompt differs from the others in its first characters: the cost of "
             f"hashing and looking up prefixes, not of a hit; the token ids are the same in "
-            f"every request: a hit on every block; with prefix affinity, 'prefix "
+            f"every request: a hit on every block; the live shared prefixes are the "
+            f"prompts of `--models prefix` (1100 characters on average, one a token, "
+            f"{PREFIX_GROUPS} prefixes of {PREFIX_CHARS}: 17 blocks, 16 of them hits once "
+            f"met); with prefix affinity, 'prefix "
             f"feed' is the router's other thread: each request's prefix as the replica that "
             f"got it publishes it, decoded and inserted into an index that has not met it (as "
             f"the other routers' sends are), wall time in this process alone)\n\n"
