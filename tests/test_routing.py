@@ -381,24 +381,31 @@ def test_prefix_index_hits_the_shared_leading_blocks(shared, tail, block):
     assert set(hits) <= {"a"}
 
 
+SENDS = st.lists(st.tuples(st.integers(0, 5), st.integers(1, 6), st.sampled_from("abcde")),
+                 max_size=40)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 6), st.sampled_from("abcde")),
-                max_size=40),
-       st.integers(1, 4))
-def test_prefix_index_matches_a_model_of_its_sends(sends, owners):
+@given(SENDS, SENDS, st.integers(1, 4))
+def test_prefix_index_matches_a_model_of_its_sends(sends, later, owners):
     """Sends of prompts (one of six, each extending the one before by a block: prompt i has
     blocks 0..i) to replicas. Each block keeps the `owners` replicas it was most recently sent
     to; a replica's hit is the leading blocks it owns all of. Checked against that model for
-    every prompt, and forgetting a replica takes it out of every block."""
+    every prompt; forgetting a replica takes it out of every block (some left with no owner),
+    and sends after that are counted as before."""
     index = PrefixIndex(block=1, chars_per_token=1.0, owners=owners)
     chains = [index.hashes(tuple(range(i + 1))) for i in range(6)]
     model: dict[int, list[str]] = {}  # block -> owners, most recent last
-    for prompt, length, replica in sends:
-        chain = chains[prompt][:length]
-        index.insert(chain, replica)
-        for h in chain:
-            recent = [r for r in model.get(h, []) if r != replica] + [replica]
-            model[h] = recent[-owners:]
+
+    def send(sends):
+        for prompt, length, replica in sends:
+            chain = chains[prompt][:length]
+            index.insert(chain, replica)
+            for h in chain:
+                recent = [r for r in model.get(h, []) if r != replica] + [replica]
+                model[h] = recent[-owners:]
+
+    send(sends)
 
     def expected(chain):
         hits, n = {}, 0
@@ -415,7 +422,11 @@ def test_prefix_index_matches_a_model_of_its_sends(sends, owners):
     for chain in chains:
         assert index.match(chain) == expected(chain)
     index.forget("a")
-    model = {h: [r for r in rs if r != "a"] for h, rs in model.items()}
+    for h, replicas in model.items():
+        model[h] = [r for r in replicas if r != "a"]
+    for chain in chains:
+        assert index.match(chain) == expected(chain)
+    send(later)
     for chain in chains:
         assert index.match(chain) == expected(chain)
 

@@ -134,6 +134,34 @@ async def _lora_request(served):
     assert [r[0] for r in ranks] == [replicas["a"]]
 
 
+def test_a_replica_that_died_is_forgotten_and_its_prefixes_route_on():
+    """Ray says a replica's actor died (a ReplicaID): its load and its place in the prefix
+    index go, and the prompt it held routes to the replica left."""
+    in_loop(_replica_died, prefix_block=16)
+
+
+async def _replica_died(served):
+    router, replicas, publishers = served.router, served.replicas, served.publishers
+    router.update_replicas(list(replicas.values()))
+    a, b = replicas["a"].replica_id, replicas["b"].replica_id
+    ka = replica_key(a)
+    publishers["a"].publish(_report(waiting=0))
+    publishers["b"].publish(_report(waiting=500))
+    _heard(router, a, 0)
+    _heard(router, b, 500)
+    prompt = "a prompt of several blocks, " * 4
+    blocks = len(prompt) // 16  # 16 characters a block (one a token here)
+    ranks = await router.choose_replicas(list(replicas.values()), _request(1, prompt))
+    assert ranks[0][0] is replicas["a"]
+    assert router._prefix.match(router._prefix.hashes(prompt)) == {ka: blocks}
+    router.on_replica_actor_died(a)
+    assert ka not in router._table._views and ka not in router._endpoints
+    assert router._prefix.match(router._prefix.hashes(prompt)) == {}
+    ranks = await router.choose_replicas([replicas["b"]], _request(2, prompt))
+    assert [r[0] for r in ranks] == [replicas["b"]]
+    assert router._prefix.match(router._prefix.hashes(prompt)) == {replica_key(b): blocks}
+
+
 def test_a_prefix_another_router_sent_is_known_from_the_replicas_feed():
     """Replica "b" publishes a prompt's prefix that this router never sent (another router
     did): the prompt goes to b, whose cached prefix outweighs its longer queue, alone and

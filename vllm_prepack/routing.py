@@ -591,7 +591,7 @@ class PrefixIndex:
                 blocks[h] = (replica,)
                 continue
             move(h)
-            if owners[-1] != replica:
+            if not owners or owners[-1] != replica:  # () where `forget` took the last one
                 if replica in owners:
                     at = owners.index(replica)
                     blocks[h] = owners[:at] + owners[at + 1:] + (replica,)

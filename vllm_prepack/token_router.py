@@ -136,17 +136,16 @@ class TokenRouter(MultiplexMixin, RequestRouter):
 
     def update_replicas(self, replicas: List[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        endpoints = {_candidate_key(r): r.replica_metadata.get(METADATA_KEY)
-                     for r in replicas}
-        endpoints = {k: v for k, v in endpoints.items() if v}
+        keys = list(map(_candidate_key, replicas))
+        metadata = [r.replica_metadata for r in replicas]
+        endpoints = {k: m[METADATA_KEY] for k, m in zip(keys, metadata) if m.get(METADATA_KEY)}
         hashing = self._prefix.settings if self._prefix is not None else None
-        feeds = {_candidate_key(r): r.replica_metadata.get(PREFIX_METADATA_KEY)
-                 for r in replicas if r.replica_metadata.get(PREFIX_HASHING_KEY) == hashing}
-        feeds = {k: v for k, v in feeds.items() if v}
+        feeds = {k: m[PREFIX_METADATA_KEY] for k, m in zip(keys, metadata)
+                 if m.get(PREFIX_HASHING_KEY) == hashing and m.get(PREFIX_METADATA_KEY)}
         with self._lock:
             for gone in set(self._endpoints) - set(endpoints):
                 self._forget(gone)
-            self._replica_ids = [_candidate_key(r) for r in replicas]
+            self._replica_ids = keys
             self._reshard()
             self._endpoints = endpoints
             self._fed = bool(replicas) and len(feeds) == len(replicas)

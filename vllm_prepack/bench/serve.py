@@ -477,12 +477,15 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
     from vllm_prepack.routing import LoadReport, PrefixIndex, decode_chain, encode_chain
     from vllm_prepack.token_router import replica_key
 
-    live = shared_prefix_workload("", requests, seed=0, start=0, block=requests).prompts
+    shared = shared_prefix_workload("", requests, seed=0, start=0, block=requests).prompts
+    per_pass = requests // ROUTE_PASSES
+    if per_pass < 1:
+        raise ValueError(f"the route bench needs at least {ROUTE_PASSES} requests a row")
     # name: (request i's prompt, the router's characters a token)
     prompts = {"text, 800 chars": (lambda i: f"{i} {'lorem ipsum ' * 67}", 4.0),
                "text, 6000 chars": (lambda i: f"{i} {'lorem ipsum ' * 500}", 4.0),
                "1500 token ids": (lambda i: list(range(1500)), 4.0),
-               "live shared prefixes": (live.__getitem__, 1.0)}
+               "live shared prefixes": (shared.__getitem__, 1.0)}
 
     async def one(n: int, routers: int, block: int, prompt, chars_per_token: float
                   ) -> tuple[float, float, float | None]:
@@ -495,11 +498,11 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
         deadline = time.time() + 30
         while len(router._table._views) < n and time.time() < deadline:
             await asyncio.sleep(0.01)
-        pending = [served.request(str(i), prompt(i)) for i in range(requests)]
+        pending = [served.request(str(i), prompt(i)) for i in range(per_pass * ROUTE_PASSES)]
         cpus, walls = [], []
-        for start in range(0, requests, requests // ROUTE_PASSES):
+        for start in range(0, len(pending), per_pass):
             cpu, wall = time.thread_time(), time.perf_counter()
-            for p in pending[start:start + requests // ROUTE_PASSES]:
+            for p in pending[start:start + per_pass]:
                 ranks = await router.choose_replicas(replicas, p)
                 router.on_request_completed(ranks[0][0].replica_id,
                                             p.metadata.internal_request_id)
@@ -516,13 +519,12 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
             feed = time.perf_counter()
             for key, data in messages:
                 router._on_prefix(key, decode_chain(data), 0.0)
-            feed = 1e6 * (time.perf_counter() - feed) / requests
+            feed = 1e6 * (time.perf_counter() - feed) / len(messages)
             if not router._prefix._blocks:  # a feed under keys the router does not know
                 raise RuntimeError("the prefix feed inserted nothing: its replica keys are not "
                                    "the router's")
         served.close()
-        return (1e6 * cpu / (requests // ROUTE_PASSES), 1e6 * wall / (requests // ROUTE_PASSES),
-                feed)
+        return 1e6 * cpu / per_pass, 1e6 * wall / per_pass, feed
 
     rows = []
     for n in sizes:
@@ -545,11 +547,12 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
             f"hashing and looking up prefixes, not of a hit; the token ids are the same in "
             f"every request: a hit on every block; the live shared prefixes are the "
             f"prompts of `--models prefix` (1100 characters on average, one a token, "
-            f"{PREFIX_GROUPS} prefixes of {PREFIX_CHARS}: 17 blocks, 16 of them hits once "
-            f"met); with prefix affinity, 'prefix "
+            f"{PREFIX_GROUPS} prefixes of {PREFIX_CHARS}: 16-18 blocks of 64, 16 of them hits "
+            f"once met); with prefix affinity, 'prefix "
             f"feed' is the router's other thread: each request's prefix as the replica that "
             f"got it publishes it, decoded and inserted into an index that has not met it (as "
-            f"the other routers' sends are), wall time in this process alone)\n\n"
+            f"the other routers' sends are), wall time in this process alone, over all the "
+            f"row's requests in one pass)\n\n"
             + table(rows, ROUTE_COLUMNS))
 
 
