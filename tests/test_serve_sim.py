@@ -42,6 +42,18 @@ def test_every_router_gets_every_request_served_once(pool, router):
         assert result.makespan > 0
 
 
+def test_plain_rows_run_vllms_own_order(pool):
+    """``plain+requests`` serves a burst in vLLM's arrival order on plain replicas: on a
+    step cost that grows with tokens its mean TTFT is well above the plugin's shortest first
+    behind the same router, on the same requests and arrivals."""
+    requests = workload("generate", 60, seed=5)
+    rate = 100 * capacity(requests, CPU, 2)  # all waiting at about once
+    mean = {r: sum(simulate_routing(pool, 2, requests, r, CPU, rate, 1, seed=5, run=20 + i,
+                                    chunked=True).ttft) / len(requests)
+            for i, r in enumerate(("plain+requests", "requests"))}
+    assert mean["requests"] < 0.8 * mean["plain+requests"]
+
+
 def test_prefix_affinity_saves_prefill_that_balance_alone_does_not(pool):
     requests = prefix_workload(96, groups=8, seed=2)
     rate = 0.7 * capacity(requests, GPU, 4)

@@ -25,6 +25,8 @@ step that made it, and a finished request's completion reaches its router as lat
   arrive, as ``PrepackLLMServer`` does); ``tokens+prefix/home``: the same where replicas
   publish no prefixes (beside other routers, each prefix's home); these keep to their shares
   too;
+- ``plain+requests``: plain vLLM in every replica (its FCFS scheduler, no plugin) behind Ray
+  Serve's default router: the baseline of the live pairs (``bench serve --parts live``);
 - ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
   on their way to it, cached prefixes known), least expected wait over all replicas.
 With several routers (``--sim-routers``), each request goes through one of them at random, the
@@ -300,13 +302,15 @@ class OracleRouter:
         pass
 
 
-ROUTERS = ("requests", "vllm-dp", "prefix", "tokens/2", "tokens/unsharded", "tokens",
-           "tokens+prefix", "tokens+prefix/home", "oracle")
+ROUTERS = ("plain+requests", "requests", "vllm-dp", "prefix", "tokens/2", "tokens/unsharded",
+           "tokens", "tokens+prefix", "tokens+prefix/home", "oracle")
+PLAIN = "plain+"  # a row's prefix for plain vLLM in every replica (the plugin's otherwise)
 
 
 def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: int = 0):
     """Router `index` of `routers` over `n` replicas; ``tokens@<share>``: the token router with
-    that overflow share."""
+    that overflow share; ``plain+<router>``: the router over plain vLLM replicas."""
+    name = name.removeprefix(PLAIN)
     if name == "requests":
         return RequestsRouter(n, rng)
     if name == "vllm-dp":
@@ -345,12 +349,13 @@ class Pool:
         self._pools: dict[tuple, list] = {}
         self.start = 0.0
 
-    def get(self, n: int, budget: int, chunked: bool) -> list:
-        pool = self._pools.setdefault((budget, chunked), [])
+    def get(self, n: int, budget: int, chunked: bool, scheduler: str = "prepack") -> list:
+        pool = self._pools.setdefault((budget, chunked, scheduler), [])
         while len(pool) < n:
             pool.append(standalone_scheduler(
-                self.model_dir, budget=budget, max_model_len=4096 if chunked else budget,
-                chunked_prefill=chunked, max_num_seqs=512, num_blocks=400_000, verify=False))
+                self.model_dir, scheduler=scheduler, budget=budget,
+                max_model_len=4096 if chunked else budget, chunked_prefill=chunked,
+                max_num_seqs=512, num_blocks=400_000, verify=False))
         return pool[:n]
 
 
@@ -359,7 +364,8 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
                      chunked: bool, cache_groups: int = 4) -> SimResult:
     """One run on `n` of the pool's replicas: `requests` arriving at `rate` per second through
     `routers` router instances."""
-    schedulers = pool.get(n, cost.budget, chunked)
+    plain = router_name.startswith(PLAIN)  # vLLM's own scheduler: no clock, no load reports
+    schedulers = pool.get(n, cost.budget, chunked, "fcfs" if plain else "prepack")
     rng = random.Random(f"route:{seed}:{router_name}")
     arrivals_rng = random.Random(f"arrivals:{seed}")
     proxy_rng = random.Random(f"proxy:{seed}")  # which router a request reaches: alike in every row
@@ -367,7 +373,7 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
     replicas = [SimReplica(i, s, cache_groups) for i, s in enumerate(schedulers)]
     instances = [make_router(router_name, n, random.Random(rng.random()), routers, i)
                  for i in range(routers)]
-    if router_name in ("requests", "prefix"):
+    if router_name.removeprefix(PLAIN) in ("requests", "prefix"):
         for instance in instances[1:]:
             instance.share(instances[0])
     fed = getattr(instances[0], "fed", False)
@@ -381,7 +387,8 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
 
     t = start = pool.start
     clock = [start]
-    for scheduler in schedulers:  # the step-cost model learns step times on the simulated clock
+    for scheduler in schedulers if not plain else ():  # the step-cost model learns step
+        # times on the simulated clock
         scheduler.prepack_clock = lambda: clock[0]
         model = scheduler.step_cost_model
         for k in range(model.steps, MIN_STEPS):  # replicas that served a while measured steps
@@ -402,7 +409,7 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
             # the workers) and updates from it: the step-cost model learns the replica idles
             fake_step(replica.scheduler, out)
             replica.stepping = False
-            if not replica.scheduler.has_requests():  # idle: the plugin reports it once
+            if not plain and not replica.scheduler.has_requests():  # idle: reported once
                 report = replica.scheduler.load_report()
                 for instance in instances:
                     push(now + REPORT_DELAY_S, "report", (instance, replica.index, report))
@@ -410,9 +417,10 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
         replica.stepping = True
         tokens = out.total_num_scheduled_tokens
         replica.step = (now, now + cost.step(tokens), tokens)
-        report = replica.scheduler.load_report(tokens, len(out.num_scheduled_tokens))
-        for instance in instances:
-            push(now + REPORT_DELAY_S, "report", (instance, replica.index, report))
+        if not plain:
+            report = replica.scheduler.load_report(tokens, len(out.num_scheduled_tokens))
+            for instance in instances:
+                push(now + REPORT_DELAY_S, "report", (instance, replica.index, report))
         steps[replica.index] = out
         push(now + cost.step(out.total_num_scheduled_tokens), "step", replica)
 
