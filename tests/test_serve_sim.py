@@ -1,6 +1,6 @@
 """The engine-free routing simulation of ``bench serve``: every router places every request once,
-the replicas (vLLM's scheduler with the plugin) serve them all, and the baselines route as the
-systems they stand for."""
+the replicas (vLLM's scheduler with the plugin, or plain vLLM's) serve them all, and the baselines
+route as the systems they stand for."""
 
 import random
 from types import SimpleNamespace
@@ -15,6 +15,7 @@ from vllm_prepack.bench.serve_sim import (
     RequestsRouter,
     capacity,
     make_router,
+    make_routers,
     prefix_workload,
     simulate_routing,
     workload,
@@ -52,6 +53,12 @@ def test_plain_rows_run_vllms_own_order(pool):
                                     chunked=True).ttft) / len(requests)
             for i, r in enumerate(("plain+requests", "requests"))}
     assert mean["requests"] < 0.8 * mean["plain+requests"]
+    # Ray's default router, its instances reading the replicas' counts alike; no other router
+    # runs over plain replicas (they report no load)
+    routers = make_routers("plain+requests", 2, random.Random(0), 3)
+    assert all(type(r) is RequestsRouter and r.inflight is routers[0].inflight for r in routers)
+    with pytest.raises(ValueError, match="report no load"):
+        make_router("plain+tokens", 2, random.Random(0))
 
 
 def test_prefix_affinity_saves_prefill_that_balance_alone_does_not(pool):

@@ -1,5 +1,5 @@
 """``vllm-prepack bench serve``: serving on Ray Serve, Ray's routers vs the token router, plain
-vLLM vs the plugin; then the routers at 8-64 replicas, engine-free.
+vLLM vs the plugin; then the routers over simulated replicas, engine-free.
 
 Live (``--parts live``): Ray Serve LLM on this machine, 2 replicas of each model (one core
 each), an embedding model (all-MiniLM-L6-v2, real weights) and a small random-weight Llama
@@ -573,7 +573,8 @@ def sim(args) -> str:
     rows = sim_table(str(decoder_model(TINY)), args.sim_sizes, args.sim_loads, costs,
                      args.sim_per_replica, routers_at, seed=0, policies=policies)
     return (f"**Simulation: routers at {', '.join(map(str, args.sim_sizes))} replicas** "
-            f"(vLLM's scheduler with the plugin in each replica, no model; a step of T tokens "
+            f"(vLLM's scheduler with the plugin in each replica, plain vLLM's in the "
+            f"plain+requests row, no model; a step of T tokens "
             f"costs a + b x T: cpu a = 0, b = {args.cpu_token_us} us; gpu a = "
             f"{args.gpu_step_ms} ms, b = {args.gpu_token_us} us; {args.sim_per_replica} requests "
             f"per replica, Poisson, loads as fractions of full-step capacity; ratios against the "

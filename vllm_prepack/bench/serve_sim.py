@@ -1,6 +1,7 @@
-"""Engine-free routing at 8-64 replicas, for ``bench serve``.
+"""Engine-free routing at 2-64 replicas, for ``bench serve``.
 
-Each replica is vLLM's real scheduler with the plugin (the harness's, no model), stepping on a
+Each replica is vLLM's real scheduler with the plugin (the harness's, no model; vLLM's own FCFS
+scheduler in the ``plain+requests`` row), stepping on a
 cost model: a step of T tokens takes a + b x T seconds. Requests arrive as a Poisson process and
 a router places each; it reaches its replica `transit` later, each replica's load report (the
 plugin's own, ``PrepackScheduler.load_report``) reaches the routers `report_delay` after the
@@ -309,8 +310,13 @@ PLAIN = "plain+"  # a row's prefix for plain vLLM in every replica (the plugin's
 
 def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: int = 0):
     """Router `index` of `routers` over `n` replicas; ``tokens@<share>``: the token router with
-    that overflow share; ``plain+<router>``: the router over plain vLLM replicas."""
-    name = name.removeprefix(PLAIN)
+    that overflow share; ``plain+requests``: Ray's default router over plain vLLM replicas (the
+    others read what only the plugin reports)."""
+    if name.startswith(PLAIN):
+        if name != PLAIN + "requests":
+            raise ValueError(f"plain vLLM replicas report no load: only {PLAIN}requests, "
+                             f"got {name!r}")
+        name = "requests"
     if name == "requests":
         return RequestsRouter(n, rng)
     if name == "vllm-dp":
@@ -326,6 +332,17 @@ def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: 
     return TokensRouter(n, rng, choices, name.startswith("tokens+prefix"), own,
                         float(overflow) if overflow else OVERFLOW_STEP_SHARE,
                         fed=name == "tokens+prefix")
+
+
+def make_routers(name: str, n: int, rng: random.Random, routers: int) -> list:
+    """`routers` instances of router `name`; Ray's routers read what the first reads (the
+    replicas' own counts, its one prefix tree), the others keep their own state."""
+    instances = [make_router(name, n, random.Random(rng.random()), routers, i)
+                 for i in range(routers)]
+    if name.removeprefix(PLAIN) in ("requests", "prefix"):
+        for instance in instances[1:]:
+            instance.share(instances[0])
+    return instances
 
 
 # ---- the event loop ---------------------------------------------------------------------------
@@ -366,16 +383,13 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
     `routers` router instances."""
     plain = router_name.startswith(PLAIN)  # vLLM's own scheduler: no clock, no load reports
     schedulers = pool.get(n, cost.budget, chunked, "fcfs" if plain else "prepack")
-    rng = random.Random(f"route:{seed}:{router_name}")
+    # plain+requests draws as requests does: the two rows differ in the replicas only
+    rng = random.Random(f"route:{seed}:{router_name.removeprefix(PLAIN)}")
     arrivals_rng = random.Random(f"arrivals:{seed}")
     proxy_rng = random.Random(f"proxy:{seed}")  # which router a request reaches: alike in every row
     n = len(schedulers)
     replicas = [SimReplica(i, s, cache_groups) for i, s in enumerate(schedulers)]
-    instances = [make_router(router_name, n, random.Random(rng.random()), routers, i)
-                 for i in range(routers)]
-    if router_name.removeprefix(PLAIN) in ("requests", "prefix"):
-        for instance in instances[1:]:
-            instance.share(instances[0])
+    instances = make_routers(router_name, n, rng, routers)
     fed = getattr(instances[0], "fed", False)
     events: list = []  # (time, order, kind, payload)
     order = 0
@@ -387,13 +401,13 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
 
     t = start = pool.start
     clock = [start]
-    for scheduler in schedulers if not plain else ():  # the step-cost model learns step
-        # times on the simulated clock
-        scheduler.prepack_clock = lambda: clock[0]
-        model = scheduler.step_cost_model
-        for k in range(model.steps, MIN_STEPS):  # replicas that served a while measured steps
-            tokens = max(1, cost.budget * (k + 1) // MIN_STEPS)
-            model.observe(tokens, 1, cost.step(tokens))
+    if not plain:  # the step-cost model learns step times on the simulated clock
+        for scheduler in schedulers:
+            scheduler.prepack_clock = lambda: clock[0]
+            model = scheduler.step_cost_model
+            for k in range(model.steps, MIN_STEPS):  # replicas that served a while measured
+                tokens = max(1, cost.budget * (k + 1) // MIN_STEPS)
+                model.observe(tokens, 1, cost.step(tokens))
     for request in requests:
         t += arrivals_rng.expovariate(rate)
         push(t, "arrive", request)
