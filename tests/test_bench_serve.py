@@ -84,11 +84,12 @@ def test_each_configurations_share_of_cached_prompt_tokens_is_read_off_its_own_e
 
 
 def test_the_route_bench_times_every_prompt_kind_and_its_feed_reaches_the_index():
-    """Every row of a small run has its times, and the affinity rows a feed time: the feed's
-    messages are inserted under the router's own replica keys (the bench raises otherwise)."""
-    text = route_cost([2], requests=25)
+    """Every row of a small run has its times (warm and cold), and the affinity rows a feed
+    time: the feed's messages are inserted under the router's own replica keys (the bench
+    raises otherwise)."""
+    text = route_cost([2], requests=25, cold_requests=5)
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 8  # prefix affinity off and on, four prompt kinds
     for row in rows:
-        assert float(row[4]) > 0 and float(row[5]) > 0
-        assert (row[6].strip(" |") != "") == (row[2] == "on")
+        assert all(float(row[i]) > 0 for i in (4, 5, 6))  # warm CPU and wall, cold CPU
+        assert (row[7].strip(" |") != "") == (row[2] == "on")

@@ -411,8 +411,12 @@ def live(args) -> str:
 
 ROUTE_PASSES = 5  # each row's requests in passes, the median pass reported: a collection of the
 # process's whole heap (this one imports Ray and vLLM) lands in one pass, not in every row
+# requests a row routed one by one after a walk over COLD_BYTES, as a router finds its caches
+# after the engines' steps between two requests at a few a second
+COLD_REQUESTS = 200
+COLD_BYTES = 64 << 20
 ROUTE_COLUMNS = ["replicas", "routers", "prefix affinity", "prompt", "CPU us / request",
-                 "wall us / request", "prefix feed us / request"]
+                 "wall us / request", "CPU us / request, caches cold", "prefix feed us / request"]
 
 
 class StandaloneRouter:
@@ -471,13 +475,17 @@ class StandaloneRouter:
         self.router.close()
 
 
-def route_cost(sizes: list[int], requests: int = 3000) -> str:
+def route_cost(sizes: list[int], requests: int = 3000, cold_requests: int = COLD_REQUESTS) -> str:
     """The token router's own cost per request, alone in this process (``StandaloneRouter``):
     replicas that report different loads, OpenAI completion bodies of text or token ids."""
     from vllm_prepack.routing import LoadReport, PrefixIndex, decode_chain, encode_chain
     from vllm_prepack.token_router import replica_key
 
-    shared = shared_prefix_workload("", requests, seed=0, start=0, block=requests).prompts
+    import numpy as np
+
+    total = requests + cold_requests
+    shared = shared_prefix_workload("", total, seed=0, start=0, block=total).prompts
+    walk = np.ones(COLD_BYTES // 8)
     per_pass = requests // ROUTE_PASSES
     if per_pass < 1:
         raise ValueError(f"the route bench needs at least {ROUTE_PASSES} requests a row")
@@ -488,7 +496,7 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
                "live shared prefixes": (shared.__getitem__, 1.0)}
 
     async def one(n: int, routers: int, block: int, prompt, chars_per_token: float
-                  ) -> tuple[float, float, float | None]:
+                  ) -> tuple[float, float, float, float | None]:
         served = StandaloneRouter(range(n), chars_per_token=chars_per_token, prefix_block=block,
                                   place=(0, routers), prefix_feeds=block > 0)
         router, replicas = served.router, list(served.replicas.values())
@@ -509,6 +517,14 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
             cpus.append(time.thread_time() - cpu)
             walls.append(time.perf_counter() - wall)
         cpu, wall = statistics.median(cpus), statistics.median(walls)
+        colds = []
+        for i in range(len(pending), len(pending) + cold_requests):
+            p = served.request(str(i), prompt(i))
+            walk.sum()
+            started = time.thread_time()
+            ranks = await router.choose_replicas(replicas, p)
+            router.on_request_completed(ranks[0][0].replica_id, p.metadata.internal_request_id)
+            colds.append(time.thread_time() - started)
         feed = None
         if block:  # the feed's thread per request a replica received: decode, insert (into an
             # index that has not met these prompts, as for the other routers' sends)
@@ -524,24 +540,28 @@ def route_cost(sizes: list[int], requests: int = 3000) -> str:
                 raise RuntimeError("the prefix feed inserted nothing: its replica keys are not "
                                    "the router's")
         served.close()
-        return 1e6 * cpu / per_pass, 1e6 * wall / per_pass, feed
+        return 1e6 * cpu / per_pass, 1e6 * wall / per_pass, 1e6 * statistics.median(colds), feed
 
     rows = []
     for n in sizes:
         for routers in (1, 8) if n >= 8 else (1,):
             for block in (0, 64):
                 for name, (prompt, chars_per_token) in prompts.items():
-                    cpu, wall, feed = asyncio.run(one(n, routers, block, prompt,
-                                                      chars_per_token))
+                    cpu, wall, cold, feed = asyncio.run(one(n, routers, block, prompt,
+                                                            chars_per_token))
                     rows.append({"replicas": n, "routers": routers,
                                  "prefix affinity": "on" if block else "off", "prompt": name,
-                                 "CPU us / request": cpu, "wall us / request": wall})
+                                 "CPU us / request": cpu, "wall us / request": wall,
+                                 "CPU us / request, caches cold": cold})
                     if feed is not None:
                         rows[-1]["prefix feed us / request"] = feed
     return (f"**The token router alone** (this process, no cluster: Ray Serve's router base "
             f"class and request types, every replica reporting over the load channel; "
             f"`choose_replicas` then `on_request_completed`, {requests} requests a row in "
-            f"{ROUTE_PASSES} passes, the median pass's time per request; with 8 "
+            f"{ROUTE_PASSES} passes, the median pass's time per request; 'caches cold': "
+            f"the median of {cold_requests} more requests, each routed after a walk over "
+            f"{COLD_BYTES >> 20} MiB, as the router finds its caches after the engines' steps "
+            f"between requests at a few a second; with 8 "
             f"routers, router 0's share of the replicas and the overflow check over all; "
             f"each text prompt differs from the others in its first characters: the cost of "
             f"hashing and looking up prefixes, not of a hit; the token ids are the same in "
