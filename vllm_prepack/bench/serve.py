@@ -411,6 +411,7 @@ def live(args) -> str:
 
 ROUTE_PASSES = 5  # each row's requests in passes, the median pass reported: a collection of the
 # process's whole heap (this one imports Ray and vLLM) lands in one pass, not in every row
+
 # requests a row routed one by one after a walk over COLD_BYTES, as a router finds its caches
 # after the engines' steps between two requests at a few a second
 COLD_REQUESTS = 200
