@@ -12,6 +12,7 @@ from vllm_prepack.bench.serve import (
     app_costs,
     check_pairs,
     config_pair,
+    index_cost,
     metric_sum,
     model_name,
     route_cost,
@@ -93,3 +94,11 @@ def test_the_route_bench_times_every_prompt_kind_and_its_feed_reaches_the_index(
     for row in rows:
         assert all(float(row[i]) > 0 for i in (4, 5, 6))  # warm CPU and wall, cold CPU
         assert (row[7].strip(" |") != "") == (row[2] == "on")
+
+
+def test_the_index_bench_fills_the_index_to_each_size_and_times_its_work():
+    text = index_cost([320, 640], inserts=50)
+    rows = [line.strip("| ").split(" | ") for line in text.splitlines() if line[2:3].isdigit()]
+    assert [int(row[0]) for row in rows] == [320, 640]  # filled, and kept at its size
+    for row in rows:
+        assert all(float(value) > 0 for value in row[1:])

@@ -17,6 +17,9 @@ from hypothesis import strategies as st
 from vllm_prepack.routing import (
     OVERFLOW_STEP_SHARE,
     SCAN_LIMIT,
+    MAX_PREFIX_BLOCKS,
+    MIN_PREFIX_BLOCKS,
+    SHRINK_BLOCKS,
     LoadReport,
     LoadTable,
     PrefixIndex,
@@ -34,10 +37,10 @@ def report(waiting=0, prefill=0, decoding=0, budget=256, newest=0.0, at=0.0, seq
 @given(st.tuples(st.integers(0, 2**40), st.floats(0, 2e9), st.integers(0, 2**40),
                  st.integers(0, 2**40), st.integers(0, 2**20), st.integers(1, 2**20),
                  st.floats(0, 2e9), st.integers(0, 2**20), st.integers(0, 2**40),
-                 st.integers(0, 2**20), st.floats(0, 1e3)))
+                 st.integers(0, 2**20), st.floats(0, 1e3), st.integers(0, 2**50)))
 def test_report_round_trips(fields):
     r = LoadReport(*fields)
-    assert LoadReport.decode(r.encode()) == r and len(r.encode()) == 88
+    assert LoadReport.decode(r.encode()) == r and len(r.encode()) == 96
 
 
 @given(st.integers(1, 4096), st.floats(1e-4, 10), st.floats(0, 20), st.floats(0, 20),
@@ -448,6 +451,60 @@ def test_prefix_index_is_bounded_and_forgets_replicas():
     assert index.match(ids) == {"b": 3}
 
 
+def test_a_forgotten_replica_stops_matching_at_once_and_gives_up_its_place_first():
+    """Forgetting walks no block (a pause of the router at a million blocks): the replica
+    matches nothing from then on, a full block drops it before any live owner, and a key sent
+    to again after it was forgotten starts with no blocks."""
+    index = PrefixIndex(block=1, chars_per_token=1.0, owners=2)
+    ids = index.hashes((1, 2, 3))
+    index.insert(ids, "b")
+    index.insert(ids, "a")  # owners (b, a)
+    index.forget("a")
+    assert index.match(ids) == {"b": 3}
+    index.insert(ids, "c")  # full: a goes, not b
+    assert index.match(ids) == {"b": 3, "c": 3}
+    index.insert(index.hashes((9,)), "b")
+    index.forget("b")
+    index.insert(ids[:1], "b")  # b reused: its old blocks are not its
+    assert index.match(ids) == {"b": 1, "c": 3}
+    assert index.match(index.hashes((9,))) == {}
+
+
+def test_an_index_sized_by_the_replicas_caches_follows_them_and_shrinks_without_a_pause():
+    index = PrefixIndex(block=16)
+    assert index.capacity == MIN_PREFIX_BLOCKS  # no report yet
+    index.cover(16 * (MIN_PREFIX_BLOCKS + 5))
+    assert index.capacity == MIN_PREFIX_BLOCKS + 5
+    index.cover(16 * 4 * MAX_PREFIX_BLOCKS)
+    assert index.capacity == MAX_PREFIX_BLOCKS
+    index.cover(0)
+    assert index.capacity == MIN_PREFIX_BLOCKS
+    fixed = PrefixIndex(block=16, capacity=10)
+    fixed.cover(16 * MAX_PREFIX_BLOCKS)
+    assert fixed.capacity == 10
+
+    small = PrefixIndex(block=1, chars_per_token=1.0, capacity=3 * SHRINK_BLOCKS)
+    small.insert(small.hashes(tuple(range(3 * SHRINK_BLOCKS))), "a")
+    small.capacity = 10  # shrunk: each insert drops its own blocks' worth and SHRINK_BLOCKS more
+    small.insert(small.hashes((-1, -2)), "a")
+    assert len(small._blocks) == 3 * SHRINK_BLOCKS + 2 - (2 + SHRINK_BLOCKS)
+    while len(small._blocks) > 10:
+        small.insert(small.hashes((-1,)), "a")
+    assert small.match(small.hashes((-1, -2))) == {"a": 2}  # the most recent stay
+
+
+def test_the_table_adds_up_the_replicas_caches_by_their_last_reports():
+    table = LoadTable()
+    table.report("a", LoadReport(1, 0.0, 0, 0, 0, 256, 0.0, 0, 0, cache_tokens=1000), 0.0)
+    table.report("b", LoadReport(1, 0.0, 0, 0, 0, 256, 0.0, 0, 0, cache_tokens=500), 0.0)
+    table.report("a", LoadReport(2, 1.0, 0, 0, 0, 256, 0.0, 0, 0, cache_tokens=3000), 1.0)
+    assert table.cache_tokens == 3500
+    table.forget("a")
+    assert table.cache_tokens == 500
+    table.forget("nobody")
+    assert table.cache_tokens == 500
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.text(min_size=64, max_size=200), min_size=1, max_size=20), st.integers(2, 40),
        st.integers(0, 2**32))
@@ -705,6 +762,7 @@ def test_load_report_counts_what_waits_and_what_runs(tiny_model):
     r = scheduler.load_report(out.total_num_scheduled_tokens)
     assert (r.waiting_tokens, r.prefill_tokens, r.decoding, r.requests) == (250, 94, 3, 5)
     assert r.step_tokens == 256
+    assert r.cache_tokens == 10_000 * 16  # the harness's KV cache: 10,000 blocks of 16 tokens
 
 
 def test_the_step_under_way_is_ahead_of_every_new_request():

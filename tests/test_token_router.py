@@ -11,10 +11,10 @@ from vllm_prepack.routing import LoadReport
 from vllm_prepack.token_router import replica_key
 
 
-def _report(waiting: int, seq: int = 1) -> LoadReport:
+def _report(waiting: int, seq: int = 1, cache: int = 0) -> LoadReport:
     return LoadReport(seq=seq, time=time.time(), waiting_tokens=waiting, prefill_tokens=0,
                       decoding=0, budget=256, newest_arrival=0.0, requests=1 if waiting else 0,
-                      arrived=0)
+                      arrived=0, cache_tokens=cache)
 
 
 def _request(n: int, prompt):
@@ -136,7 +136,8 @@ async def _lora_request(served):
 
 def test_a_replica_that_died_is_forgotten_and_its_prefixes_route_on():
     """Ray says a replica's actor died (a ReplicaID): its load and its place in the prefix
-    index go, and the prompt it held routes to the replica left."""
+    index go, and the prompt it held routes to the replica left. The index holds as many
+    blocks as the replicas' KV caches, by their reports, and shrinks with the one gone."""
     in_loop(_replica_died, prefix_block=16)
 
 
@@ -145,10 +146,11 @@ async def _replica_died(served):
     router.update_replicas(list(replicas.values()))
     a, b = replicas["a"].replica_id, replicas["b"].replica_id
     ka = replica_key(a)
-    publishers["a"].publish(_report(waiting=0))
-    publishers["b"].publish(_report(waiting=500))
+    publishers["a"].publish(_report(waiting=0, cache=16 * 100_000))
+    publishers["b"].publish(_report(waiting=500, cache=16 * 80_000))
     _heard(router, a, 0)
     _heard(router, b, 500)
+    assert router._prefix.capacity == 180_000  # blocks of 16 tokens
     prompt = "a prompt of several blocks, " * 4
     blocks = len(prompt) // 16  # 16 characters a block (one a token here)
     ranks = await router.choose_replicas(list(replicas.values()), _request(1, prompt))
@@ -157,6 +159,7 @@ async def _replica_died(served):
     router.on_replica_actor_died(a)
     assert ka not in router._table._views and ka not in router._endpoints
     assert router._prefix.match(router._prefix.hashes(prompt)) == {}
+    assert router._prefix.capacity == 80_000
     ranks = await router.choose_replicas([replicas["b"]], _request(2, prompt))
     assert [r[0] for r in ranks] == [replicas["b"]]
     assert router._prefix.match(router._prefix.hashes(prompt)) == {replica_key(b): blocks}

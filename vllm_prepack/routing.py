@@ -46,8 +46,9 @@ from operator import itemgetter
 
 Replica = Hashable
 
-# seq, time, waiting, prefill, decoding, budget, newest arrival, requests, arrived, step, seconds
-_FORMAT = struct.Struct("<qdqqqqdqqqd")
+# seq, time, waiting, prefill, decoding, budget, newest arrival, requests, arrived, step, seconds,
+# cache tokens
+_FORMAT = struct.Struct("<qdqqqqdqqqdq")
 MIN_PREFILL_SHARE = 0.25  # decode never leaves prefill less than this share of a step (estimate)
 MESSAGE_TOKENS = 4  # chat template tokens around each message (estimate)
 SHARE_WINDOW = 50  # arrivals over which a router measures its share of them
@@ -57,6 +58,11 @@ CACHE_HIT_WEIGHT = 2  # a cached token saves the request's wait and the replica'
 # token budget in wait (engine-free, 64 replicas, 8 routers: 1/8, 1/4, 1/2 and 1 compared,
 # BENCHMARKS.md)
 OVERFLOW_STEP_SHARE = 0.25
+# a prefix index sized by the replicas' KV caches keeps at least and at most this many blocks (at
+# about 175 bytes a block, BENCHMARKS.md: 11 MiB and 175 MiB)
+MIN_PREFIX_BLOCKS = 65_536
+MAX_PREFIX_BLOCKS = 1 << 20
+SHRINK_BLOCKS = 1024  # blocks an insert drops beyond its own where the index shrank (no pause)
 _MASK64 = (1 << 64) - 1
 
 
@@ -75,11 +81,12 @@ class LoadReport:
     arrived: int  # requests the scheduler has taken since it started
     step_tokens: int = 0  # tokens of the step being computed as the report leaves
     step_seconds: float = 0.0  # that step's time as the replica predicts it (0: not known yet)
+    cache_tokens: int = 0  # tokens its KV cache holds: the most its prefix cache keeps (0: unknown)
 
     def encode(self) -> bytes:
         return _FORMAT.pack(self.seq, self.time, self.waiting_tokens, self.prefill_tokens,
                             self.decoding, self.budget, self.newest_arrival, self.requests,
-                            self.arrived, self.step_tokens, self.step_seconds)
+                            self.arrived, self.step_tokens, self.step_seconds, self.cache_tokens)
 
     @classmethod
     def decode(cls, data: bytes) -> LoadReport:
@@ -143,6 +150,7 @@ class LoadTable:
         self._views: dict[Replica, _View] = {}
         self._charges: dict[Hashable, _Charge] = {}  # request key -> its live charge
         self.spread = 1  # routers this one shares the replicas with, as far as it can tell
+        self.cache_tokens = 0  # what the known replicas' KV caches hold, by their last reports
         self._window = [0, 0]  # [own sends, arrivals at the replicas] since the last estimate
 
     def _view(self, replica: Replica) -> _View:
@@ -169,6 +177,7 @@ class LoadTable:
         last = view.report
         if last is None or (report.seq, report.time) != (last.seq, last.time):
             view.step_heard = now  # not a repeat: its step started about now
+        self.cache_tokens += report.cache_tokens - (last.cache_tokens if last is not None else 0)
         view.report = report
         # a restarted engine counts its reports and arrivals from 0 again: either went down
         restarted = last is not None and report.seq < last.seq
@@ -236,6 +245,8 @@ class LoadTable:
         """A replica left (died, or was scaled down)."""
         view = self._views.pop(replica, None)
         if view is not None:
+            if view.report is not None:
+                self.cache_tokens -= view.report.cache_tokens
             for charge in view.charges:
                 charge.live = False
                 if self._charges.get(charge.key) is charge:
@@ -452,9 +463,11 @@ class PrefixIndex:
     """Which replicas were recently sent which prompt prefixes, in blocks of `block` tokens
     (token ids; text in blocks of `block` x `chars_per_token` UTF-8 bytes), chained so that a
     block's hash stands for the whole prefix up to it. Each block keeps its `owners` most recent
-    replicas; the `capacity` most recently used blocks are kept. For a router alone, a
-    replica's hit for a prompt is the leading blocks it was sent, all of them: what its prefix
-    cache most likely still holds (the engine may have evicted some).
+    replicas; the `capacity` most recently used blocks are kept, or with `capacity` None as many
+    as the replicas' KV caches hold (``cover``): an index smaller than the caches forgets
+    prefixes they still hold, a larger one remembers prefixes they have evicted. For a router
+    alone, a replica's hit for a prompt is the leading blocks it was sent, all of them: what its
+    prefix cache most likely still holds (the engine may have evicted some).
 
     Several routers (one per ingress replica) each see only a part of the traffic. Where the
     replicas publish the prefixes they receive, every router inserts them too (the request's
@@ -467,14 +480,25 @@ class PrefixIndex:
     routers gather it there until its load outweighs the saving. The engine-free runs compare
     the two (BENCHMARKS.md)."""
 
-    def __init__(self, block: int = 64, chars_per_token: float = 4.0, capacity: int = 65_536,
+    def __init__(self, block: int = 64, chars_per_token: float = 4.0, capacity: int | None = None,
                  owners: int = 4) -> None:
-        self.block, self.capacity, self.owners = int(block), capacity, owners
+        self.block, self.owners = int(block), owners
+        self.sized = capacity is None  # by the replicas' caches (``cover``)
+        self.capacity = MIN_PREFIX_BLOCKS if capacity is None else capacity
         self.chars_per_token = float(chars_per_token)
         self._bytes = max(1, round(self.block * self.chars_per_token))
         self._blocks: OrderedDict[int, tuple[Replica, ...]] = OrderedDict()
         self._replica_keys: dict[Replica, int] = {}
         self._homes: OrderedDict[int, Replica] = OrderedDict()  # first block -> its home
+        self._gone: set[Replica] = set()  # forgotten replicas, still named in some blocks
+
+    def cover(self, cache_tokens: int) -> None:
+        """Size the index to the replicas' KV caches (`cache_tokens` in all, from their load
+        reports: ``LoadTable.cache_tokens``), between MIN_PREFIX_BLOCKS and MAX_PREFIX_BLOCKS
+        blocks; a fixed capacity stays. Blocks over a smaller capacity leave over the next
+        inserts, SHRINK_BLOCKS at a time beyond their own."""
+        if self.sized:
+            self.capacity = min(MAX_PREFIX_BLOCKS, max(MIN_PREFIX_BLOCKS, cache_tokens // self.block))
 
     @property
     def settings(self) -> str:
@@ -573,17 +597,23 @@ class PrefixIndex:
             n += 1
         for replica in holders or ():
             hits[replica] = n
+        if self._gone:
+            for replica in self._gone.intersection(hits):
+                del hits[replica]
         return hits
 
     def insert(self, hashes: Sequence[int], replica: Replica) -> None:
         """Where `replica` was sent these blocks: last block first, so that a prompt's first
         blocks are the most recently used and the index drops a prefix tail first, as vLLM's
         prefix cache evicts a request's blocks. A block already last sent to `replica` is
-        only moved up. A block's owners are a tuple: of strings (the token router's keys) the
-        garbage collector stops tracking it, so the index's blocks never join the old
-        generation a full collection walks (a list a block would, and their number then
-        paces the full collections of the router's whole process)."""
-        blocks, keep = self._blocks, self.owners
+        only moved up; a full block drops its oldest owner, a forgotten replica before any. A
+        block's owners are a tuple: of strings (the token router's keys) the garbage
+        collector stops tracking it, so the index's blocks never join the old generation a
+        full collection walks (a list a block would, and their number then paces the full
+        collections of the router's whole process)."""
+        if replica in self._gone:  # a forgotten key sent to again: its old blocks are not its
+            self._scrub(replica)
+        blocks, keep, gone = self._blocks, self.owners, self._gone
         move = blocks.move_to_end
         for h in reversed(hashes):
             owners = blocks.get(h)
@@ -591,24 +621,41 @@ class PrefixIndex:
                 blocks[h] = (replica,)
                 continue
             move(h)
-            if not owners or owners[-1] != replica:  # () where `forget` took the last one
+            if owners[-1] != replica:
                 if replica in owners:
                     at = owners.index(replica)
                     blocks[h] = owners[:at] + owners[at + 1:] + (replica,)
-                elif len(owners) < keep:
+                    continue
+                if len(owners) >= keep and gone:
+                    owners = tuple(o for o in owners if o not in gone)
+                if len(owners) < keep:
                     blocks[h] = owners + (replica,)
                 else:
                     blocks[h] = owners[len(owners) + 1 - keep:] + (replica,)
-        while len(blocks) > self.capacity:
+        over = len(blocks) - self.capacity
+        for _ in range(min(over, len(hashes) + SHRINK_BLOCKS)):
             blocks.popitem(last=False)
 
     def forget(self, replica: Replica) -> None:
+        """A replica left: it no longer matches, at once, while the blocks naming it change
+        only as they are next sent (a walk over every block would hold the router for 0.44 s
+        at MAX_PREFIX_BLOCKS, BENCHMARKS.md); a router offers only live replicas anyway."""
+        self._gone.add(replica)
+        self._replica_keys.pop(replica, None)
+        self._homes.clear()
+
+    def _scrub(self, replica: Replica) -> None:
+        """`replica` out of every block, a block it alone held out of the index (O(blocks)):
+        only for a forgotten key reused."""
+        self._gone.discard(replica)
         blocks = self._blocks
         for h, owners in list(blocks.items()):
             if replica in owners:
-                blocks[h] = tuple(o for o in owners if o != replica)
-        self._replica_keys.pop(replica, None)
-        self._homes.clear()
+                rest = tuple(o for o in owners if o != replica)
+                if rest:
+                    blocks[h] = rest
+                else:
+                    del blocks[h]
 
 
 def _mix(x: int) -> int:

@@ -48,6 +48,7 @@ from vllm_prepack.touchpoints import (
     free_kv_blocks,
     internal,
     kv_block_accounting,
+    kv_cache_tokens,
     prefills_deferred,
     running_load,
 )
@@ -414,7 +415,7 @@ class PrepackScheduler(internal.Scheduler):
             newest_arrival=self._newest_arrival,
             requests=len(self.waiting) + len(self.kv_holding_waiting) + len(self.running),
             arrived=self._arrived,
-            step_tokens=step_tokens, step_seconds=seconds)
+            step_tokens=step_tokens, step_seconds=seconds, cache_tokens=kv_cache_tokens(self))
 
     def _step_ms(self) -> float:
         """This step's time so far (the stats of a step are made at its end), 0 when unmeasured:

@@ -76,7 +76,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
 
     def initialize_state(self, choices: int = 0, chars_per_token: float = 4.0,
                          stale_after_s: float = 0.5, prefix_block: int = 0,
-                         prefix_blocks: int = 65_536, shard: bool = True,
+                         prefix_blocks: int | None = None, shard: bool = True,
                          overflow_share: float = OVERFLOW_STEP_SHARE,
                          place: Sequence[int] | None = None) -> None:
         """`choices`: replicas sampled per request (2: power of two choices), 0 for up to
@@ -84,7 +84,9 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         `chars_per_token`: the text estimate until a report counts the real tokens.
         `stale_after_s`: a replica silent this long is passed over. `prefix_block`: > 0 turns
         prefix affinity on, in blocks of this many tokens; `prefix_blocks`: the most recent
-        blocks its index keeps (with the replicas' prefix feeds, of every router's sends).
+        blocks its index keeps (with the replicas' prefix feeds, of every router's sends);
+        None: as many as the replicas' KV caches hold by their load reports, within
+        ``routing.MIN_PREFIX_BLOCKS`` and ``routing.MAX_PREFIX_BLOCKS``.
         `shard`: where the router runs in one of several ingress replicas, keep to its share
         of the replicas (``routing.router_share``), leaving it only to save `overflow_share`
         of a step's budget of wait. `place`: (rank, routers) fixed by hand, for a router built
@@ -120,6 +122,8 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         with self._lock:
             if replica in self._endpoints:  # not one forgotten since (died, or left)
                 self._table.report(replica, report, now)
+                if self._prefix is not None:
+                    self._prefix.cover(self._table.cache_tokens)
 
     def _on_prefix(self, replica, chain: list[int], now: float) -> None:
         with self._lock:
@@ -198,6 +202,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         self._table.forget(key)
         if self._prefix is not None:
             self._prefix.forget(key)
+            self._prefix.cover(self._table.cache_tokens)
 
     # ---- routing --------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from vllm_prepack.bench.report import header, pct, table
 from vllm_prepack.bench.serve_sim import ROUTERS, Cost, sim_table
 from vllm_prepack.models import DecoderShape
+from vllm_prepack.routing import MAX_PREFIX_BLOCKS, MIN_PREFIX_BLOCKS
 from vllm_prepack.touchpoints import internal
 
 CONFIGS = {  # name: (the plugin, router)
@@ -418,6 +419,10 @@ COLD_REQUESTS = 200
 COLD_BYTES = 64 << 20
 ROUTE_COLUMNS = ["replicas", "routers", "prefix affinity", "prompt", "CPU us / request",
                  "wall us / request", "CPU us / request, caches cold", "prefix feed us / request"]
+INDEX_REPLICAS = 64  # replicas a full prefix index's blocks were sent to
+INDEX_CHAIN = 16  # blocks a prompt (1024 tokens in blocks of 64)
+INDEX_COLUMNS = ["blocks", "MiB", "bytes / block", "insert us / prompt, full", "forget ms",
+                 "walk over every block ms"]
 
 
 class StandaloneRouter:
@@ -577,6 +582,49 @@ def route_cost(sizes: list[int], requests: int = 3000, cold_requests: int = COLD
             + table(rows, ROUTE_COLUMNS))
 
 
+def index_cost(sizes: list[int], inserts: int = 5000) -> str:
+    """The prefix index's memory and its costs at the sizes it may take: filled with prompts of
+    INDEX_CHAIN new blocks sent round robin to INDEX_REPLICAS replicas, its memory as Python
+    allocates it (tracemalloc, over the fill alone), then `inserts` more prompts, each
+    dropping as many old blocks, and a replica forgotten."""
+    import tracemalloc
+
+    from vllm_prepack.routing import PrefixIndex
+
+    rng = random.Random(0)
+    names = [f"replica-{i:02d}-{rng.getrandbits(64):016x}" for i in range(INDEX_REPLICAS)]
+    rows = []
+    for size in sizes:
+        index = PrefixIndex(64, capacity=size)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(-(-size // INDEX_CHAIN)):
+            index.insert([rng.getrandbits(63) for _ in range(INDEX_CHAIN)], names[i % len(names)])
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        chains = [[rng.getrandbits(63) for _ in range(INDEX_CHAIN)] for _ in range(inserts)]
+        started = time.perf_counter()
+        for i, chain in enumerate(chains):
+            index.insert(chain, names[i % len(names)])
+        insert = time.perf_counter() - started
+        blocks = len(index._blocks)
+        started = time.perf_counter()
+        index.forget(names[0])
+        forget = time.perf_counter() - started
+        started = time.perf_counter()
+        index._scrub(names[1])  # what forgetting cost before: a walk over every block
+        walk = time.perf_counter() - started
+        rows.append({"blocks": blocks, "MiB": held / 2**20,
+                     "bytes / block": held / size, "insert us / prompt, full": 1e6 * insert / inserts,
+                     "forget ms": 1e3 * forget, "walk over every block ms": 1e3 * walk})
+    return (f"**The prefix index** (`routing.PrefixIndex`, alone: filled with prompts of "
+            f"{INDEX_CHAIN} new blocks sent round robin to {INDEX_REPLICAS} replicas, its memory "
+            f"as Python allocates it over the fill (tracemalloc); then {inserts} more prompts "
+            f"into the full index, each dropping as many old blocks; then a replica forgotten, "
+            f"and a walk taking another out of every block, as forgetting did before)\n\n"
+            + table(rows, INDEX_COLUMNS))
+
+
 # ---- the simulation ------------------------------------------------------------------------
 
 SIM_COLUMNS = ["cost", "workload", "replicas", "routers", "load", "router", "TTFT mean ms",
@@ -667,6 +715,7 @@ def main(args) -> str:
         parts.append(live(args))
     if "route" in args.parts:
         parts.append(route_cost(args.route_sizes))
+        parts.append(index_cost([MIN_PREFIX_BLOCKS, MAX_PREFIX_BLOCKS]))
     if "sim" in args.parts:
         parts.append(sim(args))
     return "\n".join(parts)
