@@ -7,13 +7,17 @@ from types import SimpleNamespace
 
 import pytest
 
+from vllm_prepack.routing import MIN_PREFIX_BLOCKS
 from vllm_prepack.bench.serve_sim import (
+    CHAT_MAX_TOKENS,
     ROUTERS,
     Cost,
     DPRouter,
     Pool,
     RequestsRouter,
+    SimReplica,
     capacity,
+    chat_workload,
     make_router,
     make_routers,
     prefix_workload,
@@ -69,6 +73,57 @@ def test_prefix_affinity_saves_prefill_that_balance_alone_does_not(pool):
                 for i, r in enumerate(("requests", "tokens+prefix", "prefix"))}
     assert computed["tokens+prefix"] < computed["requests"]
     assert computed["prefix"] < computed["requests"]
+
+
+def test_a_conversation_grows_by_its_replies_and_messages_with_a_few_under_way():
+    requests = chat_workload(600, active=5, seed=4)
+    last = {}
+    for r in requests:
+        assert r.turn and r.keeps == r.length + r.decode
+        before = last.get(r.group)
+        if before is None:
+            assert (r.shared, r.sent) == (0, 0)
+        else:  # the last turn, its reply, a new message
+            assert (r.shared, r.sent) == (before.keeps, before.length) and r.length > before.keeps
+            assert r.keeps <= CHAT_MAX_TOKENS
+        last[r.group] = r
+        ids = r.ids()
+        assert len(ids) == r.length and (before is None or ids[:before.length] == before.ids())
+    assert len(last) > 5  # conversations ended and new ones took their places
+    spans = {}  # conversation -> (its first request, its last)
+    for i, r in enumerate(requests):
+        spans[r.group] = (spans.get(r.group, (i, i))[0], i)
+    assert max(sum(a <= i <= b for a, b in spans.values()) for i in range(len(requests))) <= 5
+
+
+def test_a_replica_caches_each_group_s_last_turn_within_its_tokens():
+    replica = SimReplica(0, SimpleNamespace(add_request=lambda request: None), cache_tokens=1000)
+    a1, b1 = (SimpleNamespace(key=k, length=300, decode=100, group=g, shared=0, sent=0, keeps=400)
+              for k, g in ((1, "a"), (2, "b")))
+    for r in (a1, b1):
+        replica.deliver(r, 0.0, 0.0, run=0)
+    a2 = SimpleNamespace(key=3, length=450, decode=10, group="a", shared=400, sent=300, keeps=460)
+    assert replica.uncached(a2) == 50  # its last turn, prompt and reply, is cached
+    replica.deliver(a2, 0.0, 0.0, run=0)
+    c1 = SimpleNamespace(key=4, length=300, decode=1, group="c", shared=0, sent=0, keeps=300)
+    replica.deliver(c1, 0.0, 0.0, run=0)  # 400 + 460 + 300 > 1000: b, the least recent, goes
+    assert list(replica.cache) == ["a", "c"] and replica.cached == 760
+    b2 = SimpleNamespace(key=5, length=500, decode=1, group="b", shared=400, sent=300, keeps=500)
+    assert replica.uncached(b2) == 500
+
+
+def test_prefix_affinity_pays_on_conversations_and_the_index_is_sized_by_the_caches(pool):
+    requests = chat_workload(160, active=12, seed=6)
+    rate = 0.7 * capacity(requests, GPU, 4)
+    computed = {r: simulate_routing(pool, 4, requests, r, GPU, rate, 1, seed=6, run=40 + i,
+                                    chunked=True, cache_tokens=100_000).computed
+                for i, r in enumerate(("tokens", "tokens+prefix"))}
+    assert computed["tokens+prefix"] < 0.8 * computed["tokens"]
+    sized = make_router("tokens+prefix", 64, random.Random(0))
+    sized.cover(64 * 400_000)
+    fixed = make_router("tokens+prefix/fixed", 64, random.Random(0))
+    fixed.cover(64 * 400_000)
+    assert (sized.index.capacity, fixed.index.capacity) == (400_000, MIN_PREFIX_BLOCKS)
 
 
 def test_routers_that_hear_the_replicas_prefixes_keep_the_hits_of_one_router(pool):

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 
 from vllm_prepack.bench.report import header, pct, table
-from vllm_prepack.bench.serve_sim import ROUTERS, Cost, sim_table
+from vllm_prepack.bench.serve_sim import ROUTERS, WORKLOADS, Cost, sim_table
 from vllm_prepack.models import DecoderShape
 from vllm_prepack.routing import MAX_PREFIX_BLOCKS, MIN_PREFIX_BLOCKS
 from vllm_prepack.touchpoints import internal
@@ -635,12 +635,14 @@ SIM_COLUMNS = ["cost", "workload", "replicas", "routers", "load", "router", "TTF
 def sim(args) -> str:
     from vllm_prepack.models import TINY, decoder_model
 
-    costs = [Cost("cpu", 0.0, args.cpu_token_us * 1e-6, 512),
-             Cost("gpu", args.gpu_step_ms * 1e-3, args.gpu_token_us * 1e-6, 2048)]
+    costs = [cost for cost in (Cost("cpu", 0.0, args.cpu_token_us * 1e-6, 512),
+                               Cost("gpu", args.gpu_step_ms * 1e-3, args.gpu_token_us * 1e-6, 2048))
+             if cost.name in args.sim_costs]
     routers_at = {n: args.sim_routers for n in args.sim_sizes if n >= args.sim_routers_from}
     policies = (*args.sim_policies, *(f"tokens@{share:g}" for share in args.sim_overflow_shares))
     rows = sim_table(str(decoder_model(TINY)), args.sim_sizes, args.sim_loads, costs,
-                     args.sim_per_replica, routers_at, seed=0, policies=policies)
+                     args.sim_per_replica, routers_at, seed=0, policies=policies,
+                     workloads=tuple(args.sim_workloads))
     return (f"**Simulation: routers at {', '.join(map(str, args.sim_sizes))} replicas** "
             f"(vLLM's scheduler with the plugin in each replica, plain vLLM's in the "
             f"plain+requests row, no model; a step of T tokens "
@@ -702,6 +704,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sim-overflow-shares", type=float, nargs="*", default=[],
                         help="also the token router with these overflow shares of a step "
                              "(rows tokens@<share>; the default share is the 'tokens' row)")
+    parser.add_argument("--sim-workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--sim-costs", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"])
     parser.add_argument("--sim-policies", nargs="+", default=list(ROUTERS), choices=ROUTERS,
                         help="routers to simulate (the oracle always runs: the ratios' baseline)")
     parser.add_argument("--cpu-token-us", type=float, default=50.0)

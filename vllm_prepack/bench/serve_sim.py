@@ -23,7 +23,9 @@ step that made it, and a finished request's completion reaches its router as lat
   ``tokens/2``: on power of two choices; ``tokens+prefix``: with its prefix affinity
   (``routing.PrefixIndex``: where each prefix was sent, its own sends at once and the other
   routers' as the replicas publish the prefixes they receive, a report's delay after they
-  arrive, as ``PrepackLLMServer`` does); ``tokens+prefix/home``: the same where replicas
+  arrive, as ``PrepackLLMServer`` does), its index as large as the replicas' caches;
+  ``tokens+prefix/fixed``: the same with the index at its fixed size of before
+  (``routing.MIN_PREFIX_BLOCKS``); ``tokens+prefix/home``: the same where replicas
   publish no prefixes (beside other routers, each prefix's home); these keep to their shares
   too;
 - ``plain+requests``: plain vLLM in every replica (its FCFS scheduler, no plugin) behind Ray
@@ -36,13 +38,17 @@ in flight, which Ray probes; Ray Serve LLM's one prefix-tree actor); vLLM's DP c
 their own counts over the shared snapshot; token routers keep their own charges, and every
 report reaches all of them.
 
-Prefix caching is modelled outside vLLM: a replica holds the prompts prefixes of its last
-`cache_groups` groups (LRU) and a request whose group it holds is submitted without them.
+Prefix caching is modelled outside vLLM: a replica's cache holds, per prefix group or
+conversation (LRU, up to `cache_tokens`), the tokens the group's next request finds there (a
+group's shared prefix; a conversation's last turn, its prompt and reply), and a request is
+submitted without what its replica holds of it. Ray's prefix tree and the token router's index
+see prompts only: the next turn of a conversation matches its last prompt, not the reply.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
 import statistics
@@ -53,7 +59,13 @@ from dataclasses import dataclass, field
 from vllm_prepack.bench.harness import fake_step, make_request, standalone_scheduler
 from vllm_prepack.bench.report import pct
 from vllm_prepack.cost import MIN_STEPS
-from vllm_prepack.routing import OVERFLOW_STEP_SHARE, LoadTable, PrefixIndex, router_share
+from vllm_prepack.routing import (
+    MIN_PREFIX_BLOCKS,
+    OVERFLOW_STEP_SHARE,
+    LoadTable,
+    PrefixIndex,
+    router_share,
+)
 from vllm_prepack.workloads import prompt_lengths
 
 TRANSIT_S = 0.002  # router to engine: HTTP hop, Ray call, tokenization
@@ -63,6 +75,13 @@ REPORT_DELAY_S = 0.001  # engine to router over the load channel
 # arrival (sent as its step is scheduled) is heard before its completion
 COMPLETION_DELAY_S = REPORT_DELAY_S
 PREFIX_TOKENS = 1024  # a prefix group's shared prompt (system prompt, few-shot examples)
+PREFIX_CACHE_TOKENS = 4 * PREFIX_TOKENS  # a replica's cache in the prefix rows: four groups
+# the chat rows: a replica's cache (about what an 8B model's KV holds on an 80 GB GPU), the
+# conversations under way per replica, and the longest conversation
+CHAT_CACHE_TOKENS = 400_000
+CHAT_ACTIVE = 48
+CHAT_MAX_TOKENS = 4000
+_CONVERSATION_IDS = 1 << 20  # token ids apart between two conversations' token streams
 
 
 @dataclass(frozen=True)
@@ -83,7 +102,19 @@ class SimRequest:
     key: int
     length: int
     decode: int
-    group: int | None = None  # prefix group (its first PREFIX_TOKENS tokens are shared)
+    group: int | None = None  # prefix group, or conversation: what a replica's cache keys
+    shared: int = 0  # leading prompt tokens an earlier request of its group left in a cache
+    sent: int = 0  # of those, the tokens an earlier request of its group sent as its prompt
+    keeps: int = 0  # tokens a later request of its group finds cached after this one
+    turn: bool = False  # a conversation's turn: its prompt is the conversation's token stream
+
+    def ids(self) -> tuple[int, ...]:
+        """The token ids routers hash: a conversation's stream up to this prompt; a prefix
+        group's shared prefix."""
+        if self.turn:
+            start = self.group * _CONVERSATION_IDS
+            return tuple(range(start, start + self.length))
+        return (self.group,) * self.shared
 
 
 def workload(name: str, n: int, seed: int) -> list[SimRequest]:
@@ -102,20 +133,54 @@ def workload(name: str, n: int, seed: int) -> list[SimRequest]:
 def prefix_workload(n: int, groups: int, seed: int) -> list[SimRequest]:
     rng = random.Random(f"sim:prefix:{seed}")
     return [SimRequest(i, PREFIX_TOKENS + max(8, round(rng.lognormvariate(4.3, 0.6))),
-                       rng.randint(8, 64), group=rng.randrange(groups)) for i in range(n)]
+                       rng.randint(8, 64), group=rng.randrange(groups), shared=PREFIX_TOKENS,
+                       sent=PREFIX_TOKENS, keeps=PREFIX_TOKENS) for i in range(n)]
+
+
+def chat_workload(n: int, active: int, seed: int) -> list[SimRequest]:
+    """Multi-turn conversations, `active` under way at a time, each request a turn of one of
+    them at random: a first prompt of a system prompt and a document (~1,000 tokens), then each
+    turn the last prompt, its reply (8-64 tokens, as in the generation rows) and a new message
+    (~180 tokens), until the conversation would pass CHAT_MAX_TOKENS; then a new one takes its
+    place."""
+    rng = random.Random(f"sim:chat:{seed}")
+    last: dict[int, SimRequest] = {}  # conversation -> its last turn
+    new = itertools.count()
+    under_way = [next(new) for _ in range(active)]
+    out = []
+    for i in range(n):
+        slot = rng.randrange(active)
+        conversation = under_way[slot]
+        before = last.get(conversation)
+        message = max(8, round(rng.lognormvariate(5.0, 0.6)))
+        decode = rng.randint(8, 64)
+        if before is not None and before.keeps + message + decode > CHAT_MAX_TOKENS:
+            conversation = under_way[slot] = next(new)
+            before = None
+        if before is None:
+            length = max(64, round(rng.lognormvariate(6.8, 0.5))) + message
+            request = SimRequest(i, length, decode, group=conversation, turn=True)
+        else:
+            request = SimRequest(i, before.keeps + message, decode, group=conversation,
+                                 shared=before.keeps, sent=before.length, turn=True)
+        request.keeps = request.length + decode
+        last[conversation] = request
+        out.append(request)
+    return out
 
 
 # ---- replicas -------------------------------------------------------------------------------
 
 
 class SimReplica:
-    def __init__(self, index: int, scheduler, cache_groups: int) -> None:
+    def __init__(self, index: int, scheduler, cache_tokens: int) -> None:
         self.index = index
         self.scheduler = scheduler
         self.stepping = False
         self.step = (0.0, 0.0, 0)  # the step under way: start, end, tokens
-        self.cache: OrderedDict[int, None] = OrderedDict()
-        self.cache_groups = cache_groups
+        self.cache: OrderedDict[int, int] = OrderedDict()  # group -> tokens cached for it
+        self.cache_tokens = cache_tokens
+        self.cached = 0
         self.transit: dict[int, int] = {}  # request key -> uncached tokens, on its way here
         self.requests: dict[str, tuple[SimRequest, float]] = {}  # engine id -> (request, t0)
 
@@ -125,18 +190,18 @@ class SimReplica:
         return round(tokens * (end - now) / (end - start)) if self.stepping and end > now else 0
 
     def uncached(self, request: SimRequest) -> int:
-        if request.group is not None and request.group in self.cache:
-            return request.length - PREFIX_TOKENS
-        return request.length
+        if request.group is None:
+            return request.length
+        return request.length - min(self.cache.get(request.group, 0), request.shared)
 
     def deliver(self, request: SimRequest, sent: float, now: float, run: int) -> None:
         self.transit.pop(request.key, None)
         length = self.uncached(request)
         if request.group is not None:
-            self.cache[request.group] = None
-            self.cache.move_to_end(request.group)
-            while len(self.cache) > self.cache_groups:
-                self.cache.popitem(last=False)
+            self.cached += request.keeps - self.cache.pop(request.group, 0)
+            self.cache[request.group] = request.keeps
+            while self.cached > self.cache_tokens:
+                self.cached -= self.cache.popitem(last=False)[1]
         engine_id = f"{run}.{request.key}"
         self.requests[engine_id] = (request, sent)
         self.scheduler.add_request(make_request(engine_id, length, max_tokens=request.decode,
@@ -211,7 +276,7 @@ class PrefixRouter(RequestsRouter):
 
     def choose(self, request, now, replicas) -> int:
         holders = self.holders.get(request.group, set()) if request.group is not None else set()
-        if holders and PREFIX_TOKENS / request.length >= 0.1:
+        if holders and request.sent / request.length >= 0.1:
             pool = list(holders)
         else:
             least = min(self.chars)
@@ -225,7 +290,7 @@ class PrefixRouter(RequestsRouter):
 
     def sent(self, replica, request, now, replicas) -> None:
         super().sent(replica, request, now, replicas)
-        shared = PREFIX_TOKENS if replica in self.holders.get(request.group, ()) else 0
+        shared = request.sent if replica in self.holders.get(request.group, ()) else 0
         self.chars[replica] += request.length - shared  # the tree stores a prefix once
         if request.group is not None:
             self.holders.setdefault(request.group, set()).add(replica)
@@ -236,11 +301,12 @@ class TokensRouter:
 
     def __init__(self, n: int, rng: random.Random, choices: int, affinity: bool,
                  own: frozenset | None, overflow_share: float = OVERFLOW_STEP_SHARE,
-                 fed: bool = False) -> None:
+                 fed: bool = False, index_blocks: int | None = None) -> None:
         # idle replicas heartbeat: never stale
         self.table = LoadTable(stale_after=math.inf, rng=rng, overflow_share=overflow_share)
         self.choices = choices
-        self.index = PrefixIndex(block=64, chars_per_token=1.0) if affinity else None
+        self.index = (PrefixIndex(block=64, chars_per_token=1.0, capacity=index_blocks)
+                      if affinity else None)
         self.n = n
         self.own = own
         self.fed = fed  # the replicas publish the prefixes they receive
@@ -249,7 +315,7 @@ class TokensRouter:
         """The request's prefix chain, as the router and (fed) the replica compute it."""
         if self.index is None or request.group is None:
             return []
-        return self.index.hashes(tuple([request.group] * PREFIX_TOKENS))
+        return self.index.hashes(request.ids())
 
     def choose(self, request, now, replicas) -> int:
         """As TokenRouter.choose_replicas: hash once, match once, choose, charge."""
@@ -272,6 +338,12 @@ class TokensRouter:
 
     def report(self, replica, report, now) -> None:
         self.table.report(replica, report, now)
+
+    def cover(self, cache_tokens: int) -> None:
+        """The replicas' caches, as their load reports would size the index (the simulated
+        schedulers' own KV pools are not the caches modelled here)."""
+        if self.index is not None:
+            self.index.cover(cache_tokens)
 
     def prefixes(self, replica, hashes) -> None:
         """A replica's published prefix, as TokenRouter._on_prefix inserts it."""
@@ -304,7 +376,7 @@ class OracleRouter:
 
 
 ROUTERS = ("plain+requests", "requests", "vllm-dp", "prefix", "tokens/2", "tokens/unsharded",
-           "tokens", "tokens+prefix", "tokens+prefix/home", "oracle")
+           "tokens", "tokens+prefix", "tokens+prefix/fixed", "tokens+prefix/home", "oracle")
 PLAIN = "plain+"  # a row's prefix for plain vLLM in every replica (the plugin's otherwise)
 
 
@@ -331,7 +403,8 @@ def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: 
            else router_share(range(n), index, routers))
     return TokensRouter(n, rng, choices, name.startswith("tokens+prefix"), own,
                         float(overflow) if overflow else OVERFLOW_STEP_SHARE,
-                        fed=name == "tokens+prefix")
+                        fed=name in ("tokens+prefix", "tokens+prefix/fixed"),
+                        index_blocks=MIN_PREFIX_BLOCKS if name.endswith("/fixed") else None)
 
 
 def make_routers(name: str, n: int, rng: random.Random, routers: int) -> list:
@@ -378,7 +451,7 @@ class Pool:
 
 def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name: str,
                      cost: Cost, rate: float, routers: int, seed: int, run: int,
-                     chunked: bool, cache_groups: int = 4) -> SimResult:
+                     chunked: bool, cache_tokens: int = PREFIX_CACHE_TOKENS) -> SimResult:
     """One run on `n` of the pool's replicas: `requests` arriving at `rate` per second through
     `routers` router instances."""
     plain = router_name.startswith(PLAIN)  # vLLM's own scheduler: no clock, no load reports
@@ -388,8 +461,11 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
     arrivals_rng = random.Random(f"arrivals:{seed}")
     proxy_rng = random.Random(f"proxy:{seed}")  # which router a request reaches: alike in every row
     n = len(schedulers)
-    replicas = [SimReplica(i, s, cache_groups) for i, s in enumerate(schedulers)]
+    replicas = [SimReplica(i, s, cache_tokens) for i, s in enumerate(schedulers)]
     instances = make_routers(router_name, n, rng, routers)
+    for instance in instances:
+        if isinstance(instance, TokensRouter):
+            instance.cover(n * cache_tokens)
     fed = getattr(instances[0], "fed", False)
     events: list = []  # (time, order, kind, payload)
     order = 0
@@ -494,23 +570,35 @@ def capacity(requests: list[SimRequest], cost: Cost, n: int) -> float:
     return n * cost.budget / cost.step(cost.budget) / per_request
 
 
+WORKLOADS = ("embed", "generate", "prefix", "chat")
+AFFINITY = ("prefix", "chat")  # the workloads with prefixes to cache, where prefix routers run
+
+
+def sim_workload(name: str, n: int, replicas: int, seed: int) -> tuple[list[SimRequest], int]:
+    """`n` requests of workload `name` for `replicas`, and a replica's cache in tokens."""
+    if name == "prefix":
+        return prefix_workload(n, 2 * replicas, seed), PREFIX_CACHE_TOKENS
+    if name == "chat":
+        return chat_workload(n, CHAT_ACTIVE * replicas, seed), CHAT_CACHE_TOKENS
+    return workload(name, n, seed), PREFIX_CACHE_TOKENS
+
+
 def sim_table(model_dir: str, sizes: list[int], loads: list[float], costs: list[Cost],
               per_replica: int, routers_at: dict[int, int], seed: int,
-              policies: tuple[str, ...] = ROUTERS) -> list[dict]:
+              policies: tuple[str, ...] = ROUTERS,
+              workloads: tuple[str, ...] = WORKLOADS) -> list[dict]:
     """Every router of `policies` (and the oracle) on the same requests and arrivals; ratios
     against the oracle of the run."""
     pool = Pool(model_dir)
     rows, run = [], 0
     for cost in costs:
-        for name in ("embed", "generate", "prefix"):
+        for name in workloads:
             for n in sizes:
-                count = per_replica * n
-                requests = (prefix_workload(count, 2 * n, seed) if name == "prefix"
-                            else workload(name, count, seed))
+                requests, cache_tokens = sim_workload(name, per_replica * n, n, seed)
                 chunked = name != "embed"
                 names = [r for r in (*ROUTERS, *(p for p in policies if p not in ROUTERS))
                          if (r in policies or r == "oracle")
-                         and (name == "prefix" or "prefix" not in r)]
+                         and (name in AFFINITY or "prefix" not in r)]
                 for load in loads:
                     rate = load * capacity(requests, cost, n)
                     for k in sorted({1, routers_at.get(n, 1)}):
@@ -518,7 +606,8 @@ def sim_table(model_dir: str, sizes: list[int], loads: list[float], costs: list[
                         for router in names:
                             run += 1
                             results[router] = simulate_routing(
-                                pool, n, requests, router, cost, rate, k, seed, run, chunked)
+                                pool, n, requests, router, cost, rate, k, seed, run, chunked,
+                                cache_tokens)
                         oracle = results["oracle"]
                         base_mean = statistics.fmean(oracle.ttft)
                         base_p99 = pct(oracle.ttft, 99)
