@@ -394,8 +394,9 @@ def test_prefix_index_matches_a_model_of_its_sends(sends, later, owners):
     """Sends of prompts (one of six, each extending the one before by a block: prompt i has
     blocks 0..i) to replicas. Each block keeps the `owners` replicas it was most recently sent
     to; a replica's hit is the leading blocks it owns all of. Checked against that model for
-    every prompt; forgetting a replica takes it out of every block (some left with no owner),
-    and sends after that are counted as before."""
+    every prompt; a forgotten replica matches nothing (the model drops it from every block;
+    the index marks it gone and drops it from a full block first), and sends after that,
+    to it too, are counted as before."""
     index = PrefixIndex(block=1, chars_per_token=1.0, owners=owners)
     chains = [index.hashes(tuple(range(i + 1))) for i in range(6)]
     model: dict[int, list[str]] = {}  # block -> owners, most recent last
@@ -763,6 +764,19 @@ def test_load_report_counts_what_waits_and_what_runs(tiny_model):
     assert (r.waiting_tokens, r.prefill_tokens, r.decoding, r.requests) == (250, 94, 3, 5)
     assert r.step_tokens == 256
     assert r.cache_tokens == 10_000 * 16  # the harness's KV cache: 10,000 blocks of 16 tokens
+
+
+def test_a_report_carries_the_cache_only_where_one_kv_group_holds_every_layer():
+    """Several KV groups share one pool of blocks (hybrid, sliding-window models): their
+    blocks are no count of prompt tokens, so the report says 0 (not known)."""
+    from vllm_prepack.touchpoints import kv_cache_tokens
+
+    group = SimpleNamespace(kv_cache_spec=SimpleNamespace(block_size=16))
+    one = SimpleNamespace(kv_cache_config=SimpleNamespace(num_blocks=100, kv_cache_groups=[group]))
+    two = SimpleNamespace(kv_cache_config=SimpleNamespace(num_blocks=100,
+                                                          kv_cache_groups=[group, group]))
+    assert (kv_cache_tokens(one), kv_cache_tokens(two)) == (1600, 0)
+    assert kv_cache_tokens(SimpleNamespace()) == 0  # no KV cache (pooling without one)
 
 
 def test_the_step_under_way_is_ahead_of_every_new_request():

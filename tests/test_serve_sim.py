@@ -10,6 +10,7 @@ import pytest
 from vllm_prepack.routing import MIN_PREFIX_BLOCKS
 from vllm_prepack.bench.serve_sim import (
     CHAT_MAX_TOKENS,
+    EXTRA_ROUTERS,
     ROUTERS,
     Cost,
     DPRouter,
@@ -34,7 +35,7 @@ def pool(tiny_model):
     return Pool(tiny_model)
 
 
-@pytest.mark.parametrize("router", (*ROUTERS, "tokens@0.5"))
+@pytest.mark.parametrize("router", (*ROUTERS, *EXTRA_ROUTERS, "tokens@0.5"))
 def test_every_router_gets_every_request_served_once(pool, router):
     requests = workload("generate", 48, seed=1)
     rate = 0.9 * capacity(requests, CPU, 4)
@@ -112,7 +113,9 @@ def test_a_replica_caches_each_group_s_last_turn_within_its_tokens():
     assert replica.uncached(b2) == 500
 
 
-def test_prefix_affinity_pays_on_conversations_and_the_index_is_sized_by_the_caches(pool):
+def test_prefix_affinity_pays_on_conversations_and_the_index_takes_the_caches_size(pool):
+    """Affinity keeps a conversation where its last turn is cached; the token router's index
+    is as large as the replicas' caches, the /fixed one at the size of before."""
     requests = chat_workload(160, active=12, seed=6)
     rate = 0.7 * capacity(requests, GPU, 4)
     computed = {r: simulate_routing(pool, 4, requests, r, GPU, rate, 1, seed=6, run=40 + i,

@@ -160,6 +160,14 @@ async def _replica_died(served):
     assert ka not in router._table._views and ka not in router._endpoints
     assert router._prefix.match(router._prefix.hashes(prompt)) == {}
     assert router._prefix.capacity == 80_000
+    # Ray's candidates may still name it for a while: a request routed there leaves no prefix
+    # (inserting one for a forgotten key would walk the whole index)
+    index = router._prefix
+    for n in range(3, 6):
+        other = f"{n} other prompt " * 4
+        await router.choose_replicas(list(replicas.values()), _request(n, other))
+        assert all(ka not in index._blocks.get(h, ()) for h in index.hashes(other))
+    assert ka in index._gone  # never sent to again: never walked out of the index
     ranks = await router.choose_replicas([replicas["b"]], _request(2, prompt))
     assert [r[0] for r in ranks] == [replicas["b"]]
     assert router._prefix.match(router._prefix.hashes(prompt)) == {replica_key(b): blocks}

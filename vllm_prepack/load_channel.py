@@ -1,6 +1,6 @@
 """The load channel: a replica's scheduler publishes its ``LoadReport`` each step; routers read.
 
-ZMQ PUB/SUB, one small message (88 bytes) a step, straight from the engine process (where the
+ZMQ PUB/SUB, one small message (96 bytes) a step, straight from the engine process (where the
 scheduler runs) to every router, without the replica's event loop or Ray's controller in the
 way (Ray Serve's routing stats go replica -> controller -> long poll, every few seconds at best).
 A publisher repeats its last report every ``HEARTBEAT_S`` while nothing new comes (an idle

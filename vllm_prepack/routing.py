@@ -58,8 +58,8 @@ CACHE_HIT_WEIGHT = 2  # a cached token saves the request's wait and the replica'
 # token budget in wait (engine-free, 64 replicas, 8 routers: 1/8, 1/4, 1/2 and 1 compared,
 # BENCHMARKS.md)
 OVERFLOW_STEP_SHARE = 0.25
-# a prefix index sized by the replicas' KV caches keeps at least and at most this many blocks (at
-# about 175 bytes a block, BENCHMARKS.md: 11 MiB and 175 MiB)
+# a prefix index sized by the replicas' KV caches keeps at least and at most this many blocks
+# (172-196 bytes a block, one to four owners, BENCHMARKS.md: 11-12 MiB and 172-196 MiB)
 MIN_PREFIX_BLOCKS = 65_536
 MAX_PREFIX_BLOCKS = 1 << 20
 SHRINK_BLOCKS = 1024  # blocks an insert drops beyond its own where the index shrank (no pause)
@@ -569,7 +569,7 @@ class PrefixIndex:
                 best, best_score = replica, score
         if len(replicas) == len(keys):  # a subset's (LoRA requests) is not every router's home
             self._homes[first] = best
-        if len(self._homes) > self.capacity:
+        while len(self._homes) > self.capacity:
             self._homes.popitem(last=False)
         return best
 
@@ -626,7 +626,7 @@ class PrefixIndex:
                     at = owners.index(replica)
                     blocks[h] = owners[:at] + owners[at + 1:] + (replica,)
                     continue
-                if len(owners) >= keep and gone:
+                if len(owners) >= keep and gone and not gone.isdisjoint(owners):
                     owners = tuple(o for o in owners if o not in gone)
                 if len(owners) < keep:
                     blocks[h] = owners + (replica,)
@@ -638,7 +638,7 @@ class PrefixIndex:
 
     def forget(self, replica: Replica) -> None:
         """A replica left: it no longer matches, at once, while the blocks naming it change
-        only as they are next sent (a walk over every block would hold the router for 0.44 s
+        only as they are next sent (a walk over every block would hold the router for 0.6-0.7 s
         at MAX_PREFIX_BLOCKS, BENCHMARKS.md); a router offers only live replicas anyway."""
         self._gone.add(replica)
         self._replica_keys.pop(replica, None)

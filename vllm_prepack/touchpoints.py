@@ -188,9 +188,10 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                  "bench/serve.py (vLLM's bench serve client, request by request)")
       for name in ("ASYNC_REQUEST_FUNCS", "RequestFuncInput")),
     TouchPoint("Request.num_output_tokens", _V.READ, "touchpoints.running_load"),
-    *(TouchPoint(f"Scheduler.{name}", _V.READ, "touchpoints.kv_cache_tokens")
-      for name in ("kv_cache_config", "block_size")),
-    TouchPoint("KVCacheConfig.num_blocks", _V.READ, "touchpoints.kv_cache_tokens"),
+    TouchPoint("Scheduler.kv_cache_config", _V.READ, "touchpoints.kv_cache_tokens"),
+    *(TouchPoint(f"KVCacheConfig.{name}", _V.READ, "touchpoints.kv_cache_tokens")
+      for name in ("num_blocks", "kv_cache_groups")),
+    TouchPoint("KVCacheSpec.block_size", _V.READ, "touchpoints.kv_cache_tokens"),
     TouchPoint("ray.llm._internal.common.callbacks.base:CallbackBase", _V.SUBCLASS,
                "serve_replica.LocalModelCallback", checked=TESTED_RAY),
     TouchPoint("CallbackCtx.run_init_node", _V.REPLACE, "serve_replica.LocalModelCallback",
@@ -490,9 +491,13 @@ def observe_schedule(scheduler, observe):
 
 def kv_cache_tokens(scheduler) -> int:
     """Tokens the engine's KV cache holds (its blocks, of its block size): the most its prefix
-    cache can keep, for the token router's prefix index; 0 where not known."""
-    blocks = getattr(getattr(scheduler, "kv_cache_config", None), "num_blocks", 0)
-    return (blocks or 0) * (getattr(scheduler, "block_size", 0) or 0)
+    cache can keep, for the token router's prefix index; 0 (not known) where several KV groups
+    share the blocks (hybrid, sliding-window models), as in ``kv_block_accounting``."""
+    config = getattr(scheduler, "kv_cache_config", None)
+    groups = getattr(config, "kv_cache_groups", ())
+    if len(groups) != 1:
+        return 0
+    return config.num_blocks * groups[0].kv_cache_spec.block_size
 
 
 def running_load(scheduler) -> tuple[int, int]:

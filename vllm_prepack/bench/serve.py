@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 
 from vllm_prepack.bench.report import header, pct, table
-from vllm_prepack.bench.serve_sim import ROUTERS, WORKLOADS, Cost, sim_table
+from vllm_prepack.bench.serve_sim import EXTRA_ROUTERS, ROUTERS, WORKLOADS, Cost, sim_table
 from vllm_prepack.models import DecoderShape
 from vllm_prepack.routing import MAX_PREFIX_BLOCKS, MIN_PREFIX_BLOCKS
 from vllm_prepack.touchpoints import internal
@@ -420,8 +420,10 @@ COLD_BYTES = 64 << 20
 ROUTE_COLUMNS = ["replicas", "routers", "prefix affinity", "prompt", "CPU us / request",
                  "wall us / request", "CPU us / request, caches cold", "prefix feed us / request"]
 INDEX_REPLICAS = 64  # replicas a full prefix index's blocks were sent to
+INDEX_OWNERS = 4  # replicas a block was sent to (the index's owners a block)
 INDEX_CHAIN = 16  # blocks a prompt (1024 tokens in blocks of 64)
-INDEX_COLUMNS = ["blocks", "MiB", "bytes / block", "insert us / prompt, full", "forget ms",
+INDEX_COLUMNS = ["blocks", "MiB", "bytes / block", "insert us / new prompt",
+                 "insert us / known prompt", "the same, an owner forgotten", "forget ms",
                  "walk over every block ms"]
 
 
@@ -584,44 +586,66 @@ def route_cost(sizes: list[int], requests: int = 3000, cold_requests: int = COLD
 
 def index_cost(sizes: list[int], inserts: int = 5000) -> str:
     """The prefix index's memory and its costs at the sizes it may take: filled with prompts of
-    INDEX_CHAIN new blocks sent round robin to INDEX_REPLICAS replicas, its memory as Python
-    allocates it (tracemalloc, over the fill alone), then `inserts` more prompts, each
-    dropping as many old blocks, and a replica forgotten."""
+    INDEX_CHAIN new blocks, each sent to INDEX_OWNERS of INDEX_REPLICAS replicas in turn (every
+    block's owners full), its memory as Python allocates it (tracemalloc, over the fill alone);
+    then `inserts` new prompts, each dropping as many old blocks; then prompts the index holds,
+    sent to another replica (each block drops its oldest owner), before and after one of
+    their owners is forgotten (then it drops that one first); then a replica forgotten, and a
+    walk taking another out of every block, as forgetting did before."""
     import tracemalloc
 
     from vllm_prepack.routing import PrefixIndex
 
     rng = random.Random(0)
     names = [f"replica-{i:02d}-{rng.getrandbits(64):016x}" for i in range(INDEX_REPLICAS)]
+
+    def chain() -> list[int]:
+        return [rng.getrandbits(63) for _ in range(INDEX_CHAIN)]
+
+    def timed(work) -> float:
+        started = time.perf_counter()
+        for args in work:
+            index.insert(*args)
+        return 1e6 * (time.perf_counter() - started) / len(work)
+
     rows = []
     for size in sizes:
-        index = PrefixIndex(64, capacity=size)
+        index = PrefixIndex(64, capacity=size, owners=INDEX_OWNERS)
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         for i in range(-(-size // INDEX_CHAIN)):
-            index.insert([rng.getrandbits(63) for _ in range(INDEX_CHAIN)], names[i % len(names)])
+            hashes = chain()
+            for j in range(INDEX_OWNERS):
+                index.insert(hashes, names[(i + j) % INDEX_REPLICAS])
         held = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
-        chains = [[rng.getrandbits(63) for _ in range(INDEX_CHAIN)] for _ in range(inserts)]
-        started = time.perf_counter()
-        for i, chain in enumerate(chains):
-            index.insert(chain, names[i % len(names)])
-        insert = time.perf_counter() - started
+        new = [chain() for _ in range(inserts)]
+        fresh = timed([(hashes, names[i % INDEX_REPLICAS]) for i, hashes in enumerate(new)])
+        for hashes in new:  # owners full: the same INDEX_OWNERS replicas on every block
+            for name in names[1:INDEX_OWNERS]:
+                index.insert(hashes, name)
+        half = inserts // 2
+        known = timed([(hashes, names[INDEX_OWNERS]) for hashes in new[:half]])
+        index.forget(names[1])
+        after = timed([(hashes, names[INDEX_OWNERS]) for hashes in new[half:]])
         blocks = len(index._blocks)
         started = time.perf_counter()
-        index.forget(names[0])
+        index.forget(names[2])
         forget = time.perf_counter() - started
         started = time.perf_counter()
-        index._scrub(names[1])  # what forgetting cost before: a walk over every block
+        index._scrub(names[3])  # what forgetting cost before: a walk over every block
         walk = time.perf_counter() - started
-        rows.append({"blocks": blocks, "MiB": held / 2**20,
-                     "bytes / block": held / size, "insert us / prompt, full": 1e6 * insert / inserts,
-                     "forget ms": 1e3 * forget, "walk over every block ms": 1e3 * walk})
+        rows.append({"blocks": blocks, "MiB": held / 2**20, "bytes / block": held / size,
+                     "insert us / new prompt": fresh, "insert us / known prompt": known,
+                     "the same, an owner forgotten": after, "forget ms": 1e3 * forget,
+                     "walk over every block ms": 1e3 * walk})
     return (f"**The prefix index** (`routing.PrefixIndex`, alone: filled with prompts of "
-            f"{INDEX_CHAIN} new blocks sent round robin to {INDEX_REPLICAS} replicas, its memory "
-            f"as Python allocates it over the fill (tracemalloc); then {inserts} more prompts "
-            f"into the full index, each dropping as many old blocks; then a replica forgotten, "
-            f"and a walk taking another out of every block, as forgetting did before)\n\n"
+            f"{INDEX_CHAIN} new blocks, each sent to {INDEX_OWNERS} of {INDEX_REPLICAS} "
+            f"replicas (every block's owners full), its memory as Python allocates it over the "
+            f"fill (tracemalloc); then {inserts} new prompts into the full index, each dropping "
+            f"as many old blocks; then prompts it holds sent to another replica, before and "
+            f"after one of their owners is forgotten; then a replica forgotten, and a walk "
+            f"taking another out of every block, as forgetting did before)\n\n"
             + table(rows, INDEX_COLUMNS))
 
 
@@ -704,9 +728,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sim-overflow-shares", type=float, nargs="*", default=[],
                         help="also the token router with these overflow shares of a step "
                              "(rows tokens@<share>; the default share is the 'tokens' row)")
-    parser.add_argument("--sim-workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--sim-costs", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"])
-    parser.add_argument("--sim-policies", nargs="+", default=list(ROUTERS), choices=ROUTERS,
+    parser.add_argument("--sim-workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS,
+                        help="chat: multi-turn conversations (serve_sim.chat_workload)")
+    parser.add_argument("--sim-costs", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"],
+                        help="the step-cost models to simulate (--cpu-token-us, --gpu-*)")
+    parser.add_argument("--sim-policies", nargs="+", default=list(ROUTERS),
+                        choices=(*ROUTERS, *EXTRA_ROUTERS),
                         help="routers to simulate (the oracle always runs: the ratios' baseline)")
     parser.add_argument("--cpu-token-us", type=float, default=50.0)
     parser.add_argument("--gpu-step-ms", type=float, default=3.0)

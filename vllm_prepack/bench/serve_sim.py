@@ -376,14 +376,17 @@ class OracleRouter:
 
 
 ROUTERS = ("plain+requests", "requests", "vllm-dp", "prefix", "tokens/2", "tokens/unsharded",
-           "tokens", "tokens+prefix", "tokens+prefix/fixed", "tokens+prefix/home", "oracle")
+           "tokens", "tokens+prefix", "tokens+prefix/home", "oracle")
+# on request only: on the default workloads the fixed index is the sized one (they never fill it)
+EXTRA_ROUTERS = ("tokens+prefix/fixed",)
 PLAIN = "plain+"  # a row's prefix for plain vLLM in every replica (the plugin's otherwise)
 
 
 def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: int = 0):
     """Router `index` of `routers` over `n` replicas; ``tokens@<share>``: the token router with
-    that overflow share; ``plain+requests``: Ray's default router over plain vLLM replicas (the
-    others read what only the plugin reports)."""
+    that overflow share; ``tokens+prefix/fixed``: with its prefix index at the fixed size of
+    before; ``plain+requests``: Ray's default router over plain vLLM replicas (the others read
+    what only the plugin reports)."""
     if name.startswith(PLAIN):
         if name != PLAIN + "requests":
             raise ValueError(f"plain vLLM replicas report no load: only {PLAIN}requests, "
@@ -575,12 +578,13 @@ AFFINITY = ("prefix", "chat")  # the workloads with prefixes to cache, where pre
 
 
 def sim_workload(name: str, n: int, replicas: int, seed: int) -> tuple[list[SimRequest], int]:
-    """`n` requests of workload `name` for `replicas`, and a replica's cache in tokens."""
+    """`n` requests of workload `name` for `replicas`, and a replica's cache in tokens (0: no
+    prefixes to cache)."""
     if name == "prefix":
         return prefix_workload(n, 2 * replicas, seed), PREFIX_CACHE_TOKENS
     if name == "chat":
         return chat_workload(n, CHAT_ACTIVE * replicas, seed), CHAT_CACHE_TOKENS
-    return workload(name, n, seed), PREFIX_CACHE_TOKENS
+    return workload(name, n, seed), 0
 
 
 def sim_table(model_dir: str, sizes: list[int], loads: list[float], costs: list[Cost],
@@ -591,12 +595,14 @@ def sim_table(model_dir: str, sizes: list[int], loads: list[float], costs: list[
     against the oracle of the run."""
     pool = Pool(model_dir)
     rows, run = [], 0
+    # the order of the runs (the replicas' schedulers carry over from one to the next)
+    order = (*ROUTERS[:-1], *EXTRA_ROUTERS, "oracle")
     for cost in costs:
         for name in workloads:
             for n in sizes:
                 requests, cache_tokens = sim_workload(name, per_replica * n, n, seed)
                 chunked = name != "embed"
-                names = [r for r in (*ROUTERS, *(p for p in policies if p not in ROUTERS))
+                names = [r for r in (*order, *(p for p in policies if p not in order))
                          if (r in policies or r == "oracle")
                          and (name in AFFINITY or "prefix" not in r)]
                 for load in loads:
