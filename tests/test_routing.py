@@ -767,16 +767,14 @@ def test_load_report_counts_what_waits_and_what_runs(tiny_model):
 
 
 def test_a_report_carries_the_cache_only_where_one_kv_group_holds_every_layer():
-    """Several KV groups share one pool of blocks (hybrid, sliding-window models): their
-    blocks are no count of prompt tokens, so the report says 0 (not known)."""
-    from vllm_prepack.touchpoints import kv_cache_tokens
+    """Several KV groups share one pool of blocks (hybrid, sliding-window models:
+    kv_block_accounting gives no arithmetic): their blocks are no count of prompt tokens, so
+    the report says 0 (not known)."""
+    from vllm_prepack.touchpoints import KVBlocks, kv_cache_tokens
 
-    group = SimpleNamespace(kv_cache_spec=SimpleNamespace(block_size=16))
-    one = SimpleNamespace(kv_cache_config=SimpleNamespace(num_blocks=100, kv_cache_groups=[group]))
-    two = SimpleNamespace(kv_cache_config=SimpleNamespace(num_blocks=100,
-                                                          kv_cache_groups=[group, group]))
-    assert (kv_cache_tokens(one), kv_cache_tokens(two)) == (1600, 0)
-    assert kv_cache_tokens(SimpleNamespace()) == 0  # no KV cache (pooling without one)
+    scheduler = SimpleNamespace(kv_cache_config=SimpleNamespace(num_blocks=100))
+    assert kv_cache_tokens(scheduler, KVBlocks(block_size=16, lookahead=0)) == 1600
+    assert kv_cache_tokens(scheduler, None) == 0
 
 
 def test_the_step_under_way_is_ahead_of_every_new_request():

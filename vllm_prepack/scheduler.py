@@ -304,6 +304,7 @@ class PrepackScheduler(internal.Scheduler):
         cached = ((lambda request: cached_prefix_tokens(self, request))
                   if vllm_config.cache_config.enable_prefix_caching else None)
         self._kv_blocks = kv_block_accounting(self)
+        self._cache_tokens = kv_cache_tokens(self, self._kv_blocks)  # for the load report
         self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached, self._kv_blocks)
         spec = vllm_config.speculative_config
         self._draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
@@ -415,7 +416,7 @@ class PrepackScheduler(internal.Scheduler):
             newest_arrival=self._newest_arrival,
             requests=len(self.waiting) + len(self.kv_holding_waiting) + len(self.running),
             arrived=self._arrived,
-            step_tokens=step_tokens, step_seconds=seconds, cache_tokens=kv_cache_tokens(self))
+            step_tokens=step_tokens, step_seconds=seconds, cache_tokens=self._cache_tokens)
 
     def _step_ms(self) -> float:
         """This step's time so far (the stats of a step are made at its end), 0 when unmeasured:

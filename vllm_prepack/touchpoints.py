@@ -188,10 +188,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                  "bench/serve.py (vLLM's bench serve client, request by request)")
       for name in ("ASYNC_REQUEST_FUNCS", "RequestFuncInput")),
     TouchPoint("Request.num_output_tokens", _V.READ, "touchpoints.running_load"),
-    TouchPoint("Scheduler.kv_cache_config", _V.READ, "touchpoints.kv_cache_tokens"),
-    *(TouchPoint(f"KVCacheConfig.{name}", _V.READ, "touchpoints.kv_cache_tokens")
-      for name in ("num_blocks", "kv_cache_groups")),
-    TouchPoint("KVCacheSpec.block_size", _V.READ, "touchpoints.kv_cache_tokens"),
+    TouchPoint("KVCacheConfig.num_blocks", _V.READ, "touchpoints.kv_cache_tokens"),
     TouchPoint("ray.llm._internal.common.callbacks.base:CallbackBase", _V.SUBCLASS,
                "serve_replica.LocalModelCallback", checked=TESTED_RAY),
     TouchPoint("CallbackCtx.run_init_node", _V.REPLACE, "serve_replica.LocalModelCallback",
@@ -489,15 +486,11 @@ def observe_schedule(scheduler, observe):
 # ---- serving on Ray: the load report --------------------------------------------------------
 
 
-def kv_cache_tokens(scheduler) -> int:
-    """Tokens the engine's KV cache holds (its blocks, of its block size): the most its prefix
-    cache can keep, for the token router's prefix index; 0 (not known) where several KV groups
-    share the blocks (hybrid, sliding-window models), as in ``kv_block_accounting``."""
-    config = getattr(scheduler, "kv_cache_config", None)
-    groups = getattr(config, "kv_cache_groups", ())
-    if len(groups) != 1:
-        return 0
-    return config.num_blocks * groups[0].kv_cache_spec.block_size
+def kv_cache_tokens(scheduler, blocks: KVBlocks | None) -> int:
+    """Tokens the engine's KV cache holds (its blocks, of their size): the most its prefix
+    cache can keep, for the token router's prefix index. `blocks`: ``kv_block_accounting``'s;
+    None (several KV groups share the blocks: hybrid, sliding-window models): 0, not known."""
+    return scheduler.kv_cache_config.num_blocks * blocks.block_size if blocks is not None else 0
 
 
 def running_load(scheduler) -> tuple[int, int]:
