@@ -498,7 +498,8 @@ class PrefixIndex:
         blocks; a fixed capacity stays. Blocks over a smaller capacity leave over the next
         inserts, SHRINK_BLOCKS at a time beyond their own."""
         if self.sized:
-            self.capacity = min(MAX_PREFIX_BLOCKS, max(MIN_PREFIX_BLOCKS, cache_tokens // self.block))
+            blocks = cache_tokens // self.block
+            self.capacity = min(MAX_PREFIX_BLOCKS, max(MIN_PREFIX_BLOCKS, blocks))
 
     @property
     def settings(self) -> str:
@@ -569,7 +570,7 @@ class PrefixIndex:
                 best, best_score = replica, score
         if len(replicas) == len(keys):  # a subset's (LoRA requests) is not every router's home
             self._homes[first] = best
-        while len(self._homes) > self.capacity:
+        for _ in range(min(len(self._homes) - self.capacity, SHRINK_BLOCKS + 1)):
             self._homes.popitem(last=False)
         return best
 
@@ -611,8 +612,8 @@ class PrefixIndex:
         collector stops tracking it, so the index's blocks never join the old generation a
         full collection walks (a list a block would, and their number then paces the full
         collections of the router's whole process)."""
-        if replica in self._gone:  # a forgotten key sent to again: its old blocks are not its
-            self._scrub(replica)
+        if replica in self._gone:  # a router's candidates may name it a while longer
+            return
         blocks, keep, gone = self._blocks, self.owners, self._gone
         move = blocks.move_to_end
         for h in reversed(hashes):
@@ -637,25 +638,14 @@ class PrefixIndex:
             blocks.popitem(last=False)
 
     def forget(self, replica: Replica) -> None:
-        """A replica left: it no longer matches, at once, while the blocks naming it change
-        only as they are next sent (a walk over every block would hold the router for 0.6-0.7 s
-        at MAX_PREFIX_BLOCKS, BENCHMARKS.md); a router offers only live replicas anyway."""
+        """A replica left for good (Ray never reuses a replica's id): it no longer matches, at
+        once, and sends to it are not recorded (a router's candidates may name it a while
+        longer), while the blocks naming it change only as they are next sent: a walk over
+        every block would hold the router for 0.5-0.7 s at MAX_PREFIX_BLOCKS (BENCHMARKS.md).
+        The set of the gone grows by a key a replica that leaves."""
         self._gone.add(replica)
         self._replica_keys.pop(replica, None)
         self._homes.clear()
-
-    def _scrub(self, replica: Replica) -> None:
-        """`replica` out of every block, a block it alone held out of the index (O(blocks)):
-        only for a forgotten key reused."""
-        self._gone.discard(replica)
-        blocks = self._blocks
-        for h, owners in list(blocks.items()):
-            if replica in owners:
-                rest = tuple(o for o in owners if o != replica)
-                if rest:
-                    blocks[h] = rest
-                else:
-                    del blocks[h]
 
 
 def _mix(x: int) -> int:

@@ -240,7 +240,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
             best = ranked[0]
             self._table.sent(best, touch.request_key(pending_request),
                              max(1, tokens - hits.get(best, 0)), now, arrivals)
-            if hashes and best in self._endpoints:  # not a replica forgotten (_on_prefix)
+            if hashes:
                 self._prefix.insert(hashes, best)
             self._routed[touch.request_key(pending_request)] = (
                 best, tokens, arrivals, hits.get(ranked[-1], 0), hashes)
@@ -261,7 +261,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
             if replica != best:
                 self._table.sent(replica, key, max(1, tokens - runner_up_hit), time.time(),
                                  arrivals)
-                if hashes and replica in self._endpoints:
+                if hashes:
                     self._prefix.insert(hashes, replica)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

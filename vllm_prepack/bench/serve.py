@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from vllm_prepack.bench.report import header, pct, table
 from vllm_prepack.bench.serve_sim import EXTRA_ROUTERS, ROUTERS, WORKLOADS, Cost, sim_table
 from vllm_prepack.models import DecoderShape
-from vllm_prepack.routing import MAX_PREFIX_BLOCKS, MIN_PREFIX_BLOCKS
+from vllm_prepack.routing import MAX_PREFIX_BLOCKS, MIN_PREFIX_BLOCKS, PrefixIndex
 from vllm_prepack.touchpoints import internal
 
 CONFIGS = {  # name: (the plugin, router)
@@ -420,7 +420,7 @@ COLD_BYTES = 64 << 20
 ROUTE_COLUMNS = ["replicas", "routers", "prefix affinity", "prompt", "CPU us / request",
                  "wall us / request", "CPU us / request, caches cold", "prefix feed us / request"]
 INDEX_REPLICAS = 64  # replicas a full prefix index's blocks were sent to
-INDEX_OWNERS = 4  # replicas a block was sent to (the index's owners a block)
+INDEX_OWNERS = PrefixIndex().owners  # replicas a block was sent to: the router's most
 INDEX_CHAIN = 16  # blocks a prompt (1024 tokens in blocks of 64)
 INDEX_COLUMNS = ["blocks", "MiB", "bytes / block", "insert us / new prompt",
                  "insert us / known prompt", "the same, an owner forgotten", "forget ms",
@@ -486,7 +486,7 @@ class StandaloneRouter:
 def route_cost(sizes: list[int], requests: int = 3000, cold_requests: int = COLD_REQUESTS) -> str:
     """The token router's own cost per request, alone in this process (``StandaloneRouter``):
     replicas that report different loads, OpenAI completion bodies of text or token ids."""
-    from vllm_prepack.routing import LoadReport, PrefixIndex, decode_chain, encode_chain
+    from vllm_prepack.routing import LoadReport, decode_chain, encode_chain
     from vllm_prepack.token_router import replica_key
 
     import numpy as np
@@ -588,16 +588,17 @@ def index_cost(sizes: list[int], inserts: int = 5000) -> str:
     """The prefix index's memory and its costs at the sizes it may take: filled with prompts of
     INDEX_CHAIN new blocks, each sent to INDEX_OWNERS of INDEX_REPLICAS replicas in turn (every
     block's owners full), its memory as Python allocates it (tracemalloc, over the fill alone);
-    then `inserts` new prompts, each dropping as many old blocks; then prompts the index holds,
-    sent to another replica (each block drops its oldest owner), before and after one of
-    their owners is forgotten (then it drops that one first); then a replica forgotten, and a
-    walk taking another out of every block, as forgetting did before."""
+    then `inserts` new prompts, each dropping as many old blocks; then the most recent of them
+    (as many as half the index holds) sent to INDEX_OWNERS - 1 more replicas (owners full
+    again) and to one more (each block drops its oldest owner), before and after one of their
+    owners is forgotten (then it drops that one first); then a replica forgotten, and a walk
+    taking another out of every block, as forgetting did before."""
     import tracemalloc
-
-    from vllm_prepack.routing import PrefixIndex
 
     rng = random.Random(0)
     names = [f"replica-{i:02d}-{rng.getrandbits(64):016x}" for i in range(INDEX_REPLICAS)]
+    firsts = INDEX_REPLICAS - INDEX_OWNERS  # the new prompts' first owners; the rest after
+    others, fifth = names[firsts:-1], names[-1]
 
     def chain() -> list[int]:
         return [rng.getrandbits(63) for _ in range(INDEX_CHAIN)]
@@ -620,22 +621,28 @@ def index_cost(sizes: list[int], inserts: int = 5000) -> str:
         held = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
         new = [chain() for _ in range(inserts)]
-        fresh = timed([(hashes, names[i % INDEX_REPLICAS]) for i, hashes in enumerate(new)])
-        for hashes in new:  # owners full: the same INDEX_OWNERS replicas on every block
-            for name in names[1:INDEX_OWNERS]:
+        fresh = timed([(hashes, names[i % firsts]) for i, hashes in enumerate(new)])
+        recent = new[-min(inserts, size // (2 * INDEX_CHAIN)):]  # all still in the index
+        for hashes in recent:
+            for name in others:
                 index.insert(hashes, name)
-        half = inserts // 2
-        known = timed([(hashes, names[INDEX_OWNERS]) for hashes in new[:half]])
-        index.forget(names[1])
-        after = timed([(hashes, names[INDEX_OWNERS]) for hashes in new[half:]])
-        blocks = len(index._blocks)
+        half = len(recent) // 2
+        known = timed([(hashes, fifth) for hashes in recent[:half]])
+        index.forget(others[0])
+        after = timed([(hashes, fifth) for hashes in recent[half:]])
+        blocks = index._blocks
+        full = sum(len(blocks.get(h, ())) == INDEX_OWNERS for c in recent for h in c)
+        if full != len(recent) * INDEX_CHAIN:
+            raise RuntimeError(f"the timed prompts' blocks were not all full: {full}")
         started = time.perf_counter()
-        index.forget(names[2])
+        index.forget(names[0])
         forget = time.perf_counter() - started
-        started = time.perf_counter()
-        index._scrub(names[3])  # what forgetting cost before: a walk over every block
+        gone, started = names[1], time.perf_counter()
+        for h, owners in list(blocks.items()):  # what forgetting did before: every block
+            if gone in owners:
+                blocks[h] = tuple(o for o in owners if o != gone)
         walk = time.perf_counter() - started
-        rows.append({"blocks": blocks, "MiB": held / 2**20, "bytes / block": held / size,
+        rows.append({"blocks": len(blocks), "MiB": held / 2**20, "bytes / block": held / size,
                      "insert us / new prompt": fresh, "insert us / known prompt": known,
                      "the same, an owner forgotten": after, "forget ms": 1e3 * forget,
                      "walk over every block ms": 1e3 * walk})
@@ -643,9 +650,10 @@ def index_cost(sizes: list[int], inserts: int = 5000) -> str:
             f"{INDEX_CHAIN} new blocks, each sent to {INDEX_OWNERS} of {INDEX_REPLICAS} "
             f"replicas (every block's owners full), its memory as Python allocates it over the "
             f"fill (tracemalloc); then {inserts} new prompts into the full index, each dropping "
-            f"as many old blocks; then prompts it holds sent to another replica, before and "
-            f"after one of their owners is forgotten; then a replica forgotten, and a walk "
-            f"taking another out of every block, as forgetting did before)\n\n"
+            f"as many old blocks; then the most recent of those (as many as half the index "
+            f"holds), owners full again, sent to one more replica, before and after one of "
+            f"their owners is forgotten; then a replica forgotten, and a walk taking another "
+            f"out of every block, as forgetting did before)\n\n"
             + table(rows, INDEX_COLUMNS))
 
 

@@ -377,7 +377,8 @@ class OracleRouter:
 
 ROUTERS = ("plain+requests", "requests", "vllm-dp", "prefix", "tokens/2", "tokens/unsharded",
            "tokens", "tokens+prefix", "tokens+prefix/home", "oracle")
-# on request only: on the default workloads the fixed index is the sized one (they never fill it)
+# on request only: at the default --sim-per-replica no workload fills the index, so the fixed
+# one is the sized one
 EXTRA_ROUTERS = ("tokens+prefix/fixed",)
 PLAIN = "plain+"  # a row's prefix for plain vLLM in every replica (the plugin's otherwise)
 
@@ -596,7 +597,7 @@ def sim_table(model_dir: str, sizes: list[int], loads: list[float], costs: list[
     pool = Pool(model_dir)
     rows, run = [], 0
     # the order of the runs (the replicas' schedulers carry over from one to the next)
-    order = (*ROUTERS[:-1], *EXTRA_ROUTERS, "oracle")
+    order = (*(r for r in ROUTERS if r != "oracle"), *EXTRA_ROUTERS, "oracle")
     for cost in costs:
         for name in workloads:
             for n in sizes:
