@@ -69,7 +69,10 @@ def test_an_engine_failure_stops_the_job_resumably(replicas, tmp_path):
     assert report.skipped == len(before) and report.written == 30 - len(before)
 
 
-def test_pinned_lines_beyond_the_window_are_refused_by_name(replicas, tmp_path):
-    with pytest.raises(RuntimeError, match="beyond the read-ahead window; raise window"):
-        run_job(Source(LINES), JsonlWriter(tmp_path / "out.jsonl"), replicas, window=1,
-                owner=lambda line: line % 2, progress=False)
+def test_lines_pinned_to_an_idle_replica_reach_it_through_a_full_window(replicas, tmp_path):
+    """Replica 1 has nothing in flight when the one-line window fills with its first line; the
+    replica that finishes must not be the only one topped up, or the job stalls."""
+    out = tmp_path / "out.jsonl"
+    report = run_job(Source(LINES), JsonlWriter(out), replicas, window=1,
+                     owner=lambda line: int(line > 15), progress=False)
+    assert written(out) == list(range(1, 31)) and report.written == 30

@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vllm_prepack import dispatch
@@ -43,10 +43,12 @@ def simulate(tokens, replicas, unit_tokens, order, window, choices, owner=None, 
         assert d.tokens == pytest.approx(sum(e[3] for e in waiting), abs=1e-6)
         assert all(r is None or r in d.alive for r, heap in d.heaps.items() if heap)
         assert all(u.replica in d.alive for u in d.inflight.values())
+        assert all(d.pending(r) == sum(u.replica == r for u in d.inflight.values())
+                   for r in range(replicas))
 
     for r in range(replicas):
         top_up(r)
-    step = 0
+    step, alive = 0, set(d.alive)
     while d.inflight:
         inflight = sorted(d.inflight)
         pick = inflight[choices[step % len(choices)] % len(inflight)] if choices else inflight[0]
@@ -59,8 +61,11 @@ def simulate(tokens, replicas, unit_tokens, order, window, choices, owner=None, 
             d.done(pick)
             completed.extend(unit.lines)
         check()
-        for r in sorted(d.alive):
+        # as the driver does: everyone after a death, else the one that finished and the
+        # replicas whose pinned requests wait
+        for r in sorted(d.alive) if d.alive != alive else [unit.replica, *d.pinned_waiting()]:
             top_up(r)
+        alive = set(d.alive)
         check()
     assert d.finished
     return completed, units, d
@@ -89,12 +94,18 @@ def test_every_request_exactly_once_and_budgets_honoured(tokens, replicas, unit_
 
 
 @settings(max_examples=150, deadline=None)
-@given(**{name: strategy for name, strategy in jobs.items() if name != "window"},
-       kills=st.lists(st.integers(1, 60), max_size=3).map(sorted))
+@given(**jobs, kills=st.lists(st.integers(1, 60), max_size=3).map(sorted),
+       shards=st.booleans())
+@example(tokens=[10] * 6, replicas=2, unit_tokens=5, order="arrival", window=1, choices=[0],
+         kills=[], shards=True)  # replica 1 idle while the window holds replica 0's last line
 def test_pinned_requests_go_to_their_replica_or_to_all_once_it_dies(tokens, replicas, unit_tokens,
-                                                                     order, choices, kills):
-    owner = lambda line: line % replicas  # noqa: E731  (round-robin rows)
-    completed, units, d = simulate(tokens, replicas, unit_tokens, order, len(tokens) + 1, choices,
+                                                                     order, window, choices, kills,
+                                                                     shards):
+    """Any window: lines pinned to a replica with nothing in flight still reach it."""
+    size = -(-len(tokens) // replicas) or 1
+    owner = ((lambda line: (line - 1) // size) if shards  # noqa: E731  (row shards)
+             else (lambda line: line % replicas))  # (round-robin rows)
+    completed, units, d = simulate(tokens, replicas, unit_tokens, order, window, choices,
                                    owner=owner, kills=kills)
     assert sorted(completed) == list(range(1, len(tokens) + 1))
     if not kills:

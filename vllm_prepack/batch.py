@@ -151,9 +151,11 @@ def run_job(
             if on_write is not None:
                 on_write(stats)
             top_up(unit.replica)
-        if not dispatcher.finished:
-            raise RuntimeError("requests pinned to a replica are beyond the read-ahead window; "
-                               "raise window")
+            for r in dispatcher.pinned_waiting():
+                top_up(r)
+        if not dispatcher.finished:  # every path above keeps a live replica busy while work waits
+            raise RuntimeError(f"the job stopped with {dispatcher.size} requests unsent; "
+                               "nothing was lost: a re-run resumes")
     finally:
         writer.close()
         bar.close()

@@ -66,6 +66,7 @@ class Dispatcher:
         self.tokens = 0.0  # their tokens
         self.exhausted = False  # the reader has nothing more
         self.inflight: dict[int, Unit] = {}
+        self._pending: dict[int, int] = {}  # replica -> its units in flight
         self.ops = 0
         self._seq = 0
         self._units = 0
@@ -121,10 +122,13 @@ class Dispatcher:
         unit = Unit(self._units, replica, picked)
         self._units += 1
         self.inflight[unit.id] = unit
+        self._pending[replica] = self._pending.get(replica, 0) + 1
         return unit
 
     def done(self, unit_id: int) -> Unit:
-        return self.inflight.pop(unit_id)
+        unit = self.inflight.pop(unit_id)
+        self._pending[unit.replica] -= 1
+        return unit
 
     def lost(self, replica: int) -> int:
         """A replica died: its units in flight and its pinned requests go back to the shared
@@ -133,6 +137,7 @@ class Dispatcher:
         if not self.alive:
             raise RuntimeError("every replica died")
         units = [u for u in self.inflight.values() if u.replica == replica]
+        self._pending.pop(replica, None)
         for unit in units:
             self.inflight.pop(unit.id)
             for entry in unit.entries:
@@ -144,7 +149,13 @@ class Dispatcher:
         return len(units)
 
     def pending(self, replica: int) -> int:
-        return sum(1 for u in self.inflight.values() if u.replica == replica)
+        return self._pending.get(replica, 0)
+
+    def pinned_waiting(self) -> list[int]:
+        """Live replicas with pinned requests in the window. A full window of lines pinned to a
+        replica with nothing in flight stops the reader; only a top-up of that replica (not of
+        the one that just finished) frees it."""
+        return [r for r, heap in self.heaps.items() if r is not None and heap]
 
     @property
     def finished(self) -> bool:
