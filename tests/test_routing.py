@@ -1,10 +1,12 @@
 """The token router's policy (pure, hypothesis) and the load channel from a real vLLM scheduler
 (engine-free) over ZMQ on loopback."""
 
+import dataclasses
 import gc
 import math
 import os
 import random
+import struct
 import subprocess
 import sys
 import time
@@ -41,6 +43,17 @@ def report(waiting=0, prefill=0, decoding=0, budget=256, newest=0.0, at=0.0, seq
 def test_report_round_trips(fields):
     r = LoadReport(*fields)
     assert LoadReport.decode(r.encode()) == r and len(r.encode()) == 96
+    # adjacent releases during a rolling upgrade: the 88-byte report before cache_tokens, and a
+    # newer one with a field appended
+    assert LoadReport.decode(r.encode()[:88]) == dataclasses.replace(r, cache_tokens=0)
+    assert LoadReport.decode(r.encode() + struct.pack("<q", 7)) == r
+
+
+@pytest.mark.parametrize("size", [0, 64, 90, 100])
+def test_a_report_of_no_known_size_is_refused_by_its_size(size):
+    with pytest.raises(ValueError, match=f"a load report is 8-byte fields, 72 bytes or more; "
+                                         f"got {size} bytes"):
+        LoadReport.decode(bytes(size))
 
 
 @given(st.integers(1, 4096), st.floats(1e-4, 10), st.floats(0, 20), st.floats(0, 20),
@@ -352,6 +365,20 @@ def test_a_retried_request_moves_its_charge_and_a_forgotten_replica_keeps_none()
     table.forget("b")
     table.done("k")
     assert table.unreported("b") == 0 and table.choose(["a"], 1, 3.0) == ["a"]
+
+
+def test_a_forgotten_replica_still_listed_is_passed_over_not_taken_for_idle():
+    """A lagging update may list a replica after its death: without a view it would look
+    idle (no report, no charges) and draw every request."""
+    table = LoadTable()
+    table.report("a", report(waiting=5000), 0.0)
+    table.report("b", report(waiting=5000), 0.0)
+    table.forget("b")
+    assert table.choose(["a", "b"], 10, 0.1) == ["a"]
+    table.sent("b", "k", 100, 0.2)  # a send Ray made before it heard: no view comes back
+    table.report("b", report(waiting=0), 0.2)  # nor from a late report
+    assert table.choose(["a", "b"], 10, 0.3) == ["a"] and table.unreported("b") == 0
+    assert table.choose(["b"], 10, 0.3) == ["b"]  # nothing else: the candidates as given
 
 
 def test_decoding_requests_take_from_each_steps_prefill():

@@ -79,23 +79,25 @@ async def _routes_by_reported_tokens(served):
     assert picks == [b, b, b, a]
     assert (router._table.unreported(ka), router._table.unreported(kb)) == (400, 1200)
 
-    # a replica that leaves is forgotten, and no longer a candidate
+    # n samples: the engine takes n requests of the prompt, charged as such, and moved as
+    # such where Ray sends it elsewhere
+    sampled = _request(10, list(range(100)))
+    sampled.args[0].n = 3
+    await router.choose_replicas([replicas["b"]], sampled)
+    assert router._table.unreported(kb) == 1200 + 300
+    assert router._table._charges["r10"].count == 3
+    router.on_request_routed(sampled, a, None)
+    assert (router._table.unreported(ka), router._table.unreported(kb)) == (400 + 300, 1200)
+    assert router._table._charges["r10"].count == 3
+
+    # a replica that leaves is forgotten, and no longer a candidate; a request Ray still sent
+    # there (it had not heard) charges nothing
     router.update_replicas([replicas["b"]])
     assert ka not in router._table._views
     ranks = await router.choose_replicas([replicas["b"]], _request(9, "y"))
     assert [r[0].replica_id for r in ranks] == [b]
-
-    # n samples: the engine takes n requests of the prompt, charged as such, and moved as
-    # such where Ray sends it elsewhere
-    before = router._table.unreported(kb)
-    sampled = _request(10, list(range(100)))
-    sampled.args[0].n = 3
-    await router.choose_replicas([replicas["b"]], sampled)
-    assert router._table.unreported(kb) == before + 300
-    assert router._table._charges["r10"].count == 3
-    router.on_request_routed(sampled, a, None)
-    assert (router._table.unreported(ka), router._table.unreported(kb)) == (300, before)
-    assert router._table._charges["r10"].count == 3
+    router.on_request_routed(_request(9, "y"), a, None)
+    assert ka not in router._table._views and router._table.unreported(kb) == 1200
 
 
 def test_requests_without_an_openai_body_still_route():

@@ -47,8 +47,14 @@ from operator import itemgetter
 Replica = Hashable
 
 # seq, time, waiting, prefill, decoding, budget, newest arrival, requests, arrived, step, seconds,
-# cache tokens
-_FORMAT = struct.Struct("<qdqqqqdqqqdq")
+# cache tokens: one code a field, 8 bytes each. A new field is appended, with a default, so that
+# routers and replicas of adjacent releases read each other during a rolling upgrade: an older
+# report (fewer fields) leaves the new ones at their defaults, a newer one's extra fields are
+# not read.
+_CODES = "qdqqqqdqqqdq"
+_REQUIRED_FIELDS = 9  # those without a default
+_FORMATS = {8 * n: struct.Struct("<" + _CODES[:n]) for n in range(_REQUIRED_FIELDS, len(_CODES) + 1)}
+_FORMAT = _FORMATS[8 * len(_CODES)]
 MIN_PREFILL_SHARE = 0.25  # decode never leaves prefill less than this share of a step (estimate)
 MESSAGE_TOKENS = 4  # chat template tokens around each message (estimate)
 SHARE_WINDOW = 50  # arrivals over which a router measures its share of them
@@ -90,7 +96,13 @@ class LoadReport:
 
     @classmethod
     def decode(cls, data: bytes) -> LoadReport:
-        return cls(*_FORMAT.unpack(data))
+        form = _FORMATS.get(len(data))
+        if form is None and len(data) > _FORMAT.size and len(data) % 8 == 0:
+            form, data = _FORMAT, data[:_FORMAT.size]  # a newer release's: its fields first
+        if form is None:
+            raise ValueError(f"a load report is 8-byte fields, {min(_FORMATS)} bytes or more; "
+                             f"got {len(data)} bytes")
+        return cls(*form.unpack(data))
 
 
 def encode_chain(hashes: Sequence[int]) -> bytes:
@@ -148,6 +160,9 @@ class LoadTable:
         self.overflow_share = overflow_share
         self.rng = rng or random.Random()
         self._views: dict[Replica, _View] = {}
+        # forgotten replicas (Ray never reuses an id): a candidate list that still names one
+        # (a lagging update) gets it passed over, not counted idle for want of a view
+        self._gone: set[Replica] = set()
         self._charges: dict[Hashable, _Charge] = {}  # request key -> its live charge
         self.spread = 1  # routers this one shares the replicas with, as far as it can tell
         self.cache_tokens = 0  # what the known replicas' KV caches hold, by their last reports
@@ -171,7 +186,10 @@ class LoadTable:
         arrival: most never arrived here, and one that did (it finished before a report
         counted it) only makes as many later requests as its arrivals look arrived early,
         until an arrival that finds no charge sent before it to drop. The first report, or one
-        from a restarted engine, covers every request sent before its newest arrival."""
+        from a restarted engine, covers every request sent before its newest arrival. A
+        forgotten replica's late report is dropped."""
+        if replica in self._gone:
+            return
         view = self._view(replica)
         view.heard = now
         last = view.report
@@ -205,8 +223,11 @@ class LoadTable:
              count: int = 1) -> None:
         """Count `tokens` at `replica` until reports cover its `count` arrivals there (the
         engine takes a request for each prompt and sample of it: ``engine_requests``), a
-        share of the tokens with each; a request routed again (a retry) moves its charge."""
+        share of the tokens with each; a request routed again (a retry) moves its charge. A
+        forgotten replica is charged nothing (it is never picked again)."""
         self.done(key)
+        if replica in self._gone:
+            return
         charge = _Charge(key, replica, now, tokens, count)
         view = self._view(replica)
         if view.charges and now < view.charges[-1].sent_at:
@@ -242,7 +263,8 @@ class LoadTable:
             del self._charges[charge.key]
 
     def forget(self, replica: Replica) -> None:
-        """A replica left (died, or was scaled down)."""
+        """A replica left (died, or was scaled down), for good."""
+        self._gone.add(replica)
         view = self._views.pop(replica, None)
         if view is not None:
             if view.report is not None:
@@ -344,9 +366,10 @@ class LoadTable:
         return [best[first]] + [b for i, b in enumerate(best[:2]) if i != first][:1]
 
     def _live(self, replicas: Iterable[Replica], now: float) -> list[Replica]:
-        views, cutoff = self._views, now - self.stale_after
+        views, cutoff, gone = self._views, now - self.stale_after, self._gone
         return [r for r in replicas
-                if (v := views.get(r)) is None or v.report is None or v.heard >= cutoff]
+                if (v := views.get(r)) is not None and (v.report is None or v.heard >= cutoff)
+                or v is None and r not in gone]
 
 
 def router_share(replicas: Iterable[Replica], index: int, count: int) -> frozenset:
