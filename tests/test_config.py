@@ -23,8 +23,9 @@ def test_values_are_parsed_and_typed():
     assert c.max_swaps == 0
     assert c.debug_layout and c.record_layout  # checking the layout needs recording it
     assert c.aging.steps is None and c.aging.seconds == 2.0
-    assert parse({"chunked_order": "ratio"}).chunked_order == "ratio"
-    assert PrepackConfig().chunked_order == "shortest"
+    assert parse({"order": "ratio"}).order == "ratio"
+    assert parse({"chunked_order": "ratio"}).order == "ratio"  # its old name
+    assert PrepackConfig().order == "shortest"
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,10 @@ def test_values_are_parsed_and_typed():
         ({"step_cost_seq_tokens": float("nan")}, r"\['step_cost_seq_tokens'\] must be >= 0"),
         ({"learn_step_cost": 1}, r"\['learn_step_cost'\] must be true or false"),
         ({"load_endpoint": 5601}, r"\['load_endpoint'\] must be a string"),
-        ({"chunked_order": "hrrn"}, r"\['chunked_order'\] must be one of 'shortest', 'ratio', got 'hrrn'"),
+        ({"order": "hrrn"}, r"\['order'\] must be one of 'shortest', 'ratio', got 'hrrn'"),
+        ({"chunked_order": "hrrn"}, r"\['chunked_order'\] must be one of 'shortest', 'ratio'"),
+        ({"chunked_order": "ratio", "order": "ratio"},
+         r"names both 'order' and its old name 'chunked_order'; keep 'order'"),
         ({"nope": 1, "aging": 2}, r"unknown option\(s\) 'aging', 'nope'.*known options: aging_drain_factor, aging_seconds"),
     ],
 )

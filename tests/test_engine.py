@@ -37,13 +37,14 @@ def test_greedy_outputs_identical_to_plain_vllm(engine, tiny_model, chunked, bud
     assert stats.admitted >= len(MIXED) and stats.steps > 0
 
 
-def test_ratio_order_outputs_identical_to_plain_vllm(engine, tiny_model):
-    """chunked_order "ratio" (response-ratio order, the default deadlines) changes the order
-    of admission only: outputs equal plain vLLM's, and its steps did plan by ratio."""
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole"])
+def test_ratio_order_outputs_identical_to_plain_vllm(engine, tiny_model, chunked):
+    """order "ratio" (response-ratio order, the default deadlines) changes the order of
+    admission only: outputs equal plain vLLM's, and its steps did plan by ratio."""
     from vllm_prepack.policy import Reason
 
-    kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=128)
-    packed_llm = engine(tiny_model, {"chunked_order": "ratio"}, **kw)
+    kw = dict(enable_chunked_prefill=chunked, max_num_batched_tokens=128 if chunked else 512)
+    packed_llm = engine(tiny_model, {"order": "ratio"}, **kw)
     stats = engine_scheduler(packed_llm).prepack_stats
     stats.keep_history = True
     packed = generate(packed_llm, MIXED)

@@ -281,7 +281,7 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked, order):
     """add / re-add (the very Entry object that left, maybe in the same step) / pin / remove /
     resize / plan in any order: every index agrees with the waiting entries, and plans only
     name waiting keys."""
-    ws, step, left = WaitingSet(aging=AgingBound(drain_factor=0.5), chunked_order=order), 0, {}
+    ws, step, left = WaitingSet(aging=AgingBound(drain_factor=0.5), order=order), 0, {}
     for op, key, n, prio in ops:
         if op == "add" and key not in ws:
             ws.add(Entry(key=key, length=n, priority=prio, step=step))
@@ -617,18 +617,24 @@ _RATIO_LENGTHS = st.one_of(st.integers(1, 300), st.sampled_from([3, 8, 40, 41, 1
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(_RATIO_LENGTHS, st.integers(0, 20)), min_size=1, max_size=120),
-       st.integers(20, 40), st.integers(1, 900), st.integers(1, 80), st.integers(0, 64))
-def test_ratio_order_is_highest_response_ratio_first(items, step, budget, seats, min_chunk):
-    """With chunked prefill and chunked_order "ratio" (no deadlines): whole prompts by
-    (wait + service) / service, highest first (oldest on ties), while they fit, then a chunk of
-    the next (or nothing below min_chunk_tokens): HRRN, as a brute-force sort computes it, with
-    runs of equal lengths among them."""
-    ws = WaitingSet(chunked_order="ratio")
+       st.integers(20, 40), st.integers(1, 900), st.integers(1, 80), st.integers(0, 64),
+       st.booleans(), st.sampled_from([None, StepCost(0.0, 1.0)]))
+def test_ratio_order_is_highest_response_ratio_first(items, step, budget, seats, min_chunk,
+                                                     chunked, cost):
+    """With order "ratio" (no deadlines): whole prompts by (wait + service) / service, highest
+    first (oldest on ties), while they fit, then a chunk of the next (or nothing below
+    min_chunk_tokens); with whole prompts only, nothing more (HRRN in vLLM) where steps have
+    no fixed cost, every next one that fits (first fit in ratio order) where packing pays
+    (no cost model: steps count): as a brute-force sort computes it, with runs of equal
+    lengths among them."""
+    ws = WaitingSet(order="ratio")
     arrivals = sorted(arrived for _, arrived in items)  # admitted in step order, as the adapter does
     items = [(length, arrived) for (length, _), arrived in zip(items, arrivals)]
     for i, (length, arrived) in enumerate(items):
         ws.add(Entry(key=i, length=length, step=arrived))
-    limits = StepLimits(budget=budget, seats=seats, chunked_prefill=True, min_chunk_tokens=min_chunk)
+    limits = StepLimits(budget=budget, seats=seats, chunked_prefill=chunked,
+                        min_chunk_tokens=min_chunk, cost=cost)
+    first_fit = not chunked and cost is None
     order = sorted(range(len(items)),
                    key=lambda i: (-(1 + (step - items[i][1]) * budget / items[i][0]), i))
     expected, left = [], budget
@@ -638,8 +644,8 @@ def test_ratio_order_is_highest_response_ratio_first(items, step, budget, seats,
         if items[i][0] <= left:
             expected.append((i, items[i][0], Reason.RATIO))
             left -= items[i][0]
-        else:
-            if left >= max(1, min_chunk):
+        elif not first_fit:
+            if chunked and left >= max(1, min_chunk):
                 expected.append((i, left, Reason.CHUNK))
             break
     assert [(p.key, p.tokens, p.reason) for p in ws.plan(limits, step)] == expected
@@ -648,7 +654,7 @@ def test_ratio_order_is_highest_response_ratio_first(items, step, budget, seats,
 def test_ratio_order_after_an_overdue_request_is_still_highest_ratio_first():
     """The overdue request goes first (EDF); the rest follow by response ratio, the bound on
     unseen lengths taken from the oldest prompt not yet planned."""
-    ws = WaitingSet(aging=AgingBound(steps=5), chunked_order="ratio")
+    ws = WaitingSet(aging=AgingBound(steps=5), order="ratio")
     ws.add(Entry(key="old", length=300, step=0))
     rest = [(f"r{i}", 20 + 37 * i % 400, 8 + i % 3) for i in range(30)]
     for key, length, arrived in sorted(rest, key=lambda r: r[2]):

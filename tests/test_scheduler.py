@@ -111,7 +111,7 @@ def test_drain_aging_keeps_the_tail_near_fcfs_under_arrivals(tiny_model, chunked
 
 
 def test_ratio_order_without_deadlines_schedules_as_hrrn_does(tiny_model):
-    """chunked_order "ratio" inside vLLM's scheduler (chunked prefill, Poisson arrivals, no
+    """order "ratio" inside vLLM's scheduler (chunked prefill, Poisson arrivals, no
     deadlines) gives every request the TTFT the HRRN baseline (the queue re-sorted every step)
     gives it."""
     from vllm_prepack.bench.harness import poisson_arrivals, simulate
@@ -121,7 +121,7 @@ def test_ratio_order_without_deadlines_schedules_as_hrrn_does(tiny_model):
     submit = poisson_arrivals(lengths, 1024, 1.0, seed=5)
     hrrn = simulate(tiny_model, lengths, "hrrn", 1024, True, submit)
     ratio = simulate(tiny_model, lengths, "prepack", 1024, True, submit,
-                     {"chunked_order": "ratio", "aging_drain_factor": None})
+                     {"order": "ratio", "aging_drain_factor": None})
     assert ratio.ttft_steps == hrrn.ttft_steps and ratio.steps == hrrn.steps
     shortest = simulate(tiny_model, lengths, "prepack", 1024, True, submit,
                         {"aging_drain_factor": None})

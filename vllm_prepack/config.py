@@ -10,6 +10,7 @@ from vllm_prepack.cost import StepCostModel
 from vllm_prepack.policy import PACK_SHARE, AgingBound
 
 CONFIG_KEY = "prepack"
+RENAMED = {"chunked_order": "order"}  # an option's old name -> its name (the old is still read)
 SCHEDULER_CLS = "vllm_prepack.PrepackScheduler"
 
 
@@ -33,12 +34,13 @@ class PrepackConfig:
     aging_seconds: a wall-time bound (checked oldest first).
     At least one should stay on, or a long prompt can wait behind short ones indefinitely.
     max_swaps: best-fit exchanges per step (policy step c); 0 gives pure shortest-first.
-    chunked_order: with chunked prefill, the order of the requests not yet due: "shortest"
-        (shortest prompt first) or "ratio" (highest response ratio, (wait + service) /
-        service in steps, first: HRRN; with no deadline on (aging_* null) it schedules as
-        the HRRN baseline does, but for exact ties). The best-fit exchange is off with it.
-        BENCHMARKS.md has both over the drain factor. Without chunked prefill the order is
-        shortest first.
+    order: the order of the requests not yet due: "shortest" (shortest prompt first) or
+        "ratio" (highest response ratio, (wait + service) / service in steps, first: HRRN;
+        with no deadline on (aging_* null) it schedules as the HRRN baseline does, but for
+        exact ties; with whole prompts, where a step's fixed cost makes packing pay
+        (pack_fixed_share), it goes on past a prompt that does not fit, where HRRN in vLLM
+        ends the step). The best-fit exchange and the filler reserve are off with it. BENCHMARKS.md has both over the drain factor.
+        ``chunked_order``, its name before it applied to whole prompts, is still read.
     min_chunk_tokens: never start a prefill chunk smaller than this, except to fill a CUDA-graph
         padding gap (those tokens are computed anyway).
     cuda_graph_topup: use the padding gap of the step's CUDA-graph size (GPU only).
@@ -65,7 +67,7 @@ class PrepackConfig:
     aging_seconds: float | None = None
     aging_drain_factor: float | None = 1.0
     max_swaps: int = 4
-    chunked_order: str = "shortest"
+    order: str = "shortest"
     min_chunk_tokens: int = 0
     cuda_graph_topup: bool = True
     step_cost_fixed_tokens: float = 256.0
@@ -96,7 +98,7 @@ class PrepackConfig:
                 f"additional_config[{CONFIG_KEY!r}] must be a JSON object, got {type(raw).__name__}"
             )
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
+        unknown = sorted(set(raw) - set(known) - set(RENAMED))
         if unknown:
             raise PrepackConfigError(
                 f"unknown option(s) {', '.join(map(repr, unknown))} in additional_config"
@@ -104,7 +106,12 @@ class PrepackConfig:
             )
         values = {}
         for name, value in raw.items():
-            values[name] = _check(name, value, _KINDS[name])
+            new = RENAMED.get(name, name)
+            if new in values:
+                was = next(old for old, now in RENAMED.items() if now == new)
+                raise PrepackConfigError(f"additional_config[{CONFIG_KEY!r}] names both "
+                                         f"{new!r} and its old name {was!r}; keep {new!r}")
+            values[new] = _check(name, value, _KINDS[new])
         if values.get("debug_layout"):
             values["record_layout"] = True
         return dataclasses.replace(cls(), **values)
@@ -124,7 +131,7 @@ _KINDS: dict[str, _Kind] = {
     "aging_seconds": _Kind(float, 0, True),
     "aging_drain_factor": _Kind(float, 0, True),
     "max_swaps": _Kind(int, 0),
-    "chunked_order": _Kind(str, choices=("shortest", "ratio")),
+    "order": _Kind(str, choices=("shortest", "ratio")),
     "min_chunk_tokens": _Kind(int, 0),
     "cuda_graph_topup": _Kind(bool),
     "step_cost_fixed_tokens": _Kind(float, 0, zero_ok=True),

@@ -13,8 +13,8 @@ The scheduler adapter (``scheduler.py``) translates vLLM requests into ``Entry``
 (c) best-fit exchange: where the leftover cannot be chunked, the last picks are swapped for the
     longest whole prompt that fits the room they free (an aged pick only for another aged one);
 (d) with chunked prefill, a chunk of the next prompt (and, where CUDA graphs pad a step anyway,
-    a chunk that fills exactly the padding gap). With chunked prefill and ``chunked_order``
-    "ratio", (b) and (d) go by response ratio (HRRN) instead of length, and (c) is off.
+    a chunk that fills exactly the padding gap). With ``order`` "ratio", (b) and (d) go by
+    response ratio (HRRN) instead of length, and (c) and the filler reserve are off.
 
 Whole prompts only (chunked prefill off) adds a *filler reserve*. Shortest-first alone spends
 every short prompt early, so a backlog ends with long prompts that pack badly (four 250-token
@@ -94,7 +94,7 @@ class Reason(str, enum.Enum):
     PINNED = "pinned"  # resumed or deferred: keeps its place
     AGED = "aged"  # past its deadline
     SHORT = "short"  # shortest first
-    RATIO = "ratio"  # highest response ratio first (chunked prefill, order "ratio")
+    RATIO = "ratio"  # highest response ratio first (order "ratio")
     FIT = "fit"  # best-fit exchange for a short pick
     BIN = "bin"  # a reserved bin, served whole
     CHUNK = "chunk"  # part of a prompt (chunked prefill)
@@ -508,11 +508,11 @@ class WaitingSet:
     """
 
     def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4,
-                 pack_share: float = PACK_SHARE, chunked_order: str = "shortest") -> None:
+                 pack_share: float = PACK_SHARE, order: str = "shortest") -> None:
         self.aging = aging
         self.max_swaps = max_swaps
         self.pack_share = pack_share
-        self.by_ratio = chunked_order == "ratio"  # with chunked prefill: HRRN, not SPF
+        self.by_ratio = order == "ratio"  # HRRN, not SPF
         self.entries: dict[Key, Entry] = {}  # every waiting entry by key; read only outside
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
@@ -715,8 +715,9 @@ class WaitingSet:
         self._take_aged(level, p, step, now, exchangeable)
         if p.blocked:
             return
-        if self.by_ratio and p.limits.chunked_prefill:
-            self._take_by_ratio(level, p, step)
+        if self.by_ratio:
+            first_fit = not p.limits.chunked_prefill and p.limits.packs(self.pack_share)
+            self._take_by_ratio(level, p, step, first_fit)
             return
         packing = p.limits.packs(self.pack_share)
         if packing and not p.limits.chunked_prefill:
@@ -767,10 +768,13 @@ class WaitingSet:
                     return
 
     @staticmethod
-    def _take_by_ratio(level: _Level, p: _Planner, step: int) -> None:
-        """(b) and (d) in response-ratio order (chunked prefill, ``chunked_order`` "ratio"):
-        free prompts by (wait + service) / service in steps, highest first (HRRN; ties: the
-        oldest), whole while they fit, then a chunk of the next. Of equal lengths the oldest has
+    def _take_by_ratio(level: _Level, p: _Planner, step: int, first_fit: bool) -> None:
+        """(b) and (d) in response-ratio order (``order`` "ratio"): free prompts by (wait +
+        service) / service in steps, highest first (HRRN; ties: the oldest), whole while they
+        fit, then a chunk of the next. With whole prompts only the step ends at the first that
+        does not fit, as HRRN in vLLM does, unless `first_fit` (where a step's fixed cost makes
+        packing pay, ``StepLimits.packs``): then the next ones that fit go too, and the prompt
+        passed over keeps the highest ratio for the next step. Of equal lengths the oldest has
         the highest ratio, so the order merges one head per length: a heap, grown over the
         lengths shortest first only while an unseen length could still beat its best (none can
         beat 1 + the longest wait of an untaken prompt / its length; prompts are admitted in
@@ -807,6 +811,9 @@ class WaitingSet:
         batch = p.kv_left is None and p.limits.max_groups is None  # nothing counted per prompt
         while p.has_room():
             while unseen is not None and (not heads or 1 + longest_wait / unseen >= -heads[0][0]):
+                if first_fit and unseen > p.left:
+                    unseen = None  # no longer length fits this step
+                    break
                 row = head(unseen, free.run_from(unseen, START))
                 if row is not None:
                     heapq.heappush(heads, row)
@@ -821,8 +828,11 @@ class WaitingSet:
                     return
                 row = head(length, keys)
             elif length > p.left:
-                p.chunk(entry)
-                return
+                if not first_fit:
+                    if p.limits.chunked_prefill:
+                        p.chunk(entry)
+                    return  # whole prompts: the step ends here, as HRRN's does in vLLM
+                continue  # no prompt of this length fits: shorter ones may
             elif not batch:
                 p.take(entry, Reason.RATIO)
                 row = head(length, keys)

@@ -82,7 +82,7 @@ class PackingRequestQueue(internal.RequestQueue):
 
     def __init__(self, config: PrepackConfig, policy, cached_tokens=None, kv_blocks=None) -> None:
         self._set = WaitingSet(config.aging, config.max_swaps, config.pack_fixed_share,
-                               config.chunked_order)
+                               config.order)
         self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
         self._kv_blocks = kv_blocks  # touchpoints.KVBlocks, None: KV blocks not tracked

@@ -25,7 +25,8 @@ step that made it, and a finished request's completion reaches its router as lat
   routers' as the replicas publish the prefixes they receive, a report's delay after they
   arrive, as ``PrepackLLMServer`` does), its index as large as the replicas' caches;
   ``tokens+prefix/fixed``: the same with the index at its fixed size of before
-  (``routing.MIN_PREFIX_BLOCKS``); ``tokens+prefix/home``: the same where replicas
+  (``routing.MIN_PREFIX_BLOCKS``); ``tokens+prefix/unsharded``: every router over all
+  replicas; ``tokens+prefix/home``: the same where replicas
   publish no prefixes (beside other routers, each prefix's home); these keep to their shares
   too;
 - ``plain+requests``: plain vLLM in every replica (its FCFS scheduler, no plugin) behind Ray
@@ -378,8 +379,8 @@ class OracleRouter:
 ROUTERS = ("plain+requests", "requests", "vllm-dp", "prefix", "tokens/2", "tokens/unsharded",
            "tokens", "tokens+prefix", "tokens+prefix/home", "oracle")
 # on request only: at the default --sim-per-replica no workload fills the index, so the fixed
-# one is the sized one
-EXTRA_ROUTERS = ("tokens+prefix/fixed",)
+# one is the sized one; unsharded: beside other routers, what keeping to a share costs
+EXTRA_ROUTERS = ("tokens+prefix/fixed", "tokens+prefix/unsharded")
 PLAIN = "plain+"  # a row's prefix for plain vLLM in every replica (the plugin's otherwise)
 
 
@@ -403,11 +404,12 @@ def make_router(name: str, n: int, rng: random.Random, routers: int = 1, index: 
         return OracleRouter(n, rng)
     name, _, overflow = name.partition("@")
     choices = 2 if name == "tokens/2" else 0
-    own = (None if name == "tokens/unsharded" or routers == 1
+    own = (None if name.endswith("/unsharded") or routers == 1
            else router_share(range(n), index, routers))
-    return TokensRouter(n, rng, choices, name.startswith("tokens+prefix"), own,
+    prefix = name.startswith("tokens+prefix")
+    return TokensRouter(n, rng, choices, prefix, own,
                         float(overflow) if overflow else OVERFLOW_STEP_SHARE,
-                        fed=name in ("tokens+prefix", "tokens+prefix/fixed"),
+                        fed=prefix and not name.endswith("/home"),
                         index_blocks=MIN_PREFIX_BLOCKS if name.endswith("/fixed") else None)
 
 
