@@ -6,7 +6,7 @@ import pytest
 import ray
 from ray_cluster import cluster  # noqa: F401  (a fixture)
 
-from vllm_prepack.batch import run_job
+from vllm_prepack.batch import JobError, run_job
 from vllm_prepack.batch_input import Source
 from vllm_prepack.batch_output import JsonlWriter
 from vllm_prepack.replica import start_replicas
@@ -76,3 +76,8 @@ def test_lines_pinned_to_an_idle_replica_reach_it_through_a_full_window(replicas
     report = run_job(Source(LINES), JsonlWriter(out), replicas, window=1,
                      owner=lambda line: int(line > 15), progress=False)
     assert written(out) == list(range(1, 31)) and report.written == 30
+
+
+def test_a_window_below_one_request_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(JobError, match="window must be at least 1 request, got 0"):
+        run_job(Source(LINES), JsonlWriter(tmp_path / "out.jsonl"), [], window=0, progress=False)

@@ -50,6 +50,9 @@ def test_ratio_order_outputs_identical_to_plain_vllm(engine, tiny_model, chunked
     packed = generate(packed_llm, MIXED)
     assert packed == generate(engine(tiny_model, False, **kw), MIXED)
     assert any(p.reason == Reason.RATIO for record in stats.history for p in record.planned)
+    if not chunked:  # vLLM starts what was planned and no more (none past a planned stop)
+        assert all(set(record.scheduled_new) <= {p.key for p in record.planned}
+                   for record in stats.history)
 
 
 def test_greedy_identical_on_qwen2(engine, tiny_qwen2):

@@ -110,22 +110,28 @@ def test_drain_aging_keeps_the_tail_near_fcfs_under_arrivals(tiny_model, chunked
     assert ttft["fixed bound only"]["p99"] > 1.25 * ttft["fcfs"]["p99"]
 
 
-def test_ratio_order_without_deadlines_schedules_as_hrrn_does(tiny_model):
-    """order "ratio" inside vLLM's scheduler (chunked prefill, Poisson arrivals, no
-    deadlines) gives every request the TTFT the HRRN baseline (the queue re-sorted every step)
-    gives it."""
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole"])
+def test_ratio_order_without_deadlines_schedules_as_hrrn_does(tiny_model, chunked):
+    """order "ratio" inside vLLM's scheduler (Poisson arrivals, no deadlines) gives every
+    request the TTFT the HRRN baseline (the queue re-sorted every step) gives it; with whole
+    prompts where steps have no fixed cost (so packing does not pay) the step ends at the
+    first prompt that does not fit, as HRRN's does, though a shorter one would fit."""
     from vllm_prepack.bench.harness import poisson_arrivals, simulate
     from vllm_prepack.workloads import prompt_lengths
 
     lengths = prompt_lengths("bimodal", 200, seed=5, max_len=1023)
     submit = poisson_arrivals(lengths, 1024, 1.0, seed=5)
-    hrrn = simulate(tiny_model, lengths, "hrrn", 1024, True, submit)
-    ratio = simulate(tiny_model, lengths, "prepack", 1024, True, submit,
-                     {"order": "ratio", "aging_drain_factor": None})
+    options = {"aging_drain_factor": None, "step_cost_fixed_tokens": 0, "learn_step_cost": False}
+    hrrn = simulate(tiny_model, lengths, "hrrn", 1024, chunked, submit)
+    ratio = simulate(tiny_model, lengths, "prepack", 1024, chunked, submit,
+                     {**options, "order": "ratio"})
     assert ratio.ttft_steps == hrrn.ttft_steps and ratio.steps == hrrn.steps
-    shortest = simulate(tiny_model, lengths, "prepack", 1024, True, submit,
-                        {"aging_drain_factor": None})
+    shortest = simulate(tiny_model, lengths, "prepack", 1024, chunked, submit, options)
     assert shortest.ttft_steps != hrrn.ttft_steps  # the option changes the order
+    if not chunked:  # where packing pays, prompts that fit go past one that does not
+        packing = simulate(tiny_model, lengths, "prepack", 1024, chunked, submit,
+                           {**options, "order": "ratio", "step_cost_fixed_tokens": 1e6})
+        assert packing.steps < hrrn.steps
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])

@@ -89,6 +89,8 @@ def run_job(
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
+    if window < 1:
+        raise JobError(f"window must be at least 1 request, got {window}")
     started, wall_started = time.perf_counter(), time.time()
     done = writer.committed()
     dispatcher = Dispatcher(len(replicas), unit_tokens, order, owner)
@@ -151,8 +153,11 @@ def run_job(
             if on_write is not None:
                 on_write(stats)
             top_up(unit.replica)
-            for r in dispatcher.pinned_waiting():
-                top_up(r)
+            # lines pinned to a replica with room (read by this or an earlier top-up) go now
+            while idle := [r for r in dispatcher.pinned_waiting()
+                           if dispatcher.pending(r) < UNITS_IN_FLIGHT]:
+                for r in idle:
+                    top_up(r)
         if not dispatcher.finished:  # every path above keeps a live replica busy while work waits
             raise RuntimeError(f"the job stopped with {dispatcher.size} requests unsent; "
                                "nothing was lost: a re-run resumes")

@@ -521,6 +521,9 @@ class WaitingSet:
         self._tokens = 0  # sum of waiting lengths
         self._cohort_ids = 0
         self._undated: dict[tuple[int, int], _Cohort] = {}  # (priority, step) -> admitted since the last plan
+        # the last plan's end, where it ended at a prompt that did not fit (ratio order, whole
+        # prompts): what vLLM is offered past the plan, so that it stops there too
+        self.stop: Key | None = None
 
     # ---- membership -------------------------------------------------------------------------
 
@@ -704,6 +707,7 @@ class WaitingSet:
             if planner.whole_picks - before < len(level):
                 break  # strict priority: a lower level only gets what a level leaves whole
         planner.top_up()
+        self.stop = planner.stop.key if planner.stop is not None else None
         return planner.picks
 
     def _plan_level(self, level: _Level, p: _Planner, step: int, now: float) -> None:
@@ -822,17 +826,19 @@ class WaitingSet:
                 return
             _, _, length, key, keys = heapq.heappop(heads)
             entry = entries[key]
+            if first_fit and length > p.left:
+                continue  # no prompt of this length fits: shorter ones may
             if not (p.group_ok(entry) and p.kv_fits(entry)):
                 misses += 1  # passed over, as vLLM skips it
                 if misses >= FIT_PROBES:
                     return
                 row = head(length, keys)
             elif length > p.left:
-                if not first_fit:
-                    if p.limits.chunked_prefill:
-                        p.chunk(entry)
-                    return  # whole prompts: the step ends here, as HRRN's does in vLLM
-                continue  # no prompt of this length fits: shorter ones may
+                if p.limits.chunked_prefill:
+                    p.chunk(entry)
+                else:
+                    p.stop = entry  # the step ends here, as HRRN's does in vLLM
+                return
             elif not batch:
                 p.take(entry, Reason.RATIO)
                 row = head(length, keys)
@@ -988,6 +994,7 @@ class _Planner:
         self._group_counts: Counter = Counter()
         self._chunk_candidate: Entry | None = None
         self.blocked = False  # a must-go-first request did not fit: nothing may overtake it
+        self.stop: Entry | None = None  # whole prompts in ratio order: the one the step ends at
         self.kv_left = limits.free_blocks  # None: KV blocks not tracked
         self._chunks = 0  # picks that are chunks
         # the level's free prompts before this point (length, skip) are all taken:

@@ -122,8 +122,12 @@ class PackingRequestQueue(internal.RequestQueue):
             if entry.item is not None:
                 return entry
             self._cursor += 1
-        # Past the plan (vLLM found more room than estimated): the policy's next choice.
-        return self._set.entries[self._set.first(self._step, self._now)]
+        # Past the plan: where it ended at a prompt that did not fit, that one (vLLM stops at
+        # it too); else (vLLM found more room than estimated) the policy's next choice.
+        entries, stop = self._set.entries, self._set.stop
+        if stop is not None and stop in entries:
+            return entries[stop]
+        return entries[self._set.first(self._step, self._now)]
 
     def _refresh_cached(self) -> None:
         """The first admission from a group of requests that share a first block cached that

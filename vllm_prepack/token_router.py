@@ -147,7 +147,7 @@ class TokenRouter(MultiplexMixin, RequestRouter):
         feeds = {k: m[PREFIX_METADATA_KEY] for k, m in zip(keys, metadata)
                  if m.get(PREFIX_HASHING_KEY) == hashing and m.get(PREFIX_METADATA_KEY)}
         with self._lock:
-            for gone in set(self._endpoints) - set(endpoints):
+            for gone in set(self._endpoints) - set(keys):  # left Ray's list: for good
                 self._forget(gone)
             self._replica_ids = keys
             self._reshard()
