@@ -78,6 +78,7 @@ def test_lines_pinned_to_an_idle_replica_reach_it_through_a_full_window(replicas
     assert written(out) == list(range(1, 31)) and report.written == 30
 
 
-def test_a_window_below_one_request_is_refused_before_anything_runs(tmp_path):
+def test_a_window_below_one_request_is_refused_before_anything_runs(replicas, tmp_path):
     with pytest.raises(JobError, match="window must be at least 1 request, got 0"):
-        run_job(Source(LINES), JsonlWriter(tmp_path / "out.jsonl"), [], window=0, progress=False)
+        run_job(Source(LINES), JsonlWriter(tmp_path / "out.jsonl"), replicas, window=0,
+                progress=False)

@@ -61,8 +61,8 @@ def simulate(tokens, replicas, unit_tokens, order, window, choices, owner=None, 
             d.done(pick)
             completed.extend(unit.lines)
         check()
-        # as the driver does: everyone after a death, else the one that finished, then the
-        # replicas with room whose pinned requests wait
+        # as the driver's serve() does: everyone after a death, else the one that finished,
+        # then the replicas with room whose pinned requests wait
         for r in sorted(d.alive) if d.alive != alive else [unit.replica]:
             top_up(r)
         while idle := [r for r in d.pinned_waiting() if d.pending(r) < 2]:

@@ -671,3 +671,22 @@ def test_ratio_order_after_an_overdue_request_is_still_highest_ratio_first():
         expected.append((key, length))
         left -= length
     assert [(p.key, p.tokens) for p in picks[1:]] == expected
+
+
+@pytest.mark.parametrize("free_blocks", [10, 100], ids=["kv short", "kv free"])
+def test_ratio_order_with_whole_prompts_stops_at_a_prompt_over_the_budget(free_blocks):
+    """The highest ratio prompt is over the step's budget: with whole prompts and no fixed step
+    cost the plan ends there and names it (vLLM is offered it past the plan, and stops), whether
+    or not its KV blocks are free (vLLM checks the budget first); where packing pays, shorter
+    prompts by ratio go instead."""
+    def plan(cost):
+        ws = WaitingSet(order="ratio")
+        ws.add(Entry(key="long", length=900, blocks=50, step=0))
+        for key in ("s1", "s2"):
+            ws.add(Entry(key=key, length=100, blocks=2, step=9))
+        limits = StepLimits(budget=512, seats=8, chunked_prefill=False, free_blocks=free_blocks,
+                            cost=cost)
+        return [p.key for p in ws.plan(limits, step=10)], ws.stop
+
+    assert plan(StepCost(0.0, 1.0)) == ([], "long")
+    assert plan(None) == (["s1", "s2"], None)

@@ -89,8 +89,6 @@ def run_job(
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    if window < 1:
-        raise JobError(f"window must be at least 1 request, got {window}")
     started, wall_started = time.perf_counter(), time.time()
     done = writer.committed()
     dispatcher = Dispatcher(len(replicas), unit_tokens, order, owner)
@@ -123,12 +121,23 @@ def run_job(
             if first_dispatch is None:
                 first_dispatch = time.perf_counter() - started
 
+    def serve(first) -> None:
+        """Top up the replicas `first`, then those with room whose pinned lines wait: a
+        top-up reads lines pinned to any replica, maybe to one already served."""
+        for r in first:
+            top_up(r)
+        while idle := [r for r in dispatcher.pinned_waiting()
+                       if dispatcher.pending(r) < UNITS_IN_FLIGHT]:
+            for r in idle:
+                top_up(r)
+
     retried = 0
     try:
+        if window < 1:
+            raise JobError(f"window must be at least 1 request, got {window}")
         for r in sorted(dispatcher.alive):  # a first unit everywhere before anyone gets a second
             top_up(r, 1)
-        for r in sorted(dispatcher.alive):
-            top_up(r)
+        serve(sorted(dispatcher.alive))
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
             unit = dispatcher.inflight[refs.pop(ready[0])]
@@ -139,8 +148,7 @@ def run_job(
                     retried += dispatcher.lost(unit.replica)  # raises when none is left
                     for ref in [ref for ref, u in refs.items() if u not in dispatcher.inflight]:
                         del refs[ref]  # its other units went back to the pool with it
-                for r in sorted(dispatcher.alive):
-                    top_up(r)
+                serve(sorted(dispatcher.alive))
                 continue
             except RayTaskError as e:  # the engine itself failed: stop, resumable
                 lines = unit.lines
@@ -152,15 +160,10 @@ def run_job(
             bar.update(stats)
             if on_write is not None:
                 on_write(stats)
-            top_up(unit.replica)
-            # lines pinned to a replica with room (read by this or an earlier top-up) go now
-            while idle := [r for r in dispatcher.pinned_waiting()
-                           if dispatcher.pending(r) < UNITS_IN_FLIGHT]:
-                for r in idle:
-                    top_up(r)
-        if not dispatcher.finished:  # every path above keeps a live replica busy while work waits
-            raise RuntimeError(f"the job stopped with {dispatcher.size} requests unsent; "
-                               "nothing was lost: a re-run resumes")
+            serve((unit.replica,))
+        if not dispatcher.finished:  # serve() leaves no waiting line without a busy replica
+            raise RuntimeError(f"the job ended with {dispatcher.size} requests never sent: a "
+                               "defect in the driver; the output holds every record written")
     finally:
         writer.close()
         bar.close()

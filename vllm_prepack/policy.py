@@ -719,11 +719,10 @@ class WaitingSet:
         self._take_aged(level, p, step, now, exchangeable)
         if p.blocked:
             return
-        if self.by_ratio:
-            first_fit = not p.limits.chunked_prefill and p.limits.packs(self.pack_share)
-            self._take_by_ratio(level, p, step, first_fit)
-            return
         packing = p.limits.packs(self.pack_share)
+        if self.by_ratio:
+            self._take_by_ratio(level, p, step, packing and not p.limits.chunked_prefill)
+            return
         if packing and not p.limits.chunked_prefill:
             self._build_bins(level, p.limits.budget)
         first_short = len(exchangeable)
@@ -828,7 +827,10 @@ class WaitingSet:
             entry = entries[key]
             if first_fit and length > p.left:
                 continue  # no prompt of this length fits: shorter ones may
-            if not (p.group_ok(entry) and p.kv_fits(entry)):
+            # vLLM passes over a prompt whose LoRA adapter cannot load; a whole prompt over the
+            # budget stops it before it asks for KV blocks
+            stops = length > p.left and not p.limits.chunked_prefill
+            if not p.group_ok(entry) or not stops and not p.kv_fits(entry):
                 misses += 1  # passed over, as vLLM skips it
                 if misses >= FIT_PROBES:
                     return

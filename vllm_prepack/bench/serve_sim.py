@@ -25,10 +25,9 @@ step that made it, and a finished request's completion reaches its router as lat
   routers' as the replicas publish the prefixes they receive, a report's delay after they
   arrive, as ``PrepackLLMServer`` does), its index as large as the replicas' caches;
   ``tokens+prefix/fixed``: the same with the index at its fixed size of before
-  (``routing.MIN_PREFIX_BLOCKS``); ``tokens+prefix/unsharded``: every router over all
-  replicas; ``tokens+prefix/home``: the same where replicas
+  (``routing.MIN_PREFIX_BLOCKS``); ``tokens+prefix/home``: the same where replicas
   publish no prefixes (beside other routers, each prefix's home); these keep to their shares
-  too;
+  too; ``tokens+prefix/unsharded``: every router over all replicas;
 - ``plain+requests``: plain vLLM in every replica (its FCFS scheduler, no plugin) behind Ray
   Serve's default router: the baseline of the live pairs (``bench serve --parts live``);
 - ``oracle``: every replica's exact state at the instant (its scheduler's queue and the requests
