@@ -39,7 +39,8 @@ class PrepackConfig:
         with no deadline on (aging_* null) it schedules as the HRRN baseline does, but for
         exact ties; with whole prompts, where a step's fixed cost makes packing pay
         (pack_fixed_share), it goes on past a prompt that does not fit, where HRRN in vLLM
-        ends the step). The best-fit exchange and the filler reserve are off with it. BENCHMARKS.md has both over the drain factor.
+        ends the step). The best-fit exchange and the filler reserve are off with it.
+        BENCHMARKS.md has both over the drain factor.
         ``chunked_order``, its name before it applied to whole prompts, is still read.
     min_chunk_tokens: never start a prefill chunk smaller than this, except to fill a CUDA-graph
         padding gap (those tokens are computed anyway).
@@ -104,13 +105,13 @@ class PrepackConfig:
                 f"unknown option(s) {', '.join(map(repr, unknown))} in additional_config"
                 f"[{CONFIG_KEY!r}]; known options: {', '.join(sorted(known))}"
             )
+        for old, new in RENAMED.items():
+            if old in raw and new in raw:
+                raise PrepackConfigError(f"additional_config[{CONFIG_KEY!r}] names both "
+                                         f"{new!r} and its old name {old!r}; keep {new!r}")
         values = {}
         for name, value in raw.items():
             new = RENAMED.get(name, name)
-            if new in values:
-                was = next(old for old, now in RENAMED.items() if now == new)
-                raise PrepackConfigError(f"additional_config[{CONFIG_KEY!r}] names both "
-                                         f"{new!r} and its old name {was!r}; keep {new!r}")
             values[new] = _check(name, value, _KINDS[new])
         if values.get("debug_layout"):
             values["record_layout"] = True

@@ -523,7 +523,7 @@ class WaitingSet:
         self._undated: dict[tuple[int, int], _Cohort] = {}  # (priority, step) -> admitted since the last plan
         # the last plan's end, where it ended at a prompt that did not fit (ratio order, whole
         # prompts): what vLLM is offered past the plan, so that it stops there too
-        self.stop: Key | None = None
+        self.stop: Entry | None = None
 
     # ---- membership -------------------------------------------------------------------------
 
@@ -707,7 +707,7 @@ class WaitingSet:
             if planner.whole_picks - before < len(level):
                 break  # strict priority: a lower level only gets what a level leaves whole
         planner.top_up()
-        self.stop = planner.stop.key if planner.stop is not None else None
+        self.stop = planner.stop
         return planner.picks
 
     def _plan_level(self, level: _Level, p: _Planner, step: int, now: float) -> None:

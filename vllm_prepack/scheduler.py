@@ -107,6 +107,8 @@ class PackingRequestQueue(internal.RequestQueue):
         self._refresh_cached()
         plan = self._set.plan(limits, step, self._now)
         self._planned = [pick.entry for pick in plan]
+        if self._set.stop is not None:  # offered past the plan: it does not fit, vLLM stops
+            self._planned.append(self._set.stop)
         self._cursor = 0
         return plan
 
@@ -122,12 +124,8 @@ class PackingRequestQueue(internal.RequestQueue):
             if entry.item is not None:
                 return entry
             self._cursor += 1
-        # Past the plan: where it ended at a prompt that did not fit, that one (vLLM stops at
-        # it too); else (vLLM found more room than estimated) the policy's next choice.
-        entries, stop = self._set.entries, self._set.stop
-        if stop is not None and stop in entries:
-            return entries[stop]
-        return entries[self._set.first(self._step, self._now)]
+        # Past the plan (vLLM found more room than estimated): the policy's next choice.
+        return self._set.entries[self._set.first(self._step, self._now)]
 
     def _refresh_cached(self) -> None:
         """The first admission from a group of requests that share a first block cached that
