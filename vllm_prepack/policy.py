@@ -47,7 +47,7 @@ import bisect
 import enum
 import heapq
 import math
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from itertools import chain, islice, repeat
 from typing import NamedTuple
@@ -101,9 +101,11 @@ class Reason(str, enum.Enum):
     TOPUP = "topup"  # a chunk that fills CUDA-graph padding
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Entry:
-    """One waiting request as the policy sees it."""
+    """One waiting request as the policy sees it. Equal and hashed by identity: a plan keys its
+    picks by entry, so taking a prompt touches its entry but not its key (a cache miss a pick,
+    a hundred a step, where the keys are vLLM's request ids)."""
 
     key: Key
     length: int  # tokens left to prefill
@@ -133,6 +135,10 @@ def _waiting(seq: int, entry: Entry) -> bool:
 
 def _item_seq(item: tuple[Key, Entry]) -> int:
     return item[1].seq
+
+
+def _seq(entry: Entry) -> int:
+    return entry.seq
 
 
 class _Rows:
@@ -249,13 +255,16 @@ class _Cohort:
 
 class Pick(NamedTuple):
     """One request in a step's plan (a tuple: cheap to make, a hundred a step), with its
-    waiting entry (read only; so a Pick is not hashable): the caller finds the request
-    without a lookup among every waiting one."""
+    waiting entry (read only): the caller finds the request without a lookup among every
+    waiting one."""
 
-    key: Key
     tokens: int  # tokens planned this step (== entry.length unless chunked)
     reason: Reason
     entry: Entry
+
+    @property
+    def key(self) -> Key:
+        return self.entry.key
 
     @property
     def chunked(self) -> bool:
@@ -355,7 +364,7 @@ class _ByLength:
         return bool(self._runs)
 
     def __iter__(self) -> Iterator[Key]:
-        return self.keys_from(START)
+        return (entry.key for entry in self.entries_from(START))
 
     def run(self, length: int) -> dict[Key, Entry]:
         """The prompts of `length` (which must be present), oldest first."""
@@ -403,18 +412,28 @@ class _ByLength:
     def first(self) -> Key:
         return next(iter(self.run(self.lengths[0])))
 
-    def run_from(self, length: int, start: tuple[float, int]) -> Iterator[Key]:
-        """The keys of `length` from the point `start` on."""
-        keys = iter(self.run(length))
+    def run_from(self, length: int, start: tuple[float, int]) -> Iterator[Entry]:
+        """The entries of `length` from the point `start` on."""
+        entries = iter(self.run(length).values())
         if length == start[0] and start[1]:
-            next(islice(keys, start[1], start[1]), None)  # skipped in C
-        return keys
+            next(islice(entries, start[1], start[1]), None)  # skipped in C
+        return entries
 
-    def keys_from(self, start: tuple[float, int]) -> Iterator[Key]:
-        """The keys from the point `start` on: shortest first, oldest first within a length
+    def lengths_from(self, minimum: float) -> Iterator[int]:
+        """The lengths present from `minimum` on. Most scans start at a length present or at
+        the first, and stop within its run: they never pay for the sorted list's range search,
+        a dozen Python calls."""
+        if minimum in self._runs:
+            yield minimum
+            yield from self.lengths.irange(minimum, inclusive=(False, True))
+        else:
+            yield from self.lengths.irange(minimum) if minimum > 0 else self.lengths
+
+    def entries_from(self, start: tuple[float, int]) -> Iterator[Entry]:
+        """The entries from the point `start` on: shortest first, oldest first within a length
         (the runs chained in C)."""
         return chain.from_iterable(self.run_from(length, start)
-                                   for length in self.lengths.irange(start[0]))
+                                   for length in self.lengths_from(start[0]))
 
     def scan_down(self, tokens: int) -> Iterator[Entry]:
         """The entries from the longest length at most `tokens` down, newest first within a
@@ -424,16 +443,16 @@ class _ByLength:
 
 
 class _Bin:
-    __slots__ = ("keys", "tokens", "shortest")
+    __slots__ = ("members", "tokens", "shortest")
 
     def __init__(self) -> None:
-        self.keys: set[Key] = set()
+        self.members: set[Entry] = set()
         self.tokens = 0
         self.shortest = 0  # its shortest member: a bin none of whose members fits is passed over
 
     def order(self, bin_id: int) -> tuple:
         """Most requests first (Smith's rule: each bin takes one step), then the lighter."""
-        return (-len(self.keys), self.tokens, bin_id)
+        return (-len(self.members), self.tokens, bin_id)
 
 
 class _Level:
@@ -463,7 +482,7 @@ class _Level:
         """A new bin of free entries, already popped from `free`."""
         b = self.bins[bin_id] = _Bin()
         for entry in members:
-            b.keys.add(entry.key)
+            b.members.add(entry)
             b.tokens += entry.length
             entry.bin = bin_id
         b.shortest = min(entry.length for entry in members)
@@ -478,14 +497,14 @@ class _Level:
         if bin_id not in self._unranked:
             self._ranking.remove(b.order(bin_id))
             self._unranked.add(bin_id)
-        b.keys.discard(entry.key)
+        b.members.discard(entry)
         b.tokens -= entry.length
         entry.bin = None
-        if not b.keys:
+        if not b.members:
             del self.bins[bin_id]
             self._unranked.discard(bin_id)
         elif entry.length == b.shortest:
-            b.shortest = min(self.entries[key].length for key in b.keys)
+            b.shortest = min(member.length for member in b.members)
 
     def ranked(self) -> SortedList:
         """The bins in serving order: most requests first (Smith's rule), then the lighter;
@@ -600,7 +619,7 @@ class WaitingSet:
             if not cohort.members.left() and cohort.id in level.cohorts:
                 level.by_due.remove((cohort.due, cohort.seq, cohort.id))
                 del level.cohorts[cohort.id]
-        if not level:
+        if not level.order.live and not level.pinned:  # empty (len(level), without the call)
             del self._levels[entry.priority]
             self._priorities.remove(entry.priority)
         return entry
@@ -682,7 +701,7 @@ class WaitingSet:
         if level.free:
             return level.free.first()
         _, _, bin_id = level.ranked()[0]
-        return min(level.bins[bin_id].keys, key=lambda k: level.entries[k].seq)
+        return min(level.bins[bin_id].members, key=_seq).key
 
     def __iter__(self) -> Iterator[Key]:
         """All waiting keys: by level, pinned first, then free shortest first, then bins."""
@@ -691,7 +710,7 @@ class WaitingSet:
             yield from (e.key for e in level.pinned)
             yield from level.free
             for _, _, bin_id in level.ranked():
-                yield from level.bins[bin_id].keys
+                yield from (entry.key for entry in level.bins[bin_id].members)
 
     # ---- the per-step policy ----------------------------------------------------------------
 
@@ -715,7 +734,7 @@ class WaitingSet:
         for entry in level.pinned:
             if not p.take_in_order(entry, Reason.PINNED):
                 return
-        exchangeable: list[Key] = []  # aged first-fit and short picks, in plan order
+        exchangeable: list[Entry] = []  # aged first-fit and short picks, in plan order
         self._take_aged(level, p, step, now, exchangeable)
         if p.blocked:
             return
@@ -729,8 +748,8 @@ class WaitingSet:
         shortest = p.save()
         p.take_shortest(level, exchangeable)
         if level.bins and self._bin_first(level, p, shortest, len(exchangeable) - first_short):
-            for key in reversed(exchangeable[first_short:]):
-                p.untake(level.entries[key])
+            for entry in reversed(exchangeable[first_short:]):
+                p.untake(entry)
             del exchangeable[first_short:]
             self._serve_bins(level, p)
             p.take_shortest(level, exchangeable)
@@ -741,7 +760,7 @@ class WaitingSet:
         p.chunk_next(level)
 
     def _take_aged(self, level: _Level, p: _Planner, step: int, now: float,
-                   exchangeable: list[Key]) -> None:
+                   exchangeable: list[Entry]) -> None:
         """(a) Overdue requests go first, earliest deadline first: whole, else a chunk, else the
         step stops. With chunked prefill off, only the first may stop the step; the others
         follow first-fit, so an all-overdue queue still packs. One whose KV blocks are not
@@ -750,7 +769,7 @@ class WaitingSet:
         starve."""
         misses = 0
         for index, entry in enumerate(self._overdue(level, step, now)):
-            if p.taken(entry.key):
+            if p.taken(entry):
                 continue
             if not p.kv_fits(entry) and step - entry.due < max(KV_PATIENCE_STEPS, entry.due - entry.step):
                 misses += 1  # its blocks are not free: shorter ones go meanwhile
@@ -764,7 +783,7 @@ class WaitingSet:
                 return
             elif entry.length <= p.left and p.group_ok(entry) and p.kv_fits(entry):
                 p.take(entry, Reason.AGED)
-                exchangeable.append(entry.key)
+                exchangeable.append(entry)
             else:
                 misses += 1
                 if misses > AGED_PROBES:
@@ -786,25 +805,24 @@ class WaitingSet:
         runs taken over L lengths where waits are alike, O(L log L) at worst, where HRRN as
         usually done re-sorts every waiting request every step. The best-fit exchange (c) is
         not used: the step's leftover goes to a chunk of the next prompt by ratio."""
-        free, entries, step_tokens = level.free, level.entries, max(1, p.limits.step_tokens)
+        free, step_tokens = level.free, max(1, p.limits.step_tokens)
         # the longest wait of an untaken prompt (overdue ones, the oldest, are often planned)
-        oldest = next((entry for entry in level.order if not p.taken(entry.key)), None)
+        oldest = next((entry for entry in level.order if not p.taken(entry)), None)
         if oldest is None:
             return
         longest_wait = (step - oldest.step) * step_tokens  # in tokens of steps
 
-        def head(length: int, keys: Iterator[Key]) -> tuple | None:
+        def head(length: int, run: Iterator[Entry]) -> tuple | None:
             """The run's next untaken prompt, as a heap row (highest ratio, then oldest)."""
-            for key in keys:
-                if not p.taken(key):
-                    entry = entries[key]
-                    return -(1 + (step - entry.step) * step_tokens / length), entry.seq, length, key, keys
+            for entry in run:
+                if not p.taken(entry):
+                    return -(1 + (step - entry.step) * step_tokens / length), entry.seq, length, entry, run
             return None
 
-        def beats(key: Key, length: int, rival: tuple | None, beaten: float) -> bool:
-            """`key` goes before the heap's top (`rival`) and every unseen length (whose
+        def beats(entry: Entry, length: int, rival: tuple | None, beaten: float) -> bool:
+            """`entry` goes before the heap's top (`rival`) and every unseen length (whose
             ratio is at most `beaten`)."""
-            row = head(length, iter((key,)))
+            row = head(length, iter((entry,)))
             return (rival is None or row < rival) and -row[0] > beaten
 
         lengths = iter(free.lengths)
@@ -823,8 +841,7 @@ class WaitingSet:
                 unseen = next(lengths, None)
             if not heads:
                 return
-            _, _, length, key, keys = heapq.heappop(heads)
-            entry = entries[key]
+            _, _, length, entry, run = heapq.heappop(heads)
             if first_fit and length > p.left:
                 continue  # no prompt of this length fits: shorter ones may
             # vLLM passes over a prompt whose LoRA adapter cannot load; a whole prompt over the
@@ -834,7 +851,7 @@ class WaitingSet:
                 misses += 1  # passed over, as vLLM skips it
                 if misses >= FIT_PROBES:
                     return
-                row = head(length, keys)
+                row = head(length, run)
             elif length > p.left:
                 if p.limits.chunked_prefill:
                     p.chunk(entry)
@@ -843,16 +860,16 @@ class WaitingSet:
                 return
             elif not batch:
                 p.take(entry, Reason.RATIO)
-                row = head(length, keys)
+                row = head(length, run)
             else:
                 # the run goes on while its next prompts still beat every other (the heap's
                 # top, any unseen length)
                 rival = heads[0] if heads else None
                 beaten = 1 + longest_wait / unseen if unseen is not None else 0.0
-                more, keys = _prefix(keys, p.fitting(length) - 1, p.taken,
-                                     lambda k: beats(k, length, rival, beaten))
-                p.take_run(free.run(length), [key, *more], length, Reason.RATIO)
-                row = head(length, keys)
+                more, run = _prefix(run, p.fitting(length) - 1, p.taken,
+                                    lambda e: beats(e, length, rival, beaten))
+                p.take_run([entry, *more], length, Reason.RATIO)
+                row = head(length, run)
             if row is not None:
                 heapq.heappush(heads, row)
 
@@ -886,7 +903,7 @@ class WaitingSet:
         requests per second of step goes first (with every step the same cost: whichever
         starts more). O(bin size): the shortest-first step is the one already planned."""
         _, _, bin_id = level.ranked()[0]
-        members = [level.entries[key] for key in level.bins[bin_id].keys if not p.taken(key)]
+        members = [entry for entry in level.bins[bin_id].members if not p.taken(entry)]
         bin_tokens = sum(e.length for e in members)
         if not members or bin_tokens > p.left_at(before) or not p.kv_fits_all(members, before):
             return False
@@ -904,13 +921,13 @@ class WaitingSet:
             b = level.bins[bin_id]
             if b.shortest > p.left:
                 continue
-            members = sorted((level.entries[k] for k in b.keys), key=lambda e: (-e.length, e.seq))
+            members = sorted(b.members, key=lambda e: (-e.length, e.seq))
             for entry in members:
-                if (p.has_room() and not p.taken(entry.key) and entry.length <= p.left
+                if (p.has_room() and not p.taken(entry) and entry.length <= p.left
                         and p.group_ok(entry) and p.kv_fits(entry)):
                     p.take(entry, Reason.BIN)
 
-    def _exchange(self, level: _Level, p: _Planner, picks: list[Key], step: int, now: float) -> None:
+    def _exchange(self, level: _Level, p: _Planner, picks: list[Entry], step: int, now: float) -> None:
         """(c) best fit: swap the last exchangeable picks for longer free prompts that fill the
         step; an overdue pick only for another overdue request, so no younger one overtakes it.
 
@@ -922,8 +939,8 @@ class WaitingSet:
         for _ in range(self.max_swaps):
             if not picks or p.left == 0:
                 return
-            last = level.entries[picks[-1]]
-            aged = p.reason(last.key) == Reason.AGED
+            last = picks[-1]
+            aged = p.reason(last) == Reason.AGED
             overdue = (lambda e: self.aging.overdue(e, step, now)) if aged else (lambda e: True)
             best = self._longest_fitting(
                 level, p, p.left + last.length, above=last.length,
@@ -943,22 +960,22 @@ class WaitingSet:
         for entry in islice(level.free.scan_down(room), FIT_PROBES):
             if entry.length <= above:
                 return None
-            if not p.taken(entry.key) and p.group_ok(entry) and (accept is None or accept(entry)):
+            if not p.taken(entry) and p.group_ok(entry) and (accept is None or accept(entry)):
                 return entry
         return None
 
 
-def _prefix(keys: Iterator[Key], most: int, taken, ok) -> tuple[list[Key], Iterator[Key]]:
-    """Up to `most` of `keys` (skipping `taken` ones) from the front while `ok`, where `ok`
+def _prefix(entries: Iterator[Entry], most: int, taken, ok) -> tuple[list[Entry], Iterator[Entry]]:
+    """Up to `most` of `entries` (skipping `taken` ones) from the front while `ok`, where `ok`
     holds for a prefix of them (a run in the ratio order: the ratio falls along it), and the
-    keys after those. Checked in blocks of doubling size, the last of a block first, a
+    entries after those. Checked in blocks of doubling size, the last of a block first, a
     failing block bisected: O(log k) checks for k keys taken."""
     chosen, size = [], RUN_PROBE
     while most > 0:
-        block = list(islice(keys, min(size, most)))
+        block = list(islice(entries, min(size, most)))
         if not block:
-            break  # the keys are spent
-        block = [k for k in block if not taken(k)]
+            break  # the entries are spent
+        block = [e for e in block if not taken(e)]
         if block and not ok(block[-1]):
             lo, hi = 0, len(block) - 1
             while lo < hi:
@@ -967,11 +984,11 @@ def _prefix(keys: Iterator[Key], most: int, taken, ok) -> tuple[list[Key], Itera
                     lo = mid + 1
                 else:
                     hi = mid
-            return chosen + block[:lo], chain(block[lo:], keys)
+            return chosen + block[:lo], chain(block[lo:], entries)
         chosen += block
         most -= len(block)
         size *= 2
-    return chosen, keys
+    return chosen, entries
 
 
 class _Room(NamedTuple):
@@ -986,14 +1003,18 @@ class _Room(NamedTuple):
 class _Planner:
     """Mutable state of one step's plan: the picks and what is left."""
 
+    __slots__ = ("limits", "token_left", "input_left", "planned_tokens", "seats", "_picks",
+                 "_group_counts", "_chunk_candidate", "blocked", "stop", "kv_left", "_chunks",
+                 "free_below")
+
     def __init__(self, limits: StepLimits) -> None:
         self.limits = limits
         self.token_left = max(0, limits.budget)
         self.input_left = limits.input_budget
         self.planned_tokens = 0
         self.seats = max(0, limits.seats)
-        self._picks: dict[Key, Pick] = {}  # in plan order
-        self._group_counts: Counter = Counter()
+        self._picks: dict[Entry, Pick] = {}  # in plan order
+        self._group_counts: dict[Hashable, int] = {}  # picks per LoRA adapter
         self._chunk_candidate: Entry | None = None
         self.blocked = False  # a must-go-first request did not fit: nothing may overtake it
         self.stop: Entry | None = None  # whole prompts in ratio order: the one the step ends at
@@ -1023,15 +1044,15 @@ class _Planner:
     def has_room(self) -> bool:
         return self.left > 0 and self.seats > 0
 
-    def taken(self, key: Key) -> bool:
-        return key in self._picks
+    def taken(self, entry: Entry) -> bool:
+        return entry in self._picks
 
     def all_free_taken(self, level: _Level) -> bool:
         """Every free prompt of `level` is in the plan (checked from `free_below` on, in C)."""
-        return all(map(self._picks.__contains__, level.free.keys_from(self.free_below)))
+        return all(map(self._picks.__contains__, level.free.entries_from(self.free_below)))
 
-    def reason(self, key: Key) -> Reason:
-        return self._picks[key].reason
+    def reason(self, entry: Entry) -> Reason:
+        return self._picks[entry].reason
 
     @property
     def whole_picks(self) -> int:
@@ -1043,7 +1064,7 @@ class _Planner:
             entry.group is None
             or max_groups is None
             or entry.group in self.limits.groups
-            or self._group_counts[entry.group] > 0
+            or self._group_counts.get(entry.group, 0) > 0
             or len(self.limits.groups | {g for g, n in self._group_counts.items() if n}) < max_groups
         )
 
@@ -1062,16 +1083,16 @@ class _Planner:
 
     def take(self, entry: Entry, reason: Reason, tokens: int | None = None) -> None:
         tokens = entry.length if tokens is None else tokens
-        pick = self._picks[entry.key] = Pick(entry.key, tokens, reason, entry)
+        pick = self._picks[entry] = Pick(tokens, reason, entry)
         self._chunks += pick.chunked
         self._charge(tokens, +1)
         if self.kv_left is not None:
             self.kv_left -= entry.blocks
         if entry.group is not None:
-            self._group_counts[entry.group] += 1
+            self._group_counts[entry.group] = self._group_counts.get(entry.group, 0) + 1
 
     def untake(self, entry: Entry) -> None:
-        pick = self._picks.pop(entry.key)
+        pick = self._picks.pop(entry)
         if entry.bin is None and not entry.pinned:  # free again: scans must see it
             self.free_below = min(self.free_below, (entry.length, 0))
         self._chunks -= pick.chunked
@@ -1089,50 +1110,48 @@ class _Planner:
         self.planned_tokens += count * tokens
         self.seats -= count
 
-    def take_shortest(self, level: _Level, taken: list[Key]) -> None:
-        """(b) free prompts shortest first while they fit (keys appended to `taken`), from
+    def take_shortest(self, level: _Level, taken: list[Entry]) -> None:
+        """(b) free prompts shortest first while they fit (appended to `taken`), from
         `free_below` on. The hot loop of a plan (a hundred picks a step): where no LoRA limit
         applies, as many of a run of equal lengths as fit are taken at once (the count is
-        arithmetic: lengths and the per-request overhead are the same across a run), and an
-        entry is read (from its run) only where its KV blocks count."""
+        arithmetic: lengths and the per-request overhead are the same across a run), read
+        from the run's entries (their keys untouched)."""
         free = level.free
         if self.limits.max_groups is not None:
-            for key in free.keys_from(self.free_below):
+            for entry in free.entries_from(self.free_below):
                 if not self.has_room():
                     return
-                entry = level.entries[key]
-                if self.taken(key) or not self.group_ok(entry):
+                if self.taken(entry) or not self.group_ok(entry):
                     continue
                 if entry.length > self.left or not self.kv_fits(entry):
                     return  # blocks grow with length: no longer prompt fits either
                 self.take(entry, Reason.SHORT)
-                taken.append(key)
+                taken.append(entry)
             return
         limits, picks = self.limits, self._picks
         check = bool(picks)
         start, stop = self.free_below, END
-        for length in free.lengths.irange(start[0]):
+        for length in free.lengths_from(start[0]):
             skip = start[1] if length == start[0] else 0  # prompts of this length known taken
             fit = self.fitting(length)
             if fit <= 0:
                 stop = (length, skip)
                 break
-            keys = free.run_from(length, start)
-            run = free.run(length)
-            chosen: list[Key] = []
+            run = free.run_from(length, start)
+            chosen: list[Entry] = []
             at = skip  # the run's prompts before this position are taken or chosen
             while len(chosen) < fit:
-                more = list(islice(keys, fit - len(chosen)))
+                more = list(islice(run, fit - len(chosen)))
                 if not more:
                     break  # the run is spent: on to the next length
                 at += len(more)
-                chosen += [key for key in more if key not in picks] if check else more
+                chosen += [entry for entry in more if entry not in picks] if check else more
             full = len(chosen) == fit
             if self.kv_left is not None:
                 kv_left = self.kv_left
                 watermark = limits.watermark_blocks if (limits.running or picks) else 0
-                for index, key in enumerate(chosen):
-                    blocks = run[key].blocks
+                for index, entry in enumerate(chosen):
+                    blocks = entry.blocks
                     if blocks + watermark > kv_left:
                         # blocks grow with length: no longer prompt fits either
                         at = skip if check else skip + index
@@ -1143,7 +1162,7 @@ class _Planner:
                     watermark = limits.watermark_blocks
                 self.kv_left = kv_left
             if chosen:
-                self.take_run(run, chosen, length, Reason.SHORT)
+                self.take_run(chosen, length, Reason.SHORT)
                 taken += chosen
             if full:  # the next prompt of this length (or a longer one) does not fit
                 stop = (length, at)
@@ -1159,18 +1178,17 @@ class _Planner:
             fit = min(fit, (self.input_left - overhead - length) // (length + overhead) + 1)
         return fit
 
-    def take_run(self, run: dict[Key, Entry], keys: list[Key], length: int, reason: Reason) -> None:
-        """Whole prompts of one `length` (`keys` of its `run`) that fit (``fitting``), charged
-        at once: no LoRA limit applies, and their KV blocks, where tracked, are the caller's
-        to count."""
-        picks = zip(keys, repeat(length), repeat(reason), map(run.__getitem__, keys))
-        self._picks.update(zip(keys, map(tuple.__new__, repeat(Pick), picks)))
-        self._charge(length, len(keys))
+    def take_run(self, entries: list[Entry], length: int, reason: Reason) -> None:
+        """Whole prompts of one `length` that fit (``fitting``), charged at once: no LoRA
+        limit applies, and their KV blocks, where tracked, are the caller's to count."""
+        picks = map(tuple.__new__, repeat(Pick), zip(repeat(length), repeat(reason), entries))
+        self._picks.update(zip(entries, picks))
+        self._charge(length, len(entries))
 
     def take_in_order(self, entry: Entry, reason: Reason) -> bool:
         """A must-go-first request: whole, else a chunk, else the plan stops here. One whose
         LoRA adapter cannot load this step is passed over, as vLLM skips it."""
-        if self.taken(entry.key) or not self.group_ok(entry):
+        if self.taken(entry) or not self.group_ok(entry):
             return True
         if not self.has_room() or not self.kv_fits(entry):
             self.blocked = True  # it keeps its place: it waits for blocks as vLLM would
@@ -1188,10 +1206,9 @@ class _Planner:
         if not self.limits.chunked_prefill or not self.has_room():
             return
         misses = 0
-        for key in level.free.keys_from(self.free_below):
-            if self.taken(key):
+        for entry in level.free.entries_from(self.free_below):
+            if self.taken(entry):
                 continue
-            entry = level.entries[key]
             if self.group_ok(entry) and self.kv_fits(entry):
                 self.chunk(entry)
                 return

@@ -218,7 +218,8 @@ class PackingRequestQueue(internal.RequestQueue):
             self._dues[entry.key] = entry.due
             if len(self._dues) > MAX_REMEMBERED_DEADLINES:
                 self._dues.popitem(last=False)
-        request = self._remove(entry.key)
+        self._set.remove(entry.key)
+        request, entry.item = entry.item, None  # let go (as _remove does, a call saved)
         if self._cached_tokens is not None:
             self._leave_group(request, admitted=True)
         return request
@@ -475,6 +476,8 @@ class PrepackScheduler(internal.Scheduler):
         first come first served, passing over blocked ones: the tokens it will take. One that
         does not fit takes the rest (chunked prefill) or stops the step (whole prompts)."""
         taken = 0
+        if not self.kv_holding_waiting:  # mostly: a deque's truth, no iterator
+            return taken
         for request in self.kv_holding_waiting:
             if self._is_blocked_waiting_status(request.status):
                 continue
@@ -492,14 +495,13 @@ class PrepackScheduler(internal.Scheduler):
         budget = self.max_num_scheduled_tokens
         input_left = self.scheduler_config.max_num_batched_tokens
         draft_slots = self._draft_slots
-        num_running, num_waiting = self.get_request_counts()
-        threshold = (
-            self.scheduler_config.long_prefill_token_threshold
-            if num_running + num_waiting > 1
-            else 0
-        )
-        if threshold > 0 and self.adaptive_long_prefill_threshold:
-            threshold = max(threshold, input_left // (num_running + num_waiting))
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        if threshold > 0:  # the counts only where a threshold is set: a call the step saved
+            requests = sum(self.get_request_counts())
+            if requests <= 1:
+                threshold = 0
+            elif self.adaptive_long_prefill_threshold:
+                threshold = max(threshold, input_left // requests)
         defer_prefills = prefills_deferred(self, throttle_prefills)
         phase = _RunningPhase({}, input_left, defer_prefills)
         if self._pause_state == internal.PauseState.PAUSED_ALL:

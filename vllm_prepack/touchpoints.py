@@ -295,13 +295,15 @@ def _at_least_0_33() -> bool:
 def prefills_deferred(scheduler, throttle_prefills: bool) -> bool:
     """Whether the coming schedule() holds new prefills (and prefill chunks) back: DP prefill
     throttling in every release, and from 0.33 also the local prefill cadence."""
+    interval = getattr(scheduler, "local_prefill_interval", 1) if _at_least_0_33() else 1
+    if not throttle_prefills and interval <= 1:
+        return False  # most steps: nothing below can defer
     chunks_only = all(r.is_prefill_chunk for r in scheduler.running)
     if chunks_only or scheduler.prefill_capacity_bound:
         return False
     if throttle_prefills:
         return True
-    interval = getattr(scheduler, "local_prefill_interval", 1) if _at_least_0_33() else 1
-    return interval > 1 and (scheduler.num_executed_steps + 1) - scheduler.last_prefill_step < interval
+    return (scheduler.num_executed_steps + 1) - scheduler.last_prefill_step < interval
 
 
 def active_adapters(scheduler, scheduled: dict[str, int]) -> frozenset:
