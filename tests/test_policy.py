@@ -187,9 +187,9 @@ def assert_consistent(ws: WaitingSet) -> None:
         assert sorted(set(level.free.lengths)) == list(level.free.lengths)
         for length in level.free.lengths:  # oldest first within a length
             run = level.free.run(length)
-            seqs = [e.seq for e in run.values()]
+            seqs = [e.seq for e in run]
             assert run and seqs == sorted(seqs)
-            assert all(fifo[k] is e and e.length == length for k, e in run.items())
+            assert all(fifo[e.key] is e and e.length == length for e in run)
         binned = {e.key for b in level.bins.values() for e in b.members}
         assert all(fifo[e.key] is e for b in level.bins.values() for e in b.members)
         assert free.isdisjoint(binned) and free | binned == set(fifo)

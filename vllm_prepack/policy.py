@@ -133,10 +133,6 @@ def _waiting(seq: int, entry: Entry) -> bool:
     return entry.seq == seq and entry.cohort is not None
 
 
-def _item_seq(item: tuple[Key, Entry]) -> int:
-    return item[1].seq
-
-
 def _seq(entry: Entry) -> int:
     return entry.seq
 
@@ -343,8 +339,10 @@ class AgingBound:
 
 class _ByLength:
     """The free prompts of a level: the lengths present, sorted, and per length the entries in
-    admission order (key -> entry), so shortest-first, the filler reserve and the best-fit
-    search take entries from the run they read, not from the dict of every waiting request.
+    admission order (a dict of entry -> None: an ordered set whose members hash by identity,
+    so neither a scan nor a removal touches a request id), so shortest-first, the filler
+    reserve and the best-fit search take entries from the run they read, not from the dict of
+    every waiting request.
     Shortest-first takes a run of equal lengths in a few C-level
     operations instead of a loop per prompt, and an admission or removal is a dict operation
     (O(log L) only where a length appears or empties). A resized request (a prefix-cache hit
@@ -357,7 +355,7 @@ class _ByLength:
 
     def __init__(self) -> None:
         self.lengths: SortedList = SortedList()
-        self._runs: dict[int, dict[Key, Entry]] = {}
+        self._runs: dict[int, dict[Entry, None]] = {}
         self._unordered: set[int] = set()  # lengths whose run took a prompt out of order
 
     def __bool__(self) -> bool:
@@ -366,11 +364,11 @@ class _ByLength:
     def __iter__(self) -> Iterator[Key]:
         return (entry.key for entry in self.entries_from(START))
 
-    def run(self, length: int) -> dict[Key, Entry]:
+    def run(self, length: int) -> dict[Entry, None]:
         """The prompts of `length` (which must be present), oldest first."""
         if length in self._unordered:
             self._unordered.discard(length)
-            self._runs[length] = dict(sorted(self._runs[length].items(), key=_item_seq))
+            self._runs[length] = dict.fromkeys(sorted(self._runs[length], key=_seq))
         return self._runs[length]
 
     def add(self, entry: Entry) -> None:
@@ -379,13 +377,14 @@ class _ByLength:
         if run is None:
             run = self._runs[length] = {}
             self.lengths.add(length)
-        elif entry.seq < next(reversed(run.values())).seq:
+        elif entry.seq < next(reversed(run)).seq:
             self._unordered.add(length)
-        run[entry.key] = entry
+        run[entry] = None
 
-    def remove(self, length: int, key: Key) -> None:
+    def remove(self, entry: Entry) -> None:
+        length = entry.length
         run = self._runs[length]
-        del run[key]
+        del run[entry]
         if not run:
             self._emptied(length)
 
@@ -399,7 +398,7 @@ class _ByLength:
         not a delete of the last key: a dict's deleted slots stay until it is resized, so the
         builder's pops from a run's end would each walk past the ones before."""
         run = self.run(length)
-        _, entry = run.popitem()
+        entry, _ = run.popitem()
         if not run:
             self._emptied(length)
         return entry
@@ -410,11 +409,11 @@ class _ByLength:
         return self.lengths[at - 1] if at else None
 
     def first(self) -> Key:
-        return next(iter(self.run(self.lengths[0])))
+        return next(iter(self.run(self.lengths[0]))).key
 
     def run_from(self, length: int, start: tuple[float, int]) -> Iterator[Entry]:
         """The entries of `length` from the point `start` on."""
-        entries = iter(self.run(length).values())
+        entries = iter(self.run(length))
         if length == start[0] and start[1]:
             next(islice(entries, start[1], start[1]), None)  # skipped in C
         return entries
@@ -439,7 +438,7 @@ class _ByLength:
         """The entries from the longest length at most `tokens` down, newest first within a
         length."""
         for length in self.lengths.irange(maximum=tokens, reverse=True):
-            yield from reversed(self.run(length).values())
+            yield from reversed(self.run(length))
 
 
 class _Bin:
@@ -611,7 +610,7 @@ class WaitingSet:
             if entry.bin is not None:
                 level.release(entry)
             else:
-                level.free.remove(entry.length, key)
+                level.free.remove(entry)
                 level.free_tokens -= entry.length
             cohort = entry.cohort
             entry.cohort = None
@@ -641,7 +640,7 @@ class WaitingSet:
         if entry.bin is not None:
             level.release(entry)
         else:
-            level.free.remove(entry.length, key)
+            level.free.remove(entry)
             level.free_tokens -= entry.length
         entry.length = length
         level.free.add(entry)
