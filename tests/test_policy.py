@@ -78,11 +78,12 @@ def test_plan_is_deterministic_and_pure(lengths, budget, chunked):
     more bins on a second call, so a repeated plan may differ)."""
     a, b = fill(lengths), fill(lengths)
     limits = StepLimits(budget=budget, seats=64, chunked_prefill=chunked)
-    def seen(plan):  # entries are equal by identity: the two sets' picks compare by value
-        return [(p.key, p.tokens, p.reason) for p in plan]
+    def seen(ws, plan):  # entries are equal by identity: the two sets compare by value
+        stop = ws.stop.key if ws.stop is not None else None
+        return stop, [(p.key, p.tokens, p.reason, p.entry.seq, p.entry.bin, p.entry.length) for p in plan]
 
-    assert seen(a.plan(limits)) == seen(b.plan(limits))
-    assert seen(a.plan(limits, step=1)) == seen(b.plan(limits, step=1))
+    assert seen(a, a.plan(limits)) == seen(b, b.plan(limits))
+    assert seen(a, a.plan(limits, step=1)) == seen(b, b.plan(limits, step=1))
     assert len(a) == len(lengths) and sorted(a) == sorted(range(len(lengths)))
 
 
@@ -174,6 +175,19 @@ def test_token_total_follows_adds_and_removals(ops):
     assert sorted(ws, key=str) == sorted(alive, key=str)
 
 
+def test_entries_are_told_apart_by_identity_not_by_their_fields():
+    """A plan keys its picks by entry: two entries alike in every field are two requests, and
+    one that left the set is never taken for the one that came back under its key."""
+    first, again = Entry(key="r", length=5), Entry(key="r", length=5)
+    assert first != again and len({first, again}) == 2
+    ws = WaitingSet()
+    ws.add(first)
+    ws.remove("r")
+    ws.add(again)
+    plan = ws.plan(StepLimits(budget=100, seats=4))
+    assert len(plan) == 1 and plan[0].entry is again and plan[0].key == "r"
+
+
 def assert_consistent(ws: WaitingSet) -> None:
     """Every index of `ws` agrees with its waiting entries."""
     entries = ws.entries
@@ -191,6 +205,11 @@ def assert_consistent(ws: WaitingSet) -> None:
             assert run and seqs == sorted(seqs)
             assert all(fifo[e.key] is e and e.length == length for e in run)
         binned = {e.key for b in level.bins.values() for e in b.members}
+        assert all(e.bin == i for i, b in level.bins.items() for e in b.members)
+        assert all(fifo[k].bin is None for k in free)
+        lengths = list(level.free.lengths)
+        for start in {0, *lengths[:1], *(n + 1 for n in lengths[-1:]), *lengths[len(lengths) // 2:][:1], math.inf}:
+            assert list(level.free.lengths_from(start)) == list(level.free.lengths.irange(start))
         assert all(fifo[e.key] is e for b in level.bins.values() for e in b.members)
         assert free.isdisjoint(binned) and free | binned == set(fifo)
         assert level.free_tokens == sum(fifo[k].length for k in free)

@@ -166,6 +166,27 @@ def test_budget_mirror_is_checked_every_step_and_catches_a_wrong_one(tiny_model,
         s.schedule()
 
 
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_budget_mirror_holds_with_a_long_prefill_threshold(tiny_model, adaptive):
+    """vLLM's long-prefill threshold caps a prefill's tokens a step (adaptive: at least the
+    input budget's share of the requests) wherever more than one request is queued or running;
+    the mirror, which counts the requests only where a threshold is set, matches vLLM every
+    step."""
+    s = standalone_scheduler(tiny_model, budget=256, max_model_len=1024, chunked_prefill=True,
+                             max_num_seqs=16, long_prefill_token_threshold=48)
+    s.adaptive_long_prefill_threshold = adaptive
+    s.add_request(make_request("alone", 600, max_tokens=2))
+    alone = drain(s)
+    assert alone[0] == {"alone": 256}  # one request: no threshold
+    for i in range(4):
+        s.add_request(make_request(f"r{i}", 300, max_tokens=2))
+    steps = drain(s)
+    assert not s.has_requests()
+    assert s.prepack_stats.budget_checks == s.prepack_stats.steps
+    cap = 256 // 4 if adaptive else 48  # the budget's share of 4 requests, else the threshold
+    assert steps[0] == {f"r{i}": cap for i in range(4)}
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole-prompts", "chunked-prefill"])
 def test_requests_holding_kv_blocks_come_off_the_budget(tiny_model, chunked):
     """vLLM drains kv_holding_waiting before the waiting queue, passing over blocked requests;

@@ -183,3 +183,27 @@ def test_running_load_counts_as_decoding_only_requests_with_tokens_still_to_come
                R(num_prompt_tokens=10, num_computed_tokens=12, max_tokens=8, num_output_tokens=7),
                R(num_prompt_tokens=10, num_computed_tokens=15, max_tokens=8, num_output_tokens=5)]
     assert touchpoints.running_load(R(running=running)) == (40, 1)
+
+
+def test_prefills_are_deferred_only_when_throttled_or_within_the_local_interval():
+    """The mirror of vLLM's deferral of new prefills (DP throttling; from 0.33 the local
+    prefill cadence): a step of prefill chunks only, or one bound by prefill capacity, is
+    never deferred."""
+    from types import SimpleNamespace
+
+    chunk, decode = SimpleNamespace(is_prefill_chunk=True), SimpleNamespace(is_prefill_chunk=False)
+
+    def scheduler(running=(decode,), bound=False, interval=1, last_prefill=10):
+        return SimpleNamespace(running=list(running), prefill_capacity_bound=bound,
+                               local_prefill_interval=interval, num_executed_steps=10,
+                               last_prefill_step=last_prefill)
+
+    assert not touchpoints.prefills_deferred(scheduler(), False)
+    assert touchpoints.prefills_deferred(scheduler(), True)
+    assert not touchpoints.prefills_deferred(scheduler(running=(chunk,)), True)
+    assert not touchpoints.prefills_deferred(scheduler(bound=True), True)
+    # the step after a prefill, with a prefill every 4 steps: deferred where the release has it
+    cadence = touchpoints._at_least_0_33()
+    assert touchpoints.prefills_deferred(scheduler(interval=4), False) == cadence
+    assert not touchpoints.prefills_deferred(scheduler(interval=4, last_prefill=7), False)
+    assert not touchpoints.prefills_deferred(scheduler(running=(chunk,), interval=4), False)

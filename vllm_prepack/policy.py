@@ -118,8 +118,8 @@ class Entry:
     blocks: int = 0  # KV blocks vLLM must find free to admit it (0: not tracked)
     bin: int | None = None  # the reserved bin holding it (whole prompts only)
     # its deadline's cohort while it waits unpinned (None: pinned, or not waiting)
-    cohort: _Cohort | None = field(default=None, repr=False, compare=False)
-    item: object = field(default=None, repr=False, compare=False)  # the caller's (a vLLM Request)
+    cohort: _Cohort | None = field(default=None, repr=False)
+    item: object = field(default=None, repr=False)  # the caller's (a vLLM Request)
 
     @property
     def due(self) -> float:
@@ -382,6 +382,7 @@ class _ByLength:
         run[entry] = None
 
     def remove(self, entry: Entry) -> None:
+        """Out of the run of its length (before its length changes)."""
         length = entry.length
         run = self._runs[length]
         del run[entry]
@@ -395,7 +396,7 @@ class _ByLength:
 
     def pop_newest(self, length: int) -> Entry:
         """The newest prompt of `length` (which must be present), out of the list. popitem,
-        not a delete of the last key: a dict's deleted slots stay until it is resized, so the
+        not a delete of the last member: a dict's deleted slots stay until it is resized, so the
         builder's pops from a run's end would each walk past the ones before."""
         run = self.run(length)
         entry, _ = run.popitem()
@@ -457,11 +458,10 @@ class _Bin:
 class _Level:
     """The waiting requests of one priority level, indexed by length, deadline and age."""
 
-    __slots__ = ("entries", "free", "order", "pinned", "by_due", "cohorts", "bins", "_ranking",
-                 "_unranked", "free_tokens")
+    __slots__ = ("free", "order", "pinned", "by_due", "cohorts", "bins", "_ranking", "_unranked",
+                 "free_tokens")
 
-    def __init__(self, entries: dict[Key, Entry]) -> None:
-        self.entries = entries  # every waiting entry by key (the WaitingSet's, all levels)
+    def __init__(self) -> None:
         self.free = _ByLength()  # unpinned, unreserved entries
         self.free_tokens = 0
         self.order = _Admitted()  # unpinned entries, oldest first
@@ -576,7 +576,7 @@ class WaitingSet:
         entry.cohort = None
         level = self._levels.get(entry.priority)
         if level is None:
-            level = self._levels[entry.priority] = _Level(self.entries)
+            level = self._levels[entry.priority] = _Level()
             bisect.insort(self._priorities, entry.priority)
         if pinned:
             level.pinned.appendleft(entry)
@@ -968,7 +968,7 @@ def _prefix(entries: Iterator[Entry], most: int, taken, ok) -> tuple[list[Entry]
     """Up to `most` of `entries` (skipping `taken` ones) from the front while `ok`, where `ok`
     holds for a prefix of them (a run in the ratio order: the ratio falls along it), and the
     entries after those. Checked in blocks of doubling size, the last of a block first, a
-    failing block bisected: O(log k) checks for k keys taken."""
+    failing block bisected: O(log k) checks for k entries taken."""
     chosen, size = [], RUN_PROBE
     while most > 0:
         block = list(islice(entries, min(size, most)))
