@@ -618,7 +618,7 @@ class WaitingSet:
             if not cohort.members.left() and cohort.id in level.cohorts:
                 level.by_due.remove((cohort.due, cohort.seq, cohort.id))
                 del level.cohorts[cohort.id]
-        if not level.order.live and not level.pinned:  # empty (len(level), without the call)
+        if not level:
             del self._levels[entry.priority]
             self._priorities.remove(entry.priority)
         return entry

@@ -218,8 +218,7 @@ class PackingRequestQueue(internal.RequestQueue):
             self._dues[entry.key] = entry.due
             if len(self._dues) > MAX_REMEMBERED_DEADLINES:
                 self._dues.popitem(last=False)
-        self._set.remove(entry.key)
-        request, entry.item = entry.item, None  # let go (as _remove does, a call saved)
+        request = self._remove(entry.key)
         if self._cached_tokens is not None:
             self._leave_group(request, admitted=True)
         return request
@@ -476,7 +475,7 @@ class PrepackScheduler(internal.Scheduler):
         first come first served, passing over blocked ones: the tokens it will take. One that
         does not fit takes the rest (chunked prefill) or stops the step (whole prompts)."""
         taken = 0
-        if not self.kv_holding_waiting:  # mostly: a deque's truth, no iterator
+        if not self.kv_holding_waiting:  # mostly empty: a truth test, no iterator
             return taken
         for request in self.kv_holding_waiting:
             if self._is_blocked_waiting_status(request.status):
