@@ -78,6 +78,7 @@ def test_plan_is_deterministic_and_pure(lengths, budget, chunked):
     more bins on a second call, so a repeated plan may differ)."""
     a, b = fill(lengths), fill(lengths)
     limits = StepLimits(budget=budget, seats=64, chunked_prefill=chunked)
+
     def seen(ws, plan):  # entries are equal by identity: the two sets compare by value
         stop = ws.stop.key if ws.stop is not None else None
         return stop, [(p.key, p.tokens, p.reason, p.entry.seq, p.entry.bin, p.entry.length) for p in plan]
@@ -176,8 +177,9 @@ def test_token_total_follows_adds_and_removals(ops):
 
 
 def test_entries_are_told_apart_by_identity_not_by_their_fields():
-    """A plan keys its picks by entry: two entries alike in every field are two requests, and
-    one that left the set is never taken for the one that came back under its key."""
+    """Entries are equal by identity (a plan keys its picks by entry): two alike in every field
+    are two requests, and a request that came back under its key is planned as the entry it
+    came back with."""
     first, again = Entry(key="r", length=5), Entry(key="r", length=5)
     assert first != again and len({first, again}) == 2
     ws = WaitingSet()

@@ -185,25 +185,30 @@ def test_running_load_counts_as_decoding_only_requests_with_tokens_still_to_come
     assert touchpoints.running_load(R(running=running)) == (40, 1)
 
 
-def test_prefills_are_deferred_only_when_throttled_or_within_the_local_interval():
+@pytest.mark.parametrize("cadence", [False, True], ids=["before-0.33", "0.33-on"])
+def test_prefills_are_deferred_only_when_throttled_or_within_the_local_interval(monkeypatch, cadence):
     """The mirror of vLLM's deferral of new prefills (DP throttling; from 0.33 the local
     prefill cadence): a step of prefill chunks only, or one bound by prefill capacity, is
-    never deferred."""
+    never deferred; where nothing can defer, the running requests are not scanned."""
     from types import SimpleNamespace
 
+    monkeypatch.setattr(touchpoints, "_at_least_0_33", lambda: cadence)
     chunk, decode = SimpleNamespace(is_prefill_chunk=True), SimpleNamespace(is_prefill_chunk=False)
 
-    def scheduler(running=(decode,), bound=False, interval=1, last_prefill=10):
-        return SimpleNamespace(running=list(running), prefill_capacity_bound=bound,
-                               local_prefill_interval=interval, num_executed_steps=10,
-                               last_prefill_step=last_prefill)
+    class Unscanned:
+        def __iter__(self):
+            raise AssertionError("the running requests were scanned")
 
-    assert not touchpoints.prefills_deferred(scheduler(), False)
+    def scheduler(running=(decode,), bound=False, interval=1, last_prefill=10):
+        return SimpleNamespace(running=running if isinstance(running, Unscanned) else list(running),
+                               prefill_capacity_bound=bound, local_prefill_interval=interval,
+                               num_executed_steps=10, last_prefill_step=last_prefill)
+
+    assert not touchpoints.prefills_deferred(scheduler(running=Unscanned()), False)
     assert touchpoints.prefills_deferred(scheduler(), True)
     assert not touchpoints.prefills_deferred(scheduler(running=(chunk,)), True)
     assert not touchpoints.prefills_deferred(scheduler(bound=True), True)
-    # the step after a prefill, with a prefill every 4 steps: deferred where the release has it
-    cadence = touchpoints._at_least_0_33()
+    # the step after a prefill, with a prefill every 4 steps: deferred from 0.33 on
     assert touchpoints.prefills_deferred(scheduler(interval=4), False) == cadence
     assert not touchpoints.prefills_deferred(scheduler(interval=4, last_prefill=7), False)
     assert not touchpoints.prefills_deferred(scheduler(running=(chunk,), interval=4), False)

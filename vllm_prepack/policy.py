@@ -812,7 +812,8 @@ class WaitingSet:
         longest_wait = (step - oldest.step) * step_tokens  # in tokens of steps
 
         def head(length: int, run: Iterator[Entry]) -> tuple | None:
-            """The run's next untaken prompt, as a heap row (highest ratio, then oldest)."""
+            """The run's next untaken prompt, as a heap row (highest ratio, then oldest: seqs
+            are unique, so rows never compare their entries)."""
             for entry in run:
                 if not p.taken(entry):
                     return -(1 + (step - entry.step) * step_tokens / length), entry.seq, length, entry, run
@@ -1136,11 +1137,11 @@ class _Planner:
             if fit <= 0:
                 stop = (length, skip)
                 break
-            run = free.run_from(length, start)
+            entries = free.run_from(length, start)
             chosen: list[Entry] = []
             at = skip  # the run's prompts before this position are taken or chosen
             while len(chosen) < fit:
-                more = list(islice(run, fit - len(chosen)))
+                more = list(islice(entries, fit - len(chosen)))
                 if not more:
                     break  # the run is spent: on to the next length
                 at += len(more)
