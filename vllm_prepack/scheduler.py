@@ -559,7 +559,7 @@ class PrepackScheduler(internal.Scheduler):
         stats = self.prepack_stats
         new_ids = [r.req_id for r in output.scheduled_new_reqs]
         new_ids += list(output.scheduled_cached_reqs.resumed_req_ids)
-        planned_ids = {p.entry.key for p in planned}
+        planned_ids = {p.key for p in planned}
         stats.steps += 1
         stats.plan_seconds += seconds
         stats.admitted += len(new_ids)
