@@ -5,7 +5,8 @@ its own, run in turn):
 1. synthetic backlogs on vLLM's real scheduler, driven without a model (forward steps against
    the bounds ceil(prompt tokens / budget) and offline first-fit decreasing, time to first token
    in steps), and the same under Poisson arrivals at several offered loads;
-2. scheduler time per step with 1k, 10k and 100k waiting requests;
+2. scheduler time per step with 1k, 10k and 100k waiting requests, and the pure policy's plan
+   alone (``policy``: no vLLM, warm and with the caches evicted);
 3. real engines on CPU: all-MiniLM-L6-v2 embedding jobs (chunked prefill off), generation on a
    random-weight ~100M-parameter Llama (chunked prefill on), and generation with prefix caching
    on over shared system prompts.
@@ -289,6 +290,61 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
     )
 
 
+EVICT_BYTES = 64 << 20  # copied between cold plans: more than this machine's caches
+
+
+def policy_alone(sizes: list[int], budget: int, steps: int = 60, options: dict | None = None) -> str:
+    """The pure policy's plan (``WaitingSet.plan``) from a full backlog, without vLLM: what the
+    scale part's planning spends in the policy, apart from vLLM's adapter and queue calls
+    (warm, it varies less from run to run than a whole schedule()). Each entry carries a
+    token list of its length, as vLLM's request does, so entries lie in memory as far apart as
+    they do in an engine. 'cold': a 64 MiB copy between plans evicts the caches, as a step's
+    other work (vLLM's scheduling, the forward) does."""
+    from vllm_prepack.config import PrepackConfig
+    from vllm_prepack.policy import Entry, StepLimits, WaitingSet
+
+    config = PrepackConfig.from_additional_config({"prepack": options or {}})
+    source, sink = bytearray(EVICT_BYTES), bytearray(EVICT_BYTES)
+    rows = []
+    for chunked in (True, False):
+        for waiting in sizes:
+            lengths = prompt_lengths("mmlu", waiting, seed=0, max_len=budget - 1)
+            for cost, fixed in SCALE_COSTS.items():
+                row = {"chunked prefill": "on" if chunked else "off", "waiting requests": waiting,
+                       "plugin's step cost": cost}
+                for cold in (False, True):
+                    waiting_set = WaitingSet(config.aging, config.max_swaps,
+                                             config.pack_fixed_share, config.order)
+                    for i, length in enumerate(lengths):
+                        waiting_set.add(Entry(key=str(i), length=length, item=[i] * length))
+                    limits = StepLimits(budget=budget, seats=1024, chunked_prefill=chunked,
+                                        capacity=budget, cost=StepCost.in_tokens(fixed))
+                    times, admitted = [], 0
+                    for step in range(steps):
+                        if cold:
+                            sink[:] = source
+                        started = time.perf_counter()
+                        picks = waiting_set.plan(limits, step)
+                        times.append(time.perf_counter() - started)
+                        for pick in picks:
+                            waiting_set.remove(pick.key)
+                        admitted += len(picks)
+                    warmth = "cold" if cold else "warm"
+                    row[f"planning ms, {warmth} (p50)"] = 1e3 * summary(times)["p50"]
+                    row[f"planning ms, {warmth} (max)"] = 1e3 * max(times)
+                row["admitted/step"] = admitted / steps
+                rows.append(row)
+    return (
+        f"**The policy alone** ({steps} plans of `WaitingSet.plan` from a full backlog, budget "
+        f"{budget}, mmlu-shaped lengths, each plan's picks then removed, a chunk's prompt "
+        f"too; no vLLM: the running-budget mirror and vLLM's queue calls are not in it; the step "
+        f"cost fixed as in the scale part; 'cold': {EVICT_BYTES >> 20} MiB copied between plans, "
+        f"standing in for the step's other work; the max is mostly the first plan, which dates "
+        f"the backlog and, where it packs, reserves a bin for every prompt over half the "
+        f"budget{_with(options)}).\n\n" + table(rows)
+    )
+
+
 # ---- 3. real engines -------------------------------------------------------------------------
 
 
@@ -459,6 +515,8 @@ def main(args) -> str:
     if "scale" in args.parts:
         parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget,
                            options=args.prepack_options))
+    if "policy" in args.parts:
+        parts.append(policy_alone(args.scale_sizes, args.budget, options=args.prepack_options))
     if "embed" in args.parts:
         for delay in args.step_delays:
             parts.append(embedding_job(args.embed_prompts, 1024, args.repeats, args.report, delay))
@@ -477,7 +535,8 @@ def main(args) -> str:
 
 
 def add_arguments(parser) -> None:
-    parts = ["synthetic", "arrivals", "seconds", "scale", "embed", "generate", "prefix", "hook"]
+    parts = ["synthetic", "arrivals", "seconds", "scale", "policy", "embed", "generate", "prefix",
+             "hook"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--report", type=Path, help="also write PNG plots and summary.md here")
     parser.add_argument("--prompts", type=int, default=1000, help="synthetic prompts per workload")
