@@ -178,6 +178,12 @@ def _point(o: Outcome, outcomes: dict[str, Outcome]) -> dict:
 # have no forward in them): a CPU-like step (orders like SPF) and a GPU-like one (packs: the
 # filler reserve and the exchange run, the heavier plan)
 SCALE_COSTS = {"a = 0": 0.0, "a = 1024 tokens": 1024.0}
+SCALE_SEATS = 1024  # requests a step may start (max_num_seqs)
+
+
+def _scale_options(options: dict | None, fixed: float) -> dict:
+    """The plugin's options in the scale rows: the step cost fixed at `fixed` tokens of work."""
+    return {**(options or {}), "learn_step_cost": False, "step_cost_fixed_tokens": fixed}
 
 
 def _time_side_by_side(model_dir, runs: dict[str, tuple], lengths, budget: int, chunked: bool,
@@ -195,7 +201,7 @@ def _time_side_by_side(model_dir, runs: dict[str, tuple], lengths, budget: int, 
     for label, (name, additional_config, shortest_first) in runs.items():
         scheduler = standalone_scheduler(
             model_dir, scheduler=name, budget=budget, max_model_len=budget,
-            chunked_prefill=chunked, max_num_seqs=1024, num_blocks=1_000_000, verify=False,
+            chunked_prefill=chunked, max_num_seqs=SCALE_SEATS, num_blocks=1_000_000, verify=False,
             additional_config=additional_config,
         )
         requests = [make_request(str(i), length) for i, length in enumerate(lengths)]
@@ -242,8 +248,7 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
             runs = {"fcfs": ("fcfs", None, False), "spf": ("spf", None, False),
                     "presorted": ("fcfs", None, True)}
             for cost, fixed in SCALE_COSTS.items():
-                fixed_cost = {"learn_step_cost": False, "step_cost_fixed_tokens": fixed}
-                runs[cost] = ("prepack", {"prepack": {**(options or {}), **fixed_cost}}, False)
+                runs[cost] = ("prepack", {"prepack": _scale_options(options, fixed)}, False)
             got = _time_side_by_side(model_dir, runs, lengths, budget, chunked, steps)
             fcfs, spf, presorted = got["fcfs"], got["spf"], got["presorted"]
             for cost in SCALE_COSTS:
@@ -290,58 +295,76 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
     )
 
 
-EVICT_BYTES = 64 << 20  # copied between cold plans: more than this machine's caches
+def _eviction_bytes() -> int:
+    """Twice the CPU's largest cache (as sysfs gives it), at least 64 MiB: a copy this large
+    between two plans leaves none of the first in any cache."""
+    largest = 0
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            largest = max(largest, int(digits) * scale)
+    return max(64 << 20, 2 * largest)
 
 
-def policy_alone(sizes: list[int], budget: int, steps: int = 60, options: dict | None = None) -> str:
+def policy_alone(sizes: list[int], budget: int, steps: int = 30, options: dict | None = None,
+                 evict: int | None = None) -> str:
     """The pure policy's plan (``WaitingSet.plan``) from a full backlog, without vLLM: what the
-    scale part's planning spends in the policy, apart from vLLM's adapter and queue calls
-    (warm, it varies less from run to run than a whole schedule()). Each entry carries a
-    token list of its length, as vLLM's request does, so entries lie in memory as far apart as
-    they do in an engine. 'cold': a 64 MiB copy between plans evicts the caches, as a step's
-    other work (vLLM's scheduling, the forward) does."""
+    scale part's planning spends in the policy, apart from vLLM's adapter and queue calls.
+    The same backlogs, options, step limits and number of steps as the scale part. Each entry
+    carries a token list of its length, as vLLM's request does, so entries lie in memory as
+    far apart as they do in an engine. 'cold': a copy of twice the largest cache between
+    plans (or `evict` bytes), as a step's other work (vLLM's scheduling, the forward) leaves
+    the caches."""
     from vllm_prepack.config import PrepackConfig
     from vllm_prepack.policy import Entry, StepLimits, WaitingSet
 
-    config = PrepackConfig.from_additional_config({"prepack": options or {}})
-    source, sink = bytearray(EVICT_BYTES), bytearray(EVICT_BYTES)
+    evict = evict or _eviction_bytes()
+    source, sink = bytearray(evict), bytearray(evict)
     rows = []
     for chunked in (True, False):
         for waiting in sizes:
             lengths = prompt_lengths("mmlu", waiting, seed=0, max_len=budget - 1)
             for cost, fixed in SCALE_COSTS.items():
+                config = PrepackConfig.from_additional_config({"prepack": _scale_options(options, fixed)})
+                limits = StepLimits(budget=budget, seats=SCALE_SEATS, chunked_prefill=chunked,
+                                    min_chunk_tokens=config.min_chunk_tokens, capacity=budget,
+                                    cost=config.step_cost_model(budget).current)
                 row = {"chunked prefill": "on" if chunked else "off", "waiting requests": waiting,
                        "plugin's step cost": cost}
                 for cold in (False, True):
                     waiting_set = WaitingSet(config.aging, config.max_swaps,
                                              config.pack_fixed_share, config.order)
                     for i, length in enumerate(lengths):
-                        waiting_set.add(Entry(key=str(i), length=length, item=[i] * length))
-                    limits = StepLimits(budget=budget, seats=1024, chunked_prefill=chunked,
-                                        capacity=budget, cost=StepCost.in_tokens(fixed))
+                        waiting_set.add(Entry(key=str(i), length=length, time=time.time(),
+                                              item=[i] * length))
+                    gc.collect()
                     times, admitted = [], 0
                     for step in range(steps):
                         if cold:
                             sink[:] = source
                         started = time.perf_counter()
-                        picks = waiting_set.plan(limits, step)
+                        picks = waiting_set.plan(limits, step, time.time())
                         times.append(time.perf_counter() - started)
                         for pick in picks:
                             waiting_set.remove(pick.key)
                         admitted += len(picks)
                     warmth = "cold" if cold else "warm"
                     row[f"planning ms, {warmth} (p50)"] = 1e3 * summary(times)["p50"]
-                    row[f"planning ms, {warmth} (max)"] = 1e3 * max(times)
+                    row[f"planning ms, {warmth} (first)"] = 1e3 * times[0]
+                    row[f"planning ms, {warmth} (max of the rest)"] = 1e3 * max(times[1:])
                 row["admitted/step"] = admitted / steps
                 rows.append(row)
     return (
         f"**The policy alone** ({steps} plans of `WaitingSet.plan` from a full backlog, budget "
-        f"{budget}, mmlu-shaped lengths, each plan's picks then removed, a chunk's prompt "
-        f"too; no vLLM: the running-budget mirror and vLLM's queue calls are not in it; the step "
-        f"cost fixed as in the scale part; 'cold': {EVICT_BYTES >> 20} MiB copied between plans, "
-        f"standing in for the step's other work; the max is mostly the first plan, which dates "
-        f"the backlog and, where it packs, reserves a bin for every prompt over half the "
-        f"budget{_with(options)}).\n\n" + table(rows)
+        f"{budget}, mmlu-shaped lengths, the plugin's options and step limits as in the scale "
+        f"part, each plan's picks then removed, a chunk's prompt too; no vLLM: the running-budget "
+        f"mirror and vLLM's queue calls are not in it; 'cold': {evict >> 20} MiB copied "
+        f"between plans, standing in for the step's other work; the "
+        f"first plan dates the backlog and, where it packs, reserves a bin for every prompt over "
+        f"half the budget; a garbage collection may fall in any plan{_with(options)}).\n\n"
+        + table(rows)
     )
 
 
