@@ -315,8 +315,8 @@ def policy_alone(sizes: list[int], budget: int, steps: int = 30, options: dict |
     The same backlogs, options, step limits and number of steps as the scale part. Each entry
     carries a token list of its length, as vLLM's request does, so entries lie in memory as
     far apart as they do in an engine. 'cold': a copy of twice the largest cache between
-    plans (or `evict` bytes), as a step's other work (vLLM's scheduling, the forward) leaves
-    the caches."""
+    plans (or `evict` bytes) leaves nothing of the last plan cached. Warm and cold bound an
+    engine's step, whose other work (vLLM's scheduling, the forward) evicts some of it."""
     from vllm_prepack.config import PrepackConfig
     from vllm_prepack.policy import Entry, StepLimits, WaitingSet
 
@@ -327,7 +327,8 @@ def policy_alone(sizes: list[int], budget: int, steps: int = 30, options: dict |
         for waiting in sizes:
             lengths = prompt_lengths("mmlu", waiting, seed=0, max_len=budget - 1)
             for cost, fixed in SCALE_COSTS.items():
-                config = PrepackConfig.from_additional_config({"prepack": _scale_options(options, fixed)})
+                prepack = {"prepack": _scale_options(options, fixed)}
+                config = PrepackConfig.from_additional_config(prepack)
                 limits = StepLimits(budget=budget, seats=SCALE_SEATS, chunked_prefill=chunked,
                                     min_chunk_tokens=config.min_chunk_tokens, capacity=budget,
                                     cost=config.step_cost_model(budget).current)
@@ -361,7 +362,8 @@ def policy_alone(sizes: list[int], budget: int, steps: int = 30, options: dict |
         f"{budget}, mmlu-shaped lengths, the plugin's options and step limits as in the scale "
         f"part, each plan's picks then removed, a chunk's prompt too; no vLLM: the running-budget "
         f"mirror and vLLM's queue calls are not in it; 'cold': {evict >> 20} MiB copied "
-        f"between plans, standing in for the step's other work; the "
+        f"between plans, so that nothing of the last plan is cached: warm and cold bound an "
+        f"engine's step, whose other work evicts some of it; the "
         f"first plan dates the backlog and, where it packs, reserves a bin for every prompt over "
         f"half the budget; a garbage collection may fall in any plan{_with(options)}).\n\n"
         + table(rows)
