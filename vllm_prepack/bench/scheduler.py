@@ -565,14 +565,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--report", type=Path, help="also write PNG plots and summary.md here")
     parser.add_argument("--prompts", type=int, default=1000, help="synthetic prompts per workload")
-    parser.add_argument("--budget", type=int, default=1024, help="synthetic/scale token budget")
+    parser.add_argument("--budget", type=int, default=1024,
+                        help="synthetic/scale/policy token budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prepack-options", type=json.loads, default=None, metavar="JSON",
-                        help="the plugin's options for the synthetic, arrivals and scale parts, e.g. "
+                        help="the plugin's options for the synthetic, arrivals, scale and policy "
+                             "parts, e.g. "
                              "'{\"aging_drain_factor\": null}' (default: the plugin's defaults)")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.8, 0.95, 1.05],
                         help="offered loads for the arrivals part (1 = the budget, in prompt tokens)")
-    parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000],
+                        help="waiting requests in the scale and policy parts")
     parser.add_argument("--fixed-tokens", type=float, nargs="+", default=[0, 64, 256, 1024],
                         help="the 'seconds' part: a step's fixed cost a, in tokens of work (a / b)")
     parser.add_argument("--step-delays", type=float, nargs="+", default=[0.0],
