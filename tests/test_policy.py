@@ -327,6 +327,18 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked, order):
     assert_consistent(ws)
 
 
+def test_where_a_step_costs_its_tokens_a_bin_leaves_the_gap_a_tiny_prompt_would_wait_to_fill():
+    """A 960-token prompt's bin: where every step costs the same it takes the 30-token prompt
+    into its 40-token gap; where a step costs its tokens (a = 0, packing forced on) the gap is
+    within FILL_SLACK of the step, and the 30-token prompt goes first, shortest first."""
+    lengths = [960, 30] + [500] * 10
+    for cost, first in ((None, False), (StepCost.in_tokens(0.0), True)):
+        ws = fill(lengths, pack_share=0.0)
+        limits = StepLimits(budget=1000, seats=16, chunked_prefill=False, cost=cost)
+        assert (1 in {p.key for p in ws.plan(limits)}) is first
+        assert_consistent(ws)
+
+
 def test_a_request_whose_adapter_cannot_load_is_passed_over_not_blocking():
     """vLLM skips a request whose LoRA adapter would exceed max_loras; so does the plan, even
     for one that must go first."""
