@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
+from vllm_prepack.cost import StepCost
 from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, KV_PATIENCE_STEPS, PACK_SHARE, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
                                   StepLimits, WaitingSet, padding_gap)
 
@@ -301,12 +302,15 @@ def test_a_waiting_request_costs_the_garbage_collector_no_object_but_its_entry()
 @given(ops=st.lists(st.tuples(st.sampled_from(["add", "readd", "pin", "remove", "resize", "plan"]),
                               st.integers(0, 12), st.integers(1, 400), st.integers(0, 2)),
                     max_size=120),
-       chunked=st.booleans(), order=st.sampled_from(["shortest", "ratio"]))
-def test_indexes_stay_consistent_under_any_operations(ops, chunked, order):
+       chunked=st.booleans(), order=st.sampled_from(["shortest", "ratio"]),
+       costs_tokens=st.booleans())
+def test_indexes_stay_consistent_under_any_operations(ops, chunked, order, costs_tokens):
     """add / re-add (the very Entry object that left, maybe in the same step) / pin / remove /
     resize / plan in any order: every index agrees with the waiting entries, and plans only
     name waiting keys."""
-    ws, step, left = WaitingSet(aging=AgingBound(drain_factor=0.5), order=order), 0, {}
+    # where a step costs its tokens (packing forced on), bins leave their last gaps empty
+    cost = StepCost.in_tokens(0.0) if costs_tokens else None
+    ws, step, left = WaitingSet(aging=AgingBound(drain_factor=0.5), pack_share=0.0, order=order), 0, {}
     for op, key, n, prio in ops:
         if op == "add" and key not in ws:
             ws.add(Entry(key=key, length=n, priority=prio, step=step))
@@ -322,20 +326,23 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked, order):
             ws.resize(key, n)
         elif op == "plan":
             step += 1
-            for p in ws.plan(StepLimits(budget=n * 3, seats=8, chunked_prefill=chunked), step=step):
+            for p in ws.plan(StepLimits(budget=n * 3, seats=8, chunked_prefill=chunked, cost=cost),
+                             step=step):
                 assert len(p) == len(Pick._fields) and p.entry is ws.entries[p.key]
     assert_consistent(ws)
 
 
 def test_where_a_step_costs_its_tokens_a_bin_leaves_the_gap_a_tiny_prompt_would_wait_to_fill():
     """A 960-token prompt's bin: where every step costs the same it takes the 30-token prompt
-    into its 40-token gap; where a step costs its tokens (a = 0, packing forced on) the gap is
-    within FILL_SLACK of the step, and the 30-token prompt goes first, shortest first."""
+    into its 40-token gap, and the prompt waits in it; where a step costs its tokens (a = 0,
+    packing forced on) the gap is within FILL_SLACK of the budget and stays empty, and the
+    30-token prompt goes first, shortest first."""
     lengths = [960, 30] + [500] * 10
-    for cost, first in ((None, False), (StepCost.in_tokens(0.0), True)):
+    for cost, reason in ((None, None), (StepCost.in_tokens(0.0), Reason.SHORT)):
         ws = fill(lengths, pack_share=0.0)
         limits = StepLimits(budget=1000, seats=16, chunked_prefill=False, cost=cost)
-        assert (1 in {p.key for p in ws.plan(limits)}) is first
+        reasons = {p.key: p.reason for p in ws.plan(limits)}
+        assert reasons.get(1) == reason and (ws.entries[1].bin is None) == (reason is not None)
         assert_consistent(ws)
 
 
@@ -519,8 +526,6 @@ def test_padding_gap(tokens, sizes):
 
 
 # ---- the step cost ------------------------------------------------------------------------------
-
-from vllm_prepack.cost import StepCost  # noqa: E402
 
 
 def test_a_bin_goes_first_by_requests_per_second_of_step():

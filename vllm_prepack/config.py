@@ -53,10 +53,11 @@ class PrepackConfig:
         policy keeps the prior's shape (the seconds reported still follow the steps).
     pack_fixed_share: pack steps (filler reserve, best-fit exchange) only where the fixed cost
         is at least this share of a full step's cost, a / (a + b x budget): 0 always packs
-        (the fewest steps where a dominates; a bin leaves up to 6% x (1 - that share) of
-        the step unfilled rather than hold back the tiny prompts the gap needs), 1 never
-        (shortest first, lowest mean TTFT where steps cost their tokens). Between: the
-        frontier from latency to throughput (BENCHMARKS.md).
+        (the fewest steps where a dominates), 1 never (shortest first, lowest mean TTFT where
+        steps cost their tokens). Between: the frontier from latency to throughput
+        (BENCHMARKS.md). Wherever it packs (order "shortest"), a bin's last gap of up to 6% x
+        (1 - a's share) of the budget stays empty rather than hold back the tiny prompts it
+        needs.
     record_layout: the model-runner hook records each forward's packed layout.
     debug_layout: the hook also checks that layout against the scheduler's plan, and the
         scheduler checks its mirror of vLLM's running-request budget against what vLLM then

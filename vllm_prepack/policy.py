@@ -32,7 +32,7 @@ cost, ``cost.py``, learned from the engine's own step times), and weighs a reser
 against a shortest-first step by requests started per second of step (Smith's rule in
 seconds): with a near 0 it orders like shortest-prefill-first, with a large a it packs to the
 bound. How full a bin gets follows the same share: the last gap of a bin, up to FILL_SLACK x
-(1 - a's share) of the step, stays empty, since the tiny prompts that would close it wait for
+(1 - a's share) of the budget, stays empty, since the tiny prompts that would close it wait for
 their bin and save only the gap's share of a step's fixed cost.
 
 A request that must go first but does not fit (chunked prefill off) stops the plan: letting
@@ -71,9 +71,9 @@ BINS_PER_STEP = 8
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
-# ... and where a step's fixed cost is a smaller share of it, a bin may leave this share of the
-# step x (1 - that share) unfilled: the tiny prompts such a gap needs would wait for their bin,
-# and save only a gap's share of a step's fixed cost
+# ... or, where a step's fixed cost is a share f of a full step's, this share of the budget x
+# (1 - f), where that is more: the tiny prompts such a gap needs would wait for their bin, and
+# save only the gap's share of a step's fixed cost
 FILL_SLACK = 0.06
 # pack (filler reserve, best-fit exchange) only where a step's fixed cost is at least this share
 # of a full step's (a / (a + b x budget)): below it a saved step is worth less than the wait the
@@ -310,17 +310,12 @@ class StepLimits:
 
     def fixed_share(self) -> float:
         """A full step's fixed cost as a share of its cost, a / (a + b x step tokens): 1 where
-        every step costs the same."""
+        every step costs the same. Packing pays where it is at least the policy's share."""
         if self.cost is None:
             return 1.0
         fixed = self.cost.fixed_tokens
         whole = fixed + self.step_tokens
         return fixed / whole if fixed != math.inf and whole > 0 else 1.0
-
-    def packs(self, share: float) -> bool:
-        """Whether saving steps is worth moving prompts: the fixed cost is at least `share`
-        of a full step's cost."""
-        return self.fixed_share() >= share
 
 
 @dataclass(frozen=True, slots=True)
@@ -749,12 +744,13 @@ class WaitingSet:
         self._take_aged(level, p, step, now, exchangeable)
         if p.blocked:
             return
-        packing = p.limits.packs(self.pack_share)
+        fixed_share = p.limits.fixed_share()
+        packing = fixed_share >= self.pack_share  # a saved step is worth moving prompts
         if self.by_ratio:
             self._take_by_ratio(level, p, step, packing and not p.limits.chunked_prefill)
             return
         if packing and not p.limits.chunked_prefill:
-            self._build_bins(level, p.limits.budget, p.limits.fixed_share())
+            self._build_bins(level, p.limits.budget, fixed_share)
         first_short = len(exchangeable)
         shortest = p.save()
         p.take_shortest(level, exchangeable)
@@ -806,7 +802,7 @@ class WaitingSet:
         service) / service in steps, highest first (HRRN; ties: the oldest), whole while they
         fit, then a chunk of the next. With whole prompts only the step ends at the first that
         does not fit, as HRRN in vLLM does, unless `first_fit` (where a step's fixed cost makes
-        packing pay, ``StepLimits.packs``): then the next ones that fit go too, and the prompt
+        packing pay, ``StepLimits.fixed_share``): then the next ones that fit go too, and the prompt
         passed over keeps the highest ratio for the next step. Of equal lengths the oldest has
         the highest ratio, so the order merges one head per length: a heap, grown over the
         lengths shortest first only while an unseen length could still beat its best (none can
@@ -887,12 +883,13 @@ class WaitingSet:
 
     def _build_bins(self, level: _Level, capacity: int, fixed_share: float) -> None:
         """The filler reserve: pack bins from the longest free prompts down, each filled with
-        the longest free prompts that fit until the gap left is within BIN_FILL (or, where a
-        step's fixed cost is a smaller share of it, FILL_SLACK), while the free prompts hold
-        more than BUILD_MIN_STEPS steps. The shortest prompts stay free for shortest-first. Prompts over
-        half the budget need a bin each and their fillers before shortest-first eats them: up
-        to BIG_BINS_PER_STEP of those a step (a 1000-prompt backlog: all at once; a 100k one:
-        far ahead of the small prompts shortest-first spends meanwhile), else BINS_PER_STEP."""
+        the longest free prompts that fit until the gap left is within 1 - BIN_FILL of the
+        budget, or FILL_SLACK x (1 - `fixed_share`) where that is more, while the free prompts
+        hold more than BUILD_MIN_STEPS steps. The shortest prompts stay free for
+        shortest-first. Prompts over half the budget need a bin each and their fillers before
+        shortest-first eats them: up to BIG_BINS_PER_STEP of those a step (a 1000-prompt
+        backlog: all at once; a 100k one: far ahead of the small prompts shortest-first spends
+        meanwhile), else BINS_PER_STEP."""
         slack = capacity * max(1 - BIN_FILL, FILL_SLACK * (1 - fixed_share))
         built = 0
         free = level.free
