@@ -310,7 +310,8 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked, order, costs
     name waiting keys."""
     # where a step costs its tokens (packing forced on), bins leave their last gaps empty
     cost = StepCost.in_tokens(0.0) if costs_tokens else None
-    ws, step, left = WaitingSet(aging=AgingBound(drain_factor=0.5), pack_share=0.0, order=order), 0, {}
+    ws = WaitingSet(aging=AgingBound(drain_factor=0.5), pack_share=0.0, order=order)
+    step, left = 0, {}
     for op, key, n, prio in ops:
         if op == "add" and key not in ws:
             ws.add(Entry(key=key, length=n, priority=prio, step=step))
