@@ -1,6 +1,7 @@
-"""``bench scheduler``'s engine-free policy part on a small backlog (pure: no vLLM engine)."""
+"""``bench scheduler``'s scale and policy parts on small backlogs (vLLM's scheduler alone, or the
+pure policy: no engine)."""
 
-from vllm_prepack.bench.scheduler import SCALE_COSTS, policy_alone
+from vllm_prepack.bench.scheduler import SCALE_COSTS, policy_alone, scale
 
 
 def _rows(text: str) -> list[dict[str, str]]:
@@ -21,3 +22,18 @@ def test_the_policy_part_times_every_plan_warm_and_cold_for_each_row():
                                 for q in ("p50", "first", "max of the rest"))
             assert 0 < p50 <= max(first, rest) and first > 0
         assert float(row["admitted/step"]) > 0
+
+
+def test_the_scale_part_runs_only_the_baselines_asked_for(tiny_model):
+    """At 1M waiting each baseline holds a copy of the backlog: 'presorted' alone still gives the
+    plugin's added cost per admitted request, and no FCFS or SPF column is left empty."""
+    rows = _rows(scale(tiny_model, [300], budget=1024, steps=3, baselines=["presorted"]))
+    assert [(r["chunked prefill"], r["plugin's step cost"]) for r in rows] == [
+        (chunked, cost) for chunked in ("on", "off") for cost in SCALE_COSTS]
+    for row in rows:
+        assert not [column for column in row if "FCFS ms" in column or "SPF" in column]
+        assert float(row["FCFS on a shortest-first backlog, ms/step (p50)"]) > 0
+        assert float(row["admitted/step prepack"]) > 0
+        assert "prepack's added µs per admitted" in row
+    full = _rows(scale(tiny_model, [300], budget=1024, steps=3))
+    assert {"FCFS ms/step (p50)", "SPF ms/step (p50)", "µs per admitted, SPF"} <= set(full[0])

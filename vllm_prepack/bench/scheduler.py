@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -239,46 +240,57 @@ def _time_side_by_side(model_dir, runs: dict[str, tuple], lengths, budget: int, 
     return results
 
 
+# the scale part's baselines: vLLM's FCFS, SGLang's SPF, and FCFS on a shortest-first queue
+SCALE_BASELINES = {"fcfs": "FCFS", "spf": "SPF", "presorted": "FCFS on a shortest-first backlog"}
+
+
+def _baseline_columns(row: dict, got: dict[str, dict], key: str, column: str) -> None:
+    """`row`'s columns of FCFS's and SPF's `key`, where they ran."""
+    for name in ("fcfs", "spf"):
+        if name in got:
+            row[column.format(SCALE_BASELINES[name])] = got[name][key]
+
+
 def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
-          options: dict | None = None) -> str:
+          options: dict | None = None, baselines: Sequence[str] = tuple(SCALE_BASELINES)) -> str:
+    """`baselines`: those of SCALE_BASELINES to run beside the plugin (each holds its own copy
+    of the backlog: at 1M waiting, about 5 GB of vLLM requests each)."""
     rows = []
     for chunked in (True, False):
         for waiting in sizes:
             lengths = prompt_lengths("mmlu", waiting, seed=0, max_len=budget - 1)
-            runs = {"fcfs": ("fcfs", None, False), "spf": ("spf", None, False),
-                    "presorted": ("fcfs", None, True)}
+            runs = {name: ("fcfs" if name == "presorted" else name, None, name == "presorted")
+                    for name in baselines}
             for cost, fixed in SCALE_COSTS.items():
                 runs[cost] = ("prepack", {"prepack": _scale_options(options, fixed)}, False)
             got = _time_side_by_side(model_dir, runs, lengths, budget, chunked, steps)
-            fcfs, spf, presorted = got["fcfs"], got["spf"], got["presorted"]
             for cost in SCALE_COSTS:
                 pack = got[cost]
-                rows.append({
-                    "chunked prefill": "on" if chunked else "off",
-                    "waiting requests": waiting,
-                    "plugin's step cost": cost,
-                    "FCFS ms/step (p50)": fcfs["ms"],
-                    "SPF ms/step (p50)": spf["ms"],
-                    "prepack ms/step (p50)": pack["ms"],
-                    "planning ms (p50)": pack["plan_p50"],
-                    "planning ms (max)": pack["plan_max"],
-                    "admitted/step FCFS": fcfs["admitted"],
-                    "admitted/step SPF": spf["admitted"],
-                    "admitted/step prepack": pack["admitted"],
-                    "µs per admitted, FCFS": fcfs["us per admitted"],
-                    "µs per admitted, SPF": spf["us per admitted"],
-                    "µs per admitted, prepack": pack["us per admitted"],
-                    "FCFS on a shortest-first backlog, ms/step (p50)": presorted["ms"],
-                    "admitted/step, FCFS on a shortest-first backlog": presorted["admitted"],
-                    "prepack's added µs per admitted": 1e3 * (pack["ms"] - presorted["ms"])
-                    / pack["admitted"],
-                })
+                row = {"chunked prefill": "on" if chunked else "off",
+                       "waiting requests": waiting, "plugin's step cost": cost}
+                _baseline_columns(row, got, "ms", "{} ms/step (p50)")
+                row["prepack ms/step (p50)"] = pack["ms"]
+                row["planning ms (p50)"] = pack["plan_p50"]
+                row["planning ms (max)"] = pack["plan_max"]
+                _baseline_columns(row, got, "admitted", "admitted/step {}")
+                row["admitted/step prepack"] = pack["admitted"]
+                _baseline_columns(row, got, "us per admitted", "µs per admitted, {}")
+                row["µs per admitted, prepack"] = pack["us per admitted"]
+                if "presorted" in got:
+                    presorted = got["presorted"]
+                    row["FCFS on a shortest-first backlog, ms/step (p50)"] = presorted["ms"]
+                    row["admitted/step, FCFS on a shortest-first backlog"] = presorted["admitted"]
+                    row["prepack's added µs per admitted"] = (
+                        1e3 * (pack["ms"] - presorted["ms"]) / pack["admitted"])
+                rows.append(row)
     return (
         f"**Scheduler time per step** ({steps} steps of `Scheduler.schedule()` from a full "
         f"backlog, budget {budget}, mmlu-shaped lengths, the schedulers of a row side by side, "
-        f"a step of each in turn; ms/step and µs per admitted request are each schedule() call "
-        f"whole). Shortest-first admits more (shorter) requests per step "
-        f"than FCFS, and vLLM's own work per admitted request is most of the added time. SPF is "
+        f"a step of each in turn; baselines: "
+        f"{', '.join(SCALE_BASELINES[name] for name in baselines)}; ms/step and µs per "
+        f"admitted request are each schedule() call whole). Shortest-first admits more "
+        f"(shorter) requests per step than FCFS, and vLLM's own work per admitted request is "
+        f"most of the added time. SPF is "
         f"SGLang's ordering as a baseline: the waiting queue sorted every step, as SGLang's "
         f"scheduler does, admitting what the plugin admits. The plugin runs with its step cost "
         f"fixed ({', '.join(SCALE_COSTS)}): a = 0 orders like SPF; at a = 1024 tokens it packs "
@@ -539,7 +551,7 @@ def main(args) -> str:
                                 args.fixed_tokens, args.loads, args.prepack_options))
     if "scale" in args.parts:
         parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget,
-                           options=args.prepack_options))
+                           options=args.prepack_options, baselines=args.scale_baselines))
     if "policy" in args.parts:
         parts.append(policy_alone(args.scale_sizes, args.budget, options=args.prepack_options))
     if "embed" in args.parts:
@@ -576,6 +588,10 @@ def add_arguments(parser) -> None:
                         help="offered loads for the arrivals part (1 = the budget, in prompt tokens)")
     parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000],
                         help="waiting requests in the scale and policy parts")
+    parser.add_argument("--scale-baselines", nargs="+", default=list(SCALE_BASELINES),
+                        choices=SCALE_BASELINES,
+                        help="the scale part's baselines (each holds a copy of the backlog: "
+                             "'presorted' alone at 1M waiting)")
     parser.add_argument("--fixed-tokens", type=float, nargs="+", default=[0, 64, 256, 1024],
                         help="the 'seconds' part: a step's fixed cost a, in tokens of work (a / b)")
     parser.add_argument("--step-delays", type=float, nargs="+", default=[0.0],
