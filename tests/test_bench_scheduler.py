@@ -1,6 +1,8 @@
 """``bench scheduler``'s scale and policy parts on small backlogs (vLLM's scheduler alone, or the
 pure policy: no engine)."""
 
+import pytest
+
 from vllm_prepack.bench.scheduler import SCALE_COSTS, policy_alone, scale
 
 
@@ -26,14 +28,24 @@ def test_the_policy_part_times_every_plan_warm_and_cold_for_each_row():
 
 def test_the_scale_part_runs_only_the_baselines_asked_for(tiny_model):
     """At 1M waiting each baseline holds a copy of the backlog: 'presorted' alone still gives the
-    plugin's added cost per admitted request, and no FCFS or SPF column is left empty."""
-    rows = _rows(scale(tiny_model, [300], budget=1024, steps=3, baselines=["presorted"]))
+    plugin's added cost per admitted request, and no column or note of FCFS or SPF is left."""
+    text = scale(tiny_model, [300], budget=1024, steps=3, baselines=["presorted", "presorted"])
+    rows = _rows(text)
     assert [(r["chunked prefill"], r["plugin's step cost"]) for r in rows] == [
         (chunked, cost) for chunked in ("on", "off") for cost in SCALE_COSTS]
+    presorted = "FCFS on a shortest-first backlog"
+    assert set(rows[0]) == {
+        "chunked prefill", "waiting requests", "plugin's step cost", "prepack ms/step (p50)",
+        "planning ms (p50)", "planning ms (max)", "admitted/step prepack",
+        "µs per admitted, prepack", f"{presorted}, ms/step (p50)", f"admitted/step, {presorted}",
+        "prepack's added µs per admitted"}
     for row in rows:
-        assert not [column for column in row if "FCFS ms" in column or "SPF" in column]
-        assert float(row["FCFS on a shortest-first backlog, ms/step (p50)"]) > 0
+        assert float(row[f"{presorted}, ms/step (p50)"]) > 0
         assert float(row["admitted/step prepack"]) > 0
-        assert "prepack's added µs per admitted" in row
-    full = _rows(scale(tiny_model, [300], budget=1024, steps=3))
-    assert {"FCFS ms/step (p50)", "SPF ms/step (p50)", "µs per admitted, SPF"} <= set(full[0])
+    assert f"baselines: {presorted};" in text and "SGLang's scheduler" not in text
+    full = scale(tiny_model, [300], budget=1024, steps=3)
+    columns = set(_rows(full)[0])
+    assert {"FCFS ms/step (p50)", "SPF ms/step (p50)", "µs per admitted, SPF"} <= columns
+    assert "SGLang's scheduler" in full
+    with pytest.raises(ValueError, match="unknown scale baselines"):
+        scale(tiny_model, [300], budget=1024, baselines=["sorted"])

@@ -5,8 +5,9 @@ its own, run in turn):
 1. synthetic backlogs on vLLM's real scheduler, driven without a model (forward steps against
    the bounds ceil(prompt tokens / budget) and offline first-fit decreasing, time to first token
    in steps), and the same under Poisson arrivals at several offered loads;
-2. scheduler time per step with 1k, 10k and 100k waiting requests, and the pure policy's plan
-   alone (``policy``: no vLLM, warm and with the caches evicted);
+2. scheduler time per step with 1k, 10k and 100k waiting requests (1M with fewer baselines
+   beside it), and the pure policy's plan alone (``policy``: no vLLM, warm and with the caches
+   evicted);
 3. real engines on CPU: all-MiniLM-L6-v2 embedding jobs (chunked prefill off), generation on a
    random-weight ~100M-parameter Llama (chunked prefill on), and generation with prefix caching
    on over shared system prompts.
@@ -242,6 +243,16 @@ def _time_side_by_side(model_dir, runs: dict[str, tuple], lengths, budget: int, 
 
 # the scale part's baselines: vLLM's FCFS, SGLang's SPF, and FCFS on a shortest-first queue
 SCALE_BASELINES = {"fcfs": "FCFS", "spf": "SPF", "presorted": "FCFS on a shortest-first backlog"}
+_BASELINE_NOTES = {
+    "fcfs": "Shortest-first admits more (shorter) requests per step than FCFS, and vLLM's own "
+            "work per admitted request is most of the added time.",
+    "spf": "SPF is SGLang's ordering as a baseline: the waiting queue sorted every step, as "
+           "SGLang's scheduler does, admitting what the plugin admits.",
+    "presorted": "FCFS on a shortest-first backlog (requests made in arrival order, as for every "
+                 "scheduler here, and queued shortest first) admits what the plugin admits at "
+                 "the cost of vLLM's own queue: the plugin's added cost per admitted request is "
+                 "its step time (p50) less that one's, over the requests it admitted.",
+}
 
 
 def _baseline_columns(row: dict, got: dict[str, dict], key: str, column: str) -> None:
@@ -255,6 +266,11 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
           options: dict | None = None, baselines: Sequence[str] = tuple(SCALE_BASELINES)) -> str:
     """`baselines`: those of SCALE_BASELINES to run beside the plugin (each holds its own copy
     of the backlog: at 1M waiting, about 5 GB of vLLM requests each)."""
+    baselines = list(dict.fromkeys(baselines))
+    unknown = [name for name in baselines if name not in SCALE_BASELINES]
+    if unknown:
+        raise ValueError(f"unknown scale baselines {unknown}; choose from {list(SCALE_BASELINES)}")
+    presorted_label = SCALE_BASELINES["presorted"]
     rows = []
     for chunked in (True, False):
         for waiting in sizes:
@@ -278,31 +294,24 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
                 row["µs per admitted, prepack"] = pack["us per admitted"]
                 if "presorted" in got:
                     presorted = got["presorted"]
-                    row["FCFS on a shortest-first backlog, ms/step (p50)"] = presorted["ms"]
-                    row["admitted/step, FCFS on a shortest-first backlog"] = presorted["admitted"]
+                    row[f"{presorted_label}, ms/step (p50)"] = presorted["ms"]
+                    row[f"admitted/step, {presorted_label}"] = presorted["admitted"]
                     row["prepack's added µs per admitted"] = (
                         1e3 * (pack["ms"] - presorted["ms"]) / pack["admitted"])
                 rows.append(row)
+    notes = " ".join(_BASELINE_NOTES[name] for name in baselines)
     return (
         f"**Scheduler time per step** ({steps} steps of `Scheduler.schedule()` from a full "
         f"backlog, budget {budget}, mmlu-shaped lengths, the schedulers of a row side by side, "
         f"a step of each in turn; baselines: "
-        f"{', '.join(SCALE_BASELINES[name] for name in baselines)}; ms/step and µs per "
-        f"admitted request are each schedule() call whole). Shortest-first admits more "
-        f"(shorter) requests per step than FCFS, and vLLM's own work per admitted request is "
-        f"most of the added time. SPF is "
-        f"SGLang's ordering as a baseline: the waiting queue sorted every step, as SGLang's "
-        f"scheduler does, admitting what the plugin admits. The plugin runs with its step cost "
-        f"fixed ({', '.join(SCALE_COSTS)}): a = 0 orders like SPF; at a = 1024 tokens it packs "
-        f"(filler reserve and exchange with chunked prefill off). 'planning' is the plugin's own "
-        f"time in a step, from the start of its schedule() through the plan (the running-budget "
-        f"mirror included). Its max is the first step, which dates every request of the backlog "
-        f"(one deadline per arrival step, all at once here) and, where it packs, reserves a bin "
-        f"for every prompt over half the budget. FCFS on a shortest-first backlog (requests made "
-        f"in arrival order, as for every scheduler here, and queued shortest first) admits what "
-        f"SPF and the plugin admit at the cost of vLLM's own "
-        f"queue: the plugin's added cost per admitted request is its step time (p50) less that "
-        f"one's, over the requests it admitted{_with(options)}.\n\n"
+        f"{', '.join(SCALE_BASELINES[name] for name in baselines) or 'none'}; ms/step and µs "
+        f"per admitted request are each schedule() call whole). {notes} The plugin runs with its "
+        f"step cost fixed ({', '.join(SCALE_COSTS)}): a = 0 orders like SPF; at a = 1024 tokens "
+        f"it packs (filler reserve and exchange with chunked prefill off). 'planning' is the "
+        f"plugin's own time in a step, from the start of its schedule() through the plan (the "
+        f"running-budget mirror included). Its max is the first step, which dates every "
+        f"request of the backlog (one deadline per arrival step, all at once here) and, where "
+        f"it packs, reserves a bin for every prompt over half the budget{_with(options)}.\n\n"
         + table(rows)
     )
 
