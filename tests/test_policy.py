@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vllm_prepack import policy
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
 from vllm_prepack.cost import StepCost
-from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, KV_PATIENCE_STEPS, PACK_SHARE, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
+from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, FILL_SLACK, KV_PATIENCE_STEPS, PACK_SHARE, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
                                   StepLimits, WaitingSet, padding_gap)
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
@@ -333,12 +334,13 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked, order, costs
     assert_consistent(ws)
 
 
-def test_where_a_step_costs_its_tokens_a_bin_leaves_the_gap_a_tiny_prompt_would_wait_to_fill():
-    """A 960-token prompt's bin: where every step costs the same it takes the 30-token prompt
-    into its 40-token gap, and the prompt waits in it; where a step costs its tokens (a = 0,
-    packing forced on) the gap is within FILL_SLACK of the budget and stays empty, and the
-    30-token prompt goes first, shortest first."""
-    lengths = [960, 30] + [500] * 10
+def test_where_a_step_costs_its_tokens_a_bin_leaves_the_gap_a_short_prompt_would_wait_to_fill():
+    """An 880-token prompt's bin: where every step costs the same it takes the 100-token prompt
+    into its 120-token gap, and the prompt waits in it; where a step costs its tokens (a = 0,
+    packing forced on) the gap is within FILL_SLACK of the budget (12% of it: a slack of 6%
+    would fill it) and stays empty, and the 100-token prompt goes first, shortest first."""
+    assert 0.06 < 120 / 1000 <= FILL_SLACK
+    lengths = [880, 100] + [500] * 10
     for cost, reason in ((None, None), (StepCost.in_tokens(0.0), Reason.SHORT)):
         ws = fill(lengths, pack_share=0.0)
         limits = StepLimits(budget=1000, seats=16, chunked_prefill=False, cost=cost)
@@ -529,10 +531,12 @@ def test_padding_gap(tokens, sizes):
 # ---- the step cost ------------------------------------------------------------------------------
 
 
-def test_a_bin_goes_first_by_requests_per_second_of_step():
+def test_a_bin_goes_first_by_requests_per_second_of_step(monkeypatch):
     """Smith's rule in seconds: the bin [560, 50, 40] starts 3 requests in 650 tokens, the
     shortest-first step only [200] (no 500 fits beside it). Where a step costs its tokens
-    (a = 0), 1 request in 200 tokens beats 3 in 650; where a dominates, 3 beat 1."""
+    (a = 0), 1 request in 200 tokens beats 3 in 650; where a dominates, 3 beat 1. Bins fill
+    to BIN_FILL whatever the cost (no FILL_SLACK), so both costs plan the same bins."""
+    monkeypatch.setattr(policy, "FILL_SLACK", 0.0)
     lengths = [560, 50, 40, 500, 500, 500, 500, 500, 150, 200]
 
     def first(cost):

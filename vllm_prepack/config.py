@@ -55,7 +55,7 @@ class PrepackConfig:
         is at least this share of a full step's cost, a / (a + b x budget): 0 always packs
         (the fewest steps where a dominates), 1 never (shortest first, lowest mean TTFT where
         steps cost their tokens). Between: the frontier from latency to throughput
-        (BENCHMARKS.md). Wherever it packs (order "shortest"), a bin's last gap of up to 6% x
+        (BENCHMARKS.md). Wherever it packs (order "shortest"), a bin's last gap of up to 25% x
         (1 - a's share) of the budget stays empty rather than hold back the tiny prompts it
         needs.
     record_layout: the model-runner hook records each forward's packed layout.

@@ -73,8 +73,10 @@ BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than thi
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
 # ... or, where a step's fixed cost is a share f of a full step's, this share of the budget x
 # (1 - f), where that is more: the tiny prompts such a gap needs would wait for their bin, and
-# save only the gap's share of a step's fixed cost
-FILL_SLACK = 0.06
+# save only the gap's share of a step's fixed cost. 0.25, not 0.06 (`bench scheduler --parts
+# seconds`, BENCHMARKS.md): where it packs, mean TTFT and makespan both within 1.02x of the best
+# (0.06: FFD's makespan, at up to 1.13x the mean)
+FILL_SLACK = 0.25
 # pack (filler reserve, best-fit exchange) only where a step's fixed cost is at least this share
 # of a full step's (a / (a + b x budget)): below it a saved step is worth less than the wait the
 # packing adds to the prompts it moves
