@@ -66,7 +66,8 @@ RUN_PROBE = 4  # the ratio order's first block of a run checked at once (then do
 # filler-reserve bins built per step: the builder outruns shortest-first 8:1, so shortest-first
 # spends about a ninth of a backlog's tokens (the shortest prompts, the best fillers) before the
 # two meet; 4 halves the building per step but costs a step on 3 of the ten synthetic shapes
-# (trimodal 1.04x the bound against 1.02x), 2 a trimodal backlog 2% more steps
+# (trimodal 1.04x the bound against 1.02x), 2 a trimodal backlog 2% more steps (measured
+# every step the same cost)
 BINS_PER_STEP = 8
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
@@ -75,7 +76,8 @@ BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts s
 # (1 - f), where that is more: the tiny prompts such a gap needs would wait for their bin, and
 # save only the gap's share of a step's fixed cost. 0.25, not 0.06 (`bench scheduler --parts
 # seconds`, BENCHMARKS.md): where it packs, mean TTFT and makespan both within 1.02x of the best
-# (0.06: FFD's makespan, at up to 1.13x the mean)
+# at a <= 1024 tokens of work (0.06: FFD's makespan, at up to 1.13x the mean); at a = 2048 it
+# pays up to 1.04x FFD's makespan
 FILL_SLACK = 0.25
 # pack (filler reserve, best-fit exchange) only where a step's fixed cost is at least this share
 # of a full step's (a / (a + b x budget)): below it a saved step is worth less than the wait the
