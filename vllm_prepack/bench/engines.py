@@ -11,14 +11,17 @@ imports this module.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vllm_prepack.bench.harness import SCHEDULERS, Outcome, rows_for
 from vllm_prepack.config import plugin_engine_kwargs
+from vllm_prepack.cost import StepCost
 from vllm_prepack.replica import in_process_env
 from vllm_prepack.touchpoints import delay_model_execution, engine_scheduler, observe_schedule
+from vllm_prepack.workloads import token_ids
 
 
 def in_process() -> None:
@@ -152,6 +155,59 @@ def compare_engines(engines, prompts, params, repeats: int, budget: int
                 first.append(run)
             runs[i].append(engine_outcome(run, prompts, budget))
     return runs, first
+
+
+# one-step calibration jobs: their tokens, as shares of the most a step holds (the top half,
+# where a backlog's steps are: the line is the cost's tangent there), at each of two prompt
+# counts (the per-sequence cost apart from the per-step one)
+PROBE_SHARES = (1 / 2, 5 / 8, 3 / 4, 7 / 8, 1)
+PROBE_SEQS = (4, 16)
+
+
+def calibrate(engine, params, budget: int, max_len: int, vocab_size: int, first_id: int = 3,
+              repeats: int = 5) -> StepCost:
+    """What a step costs on `engine` (a + b x tokens + c x sequences, seconds), fitted to
+    one-step jobs of PROBE_SEQS prompts at PROBE_SHARES of the most such a step holds (the
+    budget, or 4 prompts of `max_len`), each the median wall of `repeats`, the jobs taken in
+    turn so that a drift of the machine falls on all alike rather than on the slope. A
+    backlog's own steps are nearly all full, too alike to tell a from b. The engine's work per
+    job (adding requests, returning outputs) falls in c: the same for every schedule of the
+    same prompts. Every job's prompts are new, so no prefix cache shortens a repeat; one job
+    first warms the engine up, uncounted."""
+    most = min(budget, min(PROBE_SEQS) * max_len)
+    jobs = [(max(n, round(share * most)) // n, n) for share in PROBE_SHARES for n in PROBE_SEQS]
+    walls: dict[tuple[int, int], list[float]] = {job: [] for job in jobs}
+    engine.run(token_ids([most // PROBE_SEQS[0]] * PROBE_SEQS[0], vocab_size, first_id=first_id),
+               params)
+    seed = 0
+    for _ in range(repeats):
+        for length, n in jobs:
+            seed += 1
+            run = engine.run(token_ids([length] * n, vocab_size, seed=seed, first_id=first_id),
+                             params)
+            if run.steps != 1:
+                raise ValueError(f"a calibration job of {n} x {length} tokens took {run.steps} "
+                                 f"steps, not one: it needs chunked prefill off and one-step "
+                                 f"requests (embeddings, or one generated token)")
+            walls[length, n].append(run.wall)
+    return fit_step_cost([(length * n, n, statistics.median(w))
+                          for (length, n), w in walls.items()])
+
+
+def fit_step_cost(points: Sequence[tuple[float, float, float]]) -> StepCost:
+    """Least squares seconds = a + b x tokens + c x sequences over (tokens, sequences,
+    seconds) points; a and c at least 0."""
+    import numpy as np
+
+    x = np.array([(1.0, t, n) for t, n, _ in points])
+    if np.linalg.matrix_rank(x) < 3:
+        raise ValueError("a step-cost fit needs steps of at least two sizes and two prompt "
+                         "counts, not all in proportion")
+    (a, b, c), *_ = np.linalg.lstsq(x, np.array([s for *_, s in points]), rcond=None)
+    if b <= 0:
+        raise ValueError(f"step times do not grow with tokens (slope {b:.3g} s a token): "
+                         f"the probes are noise")
+    return StepCost(max(0.0, float(a)), float(b), max(0.0, float(c)))
 
 
 def median_run(outcomes: list[Outcome]) -> Outcome:

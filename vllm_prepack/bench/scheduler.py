@@ -13,7 +13,8 @@ its own, run in turn):
    on over shared system prompts.
 Schedulers: ``fcfs`` (plain vLLM), ``spf`` and ``hrrn`` (SGLang's shortest-prefill-first and
 highest-response-ratio-next, bench/baselines.py) and ``prepack``. Steps are reported as steps and
-seconds as seconds; none is converted into the other.
+seconds as seconds; none is converted into the other, but for the embedding job's wall floor,
+a model's figure from the step cost calibrated on that engine, and labelled so.
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
-from vllm_prepack.bench.engines import ENGINE_COLUMNS, alternating, build_engines, engine_table
+from vllm_prepack.bench.engines import (
+    ENGINE_COLUMNS,
+    alternating,
+    build_engines,
+    calibrate,
+    engine_table,
+)
 from vllm_prepack.bench.harness import (
     ONLINE,
     SCHEDULERS,
     Outcome,
     fake_step,
+    lower_bound_steps,
     make_request,
     poisson_arrivals,
     poisson_seconds,
@@ -418,17 +426,25 @@ def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None,
     from vllm_prepack.models import minilm_model
 
     rows, figures = [], ""
+    params = PoolingParams(task="embed")
     # with a fixed step cost, the other end of the latency/throughput option: packing always
     variants = {PACKS_ALWAYS: {"pack_fixed_share": 0.0}} if step_delay else None
     with build_engines(minilm_model(), budget, ONLINE, step_delay=step_delay, variants=variants,
                        runner="pooling", dtype="float32", max_model_len=256, seed=0) as engines:
+        jobs = []
         for workload, seed in (("mmlu", 11), ("trimodal", 12)):
             lengths = prompt_lengths(workload, n, seed=seed, max_len=256)
             prompts = token_ids(lengths, vocab_size=30000, seed=seed, first_id=1000)
-            part, outcomes = engine_table(workload, engines, prompts, PoolingParams(task="embed"),
-                                          repeats, budget, lengths)
+            part, outcomes = engine_table(workload, engines, prompts, params, repeats, budget,
+                                          lengths)
             rows += part
+            jobs.append((workload, outcomes, lengths))
             figures += _plots(report, f"embed_{workload}", f"embedding job, {workload}", outcomes)
+        # after the jobs: just built, the other engines' processes still slow a step down
+        cost = calibrate(engines["fcfs"], params, budget, max_len=256, vocab_size=30000,
+                         first_id=1000)
+    floors = [wall_floor(workload, cost, outcomes, lengths, budget)
+              for workload, outcomes, lengths in jobs]
     delay = (f"; every model execution first sleeps {1e3 * step_delay:g} ms, standing in for a "
              f"GPU's fixed cost per step; `{PACKS_ALWAYS}`: the plugin with "
              f"`pack_fixed_share` 0, the throughput end of that option" if step_delay else "")
@@ -436,8 +452,35 @@ def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None,
         f"**Embedding jobs, all-MiniLM-L6-v2 (real weights), chunked prefill off** ({n} prompts "
         f"each, synthetic lengths capped at 256: mmlu-shaped, and the trimodal mix 50% 6-30 / 30% "
         f"90-130 / 20% 200-252 tokens; budget {budget}; median wall of {repeats}, run order "
-        f"alternating{delay})\n\n" + table(rows, ENGINE_COLUMNS) + figures
+        f"alternating{delay})\n\n" + table(rows, ENGINE_COLUMNS)
+        + f"\n{WALL_FLOOR_NOTE}\n\n" + table(floors) + figures
     )
+
+
+WALL_FLOOR_NOTE = (
+    "**What a step costs on this engine, and the wall no schedule beats** (FCFS's engine, "
+    "calibrated after the jobs: one-step jobs of 4 and of 16 prompts at five sizes from half the "
+    "budget to all of it, the median of five each, fitted to a + b x tokens + c x prompts; 'f' "
+    "is a's share of a full step, what the plugin's `pack_fixed_share` is compared with). 'wall "
+    "at the bound vs SPF's' is a model's figure, not a measurement: a x the step bound + b x the "
+    "prompt tokens, over a x SPF's steps + b x the same tokens (c's share is the same for "
+    "every schedule). It is the least wall any schedule reaches against SPF's at this step "
+    "cost: a target below it is beyond every schedule here.")
+
+
+def wall_floor(workload: str, cost: StepCost, outcomes: dict[str, Outcome], lengths: list[int],
+               budget: int) -> dict:
+    """The calibrated step cost, and the wall a schedule at the step bound would take against
+    SPF's steps at that cost (the same prompt tokens, so only the fixed cost per step differs)."""
+    bound, tokens = lower_bound_steps(lengths, budget), sum(lengths)
+    spf = outcomes["spf"].steps
+
+    def wall(steps: int) -> float:
+        return cost.fixed * steps + cost.per_token * tokens
+
+    return {"workload": workload, "a ms": 1e3 * cost.fixed, "b ms/token": 1e3 * cost.per_token,
+            "f": cost.fixed / cost.seconds(budget), "step bound": bound, "SPF steps": spf,
+            "wall at the bound vs SPF's (model)": wall(bound) / wall(spf)}
 
 
 def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int,
