@@ -162,26 +162,29 @@ def compare_engines(engines, prompts, params, repeats: int, budget: int
 # counts (the per-sequence cost apart from the per-step one)
 PROBE_SHARES = (1 / 2, 5 / 8, 3 / 4, 7 / 8, 1)
 PROBE_SEQS = (4, 16)
+PROBE_SEEDS = 1 << 20  # calibration prompts' seeds start here, apart from any workload's
 
 
 def calibrate(engine, params, budget: int, max_len: int, vocab_size: int, first_id: int = 3,
               repeats: int = 5) -> StepCost:
     """What a step costs on `engine` (a + b x tokens + c x sequences, seconds), fitted to
     one-step jobs of PROBE_SEQS prompts at PROBE_SHARES of the most such a step holds (the
-    budget, or 4 prompts of `max_len`), each the median wall of `repeats`, the jobs taken in
-    turn so that a drift of the machine falls on all alike rather than on the slope. A
-    backlog's own steps are nearly all full, too alike to tell a from b. The engine's work per
-    job (adding requests, returning outputs) falls in c: the same for every schedule of the
-    same prompts. Every job's prompts are new, so no prefix cache shortens a repeat; one job
-    first warms the engine up, uncounted."""
+    budget, or the fewest prompts' worth of `max_len`), each the median wall of `repeats`, the
+    jobs taken in turn, forwards then backwards, so that a drift of the machine falls on all
+    alike rather than on the slope. A backlog's own steps are nearly all full, too alike to
+    tell a from b. The engine's work per job (starting it, stepping until it ends) falls in a,
+    its work per request (adding it, returning its output) in c. Every job's prompts are new,
+    so no prefix cache shortens a repeat; one job first warms the engine up, uncounted."""
     most = min(budget, min(PROBE_SEQS) * max_len)
-    jobs = [(max(n, round(share * most)) // n, n) for share in PROBE_SHARES for n in PROBE_SEQS]
+    jobs = list(dict.fromkeys((max(n, round(share * most)) // n, n)
+                              for share in PROBE_SHARES for n in PROBE_SEQS))
     walls: dict[tuple[int, int], list[float]] = {job: [] for job in jobs}
-    engine.run(token_ids([most // PROBE_SEQS[0]] * PROBE_SEQS[0], vocab_size, first_id=first_id),
-               params)
-    seed = 0
-    for _ in range(repeats):
-        for length, n in jobs:
+    seed = PROBE_SEEDS
+    engine.run(token_ids([most // PROBE_SEQS[0]] * PROBE_SEQS[0], vocab_size, seed=seed,
+                         first_id=first_id), params)
+    for repeat in range(repeats):
+        for i in alternating(len(jobs), repeat):
+            length, n = jobs[i]
             seed += 1
             run = engine.run(token_ids([length] * n, vocab_size, seed=seed, first_id=first_id),
                              params)
@@ -196,18 +199,29 @@ def calibrate(engine, params, budget: int, max_len: int, vocab_size: int, first_
 
 def fit_step_cost(points: Sequence[tuple[float, float, float]]) -> StepCost:
     """Least squares seconds = a + b x tokens + c x sequences over (tokens, sequences,
-    seconds) points; a and c at least 0."""
+    seconds) points, with a and c at least 0: where the free fit puts one below 0 (a cost
+    convex in tokens, noise), the best fit with it held at 0. Not ``cost.StepCostModel``, which
+    draws towards a prior, forgets old steps and clips outliers: right online, a bias here."""
     import numpy as np
 
     x = np.array([(1.0, t, n) for t, n, _ in points])
+    y = np.array([s for *_, s in points])
     if np.linalg.matrix_rank(x) < 3:
         raise ValueError("a step-cost fit needs steps of at least two sizes and two prompt "
                          "counts, not all in proportion")
-    (a, b, c), *_ = np.linalg.lstsq(x, np.array([s for *_, s in points]), rcond=None)
-    if b <= 0:
-        raise ValueError(f"step times do not grow with tokens (slope {b:.3g} s a token): "
-                         f"the probes are noise")
-    return StepCost(max(0.0, float(a)), float(b), max(0.0, float(c)))
+    best = None
+    for columns in ((0, 1, 2), (1, 2), (0, 1), (1,)):  # b always; a and c where >= 0
+        solved, *_ = np.linalg.lstsq(x[:, columns], y, rcond=None)
+        theta = dict.fromkeys(range(3), 0.0) | dict(zip(columns, map(float, solved)))
+        if theta[0] < 0 or theta[2] < 0:
+            continue
+        residual = float(np.sum((x @ np.array([theta[0], theta[1], theta[2]]) - y) ** 2))
+        if best is None or residual < best[0]:
+            best = residual, theta
+    if best is None or best[1][1] <= 0:
+        raise ValueError("step times do not grow with tokens: the probes are noise")
+    a, b, c = (best[1][i] for i in range(3))
+    return StepCost(a, b, c)
 
 
 def median_run(outcomes: list[Outcome]) -> Outcome:

@@ -28,6 +28,8 @@ from types import SimpleNamespace
 
 from vllm_prepack.bench.engines import (
     ENGINE_COLUMNS,
+    PROBE_SEQS,
+    PROBE_SHARES,
     alternating,
     build_engines,
     calibrate,
@@ -419,6 +421,9 @@ def _plots(report: Path | None, name: str, title: str, outcomes: dict[str, Outco
 PACKS_ALWAYS = "prepack, packs always"
 
 
+CALIBRATION_REPEATS = 5  # runs of each calibration job: its median wall
+
+
 def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None,
                   step_delay: float = 0.0) -> str:
     from vllm import PoolingParams
@@ -442,7 +447,7 @@ def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None,
             figures += _plots(report, f"embed_{workload}", f"embedding job, {workload}", outcomes)
         # after the jobs: just built, the other engines' processes still slow a step down
         cost = calibrate(engines["fcfs"], params, budget, max_len=256, vocab_size=30000,
-                         first_id=1000)
+                         first_id=1000, repeats=CALIBRATION_REPEATS)
     floors = [wall_floor(workload, cost, outcomes, lengths, budget)
               for workload, outcomes, lengths in jobs]
     delay = (f"; every model execution first sleeps {1e3 * step_delay:g} ms, standing in for a "
@@ -453,33 +458,35 @@ def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None,
         f"each, synthetic lengths capped at 256: mmlu-shaped, and the trimodal mix 50% 6-30 / 30% "
         f"90-130 / 20% 200-252 tokens; budget {budget}; median wall of {repeats}, run order "
         f"alternating{delay})\n\n" + table(rows, ENGINE_COLUMNS)
-        + f"\n{WALL_FLOOR_NOTE}\n\n" + table(floors) + figures
+        + f"\n{_wall_floor_note(CALIBRATION_REPEATS)}\n\n" + table(floors) + figures
     )
 
 
-WALL_FLOOR_NOTE = (
-    "**What a step costs on this engine, and the wall no schedule beats** (FCFS's engine, "
-    "calibrated after the jobs: one-step jobs of 4 and of 16 prompts at five sizes from half the "
-    "budget to all of it, the median of five each, fitted to a + b x tokens + c x prompts; 'f' "
-    "is a's share of a full step, what the plugin's `pack_fixed_share` is compared with). 'wall "
-    "at the bound vs SPF's' is a model's figure, not a measurement: a x the step bound + b x the "
-    "prompt tokens, over a x SPF's steps + b x the same tokens (c's share is the same for "
-    "every schedule). It is the least wall any schedule reaches against SPF's at this step "
-    "cost: a target below it is beyond every schedule here.")
+def _wall_floor_note(repeats: int) -> str:
+    seqs = " and of ".join(map(str, PROBE_SEQS))
+    return (
+        f"**What a step costs on this engine, and the wall no schedule beats in that model** "
+        f"(FCFS's engine, calibrated after the jobs: one-step jobs of {seqs} prompts at "
+        f"{len(PROBE_SHARES)} sizes from {min(PROBE_SHARES):.0%} to all of the most such a step "
+        f"holds, the median of {repeats} each, fitted to a + b x tokens + c x prompts with a, c "
+        f">= 0; 'f' is a's share of a full step, what the plugin's `pack_fixed_share` is compared "
+        f"with). 'wall at the bound vs SPF's' is a model's figure, not a measurement: a x the "
+        f"step bound + b x the prompt tokens + c x the prompts, over the same with SPF's steps. "
+        f"A target below it is beyond every schedule at this step cost.")
 
 
 def wall_floor(workload: str, cost: StepCost, outcomes: dict[str, Outcome], lengths: list[int],
                budget: int) -> dict:
     """The calibrated step cost, and the wall a schedule at the step bound would take against
-    SPF's steps at that cost (the same prompt tokens, so only the fixed cost per step differs)."""
-    bound, tokens = lower_bound_steps(lengths, budget), sum(lengths)
-    spf = outcomes["spf"].steps
+    SPF's steps at that cost (the same prompts and tokens: only the steps differ)."""
+    bound, tokens, spf = lower_bound_steps(lengths, budget), sum(lengths), outcomes["spf"].steps
 
     def wall(steps: int) -> float:
-        return cost.fixed * steps + cost.per_token * tokens
+        return cost.fixed * steps + cost.per_token * tokens + cost.per_seq * len(lengths)
 
     return {"workload": workload, "a ms": 1e3 * cost.fixed, "b ms/token": 1e3 * cost.per_token,
-            "f": cost.fixed / cost.seconds(budget), "step bound": bound, "SPF steps": spf,
+            "c ms/prompt": 1e3 * cost.per_seq, "f": cost.fixed / cost.seconds(budget),
+            "step bound": bound, "SPF steps": spf,
             "wall at the bound vs SPF's (model)": wall(bound) / wall(spf)}
 
 
