@@ -20,15 +20,20 @@ def test_the_fit_recovers_a_b_and_c_from_exact_step_times(a, b, c, steps):
     assert cost.per_seq == pytest.approx(c, abs=1e-6)
 
 
-def test_where_the_free_fit_puts_a_below_zero_the_fit_holds_a_at_zero():
-    """A cost convex in tokens: the tangent of the top sizes crosses below 0 at no tokens."""
-    steps = [(t, n, 1e-7 * t * t + 1e-3 * n) for t in (512, 768, 1024) for n in (4, 16)]
+@pytest.mark.parametrize("seconds, held", [
+    (lambda t, n: 1e-7 * t * t + 1e-3 * n, 0),  # convex in tokens: the tangent's a below 0
+    (lambda t, n: 0.05 + 1e-4 * t - 1e-3 * n, 2),  # more prompts, less time: c below 0
+], ids=["a", "c"])
+def test_where_the_free_fit_puts_a_or_c_below_zero_the_fit_holds_it_at_zero(seconds, held):
+    steps = [(t, n, seconds(t, n)) for t in (512, 768, 1024) for n in (4, 16)]
     cost = fit_step_cost(steps)
-    x = np.array([(t, n) for t, n, _ in steps])
-    y = np.array([s for *_, s in steps])
-    (b, c), *_ = np.linalg.lstsq(x, y, rcond=None)  # the best fit through no fixed cost
-    assert cost.fixed == 0
-    assert (cost.per_token, cost.per_seq) == pytest.approx((b, c))
+    x = np.array([(1, t, n) for t, n, _ in steps])
+    kept = [i for i in range(3) if i != held]
+    best, *_ = np.linalg.lstsq(x[:, kept], np.array([s for *_, s in steps]), rcond=None)
+    expected = dict(zip(kept, best)) | {held: 0.0}
+    got = (cost.fixed, cost.per_token, cost.per_seq)
+    assert got[held] == 0
+    assert got == pytest.approx(tuple(expected[i] for i in range(3)))
 
 
 def test_the_fit_names_steps_too_alike_and_times_that_do_not_grow():
