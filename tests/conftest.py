@@ -16,6 +16,29 @@ from vllm_prepack.replica import in_process_env
 
 os.environ.update(in_process_env())
 
+
+def _triton_for_a_cuda_build_on_a_cpu() -> None:
+    """A CUDA build of vLLM on a machine without a GPU, run on vLLM's CPU platform (dev.sh sets
+    VLLM_TARGET_DEVICE=cpu): from 0.34 that platform refuses x86 without Triton, and the
+    build's Triton finds no active driver here. vLLM accepts that where no device is visible
+    (an empty CUDA_VISIBLE_DEVICES, as in a Ray worker's start-up), so it reads Triton so once;
+    the variable is then removed again for Ray's own GPU accounting in the tests."""
+    names = {d.metadata["Name"] for d in importlib.metadata.distributions()}
+    if (os.environ.get("VLLM_TARGET_DEVICE") != "cpu" or "vllm" not in names
+            or "CUDA_VISIBLE_DEVICES" in os.environ):
+        return
+    major, minor = map(int, importlib.metadata.version("vllm").split(".")[:2])
+    if (major, minor) < (0, 34):
+        return  # 0.33 would take Triton's presence as its cue to run Model Runner V2's paths
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        import vllm.triton_utils  # noqa: F401  (HAS_TRITON is read once, at import)
+    finally:
+        del os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+_triton_for_a_cuda_build_on_a_cpu()
+
 import pytest  # noqa: E402
 
 from vllm_prepack.models import TINY, TINY_QWEN2, decoder_model, minilm_model  # noqa: E402

@@ -49,6 +49,132 @@ def test_check_names_the_request_and_step(kw, scheduled, plan, message):
     assert any(message in p for p in problems), problems
 
 
+def _v2_state():
+    """Model Runner V2's per-request state as the hook reads it: the device counter of computed
+    tokens and the prompt lengths, in the runner's own slots (the batch maps to slots 2, 0, 1;
+    the batch's host copy of computed tokens, the scheduler's optimistic count, says 1 more
+    for "b", as after a rejected draft)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    return SimpleNamespace(req_states=SimpleNamespace(
+        num_computed_tokens=SimpleNamespace(gpu=torch.tensor([9, 4, 0], dtype=torch.int32)),
+        prompt_len=SimpleNamespace(np=np.array([4, 20, 5], dtype=np.int32))))
+
+
+def _v2_batch(starts=(0, 9, 4), drafts=0):
+    """A real Model Runner V2 InputBatch of the installed vLLM: a new 5-token prompt, a decode
+    at position 9, a chunk of 3 from position 4, and 2 tokens of CUDA-graph padding (only the
+    fields the layout hook reads are set)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from vllm_prepack.touchpoints import internal
+
+    positions = [*range(starts[0], starts[0] + 5), starts[1], *range(starts[2], starts[2] + 3), 0, 0]
+    fields = dict(req_ids=["a", "b", "c"], num_reqs=3,
+                  query_start_loc_np=np.array([0, 5, 6, 9], dtype=np.int32),
+                  positions=torch.tensor(positions, dtype=torch.int64),
+                  idx_mapping=torch.tensor([2, 0, 1]), idx_mapping_np=np.array([2, 0, 1]),
+                  num_computed_tokens_np=np.array([0, 10, 4], dtype=np.int32),
+                  num_draft_tokens=drafts, num_tokens=9, num_tokens_after_padding=11)
+    names = {f.name for f in dataclasses.fields(internal.InputBatch)}
+    assert fields.keys() <= names, fields.keys() - names  # the fields the hook reads exist
+    return internal.InputBatch(**{name: fields.get(name) for name in names})
+
+
+def test_model_runner_v2_layout_from_a_real_input_batch():
+    from vllm_prepack.touchpoints import v2_layout_inputs
+
+    x = ForwardLayout(step=1, padded_tokens=2, **v2_layout_inputs(_v2_state(), _v2_batch()))
+    assert x.req_ids == ("a", "b", "c") and x.query_start_loc == (0, 5, 6, 9)
+    assert x.computed == (0, 9, 4) and x.prompt_lens == (5, 4, 20)  # by slot, from the device
+    assert x.positions_restart and (x.prefill_tokens, x.decode_tokens) == (8, 1)
+    assert check(x, {"a": 5, "b": 1, "c": 3}, {"a": 5, "c": 3}, {}) == []
+    shifted = ForwardLayout(step=1, padded_tokens=2,
+                            **v2_layout_inputs(_v2_state(), _v2_batch((1, 9, 4))))
+    assert any("request a starts at position 1, expected 0" in p
+               for p in check(shifted, {"a": 5, "b": 1, "c": 3}, None, {}))
+
+
+def test_model_runner_v2_wrappers_record_and_check_each_forward(monkeypatch):
+    """The hook's wrappers on a runner class with Model Runner V2's signatures (read from the
+    installed class), checked against a real SchedulerOutput: one layout a forward, none for a
+    dummy run, and a plan vLLM did not follow fails loudly."""
+    import inspect
+    from types import SimpleNamespace
+
+    from vllm_prepack._patches import runner_layout
+    from vllm_prepack.touchpoints import attach_plan, internal
+
+    real = internal.ModelRunnerV2
+    assert list(inspect.signature(real.prepare_inputs).parameters)[:2] == ["self", "scheduler_output"]
+    execute = inspect.signature(real.execute_model).parameters
+    assert list(execute)[:2] == ["self", "scheduler_output"] and "dummy_run" in execute
+
+    class Runner:
+        vllm_config = SimpleNamespace(additional_config={"prepack": {"debug_layout": True}})
+        req_states = _v2_state().req_states
+        drafts = 0
+
+        def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run=False):
+            if dummy_run:  # a warm-up run: long, and no layout of a plan
+                time.sleep(0.05)
+                return None
+            return self.prepare_inputs(scheduler_output, None, None, 0)
+
+        def prepare_inputs(self, scheduler_output, batch_req_state, batch_desc, num_active_loras):
+            return _v2_batch(drafts=self.drafts)
+
+    runner_layout._wrap_execute_model(Runner)
+    runner_layout._wrap_prepare_inputs(Runner)
+    runner = Runner()
+    output = internal.SchedulerOutput.make_empty()
+    output.num_scheduled_tokens = {"a": 5, "b": 1, "c": 3}
+    output.total_num_scheduled_tokens = 9
+    attach_plan(output, {"a": 5, "c": 3})
+    runner.execute_model(output)
+    runner.execute_model(output, dummy_run=True)
+    report = runner_layout.layout_report(SimpleNamespace(model_runner=runner))
+    assert (report["forwards"], report["checked_forwards"], report["padded_tokens"]) == (1, 1, 2)
+    assert report["recent"][-1]["seconds"] < 0.05  # the warm-up's time is not the forward's
+    attach_plan(output, {"a": 4, "c": 3})
+    with pytest.raises(LayoutMismatch, match="request a was planned 4 tokens, vLLM scheduled 5"):
+        runner.execute_model(output)
+    runner.drafts = 2  # a forward that verifies drafts is recorded, not checked
+    runner.execute_model(output)
+    report = runner_layout.layout_report(SimpleNamespace(model_runner=runner))
+    assert (report["forwards"], report["checked_forwards"]) == (3, 2)
+
+
+def test_install_wraps_the_runners_of_the_installed_vllm():
+    """Every model runner class of this release has its execute_model and its layout method
+    wrapped (the plugin installs the hook when vLLM loads it); a runner without the wrapper is
+    reported as not observed, not as idle."""
+    from types import SimpleNamespace
+
+    from vllm_prepack._patches import runner_layout
+    from vllm_prepack.touchpoints import internal, model_runners
+
+    runner_layout.install()
+    for runner_class in model_runners():
+        assert runner_class.execute_model in runner_layout._WRAPPED
+        layout_method = (runner_class.prepare_inputs if runner_class is internal.ModelRunnerV2
+                         else runner_class._build_attention_metadata)
+        assert layout_method in runner_layout._WRAPPED, runner_class
+
+    class Other:
+        def execute_model(self, scheduler_output):
+            return None
+
+    report = runner_layout.layout_report(SimpleNamespace(model_runner=Other()))
+    assert "does not observe Other" in report["unsupported"]
+
+
 def generate(llm):
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], PARAMS, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]

@@ -70,7 +70,7 @@ def test_no_module_but_the_registry_sets_attributes_on_vllm_objects():
         if path == REGISTRY:
             continue
         for obj, attr in _set_attributes(_tree(path)):
-            patching = path.parent.name == "patches" and obj == "GPUModelRunner"
+            patching = path.parent.name == "patches" and obj == "runner_class"
             if (attr in listed or attr == "<setattr>" or attr.startswith("_prepack")) and not patching:
                 offenders.append(f"{path.relative_to(ROOT)}: {obj}.{attr}")
     assert not offenders, offenders
@@ -98,10 +98,12 @@ def test_every_scheduler_attribute_the_plugin_reads_is_registered():
 
 
 def test_registered_imports_resolve_on_the_installed_vllm():
-    for tp in TOUCH_POINTS:
-        if ":" in tp.what:
-            name = tp.what.rsplit(":", 1)[1]
-            assert getattr(internal, name) is not None, tp.what
+    installed = touchpoints.vllm_version()
+    imports = [tp for tp in TOUCH_POINTS if ":" in tp.what]
+    for tp in imports:
+        if tp.read_in(installed) or not tp.what.startswith("vllm"):
+            assert getattr(internal, tp.name) is not None, tp.what
+    assert len({tp.name for tp in imports}) == len(imports)  # one name under internal each
     with pytest.raises(AttributeError, match="not a registered touch point"):
         internal.Unlisted  # noqa: B018
 
@@ -114,8 +116,9 @@ def test_the_scheduler_has_every_required_attribute(tiny_model):
 
 
 @pytest.mark.parametrize("version, supported", [("0.31.0", True), ("0.32.0+cpu", True),
-                                                ("0.33.1", True), ("0.30.2", False),
-                                                ("0.34.0", False), ("1.0.0", False)])
+                                                ("0.33.1", True), ("0.34.0", True),
+                                                ("0.30.2", False), ("0.35.0", False),
+                                                ("1.0.0", False)])
 def test_version_gate(version, supported, monkeypatch):
     monkeypatch.delenv(touchpoints.ALLOW_ENV, raising=False)
     if supported:
@@ -124,7 +127,7 @@ def test_version_gate(version, supported, monkeypatch):
     with pytest.raises(touchpoints.UnsupportedVLLM) as err:
         touchpoints.check_vllm_version(version)
     message = str(err.value)
-    assert "\n" not in message and ">=0.31,<0.34" in message and touchpoints.ALLOW_ENV in message
+    assert "\n" not in message and ">=0.31,<0.35" in message and touchpoints.ALLOW_ENV in message
     assert version in message
 
 
@@ -155,7 +158,7 @@ def test_registry_entries_are_complete():
     for tp in TOUCH_POINTS:
         assert tp.where and tp.checked, tp
         assert ":" in tp.what or "." in tp.what, tp
-    assert touchpoints.TESTED_VLLM == ("0.31.0", "0.32.0", "0.33.0")
+    assert touchpoints.TESTED_VLLM == ("0.31.0", "0.32.0", "0.33.0", "0.34.0")
 
 
 @example(16, 0, 1, [(15, 2)] * 64)  # each request straddles a block boundary: 2 blocks for 2 tokens
@@ -212,3 +215,38 @@ def test_prefills_are_deferred_only_when_throttled_or_within_the_local_interval(
     assert touchpoints.prefills_deferred(scheduler(interval=4), False) == cadence
     assert not touchpoints.prefills_deferred(scheduler(interval=4, last_prefill=7), False)
     assert not touchpoints.prefills_deferred(scheduler(running=(chunk,), interval=4), False)
+
+
+def test_check_waiting_order_refuses_what_reorders_waiting_past_the_plugin():
+    from types import SimpleNamespace as S
+
+    config = S(max_num_inflight_kv_loads=None)
+    touchpoints.check_waiting_order(S(scheduler_config=config))  # before 0.34: neither exists
+    touchpoints.check_waiting_order(S(scheduler_config=config, cache_aware_window=0))
+    with pytest.raises(ValueError, match="set cache_aware_admission_window to 0"):
+        touchpoints.check_waiting_order(S(scheduler_config=config, cache_aware_window=8))
+    loads = S(max_num_inflight_kv_loads=4)
+    touchpoints.check_waiting_order(S(scheduler_config=loads, connector=None))  # no async loads
+    with pytest.raises(ValueError, match="max_num_inflight_kv_loads"):
+        touchpoints.check_waiting_order(S(scheduler_config=loads, connector=object()))
+
+
+@pytest.mark.skipif(touchpoints.vllm_version() < (0, 34),
+                    reason="cache-aware admission is new in vLLM 0.34")
+def test_the_plugin_refuses_cache_aware_admission_at_engine_start(tiny_model):
+    from vllm_prepack.bench.harness import standalone_scheduler
+
+    with pytest.raises(ValueError, match="set cache_aware_admission_window to 0"):
+        standalone_scheduler(tiny_model, scheduler="prepack", prefix_caching=True,
+                             cache_aware_admission_window=8)
+    standalone_scheduler(tiny_model, scheduler="prepack", prefix_caching=True)  # 0: the default
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_long_prefill_threshold_applies_only_with_chunked_prefill_from_0_34(chunked, monkeypatch):
+    from types import SimpleNamespace as S
+
+    scheduler = S(scheduler_config=S(enable_chunked_prefill=chunked, long_prefill_token_threshold=64))
+    for newer in (False, True):
+        monkeypatch.setattr(touchpoints, "_at_least_0_34", lambda: newer)
+        assert touchpoints.long_prefill_threshold(scheduler) == (64 if chunked or not newer else 0)

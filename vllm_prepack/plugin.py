@@ -29,4 +29,7 @@ def register() -> None:
         return
     from vllm_prepack._patches import runner_layout
 
-    runner_layout.install()
+    try:
+        runner_layout.install()
+    except Exception as e:  # plain vLLM loads this plugin too: never fail its start
+        logger.warning("vllm-prepack's model-runner layout hook is not installed: %r", e)

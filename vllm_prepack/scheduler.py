@@ -40,15 +40,18 @@ from vllm_prepack.touchpoints import (
     REQUIRED_ATTRIBUTES,
     TESTED_VLLM,
     active_adapters,
+    admitted_req_ids,
     attach_plan,
     attach_step_cost,
     cached_prefix_tokens,
     capture_sizes,
     check_vllm_version,
+    check_waiting_order,
     free_kv_blocks,
     internal,
     kv_block_accounting,
     kv_cache_tokens,
+    long_prefill_threshold,
     prefills_deferred,
     running_load,
 )
@@ -302,6 +305,7 @@ class PrepackScheduler(internal.Scheduler):
                 f"vllm-prepack was checked on vLLM {', '.join(TESTED_VLLM)}; this vLLM's "
                 f"Scheduler has no {', '.join(missing)} (see vllm_prepack/touchpoints.py)"
             )
+        check_waiting_order(self)
         assert not self.waiting, "the waiting queue is swapped before any request arrives"
         cached = ((lambda request: cached_prefix_tokens(self, request))
                   if vllm_config.cache_config.enable_prefix_caching else None)
@@ -488,13 +492,14 @@ class PrepackScheduler(internal.Scheduler):
 
     def _running_phase(self, throttle_prefills: bool = False) -> _RunningPhase:
         """Tokens the running phase of the coming schedule() gives each running request, and
-        the input budget it leaves (vllm/v1/core/sched/scheduler.py, the same in 0.31-0.33 but
-        for when prefills are held back: touchpoints.prefills_deferred; checked against vLLM
-        every step with debug_layout)."""
+        the input budget it leaves (vllm/v1/core/sched/scheduler.py, the same in 0.31-0.34 but
+        for when prefills are held back, touchpoints.prefills_deferred, and the long-prefill
+        cap, touchpoints.long_prefill_threshold; checked against vLLM every step with
+        debug_layout)."""
         budget = self.max_num_scheduled_tokens
         input_left = self.scheduler_config.max_num_batched_tokens
         draft_slots = self._draft_slots
-        threshold = self.scheduler_config.long_prefill_token_threshold
+        threshold = long_prefill_threshold(self)
         if threshold > 0:  # the counts only where a threshold is set: a call the step saved
             requests = sum(self.get_request_counts())
             if requests <= 1:
@@ -557,8 +562,7 @@ class PrepackScheduler(internal.Scheduler):
 
     def _record(self, output, limits: StepLimits, planned: list[Pick], waiting: int, seconds: float):
         stats = self.prepack_stats
-        new_ids = [r.req_id for r in output.scheduled_new_reqs]
-        new_ids += list(output.scheduled_cached_reqs.resumed_req_ids)
+        new_ids = admitted_req_ids(output)
         planned_ids = {p.key for p in planned}
         stats.steps += 1
         stats.plan_seconds += seconds

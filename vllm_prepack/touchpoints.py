@@ -29,9 +29,9 @@ from functools import lru_cache
 
 logger = logging.getLogger("vllm_prepack")
 
-SUPPORTED_VLLM = ((0, 31), (0, 32), (0, 33))  # minor releases; patch releases included
-TESTED_VLLM = ("0.31.0", "0.32.0", "0.33.0")
-VLLM_RANGE = ">=0.31,<0.34"
+SUPPORTED_VLLM = ((0, 31), (0, 32), (0, 33), (0, 34))  # minor releases; patch releases included
+TESTED_VLLM = ("0.31.0", "0.32.0", "0.33.0", "0.34.0")
+VLLM_RANGE = ">=0.31,<0.35"
 ALLOW_ENV = "VLLM_PREPACK_ALLOW_UNTESTED_VLLM"
 TESTED_TRANSFORMERS = ("5.17", "5.19")
 TESTED_RAY = ("2.60.0",)
@@ -55,6 +55,16 @@ class TouchPoint:
     where: str  # the project's modules that use it
     checked: tuple[str, ...] = TESTED_VLLM  # releases whose source was read for it
     differs: str = ""  # how releases differ, and the function here that branches
+    alias: str = ""  # ``internal.<alias>`` where two imports share a name
+
+    @property
+    def name(self) -> str:
+        """Its name under ``internal`` (imports only)."""
+        return self.alias or self.what.rsplit(":", 1)[1]
+
+    def read_in(self, version: tuple[int, int]) -> bool:
+        """Whether it exists in that release (one of those its source was read in)."""
+        return any(parse_version(release) == version for release in self.checked)
 
     @property
     def owner(self) -> str:
@@ -67,6 +77,7 @@ class TouchPoint:
 
 _V = How
 _SCHED = "scheduler.py"
+_BEFORE_0_34 = TESTED_VLLM[:3]
 TOUCH_POINTS: tuple[TouchPoint, ...] = (
     # ---- vLLM classes -----------------------------------------------------------------------
     TouchPoint("vllm.v1.core.sched.scheduler:Scheduler", _V.SUBCLASS, f"{_SCHED}, bench/baselines.py"),
@@ -81,11 +92,18 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("vllm.v1.utils:compute_iteration_details", _V.IMPORT, _SCHED),
     TouchPoint("vllm.v1.metrics.loggers:StatLoggerBase", _V.SUBCLASS, "metrics.py"),
     TouchPoint("vllm.v1.worker.gpu_model_runner:GPUModelRunner", _V.PATCH, "patches/runner_layout.py",
-               differs="the V1 runner (CPU, and GPUs with VLLM_USE_V2_MODEL_RUNNER=0); GPUs "
-                       "with Triton default to Model Runner V2 (vllm/v1/worker/gpu/), which the "
-                       "layout hook does not patch: it records nothing there"),
+               checked=_BEFORE_0_34,
+               differs="the V1 runner (CPUs, and GPUs with VLLM_USE_V2_MODEL_RUNNER=0) until "
+                       "0.33; removed in 0.34: touchpoints.model_runners"),
+    TouchPoint("vllm.v1.worker.gpu.model_runner:GPUModelRunner", _V.PATCH,
+               "patches/runner_layout.py", alias="ModelRunnerV2",
+               differs="Model Runner V2: GPUs with Triton from 0.31; from 0.34 GPUs and x86 "
+                       "CPUs (its CPU runner subclasses it), but not the standalone CPU runner "
+                       "of other CPUs without Triton, which the hook does not wrap"),
     TouchPoint("vllm.v1.request:Request", _V.IMPORT, "bench/harness.py (requests without an engine)"),
-    TouchPoint("vllm.v1.outputs:ModelRunnerOutput", _V.IMPORT, "bench/harness.py"),
+    TouchPoint("vllm.v1.outputs:ModelRunnerOutput", _V.IMPORT, "bench/harness.py",
+               differs="0.34 drops req_id_to_index (outputs follow req_ids): "
+                       "touchpoints.runner_output_fields"),
     TouchPoint("vllm.v1.kv_cache_interface:KVCacheConfig", _V.IMPORT, "bench/harness.py"),
     TouchPoint("vllm.v1.kv_cache_interface:KVCacheGroupSpec", _V.IMPORT, "bench/harness.py"),
     TouchPoint("vllm.v1.kv_cache_interface:FullAttentionSpec", _V.IMPORT, "bench/harness.py"),
@@ -99,7 +117,11 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("Scheduler.make_stats", _V.OVERRIDE, _SCHED),
     TouchPoint("Scheduler.waiting", _V.REPLACE, f"{_SCHED}, bench/baselines.py",
                differs="the waiting loop (and its break with chunked prefill off) is the same "
-                       "in 0.31-0.33"),
+                       "in 0.31-0.34 for text requests; 0.34 skips, with chunked prefill off, a "
+                       "multimodal request whose encoder inputs do not fit, and appends a "
+                       "started async KV load to kv_holding_waiting; the plugin refuses 0.34's "
+                       "async KV load queue and cache-aware admission at start: "
+                       "touchpoints.check_waiting_order"),
     *(TouchPoint(f"Scheduler.{name}", _V.READ, _SCHED) for name in (
         "kv_holding_waiting", "running", "policy", "current_step", "max_num_scheduled_tokens",
         "max_num_active_reqs", "max_model_len", "num_waiting_for_streaming_input",
@@ -110,7 +132,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("Scheduler.get_request_counts", _V.CALL, _SCHED),
     TouchPoint("Scheduler._is_blocked_waiting_status", _V.CALL, _SCHED),
     TouchPoint("Scheduler.local_prefill_interval", _V.READ, "touchpoints.prefills_deferred",
-               checked=("0.33.0",),
+               checked=("0.33.0", "0.34.0"),
                differs="0.33 holds prefills back locally every prefill_schedule_interval steps "
                        "without data parallelism (also num_executed_steps, last_prefill_step); "
                        "0.31/0.32 only under DP throttling"),
@@ -124,14 +146,33 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "lora_request", "num_output_placeholders", "num_tokens_with_spec", "num_prompt_tokens",
         "max_tokens", "next_decode_eligible_step", "is_prefill_chunk", "status", "block_hashes",
     )),
-    TouchPoint("KVCacheManager.prefix_cache_lookup_enabled", _V.CALL, "touchpoints.cached_prefix_tokens"),
+    TouchPoint("KVCacheManager.prefix_cache_lookup_enabled", _V.CALL, "touchpoints.cached_prefix_tokens",
+               differs="0.34: prefix_cache_hit_limit != 0, before: not skip_reading_prefix_cache"),
     TouchPoint("KVCacheManager.coordinator.find_longest_cache_hit", _V.CALL,
                "touchpoints.cached_prefix_tokens",
-               differs="0.33 adds an optional max_cache_hit_length to get_computed_blocks; the "
-                       "coordinator's lookup is unchanged"),
+               differs="0.33 adds an optional max_cache_hit_length to get_computed_blocks; 0.34 "
+                       "bounds a hit by Request.get_max_cache_hit_length (the prompt-logprobs "
+                       "start), where before it was num_tokens - 1"),
+    TouchPoint("Request.get_max_cache_hit_length", _V.CALL, "touchpoints.cached_prefix_tokens",
+               checked=("0.34.0",)),
+    TouchPoint("SchedulerConfig.max_num_inflight_kv_loads", _V.READ,
+               "touchpoints.check_waiting_order", checked=("0.34.0",),
+               differs="with a KV connector, 0.34 keeps async loads in async_kv_waiting"),
+    TouchPoint("Scheduler.connector", _V.READ, "touchpoints.check_waiting_order"),
+    TouchPoint("Scheduler.cache_aware_window", _V.READ, "touchpoints.check_waiting_order",
+               checked=("0.34.0",),
+               differs="0.34's cache_aware_admission_window reorders the head of waiting; the "
+                       "plugin refuses it (it orders waiting itself)"),
     *(TouchPoint(f"SchedulerOutput.{name}", _V.READ, f"{_SCHED}, patches/runner_layout.py")
       for name in ("num_scheduled_tokens", "total_num_scheduled_tokens", "preempted_req_ids",
                    "scheduled_new_reqs", "scheduled_cached_reqs")),
+    TouchPoint("CachedRequestData.resumed_req_ids", _V.READ,
+               "touchpoints.scheduled_plan_inputs / admitted_req_ids",
+               checked=_BEFORE_0_34,
+               differs="0.34 sends a resumed request whole among scheduled_new_reqs"),
+    TouchPoint("SchedulerConfig.long_prefill_token_threshold", _V.READ,
+               "touchpoints.long_prefill_threshold",
+               differs="0.34 applies it only with chunked prefill"),
     TouchPoint("SchedulerOutput.prepack_plan", _V.SET, "touchpoints.attach_plan / plan_of",
                differs="0.33 adds fields (encoder_input_updates, skip_drafts); the plan rides as "
                        "an undeclared attribute, pickled with the output to the workers"),
@@ -147,6 +188,17 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                differs="0.33 adds keyword parameters after num_tokens_padded (passed through)"),
     *(TouchPoint(f"GPUModelRunner.{name}", _V.READ, "touchpoints.runner_layout_inputs")
       for name in ("vllm_config", "query_start_loc", "positions", "input_batch")),
+    TouchPoint("ModelRunnerV2.prepare_inputs", _V.PATCH, "patches/runner_layout.py"),
+    *(TouchPoint(f"InputBatch.{name}", _V.READ, "touchpoints.v2_layout_inputs (Model Runner V2)")
+      for name in ("req_ids", "num_reqs", "query_start_loc_np", "positions", "idx_mapping",
+                   "idx_mapping_np", "num_draft_tokens", "num_tokens",
+                   "num_tokens_after_padding")),
+    *(TouchPoint(f"ModelRunnerV2.req_states.{name}", _V.READ, "touchpoints.v2_layout_inputs")
+      for name in ("num_computed_tokens.gpu", "prompt_len.np")),
+    TouchPoint("vllm.v1.worker.gpu.input_batch:InputBatch", _V.IMPORT,
+               "tests/test_layout.py (a real InputBatch read without an engine)"),
+    TouchPoint("vllm.v1.core.sched.output:SchedulerOutput", _V.IMPORT,
+               "tests/test_layout.py (the V2 wrappers checked against a real output)"),
     TouchPoint("GPUModelRunner._prepack_patched", _V.SET, "patches/runner_layout.py"),
     TouchPoint("GPUModelRunner._prepack_recorder", _V.SET, "touchpoints.runner_recorder"),
     TouchPoint("GPUModelRunner._prepack_output", _V.SET, "touchpoints.runner_output"),
@@ -182,7 +234,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     # ---- serving on Ray: the load report, the token router, the replica server ----------------
     TouchPoint("Scheduler.add_request", _V.OVERRIDE, _SCHED,
                differs="counts new request ids for the load report (a streaming session's "
-                       "next input comes under its old id); 0.31-0.33 put a new request into "
+                       "next input comes under its old id); 0.31-0.34 put a new request into "
                        "waiting, but the count does not rest on it"),
     *(TouchPoint(f"vllm.benchmarks.lib.endpoint_request_func:{name}", _V.IMPORT,
                  "bench/serve.py (vLLM's bench serve client, request by request)")
@@ -230,7 +282,7 @@ class _Internal:
     imported on first use."""
 
     def __init__(self) -> None:
-        self._paths = {tp.what.rsplit(":", 1)[1]: tp.what for tp in TOUCH_POINTS if ":" in tp.what}
+        self._paths = {tp.name: tp.what for tp in TOUCH_POINTS if ":" in tp.what}
 
     def __getattr__(self, name: str):
         path = self.__dict__["_paths"].get(name)
@@ -289,6 +341,11 @@ def _at_least_0_33() -> bool:
     return vllm_version() >= (0, 33)
 
 
+@lru_cache(maxsize=1)
+def _at_least_0_34() -> bool:
+    return vllm_version() >= (0, 34)
+
+
 # ---- the scheduler: reads that differ between releases ---------------------------------------
 
 
@@ -314,11 +371,39 @@ def active_adapters(scheduler, scheduled: dict[str, int]) -> frozenset:
                      if r.lora_request and r.lora_request.lora_int_id > 0)
 
 
+def long_prefill_threshold(scheduler) -> int:
+    """vLLM's cap on one running request's tokens a step (0: none); from 0.34 it applies only
+    with chunked prefill."""
+    config = scheduler.scheduler_config
+    if _at_least_0_34() and not config.enable_chunked_prefill:
+        return 0
+    return config.long_prefill_token_threshold
+
+
+def check_waiting_order(scheduler) -> None:
+    """Refuse what in 0.34 lets vLLM order waiting requests past the plugin's queue: its
+    cache-aware admission reorders the queue's head, and async KV loads wait in a queue apart
+    that vLLM interleaves with it by arrival. The plugin would plan steps vLLM then changes."""
+    if getattr(scheduler, "cache_aware_window", 0) > 0:
+        raise ValueError(
+            "vllm-prepack orders the waiting queue itself: set cache_aware_admission_window to 0 "
+            "(its shortest-first order already counts each request's prefix-cache hit)")
+    if (getattr(scheduler.scheduler_config, "max_num_inflight_kv_loads", None)
+            and scheduler.connector is not None):
+        raise ValueError(
+            "vllm-prepack plans every waiting request, and max_num_inflight_kv_loads keeps "
+            "async KV loads in a queue of vLLM's own: unset it to run with the plugin")
+
+
 def cached_prefix_tokens(scheduler, request) -> int:
     """Prompt tokens a prefix-cache hit would skip now (vLLM's own lookup, no statistics)."""
     manager = scheduler.kv_cache_manager
     if not request.block_hashes or not manager.prefix_cache_lookup_enabled(request):
         return 0
+    if _at_least_0_34():  # the hit vLLM takes, bounded as get_computed_blocks bounds it
+        _, hit, _ = manager.coordinator.find_longest_cache_hit(
+            request.block_hashes, request.get_max_cache_hit_length())
+        return hit
     _, hit, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes,
                                                             request.num_tokens - 1)
     return hit
@@ -356,7 +441,7 @@ def kv_block_accounting(scheduler) -> KVBlocks | None:
     not hold (several KV groups: hybrid, sliding-window or Mamba models; no KV cache): there
     the plugin does not track KV blocks and vLLM alone finds out what fits."""
     groups = getattr(getattr(scheduler, "kv_cache_config", None), "kv_cache_groups", ())
-    block_size = getattr(scheduler, "block_size", None)  # read on 0.32 and 0.33 only
+    block_size = getattr(scheduler, "block_size", None)  # read from 0.32 on
     if len(groups) != 1 or not block_size:
         return None
     spec = groups[0].kv_cache_spec
@@ -444,30 +529,68 @@ def runner_output(runner, output=_UNSET):
     return runner.__dict__.get("_prepack_output")
 
 
+def model_runners() -> tuple[type, ...]:
+    """The model-runner classes of this release the layout hook wraps: the V1 runner (until
+    0.33) and Model Runner V2."""
+    if _at_least_0_34():
+        return (internal.ModelRunnerV2,)
+    return (internal.GPUModelRunner, internal.ModelRunnerV2)
+
+
+def v2_layout_inputs(runner, batch) -> dict:
+    """Plain lists of the layout Model Runner V2 built for this forward (its InputBatch):
+    sequence boundaries, each request's first position, computed and prompt tokens. Computed
+    tokens come from the runner's device counter, which its positions are built from: the
+    batch's host copy is the scheduler's optimistic count, ahead of it after rejected drafts."""
+    states = runner.req_states
+    computed = states.num_computed_tokens.gpu[batch.idx_mapping].cpu().numpy()
+    prompt_lens = states.prompt_len.np[batch.idx_mapping_np]
+    return _layout_lists(batch.num_reqs, batch.req_ids, batch.query_start_loc_np, batch.positions,
+                         computed, prompt_lens)
+
+
 def runner_layout_inputs(runner, num_reqs: int) -> dict:
-    """Plain lists of the layout the runner built for this forward: sequence boundaries, each
-    request's first position, computed and prompt tokens."""
+    """Plain lists of the layout the V1 runner built for this forward: sequence boundaries,
+    each request's first position, computed and prompt tokens."""
+    batch = runner.input_batch
+    return _layout_lists(num_reqs, batch.req_ids, runner.query_start_loc.np, runner.positions,
+                         batch.num_computed_tokens_cpu, batch.num_prompt_tokens)
+
+
+def _layout_lists(num_reqs, req_ids, query_start_loc, positions, computed, prompt_lens) -> dict:
     import torch
 
-    qsl = runner.query_start_loc.np[: num_reqs + 1].tolist()
-    starts = runner.positions[torch.tensor(qsl[:-1], dtype=torch.long,
-                                            device=runner.positions.device)].tolist()
-    batch = runner.input_batch
-    return dict(req_ids=tuple(batch.req_ids[:num_reqs]), query_start_loc=tuple(qsl),
-                start_positions=tuple(starts),
-                computed=tuple(batch.num_computed_tokens_cpu[:num_reqs].tolist()),
-                prompt_lens=tuple(batch.num_prompt_tokens[:num_reqs].tolist()))
+    qsl = query_start_loc[: num_reqs + 1].tolist()
+    starts = positions[torch.tensor(qsl[:-1], dtype=torch.long, device=positions.device)].tolist()
+    return dict(req_ids=tuple(req_ids[:num_reqs]), query_start_loc=tuple(qsl),
+                start_positions=tuple(starts), computed=tuple(computed[:num_reqs].tolist()),
+                prompt_lens=tuple(prompt_lens[:num_reqs].tolist()))
 
 
 def scheduled_plan_inputs(output) -> tuple[dict, dict]:
     """From a SchedulerOutput: tokens scheduled per request, and the computed tokens (a
-    prefix-cache hit) of the requests admitted or resumed this step."""
+    prefix-cache hit) of the requests admitted or resumed this step (from 0.34 a resumed
+    request comes among the new ones)."""
     cached = {r.req_id: r.num_computed_tokens for r in output.scheduled_new_reqs}
     resumed = output.scheduled_cached_reqs
-    for req_id, computed in zip(resumed.req_ids, resumed.num_computed_tokens):
-        if req_id in resumed.resumed_req_ids:
-            cached[req_id] = computed
+    if not _at_least_0_34():
+        for req_id, computed in zip(resumed.req_ids, resumed.num_computed_tokens):
+            if req_id in resumed.resumed_req_ids:
+                cached[req_id] = computed
     return dict(output.num_scheduled_tokens), cached
+
+
+def admitted_req_ids(output) -> list[str]:
+    """From a SchedulerOutput: the requests admitted or resumed this step."""
+    ids = [r.req_id for r in output.scheduled_new_reqs]
+    if not _at_least_0_34():
+        ids += output.scheduled_cached_reqs.resumed_req_ids
+    return ids
+
+
+def runner_output_fields(req_ids: list[str]) -> dict:
+    """The fields a ModelRunnerOutput needs beside req_ids: before 0.34, the index of each."""
+    return {} if _at_least_0_34() else {"req_id_to_index": {r: i for i, r in enumerate(req_ids)}}
 
 
 def observe_schedule(scheduler, observe):

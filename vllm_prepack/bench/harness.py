@@ -57,6 +57,7 @@ def standalone_scheduler(
     budget: int = 256,
     max_model_len: int = 256,
     chunked_prefill: bool = False,
+    prefix_caching: bool = False,
     policy: str = "fcfs",
     max_num_seqs: int = 256,
     num_blocks: int = 10_000,
@@ -80,7 +81,7 @@ def standalone_scheduler(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         enable_chunked_prefill=chunked_prefill,
-        enable_prefix_caching=False,
+        enable_prefix_caching=prefix_caching,
         scheduling_policy=policy,
         additional_config=additional_config or {},
         speculative_config=speculative_config,
@@ -130,7 +131,7 @@ def make_request(request_id: str, prompt_len: int, max_tokens: int = 1, priority
 
 def fake_step(scheduler, output, token: int = 5) -> list[str]:
     """Feed the scheduler what a model runner would return; returns the finished request ids."""
-    from vllm_prepack.touchpoints import internal
+    from vllm_prepack.touchpoints import internal, runner_output_fields
 
     req_ids = list(output.num_scheduled_tokens)
     sampled = []
@@ -140,8 +141,8 @@ def fake_step(scheduler, output, token: int = 5) -> list[str]:
         sampled.append([token] if request.num_computed_tokens >= request.num_tokens else [])
     runner_output = internal.ModelRunnerOutput(
         req_ids=req_ids,
-        req_id_to_index={r: i for i, r in enumerate(req_ids)},
         sampled_token_ids=sampled,
+        **runner_output_fields(req_ids),
     )
     engine_outputs = scheduler.update_from_output(output, runner_output)
     return [
