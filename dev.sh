@@ -52,8 +52,9 @@ if [ ! -f "$stamp" ]; then
     requirements=$venv/vllm-requirements.txt
     "$venv/bin/python" -c "import importlib.metadata as m; print('\n'.join(r for r in m.requires('vllm') if 'extra ==' not in r))" >"$requirements"
     done_installing=false
-    for _ in 1 2 3 4 5; do
+    for attempt in 1 2 3 4 5 6; do
       if log=$("$venv/bin/python" -m pip install -q -r "$requirements" 2>&1); then done_installing=true; break; fi
+      [ "$attempt" -lt 6 ] || break
       missing=$(grep -o "No matching distribution found for [A-Za-z0-9._-]*" <<<"$log" | awk '{print $NF}' | head -1 || true)
       # drop the requirement of that name (names compared as pip compares them); none: fail
       if [ -z "$missing" ] || ! "$venv/bin/python" - "$requirements" "$missing" <<'PY'

@@ -37,7 +37,7 @@ import functools
 import time
 
 from vllm_prepack.config import PrepackConfig
-from vllm_prepack.layout import ForwardLayout, LayoutRecorder, check, raise_on
+from vllm_prepack.layout import ForwardLayout, LayoutRecorder, check, check_plan, raise_on
 from vllm_prepack.touchpoints import (
     internal,
     model_runners,
@@ -48,6 +48,7 @@ from vllm_prepack.touchpoints import (
     scheduled_plan_inputs,
     step_cost_of,
     v2_layout_inputs,
+    v2_layout_whole,
 )
 
 
@@ -60,10 +61,11 @@ def recorder(runner) -> LayoutRecorder | None:
     return runner_recorder(runner, _make_recorder)
 
 
-def _record(runner, output, padded_tokens: int, inputs, checkable: bool = True) -> None:
+def _record(runner, output, padded_tokens: int, inputs, layout_checked: bool = True) -> None:
     """Record this forward's layout (`inputs()`: its plain lists), once per forward: the first
     layout built after execute_model saw the SchedulerOutput (drafts build their own); with
-    debug_layout, check it unless not `checkable`."""
+    debug_layout, check it against vLLM's schedule and the plan, or, where the layout read is
+    not the forward's whole (not `layout_checked`), only the plan against the schedule."""
     runner_output(runner, None)
     rec = recorder(runner)
     started = time.perf_counter()
@@ -71,10 +73,13 @@ def _record(runner, output, padded_tokens: int, inputs, checkable: bool = True) 
         layout = ForwardLayout(step=rec.forwards + 1, padded_tokens=padded_tokens, **inputs())
         rec.add(layout)
         rec.step_cost = step_cost_of(output) or rec.step_cost
-        if rec.debug and checkable:
-            rec.checked += 1
+        if rec.debug:
             scheduled, cached = scheduled_plan_inputs(output)
-            raise_on(check(layout, scheduled, plan_of(output), cached))
+            if layout_checked:
+                rec.checked += 1
+                raise_on(check(layout, scheduled, plan_of(output), cached))
+            else:
+                raise_on(check_plan(layout.step, scheduled, plan_of(output), cached))
     finally:
         rec.hook_seconds += time.perf_counter() - started
 
@@ -85,11 +90,11 @@ _WRAPPED: set = set()  # the wrappers installed: a runner whose execute_model is
 def install() -> None:
     for runner_class in model_runners():
         if not getattr(runner_class, "_prepack_patched", False):
+            v2 = runner_class is internal.ModelRunnerV2
+            # the layout method first: a runner whose execute_model alone were wrapped would
+            # report idle forwards, where layout_report now says it is not observed
+            (_wrap_prepare_inputs if v2 else _wrap_build_attention_metadata)(runner_class)
             _wrap_execute_model(runner_class)
-            if runner_class is internal.ModelRunnerV2:
-                _wrap_prepare_inputs(runner_class)
-            else:
-                _wrap_build_attention_metadata(runner_class)
             runner_class._prepack_patched = True
 
 
@@ -99,7 +104,7 @@ def _wrap_execute_model(runner_class) -> None:
     @functools.wraps(execute_model)
     def patched_execute_model(self, scheduler_output, *args, **kwargs):
         rec = recorder(self)
-        if rec is None or kwargs.get("dummy_run"):  # V2's warm-up and profiling runs
+        if rec is None or kwargs.get("dummy_run"):  # V2's profiling and capture runs
             return execute_model(self, scheduler_output, *args, **kwargs)
         runner_output(self, scheduler_output)
         started = time.perf_counter()
@@ -133,18 +138,20 @@ def _wrap_build_attention_metadata(runner_class) -> None:
 
 
 def _wrap_prepare_inputs(runner_class) -> None:
-    """Model Runner V2: the layout is the InputBatch prepare_inputs returns. A forward that
-    verifies drafts is recorded but not checked: adaptive verification rewrites its query
-    layout after the host copy the hook reads."""
+    """Model Runner V2: the layout is the InputBatch prepare_inputs returns. Only steps the
+    plugin's scheduler made are recorded (vLLM's warm-up feeds V2 outputs of its own, which
+    carry no step cost). Where the batch is not the forward's whole (``v2_layout_whole``:
+    drafts that adaptive verification re-lays after the host copy; a prefill-context-parallel
+    rank's share), only the plan is checked against vLLM's schedule."""
     prepare_inputs = runner_class.prepare_inputs
 
     @functools.wraps(prepare_inputs)
     def patched_prepare_inputs(self, *args, **kwargs):
         batch = prepare_inputs(self, *args, **kwargs)
         output = runner_output(self)
-        if output is not None:
+        if output is not None and step_cost_of(output) is not None:
             _record(self, output, batch.num_tokens_after_padding - batch.num_tokens,
-                    lambda: v2_layout_inputs(self, batch), checkable=not batch.num_draft_tokens)
+                    lambda: v2_layout_inputs(self, batch), v2_layout_whole(self, batch))
         return batch
 
     runner_class.prepare_inputs = patched_prepare_inputs

@@ -101,15 +101,17 @@ def test_model_runner_v2_layout_from_a_real_input_batch():
                for p in check(shifted, {"a": 5, "b": 1, "c": 3}, None, {}))
 
 
-def test_model_runner_v2_wrappers_record_and_check_each_forward(monkeypatch):
-    """The hook's wrappers on a runner class with Model Runner V2's signatures (read from the
-    installed class), checked against a real SchedulerOutput: one layout a forward, none for a
-    dummy run, and a plan vLLM did not follow fails loudly."""
+def test_model_runner_v2_wrappers_record_and_check_each_forward():
+    """The hook's wrappers on a runner class with Model Runner V2's leading parameters (read from
+    the installed class), checked against a real SchedulerOutput: one layout a forward the
+    plugin scheduled, none for a dummy run or for vLLM's own warm-up outputs (no step cost), a
+    plan vLLM did not follow fails loudly, and where drafts are verified only the plan is
+    checked."""
     import inspect
     from types import SimpleNamespace
 
     from vllm_prepack._patches import runner_layout
-    from vllm_prepack.touchpoints import attach_plan, internal
+    from vllm_prepack.touchpoints import attach_plan, attach_step_cost, internal
 
     real = internal.ModelRunnerV2
     assert list(inspect.signature(real.prepare_inputs).parameters)[:2] == ["self", "scheduler_output"]
@@ -119,11 +121,12 @@ def test_model_runner_v2_wrappers_record_and_check_each_forward(monkeypatch):
     class Runner:
         vllm_config = SimpleNamespace(additional_config={"prepack": {"debug_layout": True}})
         req_states = _v2_state().req_states
+        pcp_manager = None
         drafts = 0
 
         def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run=False):
-            if dummy_run:  # a warm-up run: long, and no layout of a plan
-                time.sleep(0.05)
+            if dummy_run:  # a profiling run: long, and no layout of a plan
+                time.sleep(0.5)
                 return None
             return self.prepare_inputs(scheduler_output, None, None, 0)
 
@@ -136,19 +139,24 @@ def test_model_runner_v2_wrappers_record_and_check_each_forward(monkeypatch):
     output = internal.SchedulerOutput.make_empty()
     output.num_scheduled_tokens = {"a": 5, "b": 1, "c": 3}
     output.total_num_scheduled_tokens = 9
+    runner.execute_model(output)  # vLLM's own warm-up step: not the plugin's
+    attach_step_cost(output, {"steps": 1})
     attach_plan(output, {"a": 5, "c": 3})
     runner.execute_model(output)
     runner.execute_model(output, dummy_run=True)
     report = runner_layout.layout_report(SimpleNamespace(model_runner=runner))
     assert (report["forwards"], report["checked_forwards"], report["padded_tokens"]) == (1, 1, 2)
-    assert report["recent"][-1]["seconds"] < 0.05  # the warm-up's time is not the forward's
+    assert report["recent"][-1]["seconds"] < 0.5  # the profiling run's time is not the forward's
     attach_plan(output, {"a": 4, "c": 3})
     with pytest.raises(LayoutMismatch, match="request a was planned 4 tokens, vLLM scheduled 5"):
         runner.execute_model(output)
-    runner.drafts = 2  # a forward that verifies drafts is recorded, not checked
+    runner.drafts = 2  # verifying drafts: the layout is recorded, the plan still checked
+    with pytest.raises(LayoutMismatch, match="request a was planned 4 tokens"):
+        runner.execute_model(output)
+    attach_plan(output, {"a": 5, "c": 3})
     runner.execute_model(output)
     report = runner_layout.layout_report(SimpleNamespace(model_runner=runner))
-    assert (report["forwards"], report["checked_forwards"]) == (3, 2)
+    assert (report["forwards"], report["checked_forwards"]) == (4, 2)
 
 
 def test_install_wraps_the_runners_of_the_installed_vllm():

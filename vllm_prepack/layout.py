@@ -76,10 +76,17 @@ def check(
         if layout.start_positions[i] != layout.computed[i]:
             problems.append(f"{where}: request {req_id} starts at position "
                             f"{layout.start_positions[i]}, expected {layout.computed[i]}")
+    return problems + check_plan(layout.step, scheduled, plan, cached)
+
+
+def check_plan(step: int, scheduled: Mapping[str, int], plan: Mapping[str, int] | None,
+               cached: Mapping[str, int]) -> list[str]:
+    """The plan's part of ``check``: what vLLM scheduled for the requests the plugin planned."""
+    problems = []
     for req_id, tokens in (plan or {}).items():
         got = scheduled.get(req_id, 0) + cached.get(req_id, 0)
         if got != tokens:
-            problems.append(f"{where}: request {req_id} was planned {tokens} tokens, "
+            problems.append(f"step {step}: request {req_id} was planned {tokens} tokens, "
                             f"vLLM scheduled {scheduled.get(req_id, 0)} (+{cached.get(req_id, 0)} cached)")
     return problems
 

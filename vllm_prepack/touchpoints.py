@@ -183,10 +183,13 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("LLM.llm_engine.engine_core.engine_core.scheduler", _V.READ,
                "touchpoints.engine_scheduler (in-process engines: tests, benchmarks, replicas)"),
     # ---- the model runner (patches/runner_layout.py) -----------------------------------------
-    TouchPoint("GPUModelRunner.execute_model", _V.PATCH, "patches/runner_layout.py"),
+    TouchPoint("GPUModelRunner.execute_model", _V.PATCH, "patches/runner_layout.py",
+               checked=_BEFORE_0_34),
     TouchPoint("GPUModelRunner._build_attention_metadata", _V.PATCH, "patches/runner_layout.py",
+               checked=_BEFORE_0_34,
                differs="0.33 adds keyword parameters after num_tokens_padded (passed through)"),
-    *(TouchPoint(f"GPUModelRunner.{name}", _V.READ, "touchpoints.runner_layout_inputs")
+    *(TouchPoint(f"GPUModelRunner.{name}", _V.READ, "touchpoints.runner_layout_inputs",
+                 checked=_BEFORE_0_34)
       for name in ("vllm_config", "query_start_loc", "positions", "input_batch")),
     TouchPoint("ModelRunnerV2.prepare_inputs", _V.PATCH, "patches/runner_layout.py"),
     *(TouchPoint(f"InputBatch.{name}", _V.READ, "touchpoints.v2_layout_inputs (Model Runner V2)")
@@ -195,13 +198,23 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                    "num_tokens_after_padding")),
     *(TouchPoint(f"ModelRunnerV2.req_states.{name}", _V.READ, "touchpoints.v2_layout_inputs")
       for name in ("num_computed_tokens.gpu", "prompt_len.np")),
+    TouchPoint("ModelRunnerV2.pcp_manager", _V.READ, "touchpoints.v2_layout_whole"),
+    TouchPoint("ModelRunnerV2.execute_model", _V.PATCH, "patches/runner_layout.py",
+               differs="takes dummy_run (profiling, graph capture): passed through"),
+    TouchPoint("ModelRunnerV2.vllm_config", _V.READ, "touchpoints.runner_recorder"),
+    *(TouchPoint(f"ModelRunnerV2.{name}", _V.SET, "touchpoints.runner_recorder / runner_output, "
+                 "patches/runner_layout.py")
+      for name in ("_prepack_patched", "_prepack_recorder", "_prepack_output")),
     TouchPoint("vllm.v1.worker.gpu.input_batch:InputBatch", _V.IMPORT,
                "tests/test_layout.py (a real InputBatch read without an engine)"),
     TouchPoint("vllm.v1.core.sched.output:SchedulerOutput", _V.IMPORT,
                "tests/test_layout.py (the V2 wrappers checked against a real output)"),
-    TouchPoint("GPUModelRunner._prepack_patched", _V.SET, "patches/runner_layout.py"),
-    TouchPoint("GPUModelRunner._prepack_recorder", _V.SET, "touchpoints.runner_recorder"),
-    TouchPoint("GPUModelRunner._prepack_output", _V.SET, "touchpoints.runner_output"),
+    TouchPoint("GPUModelRunner._prepack_patched", _V.SET, "patches/runner_layout.py",
+               checked=_BEFORE_0_34),
+    TouchPoint("GPUModelRunner._prepack_recorder", _V.SET, "touchpoints.runner_recorder",
+               checked=_BEFORE_0_34),
+    TouchPoint("GPUModelRunner._prepack_output", _V.SET, "touchpoints.runner_output",
+               checked=_BEFORE_0_34),
     # ---- transformers (hf.py) ----------------------------------------------------------------
     *(TouchPoint(what, _V.IMPORT, "hf.py", checked=TESTED_TRANSFORMERS) for what in (
         "transformers.cache_utils:DynamicLayer", "transformers.cache_utils:DynamicSlidingWindowLayer",
@@ -547,6 +560,13 @@ def v2_layout_inputs(runner, batch) -> dict:
     prompt_lens = states.prompt_len.np[batch.idx_mapping_np]
     return _layout_lists(batch.num_reqs, batch.req_ids, batch.query_start_loc_np, batch.positions,
                          computed, prompt_lens)
+
+
+def v2_layout_whole(runner, batch) -> bool:
+    """Whether Model Runner V2's InputBatch is its forward's whole layout: not where it verifies
+    drafts (adaptive verification re-lays the query after the host copy) or holds one
+    prefill-context-parallel rank's share."""
+    return not batch.num_draft_tokens and runner.pcp_manager is None
 
 
 def runner_layout_inputs(runner, num_reqs: int) -> dict:
