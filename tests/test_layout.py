@@ -218,6 +218,9 @@ def test_debug_layout_checks_every_forward(engine, tiny_model):
     assert report["checked_forwards"] == report["forwards"] > 0
 
 
+_FAILED_ENGINES: list = []  # engines a test made fail, alive for the process (tests/conftest.py)
+
+
 @pytest.mark.engine
 def test_debug_layout_fails_loudly_on_a_corrupted_plan(tiny_model, monkeypatch):
     from vllm_prepack import policy
@@ -233,6 +236,7 @@ def test_debug_layout_fails_loudly_on_a_corrupted_plan(tiny_model, monkeypatch):
 
     llm = build_llm(tiny_model, {"debug_layout": True}, dtype="float32", max_model_len=512,
                     num_gpu_blocks_override=64, enable_prefix_caching=False, **ENGINE)
+    _FAILED_ENGINES.append(llm)  # kept: dropping an in-process engine breaks later ones
     monkeypatch.setattr(policy.WaitingSet, "plan", corrupted)
     with pytest.raises(LayoutMismatch, match=r"packed layout mismatch: step 1: request \S+ was "
                                              r"planned (\d+) tokens, vLLM scheduled (?!\1)\d+"):
