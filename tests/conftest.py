@@ -27,8 +27,9 @@ def _triton_for_a_cuda_build_on_a_cpu() -> None:
     if (os.environ.get("VLLM_TARGET_DEVICE") != "cpu" or "vllm" not in names
             or "CUDA_VISIBLE_DEVICES" in os.environ):
         return
-    major, minor = map(int, importlib.metadata.version("vllm").split(".")[:2])
-    if (major, minor) < (0, 34):
+    from vllm_prepack.touchpoints import parse_version
+
+    if parse_version(importlib.metadata.version("vllm")) < (0, 34):
         return  # 0.33 would take Triton's presence as its cue to run Model Runner V2's paths
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:

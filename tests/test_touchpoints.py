@@ -195,7 +195,7 @@ def test_prefills_are_deferred_only_when_throttled_or_within_the_local_interval(
     never deferred; where nothing can defer, the running requests are not scanned."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(touchpoints, "_at_least_0_33", lambda: cadence)
+    monkeypatch.setattr(touchpoints, "_at_least", lambda minor: cadence)
     chunk, decode = SimpleNamespace(is_prefill_chunk=True), SimpleNamespace(is_prefill_chunk=False)
 
     class Unscanned:
@@ -248,5 +248,5 @@ def test_long_prefill_threshold_applies_only_with_chunked_prefill_from_0_34(chun
 
     scheduler = S(scheduler_config=S(enable_chunked_prefill=chunked, long_prefill_token_threshold=64))
     for newer in (False, True):
-        monkeypatch.setattr(touchpoints, "_at_least_0_34", lambda: newer)
+        monkeypatch.setattr(touchpoints, "_at_least", lambda minor, newer=newer: newer)
         assert touchpoints.long_prefill_threshold(scheduler) == (64 if chunked or not newer else 0)

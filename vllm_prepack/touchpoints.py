@@ -349,14 +349,10 @@ def check_vllm_version(version: str | None = None) -> bool:
     raise UnsupportedVLLM(message)
 
 
-@lru_cache(maxsize=1)
-def _at_least_0_33() -> bool:
-    return vllm_version() >= (0, 33)
-
-
-@lru_cache(maxsize=1)
-def _at_least_0_34() -> bool:
-    return vllm_version() >= (0, 34)
+@lru_cache(maxsize=None)
+def _at_least(minor: int) -> bool:
+    """Whether the installed vLLM is 0.`minor` or newer (read once per release it is asked of)."""
+    return vllm_version() >= (0, minor)
 
 
 # ---- the scheduler: reads that differ between releases ---------------------------------------
@@ -365,7 +361,7 @@ def _at_least_0_34() -> bool:
 def prefills_deferred(scheduler, throttle_prefills: bool) -> bool:
     """Whether the coming schedule() holds new prefills (and prefill chunks) back: DP prefill
     throttling in every release, and from 0.33 also the local prefill cadence."""
-    interval = getattr(scheduler, "local_prefill_interval", 1) if _at_least_0_33() else 1
+    interval = getattr(scheduler, "local_prefill_interval", 1) if _at_least(33) else 1
     if not throttle_prefills and interval <= 1:
         return False  # most steps: nothing below can defer
     chunks_only = all(r.is_prefill_chunk for r in scheduler.running)
@@ -378,7 +374,7 @@ def prefills_deferred(scheduler, throttle_prefills: bool) -> bool:
 
 def active_adapters(scheduler, scheduled: dict[str, int]) -> frozenset:
     """LoRA adapters that count against max_loras when the waiting phase starts."""
-    running = scheduler.running if _at_least_0_33() else (
+    running = scheduler.running if _at_least(33) else (
         r for r in scheduler.running if r.request_id in scheduled)
     return frozenset(r.lora_request.lora_int_id for r in running
                      if r.lora_request and r.lora_request.lora_int_id > 0)
@@ -388,7 +384,7 @@ def long_prefill_threshold(scheduler) -> int:
     """vLLM's cap on one running request's tokens a step (0: none); from 0.34 it applies only
     with chunked prefill."""
     config = scheduler.scheduler_config
-    if _at_least_0_34() and not config.enable_chunked_prefill:
+    if _at_least(34) and not config.enable_chunked_prefill:
         return 0
     return config.long_prefill_token_threshold
 
@@ -413,7 +409,7 @@ def cached_prefix_tokens(scheduler, request) -> int:
     manager = scheduler.kv_cache_manager
     if not request.block_hashes or not manager.prefix_cache_lookup_enabled(request):
         return 0
-    if _at_least_0_34():  # the hit vLLM takes, bounded as get_computed_blocks bounds it
+    if _at_least(34):  # the hit vLLM takes, bounded as get_computed_blocks bounds it
         _, hit, _ = manager.coordinator.find_longest_cache_hit(
             request.block_hashes, request.get_max_cache_hit_length())
         return hit
@@ -545,7 +541,7 @@ def runner_output(runner, output=_UNSET):
 def model_runners() -> tuple[type, ...]:
     """The model-runner classes of this release the layout hook wraps: the V1 runner (until
     0.33) and Model Runner V2."""
-    if _at_least_0_34():
+    if _at_least(34):
         return (internal.ModelRunnerV2,)
     return (internal.GPUModelRunner, internal.ModelRunnerV2)
 
@@ -592,25 +588,28 @@ def scheduled_plan_inputs(output) -> tuple[dict, dict]:
     prefix-cache hit) of the requests admitted or resumed this step (from 0.34 a resumed
     request comes among the new ones)."""
     cached = {r.req_id: r.num_computed_tokens for r in output.scheduled_new_reqs}
-    resumed = output.scheduled_cached_reqs
-    if not _at_least_0_34():
-        for req_id, computed in zip(resumed.req_ids, resumed.num_computed_tokens):
-            if req_id in resumed.resumed_req_ids:
-                cached[req_id] = computed
+    cached.update(_resumed(output))
     return dict(output.num_scheduled_tokens), cached
 
 
 def admitted_req_ids(output) -> list[str]:
     """From a SchedulerOutput: the requests admitted or resumed this step."""
-    ids = [r.req_id for r in output.scheduled_new_reqs]
-    if not _at_least_0_34():
-        ids += output.scheduled_cached_reqs.resumed_req_ids
-    return ids
+    return [r.req_id for r in output.scheduled_new_reqs] + [req_id for req_id, _ in _resumed(output)]
+
+
+def _resumed(output) -> list[tuple[str, int]]:
+    """(request, computed tokens) of the requests resumed this step that are not among the new
+    ones: before 0.34 they come among the cached requests, from 0.34 as new ones (none here)."""
+    if _at_least(34):
+        return []
+    resumed = output.scheduled_cached_reqs
+    return [(req_id, computed) for req_id, computed in
+            zip(resumed.req_ids, resumed.num_computed_tokens) if req_id in resumed.resumed_req_ids]
 
 
 def runner_output_fields(req_ids: list[str]) -> dict:
     """The fields a ModelRunnerOutput needs beside req_ids: before 0.34, the index of each."""
-    return {} if _at_least_0_34() else {"req_id_to_index": {r: i for i, r in enumerate(req_ids)}}
+    return {} if _at_least(34) else {"req_id_to_index": {r: i for i, r in enumerate(req_ids)}}
 
 
 def observe_schedule(scheduler, observe):
