@@ -4,7 +4,8 @@ pure policy: no engine)."""
 import pytest
 
 from vllm_prepack.bench.harness import Outcome
-from vllm_prepack.bench.scheduler import SCALE_COSTS, policy_alone, scale, wall_floor
+from vllm_prepack.bench.scheduler import (
+    SCALE_COSTS, _coverage, _point_label, policy_alone, scale, wall_floor)
 from vllm_prepack.cost import StepCost
 
 
@@ -63,3 +64,36 @@ def test_the_wall_floor_puts_the_step_bound_at_the_calibrated_cost_against_spf_s
     assert row["f"] == pytest.approx(0.05 / (0.05 + 0.1024))
     assert row["wall at the bound vs SPF's (model)"] == pytest.approx(
         (4 * 0.05 + 0.31 + 6e-3) / (6 * 0.05 + 0.31 + 6e-3))
+
+
+def _outcome(mean: float, wall: float) -> Outcome:
+    return Outcome(steps=1, ttft_steps=[], ttft_s=[mean], sched_s=[], wall=wall)
+
+
+def test_the_frontier_check_names_the_baselines_no_plugin_point_matches_on_both_axes():
+    """A baseline is covered by a point at least as good on both mean TTFT and makespan (one
+    point per baseline, not one axis from each); one not covered is named with how much worse
+    the nearest point is on its worse axis; the marks are 1.02x the best baseline's mean and
+    FFD's makespan."""
+    # the plugin's own run ("prepack") is no baseline, however good
+    baselines = {"fcfs": _outcome(3.0, 10.0), "spf": _outcome(1.0, 10.4),
+                 "ffd": _outcome(1.2, 10.0), "prepack": _outcome(0.5, 9.0)}
+    points = {"low mean": _outcome(1.0, 10.3), "low makespan": _outcome(1.5, 10.0)}
+    got = _coverage(points, baselines)
+    assert got == {"no plugin point as good": "ffd (+3%)", "both marks": "none"}
+    got = _coverage({**points, "knee": _outcome(1.01, 10.1)}, baselines)
+    assert got == {"no plugin point as good": "ffd (+1%)", "both marks": "knee"}
+    got = _coverage({**points, "knee": _outcome(1.2, 10.0)}, baselines)
+    assert got["no plugin point as good"] == "none"
+    # the same schedule's costs summed in another order: equal, not worse
+    same = {"same": _outcome(1.2, 10.0 * (1 + 1e-12))}
+    assert _coverage(same, {**baselines, "fcfs": _outcome(9, 99), "spf": _outcome(9, 99)})[
+        "no plugin point as good"] == "none"
+
+
+def test_a_point_is_labelled_by_its_options_of_any_type():
+    """Numbers as the tables print them; a name or null (`--prepack-options` may hold either)."""
+    assert _point_label({"pack_fixed_share": 0.0, "bin_fill_slack": 0.06}) == (
+        "pack_fixed_share 0, bin_fill_slack 0.06")
+    assert _point_label({"order": "ratio", "aging_drain_factor": None, "debug_layout": True}) == (
+        'order "ratio", aging_drain_factor null, debug_layout true')

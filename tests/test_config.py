@@ -3,6 +3,7 @@
 import pytest
 
 from vllm_prepack.config import PrepackConfig, PrepackConfigError
+from vllm_prepack.policy import FILL_SLACK
 
 
 def parse(options):
@@ -45,6 +46,8 @@ def test_values_are_parsed_and_typed():
         ({"debug_layout": "yes"}, r"\['debug_layout'\] must be true or false"),
         ({"pack_fixed_share": 1.5}, r"\['pack_fixed_share'\] must be <= 1, got 1.5"),
         ({"pack_fixed_share": -0.1}, r"\['pack_fixed_share'\] must be >= 0"),
+        ({"bin_fill_slack": 0.6}, r"\['bin_fill_slack'\] must be <= 0.5, got 0.6"),
+        ({"bin_fill_slack": -0.5}, r"\['bin_fill_slack'\] must be >= 0"),
         ({"step_cost_fixed_tokens": -1}, r"\['step_cost_fixed_tokens'\] must be >= 0"),
         ({"step_cost_seq_tokens": float("nan")}, r"\['step_cost_seq_tokens'\] must be >= 0"),
         ({"learn_step_cost": 1}, r"\['learn_step_cost'\] must be true or false"),
@@ -67,6 +70,20 @@ def test_step_cost_options_reach_the_model():
     model = config.step_cost_model(2048)
     assert model.prior.fixed_tokens == 0 and model.prior.seq_tokens == pytest.approx(8)
     assert not model.learn and model.capacity == 2048 and config.pack_fixed_share == 0.0
+
+
+def test_the_packing_options_reach_the_waiting_set():
+    waiting = parse({"pack_fixed_share": 0.1, "bin_fill_slack": 0.06, "max_swaps": 2,
+                     "order": "ratio", "aging_steps": 9}).waiting_set()
+    assert (waiting.pack_share, waiting.fill_slack, waiting.max_swaps) == (0.1, 0.06, 2)
+    assert waiting.by_ratio and waiting.aging.steps == 9
+    assert parse({}).waiting_set().fill_slack == FILL_SLACK
+
+
+def test_bin_fill_slack_takes_its_bounds_as_floats():
+    assert parse({"bin_fill_slack": 0}).bin_fill_slack == 0.0
+    assert isinstance(parse({"bin_fill_slack": 0}).bin_fill_slack, float)
+    assert parse({"bin_fill_slack": 0.5}).waiting_set().fill_slack == 0.5
 
 
 def test_non_object_is_refused():

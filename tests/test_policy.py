@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_prepack import policy
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
 from vllm_prepack.cost import StepCost
 from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, FILL_SLACK, KV_PATIENCE_STEPS, PACK_SHARE, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
@@ -349,6 +348,25 @@ def test_where_a_step_costs_its_tokens_a_bin_leaves_the_gap_a_short_prompt_would
         assert_consistent(ws)
 
 
+def test_a_tighter_bin_fill_slack_fills_the_gap_the_default_leaves():
+    """The 120-token gap of the test above at a = 0 (packing forced on): a slack of 6% of the
+    budget fills it with the 100-token prompt, which goes in the 880-token prompt's bin."""
+    ws = fill([880, 100] + [500] * 10, pack_share=0.0, fill_slack=0.06)
+    limits = StepLimits(budget=1000, seats=16, chunked_prefill=False, cost=StepCost.in_tokens(0.0))
+    reasons = {p.key: p.reason for p in ws.plan(limits)}
+    assert reasons.get(1) == Reason.BIN and ws.entries[1].bin == ws.entries[0].bin is not None
+    assert_consistent(ws)
+
+
+def test_a_slack_as_wide_as_the_budget_still_reserves_the_longest_prompt():
+    """A bin always takes its longest prompt, whatever gap the slack would leave (a WaitingSet
+    built directly; the config caps the slack at half the budget)."""
+    ws = fill([900, 600, 100] + [50] * 100, pack_share=0.0, fill_slack=1.0)
+    ws.plan(StepLimits(budget=1000, seats=4, chunked_prefill=False, cost=StepCost.in_tokens(0.0)))
+    assert ws.entries[0].bin is not None
+    assert_consistent(ws)
+
+
 def test_a_request_whose_adapter_cannot_load_is_passed_over_not_blocking():
     """vLLM skips a request whose LoRA adapter would exceed max_loras; so does the plan, even
     for one that must go first."""
@@ -531,16 +549,15 @@ def test_padding_gap(tokens, sizes):
 # ---- the step cost ------------------------------------------------------------------------------
 
 
-def test_a_bin_goes_first_by_requests_per_second_of_step(monkeypatch):
+def test_a_bin_goes_first_by_requests_per_second_of_step():
     """Smith's rule in seconds: the bin [560, 50, 40] starts 3 requests in 650 tokens, the
     shortest-first step only [200] (no 500 fits beside it). Where a step costs its tokens
     (a = 0), 1 request in 200 tokens beats 3 in 650; where a dominates, 3 beat 1. Bins fill
-    to BIN_FILL whatever the cost (no FILL_SLACK), so both costs plan the same bins."""
-    monkeypatch.setattr(policy, "FILL_SLACK", 0.0)
+    to BIN_FILL whatever the cost (``fill_slack`` 0), so both costs plan the same bins."""
     lengths = [560, 50, 40, 500, 500, 500, 500, 500, 150, 200]
 
     def first(cost):
-        ws = fill(lengths, pack_share=0.0, max_swaps=0)  # always a reserve; the rule alone decides
+        ws = fill(lengths, pack_share=0.0, max_swaps=0, fill_slack=0.0)  # always a reserve; the rule alone decides
         return [(p.key, p.reason) for p in ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False,
                                                                   cost=cost), step=0)]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, NamedTuple
 
 from vllm_prepack.cost import StepCostModel
-from vllm_prepack.policy import PACK_SHARE, AgingBound
+from vllm_prepack.policy import FILL_SLACK, PACK_SHARE, AgingBound, WaitingSet
 
 CONFIG_KEY = "prepack"
 RENAMED = {"chunked_order": "order"}  # an option's old name -> its name (the old is still read)
@@ -55,9 +55,13 @@ class PrepackConfig:
         is at least this share of a full step's cost, a / (a + b x budget): 0 always packs
         (the fewest steps where a dominates), 1 never (shortest first, lowest mean TTFT where
         steps cost their tokens). Between: the frontier from latency to throughput
-        (BENCHMARKS.md). Wherever it packs (order "shortest"), a bin's last gap of up to 25% x
-        (1 - a's share) of the budget stays empty rather than hold back the tiny prompts it
-        needs.
+        (BENCHMARKS.md).
+    bin_fill_slack: wherever it packs (order "shortest"), a bin's last gap of up to this x
+        (1 - a's share) of the budget stays empty rather than hold back the tiny prompts that
+        would close it (at least 1% of the budget); 0 to 0.5 (at 0.5, with a's share near 0, a
+        bin whose prompt takes over half the budget takes no filler). The other axis of the
+        frontier: 0.25 gives the lower mean TTFT, 0 the fewest steps (offline first-fit
+        decreasing's, or one more; BENCHMARKS.md).
     record_layout: the model-runner hook records each forward's packed layout.
     debug_layout: the hook also checks that layout against the scheduler's plan, and the
         scheduler checks its mirror of vLLM's running-request budget against what vLLM then
@@ -78,6 +82,7 @@ class PrepackConfig:
     step_cost_seq_tokens: float = 0.0
     learn_step_cost: bool = True
     pack_fixed_share: float = PACK_SHARE
+    bin_fill_slack: float = FILL_SLACK
     record_layout: bool = False
     debug_layout: bool = False
     load_endpoint: str | None = None
@@ -85,6 +90,11 @@ class PrepackConfig:
     @property
     def aging(self) -> AgingBound:
         return AgingBound(self.aging_steps, self.aging_seconds, self.aging_drain_factor)
+
+    def waiting_set(self) -> WaitingSet:
+        """An empty waiting set (the packing policy) with these options."""
+        return WaitingSet(self.aging, self.max_swaps, self.pack_fixed_share, self.order,
+                          self.bin_fill_slack)
 
     def step_cost_model(self, capacity: int) -> StepCostModel:
         """The step-cost model these options describe, for steps of `capacity` tokens."""
@@ -142,6 +152,7 @@ _KINDS: dict[str, _Kind] = {
     "step_cost_seq_tokens": _Kind(float, 0, zero_ok=True),
     "learn_step_cost": _Kind(bool),
     "pack_fixed_share": _Kind(float, 0, highest=1, zero_ok=True),
+    "bin_fill_slack": _Kind(float, 0, highest=0.5, zero_ok=True),
     "record_layout": _Kind(bool),
     "debug_layout": _Kind(bool),
     "load_endpoint": _Kind(str, None, True),

@@ -31,7 +31,7 @@ packs only where a step's fixed cost is at least ``PACK_SHARE`` of a full step's
 cost, ``cost.py``, learned from the engine's own step times), and weighs a reserved bin
 against a shortest-first step by requests started per second of step (Smith's rule in
 seconds): with a near 0 it orders like shortest-prefill-first, with a large a it packs to the
-bound. How full a bin gets follows the same share: the last gap of a bin, up to FILL_SLACK x
+bound. How full a bin gets follows the same share: the last gap of a bin, up to ``fill_slack`` x
 (1 - a's share) of the budget, stays empty, since the tiny prompts that would close it wait for
 their bin and save only the gap's share of a step's fixed cost.
 
@@ -72,12 +72,13 @@ BINS_PER_STEP = 8
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
-# ... or, where a step's fixed cost is a share f of a full step's, this share of the budget x
-# (1 - f), where that is more: the tiny prompts such a gap needs would wait for their bin, and
-# save only the gap's share of a step's fixed cost. 0.25, not 0.06 (`bench scheduler --parts
-# seconds`, BENCHMARKS.md): where it packs, mean TTFT and makespan both within 1.02x of the best
-# at a <= 1024 tokens of work (0.06: FFD's makespan, at up to 1.13x the mean); at a = 2048 it
-# pays up to 1.04x FFD's makespan
+# The default of the option ``bin_fill_slack``: where a step's fixed cost is a share f of a full
+# step's, a bin's last gap of up to this x (1 - f) of the budget stays empty (or 1 - BIN_FILL,
+# where that is more): the tiny prompts such a gap needs would wait for their bin, and save only
+# the gap's share of a step's fixed cost. 0.25 (`bench scheduler --parts seconds`,
+# BENCHMARKS.md): where it packs, mean TTFT and makespan within 1.02x of the best in 14 of 15
+# backlog rows at a <= 1024 tokens of work (0.06: FFD's makespan, at up to 1.13x the mean); at
+# a = 2048 up to 1.04x FFD's makespan
 FILL_SLACK = 0.25
 # pack (filler reserve, best-fit exchange) only where a step's fixed cost is at least this share
 # of a full step's (a / (a + b x budget)): below it a saved step is worth less than the wait the
@@ -537,10 +538,12 @@ class WaitingSet:
     """
 
     def __init__(self, aging: AgingBound = AgingBound(), max_swaps: int = 4,
-                 pack_share: float = PACK_SHARE, order: str = "shortest") -> None:
+                 pack_share: float = PACK_SHARE, order: str = "shortest",
+                 fill_slack: float = FILL_SLACK) -> None:
         self.aging = aging
         self.max_swaps = max_swaps
         self.pack_share = pack_share
+        self.fill_slack = fill_slack
         self.by_ratio = order == "ratio"  # HRRN, not SPF
         self.entries: dict[Key, Entry] = {}  # every waiting entry by key; read only outside
         self._levels: dict[int, _Level] = {}
@@ -888,13 +891,13 @@ class WaitingSet:
     def _build_bins(self, level: _Level, capacity: int, fixed_share: float) -> None:
         """The filler reserve: pack bins from the longest free prompts down, each filled with
         the longest free prompts that fit until the gap left is within 1 - BIN_FILL of the
-        budget, or FILL_SLACK x (1 - `fixed_share`) where that is more, while the free prompts
+        budget, or ``fill_slack`` x (1 - `fixed_share`) where that is more, while the free prompts
         hold more than BUILD_MIN_STEPS steps. The shortest prompts stay free for
         shortest-first. Prompts over half the budget need a bin each and their fillers before
         shortest-first eats them: up to BIG_BINS_PER_STEP of those a step (a 1000-prompt
         backlog: all at once; a 100k one: far ahead of the small prompts shortest-first spends
         meanwhile), else BINS_PER_STEP."""
-        slack = capacity * max(1 - BIN_FILL, FILL_SLACK * (1 - fixed_share))
+        slack = capacity * max(1 - BIN_FILL, self.fill_slack * (1 - fixed_share))
         built = 0
         free = level.free
         while level.free_tokens > BUILD_MIN_STEPS * capacity and built < BIG_BINS_PER_STEP:
@@ -904,7 +907,9 @@ class WaitingSet:
             built += 1
             bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
             members, gap = [], capacity
-            while gap > slack and length is not None:
+            # `not members`: a bin takes its longest prompt even where the slack is the whole
+            # budget (PrepackConfig caps it at half; a WaitingSet built directly does not)
+            while length is not None and (gap > slack or not members):
                 members.append(free.pop_newest(length))
                 gap -= length
                 length = free.longest_at_most(gap)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from vllm_prepack.config import PrepackConfig
 from vllm_prepack.cost import MIN_STEPS
-from vllm_prepack.policy import Entry, Pick, StepLimits, WaitingSet
+from vllm_prepack.policy import Entry, Pick, StepLimits
 from vllm_prepack.routing import LoadReport
 from vllm_prepack.touchpoints import (
     REQUIRED_ATTRIBUTES,
@@ -84,8 +84,7 @@ class PackingRequestQueue(internal.RequestQueue):
     """vLLM's waiting queue, ordered by the packing policy instead of arrival."""
 
     def __init__(self, config: PrepackConfig, policy, cached_tokens=None, kv_blocks=None) -> None:
-        self._set = WaitingSet(config.aging, config.max_swaps, config.pack_fixed_share,
-                               config.order)
+        self._set = config.waiting_set()
         self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
         self._kv_blocks = kv_blocks  # touchpoints.KVBlocks, None: KV blocks not tracked

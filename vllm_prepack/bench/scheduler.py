@@ -114,6 +114,16 @@ def arrivals(model_dir, n: int, budget: int, seed: int, loads: list[float],
 TOKEN_SECONDS = 1e-5  # b in the engine-free rows (only a / b matters to every order)
 COST_BACKLOGS = ("mmlu", "wikitext512", "heavytail", "bimodal", "trimodal")
 COST_ARRIVALS = ("mmlu", "bimodal", "trimodal")
+# the plugin's frontier: packing always at four bin slacks (the gap a bin may leave empty, x
+# (1 - a's share) of the budget: 0.25, the default, lowers the mean; 0, bins filled to BIN_FILL,
+# comes nearest FFD's makespan), and never packing
+FRONTIER = ({"pack_fixed_share": 0.0, "bin_fill_slack": 0.0},
+            {"pack_fixed_share": 0.0, "bin_fill_slack": 0.06},
+            {"pack_fixed_share": 0.0, "bin_fill_slack": 0.12},
+            {"pack_fixed_share": 0.0, "bin_fill_slack": 0.25},
+            {"pack_fixed_share": 1.0})
+MARK = 1.02  # the engine-free marks: mean TTFT against the best baseline, makespan against FFD
+ROUNDING = 1e-9  # relative: the same steps' costs summed in another order differ in the last bits
 COST_COLUMNS = ["workload", "a (tokens)", "scheduler", "steps", "TTFT mean s", "TTFT p99 s",
                 "makespan s", "mean vs best", "p99 vs FCFS", "makespan vs FFD"]
 
@@ -122,7 +132,7 @@ def cost_rows(label: str, fixed_tokens: float, outcomes: dict[str, Outcome]) -> 
     """Seconds against the baselines of the same run: mean TTFT against the best baseline's,
     p99 against FCFS's, the makespan against offline FFD's."""
     stats = {name: summary(o.ttft_s) for name, o in outcomes.items()}
-    best = min(stats[name]["mean"] for name in outcomes if name != "prepack")
+    best = _best_mean(outcomes)
     return [{"workload": label, "a (tokens)": fixed_tokens, "scheduler": name, "steps": o.steps,
              "TTFT mean s": stats[name]["mean"], "TTFT p99 s": stats[name]["p99"],
              "makespan s": o.wall, "mean vs best": stats[name]["mean"] / best,
@@ -135,8 +145,9 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
                loads: list[float], options: dict | None = None) -> str:
     """Every scheduler on the same requests, each step charged a + b x tokens on a simulated
     clock (the plugin learns a and b from it); backlogs and Poisson arrivals, chunked prefill
-    off and on; then the plugin's frontier over pack_fixed_share."""
-    out, frontier = [], []
+    off and on; then the plugin's frontier over its options (FRONTIER), and the baselines whose
+    point (mean TTFT, makespan) no point of it matches or beats on both."""
+    out, frontier, cover = [], [], []
     for chunked in (False, True):
         rows = []
         for name in COST_BACKLOGS:
@@ -147,11 +158,15 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
                                         if s == "prepack" else None, cost=cost) for s in SCHEDULERS}
                 rows += cost_rows(f"{name}, backlog", fixed, outcomes)
                 if not chunked and fixed:
-                    frontier += [{"workload": name, "a (tokens)": fixed, "pack_fixed_share": share,
-                                  **_point(simulate(model_dir, lengths, "prepack", budget, False,
-                                                    options={**(options or {}), "pack_fixed_share": share},
-                                                    cost=cost), outcomes)}
-                                 for share in (0.0, 0.2, 1.0)]
+                    points = {_point_label(point): simulate(model_dir, lengths, "prepack", budget,
+                                                            False, options={**(options or {}), **point},
+                                                            cost=cost)
+                              for point in FRONTIER}
+                    frontier += [{"workload": name, "a (tokens)": fixed, "options": label,
+                                  **_point(o, outcomes)} for label, o in points.items()]
+                    run = _point_label(options) if options else "default"
+                    cover.append({"workload": name, "a (tokens)": fixed,
+                                  **_coverage({run: outcomes["prepack"], **points}, outcomes)})
         for name in COST_ARRIVALS:
             lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
             for fixed in fixed_tokens:
@@ -170,16 +185,58 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
                    f"driven without a model{_with(options)}). ffd: offline first-fit decreasing over "
                    f"the waiting prompts every step, bins in Smith's order, told a and b.\n\n"
                    + table(rows, COST_COLUMNS))
-    out.append("**The plugin's frontier over pack_fixed_share** (backlogs, chunked prefill off, "
-               "the same requests and clock as above; 0.4 is the default, 0 always packs, 1 never)"
-               ".\n\n" + table(frontier))
+    out.append("**The plugin's frontier over its options** (backlogs, chunked prefill off, the "
+               "same requests and clock as above; `pack_fixed_share` 0 always packs, 1 never, 0.4 "
+               "is the default; `bin_fill_slack` 0.25 is the default).\n\n" + table(frontier))
+    out.append("**Each baseline's point against the plugin's** (the default and the frontier "
+               "above): 'no plugin point as good' names the baselines no point of the plugin's matches "
+               "or beats on both mean TTFT and makespan, each with how much worse the nearest point "
+               "is on its worse axis; 'both marks' the points with mean TTFT "
+               f"<= {MARK:g}x the best baseline's and makespan <= {MARK:g}x FFD's.\n\n"
+               + table(cover))
     return "\n".join(out)
 
 
+def _point_label(options: dict) -> str:
+    """`key value, ...`: numbers as printed in the tables, anything else (a name, null) as JSON."""
+    def shown(value) -> str:
+        plain = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return f"{value:g}" if plain else json.dumps(value)
+    return ", ".join(f"{key} {shown(value)}" for key, value in options.items())
+
+
+def _mean(o: Outcome) -> float:
+    return summary(o.ttft_s)["mean"]
+
+
+def _best_mean(outcomes: dict[str, Outcome]) -> float:
+    """The best baseline's mean TTFT (the plugin's run left out)."""
+    return min(_mean(o) for name, o in outcomes.items() if name != "prepack")
+
+
+def _coverage(points: dict[str, Outcome], outcomes: dict[str, Outcome]) -> dict:
+    """The baselines whose (mean TTFT, makespan) no plugin point matches or beats on both, each
+    with how far the nearest point is (on its worse axis), and the plugin's points that meet
+    both marks."""
+    means = {label: _mean(p) for label, p in points.items()}
+
+    def behind(label: str, b: Outcome) -> float:
+        """How much worse point `label` is than `b` on its worse axis (<= 0: as good on both)."""
+        return max(means[label] / _mean(b), points[label].wall / b.wall) - 1
+
+    nearest = {name: min(behind(label, b) for label in points)
+               for name, b in outcomes.items() if name != "prepack"}
+    above = [f"{name} (+{100 * gap:.3g}%)" for name, gap in nearest.items() if gap > ROUNDING]
+    best, ffd = _best_mean(outcomes), outcomes["ffd"].wall
+    marks = [label for label, p in points.items()
+             if means[label] <= MARK * best and p.wall <= MARK * ffd]
+    return {"no plugin point as good": ", ".join(above) or "none",
+            "both marks": "; ".join(marks) or "none"}
+
+
 def _point(o: Outcome, outcomes: dict[str, Outcome]) -> dict:
-    stats = {name: summary(x.ttft_s)["mean"] for name, x in outcomes.items() if name != "prepack"}
-    return {"steps": o.steps, "TTFT mean s": summary(o.ttft_s)["mean"],
-            "mean vs best": summary(o.ttft_s)["mean"] / min(stats.values()),
+    mean = _mean(o)
+    return {"steps": o.steps, "TTFT mean s": mean, "mean vs best": mean / _best_mean(outcomes),
             "makespan vs FFD": o.wall / outcomes["ffd"].wall}
 
 
@@ -349,7 +406,7 @@ def policy_alone(sizes: list[int], budget: int, steps: int = 30, options: dict |
     plans (or `evict` bytes) leaves nothing of the last plan cached. Warm and cold bound an
     engine's step, whose other work (vLLM's scheduling, the forward) evicts some of it."""
     from vllm_prepack.config import PrepackConfig
-    from vllm_prepack.policy import Entry, StepLimits, WaitingSet
+    from vllm_prepack.policy import Entry, StepLimits
 
     evict = evict or _eviction_bytes()
     source, sink = bytearray(evict), bytearray(evict)
@@ -366,8 +423,7 @@ def policy_alone(sizes: list[int], budget: int, steps: int = 30, options: dict |
                 row = {"chunked prefill": "on" if chunked else "off", "waiting requests": waiting,
                        "plugin's step cost": cost}
                 for cold in (False, True):
-                    waiting_set = WaitingSet(config.aging, config.max_swaps,
-                                             config.pack_fixed_share, config.order)
+                    waiting_set = config.waiting_set()
                     for i, length in enumerate(lengths):
                         waiting_set.add(Entry(key=str(i), length=length, time=time.time(),
                                               item=[i] * length))
