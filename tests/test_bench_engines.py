@@ -71,3 +71,43 @@ def test_a_fixed_cost_added_to_every_step_shows_in_the_calibrated_a(engine, mini
     slept = calibrate(InProcess(llm), embed, **kw)
     assert slept.fixed - plain.fixed == pytest.approx(0.05, abs=0.025)
     assert slept.per_token == pytest.approx(plain.per_token, rel=0.5)
+
+
+@pytest.mark.engine
+def test_the_prefill_part_runs_each_scheduler_on_a_decoder_with_fcfs_outputs(model_root,
+                                                                              monkeypatch):
+    """The GPU's first table (`--parts prefill`), end to end on the tests' decoder (wide logits:
+    greedy far from ties) in fp32 on the CPU: every engine in its own process, the same greedy
+    tokens as FCFS's; a calibration that finds step times flat (as on an H200) is reported
+    under the jobs' tables instead of losing them."""
+    import torch
+
+    from vllm_prepack.bench import scheduler
+    from vllm_prepack.bench.engines import FlatSteps
+    from vllm_prepack.bench.scheduler import PACKS_ALWAYS, prefill_job
+    from vllm_prepack.models import TINY
+
+    def flat(*args, **kwargs):
+        raise FlatSteps("step times do not grow with tokens")
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the part runs in bf16, where greedy ties across batch shapes are "
+                    "not this test's subject; its GPU run is a benchmark")
+    monkeypatch.setenv("VLLM_PREPACK_CACHE", str(model_root))
+    monkeypatch.setattr(scheduler, "calibrate", flat)
+    text = prefill_job(TINY, "tiny", n=24, budget=1024, repeats=1)
+    assert "**No step cost fitted on this engine**: step times do not grow with tokens." in text
+    names = ("fcfs", "spf", "prepack", PACKS_ALWAYS)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+             if line.startswith(("| mmlu |", "| trimodal |"))]
+    rows = [c for c in cells if c[1] in names]
+    assert len(rows) == len(cells) and sorted((c[0], c[1]) for c in rows) == sorted(
+        (workload, name) for workload in ("mmlu", "trimodal") for name in names)
+    assert [c[-1] for c in rows if c[1] != "fcfs"] == ["yes"] * 6
+
+
+def test_a_shapes_kv_bytes_count_keys_and_values_of_every_layer():
+    from vllm_prepack.models import PREFILL_SHAPES
+
+    shape = PREFILL_SHAPES["sheared-1.3b"]  # 24 layers, 16 KV heads of 2048 / 16 = 128
+    assert shape.kv_bytes_per_token(2) == 2 * 24 * 16 * 128 * 2

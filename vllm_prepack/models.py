@@ -39,6 +39,11 @@ class DecoderShape:
         fields.pop("seed")
         return AutoConfig.for_model(arch, **fields, **extra)
 
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """A token's keys and values over every layer."""
+        head = self.hidden_size // self.num_attention_heads
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * head * dtype_bytes
+
     @property
     def name(self) -> str:
         return (
@@ -78,6 +83,9 @@ HF_BENCH_SHAPES = {
                               num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
                               initializer_range=0.02),
 }
+
+# `bench scheduler --parts prefill`: the decoders a prefill backlog runs on
+PREFILL_SHAPES = {"bench-100m": BENCH_100M, **HF_BENCH_SHAPES}
 
 
 def cache_dir() -> Path:

@@ -197,6 +197,10 @@ def calibrate(engine, params, budget: int, max_len: int, vocab_size: int, first_
                           for (length, n), w in walls.items()])
 
 
+class FlatSteps(ValueError):
+    """Step times that do not grow with tokens: nothing to fit a slope to."""
+
+
 def fit_step_cost(points: Sequence[tuple[float, float, float]]) -> StepCost:
     """Least squares seconds = a + b x tokens + c x sequences over (tokens, sequences,
     seconds) points, with a and c at least 0: where the free fit puts one below 0 (a cost
@@ -220,8 +224,9 @@ def fit_step_cost(points: Sequence[tuple[float, float, float]]) -> StepCost:
             best = residual, theta
     a, b, c = (best[1][i] for i in range(3))  # b alone is always feasible
     if b <= 0:
-        raise ValueError(f"step times do not grow with tokens (slope {b:.3g} s a token): "
-                         f"the probes are noise")
+        raise FlatSteps(f"step times do not grow with tokens (slope {b:.3g} s a token): "
+                         f"flat within the probes' noise, a fixed cost per step that dominates "
+                         f"at these sizes, or noise alone")
     return StepCost(a, b, c)
 
 

@@ -30,6 +30,7 @@ from vllm_prepack.bench.engines import (
     ENGINE_COLUMNS,
     PROBE_SEQS,
     PROBE_SHARES,
+    FlatSteps,
     alternating,
     build_engines,
     calibrate,
@@ -50,6 +51,7 @@ from vllm_prepack.bench.harness import (
 )
 from vllm_prepack.bench.report import header, summary, table
 from vllm_prepack.cost import StepCost
+from vllm_prepack.models import DecoderShape
 from vllm_prepack.workloads import WORKLOADS, prompt_lengths, token_ids
 
 STEP_COLUMNS = ["workload", "scheduler", "steps", "LB", "FFD", "steps/bound", "TTFT mean (steps)",
@@ -486,35 +488,87 @@ def embedding_job(n: int, budget: int, repeats: int, report: Path | None = None,
 
     from vllm_prepack.models import minilm_model
 
-    rows, figures = [], ""
-    params = PoolingParams(task="embed")
     # with a fixed step cost, the other end of the latency/throughput option: packing always
     variants = {PACKS_ALWAYS: {"pack_fixed_share": 0.0}} if step_delay else None
-    with build_engines(minilm_model(), budget, ONLINE, step_delay=step_delay, variants=variants,
-                       runner="pooling", dtype="float32", max_model_len=256, seed=0) as engines:
-        jobs = []
+    return _backlog_jobs("Embedding jobs, all-MiniLM-L6-v2 (real weights)", "embed", "embedding",
+                         minilm_model(), PoolingParams(task="embed"), ONLINE, variants, n, budget,
+                         repeats, report, step_delay, vocab_size=30000, first_id=1000,
+                         runner="pooling", dtype="float32", max_model_len=256)
+
+
+# On a GPU the prefill part's engines share it: each checks at start that this share of the
+# GPU's memory, split between them, is free (vLLM's gpu_memory_utilization), and holds a KV cache
+# of KV_STEPS full steps (kv_cache_memory_bytes), not one sized from the free memory, which
+# would count what the engines starting beside it take: a prefill backlog's requests hold their
+# blocks for one step
+GPU_SHARE = 0.8
+KV_STEPS = 16
+
+
+def prefill_job(shape: DecoderShape, shape_name: str, n: int, budget: int, repeats: int,
+                report: Path | None = None) -> str:
+    """The embedding job's backlogs on a random-weight decoder, one token out each (the job is
+    its prefills), with packing always beside the default: on a GPU, what a step's own fixed
+    cost does to the schedules. HRRN is SPF on a backlog (every request waits as long), so it
+    is left out. On a GPU the engines share it (GPU_SHARE, KV_STEPS) and async scheduling is
+    off, as on the CPU."""
+    import torch
+    from vllm import SamplingParams
+
+    from vllm_prepack.models import decoder_model
+
+    cuda = torch.cuda.is_available()
+    names = ("fcfs", "spf", "prepack")
+    variants = {PACKS_ALWAYS: {"pack_fixed_share": 0.0}}
+    dtype = "bfloat16" if cuda else "float32"
+    gpu = dict(gpu_memory_utilization=GPU_SHARE / (len(names) + len(variants)),
+               kv_cache_memory_bytes=KV_STEPS * budget * shape.kv_bytes_per_token(2),
+               async_scheduling=False) if cuda else {}
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    return _backlog_jobs(f"Prefill jobs, random-weight {shape_name} ({dtype}, {device}, eager), "
+                         f"one token out", f"prefill_{shape_name}", f"prefill, {shape_name}",
+                         decoder_model(shape),
+                         SamplingParams(max_tokens=1, temperature=0), names, variants, n, budget,
+                         repeats, report, 0.0, vocab_size=shape.vocab_size, first_id=3,
+                         dtype=dtype, max_model_len=512, enable_chunked_prefill=False,
+                         enable_prefix_caching=False, **gpu)
+
+
+def _backlog_jobs(title: str, tag: str, label: str, model, params, names,
+                  variants: dict | None, n: int, budget: int, repeats: int, report: Path | None,
+                  step_delay: float, vocab_size: int, first_id: int, **engine_kwargs) -> str:
+    """Two backlogs (mmlu-shaped and trimodal, capped at 256 tokens) on each engine, then the
+    step cost calibrated on FCFS's engine and the wall no schedule beats at that cost."""
+    rows, figures, jobs = [], "", []
+    with build_engines(model, budget, names, step_delay=step_delay, variants=variants, seed=0,
+                       **engine_kwargs) as engines:
         for workload, seed in (("mmlu", 11), ("trimodal", 12)):
             lengths = prompt_lengths(workload, n, seed=seed, max_len=256)
-            prompts = token_ids(lengths, vocab_size=30000, seed=seed, first_id=1000)
+            prompts = token_ids(lengths, vocab_size=vocab_size, seed=seed, first_id=first_id)
             part, outcomes = engine_table(workload, engines, prompts, params, repeats, budget,
                                           lengths)
             rows += part
             jobs.append((workload, outcomes, lengths))
-            figures += _plots(report, f"embed_{workload}", f"embedding job, {workload}", outcomes)
+            figures += _plots(report, f"{tag}_{workload}", f"{label} job, {workload}", outcomes)
         # after the jobs: just built, the other engines' processes still slow a step down
-        cost = calibrate(engines["fcfs"], params, budget, max_len=256, vocab_size=30000,
-                         first_id=1000, repeats=CALIBRATION_REPEATS)
-    floors = [wall_floor(workload, cost, outcomes, lengths, budget)
-              for workload, outcomes, lengths in jobs]
+        try:
+            cost = calibrate(engines["fcfs"], params, budget, max_len=256, vocab_size=vocab_size,
+                             first_id=first_id, repeats=CALIBRATION_REPEATS)
+        except FlatSteps as e:  # the jobs' tables stand without it
+            calibration = f"\n**No step cost fitted on this engine**: {e}.\n"
+        else:
+            calibration = (f"\n{_wall_floor_note(CALIBRATION_REPEATS)}\n\n"
+                           + table([wall_floor(workload, cost, outcomes, lengths, budget)
+                                    for workload, outcomes, lengths in jobs]))
     delay = (f"; every model execution first sleeps {1e3 * step_delay:g} ms, standing in for a "
-             f"GPU's fixed cost per step; `{PACKS_ALWAYS}`: the plugin with "
-             f"`pack_fixed_share` 0, the throughput end of that option" if step_delay else "")
+             f"GPU's fixed cost per step" if step_delay else "")
+    packs = (f"; `{PACKS_ALWAYS}`: the plugin with `pack_fixed_share` 0, the throughput end of "
+             f"that option" if variants else "")
     return (
-        f"**Embedding jobs, all-MiniLM-L6-v2 (real weights), chunked prefill off** ({n} prompts "
-        f"each, synthetic lengths capped at 256: mmlu-shaped, and the trimodal mix 50% 6-30 / 30% "
-        f"90-130 / 20% 200-252 tokens; budget {budget}; median wall of {repeats}, run order "
-        f"alternating{delay})\n\n" + table(rows, ENGINE_COLUMNS)
-        + f"\n{_wall_floor_note(CALIBRATION_REPEATS)}\n\n" + table(floors) + figures
+        f"**{title}, chunked prefill off** ({n} prompts each, synthetic lengths capped at 256: "
+        f"mmlu-shaped, and the trimodal mix 50% 6-30 / 30% 90-130 / 20% 200-252 tokens; budget "
+        f"{budget}; median wall of {repeats}, run order alternating{delay}{packs})\n\n"
+        + table(rows, ENGINE_COLUMNS) + calibration + figures
     )
 
 
@@ -672,6 +726,11 @@ def main(args) -> str:
     if "embed" in args.parts:
         for delay in args.step_delays:
             parts.append(embedding_job(args.embed_prompts, 1024, args.repeats, args.report, delay))
+    if "prefill" in args.parts:
+        from vllm_prepack.models import PREFILL_SHAPES
+
+        parts.append(prefill_job(PREFILL_SHAPES[args.prefill_model], args.prefill_model,
+                                 args.embed_prompts, 1024, args.repeats, args.report))
     if "generate" in args.parts:
         parts.append(generation_job(args.gen_prompts, 512, args.max_tokens, args.repeats,
                                     args.report))
@@ -687,9 +746,10 @@ def main(args) -> str:
 
 
 def add_arguments(parser) -> None:
-    parts = ["synthetic", "arrivals", "seconds", "scale", "policy", "embed", "generate", "prefix",
-             "hook"]
-    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
+    parts = ["synthetic", "arrivals", "seconds", "scale", "policy", "embed", "prefill", "generate",
+             "prefix", "hook"]
+    parser.add_argument("--parts", nargs="+", default=[p for p in parts if p != "prefill"],
+                        choices=parts, help="'prefill' (not run by default) is for a GPU")
     parser.add_argument("--report", type=Path, help="also write PNG plots and summary.md here")
     parser.add_argument("--prompts", type=int, default=1000, help="synthetic prompts per workload")
     parser.add_argument("--budget", type=int, default=1024,
@@ -712,7 +772,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--step-delays", type=float, nargs="+", default=[0.0],
                         help="the 'embed' part: seconds slept in every model execution (a GPU's "
                              "fixed step cost), one table each")
-    parser.add_argument("--embed-prompts", type=int, default=1000)
+    parser.add_argument("--embed-prompts", type=int, default=1000,
+                        help="prompts per backlog of the 'embed' and 'prefill' parts")
+    from vllm_prepack.models import PREFILL_SHAPES
+
+    parser.add_argument("--prefill-model", default="sheared-1.3b", choices=sorted(PREFILL_SHAPES),
+                        help="the 'prefill' part's random-weight decoder")
     parser.add_argument("--gen-prompts", type=int, default=96)
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--repeats", type=int, default=3)
