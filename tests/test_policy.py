@@ -557,7 +557,8 @@ def test_a_bin_goes_first_by_requests_per_second_of_step():
     lengths = [560, 50, 40, 500, 500, 500, 500, 500, 150, 200]
 
     def first(cost):
-        ws = fill(lengths, pack_share=0.0, max_swaps=0, fill_slack=0.0)  # always a reserve; the rule alone decides
+        # always a reserve; the rule alone decides
+        ws = fill(lengths, pack_share=0.0, max_swaps=0, fill_slack=0.0)
         return [(p.key, p.reason) for p in ws.plan(StepLimits(budget=650, seats=10, chunked_prefill=False,
                                                                   cost=cost), step=0)]
 

@@ -160,10 +160,9 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
                                         if s == "prepack" else None, cost=cost) for s in SCHEDULERS}
                 rows += cost_rows(f"{name}, backlog", fixed, outcomes)
                 if not chunked and fixed:
-                    points = {_point_label(point): simulate(model_dir, lengths, "prepack", budget,
-                                                            False, options={**(options or {}), **point},
-                                                            cost=cost)
-                              for point in FRONTIER}
+                    points = {_point_label(point): simulate(
+                        model_dir, lengths, "prepack", budget, False,
+                        options={**(options or {}), **point}, cost=cost) for point in FRONTIER}
                     frontier += [{"workload": name, "a (tokens)": fixed, "options": label,
                                   **_point(o, outcomes)} for label, o in points.items()]
                     run = _point_label(options) if options else "default"
@@ -191,9 +190,9 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
                "same requests and clock as above; `pack_fixed_share` 0 always packs, 1 never, 0.4 "
                "is the default; `bin_fill_slack` 0.25 is the default).\n\n" + table(frontier))
     out.append("**Each baseline's point against the plugin's** (the default and the frontier "
-               "above): 'no plugin point as good' names the baselines no point of the plugin's matches "
-               "or beats on both mean TTFT and makespan, each with how much worse the nearest point "
-               "is on its worse axis; 'both marks' the points with mean TTFT "
+               "above): 'no plugin point as good' names the baselines no point of the plugin's "
+               "matches or beats on both mean TTFT and makespan, each with how much worse the "
+               "nearest point is on its worse axis; 'both marks' the points with mean TTFT "
                f"<= {MARK:g}x the best baseline's and makespan <= {MARK:g}x FFD's.\n\n"
                + table(cover))
     return "\n".join(out)
