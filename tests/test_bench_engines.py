@@ -98,12 +98,21 @@ def test_the_prefill_part_runs_each_scheduler_on_a_decoder_with_fcfs_outputs(mod
     text = prefill_job(TINY, "tiny", n=24, budget=1024, repeats=1)
     assert "**No step cost fitted on this engine**: step times do not grow with tokens." in text
     names = ("fcfs", "spf", "prepack", PACKS_ALWAYS)
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
-             if line.startswith(("| mmlu |", "| trimodal |"))]
-    rows = [c for c in cells if c[1] in names]
-    assert len(rows) == len(cells) and sorted((c[0], c[1]) for c in rows) == sorted(
+    jobs, fits = text.split("**The step cost the plugin had learned**")
+
+    def rows(part):
+        return [[c.strip() for c in line.strip("|").split("|")] for line in part.splitlines()
+                if line.startswith(("| mmlu |", "| trimodal |"))]
+
+    cells = rows(jobs)
+    assert sorted((c[0], c[1]) for c in cells) == sorted(
         (workload, name) for workload in ("mmlu", "trimodal") for name in names)
-    assert [c[-1] for c in rows if c[1] != "fcfs"] == ["yes"] * 6
+    assert [c[-1] for c in cells if c[1] != "fcfs"] == ["yes"] * 6
+    # the plugin's engines report what they learned (FCFS's and SPF's have no model)
+    learned = rows(fits)
+    assert sorted((c[0], c[1]) for c in learned) == sorted(
+        (workload, name) for workload in ("mmlu", "trimodal") for name in ("prepack", PACKS_ALWAYS))
+    assert all(0 <= float(c[5]) <= 1 and int(c[7]) == 0 for c in learned)  # f; no probe
 
 
 def test_a_shapes_kv_bytes_count_keys_and_values_of_every_layer():

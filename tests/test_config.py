@@ -49,6 +49,7 @@ def test_values_are_parsed_and_typed():
         ({"bin_fill_slack": 0.6}, r"\['bin_fill_slack'\] must be <= 0.5, got 0.6"),
         ({"bin_fill_slack": -0.5}, r"\['bin_fill_slack'\] must be >= 0"),
         ({"step_cost_fixed_tokens": -1}, r"\['step_cost_fixed_tokens'\] must be >= 0"),
+        ({"step_cost_fixed_tokens": float("inf")}, r"\['step_cost_fixed_tokens'\] must be finite"),
         ({"step_cost_seq_tokens": float("nan")}, r"\['step_cost_seq_tokens'\] must be >= 0"),
         ({"learn_step_cost": 1}, r"\['learn_step_cost'\] must be true or false"),
         ({"load_endpoint": 5601}, r"\['load_endpoint'\] must be a string"),
@@ -70,6 +71,8 @@ def test_step_cost_options_reach_the_model():
     model = config.step_cost_model(2048)
     assert model.prior.fixed_tokens == 0 and model.prior.seq_tokens == pytest.approx(8)
     assert not model.learn and model.capacity == 2048 and config.pack_fixed_share == 0.0
+    assert model.threshold is None  # not learning: nothing to probe
+    assert parse({"pack_fixed_share": 0.3}).step_cost_model(1024).threshold == 0.3
 
 
 def test_the_packing_options_reach_the_waiting_set():

@@ -1,12 +1,29 @@
 """The step-cost model (pure, no vLLM): what it learns from step times, and what it keeps."""
 
+import math
 import random
+from functools import partial
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from vllm_prepack.cost import MIN_STEPS, OUTLIER_FACTOR, REFIT_EVERY, StepCost, StepCostModel
+from vllm_prepack.cost import (
+    HALF_LIFE_STEPS,
+    MIN_STEPS,
+    OUTLIER_FACTOR,
+    PROBE_BACKLOG_STEPS,
+    PROBE_EVERY,
+    PROBE_LIMIT,
+    PROBE_SHARE,
+    REFIT_EVERY,
+    WARMUP_STEPS,
+    StepCost,
+    StepCostModel,
+)
+
+
+past_warmup = partial(StepCostModel, warmup=0)  # a model past an engine's first steps
 
 
 def feed(model, steps, truth, noise=0.0, seed=0):
@@ -25,7 +42,7 @@ def test_exact_step_times_with_spread_give_back_a_b_c(fixed, per_token, per_seq,
     truth = StepCost(fixed, per_token, per_seq)
     rng = random.Random(seed)
     steps = [(rng.randint(1, 1024), rng.randint(1, 64)) for _ in range(3 * MIN_STEPS)]
-    got = feed(StepCostModel(prior, 0, 1024), steps, truth)
+    got = feed(past_warmup(prior, 0, 1024), steps, truth)
     for step in [(1, 1), (1024, 1), (512, 64)]:
         assert got.seconds(*step) == pytest.approx(truth.seconds(*step), rel=1e-3, abs=1e-9)
 
@@ -37,9 +54,9 @@ def test_noisy_full_steps_stay_near_the_prior_and_spread_moves_to_the_truth():
     rng = random.Random(1)
     full = [(rng.randint(1000, 1024), 4) for _ in range(200)]
     varied = [(rng.randint(1, 1024), 4) for _ in range(200)]
-    near_prior = feed(StepCostModel(256, 0, 1024), full, truth, noise=0.05)
+    near_prior = feed(past_warmup(256, 0, 1024), full, truth, noise=0.05)
     assert abs(near_prior.fixed_tokens - 256) < abs(near_prior.fixed_tokens - 2500)
-    fitted = feed(StepCostModel(256, 0, 1024), varied, truth, noise=0.05)
+    fitted = feed(past_warmup(256, 0, 1024), varied, truth, noise=0.05)
     assert fitted.fixed_tokens == pytest.approx(2500, rel=0.2)
 
 
@@ -47,13 +64,13 @@ def test_the_prior_holds_until_min_steps_and_without_learning_only_the_scale_fol
     truth = StepCost(0.01, 1e-5)
     steps = [(10 + 31 * i, 1) for i in range(2 * MIN_STEPS)]  # refits at MIN_STEPS, then every REFIT_EVERY
     assert (len(steps) - MIN_STEPS) % REFIT_EVERY == 0
-    model = StepCostModel(64, 0, 1024)
+    model = past_warmup(64, 0, 1024)
     feed(model, steps[:MIN_STEPS - 1], truth)
     assert model.current == model.prior and model.report()["source"] == "prior"
     feed(model, steps[MIN_STEPS - 1:], truth)
     assert model.current.fixed_tokens == pytest.approx(1000, rel=1e-3)
     assert model.report()["source"] == "fit"
-    fixed = StepCostModel(64, 0, 1024, learn=False)
+    fixed = past_warmup(64, 0, 1024, learn=False)
     got = feed(fixed, steps, truth)
     assert got.fixed_tokens == pytest.approx(64) and fixed.report()["source"] == "fixed"
     assert got.seconds(512) == pytest.approx(truth.seconds(512), rel=0.1)  # the scale is the data's
@@ -63,14 +80,14 @@ def test_collinear_decode_steps_do_not_invent_a_per_sequence_cost():
     """Decode-only steps have tokens == sequences: b and c cannot be told apart, and the
     prior (c = 0) keeps the split while the sum is fitted."""
     truth = StepCost(0.005, 3e-5)
-    got = feed(StepCostModel(256, 0, 1024), [(n, n) for n in range(1, 200)], truth)
+    got = feed(past_warmup(256, 0, 1024), [(n, n) for n in range(1, 200)], truth)
     assert got.per_seq < 0.1 * got.per_token
     assert got.seconds(100, 100) == pytest.approx(truth.seconds(100, 100), rel=1e-3)
 
 
 def test_an_outlier_step_is_clipped_and_empty_steps_are_ignored():
     truth = StepCost(0.01, 1e-5)
-    model = StepCostModel(1000, 0, 1024)
+    model = past_warmup(1000, 0, 1024)
     steps = [(t, 1) for t in range(10, 1024, 11)]
     feed(model, steps, truth)
     before = model.current
@@ -78,10 +95,120 @@ def test_an_outlier_step_is_clipped_and_empty_steps_are_ignored():
     model.observe(0, 0, 5.0)
     model.observe(512, 1, float("nan"))
     assert model.steps == len(steps) + 1
-    model.fit()
-    assert model.fit().seconds(512) < OUTLIER_FACTOR * before.seconds(512)
+    assert model.fit()[0].seconds(512) < OUTLIER_FACTOR * before.seconds(512)
 
 
 def test_a_bad_prior_is_refused():
     with pytest.raises(ValueError, match="tokens >= 0"):
+        StepCostModel(math.inf, 0, 1024)
+    with pytest.raises(ValueError, match="tokens >= 0"):
         StepCostModel(-1, 0, 1024)
+
+
+def backlog(model, truth, steps, noise, seed=0):
+    """Full steps of a backlog (1000-1024 tokens), but where the model asks for a probe: the
+    probe steps' indices."""
+    rng = random.Random(seed)
+    probed = []
+    for i in range(steps):
+        cap = model.probe_tokens(waiting_tokens=10**9)
+        tokens = cap if cap is not None else rng.randint(1000, 1024)
+        seqs = rng.randint(1, 16) if cap is not None else rng.randint(2, 40)
+        model.observe(tokens, seqs, truth.seconds(tokens, seqs) * (1 + rng.gauss(0, noise)))
+        if cap is not None:
+            assert cap == 1024 * PROBE_SHARE
+            probed.append(i)
+    return probed
+
+
+@pytest.mark.parametrize("fixed_tokens", [8, 17_500])  # a CPU's share 0.01, an H200's 0.945
+def test_a_backlog_of_full_steps_probes_once_and_then_decides(fixed_tokens):
+    """Noisy full steps leave a and b confounded (the test above): the model, still undecided
+    at its first fit, asks for one half step, and its time decides which side of the
+    threshold the share lies."""
+    truth = StepCost.in_tokens(fixed_tokens, per_token=1e-5)
+    share = fixed_tokens / (fixed_tokens + 1024)
+    unprobed = past_warmup(256, 0, 1024)  # no threshold: never probes
+    assert backlog(unprobed, truth, 200, noise=0.05) == []
+    fitted = unprobed.current.fixed_tokens  # nearer the prior than the truth, in ratio
+    assert abs(math.log(fitted / 256)) < abs(math.log(fitted / fixed_tokens))
+    model = past_warmup(256, 0, 1024, threshold=0.4)
+    probed = backlog(model, truth, 200, noise=0.05)
+    assert probed == [MIN_STEPS]
+    assert model.decided() and (model.share() >= 0.4) == (share >= 0.4)
+    assert model.share() == pytest.approx(share, abs=0.1)
+    assert model.report()["probes"] == 1
+
+
+@example(share=0.96875, noise=0.047, seed=1)  # b read <= 0 after a probe: the share is ~1
+@settings(max_examples=60, deadline=None)
+@given(share=st.one_of(st.floats(0.0, 0.25), st.floats(0.55, 0.99)), noise=st.floats(0, 0.05),
+       seed=st.integers(0, 1000))
+def test_probes_put_the_share_on_its_side_of_the_threshold(share, noise, seed):
+    """Any step cost at least 0.15 from the threshold, any noise up to 5%: after a backlog of
+    full steps and the probes it asks for, the fitted share is on the truth's side."""
+    fixed_tokens = share * 1024 / (1 - share)
+    model = past_warmup(256, 0, 1024, threshold=0.4)
+    probed = backlog(model, StepCost.in_tokens(fixed_tokens, per_token=2e-5), 400, noise, seed)
+    assert (model.share() >= 0.4) == (share >= 0.4)
+    assert len(probed) <= PROBE_LIMIT + 2  # 400 steps: at most two more, 212 steps apart
+
+
+def test_a_share_on_the_threshold_is_probed_a_few_times_spaced_out():
+    """Where the share sits on the threshold either choice costs about the same: PROBE_LIMIT
+    probes PROBE_EVERY steps apart, then one each time the count of recent ones has decayed
+    by one (0.5% of the steps)."""
+    model = past_warmup(256, 0, 1024, threshold=0.4)
+    truth = StepCost.in_tokens(0.4 * 1024 / 0.6, per_token=1e-5)
+    probed = backlog(model, truth, 2000, noise=0.05)
+    first = int(PROBE_LIMIT)
+    assert probed[:first] == [MIN_STEPS + i * PROBE_EVERY for i in range(first)]
+    decay = HALF_LIFE_STEPS * math.log2(PROBE_LIMIT / (PROBE_LIMIT - 1))  # 212 steps
+    later = [b - a for a, b in zip(probed[first - 1:], probed[first:])]
+    assert len(later) > 2 and min(later[1:]) >= decay - 1  # the first: those four had aged
+
+
+@pytest.mark.parametrize("case", ["varied steps", "learning off", "always packs", "never packs",
+                                  "short backlog"])
+def test_no_probe_where_the_steps_decide_or_nothing_is_open(case):
+    truth = StepCost.in_tokens(17_500, per_token=1e-5)
+    options = {"learning off": {"learn": False, "threshold": 0.4},
+               "always packs": {"threshold": 0.0},
+               "never packs": {"threshold": 1.0}}.get(case, {"threshold": 0.4})
+    model = past_warmup(256, 0, 1024, **options)
+    waiting = (PROBE_BACKLOG_STEPS * 1024 - 1) if case == "short backlog" else 10**9
+    rng = random.Random(0)
+    for _ in range(4 * MIN_STEPS):
+        assert model.probe_tokens(waiting) is None
+        tokens = rng.randint(1, 1024) if case == "varied steps" else 1024
+        model.observe(tokens, 4, truth.seconds(tokens, 4) * (1 + rng.gauss(0, 0.05)))
+    assert model.probes == 0
+
+
+@pytest.mark.parametrize("slow", [(0, 1), (WARMUP_STEPS + 3, WARMUP_STEPS + 5)],
+                         ids=["engine warm-up", "stalls before the first fit"])
+def test_slow_early_steps_are_left_out_of_the_fit(slow):
+    """Two steps at 20x a step's cost among a backlog's first steps, those of many short
+    prompts: counted, they read as a per-sequence cost and a = 0; left out (the engine's first
+    WARMUP_STEPS always, later ones as far slower than the rest), the fit finds a. Steps slow
+    in one shape only stay (below)."""
+    truth = StepCost(10.5e-3, 0.6e-6, 0.127e-3)  # an H200's (BENCHMARKS.md)
+    rng = random.Random(3)
+    model = StepCostModel(256, 0, 1024)
+    for i in range(3 * MIN_STEPS):
+        tokens, seqs = rng.randint(900, 1024), max(2, 60 - 2 * i)
+        model.observe(tokens, seqs, truth.seconds(tokens, seqs) * (20 if i in slow else 1))
+    assert model.current.fixed == pytest.approx(truth.fixed, rel=0.05)
+    assert model.steps == 3 * MIN_STEPS - WARMUP_STEPS
+
+
+def test_steps_slow_in_one_shape_only_are_kept():
+    """A GPU's decode steps are slow per token and a CPU's full steps slow per step, next to
+    the rest; neither is a warm-up step, and each is what the fit needs."""
+    gpu, cpu = StepCost(10e-3, 1e-6), StepCost(1e-4, 1e-4)
+    steps = [(1024, 8)] * (MIN_STEPS - 4) + [(8, 8)] * 4
+    for truth in (gpu, cpu):
+        model = past_warmup(256, 0, 1024)
+        feed(model, steps, truth)
+        assert model.current.seconds(8, 8) == pytest.approx(truth.seconds(8, 8), rel=1e-3)
+        assert model.current.seconds(1024, 8) == pytest.approx(truth.seconds(1024, 8), rel=1e-3)

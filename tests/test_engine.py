@@ -62,6 +62,33 @@ def test_greedy_identical_on_qwen2(engine, tiny_qwen2):
     )
 
 
+def test_probe_steps_stay_within_their_cap_and_outputs_match_plain_vllm(engine, tiny_model,
+                                                                        monkeypatch):
+    """The step-cost model's probe (cost.py), asked for on the first steps a backlog of whole
+    prompts fills (the model spaces its own out): vLLM's own loop schedules each such step
+    within the cap, its budget mirror checked every step, and the tokens equal plain vLLM's."""
+    budget = 512
+    kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=budget)
+    plain = generate(engine(tiny_model, False, **kw), MIXED)
+    packed_llm = engine(tiny_model, True, **kw)
+    scheduler = engine_scheduler(packed_llm)
+    stats, cap, probed = scheduler.prepack_stats, budget // 2, []
+    monkeypatch.setattr(stats, "keep_history", True)
+    monkeypatch.setattr(stats, "history", [])
+
+    def probe_tokens(waiting_tokens):
+        if len(probed) == 3 or not waiting_tokens:
+            return None
+        probed.append(len(stats.history))  # the index of the step this cap is for
+        return cap
+
+    monkeypatch.setattr(scheduler.step_cost_model, "probe_tokens", probe_tokens)
+    assert generate(packed_llm, MIXED) == plain
+    assert probed and all(0 < stats.history[i].scheduled_tokens <= cap for i in probed)
+    assert scheduler.max_num_scheduled_tokens == budget  # restored after each
+    assert max(record.scheduled_tokens for record in stats.history) > cap  # others not capped
+
+
 def test_plugin_is_observably_active(engine, tiny_model):
     """The doc's example: FCFS takes 200+30 and stops at 100; prepack fills the step."""
     prompts = token_ids([200, 30, 100, 250, 20], vocab_size=512, seed=2)
@@ -86,7 +113,7 @@ def test_backlog_mean_ttft_drops_and_nothing_is_lost(engine, tiny_model):
     assert all(r.finished for r in packed.results)
     mean = lambda run: sum(r.first_step for r in run.results) / len(run.results)  # noqa: E731
     assert mean(packed) < 0.8 * mean(plain)
-    assert packed.steps <= plain.steps
+    assert packed.steps <= plain.steps  # no probe: 15 steps wait, short of PROBE_BACKLOG_STEPS
     assert [r.token_ids for r in packed.results] == [r.token_ids for r in plain.results]
 
 

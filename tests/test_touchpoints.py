@@ -250,3 +250,17 @@ def test_long_prefill_threshold_applies_only_with_chunked_prefill_from_0_34(chun
     for newer in (False, True):
         monkeypatch.setattr(touchpoints, "_at_least", lambda minor, newer=newer: newer)
         assert touchpoints.long_prefill_threshold(scheduler) == (64 if chunked or not newer else 0)
+
+
+def test_the_budget_cap_lowers_one_schedule_and_restores_it_if_that_raises():
+    from types import SimpleNamespace
+
+    scheduler = SimpleNamespace(max_num_scheduled_tokens=1024)
+    with touchpoints.token_budget_cap(scheduler, 512):
+        assert scheduler.max_num_scheduled_tokens == 512
+    with pytest.raises(RuntimeError), touchpoints.token_budget_cap(scheduler, 256):
+        assert scheduler.max_num_scheduled_tokens == 256
+        raise RuntimeError("schedule() failed")
+    assert scheduler.max_num_scheduled_tokens == 1024
+    with touchpoints.token_budget_cap(scheduler, None):  # no probe: untouched
+        assert scheduler.max_num_scheduled_tokens == 1024

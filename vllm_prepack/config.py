@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, NamedTuple
 
@@ -50,7 +51,10 @@ class PrepackConfig:
         step times (``learn_step_cost``), so the prior only acts over the first steps.
     step_cost_seq_tokens: the prior of the cost of a sequence, in tokens of work (c / b).
     learn_step_cost: fit a, b, c online from the engine's measured step times; false: the
-        policy keeps the prior's shape (the seconds reported still follow the steps).
+        policy keeps the prior's shape (the seconds reported still follow the steps). While the
+        fit cannot tell which side of ``pack_fixed_share`` a's share lies (a backlog of full
+        steps), a step of a deep backlog of whole prompts runs at half the budget, a probe: on
+        a GPU each costs about one step's fixed cost; they are few and spaced out (``cost.py``).
     pack_fixed_share: pack steps (filler reserve, best-fit exchange) only where the fixed cost
         is at least this share of a full step's cost, a / (a + b x budget): 0 always packs
         (the fewest steps where a dominates), 1 never (shortest first, lowest mean TTFT where
@@ -97,9 +101,10 @@ class PrepackConfig:
                           self.bin_fill_slack)
 
     def step_cost_model(self, capacity: int) -> StepCostModel:
-        """The step-cost model these options describe, for steps of `capacity` tokens."""
+        """The step-cost model these options describe, for steps of `capacity` tokens: it probes
+        where the policy's choice (``pack_fixed_share``) is still open."""
         return StepCostModel(self.step_cost_fixed_tokens, self.step_cost_seq_tokens, capacity,
-                             learn=self.learn_step_cost)
+                             learn=self.learn_step_cost, threshold=self.pack_fixed_share)
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> PrepackConfig:
@@ -177,6 +182,8 @@ def _check(name: str, value: Any, kind: _Kind) -> Any:
         raise PrepackConfigError(f"{where} must be an integer, got {value!r}")
     if typ is float and (is_bool or not isinstance(value, (int, float))):
         raise PrepackConfigError(f"{where} must be a number, got {value!r}")
+    if typ is float and math.isinf(value):
+        raise PrepackConfigError(f"{where} must be finite, got {value!r}")
     positive = lowest == 0 and typ is float and not zero_ok
     if lowest is not None and not value >= lowest:
         bound = "positive" if positive else f">= {lowest}"

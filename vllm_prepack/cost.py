@@ -14,12 +14,22 @@ the data's scale, as a Bayesian would: the prior's pull grows with the scatter o
 around the fit. Exact step times (the engine-free bench) recover a, b, c from any spread of
 step sizes; noisy ones with little spread (a backlog of full steps) stay near the prior, and
 so do collinear ones (decode-only steps, where tokens == sequences): c is only learnt where
-the steps vary it apart from tokens.
+the steps vary it apart from tokens. An engine's first steps (first kernels, lazy allocations)
+are left out, and so are far slower ones before the first fit: a backlog's first steps carry
+its many short prompts, and a slow one there reads as a per-sequence cost and hides a.
+
+The policy's choice flips where a's share of a full step crosses a threshold
+(``pack_fixed_share``). Where the fit cannot yet tell which side of it the share lies (a
+backlog of full steps on a GPU: a + b x budget is known, its split is the prior's), the model
+asks for one smaller step, a probe (``probe_tokens``): its time sets a apart from b. On a CPU
+a half step costs nothing (steps cost their tokens); on a GPU about one a each, and probes are
+few (PROBE_LIMIT), spaced out, and only on a deep backlog (PROBE_BACKLOG_STEPS).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 HALF_LIFE_STEPS = 512  # a step's weight halves after this many newer steps (drift)
@@ -27,9 +37,18 @@ PRIOR_SPREAD = 0.5  # the prior's line is known to +-this x a full step's time
 SEQ_SPREAD = 0.05  # share of the steps' variance in sequences apart from tokens before c is fitted
 PRIOR_FLOOR = 1e-6  # the prior's least weight, in steps: it settles what the steps cannot tell apart
 MIN_STEPS = 16  # steps seen before the fit replaces the prior (and before outliers are clipped)
+WARMUP_STEPS = 4  # an engine's first measured steps, left out: first kernels, lazy allocations
 REFIT_EVERY = 16  # steps between refits: two 3x3 solves, microseconds, kept off most steps
 OUTLIER_FACTOR = 4.0  # a step over this x the prediction (a GC pause, a stall) counts as this
 PRIOR_TOKEN_SECONDS = 1e-5  # the scale reported before any step is seen (the policy needs none)
+LEAST_TOKEN_COST = 1e-6  # b where the steps read b <= 0, x the prior-shaped token cost
+PROBE_SHARE = 0.5  # a probe step's tokens, x the step budget
+PROBE_Z = 2.0  # decided: the threshold lies this many standard deviations from the fitted share
+PROBE_EVERY = REFIT_EVERY  # steps at least between two probes
+PROBE_LIMIT = 4.0  # probes in a burst (a count decayed as the steps' weights are): a share that
+# sits on the threshold, where either choice costs about the same, then gets one per ~212 steps
+PROBE_BACKLOG_STEPS = 64  # full steps' worth of prompts waiting before a probe: packing saves a
+# few percent of a backlog's steps (2-8% in BENCHMARKS.md), a probe costs about one step
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +61,12 @@ class StepCost:
 
     def seconds(self, tokens: int, seqs: int = 0) -> float:
         return self.fixed + self.per_token * tokens + self.per_seq * seqs
+
+    def fixed_share(self, tokens: int) -> float:
+        """a's share of the cost of a step of `tokens`, a / (a + b x tokens): 1 where a token
+        costs nothing."""
+        whole = self.fixed + self.per_token * tokens
+        return self.fixed / whole if whole > 0 else 1.0
 
     @property
     def fixed_tokens(self) -> float:
@@ -64,13 +89,16 @@ class StepCostModel:
     the scale (seconds per token) follows the steps, for the figures reported.
 
     `capacity`: the step's token budget; the prior's pseudo-steps sit at 0 and at capacity
-    tokens, so it pins the line where the engine works."""
+    tokens, so it pins the line where the engine works. `threshold`: the share of a full step's
+    cost in a at which the policy's choice flips (strictly between 0 and 1, else never probed).
+    `warmup`: the first steps left out."""
 
     def __init__(self, fixed_tokens: float, seq_tokens: float, capacity: int, learn: bool = True,
-                 half_life: float = HALF_LIFE_STEPS) -> None:
-        if not (fixed_tokens >= 0 and seq_tokens >= 0):
-            raise ValueError(f"a step-cost prior needs fixed and per-sequence tokens >= 0, got "
-                             f"{fixed_tokens}, {seq_tokens}")
+                 half_life: float = HALF_LIFE_STEPS, threshold: float | None = None,
+                 warmup: int = WARMUP_STEPS) -> None:
+        if not (0 <= fixed_tokens < math.inf and 0 <= seq_tokens < math.inf):
+            raise ValueError(f"a step-cost prior needs finite fixed and per-sequence tokens >= 0, "
+                             f"got {fixed_tokens}, {seq_tokens}")
         self.prior = StepCost.in_tokens(fixed_tokens, seq_tokens, PRIOR_TOKEN_SECONDS)
         self.capacity = max(1, capacity)
         self.learn = learn
@@ -81,13 +109,52 @@ class StepCostModel:
         self._yy = 0.0
         self._since_fit = 0
         self.current = self.prior
+        self.share_sd = math.inf  # standard deviation of the fitted share (a's of a full step)
+        open_choice = learn and threshold is not None and 0 < threshold < 1
+        self.threshold = threshold if open_choice else None
+        self.probes = 0  # probe steps asked for
+        self._recent_probes = 0.0  # decayed as the steps' weights are
+        self._since_probe = PROBE_EVERY
+        self._probe_cap: int | None = None  # a probe asked for and not yet fitted: its cap
+        self._warmup = warmup  # an engine's first steps still to leave out
+        self._first: list[tuple[int, int, float]] | None = []  # held until MIN_STEPS
 
     def observe(self, tokens: int, seqs: int, seconds: float) -> None:
-        """One measured step (every token and sequence of the forward, its whole time)."""
+        """One measured step (every token and sequence of the forward, its whole time). The
+        first WARMUP_STEPS are left out; the next MIN_STEPS are held and counted together, less
+        any far slower than the rest (``_typical``); later ones are clipped at OUTLIER_FACTOR x
+        the fit's prediction."""
         if tokens <= 0 or not seconds > 0:
             return
-        if self.steps >= MIN_STEPS:
-            seconds = min(seconds, OUTLIER_FACTOR * self.current.seconds(tokens, seqs))
+        if self._warmup > 0:
+            self._warmup -= 1
+            return
+        self.steps += 1
+        self._since_probe += 1
+        self._recent_probes *= self.decay
+        if self._first is not None:
+            self._first.append((tokens, seqs, seconds))
+            if len(self._first) < MIN_STEPS:
+                return
+            first, self._first = self._first, None
+            for step in _typical(first):
+                self._add(*step)
+        else:
+            clipped = min(seconds, OUTLIER_FACTOR * self.current.seconds(tokens, seqs))
+            self._add(tokens, seqs, clipped)
+            self._since_fit += 1
+            # a probe's step is fitted at once; with async scheduling steps are observed a step
+            # after the next is scheduled, so it is known by its size, not by its turn
+            probe = self._probe_cap is not None and tokens <= self._probe_cap
+            if self._since_fit < REFIT_EVERY and not probe:
+                return
+            if probe:
+                self._probe_cap = None
+        self.current, self.share_sd = self.fit()
+        self._since_fit = 0
+
+    def _add(self, tokens: int, seqs: int, seconds: float) -> None:
+        """A step into the weighted sums, the older ones decayed by a step."""
         x = (1.0, float(tokens), float(seqs))
         d = self.decay
         for i in range(3):
@@ -96,23 +163,47 @@ class StepCostModel:
                 row[j] = d * row[j] + x[i] * x[j]
             self._xy[i] = d * self._xy[i] + x[i] * seconds
         self._yy = d * self._yy + seconds * seconds
-        self.steps += 1
-        self._since_fit += 1
-        if self.steps >= MIN_STEPS and (self._since_fit >= REFIT_EVERY or self.steps == MIN_STEPS):
-            self.current = self.fit()
-            self._since_fit = 0
 
-    def fit(self) -> StepCost:
+    def share(self) -> float:
+        """a's share of a full step's cost under the fit in force."""
+        return self.current.fixed_share(self.capacity)
+
+    def decided(self) -> bool:
+        """Whether the fit tells which side of the threshold the share lies (PROBE_Z sd)."""
+        if self.threshold is None:
+            return True
+        return abs(self.share() - self.threshold) >= PROBE_Z * self.share_sd
+
+    def probe_tokens(self, waiting_tokens: int) -> int | None:
+        """The token cap of a probe step to run next, or None: only once the fit has its steps
+        (MIN_STEPS) and still cannot decide, and only while PROBE_BACKLOG_STEPS full steps of
+        prompts wait (`waiting_tokens`), where what packing saves pays for the probe; never
+        before the last probe is fitted. At most one per PROBE_EVERY steps, PROBE_LIMIT in a
+        burst, then about one per 212 steps while still undecided."""
+        if (self.threshold is None or self.steps < MIN_STEPS or self._since_probe < PROBE_EVERY
+                or self._probe_cap is not None or self.capacity < 2
+                or waiting_tokens < PROBE_BACKLOG_STEPS * self.capacity
+                or self._recent_probes > PROBE_LIMIT - 1 or self.decided()):
+            return None
+        self._since_probe = 0
+        self._recent_probes += 1
+        self.probes += 1
+        self._probe_cap = int(self.capacity * PROBE_SHARE)
+        return self._probe_cap
+
+    def fit(self) -> tuple[StepCost, float]:
         """The weighted steps plus the prior's line at four pseudo-steps (0 and capacity tokens,
         one and capacity/64 sequences), each weighted noise variance / prior variance (at least
         PRIOR_FLOOR): the noise variance from the residuals of a fit with a negligible prior.
         c is fitted only where the steps vary their sequences apart from their tokens
-        (SEQ_SPREAD); elsewhere it keeps the prior's ratio to b."""
+        (SEQ_SPREAD); elsewhere it keeps the prior's ratio to b. With it, the standard
+        deviation of a's share of a full step, from the same least squares' posterior (inf
+        where there is none)."""
         shape, scale = self.prior, self._scale()
         if scale is None:
-            return self.prior
+            return self.prior, math.inf
         if not self.learn:
-            return StepCost.in_tokens(shape.fixed_tokens, shape.seq_tokens, scale)
+            return StepCost.in_tokens(shape.fixed_tokens, shape.seq_tokens, scale), math.inf
         seqs = max(1.0, self.capacity / 64)
         pseudo = [((1.0, t, n), scale * (shape.fixed_tokens + t + shape.seq_tokens * n))
                   for t, n in ((0.0, 1.0), (self.capacity, 1.0), (self.capacity, seqs), (0.0, seqs))]
@@ -121,11 +212,31 @@ class StepCostModel:
             basis = ((1.0, 0.0, 0.0), (0.0, 1.0, shape.seq_tokens))  # c = prior ratio x b
         spread = PRIOR_SPREAD * scale * (shape.fixed_tokens + self.capacity)
         first = self._solve(basis, pseudo, 1e-9 * self._xx[0][0])
-        solved = first and self._solve(basis, pseudo, max(PRIOR_FLOOR, self._noise(first) / spread ** 2))
-        if solved is None or solved[1] <= 0:  # no spread in tokens: the prior's shape
-            return StepCost.in_tokens(shape.fixed_tokens, shape.seq_tokens, scale)
-        a, b, c = solved
-        return StepCost(max(0.0, a), b, max(0.0, c))
+        noise = 0.0 if first is None else self._noise(first[0])
+        weight = max(PRIOR_FLOOR, noise / spread ** 2)
+        solved = first and self._solve(basis, pseudo, weight)
+        if solved is None:  # the steps cannot be solved for: the prior's shape
+            return StepCost.in_tokens(shape.fixed_tokens, shape.seq_tokens, scale), math.inf
+        # b <= 0 even with the prior's pull (which alone keeps b > 0): a token costs next to
+        # nothing beside a step, as where a dominates on a GPU (a share of about 1, not the
+        # prior's); a least b keeps a / b finite
+        (a, b, c), normal = solved
+        cost = StepCost(max(0.0, a), b if b > 0 else LEAST_TOKEN_COST * scale, max(0.0, c))
+        return cost, self._share_sd(cost, basis, normal, weight * spread ** 2)
+
+    def _share_sd(self, cost: StepCost, basis, normal, noise: float) -> float:
+        """The share's standard deviation (delta method): the posterior covariance of the
+        solution is noise x normal^-1 (noise: the steps' variance, or the prior's floor)."""
+        a, b, cap = cost.fixed, cost.per_token, self.capacity
+        whole = (a + b * cap) ** 2
+        if not (0 < whole < math.inf):
+            return math.inf
+        grad = (b * cap / whole, -a * cap / whole, 0.0)  # d share / d (a, b, c)
+        g = [sum(row[i] * grad[i] for i in range(3)) for row in basis]
+        z = _solve(normal, g)
+        if z is None:
+            return math.inf
+        return math.sqrt(max(0.0, noise * sum(u * v for u, v in zip(g, z))))
 
     def _seqs_vary_apart(self) -> bool:
         """Whether at least SEQ_SPREAD of the steps' variance in sequences is not explained by
@@ -139,9 +250,11 @@ class StepCostModel:
             return False
         return 1 - cov * cov / (var_t * var_n) >= SEQ_SPREAD
 
-    def _solve(self, basis, pseudo, weight: float) -> tuple[float, float, float] | None:
+    def _solve(self, basis, pseudo, weight: float
+               ) -> tuple[tuple[float, float, float], list[list[float]]] | None:
         """Weighted least squares over the steps and the pseudo-steps, in the coordinates of
-        `basis` (rows: combinations of a, b, c); the solution back in (a, b, c)."""
+        `basis` (rows: combinations of a, b, c): the solution back in (a, b, c), and the normal
+        matrix in the basis's coordinates; None where singular."""
         k = len(basis)
 
         def project(x):
@@ -159,7 +272,7 @@ class StepCostModel:
         theta = _solve(xx, xy)
         if theta is None:
             return None
-        return tuple(sum(basis[r][i] * theta[r] for r in range(k)) for i in range(3))
+        return tuple(sum(basis[r][i] * theta[r] for r in range(k)) for i in range(3)), xx
 
     def _noise(self, theta) -> float:
         """Weighted residual variance of the steps around `theta` (from the running sums)."""
@@ -179,8 +292,20 @@ class StepCostModel:
         """The figures the plugin reports (log, Prometheus, layout_report)."""
         cost = self.current
         return {"fixed_s": cost.fixed, "per_token_s": cost.per_token, "per_seq_s": cost.per_seq,
-                "fixed_tokens": cost.fixed_tokens, "steps": self.steps,
+                "fixed_tokens": cost.fixed_tokens, "steps": self.steps, "probes": self.probes,
                 "source": "fixed" if not self.learn else "fit" if self.steps >= MIN_STEPS else "prior"}
+
+
+def _typical(steps: list[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
+    """The steps less those slower than OUTLIER_FACTOR x the median both per step and per
+    token: a stall before any fit can clip it (a GC pause, a late allocation), which, fitted
+    with the rest, can read as a per-sequence cost and hide a large a (a backlog's first steps
+    are the ones with many short prompts). A step slow in one shape only (a decode step on a
+    GPU, per token; a full step on a CPU, per step) is what steps cost, and stays."""
+    shapes = (lambda t, n: 1.0, lambda t, n: float(t))
+    medians = [statistics.median(s / x(t, n) for t, n, s in steps) for x in shapes]
+    return [(t, n, s) for t, n, s in steps
+            if not all(s / x(t, n) > OUTLIER_FACTOR * m for x, m in zip(shapes, medians))]
 
 
 def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:

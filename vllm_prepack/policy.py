@@ -304,6 +304,7 @@ class StepLimits:
     free_blocks: int | None = None
     watermark_blocks: int = 0
     running: bool = False  # requests already run this step (the watermark applies from the first)
+    probe: bool = False  # a step the step-cost model made smaller to time: no bins sized to it
 
     @property
     def step_tokens(self) -> int:
@@ -316,11 +317,7 @@ class StepLimits:
     def fixed_share(self) -> float:
         """A full step's fixed cost as a share of its cost, a / (a + b x step tokens): 1 where
         every step costs the same. Packing pays where it is at least the policy's share."""
-        if self.cost is None:
-            return 1.0
-        fixed = self.cost.fixed_tokens
-        whole = fixed + self.step_tokens
-        return fixed / whole if fixed != math.inf and whole > 0 else 1.0
+        return 1.0 if self.cost is None else self.cost.fixed_share(self.step_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -756,7 +753,7 @@ class WaitingSet:
         if self.by_ratio:
             self._take_by_ratio(level, p, step, packing and not p.limits.chunked_prefill)
             return
-        if packing and not p.limits.chunked_prefill:
+        if packing and not p.limits.chunked_prefill and not p.limits.probe:
             self._build_bins(level, p.limits.budget, fixed_share)
         first_short = len(exchangeable)
         shortest = p.save()

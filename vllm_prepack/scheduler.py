@@ -15,6 +15,9 @@ them. Whatever vLLM decides is final; the plan only decides the order.
 The plan also gets the step cost (``cost.py``: a + b x tokens + c x sequences, fitted online
 from the whole steps this scheduler times between one ``update_from_output`` and the next) and,
 for a plain full-attention KV cache, the blocks free after the running requests take theirs.
+Where the fit cannot yet tell whether packing pays and a deep backlog of whole prompts waits,
+the step's token budget is halved for once (a probe; ``touchpoints.token_budget_cap``): vLLM's
+own loop fills the smaller step, and its time sets a apart from b.
 
 The budget the plan needs is a mirror of vLLM's running phase (``_running_phase``); with
 ``debug_layout`` (and in every test) it is checked against what vLLM then scheduled, every step.
@@ -54,6 +57,7 @@ from vllm_prepack.touchpoints import (
     long_prefill_threshold,
     prefills_deferred,
     running_load,
+    token_budget_cap,
 )
 
 if TYPE_CHECKING:  # annotations only: nothing is imported from vLLM but through touchpoints
@@ -347,14 +351,17 @@ class PrepackScheduler(internal.Scheduler):
         started = time.perf_counter()
         waiting = len(self.waiting)
         throttle = kwargs.get("throttle_prefills", args[0] if args else False)
-        phase = self._running_phase(throttle)
-        limits = self._step_limits(phase)
-        planned = self.waiting.begin_step(limits, self.current_step + 1)
-        plan_seconds = time.perf_counter() - started
-        try:
-            output = super().schedule(*args, **kwargs)
-        finally:
-            self.waiting.end_step()
+        capacity = self.max_num_scheduled_tokens
+        probe = self._probe_tokens()
+        with token_budget_cap(self, probe):
+            phase = self._running_phase(throttle)
+            limits = self._step_limits(phase, capacity, probe is not None)
+            planned = self.waiting.begin_step(limits, self.current_step + 1)
+            plan_seconds = time.perf_counter() - started
+            try:
+                output = super().schedule(*args, **kwargs)
+            finally:
+                self.waiting.end_step()
         self._record(output, limits, planned, waiting, plan_seconds)
         if self._publisher is not None:
             self._publisher.publish(self.load_report(output.total_num_scheduled_tokens,
@@ -389,6 +396,14 @@ class PrepackScheduler(internal.Scheduler):
         if self._publisher is not None and not busy:  # idle now: no step will report it
             self._publisher.publish(self.load_report())
         return outputs
+
+    def _probe_tokens(self) -> int | None:
+        """The step-cost model's probe, where its answer can change the schedule: whole
+        prompts (with chunked prefill every step of a backlog is full whatever the order, and
+        packing is off) and a deep waiting backlog (``cost.PROBE_BACKLOG_STEPS``)."""
+        if self.scheduler_config.enable_chunked_prefill:
+            return None
+        return self.step_cost_model.probe_tokens(self.waiting.tokens)
 
     def make_stats(self, *args, **kwargs):
         """vLLM's stats, plus this step's context/generation split for the Prometheus logger
@@ -432,9 +447,10 @@ class PrepackScheduler(internal.Scheduler):
 
     # ---- mirrors of vLLM's arithmetic -------------------------------------------------------
 
-    def _step_limits(self, phase: _RunningPhase) -> StepLimits:
+    def _step_limits(self, phase: _RunningPhase, capacity: int, probe: bool = False) -> StepLimits:
         """What vLLM's waiting phase will have, after running requests and the requests
-        already holding KV blocks (drained first)."""
+        already holding KV blocks (drained first); `capacity`: a full step's tokens (a probe
+        step's budget is lower)."""
         used = sum(phase.tokens.values())
         budget = self.max_num_scheduled_tokens - used
         if self._pause_state != internal.PauseState.UNPAUSED or phase.defer_prefills:
@@ -466,11 +482,12 @@ class PrepackScheduler(internal.Scheduler):
             max_groups=max_groups,
             input_budget=phase.input_left,
             overhead=self._draft_slots,
-            capacity=self.max_num_scheduled_tokens,
+            capacity=capacity,
             cost=self.step_cost_model.current,
             free_blocks=free_blocks,
             watermark_blocks=watermark,
             running=bool(self.running),
+            probe=probe,
         )
 
     def _kv_holding_tokens(self, budget: int) -> int:

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -123,8 +124,8 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                        "async KV load queue and cache-aware admission at start: "
                        "touchpoints.check_waiting_order"),
     *(TouchPoint(f"Scheduler.{name}", _V.READ, _SCHED) for name in (
-        "kv_holding_waiting", "running", "policy", "current_step", "max_num_scheduled_tokens",
-        "max_num_active_reqs", "max_model_len", "num_waiting_for_streaming_input",
+        "kv_holding_waiting", "running", "policy", "current_step", "max_num_active_reqs",
+        "max_model_len", "num_waiting_for_streaming_input",
         "adaptive_long_prefill_threshold", "num_sampled_tokens_per_step", "_pause_state",
         "prefill_capacity_bound", "kv_cache_manager", "lora_config", "scheduler_config",
         "vllm_config", "cache_config", "log_stats",
@@ -227,6 +228,11 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     # ---- the step-cost model ------------------------------------------------------------------
     TouchPoint("Scheduler.update_from_output", _V.OVERRIDE, _SCHED),
     TouchPoint("Scheduler.has_requests", _V.CALL, _SCHED),
+    TouchPoint("Scheduler.max_num_scheduled_tokens", _V.REPLACE,
+               f"{_SCHED} (read), touchpoints.token_budget_cap (lowered for one schedule())",
+               differs="schedule() takes it as the step's token budget and asserts the step "
+                       "within it, in 0.31-0.34 (and aligns hybrid models' chunks to it, with "
+                       "chunked prefill only, where no probe runs)"),
     TouchPoint("SchedulerOutput.prepack_step_cost", _V.SET, "touchpoints.attach_step_cost / step_cost_of",
                differs="rides like prepack_plan, with record_layout"),
     TouchPoint("SchedulerIterationDetails.elapsed_ms", _V.SET, _SCHED,
@@ -487,6 +493,22 @@ def delay_model_execution(llm, seconds: float) -> None:
         return inner(*args, **kwargs)
 
     executor.execute_model = delayed
+
+
+@contextmanager
+def token_budget_cap(scheduler, tokens: int | None):
+    """One ``schedule()`` of `scheduler` with vLLM's step token budget lowered to `tokens`
+    (a probe step of the step-cost model); None leaves it. vLLM's own mechanism then fills the
+    smaller step, running requests first, so the plan's mirror of it holds unchanged."""
+    if tokens is None:
+        yield
+        return
+    budget = scheduler.max_num_scheduled_tokens
+    scheduler.max_num_scheduled_tokens = min(budget, tokens)
+    try:
+        yield
+    finally:
+        scheduler.max_num_scheduled_tokens = budget
 
 
 def engine_scheduler(llm):

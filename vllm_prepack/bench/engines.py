@@ -59,6 +59,7 @@ class Run:
     wall: float
     schedule_seconds: list[float] = field(default_factory=list)  # the scheduler's own time
     step_tokens: list[int] = field(default_factory=list)  # tokens scheduled per step
+    step_cost: dict | None = None  # the plugin's step-cost model after the run (its report)
 
 
 def run_stepwise(
@@ -102,7 +103,9 @@ def run_stepwise(
     finally:
         if stop_observing is not None:
             stop_observing()
-    return Run(results, step, time.perf_counter() - start, timings, tokens)
+    model = getattr(scheduler, "step_cost_model", None)
+    return Run(results, step, time.perf_counter() - start, timings, tokens,
+               model.report() if model is not None else None)
 
 
 def _record(result: Result, out, step: int, now: float) -> None:
@@ -136,6 +139,7 @@ def engine_outcome(run, prompts, budget: int) -> Outcome:
         wall=run.wall,
         tokens=tokens,
         fill=[t / budget for t in run.step_tokens],
+        cost=run.step_cost,
     )
 
 

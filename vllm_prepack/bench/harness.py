@@ -28,6 +28,27 @@ SCHEDULERS = {
 ONLINE = ("fcfs", "spf", "hrrn", "prepack")  # the schedulers engines run (ffd needs the cost)
 
 
+SLOW_FIRST_STEPS = 2  # an engine's first steps, that NoisyStepCost's `warmup` slows
+
+
+class NoisyStepCost:
+    """A step cost whose every step is off by a seeded Gaussian share of itself (`noise`), as an
+    engine's timings are, the first SLOW_FIRST_STEPS taking `warmup` x their cost (an engine's
+    first kernels and allocations). Each scheduler of a row gets its own, with the same seed:
+    the same noise, step by step."""
+
+    def __init__(self, truth: StepCost, noise: float, seed: int = 0, warmup: float = 1.0) -> None:
+        self.truth, self.noise, self.warmup = truth, noise, warmup
+        self._rng = random.Random(f"step-noise:{seed}")
+        self._steps = 0
+
+    def seconds(self, tokens: int, seqs: int = 0) -> float:
+        self._steps += 1
+        slow = self.warmup if self._steps <= SLOW_FIRST_STEPS else 1.0
+        noise = max(0.0, 1 + self._rng.gauss(0, self.noise))
+        return slow * self.truth.seconds(tokens, seqs) * noise
+
+
 def lower_bound_steps(lengths, budget: int) -> int:
     """No schedule finishes the prefills of `lengths` in fewer steps of `budget` tokens."""
     if budget <= 0:
@@ -162,12 +183,12 @@ class Outcome:
     wall: float = float("nan")  # seconds: an engine's wall time, or a simulated makespan
     tokens: int = 0
     fill: list[float] = field(default_factory=list)  # scheduled tokens / budget, per step
-    cost: object = None  # the plugin's step-cost model at the end (simulated clock)
+    cost: dict | None = None  # the plugin's step-cost model at the end (its report)
 
 
 def simulate(model_dir, lengths, scheduler: str, budget: int, chunked: bool,
              arrivals: list[float] | None = None, options: dict | None = None,
-             cost: StepCost | None = None) -> Outcome:
+             cost: StepCost | NoisyStepCost | None = None) -> Outcome:
     """Drive one of SCHEDULERS without a model. `options`: the plugin's options
     (additional_config["prepack"]).
 
@@ -185,7 +206,7 @@ def simulate(model_dir, lengths, scheduler: str, budget: int, chunked: bool,
     if cost is not None and scheduler == "prepack":
         sched.prepack_clock = lambda: clock[0]
     if cost is not None and scheduler == "ffd":
-        sched.step_cost = cost
+        sched.step_cost = getattr(cost, "truth", cost)  # told the cost, not the noise
     arrivals = arrivals or [1 if cost is None else 0.0] * len(lengths)
     order = sorted(range(len(lengths)), key=lambda i: arrivals[i])
     submitted, first, first_s, sched_s, fill, step = 0, {}, {}, [], [], 0
@@ -215,7 +236,8 @@ def simulate(model_dir, lengths, scheduler: str, budget: int, chunked: bool,
     outcome = Outcome(step, list(first.values()), list(first_s.values()), sched_s, fill=fill)
     if cost is not None:
         outcome.wall = clock[0]
-        outcome.cost = getattr(sched, "step_cost_model", None)
+        model = getattr(sched, "step_cost_model", None)
+        outcome.cost = model.report() if model is not None else None
     return outcome
 
 

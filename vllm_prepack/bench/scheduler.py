@@ -39,6 +39,8 @@ from vllm_prepack.bench.engines import (
 from vllm_prepack.bench.harness import (
     ONLINE,
     SCHEDULERS,
+    SLOW_FIRST_STEPS,
+    NoisyStepCost,
     Outcome,
     fake_step,
     lower_bound_steps,
@@ -144,25 +146,34 @@ def cost_rows(label: str, fixed_tokens: float, outcomes: dict[str, Outcome]) -> 
 
 
 def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[float],
-               loads: list[float], options: dict | None = None) -> str:
+               loads: list[float], options: dict | None = None, noise: float = 0.0,
+               warmup: float = 1.0) -> str:
     """Every scheduler on the same requests, each step charged a + b x tokens on a simulated
     clock (the plugin learns a and b from it); backlogs and Poisson arrivals, chunked prefill
     off and on; then the plugin's frontier over its options (FRONTIER), and the baselines whose
-    point (mean TTFT, makespan) no point of it matches or beats on both."""
+    point (mean TTFT, makespan) no point of it matches or beats on both. `noise`, `warmup`: each
+    step's time off by that Gaussian share, the first steps that many times slower
+    (``NoisyStepCost``), as an engine's are."""
     out, frontier, cover = [], [], []
+
+    def clock(fixed: float) -> StepCost | NoisyStepCost:
+        cost = StepCost(fixed * TOKEN_SECONDS, TOKEN_SECONDS)
+        return NoisyStepCost(cost, noise, seed, warmup) if noise or warmup != 1 else cost
+
     for chunked in (False, True):
         rows = []
         for name in COST_BACKLOGS:
             lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
             for fixed in fixed_tokens:
-                cost = StepCost(fixed * TOKEN_SECONDS, TOKEN_SECONDS)
                 outcomes = {s: simulate(model_dir, lengths, s, budget, chunked, options=options
-                                        if s == "prepack" else None, cost=cost) for s in SCHEDULERS}
+                                        if s == "prepack" else None, cost=clock(fixed))
+                            for s in SCHEDULERS}
                 rows += cost_rows(f"{name}, backlog", fixed, outcomes)
                 if not chunked and fixed:
                     points = {_point_label(point): simulate(
                         model_dir, lengths, "prepack", budget, False,
-                        options={**(options or {}), **point}, cost=cost) for point in FRONTIER}
+                        options={**(options or {}), **point}, cost=clock(fixed))
+                        for point in FRONTIER}
                     frontier += [{"workload": name, "a (tokens)": fixed, "options": label,
                                   **_point(o, outcomes)} for label, o in points.items()]
                     run = _point_label(options) if options else "default"
@@ -171,17 +182,18 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
         for name in COST_ARRIVALS:
             lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
             for fixed in fixed_tokens:
-                cost = StepCost(fixed * TOKEN_SECONDS, TOKEN_SECONDS)
                 for load in loads:
-                    submit = poisson_seconds(lengths, budget, load, cost, seed)
+                    truth = StepCost(fixed * TOKEN_SECONDS, TOKEN_SECONDS)
+                    submit = poisson_seconds(lengths, budget, load, truth, seed)
                     outcomes = {s: simulate(model_dir, lengths, s, budget, chunked, submit,
-                                            options if s == "prepack" else None, cost)
+                                            options if s == "prepack" else None, clock(fixed))
                                 for s in SCHEDULERS}
                     rows += cost_rows(f"{name}, load {load:g}", fixed, outcomes)
         mode = "on" if chunked else "off"
         out.append(f"**In seconds, chunked prefill {mode}** ({n} prompts per row; budget {budget}; "
                    f"a step of T tokens over n requests takes a + b x T, b = {TOKEN_SECONDS * 1e6:g} "
-                   f"us, a given in tokens of work (a / b); backlogs all waiting at 0, or Poisson "
+                   f"us, a given in tokens of work (a / b){_noise(noise, warmup)}; backlogs all "
+                   f"waiting at 0, or Poisson "
                    f"arrivals offering `load` x what full steps process; vLLM's real scheduler "
                    f"driven without a model{_with(options)}). ffd: offline first-fit decreasing over "
                    f"the waiting prompts every step, bins in Smith's order, told a and b.\n\n"
@@ -196,6 +208,14 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
                f"<= {MARK:g}x the best baseline's and makespan <= {MARK:g}x FFD's.\n\n"
                + table(cover))
     return "\n".join(out)
+
+
+def _noise(noise: float, warmup: float) -> str:
+    text = (f", each step's time then off by a Gaussian {100 * noise:g}% of itself (seeded, the "
+            f"same for every scheduler)" if noise else "")
+    if warmup != 1:
+        text += f", the first {SLOW_FIRST_STEPS} steps of each run {warmup:g}x slower (a warm-up)"
+    return text
 
 
 def _point_label(options: dict) -> str:
@@ -567,8 +587,26 @@ def _backlog_jobs(title: str, tag: str, label: str, model, params, names,
         f"**{title}, chunked prefill off** ({n} prompts each, synthetic lengths capped at 256: "
         f"mmlu-shaped, and the trimodal mix 50% 6-30 / 30% 90-130 / 20% 200-252 tokens; budget "
         f"{budget}; median wall of {repeats}, run order alternating{delay}{packs})\n\n"
-        + table(rows, ENGINE_COLUMNS) + calibration + figures
+        + table(rows, ENGINE_COLUMNS) + _fits_note(jobs, budget) + calibration + figures
     )
+
+
+def _fits_note(jobs, budget: int) -> str:
+    """The step cost each plugin engine had learned by the end of its median run (its model
+    keeps learning across the warm-up and the runs): what its schedule acted on."""
+    rows = [{"workload": workload, "scheduler": name, "a ms": 1e3 * fit["fixed_s"],
+             "b ms/token": 1e3 * fit["per_token_s"], "c ms/prompt": 1e3 * fit["per_seq_s"],
+             "f": StepCost(fit["fixed_s"], fit["per_token_s"]).fixed_share(budget),
+             "steps seen": fit["steps"],
+             "probes": fit["probes"]}
+            for workload, outcomes, _ in jobs for name, o in outcomes.items()
+            if (fit := o.cost) is not None]
+    if not rows:
+        return ""
+    return ("\n\n**The step cost the plugin had learned** (each plugin engine's model at the end "
+            "of its median run, warm-up and earlier runs included; f = a / (a + b x budget), "
+            "compared with `pack_fixed_share`; probes: half-budget steps it ran to tell a from "
+            "b)\n\n" + table(rows))
 
 
 def _wall_floor_note(repeats: int) -> str:
@@ -716,7 +754,8 @@ def main(args) -> str:
                               args.prepack_options))
     if "seconds" in args.parts:
         parts.append(in_seconds(decoder_model(TINY), args.prompts, args.budget, args.seed,
-                                args.fixed_tokens, args.loads, args.prepack_options))
+                                args.fixed_tokens, args.loads, args.prepack_options,
+                                args.step_noise, args.step_warmup))
     if "scale" in args.parts:
         parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget,
                            options=args.prepack_options, baselines=args.scale_baselines))
@@ -768,6 +807,12 @@ def add_arguments(parser) -> None:
                              "'presorted' alone at 1M waiting)")
     parser.add_argument("--fixed-tokens", type=float, nargs="+", default=[0, 64, 256, 1024],
                         help="the 'seconds' part: a step's fixed cost a, in tokens of work (a / b)")
+    parser.add_argument("--step-noise", type=float, default=0.0,
+                        help="the 'seconds' part: each step's time off by this Gaussian share of "
+                             "itself, as an engine's timings are (0: exact)")
+    parser.add_argument("--step-warmup", type=float, default=1.0,
+                        help="the 'seconds' part: each run's first steps take this many times "
+                             "their cost, as an engine's first steps do (1: not slowed)")
     parser.add_argument("--step-delays", type=float, nargs="+", default=[0.0],
                         help="the 'embed' part: seconds slept in every model execution (a GPU's "
                              "fixed step cost), one table each")

@@ -486,8 +486,10 @@ def simulate_routing(pool: Pool, n: int, requests: list[SimRequest], router_name
         for scheduler in schedulers:
             scheduler.prepack_clock = lambda: clock[0]
             model = scheduler.step_cost_model
-            for k in range(model.steps, MIN_STEPS):  # replicas that served a while measured
-                tokens = max(1, cost.budget * (k + 1) // MIN_STEPS)
+            k = 0
+            while model.steps < MIN_STEPS:  # replicas that served a while measured (and warmed up)
+                k += 1
+                tokens = max(1, cost.budget * (k % MIN_STEPS + 1) // MIN_STEPS)
                 model.observe(tokens, 1, cost.step(tokens))
     for request in requests:
         t += arrivals_rng.expovariate(rate)
