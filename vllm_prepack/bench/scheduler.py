@@ -156,23 +156,24 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
     (``NoisyStepCost``), as an engine's are."""
     out, frontier, cover = [], [], []
 
-    def clock(fixed: float) -> StepCost | NoisyStepCost:
-        cost = StepCost(fixed * TOKEN_SECONDS, TOKEN_SECONDS)
-        return NoisyStepCost(cost, noise, seed, warmup) if noise or warmup != 1 else cost
+    def clock(truth: StepCost) -> StepCost | NoisyStepCost:
+        """A run's clock: the truth, or a fresh noisy one (each run's noise from its start)."""
+        return NoisyStepCost(truth, noise, seed, warmup) if noise or warmup != 1 else truth
 
     for chunked in (False, True):
         rows = []
         for name in COST_BACKLOGS:
             lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
             for fixed in fixed_tokens:
+                truth = StepCost(fixed * TOKEN_SECONDS, TOKEN_SECONDS)
                 outcomes = {s: simulate(model_dir, lengths, s, budget, chunked, options=options
-                                        if s == "prepack" else None, cost=clock(fixed))
+                                        if s == "prepack" else None, cost=clock(truth))
                             for s in SCHEDULERS}
                 rows += cost_rows(f"{name}, backlog", fixed, outcomes)
                 if not chunked and fixed:
                     points = {_point_label(point): simulate(
                         model_dir, lengths, "prepack", budget, False,
-                        options={**(options or {}), **point}, cost=clock(fixed))
+                        options={**(options or {}), **point}, cost=clock(truth))
                         for point in FRONTIER}
                     frontier += [{"workload": name, "a (tokens)": fixed, "options": label,
                                   **_point(o, outcomes)} for label, o in points.items()]
@@ -182,11 +183,11 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
         for name in COST_ARRIVALS:
             lengths = prompt_lengths(name, n, seed=seed, max_len=budget - 1)
             for fixed in fixed_tokens:
+                truth = StepCost(fixed * TOKEN_SECONDS, TOKEN_SECONDS)
                 for load in loads:
-                    truth = StepCost(fixed * TOKEN_SECONDS, TOKEN_SECONDS)
                     submit = poisson_seconds(lengths, budget, load, truth, seed)
                     outcomes = {s: simulate(model_dir, lengths, s, budget, chunked, submit,
-                                            options if s == "prepack" else None, clock(fixed))
+                                            options if s == "prepack" else None, clock(truth))
                                 for s in SCHEDULERS}
                     rows += cost_rows(f"{name}, load {load:g}", fixed, outcomes)
         mode = "on" if chunked else "off"
