@@ -56,12 +56,13 @@ def test_the_scale_part_runs_only_the_baselines_asked_for(tiny_model):
 
 def test_the_wall_floor_puts_the_step_bound_at_the_calibrated_cost_against_spf_steps():
     """The floor counts ceil(tokens / budget) steps (not FFD's), each at the calibrated fixed
-    cost, and the same tokens' and prompts' work on both sides."""
+    cost, and the same tokens' and prompts' work on both sides; f counts a full step's
+    prompts (budget x prompts / tokens), as the plugin's share does."""
     lengths = [600] * 5 + [100]  # 3100 tokens: bound 4 at 1024 (FFD needs 5)
     spf = Outcome(steps=6, ttft_steps=[], ttft_s=[], sched_s=[])
     row = wall_floor("w", StepCost(0.05, 1e-4, 1e-3), {"spf": spf}, lengths, budget=1024)
     assert row["step bound"] == 4 and row["SPF steps"] == 6
-    assert row["f"] == pytest.approx(0.05 / (0.05 + 0.1024))
+    assert row["f"] == pytest.approx(0.05 / (0.05 + 0.1024 + 1e-3 * 1024 * 6 / 3100))
     assert row["wall at the bound vs SPF's (model)"] == pytest.approx(
         (4 * 0.05 + 0.31 + 6e-3) / (6 * 0.05 + 0.31 + 6e-3))
 

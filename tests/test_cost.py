@@ -21,6 +21,7 @@ from vllm_prepack.cost import (
     StepCost,
     StepCostModel,
 )
+from vllm_prepack.workloads import prompt_lengths
 
 
 past_warmup = partial(StepCostModel, warmup=0)  # a model past an engine's first steps
@@ -83,6 +84,29 @@ def test_collinear_decode_steps_do_not_invent_a_per_sequence_cost():
     got = feed(past_warmup(256, 0, 1024), [(n, n) for n in range(1, 200)], truth)
     assert got.per_seq < 0.1 * got.per_token
     assert got.seconds(100, 100) == pytest.approx(truth.seconds(100, 100), rel=1e-3)
+
+
+def test_the_share_counts_a_full_steps_sequences():
+    """a's share of a full step counts the step's work per sequence too (at the sequences per
+    token of the steps of half the budget or more seen; decode steps, one token a sequence,
+    would make it many times a full step's): where a step's work is all per sequence (b = 0,
+    which the fit reads as b <= 0), the share is a's share of the step's time, not 1, as it was
+    while the share counted b alone. A backlog's full steps cannot tell b from c, and then the
+    share does not hang on the split."""
+    truth = StepCost(0.1, 0.0, 4e-3)
+    rng = random.Random(5)
+    full = [(rng.randint(600, 1024), rng.randint(1, 32)) for _ in range(4 * MIN_STEPS)]
+    decode = [(n, n) for n in range(16, 128, 2)]
+    steps = [step for pair in zip(full, decode) for step in pair]
+    model = past_warmup(256, 0, 1024)
+    feed(model, steps, truth)
+    weights = [model.decay ** age for age in reversed(range(len(steps)))]  # the newest: 1
+    per_token = (sum(w * n for w, (t, n) in zip(weights, steps) if t >= 512)
+                 / sum(w * t for w, (t, n) in zip(weights, steps) if t >= 512))
+    share = truth.fixed / truth.seconds(1024, 1024 * per_token)
+    assert model.current.per_token < 1e-3 * truth.per_seq
+    assert model.share() == pytest.approx(share, rel=1e-3) and share < 0.6
+    assert StepCost(1.0, 0.0, 0.1, seqs_per_token=0.01).fixed_share(1000) == pytest.approx(0.5)
 
 
 def test_an_outlier_step_is_clipped_and_empty_steps_are_ignored():
@@ -183,6 +207,37 @@ def test_no_probe_where_the_steps_decide_or_nothing_is_open(case):
         tokens = rng.randint(1, 1024) if case == "varied steps" else 1024
         model.observe(tokens, 4, truth.seconds(tokens, 4) * (1 + rng.gauss(0, 0.05)))
     assert model.probes == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_shortest_first_backlog_with_a_drift_probes_and_finds_a(seed):
+    """The engine bench's mmlu backlog (1000 prompts, 65,038 tokens: 63.5 full steps) run
+    shortest first on a CPU engine with a 150 ms sleep a step (its calibrated a and b,
+    BENCHMARKS.md), each step 2% noisy and the early ones slower, as a real engine's are. The
+    prompts per step fall from ~60 to 4 while the steps stay full, so the drift reads as a
+    per-sequence cost and moves a: the full steps alone leave the share far from the truth
+    (0.25 to 1 across seeds before the share counted c) at a standard deviation that counts
+    the noise only, and can look decided (seed 0). Undecided until its steps differ in size
+    (TOKEN_SPREAD), the model probes: the backlog is deep enough (PROBE_BACKLOG_STEPS), and the
+    probe finds a."""
+    truth = StepCost(161e-3, 0.0894e-3)
+    share = truth.fixed_share(1024)  # 0.637
+    lengths = sorted(prompt_lengths("mmlu", 1000, seed=11, max_len=256))
+    rng = random.Random(seed)
+    model = StepCostModel(256, 0, 1024, threshold=0.4)
+    waiting, step = sum(lengths), 0
+    while lengths:
+        cap = model.probe_tokens(waiting) or 1024
+        tokens = seqs = 0
+        while lengths and tokens + lengths[0] <= cap:
+            tokens += lengths.pop(0)
+            seqs += 1
+        drift = 1 + 0.3 * math.exp(-step / 15)
+        model.observe(tokens, seqs, truth.seconds(tokens, seqs) * drift * (1 + rng.gauss(0, 0.02)))
+        waiting -= tokens
+        step += 1
+    assert model.probes >= 1
+    assert model.decided() and model.share() == pytest.approx(share, abs=0.05)
 
 
 @pytest.mark.parametrize("slow", [(0, 1), (WARMUP_STEPS + 3, WARMUP_STEPS + 5)],

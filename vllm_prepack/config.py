@@ -56,7 +56,8 @@ class PrepackConfig:
         steps), a step of a deep backlog of whole prompts runs at half the budget, a probe: on
         a GPU each costs about one step's fixed cost; they are few and spaced out (``cost.py``).
     pack_fixed_share: pack steps (filler reserve, best-fit exchange) only where the fixed cost
-        is at least this share of a full step's cost, a / (a + b x budget): 0 always packs
+        is at least this share of a full step's cost, a / (a + b x budget + c x the sequences
+        a full step holds): 0 always packs
         (the fewest steps where a dominates), 1 never (shortest first, lowest mean TTFT where
         steps cost their tokens). Between: the frontier from latency to throughput
         (BENCHMARKS.md).

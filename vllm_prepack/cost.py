@@ -14,16 +14,20 @@ the data's scale, as a Bayesian would: the prior's pull grows with the scatter o
 around the fit. Exact step times (the engine-free bench) recover a, b, c from any spread of
 step sizes; noisy ones with little spread (a backlog of full steps) stay near the prior, and
 so do collinear ones (decode-only steps, where tokens == sequences): c is only learnt where
-the steps vary it apart from tokens. An engine's first steps (first kernels, lazy allocations)
+the steps vary it apart from tokens. A backlog's full steps do, as their prompts per step fall
+while the prompts lengthen, but whatever else changes along the backlog (first kernels for new
+shapes, warming caches) then reads as a per-sequence cost too and takes part of a: only steps
+of other sizes (a probe) tell a apart. An engine's first steps (first kernels, lazy allocations)
 are left out, and so are far slower ones before the first fit: a backlog's first steps carry
 its many short prompts, and a slow one there reads as a per-sequence cost and hides a.
 
-The policy's choice flips where a's share of a full step crosses a threshold
-(``pack_fixed_share``). Where the fit cannot yet tell which side of it the share lies (a
-backlog of full steps on a GPU: a + b x budget is known, its split is the prior's), the model
-asks for one smaller step, a probe (``probe_tokens``): its time sets a apart from b. On a CPU
-a half step costs nothing (steps cost their tokens); on a GPU about one a each, and probes are
-few (PROBE_LIMIT), spaced out, and only on a deep backlog (PROBE_BACKLOG_STEPS).
+The policy's choice flips where a's share of a full step (its tokens' and its sequences'
+cost counted) crosses a threshold (``pack_fixed_share``). Where the fit cannot yet tell which
+side of it the share lies (a backlog of full steps: a + b x budget + c x its sequences is
+known, its split is the prior's and the drift's), the model asks for one smaller step, a probe
+(``probe_tokens``): its time sets a apart from the work. On a CPU a half step costs nothing
+(steps cost their tokens); on a GPU at most one a each, and probes are few (PROBE_LIMIT),
+spaced out, and only on a deep backlog (PROBE_BACKLOG_STEPS).
 """
 
 from __future__ import annotations
@@ -44,28 +48,40 @@ PRIOR_TOKEN_SECONDS = 1e-5  # the scale reported before any step is seen (the po
 LEAST_TOKEN_COST = 1e-6  # b where the steps read b <= 0, x the prior-shaped token cost
 PROBE_SHARE = 0.5  # a probe step's tokens, x the step budget
 PROBE_Z = 2.0  # decided: the threshold lies this many standard deviations from the fitted share
+TOKEN_SPREAD = 0.02  # and the steps' tokens spread by this x the budget (weighted standard
+# deviation): without it the fit's a / b split is the prior's and whatever drifts along a
+# backlog, however narrow its standard deviation reads. A half-budget probe keeps it for about
+# 450 full steps (of the ~740 the weights span), so a long backlog of full steps probes again
+# about that often: a probe's half step is about 0.1% of the steps'
 PROBE_EVERY = REFIT_EVERY  # steps at least between two probes
 PROBE_LIMIT = 4.0  # probes in a burst (a count decayed as the steps' weights are): a share that
 # sits on the threshold, where either choice costs about the same, then gets one per ~212 steps
-PROBE_BACKLOG_STEPS = 64  # full steps' worth of prompts waiting before a probe: packing saves a
-# few percent of a backlog's steps (2-8% in BENCHMARKS.md), a probe costs about one step
+PROBE_BACKLOG_STEPS = 32  # full steps' worth of prompts waiting before a probe: packing saves
+# 2-8% of a backlog's steps (BENCHMARKS.md), 0.6-2.6 of 32; a probe's half step adds at most one
+# step's fixed cost to the backlog, half of one on average
 
 
 @dataclass(frozen=True, slots=True)
 class StepCost:
-    """Seconds one forward step takes: fixed + per_token x tokens + per_seq x sequences."""
+    """Seconds one forward step takes: fixed + per_token x tokens + per_seq x sequences.
+    `seqs_per_token`: the sequences a token of work brings, on the steps the cost was fitted
+    on (a full step of T tokens holds about T x that many), for ``fixed_share``."""
 
     fixed: float
     per_token: float
     per_seq: float = 0.0
+    seqs_per_token: float = 0.0
 
     def seconds(self, tokens: int, seqs: int = 0) -> float:
         return self.fixed + self.per_token * tokens + self.per_seq * seqs
 
     def fixed_share(self, tokens: int) -> float:
-        """a's share of the cost of a step of `tokens`, a / (a + b x tokens): 1 where a token
-        costs nothing."""
-        whole = self.fixed + self.per_token * tokens
+        """a's share of the cost of a step of `tokens` and its sequences, a / (a + (b + c x
+        seqs_per_token) x tokens): 1 where work costs nothing. With the sequences counted, the
+        share does not hang on how the fit splits a step's work between b and c: a backlog's
+        steps, each as full as the last, with prompts per step falling as they lengthen, do
+        not tell the two apart (a probe halves both)."""
+        whole = self.fixed + (self.per_token + self.per_seq * self.seqs_per_token) * tokens
         return self.fixed / whole if whole > 0 else 1.0
 
     @property
@@ -78,8 +94,9 @@ class StepCost:
         return self.per_seq / self.per_token if self.per_token > 0 else 0.0
 
     @classmethod
-    def in_tokens(cls, fixed_tokens: float, seq_tokens: float = 0.0, per_token: float = 1.0) -> StepCost:
-        return cls(fixed_tokens * per_token, per_token, seq_tokens * per_token)
+    def in_tokens(cls, fixed_tokens: float, seq_tokens: float = 0.0, per_token: float = 1.0,
+                  seqs_per_token: float = 0.0) -> StepCost:
+        return cls(fixed_tokens * per_token, per_token, seq_tokens * per_token, seqs_per_token)
 
 
 class StepCostModel:
@@ -99,14 +116,17 @@ class StepCostModel:
         if not (0 <= fixed_tokens < math.inf and 0 <= seq_tokens < math.inf):
             raise ValueError(f"a step-cost prior needs finite fixed and per-sequence tokens >= 0, "
                              f"got {fixed_tokens}, {seq_tokens}")
-        self.prior = StepCost.in_tokens(fixed_tokens, seq_tokens, PRIOR_TOKEN_SECONDS)
         self.capacity = max(1, capacity)
+        self._prior_seqs = max(1.0, self.capacity / 64)  # a full step's, in the prior's line
+        self.prior = StepCost.in_tokens(fixed_tokens, seq_tokens, PRIOR_TOKEN_SECONDS,
+                                        self._prior_seqs / self.capacity)
         self.learn = learn
         self.decay = 0.5 ** (1.0 / half_life)
         self.steps = 0  # steps observed
         self._xx = [[0.0] * 3 for _ in range(3)]  # weighted sums of x x^T, x = (1, tokens, seqs)
         self._xy = [0.0] * 3
         self._yy = 0.0
+        self._full = [0.0, 0.0]  # weighted tokens and sequences of steps of half the budget or more
         self._since_fit = 0
         self.current = self.prior
         self.share_sd = math.inf  # standard deviation of the fitted share (a's of a full step)
@@ -163,16 +183,26 @@ class StepCostModel:
                 row[j] = d * row[j] + x[i] * x[j]
             self._xy[i] = d * self._xy[i] + x[i] * seconds
         self._yy = d * self._yy + seconds * seconds
+        if tokens >= PROBE_SHARE * self.capacity:  # a full step's sequences, not a decode step's
+            self._full = [d * self._full[0] + tokens, d * self._full[1] + seqs]
+        else:
+            self._full = [d * self._full[0], d * self._full[1]]
 
     def share(self) -> float:
         """a's share of a full step's cost under the fit in force."""
         return self.current.fixed_share(self.capacity)
 
     def decided(self) -> bool:
-        """Whether the fit tells which side of the threshold the share lies (PROBE_Z sd)."""
+        """Whether the fit tells which side of the threshold the share lies: PROBE_Z sd away,
+        from steps of different sizes (TOKEN_SPREAD). Steps all about as full are not: a
+        backlog's prompts per step fall as its prompts lengthen, and anything else that changes
+        along it (first kernels for new shapes, warming caches) reads as a per-sequence cost and
+        moves a, with a standard deviation that only counts the noise. (Steps of whole prompts
+        whose fills vary by a long prompt's length can spread enough without a probe.)"""
         if self.threshold is None:
             return True
-        return abs(self.share() - self.threshold) >= PROBE_Z * self.share_sd
+        return (self._token_spread() >= TOKEN_SPREAD * self.capacity
+                and abs(self.share() - self.threshold) >= PROBE_Z * self.share_sd)
 
     def probe_tokens(self, waiting_tokens: int) -> int | None:
         """The token cap of a probe step to run next, or None: only once the fit has its steps
@@ -202,9 +232,12 @@ class StepCostModel:
         shape, scale = self.prior, self._scale()
         if scale is None:
             return self.prior, math.inf
+        seqs_per_token = self._seqs_per_token()
+        prior_shaped = StepCost.in_tokens(shape.fixed_tokens, shape.seq_tokens, scale,
+                                          seqs_per_token)
         if not self.learn:
-            return StepCost.in_tokens(shape.fixed_tokens, shape.seq_tokens, scale), math.inf
-        seqs = max(1.0, self.capacity / 64)
+            return prior_shaped, math.inf
+        seqs = self._prior_seqs
         pseudo = [((1.0, t, n), scale * (shape.fixed_tokens + t + shape.seq_tokens * n))
                   for t, n in ((0.0, 1.0), (self.capacity, 1.0), (self.capacity, seqs), (0.0, seqs))]
         basis = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
@@ -216,27 +249,41 @@ class StepCostModel:
         weight = max(PRIOR_FLOOR, noise / spread ** 2)
         solved = first and self._solve(basis, pseudo, weight)
         if solved is None:  # the steps cannot be solved for: the prior's shape
-            return StepCost.in_tokens(shape.fixed_tokens, shape.seq_tokens, scale), math.inf
+            return prior_shaped, math.inf
         # b <= 0 even with the prior's pull (which alone keeps b > 0): a token costs next to
-        # nothing beside a step, as where a dominates on a GPU (a share of about 1, not the
-        # prior's); a least b keeps a / b finite
+        # nothing beside a step and its sequences, as where a dominates on a GPU (a share of
+        # about 1 where c is small, not the prior's); a least b keeps a / b finite
         (a, b, c), normal = solved
-        cost = StepCost(max(0.0, a), b if b > 0 else LEAST_TOKEN_COST * scale, max(0.0, c))
+        cost = StepCost(max(0.0, a), b if b > 0 else LEAST_TOKEN_COST * scale, max(0.0, c),
+                        seqs_per_token)
         return cost, self._share_sd(cost, basis, normal, weight * spread ** 2)
 
     def _share_sd(self, cost: StepCost, basis, normal, noise: float) -> float:
         """The share's standard deviation (delta method): the posterior covariance of the
         solution is noise x normal^-1 (noise: the steps' variance, or the prior's floor)."""
-        a, b, cap = cost.fixed, cost.per_token, self.capacity
-        whole = (a + b * cap) ** 2
-        if not (0 < whole < math.inf):
+        a, s, cap = cost.fixed, cost.seqs_per_token, self.capacity
+        work = (cost.per_token + cost.per_seq * s) * cap
+        squared = (a + work) ** 2
+        if not (0 < squared < math.inf):
             return math.inf
-        grad = (b * cap / whole, -a * cap / whole, 0.0)  # d share / d (a, b, c)
+        grad = (work / squared, -a * cap / squared, -a * s * cap / squared)  # d share / d (a, b, c)
         g = [sum(row[i] * grad[i] for i in range(3)) for row in basis]
         z = _solve(normal, g)
         if z is None:
             return math.inf
         return math.sqrt(max(0.0, noise * sum(u * v for u, v in zip(g, z))))
+
+    def _seqs_per_token(self) -> float:
+        """The sequences a token of a full step brings: over the steps of half the budget or
+        more (a decode step's sequences are one a token, and would make a full step's sequences
+        many times what they are), else the prior's."""
+        tokens, seqs = self._full
+        return seqs / tokens if tokens > 0 else self._prior_seqs / self.capacity
+
+    def _token_spread(self) -> float:
+        """The weighted standard deviation of the steps' tokens."""
+        w, xx = self._xx[0][0], self._xx
+        return math.sqrt(max(0.0, xx[1][1] / w - (xx[0][1] / w) ** 2)) if w > 0 else 0.0
 
     def _seqs_vary_apart(self) -> bool:
         """Whether at least SEQ_SPREAD of the steps' variance in sequences is not explained by
@@ -292,7 +339,8 @@ class StepCostModel:
         """The figures the plugin reports (log, Prometheus, layout_report)."""
         cost = self.current
         return {"fixed_s": cost.fixed, "per_token_s": cost.per_token, "per_seq_s": cost.per_seq,
-                "fixed_tokens": cost.fixed_tokens, "steps": self.steps, "probes": self.probes,
+                "fixed_tokens": cost.fixed_tokens, "fixed_share": self.share(),
+                "steps": self.steps, "probes": self.probes,
                 "source": "fixed" if not self.learn else "fit" if self.steps >= MIN_STEPS else "prior"}
 
 

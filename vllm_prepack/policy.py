@@ -81,8 +81,8 @@ BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts s
 # a = 2048 up to 1.04x FFD's makespan
 FILL_SLACK = 0.25
 # pack (filler reserve, best-fit exchange) only where a step's fixed cost is at least this share
-# of a full step's (a / (a + b x budget)): below it a saved step is worth less than the wait the
-# packing adds to the prompts it moves
+# of a full step's (a / (a + b x budget + c x its sequences)): below it a saved step is worth
+# less than the wait the packing adds to the prompts it moves
 PACK_SHARE = 0.4
 # an overdue request whose KV blocks are not free lets others by for this many steps past its
 # deadline (or its own wait, if longer), then holds its place until its blocks are free
@@ -315,8 +315,9 @@ class StepLimits:
         return 1.0 if self.cost is None else self.cost.seconds(self.used_tokens + tokens, seqs)
 
     def fixed_share(self) -> float:
-        """A full step's fixed cost as a share of its cost, a / (a + b x step tokens): 1 where
-        every step costs the same. Packing pays where it is at least the policy's share."""
+        """A full step's fixed cost as a share of its cost, a / (a + b x step tokens + c x its
+        sequences): 1 where every step costs the same. Packing pays where it is at least the
+        policy's share."""
         return 1.0 if self.cost is None else self.cost.fixed_share(self.step_tokens)
 
 

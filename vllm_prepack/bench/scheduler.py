@@ -597,7 +597,7 @@ def _fits_note(jobs, budget: int) -> str:
     keeps learning across the warm-up and the runs): what its schedule acted on."""
     rows = [{"workload": workload, "scheduler": name, "a ms": 1e3 * fit["fixed_s"],
              "b ms/token": 1e3 * fit["per_token_s"], "c ms/prompt": 1e3 * fit["per_seq_s"],
-             "f": StepCost(fit["fixed_s"], fit["per_token_s"]).fixed_share(budget),
+             "f": fit["fixed_share"],
              "steps seen": fit["steps"],
              "probes": fit["probes"]}
             for workload, outcomes, _ in jobs for name, o in outcomes.items()
@@ -605,9 +605,9 @@ def _fits_note(jobs, budget: int) -> str:
     if not rows:
         return ""
     return ("\n\n**The step cost the plugin had learned** (each plugin engine's model at the end "
-            "of its median run, warm-up and earlier runs included; f = a / (a + b x budget), "
-            "compared with `pack_fixed_share`; probes: half-budget steps it ran to tell a from "
-            "b)\n\n" + table(rows))
+            "of its median run, warm-up and earlier runs included; f = a / (a + (b + c x the "
+            "prompts a token brings) x budget), compared with `pack_fixed_share`; probes: "
+            "half-budget steps it ran to tell a from the work)\n\n" + table(rows))
 
 
 def _wall_floor_note(repeats: int) -> str:
@@ -617,9 +617,10 @@ def _wall_floor_note(repeats: int) -> str:
         f"(FCFS's engine, calibrated after the jobs: one-step jobs of {seqs} prompts at "
         f"{len(PROBE_SHARES)} sizes from {min(PROBE_SHARES):.0%} to all of the most such a step "
         f"holds, the median of {repeats} each, fitted to a + b x tokens + c x prompts with a, c "
-        f">= 0; 'f' is a's share of a full step, what the plugin's `pack_fixed_share` is compared "
-        f"with). 'wall at the bound vs SPF's' is a model's figure, not a measurement: a x the "
-        f"step bound + b x the prompt tokens + c x the prompts, over the same with SPF's steps. "
+        f">= 0; 'f' is a's share of a full step of the job's prompts, a / (a + b x budget + c x "
+        f"the prompts it holds), what the plugin's `pack_fixed_share` is compared with). 'wall "
+        f"at the bound vs SPF's' is a model's figure, not a measurement: a x the step bound "
+        f"+ b x the prompt tokens + c x the prompts, over the same with SPF's steps. "
         f"A target below it is beyond every schedule at this step cost.")
 
 
@@ -633,7 +634,8 @@ def wall_floor(workload: str, cost: StepCost, outcomes: dict[str, Outcome], leng
         return cost.fixed * steps + cost.per_token * tokens + cost.per_seq * len(lengths)
 
     return {"workload": workload, "a ms": 1e3 * cost.fixed, "b ms/token": 1e3 * cost.per_token,
-            "c ms/prompt": 1e3 * cost.per_seq, "f": cost.fixed / cost.seconds(budget),
+            "c ms/prompt": 1e3 * cost.per_seq,
+            "f": cost.fixed / cost.seconds(budget, budget * len(lengths) / max(1, tokens)),
             "step bound": bound, "SPF steps": spf,
             "wall at the bound vs SPF's (model)": wall(bound) / wall(spf)}
 
