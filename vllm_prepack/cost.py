@@ -280,20 +280,21 @@ class StepCostModel:
         tokens, seqs = self._full
         return seqs / tokens if tokens > 0 else self._prior_seqs / self.capacity
 
+    def _covariance(self, i: int, j: int) -> float:
+        """The steps' weighted covariance of x_i and x_j (x = (1, tokens, seqs)); steps seen."""
+        xx = self._xx
+        w = xx[0][0]
+        return xx[i][j] / w - xx[0][i] * xx[0][j] / w ** 2
+
     def _token_spread(self) -> float:
         """The weighted standard deviation of the steps' tokens."""
-        w, xx = self._xx[0][0], self._xx
-        return math.sqrt(max(0.0, xx[1][1] / w - (xx[0][1] / w) ** 2)) if w > 0 else 0.0
+        return math.sqrt(max(0.0, self._covariance(1, 1))) if self._xx[0][0] > 0 else 0.0
 
     def _seqs_vary_apart(self) -> bool:
         """Whether at least SEQ_SPREAD of the steps' variance in sequences is not explained by
         their tokens (1 - the weighted R^2 of sequences on tokens)."""
-        xx = self._xx
-        w = xx[0][0]
-        var_t = xx[1][1] / w - (xx[0][1] / w) ** 2
-        var_n = xx[2][2] / w - (xx[0][2] / w) ** 2
-        cov = xx[1][2] / w - xx[0][1] * xx[0][2] / w ** 2
-        if var_n <= 1e-12 * max(1.0, xx[2][2] / w) or var_t <= 0:
+        var_t, var_n, cov = self._covariance(1, 1), self._covariance(2, 2), self._covariance(1, 2)
+        if var_n <= 1e-12 * max(1.0, self._xx[2][2] / self._xx[0][0]) or var_t <= 0:
             return False
         return 1 - cov * cov / (var_t * var_n) >= SEQ_SPREAD
 
