@@ -89,7 +89,23 @@ def test_probe_steps_stay_within_their_cap_and_outputs_match_plain_vllm(engine, 
     assert max(record.scheduled_tokens for record in stats.history) > cap  # others not capped
 
 
-def test_plugin_is_observably_active(engine, tiny_model):
+def test_the_step_cost_model_times_no_step_across_the_pause_between_two_jobs(engine, tiny_model,
+                                                                            monkeypatch):
+    """``LLM.generate`` steps the engine in this process until its requests finish, leaving
+    their ids for the next job's first step: that step is not timed from the last job's end."""
+    import time
+
+    kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=512)
+    llm = engine(tiny_model, True, **kw)
+    model = engine_scheduler(llm).step_cost_model
+    seen = []
+    observe = model.observe
+    monkeypatch.setattr(model, "observe", lambda t, n, s: (seen.append(s), observe(t, n, s)))
+    pause = 1.5
+    for _ in range(2):
+        generate(llm, MIXED[:6], FIRST_TOKEN)
+        time.sleep(pause)
+    assert seen and max(seen) < pause
     """The doc's example: FCFS takes 200+30 and stops at 100; prepack fills the step."""
     prompts = token_ids([200, 30, 100, 250, 20], vocab_size=512, seed=2)
     kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=256, max_model_len=256)

@@ -399,6 +399,28 @@ def test_a_deep_backlog_on_noisy_steps_is_scheduled_for_its_cost(tiny_model, mix
         assert plugin.wall <= 1.001 * spf.wall and mean["prepack"] <= 1.01 * mean["spf"]
 
 
+def test_the_time_between_two_jobs_is_not_a_step(tiny_model):
+    """An engine its caller steps (``LLM.generate`` in-process) stops at its last request's
+    step, with the finished ids still to clear; the next job, a minute later, must not time
+    its first step from the last job's end (a minute read as a step's cost)."""
+    s = standalone_scheduler(tiny_model, budget=256, chunked_prefill=False)
+    clock = [0.0]
+    s.prepack_clock = lambda: clock[0]
+    seen = []
+    observe = s.step_cost_model.observe
+    s.step_cost_model.observe = lambda t, n, sec: (seen.append(sec), observe(t, n, sec))
+    for job in range(2):
+        for i in range(6):
+            s.add_request(make_request(f"j{job}r{i}", 200))
+        while s.has_unfinished_requests():  # as LLMEngine.step's caller loops
+            out = s.schedule()
+            clock[0] += 0.01 * out.total_num_scheduled_tokens / 256
+            fake_step(s, out)
+        assert s.has_requests()  # the finished ids ride the next job's first step
+        clock[0] += 60.0
+    assert len(seen) == 12 - 2 and max(seen) < 1.0
+
+
 def test_short_prompts_are_admitted_past_a_long_one_whose_blocks_are_not_free(tiny_model):
     """A long generation holds most of a small KV pool; a long prompt that would need more
     blocks than are free waits, and the short ones behind it go (plain vLLM stops at it)."""

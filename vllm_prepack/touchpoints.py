@@ -227,7 +227,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("PretrainedConfig._attn_implementation", _V.READ, "hf.py", checked=TESTED_TRANSFORMERS),
     # ---- the step-cost model ------------------------------------------------------------------
     TouchPoint("Scheduler.update_from_output", _V.OVERRIDE, _SCHED),
-    TouchPoint("Scheduler.has_requests", _V.CALL, _SCHED),
+    TouchPoint("Scheduler.has_unfinished_requests", _V.CALL, _SCHED),
     TouchPoint("Scheduler.max_num_scheduled_tokens", _V.REPLACE,
                f"{_SCHED} (read), touchpoints.token_budget_cap (lowered for one schedule())",
                differs="schedule() takes it as the step's token budget and asserts the step "
