@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
 from vllm_prepack.cost import StepCost
-from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, FILL_SLACK, KV_PATIENCE_STEPS, PACK_SHARE, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
+from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, FILL_SLACK, KV_PATIENCE_STEPS, PACK_SHARE, PACK_Z, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
                                   StepLimits, WaitingSet, padding_gap)
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
@@ -593,6 +593,27 @@ def test_the_doc_example_packs_only_where_the_fixed_cost_is_large():
                                   cost=StepCost(a, 1.0))
     assert sorted(p.key for p in fill([200, 30, 100, 250, 20]).plan(limits(0.0))) == [1, 2, 4]
     assert sorted(p.key for p in fill([200, 30, 100, 250, 20]).plan(limits(256.0))) == [0, 1, 4]
+
+
+def test_packing_starts_pack_z_deviations_above_the_threshold_and_ends_as_many_below():
+    """The doc example at a share of 0.5 (a = 256 tokens of work): a fit at 0.5 +- 0.1 (2 sd
+    reach down to 0.3, below PACK_SHARE) orders shortest first; at +- 0.04 (0.42) it packs. A plan that packs goes on packing at 0.5 +-
+    0.1 and at 0.385 +- 0.1 (a = 160: 2 sd reach above the threshold), and stops at 0.385 +-
+    0.005."""
+    shortest, packed = [1, 2, 4], [0, 1, 4]
+
+    def plan(ws, a, share_sd):
+        limits = StepLimits(budget=256, seats=10, chunked_prefill=False,
+                            cost=StepCost(a, 1.0), share_sd=share_sd)
+        return sorted(p.key for p in ws.plan(limits))
+
+    assert PACK_SHARE == 0.4 and PACK_Z == 2.0
+    assert plan(fill([200, 30, 100, 250, 20]), 256.0, 0.1) == shortest
+    ws = fill([200, 30, 100, 250, 20])
+    assert plan(ws, 256.0, 0.04) == packed and ws.packing
+    assert plan(ws, 256.0, 0.1) == packed
+    assert plan(ws, 160.0, 0.1) == packed and ws.packing
+    assert plan(ws, 160.0, 0.005) == shortest and not ws.packing
 
 
 # ---- KV blocks ----------------------------------------------------------------------------------

@@ -399,16 +399,22 @@ def test_a_deep_backlog_on_noisy_steps_is_scheduled_for_its_cost(tiny_model, mix
         assert plugin.wall <= 1.001 * spf.wall and mean["prepack"] <= 1.01 * mean["spf"]
 
 
+def timed_scheduler(tiny_model):
+    """A scheduler on a clock the test sets (seconds in a one-item list), and the step times
+    its step-cost model is shown."""
+    s = standalone_scheduler(tiny_model, budget=256, chunked_prefill=False)
+    clock, seen = [0.0], []
+    s.prepack_clock = lambda: clock[0]
+    observe = s.step_cost_model.observe
+    s.step_cost_model.observe = lambda t, n, sec: (seen.append(sec), observe(t, n, sec))
+    return s, clock, seen
+
+
 def test_the_time_between_two_jobs_is_not_a_step(tiny_model):
     """An engine its caller steps (``LLM.generate`` in-process) stops at its last request's
     step, with the finished ids still to clear; the next job, a minute later, must not time
     its first step from the last job's end (a minute read as a step's cost)."""
-    s = standalone_scheduler(tiny_model, budget=256, chunked_prefill=False)
-    clock = [0.0]
-    s.prepack_clock = lambda: clock[0]
-    seen = []
-    observe = s.step_cost_model.observe
-    s.step_cost_model.observe = lambda t, n, sec: (seen.append(sec), observe(t, n, sec))
+    s, clock, seen = timed_scheduler(tiny_model)
     for job in range(2):
         for i in range(6):
             s.add_request(make_request(f"j{job}r{i}", 200))
@@ -419,6 +425,24 @@ def test_the_time_between_two_jobs_is_not_a_step(tiny_model):
         assert s.has_requests()  # the finished ids ride the next job's first step
         clock[0] += 60.0
     assert len(seen) == 12 - 2 and max(seen) < 1.0
+
+
+def test_a_job_ended_by_an_abort_is_not_timed_across_the_pause_either(tiny_model):
+    """A stop string ends a request after the step's update (the engine aborts it then): the
+    scheduler still counted it unfinished at the update, so the clock ran on; the next request,
+    a minute later, starts an idle engine's first step, not timed."""
+    from vllm.v1.request import RequestStatus
+
+    s, clock, seen = timed_scheduler(tiny_model)
+    for job in range(2):
+        s.add_request(make_request(f"j{job}", 200, max_tokens=50))
+        for _ in range(3):  # prefill, then two decode steps
+            out = s.schedule()
+            clock[0] += 0.01
+            fake_step(s, out)
+        s.finish_requests(f"j{job}", RequestStatus.FINISHED_ABORTED)  # its stop string
+        clock[0] += 60.0
+    assert len(seen) == 2 * 2 and max(seen) < 1.0
 
 
 def test_short_prompts_are_admitted_past_a_long_one_whose_blocks_are_not_free(tiny_model):

@@ -57,7 +57,8 @@ class PrepackConfig:
         a GPU each costs about one step's fixed cost; they are few and spaced out (``cost.py``).
     pack_fixed_share: pack steps (filler reserve, best-fit exchange) only where the fixed cost
         is at least this share of a full step's cost, a / (a + b x budget + c x the sequences
-        a full step holds): 0 always packs
+        a full step holds; a fitted share from PACK_Z standard deviations above it until as
+        many below, ``policy.py``): 0 always packs
         (the fewest steps where a dominates), 1 never (shortest first, lowest mean TTFT where
         steps cost their tokens). Between: the frontier from latency to throughput
         (BENCHMARKS.md).

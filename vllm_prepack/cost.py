@@ -21,8 +21,10 @@ of other sizes (a probe) tell a apart. An engine's first steps (first kernels, l
 are left out, and so are far slower ones before the first fit: a backlog's first steps carry
 its many short prompts, and a slow one there reads as a per-sequence cost and hides a.
 
-The policy's choice flips where a's share of a full step (its tokens' and its sequences'
-cost counted) crosses a threshold (``pack_fixed_share``). Where the fit cannot yet tell which
+The policy's choice turns on where a's share of a full step (its tokens' and its sequences'
+cost counted) crosses a threshold (``pack_fixed_share``): it packs from ``policy.PACK_Z`` of
+the share's standard deviations (``fitted_share_sd``) above it until as many below. Where the
+fit cannot yet tell which
 side of it the share lies (a backlog of full steps: a + b x budget + c x its sequences is
 known, its split is the prior's and the drift's), the model asks for one smaller step, a probe
 (``probe_tokens``): its time sets a apart from the work. On a CPU a half step costs nothing
@@ -107,7 +109,7 @@ class StepCostModel:
 
     `capacity`: the step's token budget; the prior's pseudo-steps sit at 0 and at capacity
     tokens, so it pins the line where the engine works. `threshold`: the share of a full step's
-    cost in a at which the policy's choice flips (strictly between 0 and 1, else never probed).
+    cost in a about which the policy's choice turns (strictly between 0 and 1, else never probed).
     `warmup`: the first steps left out."""
 
     def __init__(self, fixed_tokens: float, seq_tokens: float, capacity: int, learn: bool = True,
@@ -191,6 +193,12 @@ class StepCostModel:
     def share(self) -> float:
         """a's share of a full step's cost under the fit in force."""
         return self.current.fixed_share(self.capacity)
+
+    def fitted_share_sd(self) -> float:
+        """The share's standard deviation where the fit gives one and the policy's choice is
+        open, else 0: the prior's share (until the fit has its steps), a fixed cost, packing
+        always or never are acted on as given."""
+        return self.share_sd if self.threshold is not None and self.share_sd < math.inf else 0.0
 
     def decided(self) -> bool:
         """Whether the fit tells which side of the threshold the share lies: PROBE_Z sd away,
@@ -341,6 +349,7 @@ class StepCostModel:
         cost = self.current
         return {"fixed_s": cost.fixed, "per_token_s": cost.per_token, "per_seq_s": cost.per_seq,
                 "fixed_tokens": cost.fixed_tokens, "fixed_share": self.share(),
+                "share_sd": self.fitted_share_sd(),
                 "steps": self.steps, "probes": self.probes,
                 "source": "fixed" if not self.learn else "fit" if self.steps >= MIN_STEPS else "prior"}
 

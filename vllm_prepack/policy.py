@@ -28,7 +28,8 @@ eats from the short end, so the per-step cost stays O((k + bins) log n).
 Packing (the reserve and the exchange) saves steps, and a step saved is worth its fixed cost
 a for every request still waiting; it costs the prompts it moves a longer wait. So the plan
 packs only where a step's fixed cost is at least ``PACK_SHARE`` of a full step's (the step
-cost, ``cost.py``, learned from the engine's own step times), and weighs a reserved bin
+cost, ``cost.py``, learned from the engine's own step times; from PACK_Z of the fit's
+standard deviations above it until as many below, where the fit has one), and weighs a reserved bin
 against a shortest-first step by requests started per second of step (Smith's rule in
 seconds): with a near 0 it orders like shortest-prefill-first, with a large a it packs to the
 bound. How full a bin gets follows the same share: the last gap of a bin, up to ``fill_slack`` x
@@ -84,6 +85,13 @@ FILL_SLACK = 0.25
 # of a full step's (a / (a + b x budget + c x its sequences)): below it a saved step is worth
 # less than the wait the packing adds to the prompts it moves
 PACK_SHARE = 0.4
+# and only once the fitted share lies this many of its standard deviations above it, until it
+# lies as many below: a noisy fit (a CPU engine's steps stall now and then, and one stalled
+# half-budget probe reads a large fixed cost) keeps the side it is on, the prior's at first
+# (shortest-first, the mean-optimal order, at the default prior and budgets over 384 tokens),
+# until its probes settle it; a share that wanders near the threshold does not switch packing
+# on and off (bins reserved, then passed over, cost steps)
+PACK_Z = 2.0
 # an overdue request whose KV blocks are not free lets others by for this many steps past its
 # deadline (or its own wait, if longer), then holds its place until its blocks are free
 KV_PATIENCE_STEPS = 256
@@ -299,6 +307,7 @@ class StepLimits:
     overhead: int = 0
     capacity: int = 0  # the whole step's token budget (drain time); 0: budget + used_tokens
     cost: StepCost | None = None  # what a step costs; None: every step the same (steps count)
+    share_sd: float = 0.0  # the standard deviation of the cost's fixed share (0: taken as known)
     # KV blocks free for waiting requests after running ones took theirs (None: not tracked),
     # and the watermark vLLM keeps free once any request is scheduled in the step
     free_blocks: int | None = None
@@ -543,6 +552,7 @@ class WaitingSet:
         self.pack_share = pack_share
         self.fill_slack = fill_slack
         self.by_ratio = order == "ratio"  # HRRN, not SPF
+        self.packing = False  # whether plans pack (the step cost's share against pack_share)
         self.entries: dict[Key, Entry] = {}  # every waiting entry by key; read only outside
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
@@ -729,6 +739,11 @@ class WaitingSet:
         """Choose this step's prefills. Requests stay waiting; planning dates new arrivals and
         may reserve bins (whole prompts only), which changes no request's membership."""
         self._date_arrivals(limits.step_tokens)
+        share, margin = limits.fixed_share(), PACK_Z * limits.share_sd
+        if share - margin >= self.pack_share:
+            self.packing = True  # a saved step is surely worth moving prompts
+        elif share + margin < self.pack_share:
+            self.packing = False
         planner = _Planner(limits)
         for priority in self._priorities:
             level = self._levels[priority]
@@ -750,7 +765,7 @@ class WaitingSet:
         if p.blocked:
             return
         fixed_share = p.limits.fixed_share()
-        packing = fixed_share >= self.pack_share  # a saved step is worth moving prompts
+        packing = self.packing  # a saved step is worth moving prompts (plan())
         if self.by_ratio:
             self._take_by_ratio(level, p, step, packing and not p.limits.chunked_prefill)
             return

@@ -340,8 +340,11 @@ class PrepackScheduler(internal.Scheduler):
         """vLLM's, counting new requests for the load report (the token router drops its
         charges by this count; a request with n samples arrives as n): each new request id
         once, whichever of vLLM's queues it enters, and not a streaming session's next input,
-        which comes under its old id."""
+        which comes under its old id. An engine that was idle (its last request ended by an
+        abort, a stop string, after the step's update) times no step from before."""
         new = request.request_id not in self.requests
+        if not self.has_unfinished_requests():  # idle since the last step: not timed from it
+            self._last_step_end = None
         super().add_request(request)
         if new:
             self._arrived += 1
@@ -488,6 +491,7 @@ class PrepackScheduler(internal.Scheduler):
             overhead=self._draft_slots,
             capacity=capacity,
             cost=self.step_cost_model.current,
+            share_sd=self.step_cost_model.fitted_share_sd(),
             free_blocks=free_blocks,
             watermark_blocks=watermark,
             running=bool(self.running),

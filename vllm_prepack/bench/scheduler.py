@@ -597,7 +597,7 @@ def _fits_note(jobs, budget: int) -> str:
     keeps learning across the warm-up and the runs): what its schedule acted on."""
     rows = [{"workload": workload, "scheduler": name, "a ms": 1e3 * fit["fixed_s"],
              "b ms/token": 1e3 * fit["per_token_s"], "c ms/prompt": 1e3 * fit["per_seq_s"],
-             "f": fit["fixed_share"],
+             "f": fit["fixed_share"], "f sd": fit["share_sd"],
              "steps seen": fit["steps"],
              "probes": fit["probes"]}
             for workload, outcomes, _ in jobs for name, o in outcomes.items()
@@ -606,7 +606,9 @@ def _fits_note(jobs, budget: int) -> str:
         return ""
     return ("\n\n**The step cost the plugin had learned** (each plugin engine's model at the end "
             "of its median run, warm-up and earlier runs included; f = a / (a + (b + c x the "
-            "prompts a token brings) x budget), compared with `pack_fixed_share`; probes: "
+            "prompts a token brings) x budget), compared with `pack_fixed_share`: the plan packs "
+            "from 2 of its standard deviations (f sd, 0 where the choice is not open) above it "
+            "until 2 below; probes: "
             "half-budget steps it ran to tell a from the work)\n\n" + table(rows))
 
 
