@@ -269,28 +269,29 @@ def test_steps_slow_in_one_shape_only_are_kept():
         assert model.current.seconds(1024, 8) == pytest.approx(truth.seconds(1024, 8), rel=1e-3)
 
 
-@pytest.mark.parametrize("seed", [1, 4, 5])
-def test_stalled_steps_leave_the_fit_undecided_and_the_plan_unpacked(seed):
+def test_stalled_steps_leave_the_fit_undecided_and_the_plan_unpacked():
     """A CPU engine's steps cost their tokens (a = 0), but 15% of them stall at 1.3-2.5x their
-    time, and here every probe does: the fitted share crosses the threshold now and then
-    (checked), while the policy's plan, given the fit and its standard deviation, never
-    packs."""
+    time, and here every probe does: the fitted share crosses the threshold now and then (in
+    some of the seeds, checked), while the policy's plan, given the fit and its standard
+    deviation, never packs."""
     from vllm_prepack.policy import PACK_SHARE, Entry, StepLimits, WaitingSet
 
-    rng = random.Random(seed)
-    model = StepCostModel(256, 0, 1024, threshold=PACK_SHARE)
-    waiting = WaitingSet(pack_share=PACK_SHARE)
-    for key, length in enumerate(prompt_lengths("trimodal", 40, seed=seed, max_len=256)):
-        waiting.add(Entry(key=key, length=length, step=0))
     crossed = 0
-    for _ in range(400):
-        cap = model.probe_tokens(10**9)
-        tokens = cap or 1024 - rng.randrange(60)
-        stalled = rng.random() < 0.15 or cap
-        model.observe(tokens, 8, 1e-4 * tokens * (rng.uniform(1.3, 2.5) if stalled
-                                                  else rng.gauss(1, 0.03)))
-        crossed += model.share() >= PACK_SHARE
-        waiting.plan(StepLimits(budget=1024, seats=64, chunked_prefill=False,
-                                cost=model.current, share_sd=model.fitted_share_sd()))
-        assert not waiting.packing
-    assert model.probes >= 1 and crossed > 0
+    for seed in range(6):
+        rng = random.Random(seed)
+        model = StepCostModel(256, 0, 1024, threshold=PACK_SHARE)
+        waiting = WaitingSet(pack_share=PACK_SHARE)
+        for key, length in enumerate(prompt_lengths("trimodal", 40, seed=seed, max_len=256)):
+            waiting.add(Entry(key=key, length=length, step=0))
+        for _ in range(400):
+            cap = model.probe_tokens(10**9)
+            tokens = cap or 1024 - rng.randrange(60)
+            stalled = rng.random() < 0.15 or cap
+            model.observe(tokens, 8, 1e-4 * tokens * (rng.uniform(1.3, 2.5) if stalled
+                                                      else rng.gauss(1, 0.03)))
+            crossed += model.share() >= PACK_SHARE
+            waiting.plan(StepLimits(budget=1024, seats=64, chunked_prefill=False,
+                                    cost=model.current, share_sd=model.fitted_share_sd()))
+            assert not waiting.packing, seed
+        assert model.probes >= 1
+    assert crossed > 0

@@ -92,20 +92,22 @@ def test_probe_steps_stay_within_their_cap_and_outputs_match_plain_vllm(engine, 
 def test_the_step_cost_model_times_no_step_across_the_pause_between_two_jobs(engine, tiny_model,
                                                                             monkeypatch):
     """``LLM.generate`` steps the engine in this process until its requests finish, leaving
-    their ids for the next job's first step: that step is not timed from the last job's end."""
+    their ids for the next job's first step: that step is not timed from the last job's end
+    (a pause of 1000 s here, on the scheduler's clock)."""
     import time
 
     kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=512)
     llm = engine(tiny_model, True, **kw)
-    model = engine_scheduler(llm).step_cost_model
-    seen = []
+    scheduler = engine_scheduler(llm)
+    model = scheduler.step_cost_model
+    seen, paused = [], [0.0]
     observe = model.observe
     monkeypatch.setattr(model, "observe", lambda t, n, s: (seen.append(s), observe(t, n, s)))
-    pause = 1.5
+    monkeypatch.setattr(scheduler, "prepack_clock", lambda: time.perf_counter() + paused[0])
     generate(llm, MIXED[:6], FIRST_TOKEN)
-    time.sleep(pause)
+    paused[0] += 1000.0
     generate(llm, MIXED[:6], FIRST_TOKEN)
-    assert seen and max(seen) < pause
+    assert seen and max(seen) < 100.0
 
 
 def test_plugin_is_observably_active(engine, tiny_model):

@@ -24,10 +24,9 @@ its many short prompts, and a slow one there reads as a per-sequence cost and hi
 The policy's choice turns on where a's share of a full step (its tokens' and its sequences'
 cost counted) crosses a threshold (``pack_fixed_share``): it packs from ``policy.PACK_Z`` of
 the share's standard deviations (``fitted_share_sd``) above it until as many below. Where the
-fit cannot yet tell which
-side of it the share lies (a backlog of full steps: a + b x budget + c x its sequences is
-known, its split is the prior's and the drift's), the model asks for one smaller step, a probe
-(``probe_tokens``): its time sets a apart from the work. On a CPU a half step costs nothing
+fit cannot yet tell which side of it the share lies (a backlog of full steps: a + b x budget +
+c x its sequences is known, its split is the prior's and the drift's), the model asks for one
+smaller step, a probe (``probe_tokens``): its time sets a apart from the work. On a CPU a half step costs nothing
 (steps cost their tokens); on a GPU at most one a each, and probes are few (PROBE_LIMIT),
 spaced out, and only on a deep backlog (PROBE_BACKLOG_STEPS).
 """

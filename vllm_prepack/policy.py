@@ -91,7 +91,7 @@ PACK_SHARE = 0.4
 # (shortest-first, the mean-optimal order, at the default prior and budgets over 384 tokens),
 # until its probes settle it; a share that wanders near the threshold does not switch packing
 # on and off (bins reserved, then passed over, cost steps)
-PACK_Z = 2.0
+PACK_Z = 2.0  # as cost.PROBE_Z: the plan never holds a side the model has decided against
 # an overdue request whose KV blocks are not free lets others by for this many steps past its
 # deadline (or its own wait, if longer), then holds its place until its blocks are free
 KV_PATIENCE_STEPS = 256

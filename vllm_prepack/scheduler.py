@@ -388,8 +388,7 @@ class PrepackScheduler(internal.Scheduler):
         engine idled (no unfinished requests) is not measured. Not ``has_requests()``: an
         engine its caller steps (``LLM.generate`` in-process) ends a job with finished
         requests still to clear, and the next job's first step would read the time between
-        the jobs (17-25 s read as one step beside the bench's other engines, which took the
-        fit's a from 0.16 s to 0.34 s)."""
+        the jobs (in the bench, the other engines' runs: seconds, read as one step)."""
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         now = self.prepack_clock()
         tokens = scheduler_output.total_num_scheduled_tokens

@@ -227,7 +227,11 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("PretrainedConfig._attn_implementation", _V.READ, "hf.py", checked=TESTED_TRANSFORMERS),
     # ---- the step-cost model ------------------------------------------------------------------
     TouchPoint("Scheduler.update_from_output", _V.OVERRIDE, _SCHED),
-    TouchPoint("Scheduler.has_unfinished_requests", _V.CALL, _SCHED),
+    TouchPoint("Scheduler.has_unfinished_requests", _V.CALL, _SCHED,
+               differs="the step clock runs while it holds; all of 0.31-0.34 leave out streaming "
+                       "sessions waiting for input and count 0 under PAUSED_ALL; under "
+                       "PAUSED_NEW 0.31 counts running requests only, 0.32-0.34 also waiting "
+                       "ones that hold KV blocks"),
     TouchPoint("Scheduler.max_num_scheduled_tokens", _V.REPLACE,
                f"{_SCHED} (read), touchpoints.token_budget_cap (lowered for one schedule())",
                differs="schedule() takes it as the step's token budget and asserts the step "
@@ -253,8 +257,9 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     # ---- serving on Ray: the load report, the token router, the replica server ----------------
     TouchPoint("Scheduler.add_request", _V.OVERRIDE, _SCHED,
                differs="counts new request ids for the load report (a streaming session's "
-                       "next input comes under its old id); 0.31-0.34 put a new request into "
-                       "waiting, but the count does not rest on it"),
+                       "next input comes under its old id), and stops the step clock of an "
+                       "idle scheduler; 0.31-0.34 put a new request into waiting, but neither "
+                       "rests on it"),
     *(TouchPoint(f"vllm.benchmarks.lib.endpoint_request_func:{name}", _V.IMPORT,
                  "bench/serve.py (vLLM's bench serve client, request by request)")
       for name in ("ASYNC_REQUEST_FUNCS", "RequestFuncInput")),
