@@ -597,9 +597,9 @@ def test_the_doc_example_packs_only_where_the_fixed_cost_is_large():
 
 def test_packing_starts_pack_z_deviations_above_the_threshold_and_ends_as_many_below():
     """The doc example at a share of 0.5 (a = 256 tokens of work): a fit at 0.5 +- 0.1 (2 sd
-    reach down to 0.3, below PACK_SHARE) orders shortest first; at +- 0.04 (0.42) it packs. A plan that packs goes on packing at 0.5 +-
-    0.1 and at 0.385 +- 0.1 (a = 160: 2 sd reach above the threshold), and stops at 0.385 +-
-    0.005."""
+    reach down to 0.3, below PACK_SHARE) orders shortest first; at +- 0.04 (0.42) it packs. A
+    plan that packs goes on packing at 0.5 +- 0.1 and at 0.385 +- 0.1 (a = 160: 2 sd reach
+    above the threshold), and stops at 0.385 +- 0.005."""
     shortest, packed = [1, 2, 4], [0, 1, 4]
 
     def plan(ws, a, share_sd):

@@ -26,9 +26,9 @@ cost counted) crosses a threshold (``pack_fixed_share``): it packs from ``policy
 the share's standard deviations (``fitted_share_sd``) above it until as many below. Where the
 fit cannot yet tell which side of it the share lies (a backlog of full steps: a + b x budget +
 c x its sequences is known, its split is the prior's and the drift's), the model asks for one
-smaller step, a probe (``probe_tokens``): its time sets a apart from the work. On a CPU a half step costs nothing
-(steps cost their tokens); on a GPU at most one a each, and probes are few (PROBE_LIMIT),
-spaced out, and only on a deep backlog (PROBE_BACKLOG_STEPS).
+smaller step, a probe (``probe_tokens``): its time sets a apart from the work. On a CPU a half
+step costs nothing (steps cost their tokens); on a GPU at most one a each, and probes are few
+(PROBE_LIMIT), spaced out, and only on a deep backlog (PROBE_BACKLOG_STEPS).
 """
 
 from __future__ import annotations

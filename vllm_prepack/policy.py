@@ -29,9 +29,9 @@ Packing (the reserve and the exchange) saves steps, and a step saved is worth it
 a for every request still waiting; it costs the prompts it moves a longer wait. So the plan
 packs only where a step's fixed cost is at least ``PACK_SHARE`` of a full step's (the step
 cost, ``cost.py``, learned from the engine's own step times; from PACK_Z of the fit's
-standard deviations above it until as many below, where the fit has one), and weighs a reserved bin
-against a shortest-first step by requests started per second of step (Smith's rule in
-seconds): with a near 0 it orders like shortest-prefill-first, with a large a it packs to the
+standard deviations above it until as many below, where the fit has one), and weighs a
+reserved bin against a shortest-first step by requests started per second of step (Smith's
+rule in seconds): with a near 0 it orders like shortest-prefill-first, with a large a it packs to the
 bound. How full a bin gets follows the same share: the last gap of a bin, up to ``fill_slack`` x
 (1 - a's share) of the budget, stays empty, since the tiny prompts that would close it wait for
 their bin and save only the gap's share of a step's fixed cost.
@@ -765,11 +765,10 @@ class WaitingSet:
         if p.blocked:
             return
         fixed_share = p.limits.fixed_share()
-        packing = self.packing  # a saved step is worth moving prompts (plan())
         if self.by_ratio:
-            self._take_by_ratio(level, p, step, packing and not p.limits.chunked_prefill)
+            self._take_by_ratio(level, p, step, self.packing and not p.limits.chunked_prefill)
             return
-        if packing and not p.limits.chunked_prefill and not p.limits.probe:
+        if self.packing and not p.limits.chunked_prefill and not p.limits.probe:
             self._build_bins(level, p.limits.budget, fixed_share)
         first_short = len(exchangeable)
         shortest = p.save()
@@ -780,7 +779,7 @@ class WaitingSet:
             del exchangeable[first_short:]
             self._serve_bins(level, p)
             p.take_shortest(level, exchangeable)
-        if packing:
+        if self.packing:
             self._exchange(level, p, exchangeable, step, now)
         if level.bins and p.all_free_taken(level):
             self._serve_bins(level, p)
