@@ -616,6 +616,75 @@ def test_packing_starts_pack_z_deviations_above_the_threshold_and_ends_as_many_b
     assert plan(ws, 160.0, 0.005) == shortest and not ws.packing
 
 
+def reserve_backlog(seed: int = 0) -> list[int]:
+    """A backlog deep enough to build bins in (over BUILD_MIN_STEPS steps of 1024): 40 long
+    prompts, 60 mid ones (their fillers) and 200 short ones."""
+    rng = random.Random(seed)
+    return ([rng.randint(600, 1000) for _ in range(40)] + [rng.randint(100, 300) for _ in range(60)]
+            + [rng.randint(5, 60) for _ in range(200)])
+
+
+def share_limits(a: float, share_sd: float) -> StepLimits:
+    return StepLimits(budget=1024, seats=256, chunked_prefill=False, cost=StepCost(a, 1.0),
+                      share_sd=share_sd)
+
+
+def test_bins_are_reserved_from_the_fitted_share_and_served_once_it_is_sure():
+    """At a share of 0.5 +- 0.1 (undecided: 2 sd reach below PACK_SHARE) the plan reserves bins
+    but serves shortest first, the very plan of a share of 0.1; at 0.5 +- 0.01 it packs and the
+    bins go; every request once."""
+    lengths = reserve_backlog()
+    spf = fill(lengths).plan(share_limits(1024 / 9, 0.0))  # share 0.1: shortest first
+    ws = fill(lengths)
+    picks = ws.plan(share_limits(1024.0, 0.1))
+    [level] = ws._levels.values()
+    assert ws.reserving and not ws.packing and level.bins
+    assert [(p.key, p.reason) for p in picks] == [(p.key, p.reason) for p in spf]
+    assert_consistent(ws)
+    for p in picks:
+        ws.remove(p.key)
+    done, plans = run_to_empty(ws, share_limits(1024.0, 0.01))
+    assert ws.packing and any(p.reason == Reason.BIN for plan in plans for p in plan)
+    assert sorted(done) == sorted(set(range(len(lengths))) - {p.key for p in picks})
+    assert all(len(v) == 1 for v in done.values())
+
+
+def test_reserved_bins_go_back_to_shortest_first_once_the_share_is_below_the_threshold():
+    """Bins reserved at 0.5 +- 0.1 are released at 0.45 -> 0.1 (the point estimate below
+    PACK_SHARE): their members are free again and the plan is shortest-first's."""
+    lengths = reserve_backlog(1)
+    ws = fill(lengths)
+    ws.plan(share_limits(1024.0, 0.1))
+    [level] = ws._levels.values()
+    assert level.bins
+    picks = ws.plan(share_limits(1024 / 9, 0.1))  # 0.1 + 2 sd = 0.3: surely below
+    assert not ws.reserving and not level.bins and level.free_tokens == sum(lengths)
+    assert all(e.bin is None for e in ws.entries.values())
+    assert [p.key for p in picks] == [p.key for p in fill(lengths).plan(share_limits(1024 / 9, 0.0))]
+    assert_consistent(ws)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1),
+       fits=st.lists(st.tuples(st.sampled_from([0.0, 1024 / 9, 1024 * 0.45 / 0.55, 1024.0, 4096.0]),
+                               st.sampled_from([0.0, 0.01, 0.1, 0.3])), min_size=1, max_size=30))
+def test_a_fit_that_wanders_across_the_threshold_loses_no_request(seed, fits):
+    """Whatever the fit reads from step to step (reserving, packing, releasing the bins), every
+    request is planned once and the indexes stay exact."""
+    lengths = reserve_backlog(seed)
+    ws, done, step = fill(lengths), set(), 0
+    while len(ws):
+        a, sd = fits[step % len(fits)]
+        for p in ws.plan(share_limits(a, sd), step=step):
+            assert p.key not in done and not p.chunked
+            done.add(p.key)
+            ws.remove(p.key)
+        assert_consistent(ws)
+        step += 1
+        assert step < 10 * len(lengths)
+    assert done == set(range(len(lengths)))
+
+
 # ---- KV blocks ----------------------------------------------------------------------------------
 
 

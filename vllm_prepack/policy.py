@@ -29,10 +29,12 @@ Packing (the reserve and the exchange) saves steps, and a step saved is worth it
 a for every request still waiting; it costs the prompts it moves a longer wait. So the plan
 packs only where a step's fixed cost is at least ``PACK_SHARE`` of a full step's (the step
 cost, ``cost.py``, learned from the engine's own step times; from PACK_Z of the fit's
-standard deviations above it until as many below, where the fit has one), and weighs a
-reserved bin against a shortest-first step by requests started per second of step (Smith's
-rule in seconds): with a near 0 it orders like shortest-prefill-first, with a large a it packs to the
-bound. How full a bin gets follows the same share: the last gap of a bin, up to ``fill_slack`` x
+standard deviations above it until as many below, where the fit has one; its bins are
+reserved once the fitted share reads over it and served once it is sure, so shortest-first
+does not spend their fillers while the probes settle it, and freed once it reads below), and
+weighs a reserved bin against a shortest-first step by requests started per second of step
+(Smith's rule in seconds): with a near 0 it orders like shortest-prefill-first, with a large a
+it packs to the bound. How full a bin gets follows the same share: the last gap of a bin, up to ``fill_slack`` x
 (1 - a's share) of the budget, stays empty, since the tiny prompts that would close it wait for
 their bin and save only the gap's share of a step's fixed cost.
 
@@ -524,6 +526,17 @@ class _Level:
         elif entry.length == b.shortest:
             b.shortest = min(member.length for member in b.members)
 
+    def release_bins(self) -> None:
+        """Every reserved bin's members back to the free prompts, the bins gone."""
+        for b in self.bins.values():
+            for entry in b.members:
+                entry.bin = None
+                self.free.add(entry)
+            self.free_tokens += b.tokens
+        self.bins.clear()
+        self._ranking.clear()
+        self._unranked.clear()
+
     def ranked(self) -> SortedList:
         """The bins in serving order: most requests first (Smith's rule), then the lighter;
         the bins that lost members since the last read are ranked again first."""
@@ -553,6 +566,7 @@ class WaitingSet:
         self.fill_slack = fill_slack
         self.by_ratio = order == "ratio"  # HRRN, not SPF
         self.packing = False  # whether plans pack (the step cost's share against pack_share)
+        self.reserving = False  # whether plans build bins: packing, or the share over pack_share
         self.entries: dict[Key, Entry] = {}  # every waiting entry by key; read only outside
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
@@ -744,6 +758,13 @@ class WaitingSet:
             self.packing = True  # a saved step is surely worth moving prompts
         elif share + margin < self.pack_share:
             self.packing = False
+        # bins are built once the fitted share reads over the threshold and served once it is
+        # sure: while the probes settle it, shortest-first goes on without spending the fillers
+        self.reserving = self.packing or share >= self.pack_share
+        if not self.reserving:
+            for level in self._levels.values():
+                if level.bins:
+                    level.release_bins()
         planner = _Planner(limits)
         for priority in self._priorities:
             level = self._levels[priority]
@@ -768,12 +789,13 @@ class WaitingSet:
         if self.by_ratio:
             self._take_by_ratio(level, p, step, self.packing and not p.limits.chunked_prefill)
             return
-        if self.packing and not p.limits.chunked_prefill and not p.limits.probe:
+        if self.reserving and not p.limits.chunked_prefill and not p.limits.probe:
             self._build_bins(level, p.limits.budget, fixed_share)
         first_short = len(exchangeable)
         shortest = p.save()
         p.take_shortest(level, exchangeable)
-        if level.bins and self._bin_first(level, p, shortest, len(exchangeable) - first_short):
+        if (self.packing and level.bins
+                and self._bin_first(level, p, shortest, len(exchangeable) - first_short)):
             for entry in reversed(exchangeable[first_short:]):
                 p.untake(entry)
             del exchangeable[first_short:]
