@@ -399,6 +399,26 @@ def test_a_deep_backlog_on_noisy_steps_is_scheduled_for_its_cost(tiny_model, mix
         assert plugin.wall <= 1.001 * spf.wall and mean["prepack"] <= 1.01 * mean["spf"]
 
 
+def test_near_the_threshold_the_bins_are_reserved_while_the_fit_decides(tiny_model):
+    """At a share of 0.5 (a = 1024 tokens of work at a budget of 1024, threshold 0.4) the noisy
+    fit takes probes to be sure; the bins, reserved from the fitted share meanwhile, still find
+    their fillers: fewer steps than SPF (they were more while no bin was built before the fit
+    was sure), at SPF's mean TTFT within 1%."""
+    from vllm_prepack.bench.harness import NoisyStepCost, simulate
+    from vllm_prepack.bench.report import summary
+    from vllm_prepack.cost import StepCost
+    from vllm_prepack.workloads import prompt_lengths
+
+    lengths = prompt_lengths("bimodal", 1000, seed=0, max_len=1023)
+    truth = StepCost.in_tokens(1024, per_token=1e-5)
+    runs = {s: simulate(tiny_model, lengths, s, 1024, False,
+                        cost=NoisyStepCost(truth, 0.03, warmup=20)) for s in ("spf", "prepack")}
+    plugin, spf = runs["prepack"], runs["spf"]
+    assert plugin.cost["probes"] >= 1  # the fit was not sure at once
+    assert plugin.steps < spf.steps and plugin.wall < spf.wall
+    assert summary(plugin.ttft_s)["mean"] <= 1.01 * summary(spf.ttft_s)["mean"]
+
+
 def timed_scheduler(tiny_model):
     """A scheduler on a clock the test sets (seconds in a one-item list), and the step times
     its step-cost model is shown."""
