@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
 from vllm_prepack.cost import StepCost
-from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, FILL_SLACK, KV_PATIENCE_STEPS, PACK_SHARE, PACK_Z, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
+from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, FILL_SLACK, KV_PATIENCE_STEPS, PACK_SHARE, PACK_Z, RELEASE_PER_STEP, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
                                   StepLimits, WaitingSet, padding_gap)
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
@@ -629,10 +629,10 @@ def share_limits(a: float, share_sd: float) -> StepLimits:
                       share_sd=share_sd)
 
 
-def test_bins_are_reserved_from_the_fitted_share_and_served_once_it_is_sure():
+def test_bins_are_reserved_from_the_fitted_share_and_served_ahead_once_it_is_sure():
     """At a share of 0.5 +- 0.1 (undecided: 2 sd reach below PACK_SHARE) the plan reserves bins
-    but serves shortest first, the very plan of a share of 0.1; at 0.5 +- 0.01 it packs and the
-    bins go; every request once."""
+    but serves shortest first, the very plan of a share of 0.1, and a bin only once the free
+    prompts are all taken; at 0.5 +- 0.01 it packs and the bins go; every request once."""
     lengths = reserve_backlog()
     spf = fill(lengths).plan(share_limits(1024 / 9, 0.0))  # share 0.1: shortest first
     ws = fill(lengths)
@@ -641,6 +641,14 @@ def test_bins_are_reserved_from_the_fitted_share_and_served_once_it_is_sure():
     assert ws.reserving and not ws.packing and level.bins
     assert [(p.key, p.reason) for p in picks] == [(p.key, p.reason) for p in spf]
     assert_consistent(ws)
+    undecided = fill(lengths)
+    while len(undecided):
+        free = set(undecided._levels[0].free)
+        plan = undecided.plan(share_limits(1024.0, 0.1))
+        if any(p.reason == Reason.BIN for p in plan):
+            assert free <= {p.key for p in plan}, "a bin went ahead of free prompts undecided"
+        for p in plan:
+            undecided.remove(p.key)
     for p in picks:
         ws.remove(p.key)
     done, plans = run_to_empty(ws, share_limits(1024.0, 0.01))
@@ -649,19 +657,48 @@ def test_bins_are_reserved_from_the_fitted_share_and_served_once_it_is_sure():
     assert all(len(v) == 1 for v in done.values())
 
 
-def test_reserved_bins_go_back_to_shortest_first_once_the_share_is_below_the_threshold():
-    """Bins reserved at 0.5 +- 0.1 are released at 0.45 -> 0.1 (the point estimate below
-    PACK_SHARE): their members are free again and the plan is shortest-first's."""
+def test_reserved_bins_are_held_while_undecided_and_freed_once_surely_below():
+    """Bins reserved at 0.5 +- 0.1 stay at 0.35 +- 0.1 (below PACK_SHARE, not surely: no new
+    bin, none freed) and go back at 0.1 +- 0.1 (surely below): their members free again, the
+    plan shortest-first's."""
     lengths = reserve_backlog(1)
     ws = fill(lengths)
     ws.plan(share_limits(1024.0, 0.1))
     [level] = ws._levels.values()
-    assert level.bins
+    bins = dict(level.bins)
+    assert bins
+    ws.plan(share_limits(1024 * 0.35 / 0.65, 0.1))
+    assert not ws.reserving and level.bins == bins
     picks = ws.plan(share_limits(1024 / 9, 0.1))  # 0.1 + 2 sd = 0.3: surely below
-    assert not ws.reserving and not level.bins and level.free_tokens == sum(lengths)
+    assert not level.bins and level.free_tokens == sum(lengths)
     assert all(e.bin is None for e in ws.entries.values())
     assert [p.key for p in picks] == [p.key for p in fill(lengths).plan(share_limits(1024 / 9, 0.0))]
     assert_consistent(ws)
+
+
+def test_a_deep_backlog_s_bins_are_freed_a_bounded_number_a_plan():
+    """Over RELEASE_PER_STEP reserved prompts go back over several plans, whole bins at a time,
+    the indexes exact after each."""
+    rng = random.Random(2)
+    lengths = [rng.randint(600, 1000) for _ in range(800)] + [rng.randint(5, 300) for _ in range(2400)]
+    ws = fill(lengths)
+    [level] = ws._levels.values()
+    for step in range(12):
+        for p in ws.plan(share_limits(1024.0, 0.1), step=step):
+            ws.remove(p.key)
+    reserved = sum(len(b.members) for b in level.bins.values())
+    largest = max(len(b.members) for b in level.bins.values())
+    assert reserved > RELEASE_PER_STEP + largest
+    plans = 0
+    while level.bins:
+        before = sum(len(b.members) for b in level.bins.values())
+        for p in ws.plan(share_limits(1024 / 9, 0.1), step=12 + plans):
+            ws.remove(p.key)
+        after = sum(len(b.members) for b in level.bins.values())
+        assert after == 0 or RELEASE_PER_STEP <= before - after < RELEASE_PER_STEP + largest
+        assert_consistent(ws)
+        plans += 1
+    assert plans >= 2
 
 
 @settings(max_examples=40, deadline=None)

@@ -30,8 +30,9 @@ a for every request still waiting; it costs the prompts it moves a longer wait. 
 packs only where a step's fixed cost is at least ``PACK_SHARE`` of a full step's (the step
 cost, ``cost.py``, learned from the engine's own step times; from PACK_Z of the fit's
 standard deviations above it until as many below, where the fit has one; its bins are
-reserved once the fitted share reads over it and served once it is sure, so shortest-first
-does not spend their fillers while the probes settle it, and freed once it reads below), and
+reserved while the fitted share reads over it, so shortest-first does not spend their fillers
+while the probes settle it, served ahead of shortest-first once it is sure (and, sure or not,
+once the free prompts are spent), and freed once it is surely below), and
 weighs a reserved bin against a shortest-first step by requests started per second of step
 (Smith's rule in seconds): with a near 0 it orders like shortest-prefill-first, with a large a
 it packs to the bound. How full a bin gets follows the same share: the last gap of a bin, up to ``fill_slack`` x
@@ -92,8 +93,14 @@ PACK_SHARE = 0.4
 # half-budget probe reads a large fixed cost) keeps the side it is on, the prior's at first
 # (shortest-first, the mean-optimal order, at the default prior and budgets over 384 tokens),
 # until its probes settle it; a share that wanders near the threshold does not switch packing
-# on and off (bins reserved, then passed over, cost steps)
+# on and off (bins reserved, then passed over, cost steps). Bins are built while the fitted
+# share reads over the threshold, so the probes' steps do not spend their fillers, and freed
+# only once it lies PACK_Z deviations below
 PACK_Z = 2.0  # as cost.PROBE_Z: the plan never holds a side the model has decided against
+# reserved prompts freed per plan once the share lies surely below the threshold: a deep
+# backlog's bins go back over several plans (shortest-first meanwhile serves the free ones),
+# none of them long (a 100k backlog holds tens of thousands of reserved prompts)
+RELEASE_PER_STEP = 1024
 # an overdue request whose KV blocks are not free lets others by for this many steps past its
 # deadline (or its own wait, if longer), then holds its place until its blocks are free
 KV_PATIENCE_STEPS = 256
@@ -526,16 +533,19 @@ class _Level:
         elif entry.length == b.shortest:
             b.shortest = min(member.length for member in b.members)
 
-    def release_bins(self) -> None:
-        """Every reserved bin's members back to the free prompts, the bins gone."""
-        for b in self.bins.values():
+    def release_bins(self, most: int) -> None:
+        """Whole bins' members back to the free prompts until at least `most` are (or none is
+        left), in serving order: the bins of the most, shortest prompts first, whose members
+        shortest-first reaches soonest."""
+        ranking = self.ranked()
+        while ranking and most > 0:
+            _, _, bin_id = ranking.pop(0)
+            b = self.bins.pop(bin_id)
             for entry in b.members:
                 entry.bin = None
                 self.free.add(entry)
             self.free_tokens += b.tokens
-        self.bins.clear()
-        self._ranking.clear()
-        self._unranked.clear()
+            most -= len(b.members)
 
     def ranked(self) -> SortedList:
         """The bins in serving order: most requests first (Smith's rule), then the lighter;
@@ -566,7 +576,7 @@ class WaitingSet:
         self.fill_slack = fill_slack
         self.by_ratio = order == "ratio"  # HRRN, not SPF
         self.packing = False  # whether plans pack (the step cost's share against pack_share)
-        self.reserving = False  # whether plans build bins: packing, or the share over pack_share
+        self.reserving = False  # whether plans build bins: packing, or the share reads over pack_share
         self.entries: dict[Key, Entry] = {}  # every waiting entry by key; read only outside
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
@@ -754,17 +764,19 @@ class WaitingSet:
         may reserve bins (whole prompts only), which changes no request's membership."""
         self._date_arrivals(limits.step_tokens)
         share, margin = limits.fixed_share(), PACK_Z * limits.share_sd
+        below = share + margin < self.pack_share
         if share - margin >= self.pack_share:
             self.packing = True  # a saved step is surely worth moving prompts
-        elif share + margin < self.pack_share:
+        elif below:
             self.packing = False
-        # bins are built once the fitted share reads over the threshold and served once it is
-        # sure: while the probes settle it, shortest-first goes on without spending the fillers
+        # bins are built while the fitted share reads over the threshold, served ahead of
+        # shortest-first once it is sure, and freed once it is surely below: while the probes
+        # settle it, shortest-first goes on without spending the bins' fillers
         self.reserving = self.packing or share >= self.pack_share
-        if not self.reserving:
+        if below:
             for level in self._levels.values():
                 if level.bins:
-                    level.release_bins()
+                    level.release_bins(RELEASE_PER_STEP)
         planner = _Planner(limits)
         for priority in self._priorities:
             level = self._levels[priority]
