@@ -32,12 +32,12 @@ cost, ``cost.py``, learned from the engine's own step times; from PACK_Z of the 
 standard deviations above it until as many below, where the fit has one; its bins are
 reserved while the fitted share reads over it, so shortest-first does not spend their fillers
 while the probes settle it, served ahead of shortest-first once it is sure (and, sure or not,
-once the free prompts are spent), and freed once it is surely below), and
-weighs a reserved bin against a shortest-first step by requests started per second of step
-(Smith's rule in seconds): with a near 0 it orders like shortest-prefill-first, with a large a
-it packs to the bound. How full a bin gets follows the same share: the last gap of a bin, up to ``fill_slack`` x
-(1 - a's share) of the budget, stays empty, since the tiny prompts that would close it wait for
-their bin and save only the gap's share of a step's fixed cost.
+once the free prompts are spent), and freed once it is surely below), and weighs a reserved
+bin against a shortest-first step by requests started per second of step (Smith's rule in
+seconds): with a near 0 it orders like shortest-prefill-first, with a large a it packs to the
+bound. How full a bin gets follows the same share: the last gap of a bin, up to
+``fill_slack`` x (1 - a's share) of the budget, stays empty, since the tiny prompts that would
+close it wait for their bin and save only the gap's share of a step's fixed cost.
 
 A request that must go first but does not fit (chunked prefill off) stops the plan: letting
 others overtake it would starve it, which is exactly what its deadline forbids. KV blocks
@@ -93,9 +93,7 @@ PACK_SHARE = 0.4
 # half-budget probe reads a large fixed cost) keeps the side it is on, the prior's at first
 # (shortest-first, the mean-optimal order, at the default prior and budgets over 384 tokens),
 # until its probes settle it; a share that wanders near the threshold does not switch packing
-# on and off (bins reserved, then passed over, cost steps). Bins are built while the fitted
-# share reads over the threshold, so the probes' steps do not spend their fillers, and freed
-# only once it lies PACK_Z deviations below
+# on and off (bins reserved, then passed over, cost steps)
 PACK_Z = 2.0  # as cost.PROBE_Z: the plan never holds a side the model has decided against
 # reserved prompts freed per plan once the share lies surely below the threshold: a deep
 # backlog's bins go back over several plans (shortest-first meanwhile serves the free ones),
@@ -576,7 +574,7 @@ class WaitingSet:
         self.fill_slack = fill_slack
         self.by_ratio = order == "ratio"  # HRRN, not SPF
         self.packing = False  # whether plans pack (the step cost's share against pack_share)
-        self.reserving = False  # whether plans build bins: packing, or the share reads over pack_share
+        self.reserving = False  # whether plans build bins: packing, or the share over pack_share
         self.entries: dict[Key, Entry] = {}  # every waiting entry by key; read only outside
         self._levels: dict[int, _Level] = {}
         self._priorities: list[int] = []  # sorted keys of _levels
@@ -769,9 +767,7 @@ class WaitingSet:
             self.packing = True  # a saved step is surely worth moving prompts
         elif below:
             self.packing = False
-        # bins are built while the fitted share reads over the threshold, served ahead of
-        # shortest-first once it is sure, and freed once it is surely below: while the probes
-        # settle it, shortest-first goes on without spending the bins' fillers
+        # while the probes settle the share, shortest-first goes on without the bins' fillers
         self.reserving = self.packing or share >= self.pack_share
         if below:
             for level in self._levels.values():
