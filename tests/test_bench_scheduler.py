@@ -5,7 +5,7 @@ import pytest
 
 from vllm_prepack.bench.harness import Outcome
 from vllm_prepack.bench.scheduler import (
-    SCALE_COSTS, _coverage, _point_label, policy_alone, scale, wall_floor)
+    SCALE_COSTS, _coverage, _point_label, in_model, policy_alone, scale, wall_floor)
 from vllm_prepack.cost import StepCost
 
 
@@ -65,6 +65,24 @@ def test_the_wall_floor_puts_the_step_bound_at_the_calibrated_cost_against_spf_s
     assert row["f"] == pytest.approx(0.05 / (0.05 + 0.1024 + 1e-3 * 1024 * 6 / 3100))
     assert row["wall at the bound vs SPF's (model)"] == pytest.approx(
         (4 * 0.05 + 0.31 + 6e-3) / (6 * 0.05 + 0.31 + 6e-3))
+
+
+def test_a_schedule_in_the_model_is_timed_from_the_steps_that_started_its_requests():
+    """Each step costs a + b x the tokens and c x the prompts it started (a step that starts
+    none, a alone); TTFT is the end of a request's step; both against SPF's."""
+    lengths = [100, 100, 900]
+    cost = StepCost(1.0, 1e-3, 0.01)
+    spf = Outcome(steps=2, ttft_steps=[1, 1, 2], ttft_s=[], sched_s=[])
+    late = Outcome(steps=3, ttft_steps=[3, 3, 1], ttft_s=[], sched_s=[])
+    rows = {r["scheduler"]: r for r in in_model("w", cost, {"spf": spf, "late": late}, lengths)}
+    first, second = 1 + 0.2 + 0.02, 1 + 0.9 + 0.01  # SPF: the two short, then the long
+    assert rows["spf"]["TTFT mean s (model)"] == pytest.approx((2 * first + first + second) / 3)
+    assert rows["spf"]["wall s (model)"] == pytest.approx(first + second)
+    long, idle = 1 + 0.9 + 0.01, 1.0  # late: the long, a step that starts nothing, the two
+    end = long + idle + 1 + 0.2 + 0.02
+    assert rows["late"]["TTFT mean s (model)"] == pytest.approx((2 * end + long) / 3)
+    assert rows["late"]["wall vs SPF (model)"] == pytest.approx(end / (first + second))
+    assert rows["spf"]["mean vs SPF (model)"] == 1 and rows["late"]["steps"] == 3
 
 
 def _outcome(mean: float, wall: float) -> Outcome:

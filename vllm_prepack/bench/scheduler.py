@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import time
 from collections.abc import Sequence
+from itertools import accumulate
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -579,7 +581,10 @@ def _backlog_jobs(title: str, tag: str, label: str, model, params, names,
         else:
             calibration = (f"\n{_wall_floor_note(CALIBRATION_REPEATS)}\n\n"
                            + table([wall_floor(workload, cost, outcomes, lengths, budget)
-                                    for workload, outcomes, lengths in jobs]))
+                                    for workload, outcomes, lengths in jobs])
+                           + f"\n\n{MODELLED_NOTE}\n\n"
+                           + table([row for workload, outcomes, lengths in jobs
+                                    for row in in_model(workload, cost, outcomes, lengths)]))
     delay = (f"; every model execution first sleeps {1e3 * step_delay:g} ms, standing in for a "
              f"GPU's fixed cost per step" if step_delay else "")
     packs = (f"; `{PACKS_ALWAYS}`: the plugin with `pack_fixed_share` 0, the throughput end of "
@@ -640,6 +645,38 @@ def wall_floor(workload: str, cost: StepCost, outcomes: dict[str, Outcome], leng
             "f": cost.fixed / cost.seconds(budget, budget * len(lengths) / max(1, tokens)),
             "step bound": bound, "SPF steps": spf,
             "wall at the bound vs SPF's (model)": wall(bound) / wall(spf)}
+
+
+MODELLED_NOTE = (
+    "**Each schedule in that model** (each engine's median run: the step that started each "
+    "request; a step costs a + b x its prompts' tokens + c x its prompts at the calibrated a, b, "
+    "c; mean TTFT and the end of the last step, against SPF's). A model's figure, not a "
+    "measurement: it compares the schedules without the spread between engine processes, "
+    "which here moves measured seconds by more than these schedules differ.")
+
+
+def in_model(workload: str, cost: StepCost, outcomes: dict[str, Outcome],
+             lengths: list[int]) -> list[dict]:
+    """Every engine's schedule timed by the calibrated step cost: each step's tokens and
+    prompts from the requests it started (whole prompts, one step each: chunked prefill off),
+    a step that starts none at a alone; mean TTFT and wall against SPF's."""
+
+    def timed(o: Outcome) -> tuple[float, float]:
+        steps = max(o.ttft_steps)
+        tokens, seqs = [0] * steps, [0] * steps
+        for step, length in zip(o.ttft_steps, lengths):
+            tokens[step - 1] += length
+            seqs[step - 1] += 1
+        ends = list(accumulate(map(cost.seconds, tokens, seqs)))
+        return statistics.fmean(ends[step - 1] for step in o.ttft_steps), ends[-1]
+
+    times = {name: timed(o) for name, o in outcomes.items()}
+    spf_mean, spf_wall = times["spf"]
+    return [{"workload": workload, "scheduler": name, "steps": max(o.ttft_steps),
+             "TTFT mean s (model)": times[name][0], "wall s (model)": times[name][1],
+             "mean vs SPF (model)": times[name][0] / spf_mean,
+             "wall vs SPF (model)": times[name][1] / spf_wall}
+            for name, o in outcomes.items()]
 
 
 def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int,
