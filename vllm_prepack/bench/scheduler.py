@@ -56,6 +56,7 @@ from vllm_prepack.bench.harness import (
 from vllm_prepack.bench.report import header, summary, table
 from vllm_prepack.cost import StepCost
 from vllm_prepack.models import DecoderShape
+from vllm_prepack.policy import FILL_SLACK, PACK_SHARE
 from vllm_prepack.workloads import WORKLOADS, prompt_lengths, token_ids
 
 STEP_COLUMNS = ["workload", "scheduler", "steps", "LB", "FFD", "steps/bound", "TTFT mean (steps)",
@@ -202,8 +203,9 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
                    f"the waiting prompts every step, bins in Smith's order, told a and b.\n\n"
                    + table(rows, COST_COLUMNS))
     out.append("**The plugin's frontier over its options** (backlogs, chunked prefill off, the "
-               "same requests and clock as above; `pack_fixed_share` 0 always packs, 1 never, 0.4 "
-               "is the default; `bin_fill_slack` 0.25 is the default).\n\n" + table(frontier))
+               f"same requests and clock as above; `pack_fixed_share` 0 always packs, 1 never, "
+               f"{PACK_SHARE:g} is the default; `bin_fill_slack` {FILL_SLACK:g} is the "
+               f"default).\n\n" + table(frontier))
     out.append("**Each baseline's point against the plugin's** (the default and the frontier "
                "above): 'no plugin point as good' names the baselines no point of the plugin's "
                "matches or beats on both mean TTFT and makespan, each with how much worse the "
@@ -652,7 +654,7 @@ MODELLED_NOTE = (
     "request; a step costs a + b x its prompts' tokens + c x its prompts at the calibrated a, b, "
     "c; mean TTFT and the end of the last step, against SPF's). A model's figure, not a "
     "measurement: it compares the schedules without the spread between engine processes, "
-    "which here moves measured seconds by more than these schedules differ.")
+    "which can move measured seconds by more than the schedules differ.")
 
 
 def in_model(workload: str, cost: StepCost, outcomes: dict[str, Outcome],
@@ -661,22 +663,21 @@ def in_model(workload: str, cost: StepCost, outcomes: dict[str, Outcome],
     prompts from the requests it started (whole prompts, one step each: chunked prefill off),
     a step that starts none at a alone; mean TTFT and wall against SPF's."""
 
-    def timed(o: Outcome) -> tuple[float, float]:
+    def timed(o: Outcome) -> tuple[int, float, float]:
         steps = max(o.ttft_steps)
         tokens, seqs = [0] * steps, [0] * steps
-        for step, length in zip(o.ttft_steps, lengths):
+        for step, length in zip(o.ttft_steps, lengths, strict=True):
             tokens[step - 1] += length
             seqs[step - 1] += 1
         ends = list(accumulate(map(cost.seconds, tokens, seqs)))
-        return statistics.fmean(ends[step - 1] for step in o.ttft_steps), ends[-1]
+        return steps, statistics.fmean(ends[step - 1] for step in o.ttft_steps), ends[-1]
 
     times = {name: timed(o) for name, o in outcomes.items()}
-    spf_mean, spf_wall = times["spf"]
-    return [{"workload": workload, "scheduler": name, "steps": max(o.ttft_steps),
-             "TTFT mean s (model)": times[name][0], "wall s (model)": times[name][1],
-             "mean vs SPF (model)": times[name][0] / spf_mean,
-             "wall vs SPF (model)": times[name][1] / spf_wall}
-            for name, o in outcomes.items()]
+    _, spf_mean, spf_wall = times["spf"]
+    return [{"workload": workload, "scheduler": name, "steps": steps,
+             "TTFT mean s (model)": mean, "wall s (model)": wall,
+             "mean vs SPF (model)": mean / spf_mean, "wall vs SPF (model)": wall / spf_wall}
+            for name, (steps, mean, wall) in times.items()]
 
 
 def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int,
