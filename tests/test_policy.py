@@ -595,25 +595,31 @@ def test_the_doc_example_packs_only_where_the_fixed_cost_is_large():
     assert sorted(p.key for p in fill([200, 30, 100, 250, 20]).plan(limits(256.0))) == [0, 1, 4]
 
 
+def fixed_at(share: float, budget: int) -> float:
+    """The fixed cost (tokens of work, b = 1) that is `share` of a full step's."""
+    return share / (1 - share) * budget
+
+
 def test_packing_starts_pack_z_deviations_above_the_threshold_and_ends_as_many_below():
-    """The doc example at a share of 0.5 (a = 256 tokens of work): a fit at 0.5 +- 0.1 (2 sd
-    reach down to 0.3, below PACK_SHARE) orders shortest first; at +- 0.04 (0.42) it packs. A
-    plan that packs goes on packing at 0.5 +- 0.1 and at 0.385 +- 0.1 (a = 160: 2 sd reach
-    above the threshold), and stops at 0.385 +- 0.005."""
+    """The doc example at a share 0.1 over PACK_SHARE: a fit +- 0.1 (2 sd reach below the
+    threshold) orders shortest first; at +- 0.04 it packs. A plan that packs goes on packing at
+    +- 0.1, and at 0.015 below the threshold +- 0.1 (2 sd reach above it), and stops at
+    0.015 below +- 0.005."""
     shortest, packed = [1, 2, 4], [0, 1, 4]
+    above, below = fixed_at(PACK_SHARE + 0.1, 256), fixed_at(PACK_SHARE - 0.015, 256)
 
     def plan(ws, a, share_sd):
         limits = StepLimits(budget=256, seats=10, chunked_prefill=False,
                             cost=StepCost(a, 1.0), share_sd=share_sd)
         return sorted(p.key for p in ws.plan(limits))
 
-    assert PACK_SHARE == 0.4 and PACK_Z == 2.0
-    assert plan(fill([200, 30, 100, 250, 20]), 256.0, 0.1) == shortest
+    assert PACK_Z == 2.0
+    assert plan(fill([200, 30, 100, 250, 20]), above, 0.1) == shortest
     ws = fill([200, 30, 100, 250, 20])
-    assert plan(ws, 256.0, 0.04) == packed and ws.packing
-    assert plan(ws, 256.0, 0.1) == packed
-    assert plan(ws, 160.0, 0.1) == packed and ws.packing
-    assert plan(ws, 160.0, 0.005) == shortest and not ws.packing
+    assert plan(ws, above, 0.04) == packed and ws.packing
+    assert plan(ws, above, 0.1) == packed
+    assert plan(ws, below, 0.1) == packed and ws.packing
+    assert plan(ws, below, 0.005) == shortest and not ws.packing
 
 
 def reserve_backlog(seed: int = 0) -> list[int]:
@@ -624,19 +630,25 @@ def reserve_backlog(seed: int = 0) -> list[int]:
             + [rng.randint(5, 60) for _ in range(200)])
 
 
-def share_limits(a: float, share_sd: float) -> StepLimits:
-    return StepLimits(budget=1024, seats=256, chunked_prefill=False, cost=StepCost(a, 1.0),
-                      share_sd=share_sd)
+def share_limits(share: float, share_sd: float) -> StepLimits:
+    return StepLimits(budget=1024, seats=256, chunked_prefill=False,
+                      cost=StepCost(fixed_at(share, 1024), 1.0), share_sd=share_sd)
+
+
+# fitted shares about the threshold: over it but undecided at sd 0.1 (2 sd reach below), under
+# it but not surely at 0.1, and surely under at 0.05 (shortest-first's plan: share_limits(0, 0))
+OVER, UNDER, SURELY_UNDER = PACK_SHARE + 0.1, PACK_SHARE - 0.05, PACK_SHARE - 0.15
+assert 0.15 < PACK_SHARE < 0.9  # all three shares within (0, 1)
 
 
 def test_bins_are_reserved_from_the_fitted_share_and_served_ahead_once_it_is_sure():
-    """At a share of 0.5 +- 0.1 (undecided: 2 sd reach below PACK_SHARE) the plan reserves bins
-    but serves shortest first, the very plan of a share of 0.1, and a bin only once the free
-    prompts are all taken; at 0.5 +- 0.01 it packs and the bins go; every request once."""
+    """At a share over PACK_SHARE +- 0.1 (undecided: 2 sd reach below it) the plan reserves bins
+    but serves shortest first, the very plan of a share of 0, and a bin only once the free
+    prompts are all taken; at +- 0.01 it packs and the bins go; every request once."""
     lengths = reserve_backlog()
-    spf = fill(lengths).plan(share_limits(1024 / 9, 0.0))  # share 0.1: shortest first
+    spf = fill(lengths).plan(share_limits(0.0, 0.0))  # shortest first
     ws = fill(lengths)
-    picks = ws.plan(share_limits(1024.0, 0.1))
+    picks = ws.plan(share_limits(OVER, 0.1))
     [level] = ws._levels.values()
     assert ws.reserving and not ws.packing and level.bins
     assert [(p.key, p.reason) for p in picks] == [(p.key, p.reason) for p in spf]
@@ -644,35 +656,35 @@ def test_bins_are_reserved_from_the_fitted_share_and_served_ahead_once_it_is_sur
     undecided = fill(lengths)
     while len(undecided):
         free = set(undecided._levels[0].free)
-        plan = undecided.plan(share_limits(1024.0, 0.1))
+        plan = undecided.plan(share_limits(OVER, 0.1))
         if any(p.reason == Reason.BIN for p in plan):
             assert free <= {p.key for p in plan}, "a bin went ahead of free prompts undecided"
         for p in plan:
             undecided.remove(p.key)
     for p in picks:
         ws.remove(p.key)
-    done, plans = run_to_empty(ws, share_limits(1024.0, 0.01))
+    done, plans = run_to_empty(ws, share_limits(OVER, 0.01))
     assert ws.packing and any(p.reason == Reason.BIN for plan in plans for p in plan)
     assert sorted(done) == sorted(set(range(len(lengths))) - {p.key for p in picks})
     assert all(len(v) == 1 for v in done.values())
 
 
 def test_reserved_bins_are_held_while_undecided_and_freed_once_surely_below():
-    """Bins reserved at 0.5 +- 0.1 stay at 0.35 +- 0.1 (below PACK_SHARE, not surely: no new
-    bin, none freed) and go back at 0.1 +- 0.1 (surely below): their members free again, the
-    plan shortest-first's."""
+    """Bins reserved over PACK_SHARE +- 0.1 stay under it +- 0.1 (not surely: no new bin, none
+    freed) and go back surely under it (2 sd short of it): their members free again, the plan
+    shortest-first's."""
     lengths = reserve_backlog(1)
     ws = fill(lengths)
-    ws.plan(share_limits(1024.0, 0.1))
+    ws.plan(share_limits(OVER, 0.1))
     [level] = ws._levels.values()
     bins = dict(level.bins)
     assert bins
-    ws.plan(share_limits(1024 * 0.35 / 0.65, 0.1))
+    ws.plan(share_limits(UNDER, 0.1))
     assert not ws.reserving and level.bins == bins
-    picks = ws.plan(share_limits(1024 / 9, 0.1))  # 0.1 + 2 sd = 0.3: surely below
+    picks = ws.plan(share_limits(SURELY_UNDER, 0.05))
     assert not level.bins and level.free_tokens == sum(lengths)
     assert all(e.bin is None for e in ws.entries.values())
-    assert [p.key for p in picks] == [p.key for p in fill(lengths).plan(share_limits(1024 / 9, 0.0))]
+    assert [p.key for p in picks] == [p.key for p in fill(lengths).plan(share_limits(0.0, 0.0))]
     assert_consistent(ws)
 
 
@@ -684,7 +696,7 @@ def test_a_deep_backlog_s_bins_are_freed_a_bounded_number_a_plan():
     ws = fill(lengths)
     [level] = ws._levels.values()
     for step in range(12):
-        for p in ws.plan(share_limits(1024.0, 0.1), step=step):
+        for p in ws.plan(share_limits(OVER, 0.1), step=step):
             ws.remove(p.key)
     reserved = sum(len(b.members) for b in level.bins.values())
     largest = max(len(b.members) for b in level.bins.values())
@@ -692,7 +704,7 @@ def test_a_deep_backlog_s_bins_are_freed_a_bounded_number_a_plan():
     plans = 0
     while level.bins:
         before = sum(len(b.members) for b in level.bins.values())
-        for p in ws.plan(share_limits(1024 / 9, 0.1), step=12 + plans):
+        for p in ws.plan(share_limits(SURELY_UNDER, 0.05), step=12 + plans):
             ws.remove(p.key)
         after = sum(len(b.members) for b in level.bins.values())
         assert after == 0 or RELEASE_PER_STEP <= before - after < RELEASE_PER_STEP + largest
@@ -703,7 +715,7 @@ def test_a_deep_backlog_s_bins_are_freed_a_bounded_number_a_plan():
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1),
-       fits=st.lists(st.tuples(st.sampled_from([0.0, 1024 / 9, 1024 * 0.45 / 0.55, 1024.0, 4096.0]),
+       fits=st.lists(st.tuples(st.sampled_from([0.0, SURELY_UNDER, UNDER, OVER, 0.8]),
                                st.sampled_from([0.0, 0.01, 0.1, 0.3])), min_size=1, max_size=30))
 def test_a_fit_that_wanders_across_the_threshold_loses_no_request(seed, fits):
     """Whatever the fit reads from step to step (reserving, packing, releasing the bins), every

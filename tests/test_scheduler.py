@@ -400,17 +400,19 @@ def test_a_deep_backlog_on_noisy_steps_is_scheduled_for_its_cost(tiny_model, mix
 
 
 def test_near_the_threshold_the_bins_are_reserved_while_the_fit_decides(tiny_model):
-    """At a share of 0.5 (a = 1024 tokens of work at a budget of 1024, threshold 0.4) the noisy
-    fit takes probes to be sure; the bins, reserved from the fitted share meanwhile, still find
-    their fillers: fewer steps than SPF (they were more while no bin was built before the fit
-    was sure), at SPF's mean TTFT within 1%."""
+    """At a share just over the threshold (PACK_SHARE + 0.02 of a step at a budget of 1024) the
+    noisy fit takes probes to be sure; the bins, reserved from the fitted share meanwhile, still
+    find their fillers: fewer steps than SPF (they were more while no bin was built before the
+    fit was sure), at SPF's mean TTFT within 1%."""
     from vllm_prepack.bench.harness import NoisyStepCost, simulate
     from vllm_prepack.bench.report import summary
     from vllm_prepack.cost import StepCost
+    from vllm_prepack.policy import PACK_SHARE
     from vllm_prepack.workloads import prompt_lengths
 
     lengths = prompt_lengths("bimodal", 1000, seed=0, max_len=1023)
-    truth = StepCost.in_tokens(1024, per_token=1e-5)
+    share = PACK_SHARE + 0.02
+    truth = StepCost.in_tokens(share / (1 - share) * 1024, per_token=1e-5)
     runs = {s: simulate(tiny_model, lengths, s, 1024, False,
                         cost=NoisyStepCost(truth, 0.03, warmup=20)) for s in ("spf", "prepack")}
     plugin, spf = runs["prepack"], runs["spf"]

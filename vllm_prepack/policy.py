@@ -86,12 +86,17 @@ BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts s
 FILL_SLACK = 0.25
 # pack (filler reserve, best-fit exchange) only where a step's fixed cost is at least this share
 # of a full step's (a / (a + b x budget + c x its sequences)): below it a saved step is worth
-# less than the wait the packing adds to the prompts it moves
-PACK_SHARE = 0.4
+# less than the wait the packing adds to the prompts it moves. 0.25 (`bench scheduler --parts
+# seconds`, five backlog mixes on two seeds, BENCHMARKS.md): with a bin's last gap left to the
+# share (FILL_SLACK), packing always costs at most about 1% of the best mean TTFT at a =
+# 256-1024 tokens of work in a budget of 1024 (shares 0.2-0.5), while never packing takes up to
+# 1.03x FFD's makespan from a = 384 (0.27) up. Lower, a CPU engine's stalls (its fit reading
+# 0.12-0.39 where its calibration reads 0.03-0.07) would have it pack where steps cost tokens
+PACK_SHARE = 0.25
 # and only once the fitted share lies this many of its standard deviations above it, until it
 # lies as many below: a noisy fit (a CPU engine's steps stall now and then, and one stalled
 # half-budget probe reads a large fixed cost) keeps the side it is on, the prior's at first
-# (shortest-first, the mean-optimal order, at the default prior and budgets over 384 tokens),
+# (shortest-first, the mean-optimal order, at the default prior and budgets over 768 tokens),
 # until its probes settle it; a share that wanders near the threshold does not switch packing
 # on and off (bins reserved, then passed over, cost steps)
 PACK_Z = 2.0  # as cost.PROBE_Z: the plan never holds a side the model has decided against
