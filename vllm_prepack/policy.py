@@ -91,7 +91,7 @@ FILL_SLACK = 0.25
 # share (FILL_SLACK), packing always costs at most about 1% of the best mean TTFT at a =
 # 256-1024 tokens of work in a budget of 1024 (shares 0.2-0.5), while never packing takes up to
 # 1.03x FFD's makespan from a = 384 (0.27) up. Lower, a CPU engine's stalls (its fit reading
-# 0.12-0.39 where its calibration reads 0.03-0.07) would have it pack where steps cost tokens
+# 0.10-0.39 where its calibration reads 0.03-0.07) would have it pack where steps cost tokens
 PACK_SHARE = 0.25
 # and only once the fitted share lies this many of its standard deviations above it, until it
 # lies as many below: a noisy fit (a CPU engine's steps stall now and then, and one stalled
