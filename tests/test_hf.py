@@ -258,14 +258,16 @@ def test_hf_path_imports_without_vllm():
     assert "--attn" in done.stdout
 
 
-def test_bench_hf_on_cpu(tmp_path):
-    """The benchmark as a GPU machine runs it: every variant measured, fp32 first tokens agree."""
+@pytest.mark.parametrize("attn", ["sdpa", "prepack_varlen"])
+def test_bench_hf_on_cpu(tmp_path, attn):
+    """The benchmark as a GPU machine runs it: every variant measured, fp32 first tokens agree
+    (HF's continuous batching on sdpa where the packed forward uses the varlen kernel)."""
     from vllm_prepack import cli
     from vllm_prepack.bench.hf import COLUMNS
 
     out = tmp_path / "hf.md"
     assert cli.main(["bench", "hf", "--models", "tiny", "--workloads", "mmlu", "--batches", "4", "8",
-                     "--repeats", "1", "--out", str(out)]) == 0
+                     "--repeats", "1", "--attn", attn, "--out", str(out)]) == 0
     lines = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| 8 |")]
     rows = {cells[1].strip(): dict(zip(COLUMNS, (c.strip() for c in cells))) for cells in lines}
     assert list(rows) == ["padded", "length-ordered", "prepacked", "one row", "HF generate_batch",

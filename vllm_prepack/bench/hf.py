@@ -13,7 +13,8 @@ prefill: token ids in, per-prompt KV caches (padded: the batch cache) and last-t
 TTFT: token ids in, first new token of every prompt on the host out: HF's ``model.generate(...,
 max_new_tokens=1)`` for padding, ``vllm_prepack.hf.generate(..., max_new_tokens=1)`` for packing,
 and HF's own continuous batching, ``model.generate_batch`` (paged attention, no padding; TTFT
-only: its prefill is not separable), with its KV cache and step sized to the batch.
+only: its prefill is not separable), with its KV cache and step sized to the batch (on sdpa
+where `--attn` names flex attention or the varlen kernel, which it does not take).
 Memory is the CUDA peak of the prefill above what was allocated before it, and the whole peak
 with the weights (not measured on CPU).
 Medians of --repeats runs after a warm-up; a variant that runs out of memory reads OOM.
@@ -170,8 +171,18 @@ def continuous_batching_first_tokens(model, prompts) -> list[int]:
         max_batch_tokens=sum(map(len, prompts)), max_requests_per_batch=len(prompts))
     config = GenerationConfig(max_new_tokens=1, do_sample=False, eos_token_id=-1,
                               pad_token_id=model.config.pad_token_id or 0)
-    outputs = model.generate_batch(inputs=[list(p) for p in prompts], generation_config=config,
-                                   continuous_batching_config=sizing, progress_bar=False)
+    # it takes sdpa, eager and flash kernels only: with flex attention or VARLEN_ATTENTION (sdpa
+    # but for packed rows) it runs on sdpa
+    impl = model.config._attn_implementation
+    switch = impl not in ("sdpa", "eager") and "flash" not in impl
+    if switch:
+        model.set_attn_implementation("sdpa")
+    try:
+        outputs = model.generate_batch(inputs=[list(p) for p in prompts], generation_config=config,
+                                       continuous_batching_config=sizing, progress_bar=False)
+    finally:
+        if switch:
+            model.set_attn_implementation(impl)
     tokens = [out.generated_tokens[0] for out in outputs.values() if out.generated_tokens]
     if len(tokens) != len(prompts):  # generate_batch logs a failure and returns what it has
         raise RuntimeError(f"generate_batch returned {len(tokens)} of {len(prompts)} first tokens")
