@@ -281,3 +281,5 @@ def test_bench_hf_on_cpu(tmp_path, attn):
         assert number(name, "TTFT speedup") == pytest.approx(
             number("padded", "TTFT ms") / number(name, "TTFT ms"), rel=0.02)
     assert rows["HF generate_batch"]["prefill ms"] == ""  # TTFT only
+    if attn == "prepack_varlen":  # batch 4's generate_batch gave the varlen kernel back: one row
+        assert rows["prepacked"]["rows"] == "1"

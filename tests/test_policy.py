@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
 from vllm_prepack.cost import StepCost
+from vllm_prepack.workloads import prompt_lengths
 from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, FILL_SLACK, KV_PATIENCE_STEPS, PACK_SHARE, PACK_Z, RELEASE_PER_STEP, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
                                   StepLimits, WaitingSet, padding_gap)
 
@@ -356,6 +357,19 @@ def test_a_tighter_bin_fill_slack_fills_the_gap_the_default_leaves():
     reasons = {p.key: p.reason for p in ws.plan(limits)}
     assert reasons.get(1) == Reason.BIN and ws.entries[1].bin == ws.entries[0].bin is not None
     assert_consistent(ws)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_with_no_bin_slack_a_deep_backlog_takes_as_many_steps_as_offline_ffd_or_one_more(seed):
+    """`bin_fill_slack` 0 asks for the fewest steps: the builder outruns shortest-first far
+    enough that the shortest prompts are still free to close the bins' gaps (at
+    BINS_PER_STEP's pace, 8 bins a step, the first seed's backlog took 427 steps against FFD's
+    422)."""
+    lengths = prompt_lengths("trimodal", 5000, seed=seed, max_len=1023)
+    ws = fill(lengths, pack_share=0.0, fill_slack=0.0)
+    done, plans = run_to_empty(ws, StepLimits(budget=1024, seats=1024, chunked_prefill=False))
+    assert len(done) == len(lengths)
+    assert len(plans) <= ffd_steps(lengths, 1024) + 1
 
 
 def test_a_slack_as_wide_as_the_budget_still_reserves_the_longest_prompt():

@@ -67,9 +67,11 @@ class PrepackConfig:
         would close it (at least 1% of the budget); 0 to 0.5 (at 0.5, with a's share near 0, a
         bin whose prompt takes over half the budget takes no filler). The other axis of the
         frontier: 0.25 gives a lower mean TTFT where the fillers are short prompts
-        shortest-first would serve early (elsewhere fuller bins are better on both axes), 0 the
-        fewest steps (offline first-fit decreasing's or one more on 1000-prompt backlogs,
-        within 1.1% of them on 10,000-prompt ones; BENCHMARKS.md).
+        shortest-first would serve early (elsewhere, in deep backlogs, fuller bins are better
+        on both axes), 0 the
+        fewest steps (within 0.44% of offline first-fit decreasing's on 10,000-prompt
+        backlogs, FFD's or one more on 1000-prompt ones: its bins are built faster,
+        ``policy.FULL_BINS_PER_STEP``; BENCHMARKS.md).
     record_layout: the model-runner hook records each forward's packed layout.
     debug_layout: the hook also checks that layout against the scheduler's plan, and the
         scheduler checks its mirror of vLLM's running-request budget against what vLLM then

@@ -14,7 +14,7 @@ TTFT: token ids in, first new token of every prompt on the host out: HF's ``mode
 max_new_tokens=1)`` for padding, ``vllm_prepack.hf.generate(..., max_new_tokens=1)`` for packing,
 and HF's own continuous batching, ``model.generate_batch`` (paged attention, no padding; TTFT
 only: its prefill is not separable), with its KV cache and step sized to the batch (on sdpa
-where `--attn` names flex attention or the varlen kernel, which it does not take).
+where ``--attn`` names flex attention or the varlen kernel, which it does not take).
 Memory is the CUDA peak of the prefill above what was allocated before it, and the whole peak
 with the weights (not measured on CPU).
 Medians of --repeats runs after a warm-up; a variant that runs out of memory reads OOM.
@@ -171,9 +171,9 @@ def continuous_batching_first_tokens(model, prompts) -> list[int]:
         max_batch_tokens=sum(map(len, prompts)), max_requests_per_batch=len(prompts))
     config = GenerationConfig(max_new_tokens=1, do_sample=False, eos_token_id=-1,
                               pad_token_id=model.config.pad_token_id or 0)
-    # it takes sdpa, eager and flash kernels only: with flex attention or VARLEN_ATTENTION (sdpa
-    # but for packed rows) it runs on sdpa
-    impl = model.config._attn_implementation
+    # it takes sdpa, eager and flash kernels only: with anything else (flex attention,
+    # VARLEN_ATTENTION: sdpa but for packed rows) it runs on sdpa
+    impl = model.config._attn_implementation or "eager"
     switch = impl not in ("sdpa", "eager") and "flash" not in impl
     if switch:
         model.set_attn_implementation("sdpa")
