@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
 from vllm_prepack.cost import StepCost
-from vllm_prepack.workloads import prompt_lengths
 from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, FILL_SLACK, KV_PATIENCE_STEPS, PACK_SHARE, PACK_Z, RELEASE_PER_STEP, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
                                   StepLimits, WaitingSet, padding_gap)
+from vllm_prepack.workloads import prompt_lengths
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
 

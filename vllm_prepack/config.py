@@ -68,10 +68,10 @@ class PrepackConfig:
         bin whose prompt takes over half the budget takes no filler). The other axis of the
         frontier: 0.25 gives a lower mean TTFT where the fillers are short prompts
         shortest-first would serve early (elsewhere, in deep backlogs, fuller bins are better
-        on both axes), 0 the
-        fewest steps (within 0.44% of offline first-fit decreasing's on 10,000-prompt
-        backlogs, FFD's or one more on 1000-prompt ones: its bins are built faster,
-        ``policy.FULL_BINS_PER_STEP``, at about twice the planning time; BENCHMARKS.md).
+        on both axes), 0 the fewest steps (within 0.44% of offline first-fit decreasing's on
+        10,000-prompt backlogs, FFD's or one more on 1000-prompt ones: its bins are built
+        faster, ``policy.FULL_BINS_PER_STEP``, at about twice the planning time;
+        BENCHMARKS.md).
     record_layout: the model-runner hook records each forward's packed layout.
     debug_layout: the hook also checks that layout against the scheduler's plan, and the
         scheduler checks its mirror of vLLM's running-request budget against what vLLM then

@@ -76,9 +76,8 @@ BINS_PER_STEP = 8
 # the same where the fewest steps are asked for (``bin_fill_slack`` 0: every gap closed to the
 # BIN_FILL floor): shortest-first then spends about a 33rd of a backlog before the builder meets
 # it. Packing always at slack 0 took up to 1.1% more steps than offline FFD on 10,000-prompt
-# backlogs at 8 bins a step, 0.44% at 32 (BENCHMARKS.md). Not for the default: its bins would
-# hold more of the short prompts (trimodal at a = 17,500 tokens: 1.049x the best mean, against
-# 1.038x)
+# backlogs at 8 bins a step, 0.44% at 32 (BENCHMARKS.md). Not for the default, which leaves
+# gaps for a lower mean TTFT: built faster, its bins would hold more of the short prompts
 FULL_BINS_PER_STEP = 32
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
