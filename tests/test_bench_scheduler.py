@@ -3,7 +3,7 @@ pure policy: no engine)."""
 
 import pytest
 
-from vllm_prepack.bench.harness import Outcome
+from vllm_prepack.bench.harness import SLOW_FIRST_STEPS, NoisyStepCost, Outcome
 from vllm_prepack.bench.scheduler import (
     SCALE_COSTS, _coverage, _point_label, in_model, policy_alone, scale, wall_floor)
 from vllm_prepack.cost import StepCost
@@ -108,6 +108,22 @@ def test_the_frontier_check_names_the_baselines_no_plugin_point_matches_on_both_
     same = {"same": _outcome(1.2, 10.0 * (1 + 1e-12))}
     assert _coverage(same, {**baselines, "fcfs": _outcome(9, 99), "spf": _outcome(9, 99)})[
         "no plugin point as good"] == "none"
+
+
+def test_an_engine_warm_up_costs_full_steps_whatever_the_first_steps_hold():
+    """The first steps' extra time is (warmup - 1) x a full step's, not warmup x their own: a
+    part-full first step (FCFS's often are) must not read as a cheaper warm-up."""
+    truth = StepCost(fixed=2.0, per_token=1.0)
+    full = truth.seconds(100)
+    for tokens in (10, 100):
+        clock = NoisyStepCost(truth, noise=0.0, warmup=3.0, budget=100)
+        times = [clock.seconds(tokens) for _ in range(SLOW_FIRST_STEPS + 1)]
+        slow = [truth.seconds(tokens) + 2 * full] * SLOW_FIRST_STEPS
+        assert times == slow + [truth.seconds(tokens)]
+    with pytest.raises(ValueError, match="budget"):
+        NoisyStepCost(truth, noise=0.0, warmup=3.0)
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        NoisyStepCost(truth, noise=0.0, warmup=0.5, budget=100)
 
 
 def test_a_point_is_labelled_by_its_options_of_any_type():

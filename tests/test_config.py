@@ -46,7 +46,7 @@ def test_values_are_parsed_and_typed():
         ({"debug_layout": "yes"}, r"\['debug_layout'\] must be true or false"),
         ({"pack_fixed_share": 1.5}, r"\['pack_fixed_share'\] must be <= 1, got 1.5"),
         ({"pack_fixed_share": -0.1}, r"\['pack_fixed_share'\] must be >= 0"),
-        ({"bin_fill_slack": 0.6}, r"\['bin_fill_slack'\] must be <= 0.5, got 0.6"),
+        ({"bin_fill_slack": 0.3}, r"\['bin_fill_slack'\] must be <= 0.25, got 0.3"),
         ({"bin_fill_slack": -0.5}, r"\['bin_fill_slack'\] must be >= 0"),
         ({"step_cost_fixed_tokens": -1}, r"\['step_cost_fixed_tokens'\] must be >= 0"),
         ({"step_cost_fixed_tokens": float("inf")}, r"\['step_cost_fixed_tokens'\] must be finite"),
@@ -86,7 +86,7 @@ def test_the_packing_options_reach_the_waiting_set():
 def test_bin_fill_slack_takes_its_bounds_as_floats():
     assert parse({"bin_fill_slack": 0}).bin_fill_slack == 0.0
     assert isinstance(parse({"bin_fill_slack": 0}).bin_fill_slack, float)
-    assert parse({"bin_fill_slack": 0.5}).waiting_set().fill_slack == 0.5
+    assert parse({"bin_fill_slack": 0.25}).waiting_set().fill_slack == 0.25
 
 
 def test_non_object_is_refused():

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
+from vllm_prepack import policy
 from vllm_prepack.cost import StepCost
 from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, FILL_SLACK, KV_PATIENCE_STEPS, PACK_SHARE, PACK_Z, RELEASE_PER_STEP, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
                                   StepLimits, WaitingSet, padding_gap)
@@ -309,7 +310,7 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked, order, costs
     """add / re-add (the very Entry object that left, maybe in the same step) / pin / remove /
     resize / plan in any order: every index agrees with the waiting entries, and plans only
     name waiting keys."""
-    # where a step costs its tokens (packing forced on), bins leave their last gaps empty
+    # where a step costs its tokens (packing forced on), bins are left open once half full
     cost = StepCost.in_tokens(0.0) if costs_tokens else None
     ws = WaitingSet(aging=AgingBound(drain_factor=0.5), pack_share=0.0, order=order)
     step, left = 0, {}
@@ -336,10 +337,11 @@ def test_indexes_stay_consistent_under_any_operations(ops, chunked, order, costs
 
 def test_where_a_step_costs_its_tokens_a_bin_leaves_the_gap_a_short_prompt_would_wait_to_fill():
     """An 880-token prompt's bin: where every step costs the same it takes the 100-token prompt
-    into its 120-token gap, and the prompt waits in it; where a step costs its tokens (a = 0,
-    packing forced on) the gap is within FILL_SLACK of the budget (12% of it: a slack of 6%
-    would fill it) and stays empty, and the 100-token prompt goes first, shortest first."""
-    assert 0.06 < 120 / 1000 <= FILL_SLACK
+    into its 120-token gap (the gap credit, FILL_SLACK of the 880 tokens, covers no 120), and
+    the prompt waits in it; where a step costs its tokens (a = 0, packing forced on) no gap is
+    worth its fillers' wait: it stays open, and the 100-token prompt goes first, shortest
+    first."""
+    assert FILL_SLACK * 880 < 120
     lengths = [880, 100] + [500] * 10
     for cost, reason in ((None, None), (StepCost.in_tokens(0.0), Reason.SHORT)):
         ws = fill(lengths, pack_share=0.0)
@@ -349,13 +351,26 @@ def test_where_a_step_costs_its_tokens_a_bin_leaves_the_gap_a_short_prompt_would
         assert_consistent(ws)
 
 
-def test_a_tighter_bin_fill_slack_fills_the_gap_the_default_leaves():
-    """The 120-token gap of the test above at a = 0 (packing forced on): a slack of 6% of the
-    budget fills it with the 100-token prompt, which goes in the 880-token prompt's bin."""
-    ws = fill([880, 100] + [500] * 10, pack_share=0.0, fill_slack=0.06)
-    limits = StepLimits(budget=1000, seats=16, chunked_prefill=False, cost=StepCost.in_tokens(0.0))
-    reasons = {p.key: p.reason for p in ws.plan(limits)}
-    assert reasons.get(1) == Reason.BIN and ws.entries[1].bin == ws.entries[0].bin is not None
+@pytest.mark.parametrize("slack", [0.0, 0.02, 0.05])
+def test_the_gaps_bins_leave_open_add_up_to_the_slack_over_the_fixed_share(slack):
+    """Forty 800-token prompts and 400 of 50 tokens, a step's fixed cost half a full step's: each
+    bin's 200-token gap takes four short prompts or stays open, and the open gaps add up to
+    ``bin_fill_slack`` / 0.5 of the tokens binned, less the credit not yet spent (under one gap
+    and one bin's accrual), so the steps they add cost about that share of the time. Slack 0
+    fills every gap; the short prompts of the open gaps stay free, for shortest-first."""
+    budget = 1000
+    ws = fill([800] * 40 + [50] * 400, pack_share=0.0, fill_slack=slack)
+    ws.plan(StepLimits(budget=budget, seats=1, chunked_prefill=False,
+                       cost=StepCost.in_tokens(float(budget))))  # a = b x budget: share 0.5
+    bins = ws._levels[0].bins.values()
+    assert len(bins) == 40 and all(max(e.length for e in b.members) == 800 for b in bins)
+    binned = sum(b.tokens for b in bins)
+    left_open = sum(budget - b.tokens for b in bins)
+    credit = slack / 0.5 * binned - left_open  # what the open gaps have not spent
+    assert 0 <= credit < 200 + slack / 0.5 * budget and credit == pytest.approx(
+        ws._levels[0].gap_credit)
+    assert (left_open == 0) == (slack == 0)
+    assert len(list(ws._levels[0].free)) == 400 - (binned - 40 * 800) // 50
     assert_consistent(ws)
 
 
@@ -372,12 +387,40 @@ def test_with_no_bin_slack_a_deep_backlog_takes_as_many_steps_as_offline_ffd_or_
     assert len(plans) <= ffd_steps(lengths, 1024) + 1
 
 
-def test_a_slack_as_wide_as_the_budget_still_reserves_the_longest_prompt():
-    """A bin always takes its longest prompt, whatever gap the slack would leave (a WaitingSet
-    built directly; the config caps the slack at half the budget)."""
-    ws = fill([900, 600, 100] + [50] * 100, pack_share=0.0, fill_slack=1.0)
-    ws.plan(StepLimits(budget=1000, seats=4, chunked_prefill=False, cost=StepCost.in_tokens(0.0)))
-    assert ws.entries[0].bin is not None
+def test_a_bin_takes_its_longest_prompt_and_is_left_open_only_once_half_full():
+    """However large the credit (a tiny fixed cost: ``bin_fill_slack`` / share over 25), a bin
+    takes its longest prompt, and one of short prompts fills to half the budget before its gap
+    may stay open: the 900- and 600-token prompts' bins stay open, the 50-token prompts go ten to
+    a bin."""
+    ws = fill([900, 600, 100] + [50] * 100, pack_share=0.0, fill_slack=0.25)
+    ws.plan(StepLimits(budget=1000, seats=4, chunked_prefill=False, cost=StepCost.in_tokens(10.0)))
+    bins = list(ws._levels[0].bins.values())
+    assert [sorted(e.length for e in b.members) for b in bins[:2]] == [[900], [600]]
+    assert all(b.tokens >= 500 for b in bins) and len(bins) > 2
+    assert_consistent(ws)
+
+
+def test_the_gap_credit_is_kept_within_credit_bins_and_a_free_step_adds_none(monkeypatch):
+    """Full bins bank the credit up to CREDIT_BINS bins' accrual, no more; a plan where a step
+    has no fixed cost (every bin left open once half full) adds none, so a share that turns
+    positive later finds no inflated credit: the first bin of 100-token prompts fills to the
+    budget (a credit of CREDIT_BINS bins would leave it open at half), and a gap is left open
+    only once the bins have paid for it."""
+    half = StepCost.in_tokens(1000.0)  # share 0.5 at a budget of 1000: open_share 0.1
+    limits = StepLimits(budget=1000, seats=1, chunked_prefill=False, cost=half)
+    with monkeypatch.context() as patch:
+        patch.setattr(policy, "CREDIT_BINS", 2)
+        ws = fill([1000] * 50 + [10] * 500, pack_share=0.0, fill_slack=0.05)
+        ws.plan(limits)
+        assert ws._levels[0].gap_credit == pytest.approx(0.1 * 1000 * 2)
+    ws = fill([700] * 20 + [100] * 3000, pack_share=0.0, fill_slack=0.05)
+    ws.plan(replace(limits, cost=StepCost.in_tokens(0.0)))
+    assert ws._levels[0].gap_credit == 0
+    before = set(ws._levels[0].bins)
+    ws.plan(limits)
+    new = [b.tokens for i, b in ws._levels[0].bins.items() if i not in before]
+    assert new[:2] == [1000, 900] and ws._levels[0].gap_credit == pytest.approx(
+        0.1 * sum(new) - sum(1000 - t for t in new))
     assert_consistent(ws)
 
 

@@ -389,7 +389,8 @@ def test_a_deep_backlog_on_noisy_steps_is_scheduled_for_its_cost(tiny_model, mix
     lengths = prompt_lengths(mix, 3000, seed=0, max_len=256)
     truth = StepCost.in_tokens(fixed_tokens, seq_tokens, per_token=1e-5)
     runs = {s: simulate(tiny_model, lengths, s, 1024, False,
-                        cost=NoisyStepCost(truth, 0.03, warmup=20)) for s in ("spf", "prepack")}
+                        cost=NoisyStepCost(truth, 0.03, warmup=20, budget=1024))
+            for s in ("spf", "prepack")}
     plugin, spf = runs["prepack"], runs["spf"]
     assert plugin.cost["probes"] <= PROBE_LIMIT
     mean = {s: summary(o.ttft_s)["mean"] for s, o in runs.items()}
@@ -414,7 +415,8 @@ def test_near_the_threshold_the_bins_are_reserved_while_the_fit_decides(tiny_mod
     share = PACK_SHARE + 0.02
     truth = StepCost.in_tokens(share / (1 - share) * 1024, per_token=1e-5)
     runs = {s: simulate(tiny_model, lengths, s, 1024, False,
-                        cost=NoisyStepCost(truth, 0.03, warmup=20)) for s in ("spf", "prepack")}
+                        cost=NoisyStepCost(truth, 0.03, warmup=20, budget=1024))
+            for s in ("spf", "prepack")}
     plugin, spf = runs["prepack"], runs["spf"]
     assert plugin.cost["probes"] >= 1  # the fit was not sure at once
     assert plugin.steps < spf.steps and plugin.wall < spf.wall

@@ -62,16 +62,15 @@ class PrepackConfig:
         (the fewest steps where a dominates), 1 never (shortest first, lowest mean TTFT where
         steps cost their tokens). Between: the frontier from latency to throughput
         (BENCHMARKS.md).
-    bin_fill_slack: wherever it packs (order "shortest"), a bin's last gap of up to this x
-        (1 - a's share) of the budget stays empty rather than hold back the tiny prompts that
-        would close it (at least 1% of the budget); 0 to 0.5 (at 0.5, with a's share near 0, a
-        bin whose prompt takes over half the budget takes no filler). The other axis of the
-        frontier: 0.25 gives a lower mean TTFT where the fillers are short prompts
-        shortest-first would serve early (elsewhere, in deep backlogs, fuller bins are better
-        on both axes), 0 the fewest steps (within 0.44% of offline first-fit decreasing's on
-        10,000-prompt backlogs, FFD's or one more on 1000-prompt ones: its bins are built
-        faster, ``policy.FULL_BINS_PER_STEP``, at about twice the planning time;
-        BENCHMARKS.md).
+    bin_fill_slack: wherever it packs (order "shortest"), the share of the makespan the bins may
+        give up for a lower mean TTFT: their gaps stay open up to this / (a's share) of the
+        tokens binned, and the short prompts that would have closed them go first instead of
+        waiting for their bins; 0 to 0.25. The other axis of the frontier: 0.015 for a serving
+        user's mean TTFT where the fillers are many short prompts (the bimodal and trimodal
+        mixes; elsewhere fuller bins are as good on both axes), 0 for the fewest steps (every
+        bin filled to within 1% of the budget; its bins are built 32 a step, not 8, so
+        shortest-first spends fewer of their fillers first, at about twice the planning time
+        while they are built; BENCHMARKS.md).
     record_layout: the model-runner hook records each forward's packed layout.
     debug_layout: the hook also checks that layout against the scheduler's plan, and the
         scheduler checks its mirror of vLLM's running-request budget against what vLLM then
@@ -163,7 +162,7 @@ _KINDS: dict[str, _Kind] = {
     "step_cost_seq_tokens": _Kind(float, 0, zero_ok=True),
     "learn_step_cost": _Kind(bool),
     "pack_fixed_share": _Kind(float, 0, highest=1, zero_ok=True),
-    "bin_fill_slack": _Kind(float, 0, highest=0.5, zero_ok=True),
+    "bin_fill_slack": _Kind(float, 0, highest=0.25, zero_ok=True),
     "record_layout": _Kind(bool),
     "debug_layout": _Kind(bool),
     "load_endpoint": _Kind(str, None, True),

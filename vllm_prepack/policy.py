@@ -35,9 +35,10 @@ while the probes settle it, served ahead of shortest-first once it is sure (and,
 once the free prompts are spent), and freed once it is surely below), and weighs a reserved
 bin against a shortest-first step by requests started per second of step (Smith's rule in
 seconds): with a near 0 it orders like shortest-prefill-first, with a large a it packs to the
-bound. How full a bin gets follows the same share: the last gap of a bin, up to
-``fill_slack`` x (1 - a's share) of the budget, stays empty, since the tiny prompts that would
-close it wait for their bin and save only the gap's share of a step's fixed cost.
+bound. How full the bins get follows the same share: their gaps may stay open up to
+``fill_slack`` / (a's share) of the tokens binned (a credit each bin adds to and each gap left
+open spends), so the steps they add cost about ``fill_slack`` of the makespan, and the short
+prompts that would have closed them go first rather than wait for their bins.
 
 A request that must go first but does not fit (chunked prefill off) stops the plan: letting
 others overtake it would starve it, which is exactly what its deadline forbids. KV blocks
@@ -82,21 +83,27 @@ FULL_BINS_PER_STEP = 32
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
-# The default of the option ``bin_fill_slack``: where a step's fixed cost is a share f of a full
-# step's, a bin's last gap of up to this x (1 - f) of the budget stays empty (or 1 - BIN_FILL,
-# where that is more): the tiny prompts such a gap needs would wait for their bin, and save only
-# the gap's share of a step's fixed cost. 0.25 (`bench scheduler --parts seconds`,
-# BENCHMARKS.md): where it packs, mean TTFT and makespan within 1.02x of the best in 14 of 15
-# backlog rows at a <= 1024 tokens of work (0.06: FFD's makespan, at up to 1.13x the mean); at
-# a = 2048 up to 1.04x FFD's makespan
-FILL_SLACK = 0.25
+# The default of the option ``bin_fill_slack``: the share of the makespan the bins may give up
+# for a lower mean TTFT. Their gaps left open add up to at most this / f of the tokens binned
+# (f: a step's fixed cost as a share of a full step's, so the steps they add cost about this
+# share of the time), and the short prompts that would have closed them go first, shortest
+# first, instead of waiting for their bins. Filling a gap saves a share of one step for every
+# request after it but moves its fillers to their bin's turn: where the fillers are many short
+# prompts (the bimodal and trimodal mixes), filling every gap took 1.04-1.06x SPF's mean for
+# FFD's makespan at 10,000 prompts. 0.015 (`bench scheduler --parts seconds`, BENCHMARKS.md)
+FILL_SLACK = 0.015
+# the gap credit is kept within what this many full bins accrue, either way: a backlog's full
+# bins (prompts at the length limit) bank it for the gaps further down, whose fillers are the
+# short prompts (at 16, the bimodal mix at 10,000 prompts read 1.03x the mean, not 1.02x), and
+# neither a credit nor a debt from hours before outlasts a change of the mix
+CREDIT_BINS = 1024
 # pack (filler reserve, best-fit exchange) only where a step's fixed cost is at least this share
 # of a full step's (a / (a + b x budget + c x its sequences)): below it a saved step is worth
 # less than the wait the packing adds to the prompts it moves. 0.25 (`bench scheduler --parts
-# seconds`, five backlog mixes on two seeds, BENCHMARKS.md): with a bin's last gap left to the
-# share (FILL_SLACK), packing always costs at most about 1% of the best mean TTFT at a =
-# 256-1024 tokens of work in a budget of 1024 (shares 0.2-0.5), while never packing takes up to
-# 1.03x FFD's makespan from a = 384 (0.27) up. Lower, a CPU engine's stalls (its fit reading
+# seconds`, five backlog mixes on two seeds, BENCHMARKS.md; measured with an earlier gap rule, a
+# bin's last gap left open up to 25% x (1 - f) of the budget): packing always cost at most about
+# 1% of the best mean TTFT at a = 256-1024 tokens of work in a budget of 1024 (shares 0.2-0.5),
+# while never packing takes up to 1.03x FFD's makespan from a = 384 (0.27) up. Lower, a CPU engine's stalls (its fit reading
 # 0.10-0.39 where its calibration reads 0.03-0.07) would have it pack where steps cost tokens
 PACK_SHARE = 0.25
 # and only once the fitted share lies this many of its standard deviations above it, until it
@@ -496,7 +503,7 @@ class _Level:
     """The waiting requests of one priority level, indexed by length, deadline and age."""
 
     __slots__ = ("free", "order", "pinned", "by_due", "cohorts", "bins", "_ranking", "_unranked",
-                 "free_tokens")
+                 "free_tokens", "gap_credit")
 
     def __init__(self) -> None:
         self.free = _ByLength()  # unpinned, unreserved entries
@@ -508,6 +515,7 @@ class _Level:
         self.bins: dict[int, _Bin] = {}
         self._ranking: SortedList = SortedList()  # _Bin.order(id) of the bins not in _unranked
         self._unranked: set[int] = set()  # bins, still reserved, that lost a member since the last read
+        self.gap_credit = 0.0  # tokens of gap the bins may still leave open (_build_bins)
 
     def __len__(self) -> int:
         return self.order.live + len(self.pinned)
@@ -944,13 +952,20 @@ class WaitingSet:
     def _build_bins(self, level: _Level, capacity: int, fixed_share: float) -> None:
         """The filler reserve: pack bins from the longest free prompts down, each filled with
         the longest free prompts that fit until the gap left is within 1 - BIN_FILL of the
-        budget, or ``fill_slack`` x (1 - `fixed_share`) where that is more, while the free prompts
-        hold more than BUILD_MIN_STEPS steps. The shortest prompts stay free for
-        shortest-first. Prompts over half the budget need a bin each and their fillers before
-        shortest-first eats them: up to BIG_BINS_PER_STEP of those a step (a 1000-prompt
-        backlog: all at once; a 100k one: far ahead of the small prompts shortest-first spends
-        meanwhile), else BINS_PER_STEP (FULL_BINS_PER_STEP with ``fill_slack`` 0)."""
-        slack = capacity * max(1 - BIN_FILL, self.fill_slack * (1 - fixed_share))
+        budget, or it is half full and the level's gap credit covers leaving it open, while the
+        free prompts hold more than BUILD_MIN_STEPS steps. The shortest prompts stay free for
+        shortest-first. Each bin adds ``fill_slack`` / `fixed_share` of its tokens to the credit
+        and takes off the gap it leaves (within CREDIT_BINS bins' worth either way), so the open
+        gaps add about ``fill_slack`` of the makespan over the backlog. Prompts over half the
+        budget need a bin each and their fillers before shortest-first eats them: up to
+        BIG_BINS_PER_STEP of those a step (a 1000-prompt backlog: all at once; a 100k one: far
+        ahead of the small prompts shortest-first spends meanwhile), else BINS_PER_STEP
+        (FULL_BINS_PER_STEP with ``fill_slack`` 0)."""
+        floor = capacity * (1 - BIN_FILL)
+        if self.fill_slack == 0:
+            open_share = 0.0
+        else:  # where a step has no fixed cost, no gap is worth its fillers' wait
+            open_share = self.fill_slack / fixed_share if fixed_share > 0 else math.inf
         per_step = FULL_BINS_PER_STEP if self.fill_slack == 0 else BINS_PER_STEP
         built = 0
         free = level.free
@@ -961,12 +976,20 @@ class WaitingSet:
             built += 1
             bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
             members, gap = [], capacity
-            # `not members`: a bin takes its longest prompt even where the slack is the whole
-            # budget (PrepackConfig caps it at half; a WaitingSet built directly does not)
-            while length is not None and (gap > slack or not members):
+            # a bin takes its longest prompt whatever the credit, and is left open only once at
+            # least half full: the credit goes to the gaps beside long prompts, not to bins of a
+            # few short ones
+            while length is not None and gap > floor:
+                if (members and 2 * gap <= capacity
+                        and level.gap_credit + open_share * (capacity - gap) >= gap):
+                    break  # left open: the short prompts that would close it go first
                 members.append(free.pop_newest(length))
                 gap -= length
                 length = free.longest_at_most(gap)
+            if open_share < math.inf:  # (else every bin is left open once half full: no count)
+                bound = open_share * capacity * CREDIT_BINS
+                credit = level.gap_credit + open_share * (capacity - gap) - gap
+                level.gap_credit = min(bound, max(-bound, credit))
             level.reserve(members, bin_id)
 
     @staticmethod

@@ -33,20 +33,28 @@ SLOW_FIRST_STEPS = 2  # an engine's first steps, that NoisyStepCost's `warmup` s
 
 class NoisyStepCost:
     """A step cost whose every step is off by a seeded Gaussian share of itself (`noise`), as an
-    engine's timings are, the first SLOW_FIRST_STEPS taking `warmup` x their cost (an engine's
-    first kernels and allocations). Each scheduler of a row gets its own, with the same seed:
-    the same noise, step by step."""
+    engine's timings are, the first SLOW_FIRST_STEPS each taking (`warmup` - 1) x a full step's
+    cost (`budget` tokens) more, whatever they hold: an engine's first kernels and allocations
+    cost what they cost, not what the step carries (charged in proportion to it, a first step
+    that happens to be part-full, as FCFS's often are, would read as a cheaper warm-up). Each
+    scheduler of a row gets its own, with the same seed: the same noise, step by step."""
 
-    def __init__(self, truth: StepCost, noise: float, seed: int = 0, warmup: float = 1.0) -> None:
-        self.truth, self.noise, self.warmup = truth, noise, warmup
+    def __init__(self, truth: StepCost, noise: float, seed: int = 0, warmup: float = 1.0,
+                 budget: int = 0) -> None:
+        if warmup < 1.0:
+            raise ValueError(f"a warm-up slows the first steps: warmup must be >= 1, got {warmup}")
+        if warmup != 1.0 and budget <= 0:
+            raise ValueError("a warm-up is charged in full steps: give the step budget")
+        self.truth, self.noise = truth, noise
+        self._warmup_seconds = (warmup - 1.0) * truth.seconds(budget)
         self._rng = random.Random(f"step-noise:{seed}")
         self._steps = 0
 
     def seconds(self, tokens: int, seqs: int = 0) -> float:
         self._steps += 1
-        slow = self.warmup if self._steps <= SLOW_FIRST_STEPS else 1.0
         noise = max(0.0, 1 + self._rng.gauss(0, self.noise))
-        return slow * self.truth.seconds(tokens, seqs) * noise
+        slow = self._warmup_seconds if self._steps <= SLOW_FIRST_STEPS else 0.0
+        return (self.truth.seconds(tokens, seqs) + slow) * noise
 
 
 def lower_bound_steps(lengths, budget: int) -> int:

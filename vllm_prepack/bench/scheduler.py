@@ -121,14 +121,17 @@ def arrivals(model_dir, n: int, budget: int, seed: int, loads: list[float],
 TOKEN_SECONDS = 1e-5  # b in the engine-free rows (only a / b matters to every order)
 COST_BACKLOGS = ("mmlu", "wikitext512", "heavytail", "bimodal", "trimodal")
 COST_ARRIVALS = ("mmlu", "bimodal", "trimodal")
-# the plugin's frontier: packing always at four bin slacks (the gap a bin may leave empty, x
-# (1 - a's share) of the budget: 0.25, the default, lowers the mean; 0, bins filled to BIN_FILL,
-# comes nearest FFD's makespan), and never packing
+# the plugin's frontier: packing always at four bin slacks (the share of the makespan the bins
+# may give up to leave gaps open: 0.0075-0.03 trade makespan for mean TTFT, 0.015 the default;
+# 0, bins filled to BIN_FILL, comes nearest FFD's makespan), and never packing, with deadlines
+# (the default's) and without (the latency end: shortest first alone, SPF's schedule; the
+# deadlines' price is the gap)
 FRONTIER = ({"pack_fixed_share": 0.0, "bin_fill_slack": 0.0},
-            {"pack_fixed_share": 0.0, "bin_fill_slack": 0.06},
-            {"pack_fixed_share": 0.0, "bin_fill_slack": 0.12},
-            {"pack_fixed_share": 0.0, "bin_fill_slack": 0.25},
-            {"pack_fixed_share": 1.0})
+            {"pack_fixed_share": 0.0, "bin_fill_slack": 0.0075},
+            {"pack_fixed_share": 0.0, "bin_fill_slack": 0.015},
+            {"pack_fixed_share": 0.0, "bin_fill_slack": 0.03},
+            {"pack_fixed_share": 1.0},
+            {"pack_fixed_share": 1.0, "aging_drain_factor": None})
 MARK = 1.02  # the engine-free marks: mean TTFT against the best baseline, makespan against FFD
 ROUNDING = 1e-9  # relative: the same steps' costs summed in another order differ in the last bits
 COST_COLUMNS = ["workload", "a (tokens)", "scheduler", "steps", "TTFT mean s", "TTFT p99 s",
@@ -155,13 +158,13 @@ def in_seconds(model_dir, n: int, budget: int, seed: int, fixed_tokens: list[flo
     clock (the plugin learns a and b from it); backlogs and Poisson arrivals, chunked prefill
     off and on; then the plugin's frontier over its options (FRONTIER), and the baselines whose
     point (mean TTFT, makespan) no point of it matches or beats on both. `noise`, `warmup`: each
-    step's time off by that Gaussian share, the first steps that many times slower
-    (``NoisyStepCost``), as an engine's are."""
+    step's time off by that Gaussian share, the first steps (warmup - 1) x a full step's time
+    slower (``NoisyStepCost``), as an engine's are."""
     out, frontier, cover = [], [], []
 
     def clock(truth: StepCost) -> StepCost | NoisyStepCost:
         """A run's clock: the truth, or a fresh noisy one (each run's noise from its start)."""
-        return NoisyStepCost(truth, noise, seed, warmup) if noise or warmup != 1 else truth
+        return NoisyStepCost(truth, noise, seed, warmup, budget) if noise or warmup != 1 else truth
 
     for chunked in (False, True):
         rows = []
@@ -219,7 +222,8 @@ def _noise(noise: float, warmup: float) -> str:
     text = (f", each step's time then off by a Gaussian {100 * noise:g}% of itself (seeded, the "
             f"same for every scheduler)" if noise else "")
     if warmup != 1:
-        text += f", the first {SLOW_FIRST_STEPS} steps of each run {warmup:g}x slower (a warm-up)"
+        text += (f", the first {SLOW_FIRST_STEPS} steps of each run {warmup - 1:g} full steps' "
+                 f"time slower, whatever they hold (a warm-up)")
     return text
 
 
@@ -854,8 +858,9 @@ def add_arguments(parser) -> None:
                         help="the 'seconds' part: each step's time off by this Gaussian share of "
                              "itself, as an engine's timings are (0: exact)")
     parser.add_argument("--step-warmup", type=float, default=1.0,
-                        help="the 'seconds' part: each run's first steps take this many times "
-                             "their cost, as an engine's first steps do (1: not slowed)")
+                        help="the 'seconds' part: each run's first steps take (this - 1) x a "
+                             "full step's time more, as an engine's first steps do (1: not "
+                             "slowed)")
     parser.add_argument("--step-delays", type=float, nargs="+", default=[0.0],
                         help="the 'embed' part: seconds slept in every model execution (a GPU's "
                              "fixed step cost), one table each")
