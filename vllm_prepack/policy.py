@@ -105,8 +105,9 @@ CREDIT_BINS = 1024
 # seconds`, five backlog mixes on two seeds, BENCHMARKS.md; measured with an earlier gap rule, a
 # bin's last gap left open up to 25% x (1 - f) of the budget): packing always cost at most about
 # 1% of the best mean TTFT at a = 256-1024 tokens of work in a budget of 1024 (shares 0.2-0.5),
-# while never packing takes up to 1.03x FFD's makespan from a = 384 (0.27) up. Lower, a CPU engine's stalls (its fit reading
-# 0.10-0.39 where its calibration reads 0.03-0.07) would have it pack where steps cost tokens
+# while never packing takes up to 1.03x FFD's makespan from a = 384 (0.27) up. Lower, a CPU
+# engine's stalls (its fit reading 0.10-0.39 where its calibration reads 0.03-0.07) would have it
+# pack where steps cost tokens
 PACK_SHARE = 0.25
 # and only once the fitted share lies this many of its standard deviations above it, until it
 # lies as many below: a noisy fit (a CPU engine's steps stall now and then, and one stalled
@@ -978,12 +979,11 @@ class WaitingSet:
             built += 1
             bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
             members, gap = [], capacity
-            # a bin takes its longest prompt whatever the credit, and is left open only once at
-            # least half full: the credit goes to the gaps beside long prompts, not to bins of a
-            # few short ones
+            # a bin takes its longest prompt whatever the credit (an empty bin is not half full),
+            # and is left open only once at least half full: the credit goes to the gaps beside
+            # long prompts, not to bins of a few short ones
             while length is not None and gap > floor:
-                if (members and 2 * gap <= capacity
-                        and level.gap_credit + open_share * (capacity - gap) >= gap):
+                if 2 * gap <= capacity and level.gap_credit + open_share * (capacity - gap) >= gap:
                     break  # left open: the short prompts that would close it go first
                 members.append(free.pop_newest(length))
                 gap -= length
