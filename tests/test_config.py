@@ -73,6 +73,12 @@ def test_step_cost_options_reach_the_model():
     assert not model.learn and model.capacity == 2048 and config.pack_fixed_share == 0.0
     assert model.threshold is None  # not learning: nothing to probe
     assert parse({"pack_fixed_share": 0.3}).step_cost_model(1024).threshold == 0.3
+    # packing always: the share is still probed where it sets the bins' gaps
+    for options, used in (({}, True), ({"bin_fill_slack": 0}, False), ({"order": "ratio"}, False),
+                          ({"learn_step_cost": False}, False)):
+        model = parse({"pack_fixed_share": 0, **options}).step_cost_model(1024)
+        assert model.threshold is None and model.share_used == used, options
+    assert not parse({"pack_fixed_share": 1}).step_cost_model(1024).share_used
 
 
 def test_the_packing_options_reach_the_waiting_set():

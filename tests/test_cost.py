@@ -67,13 +67,15 @@ def test_the_prior_holds_until_min_steps_and_without_learning_only_the_scale_fol
     assert (len(steps) - MIN_STEPS) % REFIT_EVERY == 0
     model = past_warmup(64, 0, 1024)
     feed(model, steps[:MIN_STEPS - 1], truth)
-    assert model.current == model.prior and model.report()["source"] == "prior"
+    assert model.current == model.prior and model.report()["source"] == "prior" and model.learning
     feed(model, steps[MIN_STEPS - 1:], truth)
+    assert not model.learning
     assert model.current.fixed_tokens == pytest.approx(1000, rel=1e-3)
     assert model.report()["source"] == "fit"
     fixed = past_warmup(64, 0, 1024, learn=False)
     got = feed(fixed, steps, truth)
     assert got.fixed_tokens == pytest.approx(64) and fixed.report()["source"] == "fixed"
+    assert not fixed.learning  # a fixed shape is acted on as given
     assert got.seconds(512) == pytest.approx(truth.seconds(512), rel=0.1)  # the scale is the data's
 
 
@@ -162,6 +164,11 @@ def test_a_backlog_of_full_steps_probes_once_and_then_decides(fixed_tokens):
     assert model.decided() and (model.share() >= 0.4) == (share >= 0.4)
     assert model.share() == pytest.approx(share, abs=0.1)
     assert model.report()["probes"] == 1
+    # packing always, no side to decide, but the bins' gaps follow the share's value: probed
+    # the same, once, until the steps spread
+    always = past_warmup(256, 0, 1024, threshold=0.0, share_used=True)
+    assert backlog(always, truth, 200, noise=0.05) == [MIN_STEPS]
+    assert always.share() == pytest.approx(share, abs=0.1)
 
 
 @example(share=0.96875, noise=0.047, seed=1)  # b read <= 0 after a probe: the share is ~1

@@ -423,6 +423,36 @@ def test_near_the_threshold_the_bins_are_reserved_while_the_fit_decides(tiny_mod
     assert summary(plugin.ttft_s)["mean"] <= 1.01 * summary(spf.ttft_s)["mean"]
 
 
+def test_packing_always_probes_the_share_its_bins_gaps_follow(tiny_model, monkeypatch):
+    """Packing always (``pack_fixed_share`` 0) where a step is mostly its fixed cost (an
+    H200's share, 0.945): the plan is told the cost is the prior's guess until the fit has its
+    steps; the model probes, since the bins' gaps follow the share's value, and the backlog
+    takes within 1.02x offline FFD's makespan (never probed, the fit stayed near the prior's
+    share for hundreds of steps and the bins left their gaps open for 1.05x)."""
+    from vllm_prepack.bench.harness import NoisyStepCost, simulate
+    from vllm_prepack.cost import MIN_STEPS, WARMUP_STEPS, StepCost
+    from vllm_prepack.policy import WaitingSet
+    from vllm_prepack.workloads import prompt_lengths
+
+    lengths = prompt_lengths("bimodal", 3000, seed=0, max_len=1023)
+    truth = StepCost.in_tokens(17_500, per_token=1e-5)
+
+    def clock():
+        return NoisyStepCost(truth, 0.03, warmup=20, budget=1024)
+
+    ffd = simulate(tiny_model, lengths, "ffd", 1024, False, cost=clock())
+    learning, plan = [], WaitingSet.plan
+    monkeypatch.setattr(WaitingSet, "plan", lambda self, limits, *args: (
+        learning.append(limits.cost_learning), plan(self, limits, *args))[1])
+    plugin = simulate(tiny_model, lengths, "prepack", 1024, False,
+                      options={"pack_fixed_share": 0}, cost=clock())
+    fitted = learning.index(False)
+    assert WARMUP_STEPS + MIN_STEPS <= fitted <= WARMUP_STEPS + MIN_STEPS + 2
+    assert all(learning[:fitted]) and not any(learning[fitted:])
+    assert plugin.cost["probes"] >= 1
+    assert plugin.wall <= 1.02 * ffd.wall
+
+
 def timed_scheduler(tiny_model):
     """A scheduler on a clock the test sets (seconds in a one-item list), and the step times
     its step-cost model is shown."""

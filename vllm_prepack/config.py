@@ -53,7 +53,8 @@ class PrepackConfig:
     learn_step_cost: fit a, b, c online from the engine's measured step times; false: the
         policy keeps the prior's shape (the seconds reported still follow the steps). While the
         fit cannot tell which side of ``pack_fixed_share`` a's share lies (a backlog of full
-        steps), a step of a deep backlog of whole prompts runs at half the budget, a probe: on
+        steps), or, packing always, how large it is (it sets the bins' gaps, bin_fill_slack),
+        a step of a deep backlog of whole prompts runs at half the budget, a probe: on
         a GPU each costs about one step's fixed cost; they are few and spaced out (``cost.py``).
     pack_fixed_share: pack steps (filler reserve, best-fit exchange) only where the fixed cost
         is at least this share of a full step's cost, a / (a + b x budget + c x the sequences
@@ -64,8 +65,10 @@ class PrepackConfig:
         (BENCHMARKS.md).
     bin_fill_slack: wherever it packs (order "shortest"), the share of the makespan the bins may
         give up for a lower mean TTFT: their gaps stay open up to this / (a's share) of the
-        tokens binned, and the short prompts that would have closed them go first instead of
-        waiting for their bins; 0 to 0.25. The other axis of the frontier: 0.015 for a serving
+        tokens binned, at the share as now known (gaps left open at a lower share are a debt the
+        next bins pay; before the fit, this alone, as if a step were all fixed cost), and the
+        short prompts that would have closed them go first instead of waiting for their bins;
+        0 to 0.25. The other axis of the frontier: 0.015 for a serving
         user's mean TTFT where the fillers are many short prompts (the bimodal and trimodal
         mixes; elsewhere filling every bin costs at most about 1% of the mean), 0 for the
         fewest steps (every bin filled to within 1% of the budget; its bins are built 32 a
@@ -107,9 +110,12 @@ class PrepackConfig:
 
     def step_cost_model(self, capacity: int) -> StepCostModel:
         """The step-cost model these options describe, for steps of `capacity` tokens: it probes
-        where the policy's choice (``pack_fixed_share``) is still open."""
+        where the policy's choice (``pack_fixed_share``) is still open, or where the share sets
+        the bins' gaps (``bin_fill_slack`` / the share: packing always, order "shortest")."""
+        gaps = self.order == "shortest" and self.bin_fill_slack > 0 and self.pack_fixed_share < 1
         return StepCostModel(self.step_cost_fixed_tokens, self.step_cost_seq_tokens, capacity,
-                             learn=self.learn_step_cost, threshold=self.pack_fixed_share)
+                             learn=self.learn_step_cost, threshold=self.pack_fixed_share,
+                             share_used=gaps)
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> PrepackConfig:

@@ -26,7 +26,9 @@ cost counted) crosses a threshold (``pack_fixed_share``): it packs from ``policy
 the share's standard deviations (``fitted_share_sd``) above it until as many below. Where the
 fit cannot yet tell which side of it the share lies (a backlog of full steps: a + b x budget +
 c x its sequences is known, its split is the prior's and the drift's), the model asks for one
-smaller step, a probe (``probe_tokens``): its time sets a apart from the work. On a CPU a half
+smaller step, a probe (``probe_tokens``): its time sets a apart from the work. Packing always
+(no threshold), the bins' gaps still follow the share's value (``policy.py``, the gap credit):
+there it probes until the steps spread. On a CPU a half
 step costs nothing (steps cost their tokens); on a GPU at most one a each, and probes are few
 (PROBE_LIMIT), spaced out, and only on a deep backlog (PROBE_BACKLOG_STEPS).
 """
@@ -108,12 +110,14 @@ class StepCostModel:
 
     `capacity`: the step's token budget; the prior's pseudo-steps sit at 0 and at capacity
     tokens, so it pins the line where the engine works. `threshold`: the share of a full step's
-    cost in a about which the policy's choice turns (strictly between 0 and 1, else never probed).
+    cost in a about which the policy's choice turns (strictly between 0 and 1). `share_used`: the
+    policy acts on the share's value, not only on its side (the bins' gap credit): where no
+    choice is open (packing always), it is probed until the steps spread. Else never probed.
     `warmup`: the first steps left out."""
 
     def __init__(self, fixed_tokens: float, seq_tokens: float, capacity: int, learn: bool = True,
                  half_life: float = HALF_LIFE_STEPS, threshold: float | None = None,
-                 warmup: int = WARMUP_STEPS) -> None:
+                 share_used: bool = False, warmup: int = WARMUP_STEPS) -> None:
         if not (0 <= fixed_tokens < math.inf and 0 <= seq_tokens < math.inf):
             raise ValueError(f"a step-cost prior needs finite fixed and per-sequence tokens >= 0, "
                              f"got {fixed_tokens}, {seq_tokens}")
@@ -133,6 +137,7 @@ class StepCostModel:
         self.share_sd = math.inf  # standard deviation of the fitted share (a's of a full step)
         open_choice = learn and threshold is not None and 0 < threshold < 1
         self.threshold = threshold if open_choice else None
+        self.share_used = learn and share_used
         self.probes = 0  # probe steps asked for
         self._recent_probes = 0.0  # decayed as the steps' weights are
         self._since_probe = PROBE_EVERY
@@ -189,6 +194,11 @@ class StepCostModel:
         else:
             self._full = [d * self._full[0], d * self._full[1]]
 
+    @property
+    def learning(self) -> bool:
+        """Whether the cost in force is still the prior's guess: learning, before MIN_STEPS."""
+        return self.learn and self._first is not None
+
     def share(self) -> float:
         """a's share of a full step's cost under the fit in force."""
         return self.current.fixed_share(self.capacity)
@@ -205,11 +215,14 @@ class StepCostModel:
         backlog's prompts per step fall as its prompts lengthen, and anything else that changes
         along it (first kernels for new shapes, warming caches) reads as a per-sequence cost and
         moves a, with a standard deviation that only counts the noise. (Steps of whole prompts
-        whose fills vary by a long prompt's length can spread enough without a probe.)"""
-        if self.threshold is None:
+        whose fills vary by a long prompt's length can spread enough without a probe.) With no
+        threshold, the steps' spread alone where the share's value is used (``share_used``)."""
+        if self.threshold is None and not self.share_used:
             return True
-        return (self._token_spread() >= TOKEN_SPREAD * self.capacity
-                and abs(self.share() - self.threshold) >= PROBE_Z * self.share_sd)
+        spread = self._token_spread() >= TOKEN_SPREAD * self.capacity
+        if self.threshold is None:
+            return spread
+        return spread and abs(self.share() - self.threshold) >= PROBE_Z * self.share_sd
 
     def probe_tokens(self, waiting_tokens: int) -> int | None:
         """The token cap of a probe step to run next, or None: only once the fit has its steps
@@ -217,7 +230,8 @@ class StepCostModel:
         prompts wait (`waiting_tokens`), where what packing saves pays for the probe; never
         before the last probe is fitted. At most one per PROBE_EVERY steps, PROBE_LIMIT in a
         burst, then about one per 212 steps while still undecided."""
-        if (self.threshold is None or self.steps < MIN_STEPS or self._since_probe < PROBE_EVERY
+        if (self.threshold is None and not self.share_used or self.steps < MIN_STEPS
+                or self._since_probe < PROBE_EVERY
                 or self._probe_cap is not None or self.capacity < 2
                 or waiting_tokens < PROBE_BACKLOG_STEPS * self.capacity
                 or self._recent_probes > PROBE_LIMIT - 1 or self.decided()):
@@ -350,7 +364,7 @@ class StepCostModel:
                 "fixed_tokens": cost.fixed_tokens, "fixed_share": self.share(),
                 "share_sd": self.fitted_share_sd(),
                 "steps": self.steps, "probes": self.probes,
-                "source": "fixed" if not self.learn else "fit" if self.steps >= MIN_STEPS else "prior"}
+                "source": "fixed" if not self.learn else "prior" if self.learning else "fit"}
 
 
 def _typical(steps: list[tuple[int, int, float]]) -> list[tuple[int, int, float]]:

@@ -80,7 +80,7 @@ BINS_PER_STEP = 8
 # backlogs at 8 bins a step, 0.44% at 32 (BENCHMARKS.md). Not for the default, which leaves
 # gaps for a lower mean TTFT: built faster, its bins would hold more of the short prompts
 FULL_BINS_PER_STEP = 32
-BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free
+BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free (fitted)
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
 # The default of the option ``bin_fill_slack``: the share of the makespan the bins may give up
@@ -336,6 +336,7 @@ class StepLimits:
     capacity: int = 0  # the whole step's token budget (drain time); 0: budget + used_tokens
     cost: StepCost | None = None  # what a step costs; None: every step the same (steps count)
     share_sd: float = 0.0  # the standard deviation of the cost's fixed share (0: taken as known)
+    cost_learning: bool = False  # `cost` is still the prior's guess: the fit has not its steps
     # KV blocks free for waiting requests after running ones took theirs (None: not tracked),
     # and the watermark vLLM keeps free once any request is scheduled in the step
     free_blocks: int | None = None
@@ -506,7 +507,7 @@ class _Level:
     """The waiting requests of one priority level, indexed by length, deadline and age."""
 
     __slots__ = ("free", "order", "pinned", "by_due", "cohorts", "bins", "_ranking", "_unranked",
-                 "free_tokens", "gap_credit")
+                 "free_tokens", "binned", "left_open")
 
     def __init__(self) -> None:
         self.free = _ByLength()  # unpinned, unreserved entries
@@ -518,12 +519,21 @@ class _Level:
         self.bins: dict[int, _Bin] = {}
         self._ranking: SortedList = SortedList()  # _Bin.order(id) of the bins not in _unranked
         self._unranked: set[int] = set()  # bins, still reserved, that lost a member since the last read
-        self.gap_credit = 0.0  # tokens of gap the bins may still leave open (_build_bins)
+        # tokens the bins took (clamped: within CREDIT_BINS bins of left_open / the open share),
+        # and the gaps they left open (_build_bins)
+        self.binned = 0.0
+        self.left_open = 0.0
 
     def __len__(self) -> int:
         return self.order.live + len(self.pinned)
 
     # -- reserved bins --
+
+    def gap_credit(self, open_share: float) -> float:
+        """Tokens of gap the bins may still leave open: `open_share` of the tokens binned, at
+        the step cost now known, less the gaps already left open (a gap left open on an
+        earlier, lower share is a debt the next bins pay by filling theirs)."""
+        return open_share * self.binned - self.left_open
 
     def reserve(self, members: list[Entry], bin_id: int) -> None:
         """A new bin of free entries, already popped from `free`."""
@@ -820,7 +830,7 @@ class WaitingSet:
             self._take_by_ratio(level, p, step, self.packing and not p.limits.chunked_prefill)
             return
         if self.reserving and not p.limits.chunked_prefill and not p.limits.probe:
-            self._build_bins(level, p.limits.budget, fixed_share)
+            self._build_bins(level, p.limits.budget, fixed_share, p.limits.cost_learning)
         first_short = len(exchangeable)
         shortest = p.save()
         p.take_shortest(level, exchangeable)
@@ -952,46 +962,59 @@ class WaitingSet:
             if row is not None:
                 heapq.heappush(heads, row)
 
-    def _build_bins(self, level: _Level, capacity: int, fixed_share: float) -> None:
+    def _build_bins(self, level: _Level, capacity: int, fixed_share: float,
+                    learning: bool = False) -> None:
         """The filler reserve: pack bins from the longest free prompts down, each filled with
         the longest free prompts that fit until the gap left is within 1 - BIN_FILL of the
         budget, or it is half full and the level's gap credit covers leaving it open, while the
         free prompts hold more than BUILD_MIN_STEPS steps. The shortest prompts stay free for
-        shortest-first. Each bin adds ``fill_slack`` / `fixed_share` of its tokens to the credit
-        and takes off the gap it leaves (within CREDIT_BINS bins' worth either way), so the open
-        gaps add about ``fill_slack`` of the makespan over the backlog. Prompts over half the
-        budget need a bin each and their fillers before shortest-first eats them: up to
+        shortest-first. The credit is ``fill_slack`` / `fixed_share` of the tokens binned, less
+        the gaps left open (within CREDIT_BINS bins' worth either way after each bin), so the
+        open gaps add about ``fill_slack`` of the makespan over the backlog, at the share as now
+        known: gaps left open at a lower share are a debt the next bins pay. Prompts over half the budget
+        need a bin each and their fillers before shortest-first eats them: up to
         BIG_BINS_PER_STEP of those a step (a 1000-prompt backlog: all at once; a 100k one: far
         ahead of the small prompts shortest-first spends meanwhile), else BINS_PER_STEP
-        (FULL_BINS_PER_STEP with ``fill_slack`` 0)."""
+        (FULL_BINS_PER_STEP with ``fill_slack`` 0). While the step cost is the prior's guess
+        (`learning`), bins come at BINS_PER_STEP's pace (FULL_BINS_PER_STEP's with
+        ``fill_slack`` 0) whatever their prompts, and are
+        credited as if a step were all fixed cost: a gap left open cannot be closed once the
+        fit reads a larger share, and most of a backlog's bins wait for the fit."""
         floor = capacity * (1 - BIN_FILL)
+        if learning:
+            fixed_share = 1.0  # the least opening any share allows
         if self.fill_slack == 0:
             open_share = 0.0
         else:  # where a step has no fixed cost, no gap is worth its fillers' wait
             open_share = self.fill_slack / fixed_share if fixed_share > 0 else math.inf
         per_step = FULL_BINS_PER_STEP if self.fill_slack == 0 else BINS_PER_STEP
+        most = per_step if learning else BIG_BINS_PER_STEP
         built = 0
         free = level.free
-        while level.free_tokens > BUILD_MIN_STEPS * capacity and built < BIG_BINS_PER_STEP:
+        while level.free_tokens > BUILD_MIN_STEPS * capacity and built < most:
             length = free.longest_at_most(capacity)
             if length is None or (built >= per_step and length <= capacity // 2):
                 return
             built += 1
             bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
             members, gap = [], capacity
+            credit = level.gap_credit(open_share) if open_share < math.inf else math.inf
             # a bin takes its longest prompt whatever the credit (an empty bin is not half full),
             # and is left open only once at least half full: the credit goes to the gaps beside
             # long prompts, not to bins of a few short ones
             while length is not None and gap > floor:
-                if 2 * gap <= capacity and level.gap_credit + open_share * (capacity - gap) >= gap:
+                if 2 * gap <= capacity and credit + open_share * (capacity - gap) >= gap:
                     break  # left open: the short prompts that would close it go first
                 members.append(free.pop_newest(length))
                 gap -= length
                 length = free.longest_at_most(gap)
             if open_share < math.inf:  # (else every bin is left open once half full: no count)
-                bound = open_share * capacity * CREDIT_BINS
-                credit = level.gap_credit + open_share * (capacity - gap) - gap
-                level.gap_credit = min(bound, max(-bound, credit))
+                level.binned += capacity - gap
+                level.left_open += gap
+                if open_share > 0:  # the credit kept within CREDIT_BINS bins' accrual either way
+                    paid = level.left_open / open_share
+                    bound = capacity * CREDIT_BINS
+                    level.binned = min(paid + bound, max(paid - bound, level.binned))
             level.reserve(members, bin_id)
 
     @staticmethod

@@ -491,6 +491,7 @@ class PrepackScheduler(internal.Scheduler):
             capacity=capacity,
             cost=self.step_cost_model.current,
             share_sd=self.step_cost_model.fitted_share_sd(),
+            cost_learning=self.step_cost_model.learning,
             free_blocks=free_blocks,
             watermark_blocks=watermark,
             running=bool(self.running),
