@@ -138,6 +138,7 @@ class StepCostModel:
         open_choice = learn and threshold is not None and 0 < threshold < 1
         self.threshold = threshold if open_choice else None
         self.share_used = learn and share_used
+        self._probed = self.threshold is not None or self.share_used  # else always decided
         self.probes = 0  # probe steps asked for
         self._recent_probes = 0.0  # decayed as the steps' weights are
         self._since_probe = PROBE_EVERY
@@ -217,7 +218,7 @@ class StepCostModel:
         moves a, with a standard deviation that only counts the noise. (Steps of whole prompts
         whose fills vary by a long prompt's length can spread enough without a probe.) With no
         threshold, the steps' spread alone where the share's value is used (``share_used``)."""
-        if self.threshold is None and not self.share_used:
+        if not self._probed:
             return True
         spread = self._token_spread() >= TOKEN_SPREAD * self.capacity
         if self.threshold is None:
@@ -230,8 +231,7 @@ class StepCostModel:
         prompts wait (`waiting_tokens`), where what packing saves pays for the probe; never
         before the last probe is fitted. At most one per PROBE_EVERY steps, PROBE_LIMIT in a
         burst, then about one per 212 steps while still undecided."""
-        if (self.threshold is None and not self.share_used or self.steps < MIN_STEPS
-                or self._since_probe < PROBE_EVERY
+        if (not self._probed or self.steps < MIN_STEPS or self._since_probe < PROBE_EVERY
                 or self._probe_cap is not None or self.capacity < 2
                 or waiting_tokens < PROBE_BACKLOG_STEPS * self.capacity
                 or self._recent_probes > PROBE_LIMIT - 1 or self.decided()):

@@ -963,7 +963,7 @@ class WaitingSet:
                 heapq.heappush(heads, row)
 
     def _build_bins(self, level: _Level, capacity: int, fixed_share: float,
-                    learning: bool = False) -> None:
+                    learning: bool) -> None:
         """The filler reserve: pack bins from the longest free prompts down, each filled with
         the longest free prompts that fit until the gap left is within 1 - BIN_FILL of the
         budget, or it is half full and the level's gap credit covers leaving it open, while the
@@ -971,15 +971,15 @@ class WaitingSet:
         shortest-first. The credit is ``fill_slack`` / `fixed_share` of the tokens binned, less
         the gaps left open (within CREDIT_BINS bins' worth either way after each bin), so the
         open gaps add about ``fill_slack`` of the makespan over the backlog, at the share as now
-        known: gaps left open at a lower share are a debt the next bins pay. Prompts over half the budget
-        need a bin each and their fillers before shortest-first eats them: up to
+        known: gaps left open at a lower share are a debt the next bins pay. Prompts over half
+        the budget need a bin each and their fillers before shortest-first eats them: up to
         BIG_BINS_PER_STEP of those a step (a 1000-prompt backlog: all at once; a 100k one: far
         ahead of the small prompts shortest-first spends meanwhile), else BINS_PER_STEP
         (FULL_BINS_PER_STEP with ``fill_slack`` 0). While the step cost is the prior's guess
         (`learning`), bins come at BINS_PER_STEP's pace (FULL_BINS_PER_STEP's with
-        ``fill_slack`` 0) whatever their prompts, and are
-        credited as if a step were all fixed cost: a gap left open cannot be closed once the
-        fit reads a larger share, and most of a backlog's bins wait for the fit."""
+        ``fill_slack`` 0) whatever their prompts, and are credited as if a step were all fixed
+        cost: a gap left open cannot be closed once the fit reads a larger share, and most of a
+        backlog's bins wait for the fit."""
         floor = capacity * (1 - BIN_FILL)
         if learning:
             fixed_share = 1.0  # the least opening any share allows
