@@ -1,5 +1,6 @@
 """Property-based tests of the pure per-step policy (no vLLM)."""
 
+import bisect
 import gc
 import math
 import random
@@ -356,14 +357,16 @@ def test_the_gaps_bins_leave_open_add_up_to_the_slack_over_the_fixed_share(slack
     """Forty 800-token prompts and 400 of 50 tokens, a step's fixed cost half a full step's: each
     bin's 200-token gap takes four short prompts or stays open, and the open gaps add up to
     ``bin_fill_slack`` / 0.5 of the tokens binned, less the credit not yet spent (under one gap
-    and one bin's accrual), so the steps they add cost about that share of the time. Slack 0
-    fills every gap; the short prompts of the open gaps stay free, for shortest-first."""
+    and one bin's accrual), so the steps they add cost about that share of the time; the short
+    prompts of the open gaps stay free, for shortest-first. Slack 0 fills every gap and bins
+    the rest as offline FFD does, down to BUILD_MIN_STEPS steps' worth (eight bins of twenty)."""
     budget = 1000
     ws = fill([800] * 40 + [50] * 400, pack_share=0.0, fill_slack=slack)
     ws.plan(StepLimits(budget=budget, seats=1, chunked_prefill=False,
                        cost=StepCost.in_tokens(float(budget))))  # a = b x budget: share 0.5
-    bins = ws._levels[0].bins.values()
-    assert len(bins) == 40 and all(max(e.length for e in b.members) == 800 for b in bins)
+    bins = list(ws._levels[0].bins.values())
+    assert all(max(e.length for e in b.members) == 800 for b in bins[:40])
+    assert len(bins) == (48 if slack == 0 else 40)
     binned = sum(b.tokens for b in bins)
     left_open = sum(budget - b.tokens for b in bins)
     credit = slack / 0.5 * binned - left_open  # what the open gaps have not spent
@@ -419,17 +422,84 @@ def test_bins_built_on_the_prior_guess_come_at_the_common_pace_and_leave_the_lea
         assert_consistent(ws)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_with_no_bin_slack_a_deep_backlog_takes_as_many_steps_as_offline_ffd_or_one_more(seed):
-    """`bin_fill_slack` 0 asks for the fewest steps: the builder outruns shortest-first far
-    enough that the shortest prompts are still free to close the bins' gaps (at
-    BINS_PER_STEP's pace, 8 bins a step, the first seed's backlog took 427 steps against FFD's
-    422)."""
-    lengths = prompt_lengths("trimodal", 5000, seed=seed, max_len=1023)
+@pytest.mark.parametrize("mix", ["trimodal", "bimodal", "wikitext512"])
+@pytest.mark.parametrize("work", [policy.FULL_BUILD_WORK, 256])
+def test_with_no_bin_slack_a_deep_backlog_takes_offline_ffd_s_steps(mix, work, monkeypatch):
+    """`bin_fill_slack` 0 asks for the fewest steps: the whole backlog is binned as offline FFD
+    bins it, and shortest-first waits while prompts are left to bin, so no filler is spent
+    first, however many plans the binning takes (FULL_BUILD_WORK; 256: about forty). At 8 and
+    then 32 bins a plan, with shortest-first going on meanwhile, the first seed's trimodal
+    backlog took 427 and then 423 steps against FFD's 422."""
+    monkeypatch.setattr(policy, "FULL_BUILD_WORK", work)
+    lengths = prompt_lengths(mix, 5000, seed=0, max_len=1023)
     ws = fill(lengths, pack_share=0.0, fill_slack=0.0)
     done, plans = run_to_empty(ws, StepLimits(budget=1024, seats=1024, chunked_prefill=False))
     assert len(done) == len(lengths)
-    assert len(plans) <= ffd_steps(lengths, 1024) + 1
+    assert len(plans) == ffd_steps(lengths, 1024)
+
+
+def test_with_no_bin_slack_bins_come_at_the_common_pace_until_packing_is_sure():
+    """A share over the threshold but within PACK_Z deviations of it reserves bins without
+    serving them ahead (they may be freed again): at slack 0 they come BINS_PER_STEP a plan, as
+    at any slack, and the whole backlog's once the share is sure."""
+    ws = fill(prompt_lengths("trimodal", 5000, seed=0, max_len=1023), fill_slack=0.0)
+    cost = StepCost.in_tokens(512.0)  # a / (a + b x 1024): a share of 1/3, over 0.25
+    unsure = StepLimits(budget=1024, seats=64, chunked_prefill=False, cost=cost, share_sd=0.1)
+    ws.plan(unsure)
+    assert ws.reserving and not ws.packing and len(ws._levels[0].bins) == BINS_PER_STEP
+    ws.plan(replace(unsure, share_sd=0.0))
+    assert ws.packing and len(ws._levels[0].bins) > 10 * BINS_PER_STEP
+    assert_consistent(ws)
+
+
+def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
+    """The textbook algorithm: each length, longest first, into the first bin it fits."""
+    bins: list[list[int]] = []
+    for length in sorted(lengths, reverse=True):
+        for b in bins:
+            if sum(b) + length <= budget:
+                b.append(length)
+                break
+        else:
+            bins.append([length])
+    return bins
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=300),
+       budget=st.integers(300, 700))
+def test_with_no_bin_slack_the_bins_are_first_fit_decreasing_s(lengths, budget):
+    """Filled one at a time with the longest free prompt that fits, the bins are the ones
+    first-fit decreasing builds (it puts each prompt, longest first, in the first bin it fits):
+    the same lengths, bin by bin, until the free prompts hold BUILD_MIN_STEPS steps or fewer."""
+    ws = fill(lengths, pack_share=0.0, fill_slack=0.0)
+    ws.plan(StepLimits(budget=budget, seats=8, chunked_prefill=False))
+    level = ws._levels[0]
+    built = [sorted((e.length for e in b.members), reverse=True) for b in level.bins.values()]
+    assert built == first_fit_decreasing(lengths, budget)[:len(built)]
+    assert level.free_tokens <= policy.BUILD_MIN_STEPS * budget
+    assert_consistent(ws)
+
+
+@settings(max_examples=50, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(1, 5000)), max_size=400),
+       queries=st.lists(st.integers(0, 5100), min_size=1, max_size=50),
+       known=st.sampled_from([0, 50, 3000]), seed=st.integers(0, 3))
+def test_the_longest_length_at_most_a_gap_is_found_across_the_sorted_list_s_sublists(
+        ops, queries, known, seed):
+    """``longest_at_most`` reads the sorted list's sublists directly: it agrees with a scan of
+    the lengths present, with thousands of them (several sublists) and after removals."""
+    free, seq = policy._ByLength(), iter(range(10**6))
+    for length in random.Random(seed).sample(range(1, 5001), known) + [
+            length for add, length in ops if add]:
+        free.add(Entry(key=None, length=length, seq=next(seq)))
+    for add, length in ops:
+        if not add and length in free.lengths:
+            free.remove(next(iter(free.run(length))))
+    present = sorted(free.lengths)
+    for tokens in queries + [length - 1 for length in present] + present:  # every edge
+        at = bisect.bisect_right(present, tokens)
+        assert free.longest_at_most(tokens) == (present[at - 1] if at else None)
 
 
 def test_a_bin_takes_its_longest_prompt_and_is_left_open_only_once_half_full():
@@ -654,8 +724,9 @@ def test_padding_gap(tokens, sizes):
 def test_a_bin_goes_first_by_requests_per_second_of_step():
     """Smith's rule in seconds: the bin [560, 50, 40] starts 3 requests in 650 tokens, the
     shortest-first step only [200] (no 500 fits beside it). Where a step costs its tokens
-    (a = 0), 1 request in 200 tokens beats 3 in 650; where a dominates, 3 beat 1. Bins fill
-    to BIN_FILL whatever the cost (``fill_slack`` 0), so both costs plan the same bins."""
+    (a = 0), 1 request in 200 tokens beats 3 in 650; where a dominates, 3 beat 1. With
+    ``fill_slack`` 0 bins fill as far as a prompt fits whatever the cost, so both costs plan the
+    same bins."""
     lengths = [560, 50, 40, 500, 500, 500, 500, 500, 150, 200]
 
     def first(cost):

@@ -71,9 +71,10 @@ class PrepackConfig:
         0 to 0.25. The other axis of the frontier: 0.015 for a serving
         user's mean TTFT where the fillers are many short prompts (the bimodal and trimodal
         mixes; elsewhere filling every bin costs at most about 1% of the mean), 0 for the
-        fewest steps (every bin filled to within 1% of the budget; its bins are built 32 a
-        step, not 8, so shortest-first spends fewer of their fillers first, at about twice the
-        planning time while they are built; BENCHMARKS.md).
+        fewest steps: offline first-fit decreasing's bins over the backlog (all but its last
+        four steps' worth), every gap closed as far as a free prompt fits, with shortest-first
+        waiting while it is binned, so it spends no filler a bin would take (a few ms of
+        planning a plan while a deep backlog is binned; BENCHMARKS.md).
     record_layout: the model-runner hook records each forward's packed layout.
     debug_layout: the hook also checks that layout against the scheduler's plan, and the
         scheduler checks its mirror of vLLM's running-request budget against what vLLM then

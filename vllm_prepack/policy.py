@@ -23,7 +23,9 @@ builder packs bins from the longest prompts down, filling each with the longest 
 fit (so the shortest stay free), and reserves their members. Shortest-first serves the free
 prompts; once none is left, the reserved bins go, those that finish the most requests first
 (Smith's rule). The builder works a few bins per step from the long end while shortest-first
-eats from the short end, so the per-step cost stays O((k + bins) log n).
+eats from the short end, so the per-step cost stays O((k + bins) log n). With ``bin_fill_slack``
+0 (the fewest steps) it bins the backlog as offline first-fit decreasing does, a bounded amount
+of work a plan, and shortest-first waits until it is binned.
 
 Packing (the reserve and the exchange) saves steps, and a step saved is worth its fixed cost
 a for every request still waiting; it costs the prompts it moves a longer wait. So the plan
@@ -74,12 +76,16 @@ RUN_PROBE = 4  # the ratio order's first block of a run checked at once (then do
 # (trimodal 1.04x the bound against 1.02x), 2 a trimodal backlog 2% more steps (measured
 # every step the same cost)
 BINS_PER_STEP = 8
-# the same where the fewest steps are asked for (``bin_fill_slack`` 0: every gap closed to the
-# BIN_FILL floor): shortest-first then spends about a 33rd of a backlog before the builder meets
-# it. Packing always at slack 0 took up to 1.1% more steps than offline FFD on 10,000-prompt
-# backlogs at 8 bins a step, 0.44% at 32 (BENCHMARKS.md). Not for the default, which leaves
-# gaps for a lower mean TTFT: built faster, its bins would hold more of the short prompts
-FULL_BINS_PER_STEP = 32
+# the builder's work per plan where the fewest steps are asked for (``bin_fill_slack`` 0:
+# offline first-fit decreasing's bins, the backlog's before shortest-first spends a filler),
+# in prompts binned and length lookups (0.2-0.6 us each), a bin counted as BIN_WORK (its
+# object, its set, its ranking: about 1 us): a plan of vLLM's scheduler while it bins took 3.2
+# ms at the median at 100k waiting and 5.5 ms at 1M, the largest (the burst's first, dated)
+# 7.7 and 8.4 ms; at 16,384, 10.1 and 13.8 ms at 1M (BENCHMARKS.md). At 32 bins a plan,
+# shortest-first went on meanwhile, and packing always took up to 0.44% more steps than offline
+# FFD on 10,000-prompt backlogs. Counted per priority level built in a plan
+FULL_BUILD_WORK = 8192
+BIN_WORK = 4  # a bin's own cost, with its first lookup, in the units of a prompt binned
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free (fitted)
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
@@ -435,27 +441,28 @@ class _ByLength:
         run = self._runs[length]
         del run[entry]
         if not run:
-            self._emptied(length)
+            self.emptied(length)
 
-    def _emptied(self, length: int) -> None:
+    def emptied(self, length: int) -> None:
+        """Drop `length`, whose run is now empty (the builder pops from runs directly)."""
         del self._runs[length]
         self._unordered.discard(length)
         self.lengths.remove(length)
 
-    def pop_newest(self, length: int) -> Entry:
-        """The newest prompt of `length` (which must be present), out of the list. popitem,
-        not a delete of the last member: a dict's deleted slots stay until it is resized, so the
-        builder's pops from a run's end would each walk past the ones before."""
-        run = self.run(length)
-        entry, _ = run.popitem()
-        if not run:
-            self._emptied(length)
-        return entry
-
     def longest_at_most(self, tokens: int) -> int | None:
-        """The longest length present that is at most `tokens`."""
-        at = self.lengths.bisect_right(tokens)
-        return self.lengths[at - 1] if at else None
+        """The longest length present that is at most `tokens`: two bisects over the sorted
+        list's sublists and their maxima, without its positional index (``bisect_right`` and
+        an index lookup cost three times as much; the filler reserve's builder makes one each
+        time it moves to a shorter length)."""
+        maxes = self.lengths._maxes
+        at = bisect.bisect_right(maxes, tokens)
+        if at == len(maxes):
+            return maxes[-1] if maxes else None
+        sub = self.lengths._lists[at]
+        below = bisect.bisect_right(sub, tokens)
+        if below:
+            return sub[below - 1]
+        return maxes[at - 1] if at else None
 
     def first(self) -> Key:
         return next(iter(self.run(self.lengths[0]))).key
@@ -493,10 +500,10 @@ class _ByLength:
 class _Bin:
     __slots__ = ("members", "tokens", "shortest")
 
-    def __init__(self) -> None:
-        self.members: set[Entry] = set()
-        self.tokens = 0
-        self.shortest = 0  # its shortest member: a bin none of whose members fits is passed over
+    def __init__(self, members: set[Entry], tokens: int, shortest: int) -> None:
+        self.members = members
+        self.tokens = tokens
+        self.shortest = shortest  # a bin none of whose members fits is passed over
 
     def order(self, bin_id: int) -> tuple:
         """Most requests first (Smith's rule: each bin takes one step), then the lighter."""
@@ -518,7 +525,7 @@ class _Level:
         self.cohorts: dict[int, _Cohort] = {}  # the dated cohorts, by id
         self.bins: dict[int, _Bin] = {}
         self._ranking: SortedList = SortedList()  # _Bin.order(id) of the bins not in _unranked
-        self._unranked: set[int] = set()  # bins, still reserved, that lost a member since the last read
+        self._unranked: set[int] = set()  # bins new or that lost a member since the last read
         # tokens the bins took (clamped: within CREDIT_BINS bins of left_open / the open share),
         # and the gaps they left open (_build_bins)
         self.binned = 0.0
@@ -535,16 +542,13 @@ class _Level:
         earlier, lower share is a debt the next bins pay by filling theirs)."""
         return open_share * self.binned - self.left_open
 
-    def reserve(self, members: list[Entry], bin_id: int) -> None:
-        """A new bin of free entries, already popped from `free`."""
-        b = self.bins[bin_id] = _Bin()
+    def reserve(self, members: list[Entry], bin_id: int, tokens: int) -> None:
+        """A new bin of free entries, already popped from `free`, longest first, of `tokens`."""
+        self.bins[bin_id] = _Bin(set(members), tokens, members[-1].length)
         for entry in members:
-            b.members.add(entry)
-            b.tokens += entry.length
             entry.bin = bin_id
-        b.shortest = min(entry.length for entry in members)
-        self.free_tokens -= b.tokens
-        self._ranking.add(b.order(bin_id))
+        self.free_tokens -= tokens
+        self._unranked.add(bin_id)  # ranked at the next read, with the others built meanwhile
 
     def release(self, entry: Entry) -> None:
         """Out of its bin (admitted, removed, or resized). The bin leaves the ranking until it
@@ -579,10 +583,11 @@ class _Level:
 
     def ranked(self) -> SortedList:
         """The bins in serving order: most requests first (Smith's rule), then the lighter;
-        the bins that lost members since the last read are ranked again first."""
+        the bins built or that lost members since the last read are ranked first, together (a
+        sorted list's bulk update: one sort where they are many)."""
         if self._unranked:
-            for bin_id in self._unranked:
-                self._ranking.add(self.bins[bin_id].order(bin_id))
+            bins = self.bins
+            self._ranking.update([bins[bin_id].order(bin_id) for bin_id in self._unranked])
             self._unranked.clear()
         return self._ranking
 
@@ -825,12 +830,20 @@ class WaitingSet:
         self._take_aged(level, p, step, now, exchangeable)
         if p.blocked:
             return
-        fixed_share = p.limits.fixed_share()
+        limits = p.limits
+        fixed_share = limits.fixed_share()
         if self.by_ratio:
-            self._take_by_ratio(level, p, step, self.packing and not p.limits.chunked_prefill)
+            self._take_by_ratio(level, p, step, self.packing and not limits.chunked_prefill)
             return
-        if self.reserving and not p.limits.chunked_prefill and not p.limits.probe:
-            self._build_bins(level, p.limits.budget, fixed_share, p.limits.cost_learning)
+        unbinned = (self.reserving and not limits.chunked_prefill and not limits.probe
+                    and self._build_bins(level, limits.budget, fixed_share, limits.cost_learning))
+        if unbinned and self.fill_slack == 0 and self.packing and level.bins:
+            # the fewest steps (``fill_slack`` 0): the bins go first until the backlog is binned,
+            # and shortest-first takes no filler offline FFD would have given a bin
+            before = p.whole_picks
+            self._serve_bins(level, p)
+            if p.whole_picks > before:
+                return
         first_short = len(exchangeable)
         shortest = p.save()
         p.take_shortest(level, exchangeable)
@@ -963,7 +976,7 @@ class WaitingSet:
                 heapq.heappush(heads, row)
 
     def _build_bins(self, level: _Level, capacity: int, fixed_share: float,
-                    learning: bool) -> None:
+                    learning: bool) -> bool:
         """The filler reserve: pack bins from the longest free prompts down, each filled with
         the longest free prompts that fit until the gap left is within 1 - BIN_FILL of the
         budget, or it is half full and the level's gap credit covers leaving it open, while the
@@ -974,28 +987,42 @@ class WaitingSet:
         known: gaps left open at a lower share are a debt the next bins pay. Prompts over half
         the budget need a bin each and their fillers before shortest-first eats them: up to
         BIG_BINS_PER_STEP of those a step (a 1000-prompt backlog: all at once; a 100k one: far
-        ahead of the small prompts shortest-first spends meanwhile), else BINS_PER_STEP
-        (FULL_BINS_PER_STEP with ``fill_slack`` 0). While the step cost is the prior's guess
-        (`learning`), bins come at BINS_PER_STEP's pace (FULL_BINS_PER_STEP's with
-        ``fill_slack`` 0) whatever their prompts, and are credited as if a step were all fixed
-        cost: a gap left open cannot be closed once the fit reads a larger share, and most of a
-        backlog's bins wait for the fit."""
-        floor = capacity * (1 - BIN_FILL)
-        if learning:
-            fixed_share = 1.0  # the least opening any share allows
-        if self.fill_slack == 0:
-            open_share = 0.0
-        else:  # where a step has no fixed cost, no gap is worth its fillers' wait
-            open_share = self.fill_slack / fixed_share if fixed_share > 0 else math.inf
-        per_step = FULL_BINS_PER_STEP if self.fill_slack == 0 else BINS_PER_STEP
-        most = per_step if learning else BIG_BINS_PER_STEP
-        built = 0
+        ahead of the small prompts shortest-first spends meanwhile), else BINS_PER_STEP. While
+        the step cost is the prior's guess (`learning`), bins come at BINS_PER_STEP's pace
+        whatever their prompts, and are credited as if a step were all fixed cost: a gap left
+        open cannot be closed once the fit reads a larger share, and most of a backlog's bins
+        wait for the fit.
+        With ``fill_slack`` 0 (the fewest steps) the bins are offline first-fit decreasing's:
+        every gap closed as far as a free prompt fits, the backlog binned down to
+        BUILD_MIN_STEPS steps' worth, up to FULL_BUILD_WORK a plan, learning or not (no gap is
+        left open), once packing is sure (before, at BINS_PER_STEP's pace). Returns whether prompts are left to bin there, as shortest-first then
+        waits (``_plan_level``). Bins are sized to the step's budget left after running
+        requests, as at every slack: FFD's steps are a prefill-only backlog's."""
         free = level.free
-        while level.free_tokens > BUILD_MIN_STEPS * capacity and built < most:
+        if self.fill_slack == 0:
+            floor, open_share, per_step = 0, 0.0, math.inf
+            # while it is not yet sure to pack (only reserving), at the common pace: the bins
+            # may be freed again, RELEASE_PER_STEP prompts a plan
+            most = math.inf if self.packing else BINS_PER_STEP
+            work = FULL_BUILD_WORK
+        else:
+            floor = capacity * (1 - BIN_FILL)
+            if learning:
+                fixed_share = 1.0  # the least opening any share allows
+            # where a step has no fixed cost, no gap is worth its fillers' wait
+            open_share = self.fill_slack / fixed_share if fixed_share > 0 else math.inf
+            per_step = BINS_PER_STEP
+            most = per_step if learning else BIG_BINS_PER_STEP
+            work = math.inf
+        built = 0
+        while level.free_tokens > BUILD_MIN_STEPS * capacity:
             length = free.longest_at_most(capacity)
-            if length is None or (built >= per_step and length <= capacity // 2):
-                return
+            if length is None:
+                return False
+            if built >= most or work <= 0 or (built >= per_step and length <= capacity // 2):
+                return True
             built += 1
+            work -= BIN_WORK
             bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
             members, gap = [], capacity
             credit = level.gap_credit(open_share) if open_share < math.inf else math.inf
@@ -1003,11 +1030,24 @@ class WaitingSet:
             # and is left open only once at least half full: the credit goes to the gaps beside
             # long prompts, not to bins of a few short ones
             while length is not None and gap > floor:
-                if 2 * gap <= capacity and credit + open_share * (capacity - gap) >= gap:
-                    break  # left open: the short prompts that would close it go first
-                members.append(free.pop_newest(length))
-                gap -= length
+                run, opened = free.run(length), False
+                # the newest prompts of this length while they fit: popitem, not a delete of the
+                # last member (a dict's deleted slots stay until it is resized: the next pops
+                # from its end would each walk past them)
+                while True:
+                    if 2 * gap <= capacity and credit + open_share * (capacity - gap) >= gap:
+                        opened = True  # left open: the short prompts that would close it go first
+                        break
+                    members.append(run.popitem()[0])
+                    gap -= length
+                    if length > gap or gap <= floor or not run:
+                        break
+                if not run:
+                    free.emptied(length)
+                if opened or gap <= floor:
+                    break
                 length = free.longest_at_most(gap)
+                work -= 1
             if open_share < math.inf:  # (else every bin is left open once half full: no count)
                 level.binned += capacity - gap
                 level.left_open += gap
@@ -1015,7 +1055,9 @@ class WaitingSet:
                     paid = level.left_open / open_share
                     bound = capacity * CREDIT_BINS
                     level.binned = min(paid + bound, max(paid - bound, level.binned))
-            level.reserve(members, bin_id)
+            level.reserve(members, bin_id, capacity - gap)
+            work -= len(members)
+        return False
 
     @staticmethod
     def _bin_first(level: _Level, p: _Planner, before: _Room, count: int) -> bool:

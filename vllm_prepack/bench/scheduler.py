@@ -123,7 +123,7 @@ COST_BACKLOGS = ("mmlu", "wikitext512", "heavytail", "bimodal", "trimodal")
 COST_ARRIVALS = ("mmlu", "bimodal", "trimodal")
 # the plugin's frontier: packing always at four bin slacks (the share of the makespan the bins
 # may give up to leave gaps open: 0.0075-0.03 trade makespan for mean TTFT, 0.015 the default;
-# 0, bins filled to BIN_FILL, comes nearest FFD's makespan), and never packing, with deadlines
+# 0, offline FFD's bins over the whole backlog, FFD's makespan), and never packing, with deadlines
 # (the default's) and without (the latency end: shortest first alone, SPF's schedule; the
 # deadlines' price is the gap)
 FRONTIER = ({"pack_fixed_share": 0.0, "bin_fill_slack": 0.0},
