@@ -995,9 +995,10 @@ class WaitingSet:
         With ``fill_slack`` 0 (the fewest steps) the bins are offline first-fit decreasing's:
         every gap closed as far as a free prompt fits, the backlog binned down to
         BUILD_MIN_STEPS steps' worth, up to FULL_BUILD_WORK a plan, learning or not (no gap is
-        left open), once packing is sure (before, at BINS_PER_STEP's pace). Returns whether prompts are left to bin there, as shortest-first then
-        waits (``_plan_level``). Bins are sized to the step's budget left after running
-        requests, as at every slack: FFD's steps are a prefill-only backlog's."""
+        left open), once packing is sure (before, at BINS_PER_STEP's pace). Bins are sized to
+        the step's budget left after running requests, as at every slack: FFD's steps are a
+        prefill-only backlog's. Returns whether prompts are left to bin (the pace or the work
+        bound stopped it): at slack 0, shortest-first then waits (``_plan_level``)."""
         free = level.free
         if self.fill_slack == 0:
             floor, open_share, per_step = 0, 0.0, math.inf
