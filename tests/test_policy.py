@@ -14,7 +14,7 @@ from vllm_prepack.bench.harness import ffd_steps, lower_bound_steps
 from vllm_prepack import policy
 from vllm_prepack.cost import StepCost
 from vllm_prepack.policy import (AGED_PROBES, BIG_BINS_PER_STEP, BINS_PER_STEP, FILL_SLACK, KV_PATIENCE_STEPS, PACK_SHARE, PACK_Z, RELEASE_PER_STEP, SWEEP_ROWS, AgingBound, Entry, Pick, Reason,
-                                  StepLimits, WaitingSet, padding_gap)
+                                  StepLimits, WaitingSet, _bin_id, padding_gap)
 from vllm_prepack.workloads import prompt_lengths
 
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
@@ -230,11 +230,13 @@ def assert_consistent(ws: WaitingSet) -> None:
         assert all(level.cohorts[c].due == due and level.cohorts[c].members for due, _, c in level.by_due)
         assert all(fifo[k].due == due for k, due in dated.items())
         assert {k for k, e in fifo.items() if e.due != math.inf} == set(dated)
-        ranked = {key[2]: key for key in level._ranking}  # read without ranking them again
+        ranked = {_bin_id(rank): rank for rank in level._ranking}  # read without ranking them again
         assert len(ranked) == len(level._ranking) and ranked.keys().isdisjoint(level._unranked)
         assert ranked.keys() | level._unranked == level.bins.keys()
-        assert all(key == level.bins[i].order(i) for i, key in ranked.items())
+        assert all(rank == level.bins[i].order(i) for i, rank in ranked.items())
         assert all(b.shortest == min(e.length for e in b.members) for b in level.bins.values())
+        assert all(len(b.members) <= level.most_members for b in level.bins.values())
+        assert level.bins or level.most_members == 0
         assert level.order.rows <= 2.5 * len(level.order) + SWEEP_ROWS  # stale rows bounded
     assert sorted(ws, key=str) == sorted(entries, key=str)  # last: it ranks the bins again
 
@@ -452,6 +454,26 @@ def test_with_no_bin_slack_bins_come_at_the_common_pace_until_packing_is_sure():
     assert_consistent(ws)
 
 
+def test_bins_no_plan_reads_are_ranked_in_batches_not_all_at_the_first_read():
+    """Where shortest-first's steps start more requests than any bin can (a deep backlog of
+    short prompts), no plan reads the ranking: new bins wait unranked, RANK_BATCH at most, so
+    no plan ranks a whole backlog's bins at once."""
+    batch = policy.RANK_BATCH
+    # bins of one long prompt each and a few short ones, BIG_BINS_PER_STEP a plan
+    lengths = [1000 + i % 25 for i in range(3 * batch)] + [1] * (40 * batch)
+    ws = fill(lengths)
+    limits = StepLimits(budget=1024, seats=1024, chunked_prefill=False,
+                        cost=StepCost.in_tokens(1024.0))
+    level = ws._levels[0]
+    for step in range(-(-5 * batch // (2 * BIG_BINS_PER_STEP))):
+        for pick in ws.plan(limits, step):
+            assert pick.reason is not Reason.BIN  # shortest-first wins every step
+            ws.remove(pick.key)
+        assert len(level._unranked) < policy.RANK_BATCH
+    assert len(level.bins) > 2 * policy.RANK_BATCH  # most of them ranked, no read in between
+    assert_consistent(ws)
+
+
 def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
     """The textbook algorithm: each length, longest first, into the first bin it fits."""
     bins: list[list[int]] = []
@@ -488,7 +510,8 @@ def test_with_no_bin_slack_the_bins_are_first_fit_decreasing_s(lengths, budget):
 def test_the_longest_length_at_most_a_gap_is_found_across_the_sorted_list_s_sublists(
         ops, queries, known, seed):
     """``longest_at_most`` reads the sorted list's sublists directly: it agrees with a scan of
-    the lengths present, with thousands of them (several sublists) and after removals."""
+    the lengths present, with thousands of them (several sublists) and after removals; so does
+    the best-fit search's scan down from a gap, which steps by it."""
     free, seq = policy._ByLength(), iter(range(10**6))
     for length in random.Random(seed).sample(range(1, 5001), known) + [
             length for add, length in ops if add]:
@@ -500,6 +523,22 @@ def test_the_longest_length_at_most_a_gap_is_found_across_the_sorted_list_s_subl
     for tokens in queries + [length - 1 for length in present] + present:  # every edge
         at = bisect.bisect_right(present, tokens)
         assert free.longest_at_most(tokens) == (present[at - 1] if at else None)
+    for tokens in queries[:10]:
+        below = present[:bisect.bisect_right(present, tokens)]
+        assert [e.length for e in free.scan_down(tokens)] == [
+            length for length in reversed(below) for _ in free.run(length)]
+
+
+@given(bins=st.lists(st.tuples(st.integers(1, 300), st.integers(0, 2**48 - 1),
+                               st.integers(0, 2**48 - 1)), min_size=1, max_size=40,
+                     unique_by=lambda b: b[2]))
+def test_a_bin_s_rank_orders_as_most_members_then_fewest_tokens_and_gives_its_id_back(bins):
+    """A bin's rank is one int (no tuple to read in a ranking's comparisons): it sorts as
+    (-members, tokens, id) would, and ``_bin_id`` reads the id back, up to 2**48 tokens and ids."""
+    ranks = {(-members, tokens, bin_id): policy._Bin(set(range(members)), tokens, 1).order(bin_id)
+             for members, tokens, bin_id in bins}
+    assert [ranks[key] for key in sorted(ranks)] == sorted(ranks.values())
+    assert all(_bin_id(rank) == key[2] for key, rank in ranks.items())
 
 
 def test_a_bin_takes_its_longest_prompt_and_is_left_open_only_once_half_full():

@@ -87,6 +87,10 @@ BINS_PER_STEP = 8
 FULL_BUILD_WORK = 8192
 BIN_WORK = 4  # a bin's own cost, with its first lookup, in the units of a prompt binned
 BIG_BINS_PER_STEP = 128  # bins per step while prompts over half the budget are still free (fitted)
+# new bins are ranked once this many wait unranked, where no plan reads the ranking meanwhile (a
+# deep backlog's shortest-first steps start more requests than any bin: ``_bin_first``): a plan
+# ranks at most this many bins' worth, not a whole backlog's bins at the first read
+RANK_BATCH = 1024
 BUILD_MIN_STEPS = 4  # build bins only while the free prompts hold more than this many steps
 BIN_FILL = 0.99  # a bin this full takes no more fillers: the shortest prompts stay free
 # The default of the option ``bin_fill_slack``: the share of the makespan the bins may give up
@@ -492,9 +496,23 @@ class _ByLength:
 
     def scan_down(self, tokens: int) -> Iterator[Entry]:
         """The entries from the longest length at most `tokens` down, newest first within a
-        length."""
-        for length in self.lengths.irange(maximum=tokens, reverse=True):
+        length (each length, a token count, by ``longest_at_most``: most scans end within the
+        first, where the sorted list's reverse range would cost a dozen Python calls to set up)."""
+        length = self.longest_at_most(tokens)
+        while length is not None:
             yield from reversed(self.run(length))
+            length = self.longest_at_most(length - 1)
+
+
+# a bin's rank (``_Bin.order``): its members, tokens and id in bit fields, id and tokens below
+# 2**48 each (bins over a scheduler's life; a bin's tokens are at most a step's)
+_ID_BITS = 48
+_BIN_ID_MASK = (1 << _ID_BITS) - 1
+
+
+def _bin_id(rank: int) -> int:
+    """The bin of a ranking's `rank` (``_Bin.order``)."""
+    return rank & _BIN_ID_MASK
 
 
 class _Bin:
@@ -505,16 +523,18 @@ class _Bin:
         self.tokens = tokens
         self.shortest = shortest  # a bin none of whose members fits is passed over
 
-    def order(self, bin_id: int) -> tuple:
-        """Most requests first (Smith's rule: each bin takes one step), then the lighter."""
-        return (-len(self.members), self.tokens, bin_id)
+    def order(self, bin_id: int) -> int:
+        """Most requests first (Smith's rule: each bin takes one step), then the lighter, as one
+        int (``_bin_id`` reads the id back): a ranking's comparisons read no tuple's members,
+        each a cache miss in a ranking other work evicted between plans."""
+        return (-len(self.members) << 2 * _ID_BITS) + (self.tokens << _ID_BITS) + bin_id
 
 
 class _Level:
     """The waiting requests of one priority level, indexed by length, deadline and age."""
 
     __slots__ = ("free", "order", "pinned", "by_due", "cohorts", "bins", "_ranking", "_unranked",
-                 "free_tokens", "binned", "left_open")
+                 "most_members", "free_tokens", "binned", "left_open")
 
     def __init__(self) -> None:
         self.free = _ByLength()  # unpinned, unreserved entries
@@ -526,6 +546,7 @@ class _Level:
         self.bins: dict[int, _Bin] = {}
         self._ranking: SortedList = SortedList()  # _Bin.order(id) of the bins not in _unranked
         self._unranked: set[int] = set()  # bins new or that lost a member since the last read
+        self.most_members = 0  # no bin has more members (0 once none is left)
         # tokens the bins took (clamped: within CREDIT_BINS bins of left_open / the open share),
         # and the gaps they left open (_build_bins)
         self.binned = 0.0
@@ -545,10 +566,13 @@ class _Level:
     def reserve(self, members: list[Entry], bin_id: int, tokens: int) -> None:
         """A new bin of free entries, already popped from `free`, longest first, of `tokens`."""
         self.bins[bin_id] = _Bin(set(members), tokens, members[-1].length)
+        self.most_members = max(self.most_members, len(members))
         for entry in members:
             entry.bin = bin_id
         self.free_tokens -= tokens
         self._unranked.add(bin_id)  # ranked at the next read, with the others built meanwhile
+        if len(self._unranked) >= RANK_BATCH:
+            self.ranked()
 
     def release(self, entry: Entry) -> None:
         """Out of its bin (admitted, removed, or resized). The bin leaves the ranking until it
@@ -564,6 +588,8 @@ class _Level:
         if not b.members:
             del self.bins[bin_id]
             self._unranked.discard(bin_id)
+            if not self.bins:
+                self.most_members = 0
         elif entry.length == b.shortest:
             b.shortest = min(member.length for member in b.members)
 
@@ -573,13 +599,15 @@ class _Level:
         shortest-first reaches soonest."""
         ranking = self.ranked()
         while ranking and most > 0:
-            _, _, bin_id = ranking.pop(0)
+            bin_id = _bin_id(ranking.pop(0))
             b = self.bins.pop(bin_id)
             for entry in b.members:
                 entry.bin = None
                 self.free.add(entry)
             self.free_tokens += b.tokens
             most -= len(b.members)
+        if not self.bins:
+            self.most_members = 0
 
     def ranked(self) -> SortedList:
         """The bins in serving order: most requests first (Smith's rule), then the lighter;
@@ -683,7 +711,8 @@ class WaitingSet:
 
     def remove(self, key: Key) -> Entry:
         entry = self.entries.pop(key)
-        self._tokens -= entry.length
+        length = entry.length
+        self._tokens -= length
         level = self._levels[entry.priority]
         if entry.pinned:
             level.pinned.remove(entry)
@@ -692,13 +721,14 @@ class WaitingSet:
                 level.release(entry)
             else:
                 level.free.remove(entry)
-                level.free_tokens -= entry.length
+                level.free_tokens -= length
             cohort = entry.cohort
             entry.cohort = None
-            level.order.left()
             if not cohort.members.left() and cohort.id in level.cohorts:
                 level.by_due.remove((cohort.due, cohort.seq, cohort.id))
                 del level.cohorts[cohort.id]
+            if level.order.left():
+                return entry  # requests left in the level: no len(level) (vLLM pops 100 a step)
         if not level:
             del self._levels[entry.priority]
             self._priorities.remove(entry.priority)
@@ -780,7 +810,7 @@ class WaitingSet:
             return entry.key
         if level.free:
             return level.free.first()
-        _, _, bin_id = level.ranked()[0]
+        bin_id = _bin_id(level.ranked()[0])
         return min(level.bins[bin_id].members, key=_seq).key
 
     def __iter__(self) -> Iterator[Key]:
@@ -789,8 +819,8 @@ class WaitingSet:
             level = self._levels[priority]
             yield from (e.key for e in level.pinned)
             yield from level.free
-            for _, _, bin_id in level.ranked():
-                yield from (entry.key for entry in level.bins[bin_id].members)
+            for rank in level.ranked():
+                yield from (entry.key for entry in level.bins[_bin_id(rank)].members)
 
     # ---- the per-step policy ----------------------------------------------------------------
 
@@ -1065,24 +1095,29 @@ class WaitingSet:
         """Smith's rule in seconds between the best reserved bin and the shortest-first step
         just planned (`count` picks since the plan stood at `before`): whichever starts more
         requests per second of step goes first (with every step the same cost: whichever
-        starts more). O(bin size): the shortest-first step is the one already planned."""
-        _, _, bin_id = level.ranked()[0]
+        starts more). O(bin size): the shortest-first step is the one already planned. Where
+        no bin can win (none has more members than the step's rate allows even at no tokens:
+        a cost grows with tokens and sequences), the bins are not ranked at all."""
+        limits = p.limits
+        short_tokens = p.planned_tokens - before.planned_tokens
+        most, short = level.most_members, limits.step_seconds(short_tokens, count)
+        # with a margin over float rounding: a near tie is decided exactly, below
+        if count * limits.step_seconds(0, most) >= most * short * (1 + 1e-9):
+            return False
+        bin_id = _bin_id(level.ranked()[0])
         members = [entry for entry in level.bins[bin_id].members if not p.taken(entry)]
         bin_tokens = sum(e.length for e in members)
         if not members or bin_tokens > p.left_at(before) or not p.kv_fits_all(members, before):
             return False
-        limits = p.limits
-        short_tokens = p.planned_tokens - before.planned_tokens
-        return (len(members) * limits.step_seconds(short_tokens, count)
-                > count * limits.step_seconds(bin_tokens, len(members)))
+        return len(members) * short > count * limits.step_seconds(bin_tokens, len(members))
 
     def _serve_bins(self, level: _Level, p: _Planner) -> None:
         """Reserved bins, most requests first: whole where a bin fits, else its members
         longest first where they fit (the rest stay reserved)."""
-        for _, _, bin_id in islice(level.ranked(), FIT_PROBES):
+        for rank in islice(level.ranked(), FIT_PROBES):
             if not p.has_room():
                 return
-            b = level.bins[bin_id]
+            b = level.bins[_bin_id(rank)]
             if b.shortest > p.left:
                 continue
             members = sorted(b.members, key=lambda e: (-e.length, e.seq))

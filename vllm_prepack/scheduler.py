@@ -587,11 +587,10 @@ class PrepackScheduler(internal.Scheduler):
     def _record(self, output, limits: StepLimits, planned: list[Pick], waiting: int, seconds: float):
         stats = self.prepack_stats
         new_ids = admitted_req_ids(output)
-        planned_ids = {p.key for p in planned}
         stats.steps += 1
         stats.plan_seconds += seconds
         stats.admitted += len(new_ids)
-        stats.admitted_as_planned += sum(1 for r in new_ids if r in planned_ids)
+        stats.admitted_as_planned += len({p.entry.key for p in planned}.intersection(new_ids))
         stats.preempted += len(output.preempted_req_ids or ())
         stats.last = StepRecord(
             step=self.current_step,
