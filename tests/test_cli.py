@@ -24,6 +24,18 @@ def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "scheduler", "--parts", "scale", "--scale-steps", "0"], "must be at least 1, got 0"),
+    (["serve", "--replicas", "0"], "must be at least 1, got 0"),
+    (["serve", "--ingress-replicas", "two"], "must be an integer, got 'two'"),
+])
+def test_a_count_below_one_or_not_a_number_is_refused_naming_the_argument(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert f"argument {argv[-2]}: {says}" in capsys.readouterr().err
+
+
 @pytest.mark.engine
 def test_demo_prints_the_side_by_side_table(capfd):
     assert cli.main(["demo", "--prompts", "8", "--max-tokens", "2", "--repeats", "1",

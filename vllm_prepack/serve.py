@@ -11,12 +11,12 @@ imported only when a command runs, so the CLI stays light.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 from pathlib import Path
 
+from vllm_prepack.argtypes import at_least_one
 from vllm_prepack.config import plugin_engine_kwargs
 from vllm_prepack.routing import PrefixIndex
 
@@ -144,17 +144,10 @@ def stop(name: str = APP_NAME, *, joined: bool = False) -> None:
         ray.shutdown()
 
 
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--model", help="a model folder or hub name (default: the embedded demo model)")
     parser.add_argument("--model-id", help="the name clients ask for (default: the folder's name)")
-    parser.add_argument("--replicas", type=_at_least_one, default=2)
+    parser.add_argument("--replicas", type=at_least_one, default=2)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--engine-args", type=json.loads, default={},
@@ -165,7 +158,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--router", choices=tuple(ROUTERS), default="tokens")
     parser.add_argument("--gpus-per-replica", type=int, default=0,
                         help="0: CPU; 1: one GPU each; more: tensor-parallel replicas")
-    parser.add_argument("--ingress-replicas", type=_at_least_one, default=None,
+    parser.add_argument("--ingress-replicas", type=at_least_one, default=None,
                         help="a fixed number of HTTP ingress replicas (each one's router "
                              "routes to its own share of the model's replicas); default: Ray "
                              "Serve LLM's autoscaled ingress")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from itertools import accumulate
 from pathlib import Path
 from types import SimpleNamespace
 
+from vllm_prepack.argtypes import at_least_one
 from vllm_prepack.bench.engines import (
     ENGINE_COLUMNS,
     PROBE_SEQS,
@@ -406,9 +408,11 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
         f"step cost fixed ({', '.join(SCALE_COSTS)}): a = 0 orders like SPF; at a = 1024 tokens "
         f"it packs (filler reserve and exchange with chunked prefill off). 'planning' is the "
         f"plugin's own time in a step, from the start of its schedule() through the plan (the "
-        f"running-budget mirror included). Its max is the first step, which dates every "
+        f"running-budget mirror included). Its max is mostly the first step, which dates every "
         f"request of the backlog (one deadline per arrival step, all at once here) and, where "
-        f"it packs, reserves a bin for every prompt over half the budget{_with(options)}.\n\n"
+        f"it packs, starts binning the prompts over half the budget; any step's time also "
+        f"holds the collections of Python's garbage collector that fall in it{_with(options)}."
+        f"\n\n"
         + table(rows)
     )
 
@@ -471,7 +475,8 @@ def policy_alone(sizes: list[int], budget: int, steps: int = 30, options: dict |
                     warmth = "cold" if cold else "warm"
                     row[f"planning ms, {warmth} (p50)"] = 1e3 * summary(times)["p50"]
                     row[f"planning ms, {warmth} (first)"] = 1e3 * times[0]
-                    row[f"planning ms, {warmth} (max of the rest)"] = 1e3 * max(times[1:])
+                    rest = max(times[1:], default=math.nan)  # nan: one step, no rest
+                    row[f"planning ms, {warmth} (max of the rest)"] = 1e3 * rest
                 row["admitted/step"] = admitted / steps
                 rows.append(row)
     return (
@@ -481,8 +486,8 @@ def policy_alone(sizes: list[int], budget: int, steps: int = 30, options: dict |
         f"mirror and vLLM's queue calls are not in it; 'cold': {evict >> 20} MiB copied "
         f"between plans, so that nothing of the last plan is cached: warm and cold bound an "
         f"engine's step, whose other work evicts some of it; the "
-        f"first plan dates the backlog and, where it packs, reserves a bin for every prompt over "
-        f"half the budget; a garbage collection may fall in any plan{_with(options)}).\n\n"
+        f"first plan dates the backlog and, where it packs, starts binning the prompts over half "
+        f"the budget; a garbage collection may fall in any plan{_with(options)}).\n\n"
         + table(rows)
     )
 
@@ -804,10 +809,11 @@ def main(args) -> str:
                                 args.fixed_tokens, args.loads, args.prepack_options,
                                 args.step_noise, args.step_warmup))
     if "scale" in args.parts:
-        parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget,
+        parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget, args.scale_steps,
                            options=args.prepack_options, baselines=args.scale_baselines))
     if "policy" in args.parts:
-        parts.append(policy_alone(args.scale_sizes, args.budget, options=args.prepack_options))
+        parts.append(policy_alone(args.scale_sizes, args.budget, args.scale_steps,
+                                  options=args.prepack_options))
     if "embed" in args.parts:
         for delay in args.step_delays:
             parts.append(embedding_job(args.embed_prompts, 1024, args.repeats, args.report, delay))
@@ -848,6 +854,11 @@ def add_arguments(parser) -> None:
                         help="offered loads for the arrivals part (1 = the budget, in prompt tokens)")
     parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000],
                         help="waiting requests in the scale and policy parts")
+    parser.add_argument("--scale-steps", type=at_least_one, default=30,
+                        help="steps timed from the full backlog in the scale and policy parts "
+                             "(a burst of 1M where the plugin packs bins its prompts over half "
+                             "the budget in its first 14 plans: more steps read past them; a "
+                             "backlog that drains before the last step times empty steps)")
     parser.add_argument("--scale-baselines", nargs="+", default=list(SCALE_BASELINES),
                         choices=SCALE_BASELINES,
                         help="the scale part's baselines (each holds a copy of the backlog: "
