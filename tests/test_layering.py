@@ -12,8 +12,8 @@ HARNESS = ("vllm_prepack.bench", "vllm_prepack.models", "vllm_prepack.workloads"
 # the CLI dispatches to the harness's commands (demo, bench): the one exception, by design
 PRODUCT = sorted(p for p in [*PACKAGE.glob("*.py"), *(ROOT / "patches").glob("*.py")]
                  if p.name not in ("cli.py", "models.py", "workloads.py"))
-PURE = ["policy.py", "packing.py", "argtypes.py", "dispatch.py", "layout.py", "config.py", "batch_record.py",
-        "batch_input.py", "batch_output.py"]
+PURE = ["policy.py", "packing.py", "argtypes.py", "dispatch.py", "layout.py", "config.py",
+        "batch_record.py", "batch_input.py", "batch_output.py"]
 
 
 def imports(path: Path) -> set[str]:
