@@ -229,10 +229,11 @@ def test_debug_layout_fails_loudly_on_a_corrupted_plan(tiny_model, monkeypatch):
     original = policy.WaitingSet.plan
 
     def corrupted(self, limits, step=0, now=0.0):
-        picks = original(self, limits, step, now)
-        if picks:  # claim one more token than will be scheduled
-            picks[0] = picks[0]._replace(tokens=picks[0].tokens + 1)
-        return picks
+        plan = original(self, limits, step, now)
+        for entry in plan.codes:  # the first pick claims one more token than will be scheduled
+            plan.codes[entry] += 1 << policy.REASON_BITS
+            break
+        return plan
 
     llm = build_llm(tiny_model, {"debug_layout": True}, dtype="float32", max_model_len=512,
                     num_gpu_blocks_override=64, enable_prefix_caching=False, **ENGINE)

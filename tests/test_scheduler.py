@@ -6,6 +6,11 @@ from vllm_prepack.bench.harness import fake_step, make_request, standalone_sched
 from vllm_prepack.scheduler import PackingRequestQueue, PrepackAsyncScheduler, PrepackScheduler
 
 
+def planned_admissions(history):
+    """Requests admitted in a step that planned them, counted from the step records."""
+    return sum(len({p.key for p in r.planned} & set(r.scheduled_new)) for r in history)
+
+
 def drain(scheduler, max_steps=500):
     steps = []
     while scheduler.has_requests() and len(steps) < max_steps:
@@ -21,9 +26,12 @@ def test_picks_the_right_base_and_packs(tiny_model, async_scheduling):
     assert isinstance(s, PrepackScheduler)
     assert isinstance(s, PrepackAsyncScheduler) == async_scheduling
     assert isinstance(s.waiting, PackingRequestQueue)
+    s.prepack_stats.keep_history = True
     for i, n in enumerate([200, 30, 100, 250, 20]):
         s.add_request(make_request(f"r{i}", n))
     steps = [step for step in drain(s) if step]
+    stats = s.prepack_stats
+    assert stats.admitted_as_planned == planned_admissions(stats.history) == stats.admitted == 5
     # step 1 packs 20+30+200 (FCFS: 200+30, then stops at 100). Step 2: the deadlines, from
     # the 600 tokens queued at arrival (2.3 steps), have not passed; best fit swaps 100 for
     # 250, which fills the step better; step 3 takes 100
@@ -57,6 +65,25 @@ def test_preempted_requests_keep_their_place(tiny_model):
     assert resumed, "a preempted request was re-planned"
     for record, _ in resumed:
         assert record.planned[0].reason == "pinned"  # ahead of everything else
+    # steps that put requests back (preempted) count the plan's admissions from its keys
+    assert s.prepack_stats.admitted_as_planned == planned_admissions(history) > 0
+
+
+def test_a_planned_request_vllm_puts_back_is_not_counted_as_admitted(tiny_model):
+    from vllm.v1.request import RequestStatus
+
+    s = standalone_scheduler(tiny_model)
+    s.prepack_stats.keep_history = True
+    waiting = make_request("grammar", 20)
+    waiting.status = RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR  # still compiling
+    s.add_request(waiting)
+    s.add_request(make_request("ready", 30))
+    out = s.schedule()
+    stats = s.prepack_stats
+    assert {p.key for p in stats.last.planned} == {"grammar", "ready"}
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["ready"]  # vLLM skipped the other
+    assert "grammar" in {r.request_id for r in s.waiting}
+    assert stats.admitted_as_planned == planned_admissions(stats.history) == 1
 
 
 def test_queue_prepend_order_matches_vllm_fcfs():

@@ -58,7 +58,7 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
-from itertools import chain, islice, repeat
+from itertools import chain, islice
 from typing import NamedTuple
 from dataclasses import dataclass, field
 
@@ -307,9 +307,8 @@ class _Cohort:
 
 
 class Pick(NamedTuple):
-    """One request in a step's plan (a tuple: cheap to make, a hundred a step), with its
-    waiting entry (read only): the caller finds the request without a lookup among every
-    waiting one."""
+    """One request in a step's plan, with its waiting entry (read only): the caller finds the
+    request without a lookup among every waiting one."""
 
     tokens: int  # tokens planned this step (== entry.length unless chunked)
     reason: Reason
@@ -327,9 +326,62 @@ class Pick(NamedTuple):
         return f"Pick(key={self.key!r}, tokens={self.tokens}, reason={self.reason.value})"
 
 
-@dataclass(frozen=True, slots=True)
+# a pick as one int, its tokens above its reason's index in Reason (8 reasons: 3 bits)
+REASON_BITS = 3
+_REASONS = tuple(Reason)
+_CODES = {reason: index for index, reason in enumerate(_REASONS)}
+_CHUNK_CODES = frozenset((_CODES[Reason.CHUNK], _CODES[Reason.TOPUP]))
+_REASON_MASK = (1 << REASON_BITS) - 1
+
+
+class Plan(Sequence[Pick]):
+    """A step's picks in order, kept as entry -> tokens << REASON_BITS | the reason's index: an
+    int a pick, not a tuple (a plan of a hundred short prompts took 24 us to make its tuples
+    and list its entries, 4 us as codes), read as ``Pick``s where a report or a test asks."""
+
+    __slots__ = ("codes", "_picks")
+
+    def __init__(self, codes: dict[Entry, int]) -> None:
+        self.codes = codes
+        self._picks: list[Pick] | None = None
+
+    @property
+    def entries(self) -> list[Entry]:
+        """The picked entries in plan order (a list made in C)."""
+        return list(self.codes)
+
+    def _list(self) -> list[Pick]:
+        if self._picks is None:
+            self._picks = [Pick(code >> REASON_BITS, _REASONS[code & _REASON_MASK], entry)
+                           for entry, code in self.codes.items()]
+        return self._picks
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, index):
+        return self._list()[index]
+
+    def __iter__(self) -> Iterator[Pick]:
+        return iter(self._list())
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a plan or a list of the same picks."""
+        if isinstance(other, Plan):
+            other = other._list()
+        return self._list() == other if isinstance(other, list) else NotImplemented
+
+    __hash__ = None  # changes while the plan is made, as a list would
+
+    def __repr__(self) -> str:
+        return f"Plan({self._list()!r})"
+
+
+@dataclass(slots=True)
 class StepLimits:
-    """What one step may still take from the waiting set."""
+    """What one step may still take from the waiting set (read only; not a frozen dataclass,
+    whose constructor sets each of its 18 fields through ``object.__setattr__``: four times
+    the time, once a step)."""
 
     budget: int  # tokens left after running requests
     seats: int  # requests that may still start
@@ -518,8 +570,8 @@ def _bin_id(rank: int) -> int:
 class _Bin:
     __slots__ = ("members", "tokens", "shortest")
 
-    def __init__(self, members: set[Entry], tokens: int, shortest: int) -> None:
-        self.members = members
+    def __init__(self, members: list[Entry], tokens: int, shortest: int) -> None:
+        self.members = members  # longest first (a list: a bin holds a few, and a set costs more)
         self.tokens = tokens
         self.shortest = shortest  # a bin none of whose members fits is passed over
 
@@ -565,8 +617,9 @@ class _Level:
 
     def reserve(self, members: list[Entry], bin_id: int, tokens: int) -> None:
         """A new bin of free entries, already popped from `free`, longest first, of `tokens`."""
-        self.bins[bin_id] = _Bin(set(members), tokens, members[-1].length)
-        self.most_members = max(self.most_members, len(members))
+        self.bins[bin_id] = _Bin(members, tokens, members[-1].length)
+        if len(members) > self.most_members:
+            self.most_members = len(members)
         for entry in members:
             entry.bin = bin_id
         self.free_tokens -= tokens
@@ -582,7 +635,7 @@ class _Level:
         if bin_id not in self._unranked:
             self._ranking.remove(b.order(bin_id))
             self._unranked.add(bin_id)
-        b.members.discard(entry)
+        b.members.remove(entry)
         b.tokens -= entry.length
         entry.bin = None
         if not b.members:
@@ -824,7 +877,7 @@ class WaitingSet:
 
     # ---- the per-step policy ----------------------------------------------------------------
 
-    def plan(self, limits: StepLimits, step: int = 0, now: float = 0.0) -> list[Pick]:
+    def plan(self, limits: StepLimits, step: int = 0, now: float = 0.0) -> Plan:
         """Choose this step's prefills. Requests stay waiting; planning dates new arrivals and
         may reserve bins (whole prompts only), which changes no request's membership."""
         self._date_arrivals(limits.step_tokens)
@@ -849,7 +902,7 @@ class WaitingSet:
                 break  # strict priority: a lower level only gets what a level leaves whole
         planner.top_up()
         self.stop = planner.stop
-        return planner.picks
+        return Plan(planner.codes)
 
     def _plan_level(self, level: _Level, p: _Planner, step: int, now: float) -> None:
         p.free_below = START
@@ -1045,50 +1098,55 @@ class WaitingSet:
             per_step = BINS_PER_STEP
             most = per_step if learning else BIG_BINS_PER_STEP
             work = math.inf
-        built = 0
-        while level.free_tokens > BUILD_MIN_STEPS * capacity:
-            length = free.longest_at_most(capacity)
-            if length is None:
-                return False
-            if built >= most or work <= 0 or (built >= per_step and length <= capacity // 2):
-                return True
-            built += 1
-            work -= BIN_WORK
-            bin_id, self._bin_ids = self._bin_ids, self._bin_ids + 1
-            members, gap = [], capacity
-            credit = level.gap_credit(open_share) if open_share < math.inf else math.inf
-            # a bin takes its longest prompt whatever the credit (an empty bin is not half full),
-            # and is left open only once at least half full: the credit goes to the gaps beside
-            # long prompts, not to bins of a few short ones
-            while length is not None and gap > floor:
-                run, opened = free.run(length), False
-                # the newest prompts of this length while they fit: popitem, not a delete of the
-                # last member (a dict's deleted slots stay until it is resized: the next pops
-                # from its end would each walk past them)
-                while True:
-                    if 2 * gap <= capacity and credit + open_share * (capacity - gap) >= gap:
-                        opened = True  # left open: the short prompts that would close it go first
+        built, top = 0, None
+        counted = open_share < math.inf  # (else every bin is left open once half full: no count)
+        binned, left_open, bound = level.binned, level.left_open, capacity * CREDIT_BINS
+        try:
+            while level.free_tokens > BUILD_MIN_STEPS * capacity:
+                # the longest length present: the last bin's first, unless that bin took its run
+                length = top if top in free._runs else free.longest_at_most(capacity)
+                if length is None:
+                    return False
+                if built >= most or work <= 0 or (built >= per_step and 2 * length <= capacity):
+                    return True
+                built += 1
+                work -= BIN_WORK
+                bin_id, self._bin_ids, top = self._bin_ids, self._bin_ids + 1, length
+                members, gap = [], capacity
+                credit = open_share * binned - left_open if counted else math.inf
+                # a bin takes its longest prompt whatever the credit (an empty bin is not half
+                # full), and is left open only once at least half full: the credit goes to the
+                # gaps beside long prompts, not to bins of a few short ones
+                while length is not None and gap > floor:
+                    run, opened = free.run(length), False
+                    # the newest prompts of this length while they fit: popitem, not a delete of
+                    # the last member (a dict's deleted slots stay until it is resized: the next
+                    # pops from its end would each walk past them)
+                    while True:
+                        if 2 * gap <= capacity and credit + open_share * (capacity - gap) >= gap:
+                            opened = True  # left open: the short prompts that close it go first
+                            break
+                        members.append(run.popitem()[0])
+                        gap -= length
+                        if length > gap or gap <= floor or not run:
+                            break
+                    if not run:
+                        free.emptied(length)
+                    if opened or gap <= floor:
                         break
-                    members.append(run.popitem()[0])
-                    gap -= length
-                    if length > gap or gap <= floor or not run:
-                        break
-                if not run:
-                    free.emptied(length)
-                if opened or gap <= floor:
-                    break
-                length = free.longest_at_most(gap)
-                work -= 1
-            if open_share < math.inf:  # (else every bin is left open once half full: no count)
-                level.binned += capacity - gap
-                level.left_open += gap
-                if open_share > 0:  # the credit kept within CREDIT_BINS bins' accrual either way
-                    paid = level.left_open / open_share
-                    bound = capacity * CREDIT_BINS
-                    level.binned = min(paid + bound, max(paid - bound, level.binned))
-            level.reserve(members, bin_id, capacity - gap)
-            work -= len(members)
-        return False
+                    length = free.longest_at_most(gap)
+                    work -= 1
+                if counted:
+                    binned += capacity - gap
+                    left_open += gap
+                    if open_share > 0:  # the credit within CREDIT_BINS bins' accrual either way
+                        paid = left_open / open_share
+                        binned = min(paid + bound, max(paid - bound, binned))
+                level.reserve(members, bin_id, capacity - gap)
+                work -= len(members)
+            return False
+        finally:
+            level.binned, level.left_open = binned, left_open
 
     @staticmethod
     def _bin_first(level: _Level, p: _Planner, before: _Room, count: int) -> bool:
@@ -1202,7 +1260,7 @@ class _Room(NamedTuple):
 class _Planner:
     """Mutable state of one step's plan: the picks and what is left."""
 
-    __slots__ = ("limits", "token_left", "input_left", "planned_tokens", "seats", "_picks",
+    __slots__ = ("limits", "token_left", "input_left", "planned_tokens", "seats", "codes",
                  "_group_counts", "_chunk_candidate", "blocked", "stop", "kv_left", "_chunks",
                  "free_below")
 
@@ -1212,7 +1270,7 @@ class _Planner:
         self.input_left = limits.input_budget
         self.planned_tokens = 0
         self.seats = max(0, limits.seats)
-        self._picks: dict[Entry, Pick] = {}  # in plan order
+        self.codes: dict[Entry, int] = {}  # the picks in plan order (``Plan``)
         self._group_counts: dict[Hashable, int] = {}  # picks per LoRA adapter
         self._chunk_candidate: Entry | None = None
         self.blocked = False  # a must-go-first request did not fit: nothing may overtake it
@@ -1222,10 +1280,6 @@ class _Planner:
         # the level's free prompts before this point (length, skip) are all taken:
         # shortest-first stopped there, and later scans start there
         self.free_below: tuple[float, int] = START
-
-    @property
-    def picks(self) -> list[Pick]:
-        return list(self._picks.values())
 
     @property
     def left(self) -> int:
@@ -1244,18 +1298,18 @@ class _Planner:
         return self.left > 0 and self.seats > 0
 
     def taken(self, entry: Entry) -> bool:
-        return entry in self._picks
+        return entry in self.codes
 
     def all_free_taken(self, level: _Level) -> bool:
         """Every free prompt of `level` is in the plan (checked from `free_below` on, in C)."""
-        return all(map(self._picks.__contains__, level.free.entries_from(self.free_below)))
+        return all(map(self.codes.__contains__, level.free.entries_from(self.free_below)))
 
     def reason(self, entry: Entry) -> Reason:
-        return self._picks[entry].reason
+        return _REASONS[self.codes[entry] & _REASON_MASK]
 
     @property
     def whole_picks(self) -> int:
-        return len(self._picks) - self._chunks
+        return len(self.codes) - self._chunks
 
     def group_ok(self, entry: Entry) -> bool:
         max_groups = self.limits.max_groups
@@ -1272,7 +1326,7 @@ class _Planner:
         its watermark free once anything runs this step."""
         if self.kv_left is None:
             return True
-        watermark = self.limits.watermark_blocks if (self.limits.running or self._picks) else 0
+        watermark = self.limits.watermark_blocks if (self.limits.running or self.codes) else 0
         return entry.blocks + watermark <= self.kv_left + freed
 
     def kv_fits_all(self, entries: Sequence[Entry], room: _Room | None = None) -> bool:
@@ -1282,8 +1336,8 @@ class _Planner:
 
     def take(self, entry: Entry, reason: Reason, tokens: int | None = None) -> None:
         tokens = entry.length if tokens is None else tokens
-        pick = self._picks[entry] = Pick(tokens, reason, entry)
-        self._chunks += pick.chunked
+        code = self.codes[entry] = tokens << REASON_BITS | _CODES[reason]
+        self._chunks += (code & _REASON_MASK) in _CHUNK_CODES
         self._charge(tokens, +1)
         if self.kv_left is not None:
             self.kv_left -= entry.blocks
@@ -1291,11 +1345,11 @@ class _Planner:
             self._group_counts[entry.group] = self._group_counts.get(entry.group, 0) + 1
 
     def untake(self, entry: Entry) -> None:
-        pick = self._picks.pop(entry)
+        code = self.codes.pop(entry)
         if entry.bin is None and not entry.pinned:  # free again: scans must see it
             self.free_below = min(self.free_below, (entry.length, 0))
-        self._chunks -= pick.chunked
-        self._charge(pick.tokens, -1)
+        self._chunks -= (code & _REASON_MASK) in _CHUNK_CODES
+        self._charge(code >> REASON_BITS, -1)
         if self.kv_left is not None:
             self.kv_left += entry.blocks
         if entry.group is not None:
@@ -1327,7 +1381,7 @@ class _Planner:
                 self.take(entry, Reason.SHORT)
                 taken.append(entry)
             return
-        limits, picks = self.limits, self._picks
+        limits, picks = self.limits, self.codes
         check = bool(picks)
         start, stop = self.free_below, END
         for length in free.lengths_from(start[0]):
@@ -1380,8 +1434,7 @@ class _Planner:
     def take_run(self, entries: list[Entry], length: int, reason: Reason) -> None:
         """Whole prompts of one `length` that fit (``fitting``), charged at once: no LoRA
         limit applies, and their KV blocks, where tracked, are the caller's to count."""
-        picks = map(tuple.__new__, repeat(Pick), zip(repeat(length), repeat(reason), entries))
-        self._picks.update(zip(entries, picks))
+        self.codes.update(dict.fromkeys(entries, length << REASON_BITS | _CODES[reason]))
         self._charge(length, len(entries))
 
     def take_in_order(self, entry: Entry, reason: Reason) -> bool:

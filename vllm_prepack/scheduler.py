@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from vllm_prepack.config import PrepackConfig
 from vllm_prepack.cost import MIN_STEPS
-from vllm_prepack.policy import Entry, Pick, StepLimits
+from vllm_prepack.policy import Entry, Plan, StepLimits
 from vllm_prepack.routing import LoadReport
 from vllm_prepack.touchpoints import (
     REQUIRED_ATTRIBUTES,
@@ -103,23 +103,30 @@ class PackingRequestQueue(internal.RequestQueue):
         # in a dict of 100k would pay its cache misses alone between vLLM's work on each request
         self._planned: list[Entry] = []
         self._cursor = 0
+        self._in_plan = 0  # the plan's picks at the front of _planned (the stop entry follows)
+        # this step: requests vLLM took from the plan, and requests put back at the front
+        # (preempted, or popped and skipped): with none put back, the first is the count of
+        # planned requests admitted, without a set of the plan's keys a step
+        self.planned_pops = 0
+        self.requeued = 0
         self._step = 0
         self._now = time.time()
 
     # ---- the per-step plan ------------------------------------------------------------------
 
-    def begin_step(self, limits: StepLimits, step: int) -> list[Pick]:
+    def begin_step(self, limits: StepLimits, step: int) -> Plan:
         self._step, self._now = step, time.time()
         self._refresh_cached()
         plan = self._set.plan(limits, step, self._now)
-        self._planned = [pick.entry for pick in plan]
+        self._planned = plan.entries
+        self._in_plan, self.planned_pops, self.requeued = len(self._planned), 0, 0
         if self._set.stop is not None:  # offered past the plan: it does not fit, vLLM stops
             self._planned.append(self._set.stop)
         self._cursor = 0
         return plan
 
     def end_step(self) -> None:
-        self._planned, self._cursor = [], 0
+        self._planned, self._cursor, self._in_plan = [], 0, 0
 
     def _next(self) -> Entry:
         """The plan's next request still waiting (IndexError where none is): one that left
@@ -202,6 +209,7 @@ class PackingRequestQueue(internal.RequestQueue):
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
         requests = list(requests)
+        self.requeued += len(requests)
         for request in requests:
             self._join_group(request)
         if self._by_priority:
@@ -220,6 +228,8 @@ class PackingRequestQueue(internal.RequestQueue):
 
     def pop_request(self) -> Request:
         entry = self._next()
+        if self._cursor < self._in_plan:
+            self.planned_pops += 1
         if self._by_priority and not entry.pinned:  # its deadline, before removal clears it
             self._dues[entry.key] = entry.due
             if len(self._dues) > MAX_REMEMBERED_DEADLINES:
@@ -264,7 +274,7 @@ class StepRecord:
     step: int
     budget: int  # tokens left for waiting requests after running ones
     waiting: int  # waiting requests when the step was planned
-    planned: list[Pick]
+    planned: Plan
     scheduled_new: list[str]  # request ids vLLM admitted from waiting, in order
     scheduled_tokens: int  # all tokens of the step (running + new)
     plan_seconds: float  # the plugin's own time this step
@@ -584,13 +594,17 @@ class PrepackScheduler(internal.Scheduler):
             )
         self.prepack_stats.budget_checks += 1
 
-    def _record(self, output, limits: StepLimits, planned: list[Pick], waiting: int, seconds: float):
+    def _record(self, output, limits: StepLimits, planned: Plan, waiting: int, seconds: float):
         stats = self.prepack_stats
         new_ids = admitted_req_ids(output)
         stats.steps += 1
         stats.plan_seconds += seconds
         stats.admitted += len(new_ids)
-        stats.admitted_as_planned += len({p.entry.key for p in planned}.intersection(new_ids))
+        queue = self.waiting
+        if queue.requeued:  # a planned request taken and put back is no admission
+            stats.admitted_as_planned += len({e.key for e in planned.codes}.intersection(new_ids))
+        else:
+            stats.admitted_as_planned += queue.planned_pops
         stats.preempted += len(output.preempted_req_ids or ())
         stats.last = StepRecord(
             step=self.current_step,
