@@ -230,9 +230,8 @@ def test_debug_layout_fails_loudly_on_a_corrupted_plan(tiny_model, monkeypatch):
 
     def corrupted(self, limits, step=0, now=0.0):
         plan = original(self, limits, step, now)
-        for entry in plan.codes:  # the first pick claims one more token than will be scheduled
-            plan.codes[entry] += 1 << policy.REASON_BITS
-            break
+        if plan:  # the first pick claims one more token than will be scheduled
+            plan.codes[next(iter(plan.codes))] += 1 << policy.REASON_BITS
         return plan
 
     llm = build_llm(tiny_model, {"debug_layout": True}, dtype="float32", max_model_len=512,

@@ -235,6 +235,8 @@ def assert_consistent(ws: WaitingSet) -> None:
         assert ranked.keys() | level._unranked == level.bins.keys()
         assert all(rank == level.bins[i].order(i) for i, rank in ranked.items())
         assert all(b.shortest == min(e.length for e in b.members) for b in level.bins.values())
+        assert all(b.members == sorted(b.members, key=lambda e: -e.length)  # longest first
+                   for b in level.bins.values())
         assert all(len(b.members) <= level.most_members for b in level.bins.values())
         assert level.bins or level.most_members == 0
         assert level.order.rows <= 2.5 * len(level.order) + SWEEP_ROWS  # stale rows bounded

@@ -79,8 +79,8 @@ BINS_PER_STEP = 8
 # the builder's work per plan where the fewest steps are asked for (``bin_fill_slack`` 0:
 # offline first-fit decreasing's bins, the backlog's before shortest-first spends a filler),
 # in prompts binned and length lookups (0.2-0.6 us each), a bin counted as BIN_WORK (its
-# object, its set, its ranking: about 1 us): a plan of vLLM's scheduler while it bins took 3.2
-# ms at the median at 100k waiting and 5.5 ms at 1M, the largest (the burst's first, dated)
+# object, its members, its ranking: about 1 us): a plan of vLLM's scheduler while it bins took
+# 3.2 ms at the median at 100k waiting and 5.5 ms at 1M, the largest (the burst's first, dated)
 # 7.7 and 8.4 ms; at 16,384, 10.1 and 13.8 ms at 1M (BENCHMARKS.md). At 32 bins a plan,
 # shortest-first went on meanwhile, and packing always took up to 0.44% more steps than offline
 # FFD on 10,000-prompt backlogs. Counted per priority level built in a plan
@@ -192,6 +192,11 @@ def _waiting(seq: int, entry: Entry) -> bool:
 
 def _seq(entry: Entry) -> int:
     return entry.seq
+
+
+def _serving_order(entry: Entry) -> tuple[int, int]:
+    """A bin's members are served longest first, oldest first within a length."""
+    return -entry.length, entry.seq
 
 
 class _Rows:
@@ -329,6 +334,7 @@ class Pick(NamedTuple):
 # a pick as one int, its tokens above its reason's index in Reason (8 reasons: 3 bits)
 REASON_BITS = 3
 _REASONS = tuple(Reason)
+assert len(_REASONS) <= 1 << REASON_BITS, "Reason outgrew REASON_BITS"
 _CODES = {reason: index for index, reason in enumerate(_REASONS)}
 _CHUNK_CODES = frozenset((_CODES[Reason.CHUNK], _CODES[Reason.TOPUP]))
 _REASON_MASK = (1 << REASON_BITS) - 1
@@ -337,7 +343,8 @@ _REASON_MASK = (1 << REASON_BITS) - 1
 class Plan(Sequence[Pick]):
     """A step's picks in order, kept as entry -> tokens << REASON_BITS | the reason's index: an
     int a pick, not a tuple (a plan of a hundred short prompts took 24 us to make its tuples
-    and list its entries, 4 us as codes), read as ``Pick``s where a report or a test asks."""
+    and list its entries, 4 us as codes), read as ``Pick``s where a report or a test asks
+    (made once, at the first read: `codes` is not to change after)."""
 
     __slots__ = ("codes", "_picks")
 
@@ -371,7 +378,7 @@ class Plan(Sequence[Pick]):
             other = other._list()
         return self._list() == other if isinstance(other, list) else NotImplemented
 
-    __hash__ = None  # changes while the plan is made, as a list would
+    __hash__ = None  # equal to a list, which has no hash
 
     def __repr__(self) -> str:
         return f"Plan({self._list()!r})"
@@ -470,6 +477,10 @@ class _ByLength:
 
     def __bool__(self) -> bool:
         return bool(self._runs)
+
+    def has(self, length: int | None) -> bool:
+        """Whether a free prompt of `length` waits."""
+        return length in self._runs
 
     def __iter__(self) -> Iterator[Key]:
         return (entry.key for entry in self.entries_from(START))
@@ -571,7 +582,9 @@ class _Bin:
     __slots__ = ("members", "tokens", "shortest")
 
     def __init__(self, members: list[Entry], tokens: int, shortest: int) -> None:
-        self.members = members  # longest first (a list: a bin holds a few, and a set costs more)
+        # longest first (a list: making a set of them cost more); in serving order, oldest
+        # first within a length, once served (``_serve_bins``): its members leave from the front
+        self.members = members
         self.tokens = tokens
         self.shortest = shortest  # a bin none of whose members fits is passed over
 
@@ -580,6 +593,13 @@ class _Bin:
         int (``_bin_id`` reads the id back): a ranking's comparisons read no tuple's members,
         each a cache miss in a ranking other work evicted between plans."""
         return (-len(self.members) << 2 * _ID_BITS) + (self.tokens << _ID_BITS) + bin_id
+
+
+def _gap_credit(open_share: float, binned: float, left_open: float) -> float:
+    """Tokens of gap a level's bins may still leave open: `open_share` of the tokens binned, at
+    the step cost now known, less the gaps already left open (a gap left open on an earlier,
+    lower share is a debt the next bins pay by filling theirs)."""
+    return open_share * binned - left_open
 
 
 class _Level:
@@ -610,10 +630,7 @@ class _Level:
     # -- reserved bins --
 
     def gap_credit(self, open_share: float) -> float:
-        """Tokens of gap the bins may still leave open: `open_share` of the tokens binned, at
-        the step cost now known, less the gaps already left open (a gap left open on an
-        earlier, lower share is a debt the next bins pay by filling theirs)."""
-        return open_share * self.binned - self.left_open
+        return _gap_credit(open_share, self.binned, self.left_open)
 
     def reserve(self, members: list[Entry], bin_id: int, tokens: int) -> None:
         """A new bin of free entries, already popped from `free`, longest first, of `tokens`."""
@@ -643,8 +660,8 @@ class _Level:
             self._unranked.discard(bin_id)
             if not self.bins:
                 self.most_members = 0
-        elif entry.length == b.shortest:
-            b.shortest = min(member.length for member in b.members)
+        else:
+            b.shortest = b.members[-1].length
 
     def release_bins(self, most: int) -> None:
         """Whole bins' members back to the free prompts until at least `most` are (or none is
@@ -1104,7 +1121,7 @@ class WaitingSet:
         try:
             while level.free_tokens > BUILD_MIN_STEPS * capacity:
                 # the longest length present: the last bin's first, unless that bin took its run
-                length = top if top in free._runs else free.longest_at_most(capacity)
+                length = top if free.has(top) else free.longest_at_most(capacity)
                 if length is None:
                     return False
                 if built >= most or work <= 0 or (built >= per_step and 2 * length <= capacity):
@@ -1113,7 +1130,7 @@ class WaitingSet:
                 work -= BIN_WORK
                 bin_id, self._bin_ids, top = self._bin_ids, self._bin_ids + 1, length
                 members, gap = [], capacity
-                credit = open_share * binned - left_open if counted else math.inf
+                credit = _gap_credit(open_share, binned, left_open) if counted else math.inf
                 # a bin takes its longest prompt whatever the credit (an empty bin is not half
                 # full), and is left open only once at least half full: the credit goes to the
                 # gaps beside long prompts, not to bins of a few short ones
@@ -1178,8 +1195,8 @@ class WaitingSet:
             b = level.bins[_bin_id(rank)]
             if b.shortest > p.left:
                 continue
-            members = sorted(b.members, key=lambda e: (-e.length, e.seq))
-            for entry in members:
+            b.members.sort(key=_serving_order)  # in place: they then leave from the front
+            for entry in b.members:
                 if (p.has_room() and not p.taken(entry) and entry.length <= p.left
                         and p.group_ok(entry) and p.kv_fits(entry)):
                     p.take(entry, Reason.BIN)

@@ -103,12 +103,6 @@ class PackingRequestQueue(internal.RequestQueue):
         # in a dict of 100k would pay its cache misses alone between vLLM's work on each request
         self._planned: list[Entry] = []
         self._cursor = 0
-        self._in_plan = 0  # the plan's picks at the front of _planned (the stop entry follows)
-        # this step: requests vLLM took from the plan, and requests put back at the front
-        # (preempted, or popped and skipped): with none put back, the first is the count of
-        # planned requests admitted, without a set of the plan's keys a step
-        self.planned_pops = 0
-        self.requeued = 0
         self._step = 0
         self._now = time.time()
 
@@ -119,14 +113,13 @@ class PackingRequestQueue(internal.RequestQueue):
         self._refresh_cached()
         plan = self._set.plan(limits, step, self._now)
         self._planned = plan.entries
-        self._in_plan, self.planned_pops, self.requeued = len(self._planned), 0, 0
         if self._set.stop is not None:  # offered past the plan: it does not fit, vLLM stops
             self._planned.append(self._set.stop)
         self._cursor = 0
         return plan
 
     def end_step(self) -> None:
-        self._planned, self._cursor, self._in_plan = [], 0, 0
+        self._planned, self._cursor = [], 0
 
     def _next(self) -> Entry:
         """The plan's next request still waiting (IndexError where none is): one that left
@@ -209,7 +202,6 @@ class PackingRequestQueue(internal.RequestQueue):
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
         requests = list(requests)
-        self.requeued += len(requests)
         for request in requests:
             self._join_group(request)
         if self._by_priority:
@@ -228,8 +220,6 @@ class PackingRequestQueue(internal.RequestQueue):
 
     def pop_request(self) -> Request:
         entry = self._next()
-        if self._cursor < self._in_plan:
-            self.planned_pops += 1
         if self._by_priority and not entry.pinned:  # its deadline, before removal clears it
             self._dues[entry.key] = entry.due
             if len(self._dues) > MAX_REMEMBERED_DEADLINES:
@@ -600,11 +590,7 @@ class PrepackScheduler(internal.Scheduler):
         stats.steps += 1
         stats.plan_seconds += seconds
         stats.admitted += len(new_ids)
-        queue = self.waiting
-        if queue.requeued:  # a planned request taken and put back is no admission
-            stats.admitted_as_planned += len({e.key for e in planned.codes}.intersection(new_ids))
-        else:
-            stats.admitted_as_planned += queue.planned_pops
+        stats.admitted_as_planned += len({e.key for e in planned.codes}.intersection(new_ids))
         stats.preempted += len(output.preempted_req_ids or ())
         stats.last = StepRecord(
             step=self.current_step,
