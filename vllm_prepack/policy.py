@@ -158,6 +158,9 @@ class Reason(str, enum.Enum):
     TOPUP = "topup"  # a chunk that fills CUDA-graph padding
 
 
+CHUNK_REASONS = frozenset((Reason.CHUNK, Reason.TOPUP))  # the picks that are part of a prompt
+
+
 @dataclass(slots=True, eq=False)
 class Entry:
     """One waiting request as the policy sees it. Equal and hashed by identity: a plan keys its
@@ -325,7 +328,7 @@ class Pick(NamedTuple):
 
     @property
     def chunked(self) -> bool:
-        return self.reason in (Reason.CHUNK, Reason.TOPUP)
+        return self.reason in CHUNK_REASONS
 
     def __repr__(self) -> str:
         return f"Pick(key={self.key!r}, tokens={self.tokens}, reason={self.reason.value})"
@@ -336,15 +339,15 @@ REASON_BITS = 3
 _REASONS = tuple(Reason)
 assert len(_REASONS) <= 1 << REASON_BITS, "Reason outgrew REASON_BITS"
 _CODES = {reason: index for index, reason in enumerate(_REASONS)}
-_CHUNK_CODES = frozenset((_CODES[Reason.CHUNK], _CODES[Reason.TOPUP]))
+_CHUNK_CODES = frozenset(_CODES[reason] for reason in CHUNK_REASONS)
 _REASON_MASK = (1 << REASON_BITS) - 1
 
 
 class Plan(Sequence[Pick]):
     """A step's picks in order, kept as entry -> tokens << REASON_BITS | the reason's index: an
-    int a pick, not a tuple (a plan of a hundred short prompts took 24 us to make its tuples
-    and list its entries, 4 us as codes), read as ``Pick``s where a report or a test asks
-    (made once, at the first read: `codes` is not to change after)."""
+    int a pick, not a tuple (a shortest-first run is one ``dict.fromkeys``, where a tuple a
+    pick cost several times that a plan), read as ``Pick``s where a report or a test asks (made
+    once, at the first read: `codes` is not to change after)."""
 
     __slots__ = ("codes", "_picks")
 
@@ -387,8 +390,8 @@ class Plan(Sequence[Pick]):
 @dataclass(slots=True)
 class StepLimits:
     """What one step may still take from the waiting set (read only; not a frozen dataclass,
-    whose constructor sets each of its 18 fields through ``object.__setattr__``: four times
-    the time, once a step)."""
+    whose constructor sets each of its 18 fields through ``object.__setattr__``, once a
+    step)."""
 
     budget: int  # tokens left after running requests
     seats: int  # requests that may still start
