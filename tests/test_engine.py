@@ -62,6 +62,32 @@ def test_greedy_identical_on_qwen2(engine, tiny_qwen2):
     )
 
 
+def test_structured_output_requests_match_plain_vllm(engine, tiny_model):
+    """Requests with a grammar among plain ones: vLLM compiles each grammar off the step and
+    passes the request over until it is ready; the plugin plans it from then. Outputs equal
+    plain vLLM's, and the grammar ended the constrained ones (the byte-level test tokenizer
+    leaves the model's ids past its vocabulary unconstrained); nothing is lost."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kw = dict(enable_chunked_prefill=False, max_num_batched_tokens=512)
+    plain_llm, packed_llm = engine(tiny_model, False, **kw), engine(tiny_model, True, **kw)
+    regex = "(ab|ba)+c"
+    constrained = SamplingParams(max_tokens=12, temperature=0,
+                                 structured_outputs=StructuredOutputsParams(regex=regex))
+    params = [constrained if i % 3 == 0 else GREEDY for i in range(len(MIXED))]
+
+    def run(llm):
+        outs = llm.generate([{"prompt_token_ids": p} for p in MIXED], params, use_tqdm=False)
+        return [(list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason)
+                for o in outs]
+
+    packed = run(packed_llm)
+    assert packed == run(plain_llm)
+    ended = [text for (_, text, why), p in zip(packed, params) if p is constrained and why == "stop"]
+    assert ended and all(text.endswith("ac") or text.endswith("bc") for text in ended)
+    assert not engine_scheduler(packed_llm).waiting  # none left parked
+
+
 def test_probe_steps_stay_within_their_cap_and_outputs_match_plain_vllm(engine, tiny_model,
                                                                         monkeypatch):
     """The step-cost model's probe (cost.py), asked for on the first steps a backlog of whole

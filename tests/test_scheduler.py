@@ -69,21 +69,70 @@ def test_preempted_requests_keep_their_place(tiny_model):
     assert s.prepack_stats.admitted_as_planned == planned_admissions(history) > 0
 
 
-def test_a_planned_request_vllm_puts_back_is_not_counted_as_admitted(tiny_model):
+def compiling(request_id, prompt_len):
+    """A request whose structured-output grammar is still compiling, as vLLM receives it, and
+    the future that ends its compilation."""
+    from concurrent.futures import Future
+
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.v1.request import RequestStatus
+    from vllm.v1.structured_output.request import StructuredOutputRequest
+
+    request, grammar = make_request(request_id, prompt_len), Future()
+    request.structured_output_request = StructuredOutputRequest(
+        params=StructuredOutputsParams(regex="[ab]+"), _grammar=grammar)
+    request.status = RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+    return request, grammar
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_a_request_is_planned_once_its_grammar_is_compiled(tiny_model, policy):
+    """vLLM passes over a request whose grammar still compiles; planned, it would hold budget
+    that vLLM then fills past the plan. Out of the plan until compiled, then first, as vLLM's
+    own queue holds a request it passed over (at its front)."""
     from vllm.v1.request import RequestStatus
 
-    s = standalone_scheduler(tiny_model)
+    s = standalone_scheduler(tiny_model, policy=policy)
     s.prepack_stats.keep_history = True
-    waiting = make_request("grammar", 20)
-    waiting.status = RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR  # still compiling
-    s.add_request(waiting)
-    s.add_request(make_request("ready", 30))
+    request, grammar = compiling("grammar", 80)
+    s.add_request(request)
+    for i, n in enumerate([120, 136, 160]):
+        s.add_request(make_request(f"r{i}", n))
+    assert len(s.waiting) == 4 and "grammar" in {r.request_id for r in s.waiting}
     out = s.schedule()
+    assert [p.key for p in s.prepack_stats.last.planned] == ["r0", "r1"]  # 120 + 136: the budget
+    assert sorted(out.num_scheduled_tokens) == ["r0", "r1"]
+    fake_step(s, out)
+    out = s.schedule()
+    assert [p.key for p in s.prepack_stats.last.planned] == ["r2"]
+    assert list(out.num_scheduled_tokens) == ["r2"]
+    fake_step(s, out)
+    out = s.schedule()  # only the compiling request waits: vLLM's loop sees an empty queue
+    assert not out.num_scheduled_tokens and len(s.waiting) == 1 and s.has_requests()
+    grammar.set_result(object())
+    for i, n in enumerate([150, 180]):
+        s.add_request(make_request(f"late{i}", n))
+    out = s.schedule()
+    planned = s.prepack_stats.last.planned
+    first = "pinned" if policy == "fcfs" else "aged"  # vLLM's priority queue has no front
+    assert [(p.key, p.reason) for p in planned][:1] == [("grammar", first)]
+    assert [p.key for p in planned] == ["grammar", "late0"]
+    assert list(out.num_scheduled_tokens) == ["grammar", "late0"]
+    assert request.status == RequestStatus.RUNNING and len(s.waiting) == 1
     stats = s.prepack_stats
-    assert {p.key for p in stats.last.planned} == {"grammar", "ready"}
-    assert [r.req_id for r in out.scheduled_new_reqs] == ["ready"]  # vLLM skipped the other
-    assert "grammar" in {r.request_id for r in s.waiting}
-    assert stats.admitted_as_planned == planned_admissions(stats.history) == 1
+    assert stats.admitted == stats.admitted_as_planned == planned_admissions(stats.history) == 5
+
+
+def test_a_request_whose_grammar_fails_is_ended_by_vllm_and_leaves_the_queue(tiny_model):
+    s = standalone_scheduler(tiny_model)
+    request, grammar = compiling("bad", 20)
+    s.add_request(request)
+    s.add_request(make_request("ok", 30))
+    grammar.set_exception(ValueError("not a grammar"))
+    out = s.schedule()
+    assert list(out.num_scheduled_tokens) == ["ok"]
+    fake_step(s, out)
+    assert request.is_finished() and not s.waiting and len(s.waiting) == 0
 
 
 def test_queue_prepend_order_matches_vllm_fcfs():

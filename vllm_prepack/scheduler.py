@@ -55,6 +55,7 @@ from vllm_prepack.touchpoints import (
     kv_block_accounting,
     kv_cache_tokens,
     long_prefill_threshold,
+    passed_over,
     prefills_deferred,
     running_load,
     token_budget_cap,
@@ -87,8 +88,14 @@ class BudgetMismatch(AssertionError):
 class PackingRequestQueue(internal.RequestQueue):
     """vLLM's waiting queue, ordered by the packing policy instead of arrival."""
 
-    def __init__(self, config: PrepackConfig, policy, cached_tokens=None, kv_blocks=None) -> None:
+    def __init__(self, config: PrepackConfig, policy, cached_tokens=None, kv_blocks=None,
+                 passed_over=None) -> None:
         self._set = config.waiting_set()
+        # requests vLLM's loop would pass over (a grammar still compiling), by id: kept out of
+        # the plan until `passed_over` (vLLM's check, request -> bool; None: none is) lets them
+        # go. Planned, each would hold budget that vLLM then fills past the plan.
+        self._passed_over = passed_over
+        self._parked: dict[str, Request] = {}
         self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
         self._kv_blocks = kv_blocks  # touchpoints.KVBlocks, None: KV blocks not tracked
@@ -110,6 +117,8 @@ class PackingRequestQueue(internal.RequestQueue):
 
     def begin_step(self, limits: StepLimits, step: int) -> Plan:
         self._step, self._now = step, time.time()
+        if self._parked:
+            self._unpark()
         self._refresh_cached()
         plan = self._set.plan(limits, step, self._now)
         self._planned = plan.entries
@@ -132,6 +141,21 @@ class PackingRequestQueue(internal.RequestQueue):
             self._cursor += 1
         # Past the plan (vLLM found more room than estimated): the policy's next choice.
         return self._set.entries[self._set.first(self._step, self._now)]
+
+    def _park(self, request: Request) -> bool:
+        if self._passed_over is None or not self._passed_over(request):
+            return False
+        self._parked[request.request_id] = request
+        return True
+
+    def _unpark(self) -> None:
+        """The parked requests vLLM would now take go first, oldest first: where vLLM's own
+        queue holds a request it passed over (at its front, put back there each step)."""
+        ready = [request for request in self._parked.values() if not self._passed_over(request)]
+        for request in ready:
+            del self._parked[request.request_id]
+        if ready:
+            self.prepend_requests(ready[::-1])  # vLLM's prepend reverses, as deque.extendleft
 
     def _refresh_cached(self) -> None:
         """The first admission from a group of requests that share a first block cached that
@@ -184,12 +208,15 @@ class PackingRequestQueue(internal.RequestQueue):
         )
 
     def add_request(self, request: Request) -> None:
+        if self._park(request):
+            return
         self._set.add(self._entry(request))
         self._join_group(request)
 
     @property
     def tokens(self) -> int:
-        """Prompt tokens waiting (less what the prefix cache holds, as ordered by)."""
+        """Prompt tokens waiting to be planned (less what the prefix cache holds, as ordered
+        by; not the parked requests')."""
         return self._set.tokens
 
     def _join_group(self, request: Request) -> None:
@@ -201,7 +228,7 @@ class PackingRequestQueue(internal.RequestQueue):
         self.prepend_requests((request,))
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
-        requests = list(requests)
+        requests = [r for r in requests if not self._park(r)]
         for request in requests:
             self._join_group(request)
         if self._by_priority:
@@ -237,24 +264,31 @@ class PackingRequestQueue(internal.RequestQueue):
         return request
 
     def remove_request(self, request: Request) -> None:
+        if self._parked.pop(request.request_id, None) is not None:
+            return
         self._remove(request.request_id)
         self._leave_group(request, admitted=False)
 
     def remove_requests(self, requests: Iterable[Request]) -> None:
         # vLLM removes aborted requests from every waiting queue: absent ones are fine.
         for request in requests:
+            if self._parked and self._parked.pop(request.request_id, None) is not None:
+                continue
             if request.request_id in self._set:
                 self._remove(request.request_id)
                 self._leave_group(request, admitted=False)
 
     def __bool__(self) -> bool:
+        """Whether vLLM's loop has a request to take: not the parked ones (vLLM's only truth
+        test of its waiting queue is that loop's; its counts take ``len``)."""
         return bool(self._set.entries)
 
     def __len__(self) -> int:
-        return len(self._set.entries)
+        return len(self._set.entries) + len(self._parked)
 
     def __iter__(self) -> Iterator[Request]:
-        return (self._set.entries[key].item for key in self._set)
+        yield from (self._set.entries[key].item for key in self._set)
+        yield from self._parked.values()
 
 
 @dataclass
@@ -314,7 +348,8 @@ class PrepackScheduler(internal.Scheduler):
                   if vllm_config.cache_config.enable_prefix_caching else None)
         self._kv_blocks = kv_block_accounting(self)
         self._cache_tokens = kv_cache_tokens(self, self._kv_blocks)  # for the load report
-        self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached, self._kv_blocks)
+        self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached, self._kv_blocks,
+                                           lambda request: passed_over(self, request))
         spec = vllm_config.speculative_config
         self._draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
         self.prepack_stats = PrepackStats()

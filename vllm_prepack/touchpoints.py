@@ -131,7 +131,8 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "vllm_config", "cache_config", "log_stats",
     )),
     TouchPoint("Scheduler.get_request_counts", _V.CALL, _SCHED),
-    TouchPoint("Scheduler._is_blocked_waiting_status", _V.CALL, _SCHED),
+    TouchPoint("Scheduler._is_blocked_waiting_status", _V.CALL, f"{_SCHED}, touchpoints.passed_over"),
+    TouchPoint("Scheduler._handle_blocked_waiting_request", _V.CALL, "touchpoints.passed_over"),
     TouchPoint("Scheduler.local_prefill_interval", _V.READ, "touchpoints.prefills_deferred",
                checked=("0.33.0", "0.34.0"),
                differs="0.33 holds prefills back locally every prefill_schedule_interval steps "
@@ -413,6 +414,15 @@ def check_waiting_order(scheduler) -> None:
         raise ValueError(
             "vllm-prepack plans every waiting request, and max_num_inflight_kv_loads keeps "
             "async KV loads in a queue of vLLM's own: unset it to run with the plugin")
+
+
+def passed_over(scheduler, request) -> bool:
+    """Whether vLLM's waiting loop would pass over `request` now (its structured-output grammar
+    still compiling, a streaming session waiting for input): vLLM's own check, which also
+    promotes a request that became ready to WAITING and marks a failed grammar for vLLM to end
+    at its next update, as the loop would on reaching it."""
+    return (scheduler._is_blocked_waiting_status(request.status)
+            and not scheduler._handle_blocked_waiting_request(request))
 
 
 def cached_prefix_tokens(scheduler, request) -> int:
