@@ -3,6 +3,7 @@
 import pytest
 
 from vllm_prepack import cli
+from vllm_prepack.batch import JobError, run_batch
 
 
 def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
@@ -21,12 +22,16 @@ def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines),
                      "--engine-args", "{max_model_len: 5}"]) == 2
     assert "--engine-args is not JSON" in capsys.readouterr().err
+    with pytest.raises(JobError, match="at least 1 replica, got 0"):
+        run_batch(str(tmp_path / "bare"), [], tmp_path / "out.jsonl", replicas=0)
     assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize("argv, says", [
     (["bench", "scheduler", "--parts", "scale", "--scale-steps", "0"], "must be at least 1, got 0"),
     (["serve", "--replicas", "0"], "must be at least 1, got 0"),
+    (["batch", "--replicas", "0"], "must be at least 1, got 0"),
+    (["batch", "--unit-tokens", "-5"], "must be at least 1, got -5"),
     (["serve", "--ingress-replicas", "two"], "must be an integer, got 'two'"),
 ])
 def test_a_count_below_one_or_not_a_number_is_refused_naming_the_argument(argv, says, capsys):

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_prepack.argtypes import at_least_one
 from vllm_prepack.batch_input import Feed, Source
 from vllm_prepack.batch_output import open_writer
 from vllm_prepack.dispatch import ORDERS, Dispatcher
@@ -233,6 +234,8 @@ def run_batch(
     from vllm_prepack.replica import start_replicas
 
     engine_kwargs = dict(engine_kwargs or {})
+    if replicas < 1:
+        raise JobError(f"a job needs at least 1 replica, got {replicas}")
     check_model(model, engine_kwargs)
     writer = open_writer(output)
     if not ray.is_initialized():
@@ -285,12 +288,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input", help="JSONL (this project's lines or the OpenAI batch format) "
                         "or Parquet; default: the embedded demo workload")
     parser.add_argument("--output", default="results.jsonl", help=".jsonl, or .parquet (a folder of parts)")
-    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--replicas", type=at_least_one, default=2)
     parser.add_argument("--task", choices=["generate", "embed"], default="generate")
-    parser.add_argument("--max-tokens", type=int, default=16, help="default per request")
+    parser.add_argument("--max-tokens", type=at_least_one, default=16, help="default per request")
     parser.add_argument("--order", choices=ORDERS, default="longest",
                         help="which requests go first within the read-ahead window")
-    parser.add_argument("--unit-tokens", type=int, default=8192,
+    parser.add_argument("--unit-tokens", type=at_least_one, default=8192,
                         help="tokens (prompt + expected output) per unit of work sent to a replica")
     parser.add_argument("--engine-args", help='JSON object of vLLM engine arguments, passed unchanged, '
                         'e.g. \'{"max_model_len": 2048}\'')
