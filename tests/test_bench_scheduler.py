@@ -54,6 +54,17 @@ def test_the_scale_part_runs_only_the_baselines_asked_for(tiny_model):
         scale(tiny_model, [300], budget=1024, baselines=["sorted"])
 
 
+def test_repeated_scale_timings_report_each_rows_median_and_range(tiny_model):
+    text = scale(tiny_model, [200], budget=1024, steps=2, baselines=["presorted"], repeats=3)
+    rows = _rows(text)
+    assert len(rows) == 2 * len(SCALE_COSTS) and "the median of 3 such timings" in text
+    for row in rows:
+        for column in ("planning ms (p50)", "planning ms (max)", "prepack's added µs per admitted"):
+            low, high = map(float, row[f"{column}, range"].split(" to "))
+            slack = 0.01 * max(abs(low), abs(high)) + 1e-3  # the table's 3 digits
+            assert low <= high and low - slack <= float(row[column]) <= high + slack
+
+
 def test_the_wall_floor_puts_the_step_bound_at_the_calibrated_cost_against_spf_steps():
     """The floor counts ceil(tokens / budget) steps (not FFD's), each at the calibrated fixed
     cost, and the same tokens' and prompts' work on both sides; f counts a full step's

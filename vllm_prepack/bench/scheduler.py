@@ -361,15 +361,58 @@ def _baseline_columns(row: dict, got: dict[str, dict], key: str, column: str) ->
             row[column.format(SCALE_BASELINES[name])] = got[name][key]
 
 
+ADDED_US = "prepack's added µs per admitted"
+# the columns whose spread over the repeated timings of a row is shown beside their median
+SPREAD_COLUMNS = ("planning ms (p50)", "planning ms (max)", ADDED_US)
+
+
+def _scale_rows(got: dict[str, dict], chunked: bool, waiting: int) -> list[dict]:
+    """One row per plugin step cost from one side-by-side timing."""
+    presorted_label = SCALE_BASELINES["presorted"]
+    rows = []
+    for cost in SCALE_COSTS:
+        pack = got[cost]
+        row = {"chunked prefill": "on" if chunked else "off",
+               "waiting requests": waiting, "plugin's step cost": cost}
+        _baseline_columns(row, got, "ms", "{} ms/step (p50)")
+        row["prepack ms/step (p50)"] = pack["ms"]
+        row["planning ms (p50)"] = pack["plan_p50"]
+        row["planning ms (max)"] = pack["plan_max"]
+        _baseline_columns(row, got, "admitted", "admitted/step {}")
+        row["admitted/step prepack"] = pack["admitted"]
+        _baseline_columns(row, got, "us per admitted", "µs per admitted, {}")
+        row["µs per admitted, prepack"] = pack["us per admitted"]
+        if "presorted" in got:
+            presorted = got["presorted"]
+            row[f"{presorted_label}, ms/step (p50)"] = presorted["ms"]
+            row[f"admitted/step, {presorted_label}"] = presorted["admitted"]
+            row[ADDED_US] = 1e3 * (pack["ms"] - presorted["ms"]) / pack["admitted"]
+        rows.append(row)
+    return rows
+
+
+def _median_row(runs: list[dict]) -> dict:
+    """The median of each column over the repeated timings of one row, and the range of the
+    SPREAD_COLUMNS (a machine's state moves a single timing by more than a change does)."""
+    row = {}
+    for column, first in runs[0].items():
+        values = [run[column] for run in runs]
+        row[column] = statistics.median(values) if isinstance(first, float) else first
+        if column in SPREAD_COLUMNS:
+            row[f"{column}, range"] = f"{min(values):.3g} to {max(values):.3g}"
+    return row
+
+
 def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
-          options: dict | None = None, baselines: Sequence[str] = tuple(SCALE_BASELINES)) -> str:
+          options: dict | None = None, baselines: Sequence[str] = tuple(SCALE_BASELINES),
+          repeats: int = 1) -> str:
     """`baselines`: those of SCALE_BASELINES to run beside the plugin (each holds its own copy
-    of the backlog: at 1M waiting, about 5 GB of vLLM requests each)."""
+    of the backlog: at 1M waiting, about 5 GB of vLLM requests each). `repeats`: timings of
+    each row, each from fresh schedulers, reported as their median (and range)."""
     baselines = list(dict.fromkeys(baselines))
     unknown = [name for name in baselines if name not in SCALE_BASELINES]
     if unknown:
         raise ValueError(f"unknown scale baselines {unknown}; choose from {list(SCALE_BASELINES)}")
-    presorted_label = SCALE_BASELINES["presorted"]
     rows = []
     for chunked in (True, False):
         for waiting in sizes:
@@ -378,40 +421,27 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
                     for name in baselines}
             for cost, fixed in SCALE_COSTS.items():
                 runs[cost] = ("prepack", {"prepack": _scale_options(options, fixed)}, False)
-            got = _time_side_by_side(model_dir, runs, lengths, budget, chunked, steps)
-            for cost in SCALE_COSTS:
-                pack = got[cost]
-                row = {"chunked prefill": "on" if chunked else "off",
-                       "waiting requests": waiting, "plugin's step cost": cost}
-                _baseline_columns(row, got, "ms", "{} ms/step (p50)")
-                row["prepack ms/step (p50)"] = pack["ms"]
-                row["planning ms (p50)"] = pack["plan_p50"]
-                row["planning ms (max)"] = pack["plan_max"]
-                _baseline_columns(row, got, "admitted", "admitted/step {}")
-                row["admitted/step prepack"] = pack["admitted"]
-                _baseline_columns(row, got, "us per admitted", "µs per admitted, {}")
-                row["µs per admitted, prepack"] = pack["us per admitted"]
-                if "presorted" in got:
-                    presorted = got["presorted"]
-                    row[f"{presorted_label}, ms/step (p50)"] = presorted["ms"]
-                    row[f"admitted/step, {presorted_label}"] = presorted["admitted"]
-                    row["prepack's added µs per admitted"] = (
-                        1e3 * (pack["ms"] - presorted["ms"]) / pack["admitted"])
-                rows.append(row)
+            timed = [_scale_rows(_time_side_by_side(model_dir, runs, lengths, budget, chunked,
+                                                    steps), chunked, waiting)
+                     for _ in range(repeats)]
+            rows += timed[0] if repeats == 1 else [_median_row(list(r)) for r in zip(*timed)]
     notes = " ".join(_BASELINE_NOTES[name] for name in baselines)
+    repeated = (f" Each row is the median of {repeats} such timings, each from fresh "
+                f"schedulers (the range beside the columns it names)." if repeats > 1 else "")
     return (
         f"**Scheduler time per step** ({steps} steps of `Scheduler.schedule()` from a full "
         f"backlog, budget {budget}, mmlu-shaped lengths, the schedulers of a row side by side, "
         f"a step of each in turn; baselines: "
         f"{', '.join(SCALE_BASELINES[name] for name in baselines) or 'none'}; ms/step and µs "
-        f"per admitted request are each schedule() call whole). {notes} The plugin runs with its "
-        f"step cost fixed ({', '.join(SCALE_COSTS)}): a = 0 orders like SPF; at a = 1024 tokens "
-        f"it packs (filler reserve and exchange with chunked prefill off). 'planning' is the "
-        f"plugin's own time in a step, from the start of its schedule() through the plan (the "
-        f"running-budget mirror included). Its max is mostly the first step, which dates every "
-        f"request of the backlog (one deadline per arrival step, all at once here) and, where "
-        f"it packs, starts binning the prompts over half the budget; any step's time also "
-        f"holds the collections of Python's garbage collector that fall in it{_with(options)}."
+        f"per admitted request are each schedule() call whole).{repeated} {notes} The plugin "
+        f"runs with its step cost fixed ({', '.join(SCALE_COSTS)}): a = 0 orders like SPF; at "
+        f"a = 1024 tokens it packs (filler reserve and exchange with chunked prefill off). "
+        f"'planning' is the plugin's own time in a step, from the start of its schedule() "
+        f"through the plan (the running-budget mirror included). Its max is mostly the first "
+        f"step, which dates every request of the backlog (one deadline per arrival step, all at "
+        f"once here) and, where it packs, starts binning the prompts over half the budget; any "
+        f"step's time also holds the collections of Python's garbage collector that fall in "
+        f"it{_with(options)}."
         f"\n\n"
         + table(rows)
     )
@@ -810,7 +840,8 @@ def main(args) -> str:
                                 args.step_noise, args.step_warmup))
     if "scale" in args.parts:
         parts.append(scale(decoder_model(TINY), args.scale_sizes, args.budget, args.scale_steps,
-                           options=args.prepack_options, baselines=args.scale_baselines))
+                           options=args.prepack_options, baselines=args.scale_baselines,
+                           repeats=args.scale_repeats))
     if "policy" in args.parts:
         parts.append(policy_alone(args.scale_sizes, args.budget, args.scale_steps,
                                   options=args.prepack_options))
@@ -859,6 +890,9 @@ def add_arguments(parser) -> None:
                              "(a burst of 1M where the plugin packs bins its prompts over half "
                              "the budget in its first 14 plans: more steps read past them; a "
                              "backlog that drains before the last step times empty steps)")
+    parser.add_argument("--scale-repeats", type=at_least_one, default=1,
+                        help="timings of each scale row, from fresh schedulers each, reported as "
+                             "their median and range")
     parser.add_argument("--scale-baselines", nargs="+", default=list(SCALE_BASELINES),
                         choices=SCALE_BASELINES,
                         help="the scale part's baselines (each holds a copy of the backlog: "
