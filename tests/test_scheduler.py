@@ -88,13 +88,14 @@ def compiling(request_id, prompt_len):
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 def test_a_request_is_planned_once_its_grammar_is_compiled(tiny_model, policy):
     """vLLM passes over a request whose grammar still compiles; planned, it would hold budget
-    that vLLM then fills past the plan. Out of the plan until compiled, then first, as vLLM's
-    own queue holds a request it passed over (at its front)."""
+    that vLLM then fills past the plan. Out of the plan until compiled, then planned as an
+    arrival of that step: not at the front, where vLLM keeps it and where a long one would
+    stop a step of whole prompts."""
     from vllm.v1.request import RequestStatus
 
     s = standalone_scheduler(tiny_model, policy=policy)
     s.prepack_stats.keep_history = True
-    request, grammar = compiling("grammar", 80)
+    request, grammar = compiling("grammar", 240)
     s.add_request(request)
     for i, n in enumerate([120, 136, 160]):
         s.add_request(make_request(f"r{i}", n))
@@ -110,17 +111,33 @@ def test_a_request_is_planned_once_its_grammar_is_compiled(tiny_model, policy):
     out = s.schedule()  # only the compiling request waits: vLLM's loop sees an empty queue
     assert not out.num_scheduled_tokens and len(s.waiting) == 1 and s.has_requests()
     grammar.set_result(object())
-    for i, n in enumerate([150, 180]):
+    for i, n in enumerate([100, 120]):
         s.add_request(make_request(f"late{i}", n))
+    out = s.schedule()  # at the front, the 240 tokens would have taken the step alone
+    assert [p.key for p in s.prepack_stats.last.planned] == ["late0", "late1"]
+    assert list(out.num_scheduled_tokens) == ["late0", "late1"]
+    assert request.status == RequestStatus.WAITING  # promoted by vLLM's check, not yet taken
+    fake_step(s, out)
     out = s.schedule()
-    planned = s.prepack_stats.last.planned
-    first = "pinned" if policy == "fcfs" else "aged"  # vLLM's priority queue has no front
-    assert [(p.key, p.reason) for p in planned][:1] == [("grammar", first)]
-    assert [p.key for p in planned] == ["grammar", "late0"]
-    assert list(out.num_scheduled_tokens) == ["grammar", "late0"]
-    assert request.status == RequestStatus.RUNNING and len(s.waiting) == 1
+    assert list(out.num_scheduled_tokens) == ["grammar"]
+    assert request.status == RequestStatus.RUNNING and len(s.waiting) == 0
     stats = s.prepack_stats
-    assert stats.admitted == stats.admitted_as_planned == planned_admissions(stats.history) == 5
+    assert stats.admitted == stats.admitted_as_planned == planned_admissions(stats.history) == 6
+
+
+def test_a_planned_request_vllm_puts_back_is_not_counted_as_admitted(tiny_model):
+    s = standalone_scheduler(tiny_model)
+    s.prepack_stats.keep_history = True
+    stale = make_request("stale", 20)
+    stale.num_stale_output_tokens = 1  # output of an earlier turn still in flight: vLLM skips it
+    s.add_request(stale)
+    s.add_request(make_request("ready", 30))
+    out = s.schedule()
+    stats = s.prepack_stats
+    assert {p.key for p in stats.last.planned} == {"stale", "ready"}
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["ready"]  # vLLM skipped the other
+    assert "stale" in {r.request_id for r in s.waiting}
+    assert stats.admitted_as_planned == planned_admissions(stats.history) == 1
 
 
 def test_a_request_whose_grammar_fails_is_ended_by_vllm_and_leaves_the_queue(tiny_model):
@@ -132,7 +149,7 @@ def test_a_request_whose_grammar_fails_is_ended_by_vllm_and_leaves_the_queue(tin
     out = s.schedule()
     assert list(out.num_scheduled_tokens) == ["ok"]
     fake_step(s, out)
-    assert request.is_finished() and not s.waiting and len(s.waiting) == 0
+    assert request.is_finished() and len(s.waiting) == 0
 
 
 def test_queue_prepend_order_matches_vllm_fcfs():

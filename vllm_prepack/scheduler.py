@@ -89,12 +89,12 @@ class PackingRequestQueue(internal.RequestQueue):
     """vLLM's waiting queue, ordered by the packing policy instead of arrival."""
 
     def __init__(self, config: PrepackConfig, policy, cached_tokens=None, kv_blocks=None,
-                 passed_over=None) -> None:
+                 vllm_skips=None) -> None:
         self._set = config.waiting_set()
-        # requests vLLM's loop would pass over (a grammar still compiling), by id: kept out of
-        # the plan until `passed_over` (vLLM's check, request -> bool; None: none is) lets them
-        # go. Planned, each would hold budget that vLLM then fills past the plan.
-        self._passed_over = passed_over
+        # requests vLLM's loop passes over for their status (a grammar still compiling), by id:
+        # kept out of the plan until `vllm_skips` (vLLM's check, request -> bool; None: none
+        # is) lets them go. Planned, each would hold budget that vLLM then fills past the plan.
+        self._vllm_skips = vllm_skips
         self._parked: dict[str, Request] = {}
         self._by_priority = policy == internal.SchedulingPolicy.PRIORITY
         self._cached_tokens = cached_tokens  # request -> tokens a prefix-cache hit would skip
@@ -143,19 +143,25 @@ class PackingRequestQueue(internal.RequestQueue):
         return self._set.entries[self._set.first(self._step, self._now)]
 
     def _park(self, request: Request) -> bool:
-        if self._passed_over is None or not self._passed_over(request):
+        """Keep `request` out of the plan if vLLM would pass it over now."""
+        if self._vllm_skips is None or not self._vllm_skips(request):
             return False
         self._parked[request.request_id] = request
         return True
 
     def _unpark(self) -> None:
-        """The parked requests vLLM would now take go first, oldest first: where vLLM's own
-        queue holds a request it passed over (at its front, put back there each step)."""
-        ready = [request for request in self._parked.values() if not self._passed_over(request)]
+        """The parked requests vLLM would now take join the plan as arrivals of this step.
+        Not at the front, where vLLM's own queue keeps a request it passed over: there a long
+        one would stop a step of whole prompts, or wait for its KV blocks with every request
+        behind it, as in vLLM (vllm#31731); it was never waiting for the scheduler before."""
+        ready = [request for request in self._parked.values() if not self._vllm_skips(request)]
         for request in ready:
             del self._parked[request.request_id]
-        if ready:
-            self.prepend_requests(ready[::-1])  # vLLM's prepend reverses, as deque.extendleft
+            self._admit(request)
+
+    def _unparked(self, request: Request) -> bool:
+        """Out of the parked requests, if it is one (aborted, or its grammar failed)."""
+        return bool(self._parked) and self._parked.pop(request.request_id, None) is not None
 
     def _refresh_cached(self) -> None:
         """The first admission from a group of requests that share a first block cached that
@@ -208,8 +214,10 @@ class PackingRequestQueue(internal.RequestQueue):
         )
 
     def add_request(self, request: Request) -> None:
-        if self._park(request):
-            return
+        if not self._park(request):
+            self._admit(request)
+
+    def _admit(self, request: Request) -> None:
         self._set.add(self._entry(request))
         self._join_group(request)
 
@@ -264,7 +272,7 @@ class PackingRequestQueue(internal.RequestQueue):
         return request
 
     def remove_request(self, request: Request) -> None:
-        if self._parked.pop(request.request_id, None) is not None:
+        if self._unparked(request):
             return
         self._remove(request.request_id)
         self._leave_group(request, admitted=False)
@@ -272,7 +280,7 @@ class PackingRequestQueue(internal.RequestQueue):
     def remove_requests(self, requests: Iterable[Request]) -> None:
         # vLLM removes aborted requests from every waiting queue: absent ones are fine.
         for request in requests:
-            if self._parked and self._parked.pop(request.request_id, None) is not None:
+            if self._unparked(request):
                 continue
             if request.request_id in self._set:
                 self._remove(request.request_id)
@@ -297,7 +305,7 @@ class StepRecord:
 
     step: int
     budget: int  # tokens left for waiting requests after running ones
-    waiting: int  # waiting requests when the step was planned
+    waiting: int  # requests in vLLM's waiting queue when the step was planned (parked ones too)
     planned: Plan
     scheduled_new: list[str]  # request ids vLLM admitted from waiting, in order
     scheduled_tokens: int  # all tokens of the step (running + new)
@@ -349,7 +357,7 @@ class PrepackScheduler(internal.Scheduler):
         self._kv_blocks = kv_block_accounting(self)
         self._cache_tokens = kv_cache_tokens(self, self._kv_blocks)  # for the load report
         self.waiting = PackingRequestQueue(self.prepack_config, self.policy, cached, self._kv_blocks,
-                                           lambda request: passed_over(self, request))
+                                           vllm_skips=lambda request: passed_over(self, request))
         spec = vllm_config.speculative_config
         self._draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
         self.prepack_stats = PrepackStats()

@@ -132,7 +132,11 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     )),
     TouchPoint("Scheduler.get_request_counts", _V.CALL, _SCHED),
     TouchPoint("Scheduler._is_blocked_waiting_status", _V.CALL, f"{_SCHED}, touchpoints.passed_over"),
-    TouchPoint("Scheduler._handle_blocked_waiting_request", _V.CALL, "touchpoints.passed_over"),
+    TouchPoint("Scheduler._handle_blocked_waiting_request", _V.CALL, "touchpoints.passed_over",
+               differs="0.33 keeps a failed grammar's error (a dict of RequestError), 0.31/0.32 "
+                       "its id (a set), each ended at the next update; 0.34 also reserves a "
+                       "finished remote KV load's blocks, a request of kv_holding_waiting, never "
+                       "of the plugin's queue"),
     TouchPoint("Scheduler.local_prefill_interval", _V.READ, "touchpoints.prefills_deferred",
                checked=("0.33.0", "0.34.0"),
                differs="0.33 holds prefills back locally every prefill_schedule_interval steps "
@@ -417,10 +421,11 @@ def check_waiting_order(scheduler) -> None:
 
 
 def passed_over(scheduler, request) -> bool:
-    """Whether vLLM's waiting loop would pass over `request` now (its structured-output grammar
-    still compiling, a streaming session waiting for input): vLLM's own check, which also
-    promotes a request that became ready to WAITING and marks a failed grammar for vLLM to end
-    at its next update, as the loop would on reaching it."""
+    """Whether vLLM's waiting loop passes over `request` now for its status (its
+    structured-output grammar still compiling, a streaming session waiting for input; not its
+    other skips: a LoRA adapter over the limit, output still in flight): vLLM's own check,
+    which also promotes a request that became ready to WAITING and marks a failed grammar for
+    vLLM to end at its next update (the loop does both on reaching it; this may come first)."""
     return (scheduler._is_blocked_waiting_status(request.status)
             and not scheduler._handle_blocked_waiting_request(request))
 
