@@ -22,8 +22,11 @@ def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines),
                      "--engine-args", "{max_model_len: 5}"]) == 2
     assert "--engine-args is not JSON" in capsys.readouterr().err
-    with pytest.raises(JobError, match="at least 1 replica, got 0"):
-        run_batch(str(tmp_path / "bare"), [], tmp_path / "out.jsonl", replicas=0)
+    for bad, says in [(dict(replicas=0), "replicas must be at least 1, got 0"),
+                      (dict(unit_tokens=-1), "unit_tokens must be at least 1, got -1"),
+                      (dict(max_tokens=0), "max_tokens must be at least 1, got 0")]:
+        with pytest.raises(JobError, match=says):
+            run_batch(str(tmp_path / "bare"), [], tmp_path / "out.jsonl", **bad)
     assert not ray.is_initialized()
 
 

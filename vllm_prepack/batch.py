@@ -234,8 +234,12 @@ def run_batch(
     from vllm_prepack.replica import start_replicas
 
     engine_kwargs = dict(engine_kwargs or {})
-    if replicas < 1:
-        raise JobError(f"a job needs at least 1 replica, got {replicas}")
+    counts = {"replicas": replicas, "unit_tokens": unit_tokens}
+    if task == "generate":
+        counts["max_tokens"] = max_tokens
+    for name, value in counts.items():
+        if value < 1:
+            raise JobError(f"{name} must be at least 1, got {value}")
     check_model(model, engine_kwargs)
     writer = open_writer(output)
     if not ray.is_initialized():
