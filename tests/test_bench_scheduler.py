@@ -54,15 +54,33 @@ def test_the_scale_part_runs_only_the_baselines_asked_for(tiny_model):
         scale(tiny_model, [300], budget=1024, baselines=["sorted"])
 
 
-def test_repeated_scale_timings_report_each_rows_median_and_range(tiny_model):
-    text = scale(tiny_model, [200], budget=1024, steps=2, baselines=["presorted"], repeats=3)
+def test_repeated_scale_timings_report_each_rows_median_and_range(monkeypatch):
+    """Each row the median of its timings, the range beside the columns it names: the
+    timings scripted here (the plugin's planning p50 1, 5, 2 ms; the baseline's step 1 ms)."""
+    from vllm_prepack.bench import scheduler as bench
+
+    planning = iter([1.0, 5.0, 2.0] * 2)  # chunked on, then off
+
+    def timed(model_dir, runs, lengths, budget, chunked, steps):
+        plan = next(planning)
+        got = {label: {"ms": 2.0 * plan, "admitted": 100.0, "us per admitted": 20.0 * plan,
+                       "plan_p50": plan, "plan_max": 1000.0 * plan}
+               for label in runs if label in SCALE_COSTS}
+        got["presorted"] = {"ms": 1.0, "admitted": 100.0, "us per admitted": 10.0}
+        return got
+
+    monkeypatch.setattr(bench, "_time_side_by_side", timed)
+    text = scale("no-model", [100], budget=1024, steps=2, baselines=["presorted"], repeats=3)
     rows = _rows(text)
     assert len(rows) == 2 * len(SCALE_COSTS) and "the median of 3 such timings" in text
     for row in rows:
-        for column in ("planning ms (p50)", "planning ms (max)", "prepack's added µs per admitted"):
-            low, high = map(float, row[f"{column}, range"].split(" to "))
-            slack = 0.01 * max(abs(low), abs(high)) + 1e-3  # the table's 3 digits
-            assert low <= high and low - slack <= float(row[column]) <= high + slack
+        assert float(row["planning ms (p50)"]) == 2.0
+        assert row["planning ms (p50), range"] == "1 to 5"
+        assert row["planning ms (max), range"] == "1,000 to 5,000"
+        assert float(row["prepack's added µs per admitted"]) == 30.0  # (2 x 2 - 1) ms / 100
+        assert row["prepack's added µs per admitted, range"] == "10 to 90"
+    with pytest.raises(ValueError, match="repeats must be at least 1, got 0"):
+        scale("no-model", [100], budget=1024, repeats=0)
 
 
 def test_the_wall_floor_puts_the_step_bound_at_the_calibrated_cost_against_spf_steps():

@@ -44,18 +44,19 @@ def header(title: str) -> str:
     return f"### {title}\n\n- command: `{command}`\n- machine: {machine()}\n- date: {today}\n"
 
 
+def cell(v) -> str:
+    """A value as the tables print it."""
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return str(v)
+
+
 def table(rows: list[dict], columns: list[str] | None = None) -> str:
     if not rows:
         return "(no rows)\n"
     columns = columns or list(rows[0])
-
-    def fmt(v) -> str:
-        if isinstance(v, float) and math.isnan(v):
-            return "n/a"
-        if isinstance(v, float):
-            return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
-        return str(v)
-
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -55,7 +55,7 @@ from vllm_prepack.bench.harness import (
     simulate,
     standalone_scheduler,
 )
-from vllm_prepack.bench.report import header, summary, table
+from vllm_prepack.bench.report import cell, header, summary, table
 from vllm_prepack.cost import StepCost
 from vllm_prepack.models import DecoderShape
 from vllm_prepack.policy import FILL_SLACK, PACK_SHARE
@@ -399,7 +399,7 @@ def _median_row(runs: list[dict]) -> dict:
         values = [run[column] for run in runs]
         row[column] = statistics.median(values) if isinstance(first, float) else first
         if column in SPREAD_COLUMNS:
-            row[f"{column}, range"] = f"{min(values):.3g} to {max(values):.3g}"
+            row[f"{column}, range"] = f"{cell(min(values))} to {cell(max(values))}"
     return row
 
 
@@ -413,6 +413,8 @@ def scale(model_dir, sizes: list[int], budget: int, steps: int = 30,
     unknown = [name for name in baselines if name not in SCALE_BASELINES]
     if unknown:
         raise ValueError(f"unknown scale baselines {unknown}; choose from {list(SCALE_BASELINES)}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     rows = []
     for chunked in (True, False):
         for waiting in sizes:
