@@ -100,6 +100,7 @@ def test_a_request_is_planned_once_its_grammar_is_compiled(tiny_model, policy):
     for i, n in enumerate([120, 136, 160]):
         s.add_request(make_request(f"r{i}", n))
     assert len(s.waiting) == 4 and "grammar" in {r.request_id for r in s.waiting}
+    assert s.load_report().waiting_tokens == 240 + 120 + 136 + 160  # the router counts it too
     out = s.schedule()
     assert [p.key for p in s.prepack_stats.last.planned] == ["r0", "r1"]  # 120 + 136: the budget
     assert sorted(out.num_scheduled_tokens) == ["r0", "r1"]

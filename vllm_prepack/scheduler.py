@@ -227,6 +227,13 @@ class PackingRequestQueue(internal.RequestQueue):
         by; not the parked requests')."""
         return self._set.tokens
 
+    @property
+    def parked_tokens(self) -> int:
+        """Prompt tokens of the parked requests (a few, while their grammars compile)."""
+        if not self._parked:
+            return 0
+        return sum(r.num_tokens - r.num_computed_tokens for r in self._parked.values())
+
     def _join_group(self, request: Request) -> None:
         group = self._group(request)
         if group is not None:
@@ -480,7 +487,8 @@ class PrepackScheduler(internal.Scheduler):
         seconds = (model.current.seconds(step_tokens, step_seqs)
                    if step_tokens and model.steps >= MIN_STEPS else 0.0)
         return LoadReport(
-            seq=self._reports, time=time.time(), waiting_tokens=self.waiting.tokens,
+            seq=self._reports, time=time.time(),
+            waiting_tokens=self.waiting.tokens + self.waiting.parked_tokens,
             prefill_tokens=prefill, decoding=decoding, budget=self.max_num_scheduled_tokens,
             newest_arrival=self._newest_arrival,
             requests=len(self.waiting) + len(self.kv_holding_waiting) + len(self.running),
