@@ -20,6 +20,11 @@ from vllm_prepack.workloads import prompt_lengths
 lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=60)
 
 
+def gap_credit(level, open_share: float) -> float:
+    """Tokens of gap a level's bins may still leave open at `open_share` (the policy's count)."""
+    return policy._gap_credit(open_share, level.binned, level.left_open)
+
+
 def fill(lengths, **kw):
     ws = WaitingSet(**kw)
     for i, n in enumerate(lengths):
@@ -375,7 +380,7 @@ def test_the_gaps_bins_leave_open_add_up_to_the_slack_over_the_fixed_share(slack
     left_open = sum(budget - b.tokens for b in bins)
     credit = slack / 0.5 * binned - left_open  # what the open gaps have not spent
     assert 0 <= credit < 200 + slack / 0.5 * budget and credit == pytest.approx(
-        ws._levels[0].gap_credit(slack / 0.5))
+        gap_credit(ws._levels[0], slack / 0.5))
     assert (left_open == 0) == (slack == 0)
     assert len(list(ws._levels[0].free)) == 400 - (binned - 40 * 800) // 50
     assert_consistent(ws)
@@ -396,7 +401,7 @@ def test_gaps_left_open_on_a_lower_share_are_a_debt_once_the_share_reads_higher(
         level = ws._levels[0]
         first = set(level.bins)
         assert sum(budget - b.tokens for b in level.bins.values()) > 0.05 * level.binned
-        assert level.gap_credit(slack / 0.5) >= 0 > level.gap_credit(slack)  # a debt at share 1
+        assert gap_credit(level, slack / 0.5) >= 0 > gap_credit(level, slack)  # a debt at share 1
         for key in range(10**6, 10**6 + 20):
             ws.add(Entry(key=key, length=800, step=1))
         ws.plan(later, step=1)
@@ -421,8 +426,8 @@ def test_bins_built_on_the_prior_guess_come_at_the_common_pace_and_leave_the_lea
                            cost_learning=learning))
         level = ws._levels[0]
         assert len(level.bins) == bins and level.left_open > 0
-        assert level.gap_credit(slack / share) >= 0
-        assert (level.gap_credit(slack) >= 0) == learning
+        assert gap_credit(level, slack / share) >= 0
+        assert (gap_credit(level, slack) >= 0) == learning
         assert_consistent(ws)
 
 
@@ -568,14 +573,14 @@ def test_the_gap_credit_is_kept_within_credit_bins_and_a_free_step_adds_none(mon
         patch.setattr(policy, "CREDIT_BINS", 2)
         ws = fill([1000] * 50 + [10] * 500, pack_share=0.0, fill_slack=0.05)
         ws.plan(limits)
-        assert ws._levels[0].gap_credit(0.1) == pytest.approx(0.1 * 1000 * 2)
+        assert gap_credit(ws._levels[0], 0.1) == pytest.approx(0.1 * 1000 * 2)
     ws = fill([700] * 20 + [100] * 3000, pack_share=0.0, fill_slack=0.05)
     ws.plan(replace(limits, cost=StepCost.in_tokens(0.0)))
-    assert ws._levels[0].gap_credit(0.1) == 0
+    assert gap_credit(ws._levels[0], 0.1) == 0
     before = set(ws._levels[0].bins)
     ws.plan(limits)
     new = [b.tokens for i, b in ws._levels[0].bins.items() if i not in before]
-    assert new[:2] == [1000, 900] and ws._levels[0].gap_credit(0.1) == pytest.approx(
+    assert new[:2] == [1000, 900] and gap_credit(ws._levels[0], 0.1) == pytest.approx(
         0.1 * sum(new) - sum(1000 - t for t in new))
     assert_consistent(ws)
 

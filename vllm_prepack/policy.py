@@ -632,9 +632,6 @@ class _Level:
 
     # -- reserved bins --
 
-    def gap_credit(self, open_share: float) -> float:
-        return _gap_credit(open_share, self.binned, self.left_open)
-
     def reserve(self, members: list[Entry], bin_id: int, tokens: int) -> None:
         """A new bin of free entries, already popped from `free`, longest first, of `tokens`."""
         self.bins[bin_id] = _Bin(members, tokens, members[-1].length)
