@@ -93,6 +93,7 @@ def test_bad_lines_become_error_records_and_the_rest_completes(replicas, tmp_pat
         json.dumps({"id": "bad-tokens", "prompt_token_ids": [5, 100000]}),
         json.dumps({"id": "hot", "prompt_token_ids": [5], "temperature": -1}),
         json.dumps({"custom_id": "x", "method": "GET", "url": "/v1/completions", "body": {}}),
+        json.dumps({"id": "stop", "prompt_token_ids": [5], "stop": 5}),
     ]
     report = run(lines, tmp_path / "out.jsonl", replicas)
     by_line = {r.get("line") or int(r["id"].rsplit("-", 1)[1]): r for r in read(tmp_path / "out.jsonl")}
@@ -106,7 +107,8 @@ def test_bad_lines_become_error_records_and_the_rest_completes(replicas, tmp_pat
     assert "line 16:" in by_line[16]["error"] and "temperature" in by_line[16]["error"]
     assert by_line[17]["custom_id"] == "x" and "POST" in by_line[17]["error"]
     assert by_line[17]["response"]["status_code"] == 400
-    assert report.errors == 7
+    assert "line 18: bad sampling parameters (temperature=0.0, stop=5)" in by_line[18]["error"]
+    assert report.errors == 8
 
 
 def test_interrupted_twice_and_resumed_loses_and_duplicates_nothing(replicas, tmp_path):

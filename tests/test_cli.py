@@ -19,14 +19,34 @@ def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     (tmp_path / "bare" / "config.json").write_text("{}")
     assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines)]) == 2
     assert "has no tokenizer files" in capsys.readouterr().err
+    assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(tmp_path / "nope.jsonl"),
+                     "--engine-args", '{"skip_tokenizer_init": true}']) == 2
+    assert f"input {tmp_path / 'nope.jsonl'} does not exist" in capsys.readouterr().err
     assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines),
-                     "--engine-args", "{max_model_len: 5}"]) == 2
-    assert "--engine-args is not JSON" in capsys.readouterr().err
+                     "--output", str(tmp_path / "out.csv"), "--engine-args", '{"skip_tokenizer_init": true}']) == 2
+    assert "out.csv must end in .jsonl" in capsys.readouterr().err
+    assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines),
+                     "--engine-args", '{"skip_tokenizer_init": true}',
+                     "--prepack-options", '{"max_swaps": -1}']) == 2
+    assert "['max_swaps'] must be >= 0, got -1" in capsys.readouterr().err
+    assert cli.main(["batch", "--model", str(tmp_path / "bare")]) == 2  # not the demo job on the demo model
+    assert "--model needs --input" in capsys.readouterr().err
     for bad, says in [(dict(replicas=0), "replicas must be at least 1, got 0"),
                       (dict(unit_tokens=-1), "unit_tokens must be at least 1, got -1"),
                       (dict(max_tokens=0), "max_tokens must be at least 1, got 0")]:
         with pytest.raises(JobError, match=says):
             run_batch(str(tmp_path / "bare"), [], tmp_path / "out.jsonl", **bad)
+    with pytest.raises(JobError, match="input .*nope.jsonl does not exist"):
+        run_batch(str(tmp_path / "bare"), str(tmp_path / "nope.jsonl"), tmp_path / "out.jsonl",
+                  engine_kwargs={"skip_tokenizer_init": True})
+    assert not ray.is_initialized()
+
+
+def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    assert cli.main(["serve", "--model", str(tmp_path / "no-such-model")]) == 2
+    assert f"{tmp_path / 'no-such-model'} does not exist" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
@@ -36,12 +56,37 @@ def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     (["batch", "--replicas", "0"], "must be at least 1, got 0"),
     (["batch", "--unit-tokens", "-5"], "must be at least 1, got -5"),
     (["serve", "--ingress-replicas", "two"], "must be an integer, got 'two'"),
+    (["batch", "--num-cpus", "0"], "must be at least 1, got 0"),
+    (["demo", "--prompts", "0"], "must be at least 1, got 0"),
+    (["batch", "--engine-args", "{max_model_len: 5}"], "is not JSON"),
+    (["serve", "--engine-args", "[1]"], "must be a JSON object, got list"),
+    (["serve", "--prepack-options", "{bad"], "is not JSON"),
+    (["bench", "scheduler", "--prepack-options", "3"], "must be a JSON object, got int"),
 ])
 def test_a_count_below_one_or_not_a_number_is_refused_naming_the_argument(argv, says, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2
     assert f"argument {argv[-2]}: {says}" in capsys.readouterr().err
+
+
+def test_verbose_before_or_after_the_command_and_ctrl_c_in_one_line(monkeypatch, capsys):
+    import logging
+
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda args: seen.append(args.verbose) or 0)
+    for argv in (["demo"], ["-v", "demo"], ["demo", "-v"]):
+        assert cli.main(argv) == 0
+    assert seen == [False, True, True]
+    logging.getLogger("vllm_prepack").setLevel(logging.NOTSET)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert cli.main(["batch"]) == 130
+    assert capsys.readouterr().err.strip() == ("vllm-prepack batch: interrupted; what was written "
+                                               "stays, and the same command resumes")
 
 
 @pytest.mark.engine

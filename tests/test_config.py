@@ -98,3 +98,22 @@ def test_bin_fill_slack_takes_its_bounds_as_floats():
 def test_non_object_is_refused():
     with pytest.raises(PrepackConfigError, match=r"additional_config\['prepack'\] must be a JSON object"):
         PrepackConfig.from_additional_config({"prepack": [1, 2]})
+
+
+def test_plugin_engine_kwargs_switch_the_plugin_on_and_check_the_options_first():
+    from vllm_prepack.config import SCHEDULER_CLS, plugin_engine_kwargs
+
+    base = {"max_model_len": 256, "additional_config": {"other": 1, "prepack": {"aging_steps": 3}}}
+    for defaults in (True, None):  # the options already given stay
+        kwargs = plugin_engine_kwargs(base, defaults)
+        assert kwargs["scheduler_cls"] == SCHEDULER_CLS and kwargs["max_model_len"] == 256
+        assert kwargs["additional_config"] == base["additional_config"]
+    assert plugin_engine_kwargs(base, False) == base  # plain vLLM
+    mine = plugin_engine_kwargs(base, {"max_swaps": 0})["additional_config"]
+    assert mine == {"other": 1, "prepack": {"max_swaps": 0}}  # given options replace them
+    as_cli = plugin_engine_kwargs({"additional_config": '{"prepack": {"order": "ratio"}}'})
+    assert as_cli["additional_config"] == {"prepack": {"order": "ratio"}}
+    with pytest.raises(PrepackConfigError, match="additional_config is not JSON"):
+        plugin_engine_kwargs({"additional_config": "{prepack"})
+    with pytest.raises(PrepackConfigError, match=r"\['max_swaps'\] must be >= 0"):
+        plugin_engine_kwargs(None, {"max_swaps": -1})

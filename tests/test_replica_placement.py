@@ -27,6 +27,25 @@ def probe_class():
     return Probe
 
 
+def test_cpu_replicas_share_a_cluster_smaller_than_the_machine():
+    """A local cluster given fewer CPUs than the replicas (``batch --num-cpus 1 --replicas 2``):
+    each asks its share of the cluster's CPUs, so all start (each asked for a core of the
+    machine's and the second waited for one forever)."""
+    import threading
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        started = []
+        thread = threading.Thread(target=lambda: started.append(
+            describe_and_stop(start_replicas("m", 2, "generate", {}, replica_cls=probe_class()))),
+            daemon=True)
+        thread.start()
+        thread.join(timeout=120)
+        assert len(started) == 1 and len(started[0]) == 2
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def gpu_cluster():
     ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False)

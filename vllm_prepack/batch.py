@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_prepack.argtypes import at_least_one
+from vllm_prepack.argtypes import at_least_one, json_object
+from vllm_prepack.config import plugin_engine_kwargs
 from vllm_prepack.batch_input import Feed, Source
 from vllm_prepack.batch_output import open_writer
 from vllm_prepack.dispatch import ORDERS, Dispatcher
@@ -38,6 +39,13 @@ class JobError(ValueError):
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                    "vocab.txt", "spiece.model", "tekken.json")
+
+
+def check_output(output: str | Path) -> None:
+    """Raise JobError unless the output is a format the job writes (by its suffix)."""
+    if Path(output).suffix not in (".jsonl", ".parquet"):
+        raise JobError(f"output {output} must end in .jsonl (one JSON record a line) or .parquet "
+                       "(a folder of parts)")
 
 
 def check_model(model: str, engine_kwargs: dict) -> None:
@@ -225,10 +233,12 @@ def run_batch(
     gpus_per_replica: int = 0,
     chat_template: str | None = None,
     progress: bool = True,
+    num_cpus: int | None = None,
 ) -> JobReport:
-    """The whole job from Python: start replicas on the current Ray cluster (or a local one),
-    run, and return the report. `source`: a JSONL or Parquet path, or a list of JSON lines.
-    Re-running with the same output resumes."""
+    """The whole job from Python: start replicas on the current Ray cluster (or a local one of
+    `num_cpus`), run, and return the report. `source`: a JSONL or Parquet path, or a list of
+    JSON lines. Re-running with the same output resumes. Bad arguments raise JobError (or
+    PrepackConfigError) before Ray starts."""
     import ray
 
     from vllm_prepack.replica import start_replicas
@@ -241,9 +251,13 @@ def run_batch(
         if value < 1:
             raise JobError(f"{name} must be at least 1, got {value}")
     check_model(model, engine_kwargs)
+    check_output(output)
+    if isinstance(source, (str, Path)) and not Path(source).exists():
+        raise JobError(f"input {source} does not exist")
+    plugin_engine_kwargs(engine_kwargs, prepack)  # a bad option fails here, not in the replicas
     writer = open_writer(output)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
     default = max_tokens if task == "generate" else 0
     actors = start_replicas(model, replicas, task, engine_kwargs, prepack,
                             gpus_per_replica=gpus_per_replica, default_max_tokens=default,
@@ -257,26 +271,16 @@ def run_batch(
 
 def main(args) -> int:
     """``vllm-prepack batch`` (the CLI gives the embedded demo job when --input is absent)."""
-    import ray
-
-    try:
-        engine_kwargs = json.loads(args.engine_args) if args.engine_args else {}
-    except ValueError as e:
-        raise JobError(f"--engine-args is not JSON: {e}") from None
-    if not isinstance(engine_kwargs, dict):
-        raise JobError("--engine-args must be a JSON object of vLLM engine arguments")
-    model, source = args.model, args.input
-    if model is None:
+    if args.model is None:
         raise JobError("--model is required with --input")
-    check_model(model, engine_kwargs)
     template = args.chat_template
     if template is not None and Path(template).is_file():
         template = Path(template).read_text()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True)
-    report = run_batch(model, source, args.output, replicas=args.replicas, task=args.task,
-                       max_tokens=args.max_tokens, order=args.order, engine_kwargs=engine_kwargs,
-                       unit_tokens=args.unit_tokens, gpus_per_replica=args.gpus_per_replica,
-                       chat_template=template)
+    report = run_batch(args.model, args.input, args.output, replicas=args.replicas, task=args.task,
+                       max_tokens=args.max_tokens, order=args.order,
+                       engine_kwargs=args.engine_args, unit_tokens=args.unit_tokens,
+                       gpus_per_replica=args.gpus_per_replica, chat_template=template,
+                       prepack=args.prepack_options or True, num_cpus=args.num_cpus)
     print(json.dumps({
         "output": str(args.output), "written": report.written,
         "skipped (already done)": report.skipped, "errors": report.errors,
@@ -288,7 +292,8 @@ def main(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", help="local model folder (default: the embedded demo model)")
+    parser.add_argument("--model", help="local model folder, with --input (with neither: the "
+                        "embedded demo job on the embedded demo model)")
     parser.add_argument("--input", help="JSONL (this project's lines or the OpenAI batch format) "
                         "or Parquet; default: the embedded demo workload")
     parser.add_argument("--output", default="results.jsonl", help=".jsonl, or .parquet (a folder of parts)")
@@ -299,10 +304,14 @@ def add_arguments(parser) -> None:
                         help="which requests go first within the read-ahead window")
     parser.add_argument("--unit-tokens", type=at_least_one, default=8192,
                         help="tokens (prompt + expected output) per unit of work sent to a replica")
-    parser.add_argument("--engine-args", help='JSON object of vLLM engine arguments, passed unchanged, '
+    parser.add_argument("--engine-args", type=json_object, default=None,
+                        help='JSON object of vLLM engine arguments, passed unchanged, '
                         'e.g. \'{"max_model_len": 2048}\'')
+    parser.add_argument("--prepack-options", type=json_object, default=None,
+                        help="the plugin's options as JSON (default: its defaults)")
     parser.add_argument("--chat-template", help="a chat template (file or string) for "
                         "/v1/chat/completions lines, when the tokenizer has none")
-    parser.add_argument("--num-cpus", type=int, default=None, help="for a local Ray cluster")
+    parser.add_argument("--num-cpus", type=at_least_one, default=None,
+                        help="for a local Ray cluster (the replicas share them)")
     parser.add_argument("--gpus-per-replica", type=int, default=0,
                         help="GPUs each replica reserves; above 1 it runs tensor-parallel")

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks; results are markdown for BENCHMARKS.md")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, module in BENCHES.items():
-        p = bench_sub.add_parser(name, help=importlib.import_module(module).__doc__.splitlines()[0])
+        doc = importlib.import_module(module).__doc__
+        p = bench_sub.add_parser(name, help=" ".join(doc.split("\n\n")[0].split()))
         importlib.import_module(module).add_arguments(p)
         p.add_argument("--out", type=Path, help="also write the markdown here")
 
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except (JobError, PrepackConfigError, FileNotFoundError) as e:  # the user's to fix
         print(f"vllm-prepack {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = "; what was written stays, and the same command resumes" if args.command == "batch" else ""
+        print(f"vllm-prepack {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
@@ -60,6 +65,11 @@ def _run(args) -> int:
         return importlib.import_module("vllm_prepack.bench.demo").main(args)
     if args.command == "batch":
         if args.input is None:  # the embedded demo job
+            if args.model is not None:
+                from vllm_prepack.batch import JobError
+
+                raise JobError("--model needs --input (the requests to run on it); with "
+                               "neither, the embedded demo job runs")
             importlib.import_module("vllm_prepack.bench.demo").use_demo_job(args)
         return importlib.import_module("vllm_prepack.batch").main(args)
     if args.command == "serve":

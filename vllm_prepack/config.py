@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, NamedTuple
@@ -208,20 +209,29 @@ def _check(name: str, value: Any, kind: _Kind) -> Any:
 
 
 def plugin_engine_kwargs(engine_kwargs: Mapping[str, Any] | None = None,
-                         options: Mapping[str, Any] | bool = True) -> dict:
+                         options: Mapping[str, Any] | bool | None = True) -> dict:
     """vLLM engine arguments with the plugin switched on: what ``--scheduler-cls`` and
     ``--additional-config`` say on the command line, for ``LLM(**kwargs)``, ``AsyncEngineArgs``
     and the ``engine_kwargs`` of Ray Data LLM and Ray Serve LLM.
 
-    `options`: the plugin's options, True for its defaults (or those already in
+    `options`: the plugin's options, True or None for its defaults (or those already in
     ``engine_kwargs["additional_config"]["prepack"]``), False for plain vLLM (the arguments
-    returned unchanged). Other ``additional_config`` keys are kept. The options are validated
-    here, so a bad one fails before any engine or cluster starts."""
+    returned unchanged). Other ``additional_config`` keys are kept; it may be given as vLLM's
+    command line takes it, a JSON string. The options are validated here, so a bad one fails
+    before any engine or cluster starts."""
     kwargs = dict(engine_kwargs or {})
     if options is False:
         return kwargs
-    extra = dict(kwargs.get("additional_config") or {})
-    if options is not True:
+    extra = kwargs.get("additional_config") or {}
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except ValueError as e:
+            raise PrepackConfigError(f"additional_config is not JSON ({e}): {extra!r}") from None
+    if not isinstance(extra, Mapping):
+        raise PrepackConfigError(f"additional_config must be a JSON object, got {type(extra).__name__}")
+    extra = dict(extra)
+    if options is not True and options is not None:
         extra[CONFIG_KEY] = dict(options)
     extra.setdefault(CONFIG_KEY, {})
     PrepackConfig.from_additional_config(extra)

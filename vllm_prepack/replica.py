@@ -201,8 +201,12 @@ class Replica:
         from vllm.sampling_params import RequestOutputKind
 
         extra = {} if self.tokenizer is not None else {"detokenize": False}
-        return SamplingParams(max_tokens=request.max_tokens, **request.sampling, **extra,
-                              output_kind=RequestOutputKind.FINAL_ONLY)  # all n choices at once
+        try:
+            return SamplingParams(max_tokens=request.max_tokens, **request.sampling, **extra,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)  # all n choices at once
+        except (TypeError, ValueError) as e:  # a value of the wrong type or out of range
+            given = ", ".join(f"{k}={v!r}" for k, v in request.sampling.items())
+            raise InputError(f"line {request.line}: bad sampling parameters ({given}): {e}") from None
 
     def _prompts(self, request: Request) -> list:
         if request.messages is not None:
@@ -257,10 +261,14 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
     """N Ray actors, one engine each, started in parallel. On CPU each engine gets its own core
     (threads bound to it). With GPUs each replica reserves `gpus_per_replica` GPUs; above one it
     runs tensor-parallel (vLLM's Ray executor) inside a placement group of that many GPUs.
+    `num_cpus`: each replica's Ray CPUs; default: its share of the cluster's, at most one (a
+    cluster given fewer CPUs than the replicas still starts them all).
     `env`: environment variables for every replica, over these defaults."""
     import ray
 
     cores = os.cpu_count() or 1
+    if num_cpus is None:
+        num_cpus = min(1.0, ray.cluster_resources().get("CPU", 0.0) / n)
     replicas = ReplicaSet()
     for i in range(n):
         kwargs, opts = dict(engine_kwargs), {}
@@ -280,7 +288,7 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 group, placement_group_capture_child_tasks=True)
         replicas.append(ray.remote(replica_cls).options(
-            num_cpus=num_cpus if num_cpus is not None else min(1.0, cores / n),
+            num_cpus=num_cpus,
             max_restarts=0, max_concurrency=UNITS_IN_FLIGHT + 1,  # + describe()
             runtime_env={"env_vars": {**defaults, **(env or {})}}, **opts,
         ).remote(model, task, kwargs, prepack, i, **options))

@@ -11,12 +11,11 @@ imported only when a command runs, so the CLI stays light.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
-from vllm_prepack.argtypes import at_least_one
+from vllm_prepack.argtypes import at_least_one, json_object
 from vllm_prepack.config import plugin_engine_kwargs
 from vllm_prepack.routing import PrefixIndex
 
@@ -150,9 +149,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--replicas", type=at_least_one, default=2)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--engine-args", type=json.loads, default={},
+    parser.add_argument("--engine-args", type=json_object, default={},
                         help='vLLM engine arguments as JSON, e.g. \'{"runner": "pooling"}\'')
-    parser.add_argument("--prepack-options", type=json.loads, default=None,
+    parser.add_argument("--prepack-options", type=json_object, default=None,
                         help="the plugin's options as JSON (default: its defaults)")
     parser.add_argument("--plain", action="store_true", help="plain vLLM, without the plugin")
     parser.add_argument("--router", choices=tuple(ROUTERS), default="tokens")
@@ -166,11 +165,11 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from vllm_prepack.replica import check_tokenizer
+    from vllm_prepack.batch import check_model
 
     engine_kwargs = dict(args.engine_args)
     model = args.model
-    check_tokenizer(model, engine_kwargs)
+    check_model(model, engine_kwargs)
     prepack = False if args.plain else (args.prepack_options or True)
     config = prepack_llm_config(model, model_id=args.model_id, replicas=args.replicas,
                                 engine_kwargs=engine_kwargs, prepack=prepack, router=args.router,

@@ -8,8 +8,10 @@ logs stay quiet unless ``-v``.
 
 from __future__ import annotations
 
+import argparse
 import os
 
+from vllm_prepack.argtypes import at_least_one
 from vllm_prepack.models import DEMO_MODEL
 
 
@@ -54,12 +56,14 @@ def main(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--prompts", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--budget", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts", type=at_least_one, default=128)
+    parser.add_argument("--max-tokens", type=at_least_one, default=16)
+    parser.add_argument("--budget", type=at_least_one, default=512)
+    parser.add_argument("--repeats", type=at_least_one, default=3)
     parser.add_argument("--whole-prompts", action="store_true", help="chunked prefill off")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs")
+    # SUPPRESS: not given here, the command's own -v (before "demo") stands
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show vLLM's logs")
 
 
 def use_demo_model(args) -> None:
@@ -86,5 +90,5 @@ def use_demo_job(args) -> None:
                   for i, p in enumerate(token_ids(lengths, vocab_size=DEMO_MODEL.vocab_size, seed=1))]
     kwargs = dict(dtype="float32", max_model_len=2048, max_num_batched_tokens=512,
                   enable_prefix_caching=False)
-    kwargs.update(json.loads(args.engine_args) if args.engine_args else {})
-    args.model, args.engine_args = str(decoder_model(DEMO_MODEL)), json.dumps(kwargs)
+    kwargs.update(args.engine_args or {})
+    args.model, args.engine_args = str(decoder_model(DEMO_MODEL)), kwargs

@@ -29,7 +29,7 @@ from itertools import accumulate
 from pathlib import Path
 from types import SimpleNamespace
 
-from vllm_prepack.argtypes import at_least_one
+from vllm_prepack.argtypes import at_least_one, json_object
 from vllm_prepack.bench.engines import (
     ENGINE_COLUMNS,
     PROBE_SEQS,
@@ -879,7 +879,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget", type=int, default=1024,
                         help="synthetic/scale/policy token budget")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prepack-options", type=json.loads, default=None, metavar="JSON",
+    parser.add_argument("--prepack-options", type=json_object, default=None, metavar="JSON",
                         help="the plugin's options for the synthetic, arrivals, scale and policy "
                              "parts, e.g. "
                              "'{\"aging_drain_factor\": null}' (default: the plugin's defaults)")
