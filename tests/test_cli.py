@@ -70,6 +70,33 @@ def test_a_count_below_one_or_not_a_number_is_refused_naming_the_argument(argv, 
     assert f"argument {argv[-2]}: {says}" in capsys.readouterr().err
 
 
+def test_serve_starts_ray_with_the_replicas_cpus_before_building_the_app(monkeypatch, tmp_path):
+    """Ray Serve LLM's app builder starts a default local Ray (the machine's cores) when none is
+    up; on a 2-core machine that left the ingress no CPU and the app never came up."""
+    import os
+    from types import SimpleNamespace
+
+    import ray
+
+    from vllm_prepack import serve
+
+    seen = {}
+
+    def build(*configs, **options):
+        seen["cpus"] = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
+        raise KeyboardInterrupt  # stop before any replica
+
+    monkeypatch.setattr(serve, "build_app", build)
+    monkeypatch.setattr(serve, "prepack_llm_config", lambda *a, **k: SimpleNamespace(model_id="m"))
+    (tmp_path / "m").mkdir()
+    try:
+        assert cli.main(["serve", "--model", str(tmp_path / "m"), "--replicas", "3", "--engine-args",
+                         '{"skip_tokenizer_init": true}']) == 130
+    finally:
+        ray.shutdown()
+    assert seen["cpus"] == max(os.cpu_count() or 1, 2 * 3 + 4)
+
+
 def test_verbose_before_or_after_the_command_and_ctrl_c_in_one_line(monkeypatch, capsys):
     import logging
 

@@ -114,19 +114,27 @@ def build_app(*configs, ingress_replicas: int | None = None):
     return build_openai_app(builder)
 
 
-def start(app, *, port: int = 8000, host: str = "127.0.0.1", address: str | None = None,
-          num_cpus: int | None = None, name: str = APP_NAME) -> None:
-    """Start (or join, with `address`) a Ray cluster and run `app` on it; returns once every
-    replica is up. On a machine without GPUs, a local cluster gets enough logical CPUs for
-    Ray Serve LLM's placement (a replica takes two), whatever the cores."""
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the Ray cluster at `address`, or start a local one of `num_cpus` logical CPUs,
+    unless Ray is up. Call it before ``build_app``: Ray Serve LLM's builder otherwise starts a
+    local Ray with the machine's cores, too few for the replicas' placement on a small machine
+    (a replica takes two CPUs, the ingress one), and the app never starts."""
     import ray
-    from ray import serve
 
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def start(app, *, port: int = 8000, host: str = "127.0.0.1", address: str | None = None,
+          num_cpus: int | None = None, name: str = APP_NAME) -> None:
+    """Start (or join, with `address`) a Ray cluster (``connect``) and run `app` on it; returns
+    once every replica is up."""
+    from ray import serve
+
+    connect(address, num_cpus)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=name, route_prefix="/", blocking=False)
 
@@ -174,13 +182,15 @@ def main(args) -> int:
     config = prepack_llm_config(model, model_id=args.model_id, replicas=args.replicas,
                                 engine_kwargs=engine_kwargs, prepack=prepack, router=args.router,
                                 gpus_per_replica=args.gpus_per_replica)
+    # a local cluster without GPUs gets enough logical CPUs for the placement, whatever the cores
     cpus = None if args.address or args.gpus_per_replica else max(os.cpu_count() or 1,
                                                                    2 * args.replicas + 4)
     print(f"starting {args.replicas} replica(s) of {config.model_id} "
           f"({'plain vLLM' if args.plain else 'vLLM + prepack'}, router: {args.router}) ...",
           flush=True)
+    connect(args.address, cpus)
     start(build_app(config, ingress_replicas=args.ingress_replicas), port=args.port,
-          host=args.host, address=args.address, num_cpus=cpus)
+          host=args.host)
     base = f"http://{args.host}:{args.port}"
     print(f"serving {config.model_id} at {base}/v1 (health: {base}/-/healthz); Ctrl-C stops\n"
           f"  from openai import OpenAI\n"
