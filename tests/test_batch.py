@@ -297,6 +297,20 @@ def test_a_model_without_tokenizer_files(cluster, tiny_model, tmp_path):
     assert "no tokenizer" in records["text"]["error"]
 
 
+def test_an_engine_that_cannot_start_stops_the_job_in_one_line(cluster, tiny_model, tmp_path):
+    """A model folder vLLM cannot load (here: an architecture it does not know) fails in the
+    replicas: the job stops with one line naming the model and the engine's error."""
+    from vllm_prepack.batch import run_batch
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    with pytest.raises(JobError, match=f"a replica could not start its engine on {bad}: "
+                                       r"\S*ValidationError: .*NoSuchForCausalLM"):
+        run_batch(str(bad), job_lines(2), tmp_path / "out.jsonl", replicas=2, engine_kwargs=ENGINE)
+
+
 def test_batch_runs_a_job_from_the_command_line(cluster, tiny_model, tmp_path, capsys):
     """`vllm-prepack batch` on the module's cluster (the CLI joins a running one)."""
     from vllm_prepack import cli

@@ -14,6 +14,8 @@ def probe_class():
 
     class Probe:
         def __init__(self, model, task, engine_kwargs, prepack, index, **options):
+            if index in options.get("fail", ()):
+                raise ValueError(f"replica {index} cannot start its engine")
             self.engine_kwargs = engine_kwargs
 
         def describe(self) -> dict:
@@ -42,6 +44,23 @@ def test_cpu_replicas_share_a_cluster_smaller_than_the_machine():
         thread.start()
         thread.join(timeout=120)
         assert len(started) == 1 and len(started[0]) == 2
+    finally:
+        ray.shutdown()
+
+
+def test_a_replica_that_cannot_start_takes_the_others_down():
+    """One replica's engine fails at start: start_replicas raises its error and stops the
+    replicas that did start (their CPUs come back), rather than leaving them to the cluster."""
+    import time
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(ray.exceptions.RayActorError, match="replica 1 cannot start"):
+            start_replicas("m", 3, "generate", {}, replica_cls=probe_class(), fail=(1,))
+        deadline = time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ray.available_resources().get("CPU", 0) == 3
     finally:
         ray.shutdown()
 

@@ -19,6 +19,7 @@ Data, ``vllm_prepack.ray_data`` offers the token-aware batching as a stage.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -256,17 +257,39 @@ def run_batch(
         raise JobError(f"input {source} does not exist")
     plugin_engine_kwargs(engine_kwargs, prepack)  # a bad option fails here, not in the replicas
     writer = open_writer(output)
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
     default = max_tokens if task == "generate" else 0
-    actors = start_replicas(model, replicas, task, engine_kwargs, prepack,
-                            gpus_per_replica=gpus_per_replica, default_max_tokens=default,
-                            chat_template=chat_template)
+    try:
+        actors = start_replicas(model, replicas, task, engine_kwargs, prepack,
+                                gpus_per_replica=gpus_per_replica, default_max_tokens=default,
+                                chat_template=chat_template)
+    except ray.exceptions.RayActorError as e:  # its traceback is in the log above
+        if started:
+            ray.shutdown()  # the replicas' logs end before the one line
+        raise JobError(f"a replica could not start its engine on {model}: "
+                       f"{_raised(str(e))}") from None
     try:
         return run_job(Source(source), writer, actors, max_tokens=default, order=order,
                        unit_tokens=unit_tokens, progress=progress)
     finally:
         actors.stop()
+
+
+_EXCEPTION_LINE = re.compile(r"[\w.]+(Error|Exception|Exit|Interrupt): ")  # "module.Name: message"
+
+
+def _raised(traceback: str, limit: int = 400) -> str:
+    """The exception a traceback ends with, on one line (its message's lines joined; a
+    pydantic error's link left out), cut at `limit` characters."""
+    lines = [line.strip() for line in traceback.splitlines()
+             if line.strip() and not line.strip().startswith("For further information")]
+    if not lines:
+        return ""
+    start = max((i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)), default=len(lines) - 1)
+    text = " ".join(lines[start:])
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def main(args) -> int:

@@ -292,5 +292,9 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
             max_restarts=0, max_concurrency=UNITS_IN_FLIGHT + 1,  # + describe()
             runtime_env={"env_vars": {**defaults, **(env or {})}}, **opts,
         ).remote(model, task, kwargs, prepack, i, **options))
-    ray.get([a.describe.remote() for a in replicas])  # engines are up
+    try:
+        ray.get([a.describe.remote() for a in replicas])  # engines are up
+    except Exception:  # one could not start: the others go too
+        replicas.stop()
+        raise
     return replicas
