@@ -42,6 +42,20 @@ def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_an_engine_error_is_the_exception_its_traceback_ends_with_on_one_line():
+    from vllm_prepack.batch import _raised
+
+    traceback = ("The actor died because of an error raised in its creation task, ray::Replica\n"
+                 "  File \"replica.py\", line 60, in __init__\n"
+                 "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+                 "  Value error, Model architectures ['Nope'] are not supported\n"
+                 "    For further information visit https://errors.pydantic.dev/2.14/v/value_error\n")
+    assert _raised(traceback) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for "
+                                  "ModelConfig Value error, Model architectures ['Nope'] are not supported")
+    assert _raised("Fatal Python error: Aborted\n") == "Fatal Python error: Aborted"  # no exception line
+    assert _raised("OSError: " + "x" * 500).endswith("...") and len(_raised("OSError: " + "x" * 500)) == 400
+
+
 def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     import ray
 
@@ -63,7 +77,7 @@ def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     (["serve", "--prepack-options", "{bad"], "is not JSON"),
     (["bench", "scheduler", "--prepack-options", "3"], "must be a JSON object, got int"),
 ])
-def test_a_count_below_one_or_not_a_number_is_refused_naming_the_argument(argv, says, capsys):
+def test_a_bad_argument_is_refused_by_the_parser_naming_it(argv, says, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2
@@ -84,14 +98,14 @@ def test_serve_starts_ray_with_the_replicas_cpus_before_building_the_app(monkeyp
 
     def build(*configs, **options):
         seen["cpus"] = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
-        raise KeyboardInterrupt  # stop before any replica
+        raise KeyboardInterrupt  # stop before any replica: serve stops, as on Ctrl-C
 
     monkeypatch.setattr(serve, "build_app", build)
     monkeypatch.setattr(serve, "prepack_llm_config", lambda *a, **k: SimpleNamespace(model_id="m"))
     (tmp_path / "m").mkdir()
     try:
         assert cli.main(["serve", "--model", str(tmp_path / "m"), "--replicas", "3", "--engine-args",
-                         '{"skip_tokenizer_init": true}']) == 130
+                         '{"skip_tokenizer_init": true}']) == 0
     finally:
         ray.shutdown()
     assert seen["cpus"] == max(os.cpu_count() or 1, 2 * 3 + 4)

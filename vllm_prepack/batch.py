@@ -238,8 +238,9 @@ def run_batch(
 ) -> JobReport:
     """The whole job from Python: start replicas on the current Ray cluster (or a local one of
     `num_cpus`), run, and return the report. `source`: a JSONL or Parquet path, or a list of
-    JSON lines. Re-running with the same output resumes. Bad arguments raise JobError (or
-    PrepackConfigError) before Ray starts."""
+    JSON lines; `output`: a .jsonl file or a .parquet folder of parts. Re-running with the same
+    output resumes. Bad arguments raise JobError (or PrepackConfigError) before Ray starts; an
+    engine that cannot start, JobError naming its error."""
     import ray
 
     from vllm_prepack.replica import start_replicas

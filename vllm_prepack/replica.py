@@ -267,6 +267,8 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
     import ray
 
     cores = os.cpu_count() or 1
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
     if num_cpus is None:
         num_cpus = min(1.0, ray.cluster_resources().get("CPU", 0.0) / n)
     replicas = ReplicaSet()
@@ -294,7 +296,7 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
         ).remote(model, task, kwargs, prepack, i, **options))
     try:
         ray.get([a.describe.remote() for a in replicas])  # engines are up
-    except Exception:  # one could not start: the others go too
+    except BaseException:  # one could not start (or Ctrl-C): the others go too
         replicas.stop()
         raise
     return replicas

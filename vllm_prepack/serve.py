@@ -189,14 +189,14 @@ def main(args) -> int:
           f"({'plain vLLM' if args.plain else 'vLLM + prepack'}, router: {args.router}) ...",
           flush=True)
     connect(args.address, cpus)
-    start(build_app(config, ingress_replicas=args.ingress_replicas), port=args.port,
-          host=args.host)
-    base = f"http://{args.host}:{args.port}"
-    print(f"serving {config.model_id} at {base}/v1 (health: {base}/-/healthz); Ctrl-C stops\n"
-          f"  from openai import OpenAI\n"
-          f"  OpenAI(base_url='{base}/v1', api_key='none').completions.create("
-          f"model='{config.model_id}', prompt='Hello', max_tokens=16)", flush=True)
-    try:
+    try:  # Ctrl-C while the replicas start takes the app down too (a joined cluster keeps it)
+        start(build_app(config, ingress_replicas=args.ingress_replicas), port=args.port,
+              host=args.host)
+        base = f"http://{args.host}:{args.port}"
+        print(f"serving {config.model_id} at {base}/v1 (health: {base}/-/healthz); Ctrl-C stops\n"
+              f"  from openai import OpenAI\n"
+              f"  OpenAI(base_url='{base}/v1', api_key='none').completions.create("
+              f"model='{config.model_id}', prompt='Hello', max_tokens=16)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
