@@ -43,17 +43,17 @@ def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
 
 
 def test_an_engine_error_is_the_exception_its_traceback_ends_with_on_one_line():
-    from vllm_prepack.batch import _raised
+    from vllm_prepack.errors import last_exception
 
     traceback = ("The actor died because of an error raised in its creation task, ray::Replica\n"
                  "  File \"replica.py\", line 60, in __init__\n"
                  "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
                  "  Value error, Model architectures ['Nope'] are not supported\n"
                  "    For further information visit https://errors.pydantic.dev/2.14/v/value_error\n")
-    assert _raised(traceback) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for "
+    assert last_exception(traceback) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for "
                                   "ModelConfig Value error, Model architectures ['Nope'] are not supported")
-    assert _raised("Fatal Python error: Aborted\n") == "Fatal Python error: Aborted"  # no exception line
-    assert _raised("OSError: " + "x" * 500).endswith("...") and len(_raised("OSError: " + "x" * 500)) == 400
+    assert last_exception("Fatal Python error: Aborted\n") == "Fatal Python error: Aborted"  # no exception line
+    assert last_exception("OSError: " + "x" * 500).endswith("...") and len(last_exception("OSError: " + "x" * 500)) == 400
 
 
 def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):

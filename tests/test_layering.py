@@ -13,7 +13,7 @@ HARNESS = ("vllm_prepack.bench", "vllm_prepack.models", "vllm_prepack.workloads"
 PRODUCT = sorted(p for p in [*PACKAGE.glob("*.py"), *(ROOT / "patches").glob("*.py")]
                  if p.name not in ("cli.py", "models.py", "workloads.py"))
 PURE = ["policy.py", "packing.py", "argtypes.py", "dispatch.py", "layout.py", "config.py",
-        "batch_record.py", "batch_input.py", "batch_output.py"]
+        "batch_record.py", "batch_input.py", "batch_output.py", "errors.py"]
 
 
 def imports(path: Path) -> set[str]:

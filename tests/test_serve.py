@@ -131,6 +131,29 @@ def test_the_command_line_parses():
 
 
 @pytest.mark.engine
+def test_an_app_whose_engine_cannot_start_fails_in_one_line(tiny_model, tmp_path):
+    """A model folder vLLM cannot load (an architecture it does not know): Ray Serve gives up on
+    the deployment, and start() raises one line naming it and its replicas' error, not Ray
+    Serve's "Deploying application failed" with the cause only in the controller's log. Its
+    own cluster, before the module's app starts."""
+    import shutil
+
+    from vllm_prepack.serve import AppStartError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        app = build_app(prepack_llm_config(str(bad), replicas=1, engine_kwargs=ENGINE, runtime_env=ENV))
+        with pytest.raises(AppStartError, match="PrepackLLMServer:bad: .*NoSuchForCausalLM"):
+            start(app, port=free_port("127.0.0.1"))
+    finally:
+        stop()
+
+
+@pytest.mark.engine
 def test_routers_know_their_rank_and_number_in_fixed_and_autoscaled_ingresses(served):
     """``touchpoints.router_shard`` inside real Serve replicas: rank and size in a deployment of
     a fixed size and in an autoscaled one (whose ``world_size`` says 1: its replicas are

@@ -19,7 +19,6 @@ Data, ``vllm_prepack.ray_data`` offers the token-aware batching as a stage.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from vllm_prepack.config import plugin_engine_kwargs
 from vllm_prepack.batch_input import Feed, Source
 from vllm_prepack.batch_output import open_writer
 from vllm_prepack.dispatch import ORDERS, Dispatcher
+from vllm_prepack.errors import last_exception
 from vllm_prepack.replica import UNITS_IN_FLIGHT
 
 
@@ -270,27 +270,12 @@ def run_batch(
         if started:
             ray.shutdown()  # the replicas' logs end before the one line
         raise JobError(f"a replica could not start its engine on {model}: "
-                       f"{_raised(str(e))}") from None
+                       f"{last_exception(str(e))}") from None
     try:
         return run_job(Source(source), writer, actors, max_tokens=default, order=order,
                        unit_tokens=unit_tokens, progress=progress)
     finally:
         actors.stop()
-
-
-_EXCEPTION_LINE = re.compile(r"[\w.]+(Error|Exception|Exit|Interrupt): ")  # "module.Name: message"
-
-
-def _raised(traceback: str, limit: int = 400) -> str:
-    """The exception a traceback ends with, on one line (its message's lines joined; a
-    pydantic error's link left out), cut at `limit` characters."""
-    lines = [line.strip() for line in traceback.splitlines()
-             if line.strip() and not line.strip().startswith("For further information")]
-    if not lines:
-        return ""
-    start = max((i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)), default=len(lines) - 1)
-    text = " ".join(lines[start:])
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def main(args) -> int:

@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("vllm_prepack").setLevel(logging.DEBUG)
     from vllm_prepack.batch import JobError
     from vllm_prepack.config import PrepackConfigError
+    from vllm_prepack.serve import AppStartError
 
     try:
         return _run(args)
-    except (JobError, PrepackConfigError, FileNotFoundError) as e:  # the user's to fix
+    except (JobError, PrepackConfigError, FileNotFoundError, AppStartError) as e:  # the user's to fix
         print(f"vllm-prepack {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vllm_prepack.argtypes import at_least_one, json_object
 from vllm_prepack.config import plugin_engine_kwargs
+from vllm_prepack.errors import last_exception
 from vllm_prepack.routing import PrefixIndex
 
 ROUTERS = {
@@ -128,15 +129,27 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
             ray.init(num_cpus=num_cpus, include_dashboard=False)
 
 
+class AppStartError(RuntimeError):
+    """The app did not come up: Ray Serve gave up on a deployment whose replicas kept failing
+    to start; the message names it and the error its replicas raised, in one line."""
+
+
 def start(app, *, port: int = 8000, host: str = "127.0.0.1", address: str | None = None,
           num_cpus: int | None = None, name: str = APP_NAME) -> None:
     """Start (or join, with `address`) a Ray cluster (``connect``) and run `app` on it; returns
-    once every replica is up."""
+    once every replica is up, or raises AppStartError."""
     from ray import serve
 
     connect(address, num_cpus)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=name, route_prefix="/", blocking=False)
+    try:
+        serve.run(app, name=name, route_prefix="/", blocking=False)
+    except RuntimeError as e:  # "Deploying application ... failed": the cause is per deployment
+        status = serve.status().applications.get(name)
+        failed = [f"{deployment}: {last_exception(d.message)}"
+                  for deployment, d in (status.deployments.items() if status else ())
+                  if d.message and d.status.value != "HEALTHY"]
+        raise AppStartError("; ".join(failed) or str(e)) from None
 
 
 def stop(name: str = APP_NAME, *, joined: bool = False) -> None:
