@@ -31,7 +31,7 @@ from vllm_prepack.batch_input import Feed, Source
 from vllm_prepack.batch_output import open_writer
 from vllm_prepack.dispatch import ORDERS, Dispatcher
 from vllm_prepack.errors import last_exception
-from vllm_prepack.replica import UNITS_IN_FLIGHT
+from vllm_prepack.replica import UNITS_IN_FLIGHT, connect
 
 
 class JobError(ValueError):
@@ -258,9 +258,7 @@ def run_batch(
         raise JobError(f"input {source} does not exist")
     plugin_engine_kwargs(engine_kwargs, prepack)  # a bad option fails here, not in the replicas
     writer = open_writer(output)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    started = connect(num_cpus=num_cpus)
     default = max_tokens if task == "generate" else 0
     try:
         actors = start_replicas(model, replicas, task, engine_kwargs, prepack,

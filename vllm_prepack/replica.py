@@ -255,6 +255,20 @@ class ReplicaSet(list):
         self.groups.clear()
 
 
+def connect(address: str | None = None, num_cpus: float | None = None) -> bool:
+    """Join the Ray cluster at `address`, or start a local one of `num_cpus` logical CPUs (None:
+    the machine's cores), unless Ray is up; whether this call started or joined it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    return True
+
+
 def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: dict | bool = True,
                    *, num_cpus: float | None = None, gpus_per_replica: int = 0,
                    env: dict | None = None, replica_cls=Replica, **options) -> ReplicaSet:
@@ -267,8 +281,7 @@ def start_replicas(model: str, n: int, task: str, engine_kwargs: dict, prepack: 
     import ray
 
     cores = os.cpu_count() or 1
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    connect()
     if num_cpus is None:
         num_cpus = min(1.0, ray.cluster_resources().get("CPU", 0.0) / n)
     replicas = ReplicaSet()

@@ -18,6 +18,7 @@ from pathlib import Path
 from vllm_prepack.argtypes import at_least_one, json_object
 from vllm_prepack.config import plugin_engine_kwargs
 from vllm_prepack.errors import last_exception
+from vllm_prepack.replica import connect
 from vllm_prepack.routing import PrefixIndex
 
 ROUTERS = {
@@ -115,20 +116,6 @@ def build_app(*configs, ingress_replicas: int | None = None):
     return build_openai_app(builder)
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at `address`, or start a local one of `num_cpus` logical CPUs,
-    unless Ray is up. Call it before ``build_app``: Ray Serve LLM's builder otherwise starts a
-    local Ray with the machine's cores, too few for the replicas' placement on a small machine
-    (a replica takes two CPUs, the ingress one), and the app never starts."""
-    import ray
-
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
-
-
 class AppStartError(RuntimeError):
     """The app did not come up: Ray Serve gave up on a deployment whose replicas kept failing
     to start; the message names it and the error its replicas raised, in one line."""
@@ -201,6 +188,8 @@ def main(args) -> int:
     print(f"starting {args.replicas} replica(s) of {config.model_id} "
           f"({'plain vLLM' if args.plain else 'vLLM + prepack'}, router: {args.router}) ...",
           flush=True)
+    # before build_app: Ray Serve LLM's builder otherwise starts a local Ray with the machine's
+    # cores, too few for the placement on a small machine, and the app never starts
     connect(args.address, cpus)
     try:  # Ctrl-C while the replicas start takes the app down too (a joined cluster keeps it)
         start(build_app(config, ingress_replicas=args.ingress_replicas), port=args.port,
