@@ -126,8 +126,8 @@ def test_the_feed_hands_out_token_budgets_and_skips_committed_lines():
 @pytest.mark.parametrize("raw, openai, rid", [
     ('{"id": 7, "prompt": "x"}', False, 7),
     ('{"custom_id": "c", "method": "GET"}', True, "c"),
-    ('{"body": {"prompt": "x"}}', True, 4),  # OpenAI by the same rule as parse
-    ('{"custom_id": "c", oops', True, 4),  # not JSON: judged from its text
+    ('{"body": {"prompt": "x"}}', True, None),  # OpenAI by the same rule as parse; no id
+    ('{"custom_id": "c", oops', True, None),  # not JSON: judged from its text
     ("[1]", False, 4),
 ])
 def test_error_records_keep_the_lines_format_and_start_with_its_number(raw, openai, rid):
@@ -135,7 +135,7 @@ def test_error_records_keep_the_lines_format_and_start_with_its_number(raw, open
     assert ("custom_id" in record, record.get("custom_id", record["id"]), record["error"]) == (
         openai, rid, "line 4: bad")
     if openai:
-        assert record["response"]["status_code"] == 400
+        assert record["response"]["status_code"] == 400 and record["id"] == "vllm-batch-4"
     assert record_line(encode([record], "jsonl")) == 4
     assert record_line(b'{"something": 4}') is None
 

@@ -79,15 +79,18 @@ def _is_openai(obj: dict) -> bool:
 
 def _identity(raw: str, line: int) -> tuple[object, bool]:
     """The id a record for this line carries, and whether it is an OpenAI line, even when the
-    line is bad (not JSON: judged from its text)."""
+    line is bad (not JSON: judged from its text). An OpenAI line's custom_id, null where it
+    gives none that can be read: the column stays strings, which typed JSONL readers (Arrow,
+    Spark) require; the record's id names the line."""
     try:
         obj = json.loads(raw)
     except ValueError:
-        return line, '"custom_id"' in raw
+        openai = '"custom_id"' in raw
+        return None if openai else line, openai
     if not isinstance(obj, dict):
         return line, False
     if _is_openai(obj):
-        return obj.get("custom_id", line), True
+        return obj.get("custom_id"), True
     return obj.get("id", line), False
 
 
