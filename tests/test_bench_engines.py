@@ -120,3 +120,19 @@ def test_a_shapes_kv_bytes_count_keys_and_values_of_every_layer():
 
     shape = PREFILL_SHAPES["sheared-1.3b"]  # 24 layers, 16 KV heads of 2048 / 16 = 128
     assert shape.kv_bytes_per_token(2) == 2 * 24 * 16 * 128 * 2
+
+
+@pytest.mark.engine
+def test_the_prefix_part_runs_each_scheduler_with_prefix_caching_and_fcfs_outputs(model_root,
+                                                                                   monkeypatch):
+    """`--parts prefix` (in the default parts), at its smallest: an engine config vLLM accepts
+    (chunked prefill off: the model length within the budget) and one document however few
+    prompts; every engine the same greedy tokens as FCFS's."""
+    from vllm_prepack.bench.scheduler import prefix_job
+
+    monkeypatch.setenv("VLLM_PREPACK_CACHE", str(model_root))
+    text = prefix_job(n=4, budget=1024, repeats=1)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+             if line.startswith("| shared prefixes |")]
+    assert [c[1] for c in cells] == ["fcfs", "spf", "prepack"]
+    assert [c[-1] for c in cells[1:]] == ["yes", "yes"]

@@ -76,6 +76,14 @@ def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     (["serve", "--engine-args", "[1]"], "must be a JSON object, got list"),
     (["serve", "--prepack-options", "{bad"], "is not JSON"),
     (["bench", "scheduler", "--prepack-options", "3"], "must be a JSON object, got int"),
+    (["bench", "scheduler", "--parts", "synthetic", "--prompts", "0"], "must be at least 1, got 0"),
+    (["bench", "scheduler", "--parts", "seconds", "--step-warmup", "0.5"],
+     "must be at least 1, got 0.5"),
+    (["bench", "scheduler", "--parts", "seconds", "--fixed-tokens", "-64"],
+     "must be at least 0, got -64"),
+    (["bench", "serve", "--parts", "sim", "--sim-loads", "0"], "must be above 0, got 0"),
+    (["bench", "ray", "--prompts", "-1"], "must be at least 0, got -1"),
+    (["bench", "hf", "--batches", "x"], "must be an integer, got 'x'"),
 ])
 def test_a_bad_argument_is_refused_by_the_parser_naming_it(argv, says, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -1,19 +1,40 @@
-"""argparse types the commands' parsers share (the product's and the benchmarks')."""
+"""argparse types the commands share (the product's and the benchmarks'): a bad value stops the
+parser with one line naming the option, before anything starts."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Callable
 
 
-def at_least_one(text: str) -> int:
-    """A count: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """A number (`kind`: int or float) of at least `minimum`, finite."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun}, got {text!r}") from None
+        if not (value >= minimum and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+at_least_one = at_least(1)  # a count
+at_least_zero = at_least(0)  # a count where 0 turns the thing off
+non_negative = at_least(0.0, float)  # seconds, shares, tokens of work
+
+
+def positive(text: str) -> float:
+    """A number above 0 (a load, a rate)."""
+    value = non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be above 0, got 0")
     return value
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_prepack import hf
+from vllm_prepack.argtypes import at_least_one
 from vllm_prepack.bench.report import header, table
 from vllm_prepack.models import HF_BENCH_SHAPES
 from vllm_prepack.workloads import SHAPES, batch_ratio, prompt_lengths, token_ids
@@ -295,6 +296,6 @@ def add_arguments(parser) -> None:
                         help=f"{hf.VARLEN_ATTENTION}: torch's varlen flash kernel for the packed "
                              "forward, sdpa for everything else")
     parser.add_argument("--workloads", nargs="+", default=["mmlu", "alpaca"], choices=list(SHAPES))
-    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=at_least_one, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--repeats", type=at_least_one, default=5)
     parser.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vllm_prepack.argtypes import at_least_one, at_least_zero
 from vllm_prepack.bench.report import header, table
 from vllm_prepack.models import RAY_BENCH_MODEL as BENCH_MODEL
 
@@ -325,16 +326,17 @@ def main(args) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--replicas", type=at_least_one, default=2)
     parser.add_argument("--workloads", nargs="+", default=["bimodal", "mmlu"])
     parser.add_argument("--orders", nargs="+", default=["shuffled", "concatenated"],
                         choices=["shuffled", "concatenated"])
-    parser.add_argument("--prompts", type=int, default=192, help="per engine job; 0 skips engines")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--scale-lines", type=int, nargs="*", default=[],
+    parser.add_argument("--prompts", type=at_least_zero, default=192,
+                        help="per engine job; 0 skips engines")
+    parser.add_argument("--max-tokens", type=at_least_one, default=16)
+    parser.add_argument("--scale-lines", type=at_least_one, nargs="*", default=[],
                         help="driver-alone corpus sizes, e.g. 10000 100000 1000000")
-    parser.add_argument("--unit-tokens", type=int, default=8192)
-    parser.add_argument("--ray-data-llm", type=int, default=0, metavar="PROMPTS",
+    parser.add_argument("--unit-tokens", type=at_least_one, default=8192)
+    parser.add_argument("--ray-data-llm", type=at_least_zero, default=0, metavar="PROMPTS",
                         help="a skewed bimodal job of PROMPTS through Ray Data LLM (with and "
                              "without the plugin) and vllm-prepack batch; 0 skips it")
     parser.add_argument("--report", type=Path, help="also write PNG timelines and a summary here")

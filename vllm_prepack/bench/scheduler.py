@@ -29,7 +29,7 @@ from itertools import accumulate
 from pathlib import Path
 from types import SimpleNamespace
 
-from vllm_prepack.argtypes import at_least_one, json_object
+from vllm_prepack.argtypes import at_least, at_least_one, json_object, non_negative, positive
 from vllm_prepack.bench.engines import (
     ENGINE_COLUMNS,
     PROBE_SEQS,
@@ -748,7 +748,8 @@ def generation_job(n: int, budget: int, max_tokens: list[int], repeats: int,
 
 def prefix_job(n: int, budget: int, repeats: int) -> str:
     """Prefix caching on (vLLM's default): prompts that share a few long system prompts, and
-    documents asked about more than once."""
+    documents asked about more than once. Prompts are at most 960 tokens, 968 with the output:
+    the model length is the budget (chunked prefill off, vLLM refuses a longer one)."""
     import random
 
     from vllm import SamplingParams
@@ -757,22 +758,24 @@ def prefix_job(n: int, budget: int, repeats: int) -> str:
 
     rng = random.Random(14)
     systems = token_ids([rng.randint(200, 400) for _ in range(4)], DEMO_MODEL.vocab_size, seed=15)
-    docs = token_ids([rng.randint(300, 900) for _ in range(n // 8)], DEMO_MODEL.vocab_size, seed=16)
+    n_docs = max(1, n // 8)
+    docs = token_ids([rng.randint(300, 900) for _ in range(n_docs)], DEMO_MODEL.vocab_size, seed=16)
     prompts = []
     for i in range(n):
         tail = token_ids([rng.randint(5, 60)], DEMO_MODEL.vocab_size, seed=100 + i)[0]
         prompts.append(systems[i % len(systems)] + tail if i % 2 else rng.choice(docs) + tail)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     with build_engines(decoder_model(DEMO_MODEL), budget, ("fcfs", "spf", "prepack"),
-                       dtype="float32", max_model_len=2048, enable_chunked_prefill=False,
+                       dtype="float32", max_model_len=budget, enable_chunked_prefill=False,
                        enable_prefix_caching=True, seed=0) as engines:
         rows, _ = engine_table("shared prefixes", engines, prompts, params, repeats, budget, None)
     return (
         f"**Prefix caching on, chunked prefill off** (random-weight Llama {DEMO_MODEL.hidden_size}h x "
         f"{DEMO_MODEL.num_hidden_layers} layers, fp32; {n} prompts: half one of 4 system prompts "
-        f"of 200-400 tokens + a 5-60 token question, half one of {n // 8} documents of 300-900 tokens "
-        f"+ a question; 8 tokens out; budget {budget}; median wall of {repeats}). The plugin "
-        f"orders by uncached length (vLLM's own prefix lookup, refreshed as requests arrive).\n\n"
+        f"of 200-400 tokens + a 5-60 token question, half one of {n_docs} documents of 300-900 "
+        f"tokens + a question; 8 tokens out; budget {budget}; median wall of {repeats}). The "
+        f"plugin orders by uncached length (vLLM's own prefix lookup, refreshed as requests "
+        f"arrive).\n\n"
         + table(rows, [c for c in ENGINE_COLUMNS if c != "steps/bound"])
     )
 
@@ -875,17 +878,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parts", nargs="+", default=[p for p in parts if p != "prefill"],
                         choices=parts, help="'prefill' (not run by default) is for a GPU")
     parser.add_argument("--report", type=Path, help="also write PNG plots and summary.md here")
-    parser.add_argument("--prompts", type=int, default=1000, help="synthetic prompts per workload")
-    parser.add_argument("--budget", type=int, default=1024,
+    parser.add_argument("--prompts", type=at_least_one, default=1000,
+                        help="synthetic prompts per workload")
+    parser.add_argument("--budget", type=at_least_one, default=1024,
                         help="synthetic/scale/policy token budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prepack-options", type=json_object, default=None, metavar="JSON",
                         help="the plugin's options for the synthetic, arrivals, scale and policy "
                              "parts, e.g. "
                              "'{\"aging_drain_factor\": null}' (default: the plugin's defaults)")
-    parser.add_argument("--loads", type=float, nargs="+", default=[0.8, 0.95, 1.05],
+    parser.add_argument("--loads", type=positive, nargs="+", default=[0.8, 0.95, 1.05],
                         help="offered loads for the arrivals part (1 = the budget, in prompt tokens)")
-    parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000],
+    parser.add_argument("--scale-sizes", type=at_least_one, nargs="+",
+                        default=[1000, 10_000, 100_000],
                         help="waiting requests in the scale and policy parts")
     parser.add_argument("--scale-steps", type=at_least_one, default=30,
                         help="steps timed from the full backlog in the scale and policy parts "
@@ -899,24 +904,24 @@ def add_arguments(parser) -> None:
                         choices=SCALE_BASELINES,
                         help="the scale part's baselines (each holds a copy of the backlog: "
                              "'presorted' alone at 1M waiting)")
-    parser.add_argument("--fixed-tokens", type=float, nargs="+", default=[0, 64, 256, 1024],
+    parser.add_argument("--fixed-tokens", type=non_negative, nargs="+", default=[0, 64, 256, 1024],
                         help="the 'seconds' part: a step's fixed cost a, in tokens of work (a / b)")
-    parser.add_argument("--step-noise", type=float, default=0.0,
+    parser.add_argument("--step-noise", type=non_negative, default=0.0,
                         help="the 'seconds' part: each step's time off by this Gaussian share of "
                              "itself, as an engine's timings are (0: exact)")
-    parser.add_argument("--step-warmup", type=float, default=1.0,
+    parser.add_argument("--step-warmup", type=at_least(1.0, float), default=1.0,
                         help="the 'seconds' part: each run's first steps take (this - 1) x a "
                              "full step's time more, as an engine's first steps do (1: not "
                              "slowed)")
-    parser.add_argument("--step-delays", type=float, nargs="+", default=[0.0],
+    parser.add_argument("--step-delays", type=non_negative, nargs="+", default=[0.0],
                         help="the 'embed' part: seconds slept in every model execution (a GPU's "
                              "fixed step cost), one table each")
-    parser.add_argument("--embed-prompts", type=int, default=1000,
+    parser.add_argument("--embed-prompts", type=at_least_one, default=1000,
                         help="prompts per backlog of the 'embed' and 'prefill' parts")
     from vllm_prepack.models import PREFILL_SHAPES
 
     parser.add_argument("--prefill-model", default="sheared-1.3b", choices=sorted(PREFILL_SHAPES),
                         help="the 'prefill' part's random-weight decoder")
-    parser.add_argument("--gen-prompts", type=int, default=96)
-    parser.add_argument("--max-tokens", type=int, nargs="+", default=[8, 64])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gen-prompts", type=at_least_one, default=96)
+    parser.add_argument("--max-tokens", type=at_least_one, nargs="+", default=[8, 64])
+    parser.add_argument("--repeats", type=at_least_one, default=3)

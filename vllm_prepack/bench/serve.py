@@ -38,6 +38,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from vllm_prepack.argtypes import at_least_one, non_negative, positive
 from vllm_prepack.bench.report import header, pct, table
 from vllm_prepack.bench.serve_sim import EXTRA_ROUTERS, ROUTERS, WORKLOADS, Cost, sim_table
 from vllm_prepack.models import DecoderShape
@@ -708,7 +709,7 @@ def check_pairs(pairs, models) -> None:
 def add_arguments(parser) -> None:
     parser.add_argument("--parts", nargs="+", default=["live", "route", "sim"],
                         choices=["live", "route", "sim"])
-    parser.add_argument("--route-sizes", type=int, nargs="+", default=[2, 8, 64],
+    parser.add_argument("--route-sizes", type=at_least_one, nargs="+", default=[2, 8, 64],
                         help="replicas behind the router in the 'route' part")
     parser.add_argument("--models", nargs="+", default=["embed", "generate"],
                         choices=["embed", "generate", "prefix"],
@@ -717,23 +718,24 @@ def add_arguments(parser) -> None:
                         help="pairs of configurations to run on every model of --models, "
                              f"each 'base:other' (of {', '.join(CONFIGS)}); default: each "
                              "model's own")
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--loads", type=float, nargs="+", default=[0.7, 1.0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=120, help="requests per run, at most")
-    parser.add_argument("--max-seconds", type=float, default=40.0,
+    parser.add_argument("--replicas", type=at_least_one, default=2)
+    parser.add_argument("--loads", type=positive, nargs="+", default=[0.7, 1.0])
+    parser.add_argument("--repeats", type=at_least_one, default=3)
+    parser.add_argument("--requests", type=at_least_one, default=120,
+                        help="requests per run, at most")
+    parser.add_argument("--max-seconds", type=positive, default=40.0,
                         help="seconds of arrivals per run, at most")
-    parser.add_argument("--capacity-requests", type=int, default=96)
+    parser.add_argument("--capacity-requests", type=at_least_one, default=96)
     # a run of 64 replicas costs about 4 ms of this process per request and router: these
     # defaults take some 15 minutes on one core
-    parser.add_argument("--sim-sizes", type=int, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--sim-loads", type=float, nargs="+", default=[0.8])
-    parser.add_argument("--sim-per-replica", type=int, default=25)
-    parser.add_argument("--sim-routers", type=int, default=8,
+    parser.add_argument("--sim-sizes", type=at_least_one, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--sim-loads", type=positive, nargs="+", default=[0.8])
+    parser.add_argument("--sim-per-replica", type=at_least_one, default=25)
+    parser.add_argument("--sim-routers", type=at_least_one, default=8,
                         help="also run with this many routers at --sim-routers-from replicas "
                              "and more")
-    parser.add_argument("--sim-routers-from", type=int, default=32)
-    parser.add_argument("--sim-overflow-shares", type=float, nargs="*", default=[],
+    parser.add_argument("--sim-routers-from", type=at_least_one, default=32)
+    parser.add_argument("--sim-overflow-shares", type=non_negative, nargs="*", default=[],
                         help="also the token router with these overflow shares of a step "
                              "(rows tokens@<share>; the default share is the 'tokens' row)")
     parser.add_argument("--sim-workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS,
@@ -743,9 +745,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sim-policies", nargs="+", default=list(ROUTERS),
                         choices=(*ROUTERS, *EXTRA_ROUTERS),
                         help="routers to simulate (the oracle always runs: the ratios' baseline)")
-    parser.add_argument("--cpu-token-us", type=float, default=50.0)
-    parser.add_argument("--gpu-step-ms", type=float, default=3.0)
-    parser.add_argument("--gpu-token-us", type=float, default=8.5)
+    parser.add_argument("--cpu-token-us", type=positive, default=50.0)
+    parser.add_argument("--gpu-step-ms", type=non_negative, default=3.0)
+    parser.add_argument("--gpu-token-us", type=positive, default=8.5)
 
 
 def main(args) -> str:
