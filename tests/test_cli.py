@@ -84,6 +84,9 @@ def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     (["bench", "serve", "--parts", "sim", "--sim-loads", "0"], "must be above 0, got 0"),
     (["bench", "ray", "--prompts", "-1"], "must be at least 0, got -1"),
     (["bench", "hf", "--batches", "x"], "must be an integer, got 'x'"),
+    (["bench", "hf", "--device", "gpu"], "must be cuda or cpu, got 'gpu'"),
+    (["bench", "ray", "--workloads", "bogus"], "invalid choice: 'bogus'"),
+    (["bench", "scheduler", "--parts", "arrivals", "--loads", "-1"], "must be above 0, got -1"),
 ])
 def test_a_bad_argument_is_refused_by_the_parser_naming_it(argv, says, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -32,9 +32,12 @@ non_negative = at_least(0.0, float)  # seconds, shares, tokens of work
 
 def positive(text: str) -> float:
     """A number above 0 (a load, a rate)."""
-    value = non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be above 0, got 0")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     return value
 
 

@@ -287,8 +287,19 @@ def main(args) -> str:
     return "\n".join(parts)
 
 
+def _device(text: str) -> str:
+    """--device: cuda only where torch sees one."""
+    import argparse
+
+    if text not in ("cuda", "cpu"):
+        raise argparse.ArgumentTypeError(f"must be cuda or cpu, got {text!r}")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda: torch sees no CUDA device here")
+    return text
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"])
     parser.add_argument("--models", nargs="+", choices=list(HF_BENCH_SHAPES))
     parser.add_argument("--attn", default="sdpa",

@@ -28,6 +28,7 @@ from pathlib import Path
 from vllm_prepack.argtypes import at_least_one, at_least_zero
 from vllm_prepack.bench.report import header, table
 from vllm_prepack.models import RAY_BENCH_MODEL as BENCH_MODEL
+from vllm_prepack.workloads import WORKLOADS
 
 POLICIES = ("rows", "round-robin", "tokens/arrival", "tokens/longest")
 
@@ -327,7 +328,7 @@ def main(args) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--replicas", type=at_least_one, default=2)
-    parser.add_argument("--workloads", nargs="+", default=["bimodal", "mmlu"])
+    parser.add_argument("--workloads", nargs="+", default=["bimodal", "mmlu"], choices=WORKLOADS)
     parser.add_argument("--orders", nargs="+", default=["shuffled", "concatenated"],
                         choices=["shuffled", "concatenated"])
     parser.add_argument("--prompts", type=at_least_zero, default=192,

@@ -614,7 +614,9 @@ def _backlog_jobs(title: str, tag: str, label: str, model, params, names,
                                           lengths)
             rows += part
             jobs.append((workload, outcomes, lengths))
-            figures += _plots(report, f"{tag}_{workload}", f"{label} job, {workload}", outcomes)
+            # one set of plots per step delay (the embed part runs one table per delay)
+            name = f"{tag}_{workload}" + (f"_{step_delay * 1000:g}ms" if step_delay else "")
+            figures += _plots(report, name, f"{label} job, {workload}", outcomes)
         # after the jobs: just built, the other engines' processes still slow a step down
         try:
             cost = calibrate(engines["fcfs"], params, budget, max_len=256, vocab_size=vocab_size,
@@ -879,16 +881,17 @@ def add_arguments(parser) -> None:
                         choices=parts, help="'prefill' (not run by default) is for a GPU")
     parser.add_argument("--report", type=Path, help="also write PNG plots and summary.md here")
     parser.add_argument("--prompts", type=at_least_one, default=1000,
-                        help="synthetic prompts per workload")
+                        help="prompts per workload (synthetic, arrivals, seconds)")
     parser.add_argument("--budget", type=at_least_one, default=1024,
-                        help="synthetic/scale/policy token budget")
+                        help="token budget of a step (synthetic, arrivals, seconds, scale, policy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prepack-options", type=json_object, default=None, metavar="JSON",
-                        help="the plugin's options for the synthetic, arrivals, scale and policy "
-                             "parts, e.g. "
+                        help="the plugin's options for the synthetic, arrivals, seconds, scale "
+                             "and policy parts, e.g. "
                              "'{\"aging_drain_factor\": null}' (default: the plugin's defaults)")
     parser.add_argument("--loads", type=positive, nargs="+", default=[0.8, 0.95, 1.05],
-                        help="offered loads for the arrivals part (1 = the budget, in prompt tokens)")
+                        help="offered loads for the arrivals and seconds parts (1 = the budget, "
+                             "in prompt tokens)")
     parser.add_argument("--scale-sizes", type=at_least_one, nargs="+",
                         default=[1000, 10_000, 100_000],
                         help="waiting requests in the scale and policy parts")
@@ -922,6 +925,9 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--prefill-model", default="sheared-1.3b", choices=sorted(PREFILL_SHAPES),
                         help="the 'prefill' part's random-weight decoder")
-    parser.add_argument("--gen-prompts", type=at_least_one, default=96)
-    parser.add_argument("--max-tokens", type=at_least_one, nargs="+", default=[8, 64])
-    parser.add_argument("--repeats", type=at_least_one, default=3)
+    parser.add_argument("--gen-prompts", type=at_least_one, default=96,
+                        help="prompts per job of the 'generate', 'prefix' and 'hook' parts")
+    parser.add_argument("--max-tokens", type=at_least_one, nargs="+", default=[8, 64],
+                        help="the 'generate' part: tokens out per request, one table each")
+    parser.add_argument("--repeats", type=at_least_one, default=3,
+                        help="timed runs of each engine job, reported as the median")
