@@ -9,8 +9,8 @@ import math
 from collections.abc import Callable
 
 
-def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
-    """A number (`kind`: int or float) of at least `minimum`, finite."""
+def _number(kind: type, ok: Callable[[float], bool], bound: str) -> Callable[[str], float]:
+    """A finite number (`kind`: int or float) for which `ok` holds (`bound` says how)."""
     noun = "an integer" if kind is int else "a number"
 
     def parse(text: str):
@@ -18,27 +18,22 @@ def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {noun}, got {text!r}") from None
-        if not (value >= minimum and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        if not (ok(value) and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
     return parse
 
 
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """A number (`kind`: int or float) of at least `minimum`."""
+    return _number(kind, lambda value: value >= minimum, f"at least {minimum:g}")
+
+
 at_least_one = at_least(1)  # a count
 at_least_zero = at_least(0)  # a count where 0 turns the thing off
 non_negative = at_least(0.0, float)  # seconds, shares, tokens of work
-
-
-def positive(text: str) -> float:
-    """A number above 0 (a load, a rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
+positive = _number(float, lambda value: value > 0, "above 0")  # a load, a rate
 
 
 def json_object(text: str) -> dict:

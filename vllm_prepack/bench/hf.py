@@ -22,6 +22,7 @@ Medians of --repeats runs after a warm-up; a variant that runs out of memory rea
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import statistics
 import sys
@@ -289,8 +290,6 @@ def main(args) -> str:
 
 def _device(text: str) -> str:
     """--device: cuda only where torch sees one."""
-    import argparse
-
     if text not in ("cuda", "cpu"):
         raise argparse.ArgumentTypeError(f"must be cuda or cpu, got {text!r}")
     if text == "cuda" and not torch.cuda.is_available():
