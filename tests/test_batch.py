@@ -206,10 +206,12 @@ def test_openai_batch_file_embeddings(embedder, tmp_path):
         openai("e2", "/v1/embeddings", {"input": "another"}),
         openai("c", "/v1/completions", {"prompt": "x"}),  # this job embeds
         openai("d", "/v1/embeddings", {"input": "x", "dimensions": 8}),  # vLLM checks it
+        json.dumps({"id": "n", "prompt": "x", "dimensions": 8}),  # this project's line: the same
     ]
     run_job(Source(lines), JsonlWriter(tmp_path / "out.jsonl"), embedder, max_tokens=0,
             progress=False)
-    by = {r["custom_id"]: r for r in read(tmp_path / "out.jsonl")}
+    records = read(tmp_path / "out.jsonl")
+    by = {r.get("custom_id", r["id"]): r for r in records}
     body = by["e1"]["response"]["body"]
     assert by["e1"]["error"] is None and body["object"] == "list"
     assert [d["index"] for d in body["data"]] == [0, 1]
@@ -218,6 +220,7 @@ def test_openai_batch_file_embeddings(embedder, tmp_path):
     assert len(by["e2"]["response"]["body"]["data"]) == 1
     assert by["c"]["response"]["status_code"] == 400 and "--task generate" in by["c"]["error"]
     assert "line 4:" in by["d"]["error"] and "Matryoshka" in by["d"]["error"]
+    assert "line 5:" in by["n"]["error"] and "Matryoshka" in by["n"]["error"]
 
 
 def test_openai_batch_file_completions_and_chat(replicas, tiny_model, tmp_path):

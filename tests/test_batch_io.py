@@ -22,11 +22,26 @@ from vllm_prepack.batch_record import (
 
 def test_native_lines_default_to_greedy_and_take_sampling_keys():
     r = parse('{"prompt": "hi"}', 1, 9)
-    assert (r.id, r.endpoint, r.prompts, r.max_tokens, r.sampling) == (1, "native", ["hi"], 9,
+    assert (r.id, r.endpoint, r.prompts, r.max_tokens, r.sampling) == (None, "native", ["hi"], 9,
                                                                      {"temperature": 0.0})
     r = parse('{"id": 7, "prompt_token_ids": [3], "temperature": 0.7, "seed": 1, "n": 2}', 3, 9)
     assert (r.id, r.prompts, r.sampling) == (7, [[3]], {"temperature": 0.7, "seed": 1, "n": 2})
-    assert parse('{"prompt": "hi", "max_tokens": 5}', 1, 0).max_tokens == 0  # embeddings
+
+
+def test_native_lines_of_an_embedding_job_take_dimensions_and_no_generation_keys():
+    r = parse('{"id": "e", "prompt": "hi", "dimensions": 8}', 1, 0)  # max_tokens 0: embeddings
+    assert (r.id, r.prompts, r.max_tokens, r.sampling, r.dimensions) == ("e", ["hi"], 0, {}, 8)
+    assert parse('{"prompt": "hi"}', 1, 0).dimensions is None
+    for raw, says in [('{"prompt": "hi", "max_tokens": 5}', "line 2: max_tokens applies to generation"),
+                      ('{"prompt": "hi", "temperature": 1, "n": 2}', "line 2: n, temperature apply to "
+                                                                     "generation, not to embeddings"),
+                      ('{"prompt": "hi", "dimensions": 0}', "line 2: 'dimensions' must be"),
+                      ('{"prompt": "hi", "dim": 8}', "line 2: unknown field(s) dim")]:
+        with pytest.raises(InputError) as e:
+            parse(raw, 2, 0)
+        assert str(e.value).startswith(says)
+    with pytest.raises(InputError, match=r"line 3: dimensions applies to embeddings \(--task embed\)"):
+        parse('{"prompt": "hi", "dimensions": 8}', 3, 16)
 
 
 @pytest.mark.parametrize("raw, cause", [
@@ -128,7 +143,8 @@ def test_the_feed_hands_out_token_budgets_and_skips_committed_lines():
     ('{"custom_id": "c", "method": "GET"}', True, "c"),
     ('{"body": {"prompt": "x"}}', True, None),  # OpenAI by the same rule as parse; no id
     ('{"custom_id": "c", oops', True, None),  # not JSON: judged from its text
-    ("[1]", False, 4),
+    ('{"prompt": "x"}', False, None),  # no id: null, not the line number (a column of one type)
+    ("[1]", False, None),
 ])
 def test_error_records_keep_the_lines_format_and_start_with_its_number(raw, openai, rid):
     record = error_record(4, raw, "line 4: bad", replica=1)

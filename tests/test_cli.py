@@ -1,5 +1,7 @@
 """The ``vllm-prepack`` command: bad input fails before anything starts; demo and batch run."""
 
+import argparse
+
 import pytest
 
 from vllm_prepack import cli
@@ -25,9 +27,10 @@ def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines),
                      "--output", str(tmp_path / "out.csv"), "--engine-args", '{"skip_tokenizer_init": true}']) == 2
     assert "out.csv must end in .jsonl" in capsys.readouterr().err
-    assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines),
-                     "--engine-args", '{"skip_tokenizer_init": true}',
-                     "--prepack-options", '{"max_swaps": -1}']) == 2
+    with pytest.raises(SystemExit) as exit_:  # the parser's, before the model is read
+        cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines),
+                  "--prepack-options", '{"max_swaps": -1}'])
+    assert exit_.value.code == 2
     assert "['max_swaps'] must be >= 0, got -1" in capsys.readouterr().err
     assert cli.main(["batch", "--model", str(tmp_path / "bare")]) == 2  # not the demo job on the demo model
     assert "--model needs --input" in capsys.readouterr().err
@@ -39,7 +42,31 @@ def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     with pytest.raises(JobError, match="input .*nope.jsonl does not exist"):
         run_batch(str(tmp_path / "bare"), str(tmp_path / "nope.jsonl"), tmp_path / "out.jsonl",
                   engine_kwargs={"skip_tokenizer_init": True})
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "a.log").write_text("not parquet")
+    (tmp_path / "fake.parquet").write_text('{"prompt": "hi"}\n')
+    for source, says in [("logs", "is not a folder of Parquet files"),
+                         ("fake.parquet", "is not a Parquet file")]:
+        with pytest.raises(JobError, match=f"input .*{source} {says}"):
+            run_batch(str(tmp_path / "bare"), str(tmp_path / source), tmp_path / "out.jsonl",
+                      engine_kwargs={"skip_tokenizer_init": True})
+    with pytest.raises(JobError, match="gpus_per_replica must be at least 0, got -1"):
+        run_batch(str(tmp_path / "bare"), [], tmp_path / "out.jsonl", gpus_per_replica=-1)
+    assert cli.main(["batch", "--model", str(tmp_path / "bare"), "--input", str(lines),
+                     "--engine-args", '{"skip_tokenizer_init": true}', "--chat-template", "/nope.jinja"]) == 2
+    assert "chat template '/nope.jinja' looks like a file path but cannot be read" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_a_chat_template_is_a_files_text_or_the_template_itself(tmp_path):
+    from vllm_prepack.batch import read_chat_template
+
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    assert read_chat_template(str(tmp_path / "t.jinja")) == "{{ messages }}"
+    assert read_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}").startswith("{% for")
+    assert read_chat_template("{{ x }}" * 200) == "{{ x }}" * 200  # too long a name for a path
+    with pytest.raises(JobError, match=r"'t\.jinja' looks like a file path"):
+        read_chat_template("t.jinja")
 
 
 def test_an_engine_error_is_the_exception_its_traceback_ends_with_on_one_line():
@@ -87,12 +114,49 @@ def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     (["bench", "hf", "--device", "gpu"], "must be cuda or cpu, got 'gpu'"),
     (["bench", "ray", "--workloads", "bogus"], "invalid choice: 'bogus'"),
     (["bench", "scheduler", "--parts", "arrivals", "--loads", "-1"], "must be above 0, got -1"),
+    (["bench", "scheduler", "--prepack-options", '{"no_such": 1}'], "unknown option(s) 'no_such'"),
+    (["batch", "--gpus-per-replica", "-1"], "must be at least 0, got -1"),
+    (["serve", "--gpus-per-replica", "-2"], "must be at least 0, got -2"),
+    (["serve", "--port", "99999"], "must be a port number, 0 to 65535, got 99999"),
+    (["serve", "--prepack-options", '{"pack_fixed_share": 2}'],
+     "additional_config['prepack']['pack_fixed_share'] must be <= 1"),
+    (["batch", "--prepack-options", "[1]"], "must be a JSON object, got list"),
 ])
 def test_a_bad_argument_is_refused_by_the_parser_naming_it(argv, says, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2
     assert f"argument {argv[-2]}: {says}" in capsys.readouterr().err
+
+
+def _parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_option_has_help():
+    bare = [f"{parser.prog} {action.option_strings[-1]}" for parser in _parsers(cli.build_parser())
+            for action in parser._actions if action.option_strings and not action.help]
+    assert not bare
+
+
+@pytest.mark.parametrize("argv, shows", [
+    (["batch"], ["(default: 2)", "(default: results.jsonl)", "(default: generate)"]),
+    (["serve"], ["(default: tokens)", "(default: 8000)"]),
+    (["bench", "scheduler"], ["(default: 0 64 256 1024)", "step's time off by this Gaussian share "
+                              "of itself, as an engine's timings are (0: exact) (default: 0.0)"]),
+    (["bench", "hf"], ["(default: 16 32 64 128)", "default: bf16 on cuda"]),
+])
+def test_help_shows_each_default_but_none_and_a_flags_false(argv, shows, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in shows:
+        assert shown in text
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def test_serve_starts_ray_with_the_replicas_cpus_before_building_the_app(monkeypatch, tmp_path):

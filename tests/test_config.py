@@ -1,8 +1,10 @@
 """PrepackConfig parsing (pure, no vLLM)."""
 
+import warnings
+
 import pytest
 
-from vllm_prepack.config import PrepackConfig, PrepackConfigError
+from vllm_prepack.config import PrepackConfig, PrepackConfigError, StarvationWarning
 from vllm_prepack.policy import FILL_SLACK
 
 
@@ -27,6 +29,16 @@ def test_values_are_parsed_and_typed():
     assert parse({"order": "ratio"}).order == "ratio"
     assert parse({"chunked_order": "ratio"}).order == "ratio"  # its old name
     assert PrepackConfig().order == "shortest"
+
+
+def test_shortest_first_without_an_aging_bound_warns_that_a_long_prompt_may_starve():
+    with pytest.warns(StarvationWarning, match="no aging bound"):
+        parse({"aging_drain_factor": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse({"aging_drain_factor": None, "order": "ratio"})  # a response ratio grows with the wait
+        parse({"aging_drain_factor": None, "aging_steps": 64})
+        parse({})
 
 
 @pytest.mark.parametrize(
@@ -117,3 +129,12 @@ def test_plugin_engine_kwargs_switch_the_plugin_on_and_check_the_options_first()
         plugin_engine_kwargs({"additional_config": "{prepack"})
     with pytest.raises(PrepackConfigError, match=r"\['max_swaps'\] must be >= 0"):
         plugin_engine_kwargs(None, {"max_swaps": -1})
+    # another scheduler in the engine arguments is refused, not silently replaced; the
+    # plugin's own (its async variant, or as a class) is kept
+    with pytest.raises(PrepackConfigError, match="scheduler_cls 'my.Scheduler'.*leave scheduler_cls out"):
+        plugin_engine_kwargs({"scheduler_cls": "my.Scheduler"})
+    with pytest.raises(PrepackConfigError, match=r"scheduler_cls 'builtins\.dict'"):
+        plugin_engine_kwargs({"scheduler_cls": dict})
+    assert plugin_engine_kwargs({"scheduler_cls": "vllm_prepack.PrepackAsyncScheduler"})[
+        "scheduler_cls"] == "vllm_prepack.PrepackAsyncScheduler"
+    assert plugin_engine_kwargs({"scheduler_cls": "my.Scheduler"}, False)["scheduler_cls"] == "my.Scheduler"

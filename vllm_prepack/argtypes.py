@@ -34,6 +34,7 @@ at_least_one = at_least(1)  # a count
 at_least_zero = at_least(0)  # a count where 0 turns the thing off
 non_negative = at_least(0.0, float)  # seconds, shares, tokens of work
 positive = _number(float, lambda value: value > 0, "above 0")  # a load, a rate
+port_number = _number(int, lambda value: 0 <= value <= 65535, "a port number, 0 to 65535")
 
 
 def json_object(text: str) -> dict:
@@ -45,3 +46,16 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}: {text!r}")
     return value
+
+
+def prepack_options(text: str) -> dict:
+    """The plugin's options as a JSON object, checked as an engine checks them: a bad one
+    stops the parser, not the job (or a benchmark, whose first engine is seconds away)."""
+    from vllm_prepack.config import CONFIG_KEY, PrepackConfig, PrepackConfigError
+
+    options = json_object(text)
+    try:
+        PrepackConfig.from_additional_config({CONFIG_KEY: options})
+    except PrepackConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return options

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_prepack.argtypes import at_least_one, json_object
+from vllm_prepack.argtypes import at_least_one, at_least_zero, json_object, prepack_options
 from vllm_prepack.config import plugin_engine_kwargs
 from vllm_prepack.batch_input import Feed, Source
 from vllm_prepack.batch_output import open_writer
@@ -62,6 +62,37 @@ def check_model(model: str, engine_kwargs: dict) -> None:
         raise JobError(
             f"{folder} has no tokenizer files: add them, or run token-id prompts only with "
             "--engine-args '{\"skip_tokenizer_init\": true}'")
+
+
+def check_input(source: str | Path) -> None:
+    """Raise JobError unless the input exists and, as Parquet (a .parquet file or a folder),
+    opens as Parquet: a JSONL file's lines are checked one by one, each bad one an error
+    record."""
+    path = Path(source)
+    if not path.exists():
+        raise JobError(f"input {source} does not exist")
+    if path.suffix == ".parquet" or path.is_dir():
+        import pyarrow as pa
+        import pyarrow.dataset as ds
+
+        try:
+            ds.dataset(path, format="parquet")
+        except (pa.ArrowInvalid, OSError) as e:
+            kind = "a folder of Parquet files" if path.is_dir() else "a Parquet file"
+            raise JobError(f"input {source} is not {kind} ({e})") from None
+
+
+def read_chat_template(value: str) -> str:
+    """``--chat-template``: a file's text, or the template itself, by vLLM's rule: a value that
+    cannot be opened and has none of Jinja's characters (braces, a newline) was meant as a path,
+    and is refused rather than used as the template."""
+    try:
+        return Path(value).read_text()
+    except (OSError, ValueError) as e:
+        if not any(c in value for c in "{}\n"):
+            raise JobError(f"chat template {value!r} looks like a file path but cannot be read "
+                           f"({getattr(e, 'strerror', None) or e})") from None
+        return value
 
 
 @dataclass
@@ -252,10 +283,12 @@ def run_batch(
     for name, value in counts.items():
         if value < 1:
             raise JobError(f"{name} must be at least 1, got {value}")
+    if gpus_per_replica < 0:
+        raise JobError(f"gpus_per_replica must be at least 0, got {gpus_per_replica}")
     check_model(model, engine_kwargs)
     check_output(output)
-    if isinstance(source, (str, Path)) and not Path(source).exists():
-        raise JobError(f"input {source} does not exist")
+    if isinstance(source, (str, Path)):
+        check_input(source)
     plugin_engine_kwargs(engine_kwargs, prepack)  # a bad option fails here, not in the replicas
     writer = open_writer(output)
     started = connect(num_cpus=num_cpus)
@@ -280,9 +313,7 @@ def main(args) -> int:
     """``vllm-prepack batch`` (the CLI gives the embedded demo job when --input is absent)."""
     if args.model is None:
         raise JobError("--model is required with --input")
-    template = args.chat_template
-    if template is not None and Path(template).is_file():
-        template = Path(template).read_text()
+    template = None if args.chat_template is None else read_chat_template(args.chat_template)
     report = run_batch(args.model, args.input, args.output, replicas=args.replicas, task=args.task,
                        max_tokens=args.max_tokens, order=args.order,
                        engine_kwargs=args.engine_args, unit_tokens=args.unit_tokens,
@@ -304,9 +335,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input", help="JSONL (this project's lines or the OpenAI batch format) "
                         "or Parquet; default: the embedded demo workload")
     parser.add_argument("--output", default="results.jsonl", help=".jsonl, or .parquet (a folder of parts)")
-    parser.add_argument("--replicas", type=at_least_one, default=2)
-    parser.add_argument("--task", choices=["generate", "embed"], default="generate")
-    parser.add_argument("--max-tokens", type=at_least_one, default=16, help="default per request")
+    parser.add_argument("--replicas", type=at_least_one, default=2,
+                        help="vLLM engines the job is spread over, balanced by tokens")
+    parser.add_argument("--task", choices=["generate", "embed"], default="generate",
+                        help="embed: a pooling model's embeddings instead of generated text")
+    parser.add_argument("--max-tokens", type=at_least_one, default=16,
+                        help="a request's max_tokens where it sets none")
     parser.add_argument("--order", choices=ORDERS, default="longest",
                         help="which requests go first within the read-ahead window")
     parser.add_argument("--unit-tokens", type=at_least_one, default=8192,
@@ -314,11 +348,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--engine-args", type=json_object, default=None,
                         help='JSON object of vLLM engine arguments, passed unchanged, '
                         'e.g. \'{"max_model_len": 2048}\'')
-    parser.add_argument("--prepack-options", type=json_object, default=None,
+    parser.add_argument("--prepack-options", type=prepack_options, default=None,
                         help="the plugin's options as JSON (default: its defaults)")
-    parser.add_argument("--chat-template", help="a chat template (file or string) for "
-                        "/v1/chat/completions lines, when the tokenizer has none")
+    parser.add_argument("--chat-template", help="a chat template (a file, or the template "
+                        "itself) for /v1/chat/completions lines, when the tokenizer has none")
     parser.add_argument("--num-cpus", type=at_least_one, default=None,
                         help="for a local Ray cluster (the replicas share them)")
-    parser.add_argument("--gpus-per-replica", type=int, default=0,
+    parser.add_argument("--gpus-per-replica", type=at_least_zero, default=0,
                         help="GPUs each replica reserves; above 1 it runs tensor-parallel")

@@ -3,7 +3,8 @@ written for it, in one module.
 
 Two input formats, told apart per line by one rule (``_is_openai``):
 - this project's: ``{"id"?, "prompt" | "prompt_token_ids", "max_tokens"?, <sampling>?}``, greedy
-  unless a sampling key says otherwise;
+  unless a sampling key says otherwise; in an embedding job ``{"id"?, "prompt" |
+  "prompt_token_ids", "dimensions"?}``;
 - the OpenAI batch format that ``vllm run-batch`` and hosted batch APIs read: ``{"custom_id",
   "method": "POST", "url", "body"}`` for /v1/completions, /v1/chat/completions and /v1/embeddings.
 Sampling keys (both formats): temperature, top_p, top_k, min_p, seed, stop, n, logprobs,
@@ -48,7 +49,7 @@ class InputError(ValueError):
 @dataclass
 class Request:
     line: int
-    id: object  # this project's "id" (default: the line number), or the OpenAI custom_id
+    id: object  # this project's "id" (None where the line has none), or the OpenAI custom_id
     endpoint: str  # "native" or one of ENDPOINTS
     prompts: list = field(default_factory=list)  # str or [int], one engine request each
     messages: list | None = None  # chat: rendered with the chat template in the replica
@@ -79,25 +80,32 @@ def _is_openai(obj: dict) -> bool:
 
 def _identity(raw: str, line: int) -> tuple[object, bool]:
     """The id a record for this line carries, and whether it is an OpenAI line, even when the
-    line is bad (not JSON: judged from its text). An OpenAI line's custom_id, null where it
-    gives none that can be read: the column stays strings, which typed JSONL readers (Arrow,
-    Spark) require; the record's id names the line."""
+    line is bad (not JSON: judged from its text): the line's id (an OpenAI line's custom_id),
+    null where it gives none that can be read, never the line number: a column of the users'
+    strings stays strings, which typed JSONL readers (Arrow, Spark) require; the record's
+    `line` names the line."""
     try:
         obj = json.loads(raw)
     except ValueError:
-        openai = '"custom_id"' in raw
-        return None if openai else line, openai
+        return None, '"custom_id"' in raw
     if not isinstance(obj, dict):
-        return line, False
-    if _is_openai(obj):
-        return obj.get("custom_id"), True
-    return obj.get("id", line), False
+        return None, False
+    return obj.get("custom_id" if _is_openai(obj) else "id"), _is_openai(obj)
 
 
 def _native(obj: dict, line: int, default_max_tokens: int) -> Request:
-    unknown = set(obj) - {"id", "prompt", "prompt_token_ids", "max_tokens"} - SAMPLING_KEYS
+    """`default_max_tokens` 0: an embedding job, whose lines take ``dimensions`` and no
+    generation keys (max_tokens, sampling)."""
+    embedding = default_max_tokens == 0
+    generation = {"max_tokens"} | SAMPLING_KEYS
+    unknown = set(obj) - {"id", "prompt", "prompt_token_ids", "dimensions"} - generation
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}")
+    misplaced = sorted(set(obj) & (generation if embedding else {"dimensions"}))
+    if misplaced:
+        task = "generation, not to embeddings" if embedding else "embeddings (--task embed)"
+        raise ValueError(f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} "
+                         f"to {task}")
     prompt, ids = obj.get("prompt"), obj.get("prompt_token_ids")
     if (prompt is None) == (ids is None):
         raise ValueError("give exactly one of 'prompt' (text) or 'prompt_token_ids'")
@@ -105,11 +113,15 @@ def _native(obj: dict, line: int, default_max_tokens: int) -> Request:
         raise ValueError("'prompt' must be a non-empty string")
     if ids is not None:
         _check_ids(ids, "'prompt_token_ids'")
-    sampling = {"temperature": 0.0, **{k: obj[k] for k in SAMPLING_KEYS & set(obj)}}
-    max_tokens = 0 if default_max_tokens == 0 else _positive(  # 0: an embedding job
-        obj.get("max_tokens", default_max_tokens), "max_tokens")
-    return Request(line, obj.get("id", line), "native", [prompt if ids is None else ids],
-                   max_tokens=max_tokens, sampling=sampling)
+    request = Request(line, obj.get("id"), "native", [prompt if ids is None else ids])
+    if embedding:
+        request.max_tokens = 0
+        if obj.get("dimensions") is not None:
+            request.dimensions = _positive(obj["dimensions"], "dimensions")
+    else:
+        request.sampling = {"temperature": 0.0, **{k: obj[k] for k in SAMPLING_KEYS & set(obj)}}
+        request.max_tokens = _positive(obj.get("max_tokens", default_max_tokens), "max_tokens")
+    return request
 
 
 def _openai(obj: dict, line: int, default_max_tokens: int) -> Request:
@@ -278,7 +290,8 @@ def _logprobs(choice, chat: bool):
 
 def parquet_table(records: list[dict]):
     """Records as one Arrow table with the fixed schema (OpenAI-format records keep their line,
-    custom_id and error, and the whole output line in the ``openai`` column)."""
+    custom_id and error, and the whole output line in the ``openai`` column). An id is its JSON
+    text (``"a"``, ``7``: a column of one type whatever the lines give), null where none."""
     import pyarrow as pa
 
     rows = []
@@ -286,7 +299,8 @@ def parquet_table(records: list[dict]):
         if "custom_id" in r:
             r = {"line": r["line"], "id": r["custom_id"], "error": r["error"],
                  "openai": json.dumps({k: v for k, v in r.items() if k != "line"})}
-        rows.append({**r, "id": json.dumps(r.get("id"), default=str)})
+        rid = r.get("id")
+        rows.append({**r, "id": None if rid is None else json.dumps(rid, default=str)})
     return pa.Table.from_pylist(rows, schema=_schema())
 
 

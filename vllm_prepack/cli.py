@@ -16,19 +16,37 @@ BENCHES = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-prepack", description=__doc__)
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has one (not None, not a flag's
+    False, not already named in the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if (not action.option_strings or default is None or default is False
+                or default == argparse.SUPPRESS or "default" in text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-prepack", description=__doc__,
+                                     formatter_class=_HelpWithDefaults)
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log the plugin's decisions (e.g. the fitted step cost) at debug level")
+                        help="log the plugin's decisions (e.g. the fitted step cost) at debug "
+                        "level; demo: and show vLLM's logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="plain vLLM vs prepack on an embedded model and batch")
+    demo = sub.add_parser("demo", formatter_class=_HelpWithDefaults,
+                          help="plain vLLM vs prepack on an embedded model and batch")
     importlib.import_module("vllm_prepack.bench.demo").add_arguments(demo)
 
-    batch = sub.add_parser("batch", help="a token-balanced batch job across vLLM replicas (Ray)")
+    batch = sub.add_parser("batch", formatter_class=_HelpWithDefaults,
+                           help="a token-balanced batch job across vLLM replicas (Ray)")
     importlib.import_module("vllm_prepack.batch").add_arguments(batch)
 
-    serve = sub.add_parser("serve", help="an OpenAI server on Ray Serve: the plugin in every "
+    serve = sub.add_parser("serve", formatter_class=_HelpWithDefaults,
+                           help="an OpenAI server on Ray Serve: the plugin in every "
                            "replica, routed by tokens")
     importlib.import_module("vllm_prepack.serve").add_arguments(serve)
 
@@ -36,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, module in BENCHES.items():
         doc = importlib.import_module(module).__doc__
-        p = bench_sub.add_parser(name, help=" ".join(doc.split("\n\n")[0].split()))
+        p = bench_sub.add_parser(name, formatter_class=_HelpWithDefaults,
+                                 help=" ".join(doc.split("\n\n")[0].split()))
         importlib.import_module(module).add_arguments(p)
         p.add_argument("--out", type=Path, help="also write the markdown here")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig()
         logging.getLogger("vllm_prepack").setLevel(logging.DEBUG)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, NamedTuple
 
@@ -18,6 +19,10 @@ SCHEDULER_CLS = "vllm_prepack.PrepackScheduler"
 
 class PrepackConfigError(ValueError):
     """A bad ``additional_config["prepack"]`` value; the message names the key."""
+
+
+class StarvationWarning(UserWarning):
+    """Options under which a waiting request may never run (no aging bound)."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,13 @@ class PrepackConfig:
             values[new] = _check(name, value, _KINDS[new])
         if values.get("debug_layout"):
             values["record_layout"] = True
-        return dataclasses.replace(cls(), **values)
+        config = dataclasses.replace(cls(), **values)
+        if config.order == "shortest" and config.aging == AgingBound():
+            warnings.warn(f"additional_config[{CONFIG_KEY!r}] sets no aging bound (aging_steps, "
+                          "aging_seconds and aging_drain_factor all null): shortest-first then "
+                          "holds a long prompt for as long as shorter ones keep arriving",
+                          StarvationWarning, stacklevel=2)
+        return config
 
 
 class _Kind(NamedTuple):
@@ -235,5 +246,12 @@ def plugin_engine_kwargs(engine_kwargs: Mapping[str, Any] | None = None,
         extra[CONFIG_KEY] = dict(options)
     extra.setdefault(CONFIG_KEY, {})
     PrepackConfig.from_additional_config(extra)
-    kwargs.update(scheduler_cls=SCHEDULER_CLS, additional_config=extra)
+    given = kwargs.get("scheduler_cls")
+    name = given if given is None or isinstance(given, str) else (
+        f"{getattr(given, '__module__', '')}.{getattr(given, '__qualname__', given)}")
+    if name is not None and not name.startswith("vllm_prepack."):
+        raise PrepackConfigError(
+            f"the engine arguments name scheduler_cls {name!r}, and the plugin is the scheduler "
+            f"({SCHEDULER_CLS}): leave scheduler_cls out, or run plain vLLM without the plugin")
+    kwargs.update(scheduler_cls=given or SCHEDULER_CLS, additional_config=extra)
     return kwargs

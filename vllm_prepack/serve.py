@@ -15,7 +15,13 @@ import os
 import time
 from pathlib import Path
 
-from vllm_prepack.argtypes import at_least_one, json_object
+from vllm_prepack.argtypes import (
+    at_least_one,
+    at_least_zero,
+    json_object,
+    port_number,
+    prepack_options,
+)
 from vllm_prepack.config import plugin_engine_kwargs
 from vllm_prepack.errors import last_exception
 from vllm_prepack.replica import connect
@@ -69,6 +75,8 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
 
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
+    if gpus_per_replica < 0:
+        raise ValueError(f"gpus_per_replica must be at least 0, got {gpus_per_replica}")
     if router == "tokens" and prepack is False:
         raise ValueError("the token router reads the plugin's load reports: it needs the plugin")
     kwargs = plugin_engine_kwargs(engine_kwargs, prepack)
@@ -154,16 +162,20 @@ def stop(name: str = APP_NAME, *, joined: bool = False) -> None:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", help="a model folder or hub name (default: the embedded demo model)")
     parser.add_argument("--model-id", help="the name clients ask for (default: the folder's name)")
-    parser.add_argument("--replicas", type=at_least_one, default=2)
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--replicas", type=at_least_one, default=2,
+                        help="vLLM engines behind the router, each with the plugin")
+    parser.add_argument("--port", type=port_number, default=8000, help="the HTTP port")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     parser.add_argument("--engine-args", type=json_object, default={},
                         help='vLLM engine arguments as JSON, e.g. \'{"runner": "pooling"}\'')
-    parser.add_argument("--prepack-options", type=json_object, default=None,
+    parser.add_argument("--prepack-options", type=prepack_options, default=None,
                         help="the plugin's options as JSON (default: its defaults)")
     parser.add_argument("--plain", action="store_true", help="plain vLLM, without the plugin")
-    parser.add_argument("--router", choices=tuple(ROUTERS), default="tokens")
-    parser.add_argument("--gpus-per-replica", type=int, default=0,
+    parser.add_argument("--router", choices=tuple(ROUTERS), default="tokens",
+                        help="tokens: by the prompt tokens each replica holds; requests: Ray "
+                             "Serve's power of two choices on requests in flight; prefix: Ray "
+                             "Serve LLM's PrefixCacheAffinityRouter")
+    parser.add_argument("--gpus-per-replica", type=at_least_zero, default=0,
                         help="0: CPU; 1: one GPU each; more: tensor-parallel replicas")
     parser.add_argument("--ingress-replicas", type=at_least_one, default=None,
                         help="a fixed number of HTTP ingress replicas (each one's router "

@@ -56,14 +56,19 @@ def main(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--prompts", type=at_least_one, default=128)
-    parser.add_argument("--max-tokens", type=at_least_one, default=16)
-    parser.add_argument("--budget", type=at_least_one, default=512)
-    parser.add_argument("--repeats", type=at_least_one, default=3)
+    parser.add_argument("--prompts", type=at_least_one, default=128,
+                        help="prompts of the embedded workload")
+    parser.add_argument("--max-tokens", type=at_least_one, default=16,
+                        help="tokens generated per prompt")
+    parser.add_argument("--budget", type=at_least_one, default=512,
+                        help="token budget of a step (max_num_batched_tokens)")
+    parser.add_argument("--repeats", type=at_least_one, default=3,
+                        help="timed runs of each engine (the median is shown)")
     parser.add_argument("--whole-prompts", action="store_true", help="chunked prefill off")
     # SUPPRESS: not given here, the command's own -v (before "demo") stands
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="show vLLM's logs")
+                        help="the plugin's decisions at debug level, and vLLM's logs (the "
+                             "demo silences them otherwise)")
 
 
 def use_demo_model(args) -> None:

@@ -299,13 +299,19 @@ def _device(text: str) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"])
-    parser.add_argument("--models", nargs="+", choices=list(HF_BENCH_SHAPES))
+    parser.add_argument("--dtype", choices=["bf16", "fp32"],
+                        help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--models", nargs="+", choices=list(HF_BENCH_SHAPES),
+                        help="random-weight model shapes (default: sheared-1.3b llama2-7b on "
+                             "cuda, tiny on cpu)")
     parser.add_argument("--attn", default="sdpa",
                         choices=["sdpa", "flex_attention", hf.VARLEN_ATTENTION, "eager"],
                         help=f"{hf.VARLEN_ATTENTION}: torch's varlen flash kernel for the packed "
                              "forward, sdpa for everything else")
-    parser.add_argument("--workloads", nargs="+", default=["mmlu", "alpaca"], choices=list(SHAPES))
-    parser.add_argument("--batches", type=at_least_one, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--repeats", type=at_least_one, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workloads", nargs="+", default=["mmlu", "alpaca"], choices=list(SHAPES),
+                        help="synthetic prompt-length mixes")
+    parser.add_argument("--batches", type=at_least_one, nargs="+", default=[16, 32, 64, 128],
+                        help="prompts per batch")
+    parser.add_argument("--repeats", type=at_least_one, default=5,
+                        help="timings of each row (the median is shown)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt lengths")

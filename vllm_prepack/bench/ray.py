@@ -327,16 +327,23 @@ def main(args) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--replicas", type=at_least_one, default=2)
-    parser.add_argument("--workloads", nargs="+", default=["bimodal", "mmlu"], choices=WORKLOADS)
+    parser.add_argument("--replicas", type=at_least_one, default=2,
+                        help="vLLM engines per job")
+    parser.add_argument("--workloads", nargs="+", default=["bimodal", "mmlu"], choices=WORKLOADS,
+                        help="synthetic prompt-length mixes of the engine jobs")
     parser.add_argument("--orders", nargs="+", default=["shuffled", "concatenated"],
-                        choices=["shuffled", "concatenated"])
+                        choices=["shuffled", "concatenated"],
+                        help="the order of the job's lines (concatenated: a mix's modes one after "
+                             "the other)")
     parser.add_argument("--prompts", type=at_least_zero, default=192,
                         help="per engine job; 0 skips engines")
-    parser.add_argument("--max-tokens", type=at_least_one, default=16)
+    parser.add_argument("--max-tokens", type=at_least_one, default=16,
+                        help="tokens generated per prompt")
     parser.add_argument("--scale-lines", type=at_least_one, nargs="*", default=[],
                         help="driver-alone corpus sizes, e.g. 10000 100000 1000000")
-    parser.add_argument("--unit-tokens", type=at_least_one, default=8192)
+    parser.add_argument("--unit-tokens", type=at_least_one, default=8192,
+                        help="tokens (prompt + expected output) per unit of work sent to a "
+                             "replica")
     parser.add_argument("--ray-data-llm", type=at_least_zero, default=0, metavar="PROMPTS",
                         help="a skewed bimodal job of PROMPTS through Ray Data LLM (with and "
                              "without the plugin) and vllm-prepack batch; 0 skips it")

@@ -24,12 +24,13 @@ import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from itertools import accumulate
 from pathlib import Path
 from types import SimpleNamespace
 
-from vllm_prepack.argtypes import at_least, at_least_one, json_object, non_negative, positive
+from vllm_prepack.argtypes import at_least, at_least_one, non_negative, positive, prepack_options
 from vllm_prepack.bench.engines import (
     ENGINE_COLUMNS,
     PROBE_SEQS,
@@ -56,6 +57,7 @@ from vllm_prepack.bench.harness import (
     standalone_scheduler,
 )
 from vllm_prepack.bench.report import cell, header, summary, table
+from vllm_prepack.config import StarvationWarning
 from vllm_prepack.cost import StepCost
 from vllm_prepack.models import DecoderShape
 from vllm_prepack.policy import FILL_SLACK, PACK_SHARE
@@ -834,6 +836,8 @@ def main(args) -> str:
     from vllm_prepack.models import TINY, decoder_model
 
     in_process()
+    # the frontier's latency end runs shortest-first without deadlines on purpose
+    warnings.filterwarnings("ignore", category=StarvationWarning)
     parts = [header("bench scheduler")]
     if "synthetic" in args.parts:
         parts.append(synthetic(decoder_model(TINY), args.prompts, args.budget, args.seed,
@@ -884,8 +888,8 @@ def add_arguments(parser) -> None:
                         help="prompts per workload (synthetic, arrivals, seconds)")
     parser.add_argument("--budget", type=at_least_one, default=1024,
                         help="token budget of a step (synthetic, arrivals, seconds, scale, policy)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prepack-options", type=json_object, default=None, metavar="JSON",
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompt lengths")
+    parser.add_argument("--prepack-options", type=prepack_options, default=None, metavar="JSON",
                         help="the plugin's options for the synthetic, arrivals, seconds, scale "
                              "and policy parts, e.g. "
                              "'{\"aging_drain_factor\": null}' (default: the plugin's defaults)")

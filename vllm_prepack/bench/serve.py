@@ -428,6 +428,12 @@ INDEX_COLUMNS = ["blocks", "MiB", "bytes / block", "insert us / new prompt",
                  "walk over every block ms"]
 
 
+async def _no_queue(deadline_s: float) -> int:
+    """A stand-in replica's queue length, for Ray's probe of every new replica (the token
+    router reads the load channel instead)."""
+    return 0
+
+
 class StandaloneRouter:
     """The token router without a cluster, for the route bench and the router's tests: Ray
     Serve's router base class and request types, stand-in replicas with the attributes a router
@@ -466,7 +472,8 @@ class StandaloneRouter:
             self.replicas[name] = SimpleNamespace(
                 replica_id=internal.ReplicaID(unique_id=str(name), deployment_id=deployment),
                 replica_metadata=metadata, node_id=None, availability_zone=None,
-                multiplexed_model_ids=set(), max_ongoing_requests=max_ongoing)
+                multiplexed_model_ids=set(), max_ongoing_requests=max_ongoing,
+                get_queue_len=_no_queue)
 
     @staticmethod
     def request(request_id: str, prompt):
@@ -708,7 +715,9 @@ def check_pairs(pairs, models) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--parts", nargs="+", default=["live", "route", "sim"],
-                        choices=["live", "route", "sim"])
+                        choices=["live", "route", "sim"],
+                        help="live: Ray Serve apps on real engines; route: the routers' own "
+                             "cost; sim: simulated replicas at scale")
     parser.add_argument("--route-sizes", type=at_least_one, nargs="+", default=[2, 8, 64],
                         help="replicas behind the router in the 'route' part")
     parser.add_argument("--models", nargs="+", default=["embed", "generate"],
@@ -718,23 +727,31 @@ def add_arguments(parser) -> None:
                         help="pairs of configurations to run on every model of --models, "
                              f"each 'base:other' (of {', '.join(CONFIGS)}); default: each "
                              "model's own")
-    parser.add_argument("--replicas", type=at_least_one, default=2)
-    parser.add_argument("--loads", type=positive, nargs="+", default=[0.7, 1.0])
-    parser.add_argument("--repeats", type=at_least_one, default=3)
+    parser.add_argument("--replicas", type=at_least_one, default=2,
+                        help="engines per app in the 'live' part")
+    parser.add_argument("--loads", type=positive, nargs="+", default=[0.7, 1.0],
+                        help="offered loads of the 'live' part, x the measured capacity")
+    parser.add_argument("--repeats", type=at_least_one, default=3,
+                        help="runs of each 'live' row")
     parser.add_argument("--requests", type=at_least_one, default=120,
                         help="requests per run, at most")
     parser.add_argument("--max-seconds", type=positive, default=40.0,
                         help="seconds of arrivals per run, at most")
-    parser.add_argument("--capacity-requests", type=at_least_one, default=96)
+    parser.add_argument("--capacity-requests", type=at_least_one, default=96,
+                        help="the backlog whose throughput sets the 'live' part's capacity")
     # a run of 64 replicas costs about 4 ms of this process per request and router: these
     # defaults take some 15 minutes on one core
-    parser.add_argument("--sim-sizes", type=at_least_one, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--sim-loads", type=positive, nargs="+", default=[0.8])
-    parser.add_argument("--sim-per-replica", type=at_least_one, default=25)
+    parser.add_argument("--sim-sizes", type=at_least_one, nargs="+", default=[8, 32, 64],
+                        help="replicas simulated")
+    parser.add_argument("--sim-loads", type=positive, nargs="+", default=[0.8],
+                        help="offered loads of the simulation, x its replicas' capacity")
+    parser.add_argument("--sim-per-replica", type=at_least_one, default=25,
+                        help="requests per replica simulated")
     parser.add_argument("--sim-routers", type=at_least_one, default=8,
                         help="also run with this many routers at --sim-routers-from replicas "
                              "and more")
-    parser.add_argument("--sim-routers-from", type=at_least_one, default=32)
+    parser.add_argument("--sim-routers-from", type=at_least_one, default=32,
+                        help="the fewest replicas run with --sim-routers routers")
     parser.add_argument("--sim-overflow-shares", type=non_negative, nargs="*", default=[],
                         help="also the token router with these overflow shares of a step "
                              "(rows tokens@<share>; the default share is the 'tokens' row)")
@@ -745,9 +762,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sim-policies", nargs="+", default=list(ROUTERS),
                         choices=(*ROUTERS, *EXTRA_ROUTERS),
                         help="routers to simulate (the oracle always runs: the ratios' baseline)")
-    parser.add_argument("--cpu-token-us", type=positive, default=50.0)
-    parser.add_argument("--gpu-step-ms", type=non_negative, default=3.0)
-    parser.add_argument("--gpu-token-us", type=positive, default=8.5)
+    parser.add_argument("--cpu-token-us", type=positive, default=50.0,
+                        help="the simulated CPU step's cost of a token (its fixed cost 0)")
+    parser.add_argument("--gpu-step-ms", type=non_negative, default=3.0,
+                        help="the simulated GPU step's fixed cost")
+    parser.add_argument("--gpu-token-us", type=positive, default=8.5,
+                        help="the simulated GPU step's cost of a token")
 
 
 def main(args) -> str:
