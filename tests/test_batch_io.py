@@ -32,6 +32,8 @@ def test_native_lines_of_an_embedding_job_take_dimensions_and_no_generation_keys
     r = parse('{"id": "e", "prompt": "hi", "dimensions": 8}', 1, 0)  # max_tokens 0: embeddings
     assert (r.id, r.prompts, r.max_tokens, r.sampling, r.dimensions) == ("e", ["hi"], 0, {}, 8)
     assert parse('{"prompt": "hi"}', 1, 0).dimensions is None
+    assert parse('{"prompt": "hi", "max_tokens": null}', 1, 0).max_tokens == 0  # null: absent
+    assert parse('{"prompt": "hi", "dimensions": null}', 1, 16).max_tokens == 16
     for raw, says in [('{"prompt": "hi", "max_tokens": 5}', "line 2: max_tokens applies to generation"),
                       ('{"prompt": "hi", "temperature": 1, "n": 2}', "line 2: n, temperature apply to "
                                                                      "generation, not to embeddings"),
@@ -216,6 +218,16 @@ def test_parquet_parts_commit_by_rename(tmp_path):
     assert (1 in done, 2 in done, len(done)) == (True, True, 2)
     assert not list((tmp_path / "out.parquet").glob(".part-*"))
     assert resumed._part == 1
+
+
+def test_a_parquet_row_keeps_every_field_of_a_jsonl_record():
+    pytest.importorskip("pyarrow")
+    record = {"line": 3, "id": None, "error": None, "replica": 1, "latency_s": 0.5,
+              "token_ids": [4, 5], "text": "ab", "logprobs": [-0.1, -0.2],
+              "choices": [{"token_ids": [4, 5], "text": "ab"}, {"token_ids": [6], "text": "c"}]}
+    row = parquet_table([dict(record)]).to_pylist()[0]
+    assert {k: row[k] for k in record} == record  # an id that is null stays null, not "null"
+    assert parquet_table([{"line": 4, "id": 7}]).to_pylist()[0]["id"] == "7"  # JSON text
 
 
 def test_progress_line_shows_rates_errors_and_eta(capsys):

@@ -45,8 +45,17 @@ def test_batch_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "a.log").write_text("not parquet")
     (tmp_path / "fake.parquet").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "mixed").mkdir()  # a good part, then a bad one: every footer is read
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"prompt": ["hi"]}), tmp_path / "mixed" / "a.parquet")
+    (tmp_path / "mixed" / "b.parquet").write_text("junk")
+    (tmp_path / "empty").mkdir()
     for source, says in [("logs", "is not a folder of Parquet files"),
-                         ("fake.parquet", "is not a Parquet file")]:
+                         ("fake.parquet", "is not a Parquet file"),
+                         ("mixed", "is not a folder of Parquet files"),
+                         ("empty", "is an empty folder")]:
         with pytest.raises(JobError, match=f"input .*{source} {says}"):
             run_batch(str(tmp_path / "bare"), str(tmp_path / source), tmp_path / "out.jsonl",
                       engine_kwargs={"skip_tokenizer_init": True})
@@ -67,6 +76,7 @@ def test_a_chat_template_is_a_files_text_or_the_template_itself(tmp_path):
     assert read_chat_template("{{ x }}" * 200) == "{{ x }}" * 200  # too long a name for a path
     with pytest.raises(JobError, match=r"'t\.jinja' looks like a file path"):
         read_chat_template("t.jinja")
+    assert read_chat_template("tool_use") == "tool_use"  # a tokenizer's named template
 
 
 def test_an_engine_error_is_the_exception_its_traceback_ends_with_on_one_line():
@@ -117,7 +127,8 @@ def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path, capsys):
     (["bench", "scheduler", "--prepack-options", '{"no_such": 1}'], "unknown option(s) 'no_such'"),
     (["batch", "--gpus-per-replica", "-1"], "must be at least 0, got -1"),
     (["serve", "--gpus-per-replica", "-2"], "must be at least 0, got -2"),
-    (["serve", "--port", "99999"], "must be a port number, 0 to 65535, got 99999"),
+    (["serve", "--port", "99999"], "must be a port number, 1 to 65535, got 99999"),
+    (["serve", "--port", "0"], "must be a port number, 1 to 65535, got 0"),
     (["serve", "--prepack-options", '{"pack_fixed_share": 2}'],
      "additional_config['prepack']['pack_fixed_share'] must be <= 1"),
     (["batch", "--prepack-options", "[1]"], "must be a JSON object, got list"),
@@ -149,6 +160,8 @@ def test_every_option_has_help():
     (["bench", "scheduler"], ["(default: 0 64 256 1024)", "step's time off by this Gaussian share "
                               "of itself, as an engine's timings are (0: exact) (default: 0.0)"]),
     (["bench", "hf"], ["(default: 16 32 64 128)", "default: bf16 on cuda"]),
+    (["bench", "ray"], ["driver-alone corpus sizes, e.g. 10000 100000 1000000 --unit"]),  # []: none
+    (["bench", "scheduler"], ["is for a GPU (default: synthetic arrivals seconds"]),
 ])
 def test_help_shows_each_default_but_none_and_a_flags_false(argv, shows, capsys):
     with pytest.raises(SystemExit):
@@ -156,7 +169,8 @@ def test_help_shows_each_default_but_none_and_a_flags_false(argv, shows, capsys)
     text = " ".join(capsys.readouterr().out.split())
     for shown in shows:
         assert shown in text
-    assert "(default: None)" not in text and "(default: False)" not in text
+    for empty in ("None", "False", "", "{}"):
+        assert f"(default: {empty})" not in text
 
 
 def test_serve_starts_ray_with_the_replicas_cpus_before_building_the_app(monkeypatch, tmp_path):

@@ -1,10 +1,8 @@
 """PrepackConfig parsing (pure, no vLLM)."""
 
-import warnings
-
 import pytest
 
-from vllm_prepack.config import PrepackConfig, PrepackConfigError, StarvationWarning
+from vllm_prepack.config import PrepackConfig, PrepackConfigError
 from vllm_prepack.policy import FILL_SLACK
 
 
@@ -31,14 +29,11 @@ def test_values_are_parsed_and_typed():
     assert PrepackConfig().order == "shortest"
 
 
-def test_shortest_first_without_an_aging_bound_warns_that_a_long_prompt_may_starve():
-    with pytest.warns(StarvationWarning, match="no aging bound"):
-        parse({"aging_drain_factor": None})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        parse({"aging_drain_factor": None, "order": "ratio"})  # a response ratio grows with the wait
-        parse({"aging_drain_factor": None, "aging_steps": 64})
-        parse({})
+def test_only_shortest_first_without_an_aging_bound_may_starve():
+    assert parse({"aging_drain_factor": None}).may_starve  # the scheduler warns (test_scheduler)
+    assert not parse({"aging_drain_factor": None, "order": "ratio"}).may_starve  # a ratio grows
+    assert not parse({"aging_drain_factor": None, "aging_steps": 64}).may_starve
+    assert not parse({}).may_starve
 
 
 @pytest.mark.parametrize(
@@ -138,3 +133,26 @@ def test_plugin_engine_kwargs_switch_the_plugin_on_and_check_the_options_first()
     assert plugin_engine_kwargs({"scheduler_cls": "vllm_prepack.PrepackAsyncScheduler"})[
         "scheduler_cls"] == "vllm_prepack.PrepackAsyncScheduler"
     assert plugin_engine_kwargs({"scheduler_cls": "my.Scheduler"}, False)["scheduler_cls"] == "my.Scheduler"
+
+
+def test_the_plugins_scheduler_is_told_by_name_class_or_subclass():
+    from vllm_prepack.config import is_plugin_scheduler
+    from vllm_prepack.scheduler import PrepackAsyncScheduler, PrepackScheduler
+
+    class Mine(PrepackScheduler):
+        pass
+
+    for cls in ("vllm_prepack.PrepackScheduler", "vllm_prepack.scheduler.PrepackAsyncScheduler",
+                PrepackScheduler, PrepackAsyncScheduler, Mine, "tests.test_config.MyScheduler"):
+        assert is_plugin_scheduler(cls), cls
+    for cls in ("vllm_prepack.bench.baselines.SPFScheduler", "vllm.v1.core.sched.scheduler.Scheduler",
+                "no.such.Scheduler", "Scheduler", dict):
+        assert not is_plugin_scheduler(cls), cls
+
+
+def __getattr__(name):  # MyScheduler: a user's subclass named by its path
+    if name == "MyScheduler":
+        from vllm_prepack.scheduler import PrepackScheduler
+
+        return type("MyScheduler", (PrepackScheduler,), {})
+    raise AttributeError(name)

@@ -34,7 +34,7 @@ at_least_one = at_least(1)  # a count
 at_least_zero = at_least(0)  # a count where 0 turns the thing off
 non_negative = at_least(0.0, float)  # seconds, shares, tokens of work
 positive = _number(float, lambda value: value > 0, "above 0")  # a load, a rate
-port_number = _number(int, lambda value: 0 <= value <= 65535, "a port number, 0 to 65535")
+port_number = _number(int, lambda value: 0 < value <= 65535, "a port number, 1 to 65535")
 
 
 def json_object(text: str) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from vllm_prepack.argtypes import at_least_one, at_least_zero, json_object, prepack_options
 from vllm_prepack.config import plugin_engine_kwargs
-from vllm_prepack.batch_input import Feed, Source
+from vllm_prepack.batch_input import Feed, Source, is_parquet
 from vllm_prepack.batch_output import open_writer
 from vllm_prepack.dispatch import ORDERS, Dispatcher
 from vllm_prepack.errors import last_exception
@@ -71,25 +71,34 @@ def check_input(source: str | Path) -> None:
     path = Path(source)
     if not path.exists():
         raise JobError(f"input {source} does not exist")
-    if path.suffix == ".parquet" or path.is_dir():
+    if is_parquet(path):
         import pyarrow as pa
         import pyarrow.dataset as ds
 
-        try:
-            ds.dataset(path, format="parquet")
+        kind = "a folder of Parquet files" if path.is_dir() else "a Parquet file"
+        try:  # every file's footer, as the job will read them
+            data = ds.dataset(path, format="parquet")
+            data.count_rows()
         except (pa.ArrowInvalid, OSError) as e:
-            kind = "a folder of Parquet files" if path.is_dir() else "a Parquet file"
             raise JobError(f"input {source} is not {kind} ({e})") from None
+        if not data.files:
+            raise JobError(f"input {source} is an empty folder, not {kind}")
+
+
+TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".txt")
 
 
 def read_chat_template(value: str) -> str:
-    """``--chat-template``: a file's text, or the template itself, by vLLM's rule: a value that
-    cannot be opened and has none of Jinja's characters (braces, a newline) was meant as a path,
-    and is refused rather than used as the template."""
+    """``--chat-template``: a file's text, or the template itself (or the name of one of the
+    tokenizer's templates, which its chat templating resolves). A value that cannot be opened
+    but reads as a path (no Jinja braces or newline; a path separator or a template file's
+    suffix) is refused, rather than used as the template: every chat line's prompt would be
+    its text."""
     try:
         return Path(value).read_text()
     except (OSError, ValueError) as e:
-        if not any(c in value for c in "{}\n"):
+        pathlike = "/" in value or value.endswith(TEMPLATE_SUFFIXES)
+        if pathlike and not any(c in value for c in "{}\n"):
             raise JobError(f"chat template {value!r} looks like a file path but cannot be read "
                            f"({getattr(e, 'strerror', None) or e})") from None
         return value

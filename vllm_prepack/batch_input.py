@@ -21,6 +21,11 @@ BLOCK_BYTES = 1 << 20  # JSONL read per block: a few thousand lines
 BLOCK_LINES = 4096  # rows per block of an in-memory list or a Parquet file
 
 
+def is_parquet(path: Path) -> bool:
+    """A Parquet input: a .parquet file or a folder of them (anything else is JSONL)."""
+    return path.suffix == ".parquet" or path.is_dir()
+
+
 class Source:
     """Input lines read lazily in blocks: (line numbers from 1, raw JSON lines as bytes), blank
     lines dropped, from a JSONL file, a Parquet file or folder (rows as JSON), or an in-memory
@@ -48,7 +53,7 @@ class Source:
                 yield _nonblank(start + 1, raws)
             return
         path = Path(self.source)
-        if path.suffix == ".parquet" or path.is_dir():
+        if is_parquet(path):
             import pyarrow.dataset as ds
 
             data = ds.dataset(path, format="parquet")

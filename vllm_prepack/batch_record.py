@@ -101,7 +101,8 @@ def _native(obj: dict, line: int, default_max_tokens: int) -> Request:
     unknown = set(obj) - {"id", "prompt", "prompt_token_ids", "dimensions"} - generation
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}")
-    misplaced = sorted(set(obj) & (generation if embedding else {"dimensions"}))
+    given = {key for key, value in obj.items() if value is not None}  # null: as if absent
+    misplaced = sorted(given & (generation if embedding else {"dimensions"}))
     if misplaced:
         task = "generation, not to embeddings" if embedding else "embeddings (--task embed)"
         raise ValueError(f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} "
@@ -115,9 +116,7 @@ def _native(obj: dict, line: int, default_max_tokens: int) -> Request:
         _check_ids(ids, "'prompt_token_ids'")
     request = Request(line, obj.get("id"), "native", [prompt if ids is None else ids])
     if embedding:
-        request.max_tokens = 0
-        if obj.get("dimensions") is not None:
-            request.dimensions = _positive(obj["dimensions"], "dimensions")
+        request.max_tokens, request.dimensions = 0, _dimensions(obj)
     else:
         request.sampling = {"temperature": 0.0, **{k: obj[k] for k in SAMPLING_KEYS & set(obj)}}
         request.max_tokens = _positive(obj.get("max_tokens", default_max_tokens), "max_tokens")
@@ -141,9 +140,7 @@ def _openai(obj: dict, line: int, default_max_tokens: int) -> Request:
     if url == "/v1/embeddings":
         _known(body, {"input", "dimensions"})
         request.prompts = _prompts(body.get("input"), "'input'", many=True)
-        request.max_tokens = 0
-        if body.get("dimensions") is not None:
-            request.dimensions = _positive(body["dimensions"], "dimensions")
+        request.max_tokens, request.dimensions = 0, _dimensions(body)
         return request
     keys = {"prompt", "max_tokens"} if url == "/v1/completions" else {
         "messages", "max_tokens", "max_completion_tokens", "top_logprobs"}
@@ -188,6 +185,12 @@ def _check_ids(ids, name: str) -> list[int]:
             isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
         raise ValueError(f"{name} must be a non-empty list of non-negative ints")
     return ids
+
+
+def _dimensions(obj: dict) -> int | None:
+    """An embedding's Matryoshka truncation: a positive integer, or None (the model's)."""
+    value = obj.get("dimensions")
+    return None if value is None else _positive(value, "dimensions")
 
 
 def _positive(value, name: str) -> int:
@@ -311,6 +314,9 @@ def _schema():
         ("line", pa.int64()), ("id", pa.string()), ("error", pa.string()),
         ("replica", pa.int64()), ("latency_s", pa.float64()),
         ("token_ids", pa.list_(pa.int64())), ("text", pa.string()),
+        ("logprobs", pa.list_(pa.float64())),
+        ("choices", pa.list_(pa.struct([("token_ids", pa.list_(pa.int64())),
+                                         ("text", pa.string())]))),
         ("embedding", pa.list_(pa.float64())), ("openai", pa.string()),
     ])
 

@@ -17,36 +17,41 @@ BENCHES = {
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):
-    """Each option's help ends with its default, where it has one (not None, not a flag's
-    False, not already named in the help)."""
+    """Each option's help ends with its default, where it has one (not None, a flag's False,
+    an empty value, or one the help already names)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text, default = action.help or "", action.default
         if (not action.option_strings or default is None or default is False
-                or default == argparse.SUPPRESS or "default" in text):
+                or default == argparse.SUPPRESS or "default:" in text or "(default" in text
+                or (isinstance(default, (str, list, tuple, dict)) and not default)):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """The command's parsers (its subcommands' too: argparse builds them of this class)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-prepack", description=__doc__,
-                                     formatter_class=_HelpWithDefaults)
+    parser = _Parser(prog="vllm-prepack", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log the plugin's decisions (e.g. the fitted step cost) at debug "
                         "level; demo: and show vLLM's logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", formatter_class=_HelpWithDefaults,
-                          help="plain vLLM vs prepack on an embedded model and batch")
+    demo = sub.add_parser("demo", help="plain vLLM vs prepack on an embedded model and batch")
     importlib.import_module("vllm_prepack.bench.demo").add_arguments(demo)
 
-    batch = sub.add_parser("batch", formatter_class=_HelpWithDefaults,
-                           help="a token-balanced batch job across vLLM replicas (Ray)")
+    batch = sub.add_parser("batch", help="a token-balanced batch job across vLLM replicas (Ray)")
     importlib.import_module("vllm_prepack.batch").add_arguments(batch)
 
-    serve = sub.add_parser("serve", formatter_class=_HelpWithDefaults,
-                           help="an OpenAI server on Ray Serve: the plugin in every "
+    serve = sub.add_parser("serve", help="an OpenAI server on Ray Serve: the plugin in every "
                            "replica, routed by tokens")
     importlib.import_module("vllm_prepack.serve").add_arguments(serve)
 
@@ -54,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, module in BENCHES.items():
         doc = importlib.import_module(module).__doc__
-        p = bench_sub.add_parser(name, formatter_class=_HelpWithDefaults,
-                                 help=" ".join(doc.split("\n\n")[0].split()))
+        p = bench_sub.add_parser(name, help=" ".join(doc.split("\n\n")[0].split()))
         importlib.import_module(module).add_arguments(p)
         p.add_argument("--out", type=Path, help="also write the markdown here")
     return parser

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
-import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, NamedTuple
 
@@ -15,6 +15,10 @@ from vllm_prepack.policy import FILL_SLACK, PACK_SHARE, AgingBound, WaitingSet
 CONFIG_KEY = "prepack"
 RENAMED = {"chunked_order": "order"}  # an option's old name -> its name (the old is still read)
 SCHEDULER_CLS = "vllm_prepack.PrepackScheduler"
+# the plugin's schedulers by every name vLLM may be given (the async variant: AsyncScheduler's)
+PLUGIN_SCHEDULERS = frozenset({
+    SCHEDULER_CLS, "vllm_prepack.PrepackAsyncScheduler",
+    "vllm_prepack.scheduler.PrepackScheduler", "vllm_prepack.scheduler.PrepackAsyncScheduler"})
 
 
 class PrepackConfigError(ValueError):
@@ -110,6 +114,12 @@ class PrepackConfig:
     def aging(self) -> AgingBound:
         return AgingBound(self.aging_steps, self.aging_seconds, self.aging_drain_factor)
 
+    @property
+    def may_starve(self) -> bool:
+        """Shortest-first with every aging bound off: a long prompt waits for as long as
+        shorter ones keep arriving (a response ratio grows with the wait: "ratio" cannot)."""
+        return self.order == "shortest" and self.aging == AgingBound()
+
     def waiting_set(self) -> WaitingSet:
         """An empty waiting set (the packing policy) with these options."""
         return WaitingSet(self.aging, self.max_swaps, self.pack_fixed_share, self.order,
@@ -151,13 +161,7 @@ class PrepackConfig:
             values[new] = _check(name, value, _KINDS[new])
         if values.get("debug_layout"):
             values["record_layout"] = True
-        config = dataclasses.replace(cls(), **values)
-        if config.order == "shortest" and config.aging == AgingBound():
-            warnings.warn(f"additional_config[{CONFIG_KEY!r}] sets no aging bound (aging_steps, "
-                          "aging_seconds and aging_drain_factor all null): shortest-first then "
-                          "holds a long prompt for as long as shorter ones keep arriving",
-                          StarvationWarning, stacklevel=2)
-        return config
+        return dataclasses.replace(cls(), **values)
 
 
 class _Kind(NamedTuple):
@@ -229,7 +233,8 @@ def plugin_engine_kwargs(engine_kwargs: Mapping[str, Any] | None = None,
     ``engine_kwargs["additional_config"]["prepack"]``), False for plain vLLM (the arguments
     returned unchanged). Other ``additional_config`` keys are kept; it may be given as vLLM's
     command line takes it, a JSON string. The options are validated here, so a bad one fails
-    before any engine or cluster starts."""
+    before any engine or cluster starts; so does a ``scheduler_cls`` that is not the plugin's
+    (or a subclass of it), which would otherwise be replaced without a word."""
     kwargs = dict(engine_kwargs or {})
     if options is False:
         return kwargs
@@ -247,11 +252,30 @@ def plugin_engine_kwargs(engine_kwargs: Mapping[str, Any] | None = None,
     extra.setdefault(CONFIG_KEY, {})
     PrepackConfig.from_additional_config(extra)
     given = kwargs.get("scheduler_cls")
-    name = given if given is None or isinstance(given, str) else (
-        f"{getattr(given, '__module__', '')}.{getattr(given, '__qualname__', given)}")
-    if name is not None and not name.startswith("vllm_prepack."):
+    if given is not None and not is_plugin_scheduler(given):
         raise PrepackConfigError(
-            f"the engine arguments name scheduler_cls {name!r}, and the plugin is the scheduler "
-            f"({SCHEDULER_CLS}): leave scheduler_cls out, or run plain vLLM without the plugin")
+            f"the engine arguments name scheduler_cls {_scheduler_name(given)!r}, and the plugin "
+            f"is the scheduler ({SCHEDULER_CLS}): leave scheduler_cls out, or run plain vLLM")
     kwargs.update(scheduler_cls=given or SCHEDULER_CLS, additional_config=extra)
     return kwargs
+
+
+def _scheduler_name(cls) -> str:
+    if isinstance(cls, str):
+        return cls
+    return f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', cls)}"
+
+
+def is_plugin_scheduler(cls) -> bool:
+    """Whether vLLM's ``scheduler_cls`` (a dotted path or the class) is the plugin's scheduler
+    or a subclass of it. A path outside PLUGIN_SCHEDULERS is imported to be told (a user's
+    subclass; this imports vLLM)."""
+    if isinstance(cls, str):
+        if cls in PLUGIN_SCHEDULERS:
+            return True
+        module, _, name = cls.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return False
+    return any(_scheduler_name(base) in PLUGIN_SCHEDULERS for base in getattr(cls, "__mro__", ()))

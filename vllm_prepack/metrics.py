@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from vllm_prepack.config import SCHEDULER_CLS, PrepackConfig
+from vllm_prepack.config import PrepackConfig, is_plugin_scheduler
 from vllm_prepack.policy import padding_gap
 from vllm_prepack.touchpoints import capture_sizes, internal
 
@@ -52,9 +52,7 @@ def _metrics():
 
 class PrepackStatLogger(internal.StatLoggerBase):
     def __init__(self, vllm_config, engine_index: int = 0):
-        cls = vllm_config.scheduler_config.scheduler_cls
-        name = cls if isinstance(cls, str) else f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', '')}"
-        self.active = name in (SCHEDULER_CLS, "vllm_prepack.scheduler.PrepackScheduler")
+        self.active = is_plugin_scheduler(vllm_config.scheduler_config.scheduler_cls)
         if not self.active:
             return
         self.budget = vllm_config.scheduler_config.max_num_batched_tokens

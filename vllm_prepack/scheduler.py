@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vllm_prepack.config import PrepackConfig
+from vllm_prepack.config import CONFIG_KEY, PrepackConfig, StarvationWarning
 from vllm_prepack.cost import MIN_STEPS
 from vllm_prepack.policy import Entry, Plan, StepLimits
 from vllm_prepack.routing import LoadReport
@@ -349,6 +350,11 @@ class PrepackScheduler(internal.Scheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         # Parse first: a bad option fails engine start before any KV-cache work.
         self.prepack_config = PrepackConfig.from_additional_config(vllm_config.additional_config)
+        if self.prepack_config.may_starve:
+            warnings.warn(f"additional_config[{CONFIG_KEY!r}] turns every aging bound off "
+                          "(aging_steps, aging_seconds, aging_drain_factor): shortest-first then "
+                          "holds a long prompt for as long as shorter ones keep arriving",
+                          StarvationWarning, stacklevel=2)
         supported = check_vllm_version()
         super().__init__(vllm_config, *args, **kwargs)
         missing = [name for name in REQUIRED_ATTRIBUTES if not hasattr(self, name)]

@@ -13,7 +13,7 @@ import ray
 from ray.serve.llm import LLMConfig, LLMServer
 
 from vllm_prepack import touchpoints as touch
-from vllm_prepack.config import CONFIG_KEY
+from vllm_prepack.config import CONFIG_KEY, is_plugin_scheduler
 from vllm_prepack.load_channel import (
     METADATA_KEY,
     PREFIX_HASHING_KEY,
@@ -108,10 +108,9 @@ def prefix_feed(value: str) -> tuple[int, float] | None:
 
 
 def has_plugin(engine_kwargs: dict) -> bool:
-    """The engine runs this project's scheduler (by path, or the class itself)."""
+    """The engine runs the plugin's scheduler (by path, or the class itself)."""
     cls = engine_kwargs.get("scheduler_cls")
-    name = cls if isinstance(cls, str) else getattr(cls, "__module__", "")
-    return name.split(".")[0] == "vllm_prepack"
+    return cls is not None and is_plugin_scheduler(cls)
 
 
 def core_slice(rank: int, slices: int, cores: int) -> str:
