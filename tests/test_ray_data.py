@@ -51,9 +51,32 @@ def test_ray_data_llm_with_the_plugin_behind_token_batches(cluster, tiny_model, 
 def test_map_dataset_adds_generations(cluster, tiny_model):
     from vllm_prepack.ray_data import map_dataset
 
+    from vllm_prepack.config import PrepackConfigError
+
     ids = token_ids(prompt_lengths("mmlu", 12, seed=4, max_len=200), vocab_size=512, seed=4)
-    ds = ray.data.from_items([{"key": i, "prompt_token_ids": p} for i, p in enumerate(ids)])
+    # max_tokens set on some rows only: Ray makes the column floats, its nulls NaN
+    items = [{"key": i, "prompt_token_ids": p, "max_tokens": 2 if i % 2 else None}
+             for i, p in enumerate(ids)] + [{"key": 12, "prompt_token_ids": [], "max_tokens": None}]
+    ds = ray.data.from_items(items)
     rows = map_dataset(ds, tiny_model, replicas=1, max_tokens=3, engine_kwargs=ENGINE,
                        batch_size=5, num_cpus=0.5).take_all()
-    assert sorted(r["key"] for r in rows) == list(range(12))
-    assert all(r["error"] is None and len(r["token_ids"]) == 3 for r in rows)
+    assert sorted(r["key"] for r in rows) == list(range(13))
+    by_key = {r["key"]: r for r in rows}
+    assert all(by_key[i]["error"] is None and len(by_key[i]["token_ids"]) == (2 if i % 2 else 3)
+               for i in range(12))
+    assert by_key[12]["error"].startswith("'prompt_token_ids' must be")  # not "line N:" of a batch
+    with pytest.raises(PrepackConfigError, match="max_swaps"):  # before any actor starts
+        map_dataset(ds, tiny_model, prepack={"max_swaps": -1})
+
+
+def test_token_batches_refuses_rows_it_cannot_weigh():
+    import pyarrow as pa
+
+    from vllm_prepack.ray_data import _reorder, row_tokens
+
+    with pytest.raises(ValueError, match="cannot weigh these rows .*messages.*pass tokens="):
+        _reorder(pa.table({"messages": ["hi", "there"]}), 1, row_tokens)
+    table = pa.table({"prompt": ["a" * 40, "b", "c" * 40, "d"]})
+    order = _reorder(table, 2, row_tokens).column("prompt").to_pylist()
+    assert sorted(order) == sorted(table.column("prompt").to_pylist())
+    assert [len(order[0]) + len(order[1]), len(order[2]) + len(order[3])] == [41, 41]  # balanced

@@ -120,6 +120,14 @@ def test_the_builder_wires_the_plugin_the_router_and_the_placement(tiny_model, m
         prepack_llm_config(tiny_model, prepack=False, router="tokens")
     with pytest.raises(ValueError, match="router must be one of"):
         prepack_llm_config(tiny_model, router="random")
+    # a router option Ray Serve would only fail on in the ingress (every request then waits)
+    with pytest.raises(ValueError, match="router_options 'stale_after' are not options of "
+                                         "TokenRouter; its options: choices, chars_per_token"):
+        prepack_llm_config(tiny_model, router_options={"stale_after": 1.0})
+    assert prepack_llm_config(tiny_model, router_options={"stale_after_s": 1.0}).deployment_config[
+        "request_router_config"]["request_router_kwargs"]["stale_after_s"] == 1.0
+    with pytest.raises(ValueError, match="replicas must be at least 1, got 0"):
+        prepack_llm_config(tiny_model, replicas=0)
 
 
 def test_the_command_line_parses():

@@ -13,14 +13,17 @@ chats weigh very differently, and the replica that draws the heavy one at the en
 
 ``map_dataset`` runs a dataset through actors hosting ``replica.Replica`` (the plugin on), for
 users on Ray Data without Ray Data LLM. Rows: ``prompt`` (text) or ``prompt_token_ids``,
-optionally ``max_tokens``; other columns pass through. Added: ``token_ids`` and ``text`` (or
-``embedding``), and ``error``.
+optionally ``max_tokens`` (null: the default); generation is greedy, and other columns (sampling
+keys included) pass through unread. Added: ``token_ids`` and ``text`` (or ``embedding``), and
+``error`` (null, or why the row has no result).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 
 from vllm_prepack.batch_record import CHARS_PER_TOKEN, expected_tokens
 from vllm_prepack.config import plugin_engine_kwargs
@@ -40,7 +43,16 @@ def row_tokens(row: dict) -> float:
     return expected_tokens(prompt, params.get("max_tokens") or 0, params.get("n") or 1)
 
 
+PROMPT_COLUMNS = ("prompt", "tokenized_prompt", "prompt_token_ids")  # what row_tokens weighs
+
+
 def _reorder(table, batch_size: int, tokens):
+    if tokens is row_tokens and table.num_rows and not set(PROMPT_COLUMNS) & set(table.column_names):
+        # every row would weigh its max_tokens at most, and the reorder would do nothing
+        raise ValueError(f"token_batches cannot weigh these rows (columns "
+                         f"{', '.join(table.column_names)}): none of {', '.join(PROMPT_COLUMNS)}; "
+                         "pass tokens=, a function of a row, or put token_batches after the "
+                         "stage that adds the prompt")
     weights = [tokens(row) for row in table.to_pylist()]
     return table.take([i for batch in balanced_batches(weights, batch_size) for i in batch])
 
@@ -68,26 +80,38 @@ class _EngineUDF:
         unit = []
         for i in range(n):
             row = {key: _plain(batch[key][i]) for key in ("prompt", "prompt_token_ids", "max_tokens")
-                   if key in batch and batch[key][i] is not None}
-            unit.append((i + 1, json.dumps(row)))
+                   if key in batch}
+            unit.append((i + 1, json.dumps({k: v for k, v in row.items() if v is not None})))
         records, _ = self.replica.records(unit)
         by_line = {r["line"]: r for r in records}
         out = dict(batch)
         keys = ("embedding",) if self.replica.task == "embed" else ("token_ids", "text")
-        for key in (*keys, "error"):
+        for key in keys:
             out[key] = [by_line[i + 1].get(key) for i in range(n)]
+        # an error names its line, here its place in Ray's batch: the row is its own place
+        out["error"] = [_LINE.sub("", e) if (e := by_line[i + 1].get("error")) else e
+                        for i in range(n)]
         return out
 
 
+_LINE = re.compile(r"^line \d+: ")
+
+
 def _plain(value):
-    """numpy scalars and arrays (Ray Data's batch format) as JSON values."""
-    return value.tolist() if hasattr(value, "tolist") else value
+    """numpy scalars and arrays (Ray Data's batch format) as JSON values; a nullable integer
+    column arrives as floats with NaN for null: NaN is null, and a whole float an integer."""
+    value = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(value, float):
+        return None if math.isnan(value) else int(value) if value.is_integer() else value
+    return value
 
 
 def map_dataset(ds, model: str, *, replicas: int = 2, task: str = "generate", max_tokens: int = 16,
                 engine_kwargs: dict | None = None, prepack: dict | bool = True,
                 batch_size: int = 256, num_cpus: float = 1, num_gpus: float = 0):
-    """The dataset with generations (or embeddings) added, computed by `replicas` engines."""
+    """The dataset with generations (or embeddings) added, computed by `replicas` engines. A bad
+    plugin option raises PrepackConfigError here, before any actor starts."""
+    plugin_engine_kwargs(engine_kwargs, prepack)
     return ds.map_batches(
         _EngineUDF,
         fn_constructor_kwargs=dict(model=str(model), task=task, engine_kwargs=engine_kwargs or {},

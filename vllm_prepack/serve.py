@@ -11,6 +11,8 @@ imported only when a command runs, so the CLI stays light.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import time
 from pathlib import Path
@@ -77,6 +79,10 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
         raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
     if gpus_per_replica < 0:
         raise ValueError(f"gpus_per_replica must be at least 0, got {gpus_per_replica}")
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    if router_options and ROUTERS[router] is not None:
+        _check_router_options(ROUTERS[router], router_options)
     if router == "tokens" and prepack is False:
         raise ValueError("the token router reads the plugin's load reports: it needs the plugin")
     kwargs = plugin_engine_kwargs(engine_kwargs, prepack)
@@ -107,6 +113,22 @@ def prepack_llm_config(model: str, *, model_id: str | None = None, replicas: int
         model_loading_config={"model_id": model_id or Path(model).name, "model_source": str(model)},
         engine_kwargs=kwargs, deployment_config=deployment, server_cls=SERVER_CLS,
         runtime_env={**(runtime_env or {}), "env_vars": env}, **options)
+
+
+def _check_router_options(path: str, options: dict) -> None:
+    """Raise ValueError naming any option the router's ``initialize_state`` does not take:
+    Ray Serve builds the router in the ingress, where a bad one leaves every request waiting
+    and says why only in that replica's log."""
+    module, _, name = path.rpartition(".")
+    router_cls = getattr(importlib.import_module(module), name)
+    params = inspect.signature(router_cls.initialize_state).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params) - {"self"})
+    if unknown:
+        known = ", ".join(p for p in params if p != "self")
+        raise ValueError(f"router_options {', '.join(map(repr, unknown))} are not options of "
+                         f"{name}; its options: {known}")
 
 
 def build_app(*configs, ingress_replicas: int | None = None):
