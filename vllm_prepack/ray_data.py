@@ -47,7 +47,8 @@ PROMPT_COLUMNS = ("prompt", "tokenized_prompt", "prompt_token_ids")  # what row_
 
 
 def _reorder(table, batch_size: int, tokens):
-    if tokens is row_tokens and table.num_rows and not set(PROMPT_COLUMNS) & set(table.column_names):
+    weighable = set(PROMPT_COLUMNS) & set(table.column_names)
+    if tokens is row_tokens and table.num_rows and not weighable:
         # every row would weigh its max_tokens at most, and the reorder would do nothing
         raise ValueError(f"token_batches cannot weigh these rows (columns "
                          f"{', '.join(table.column_names)}): none of {', '.join(PROMPT_COLUMNS)}; "
