@@ -266,6 +266,13 @@ def _scheduler_name(cls) -> str:
     return f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', cls)}"
 
 
+def load_object(path: str):
+    """The object a dotted path names (``package.module.Name``), as vLLM and Ray Serve resolve
+    a scheduler or router class given by path."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def is_plugin_scheduler(cls) -> bool:
     """Whether vLLM's ``scheduler_cls`` (a dotted path or the class) is the plugin's scheduler
     or a subclass of it. A path outside PLUGIN_SCHEDULERS is imported to be told (a user's
@@ -273,9 +280,8 @@ def is_plugin_scheduler(cls) -> bool:
     if isinstance(cls, str):
         if cls in PLUGIN_SCHEDULERS:
             return True
-        module, _, name = cls.rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module), name)
+            cls = load_object(cls)
         except (ImportError, AttributeError, ValueError):
             return False
     return any(_scheduler_name(base) in PLUGIN_SCHEDULERS for base in getattr(cls, "__mro__", ()))

@@ -11,7 +11,6 @@ imported only when a command runs, so the CLI stays light.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import time
@@ -24,7 +23,7 @@ from vllm_prepack.argtypes import (
     port_number,
     prepack_options,
 )
-from vllm_prepack.config import plugin_engine_kwargs
+from vllm_prepack.config import load_object, plugin_engine_kwargs
 from vllm_prepack.errors import last_exception
 from vllm_prepack.replica import connect
 from vllm_prepack.routing import PrefixIndex
@@ -119,8 +118,7 @@ def _check_router_options(path: str, options: dict) -> None:
     """Raise ValueError naming any option the router's ``initialize_state`` does not take:
     Ray Serve builds the router in the ingress, where a bad one leaves every request waiting
     and says why only in that replica's log."""
-    module, _, name = path.rpartition(".")
-    router_cls = getattr(importlib.import_module(module), name)
+    router_cls = load_object(path)
     params = inspect.signature(router_cls.initialize_state).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
@@ -128,7 +126,7 @@ def _check_router_options(path: str, options: dict) -> None:
     if unknown:
         known = ", ".join(p for p in params if p != "self")
         raise ValueError(f"router_options {', '.join(map(repr, unknown))} are not options of "
-                         f"{name}; its options: {known}")
+                         f"{router_cls.__name__}; its options: {known}")
 
 
 def build_app(*configs, ingress_replicas: int | None = None):

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from vllm_prepack.bench.report import summary
+from vllm_prepack.config import load_object
 from vllm_prepack.cost import StepCost
 from vllm_prepack.packing import pack_rows
 
@@ -71,13 +72,6 @@ def ffd_steps(lengths, budget: int) -> int:
     return len(pack_rows(lengths, budget))
 
 
-def _load(path: str):
-    import importlib
-
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def standalone_scheduler(
     model_dir: str,
     *,
@@ -128,7 +122,7 @@ def standalone_scheduler(
     if SCHEDULERS[scheduler] is None:
         cls = internal.AsyncScheduler if async_scheduling else internal.Scheduler
     else:
-        cls = _load(SCHEDULERS[scheduler])
+        cls = load_object(SCHEDULERS[scheduler])
     scheduler = cls(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
